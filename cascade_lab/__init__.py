@@ -1,0 +1,56 @@
+"""cascade_lab: run, inspect and fine-tune Stable Cascade from Jupyter.
+
+Importing this package is cheap: it never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl  # noqa: E402
+from .registry import Sampler, Scheduler, UnknownNameError, Variant, VariantFile  # noqa: E402
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object defined in a notebook cell; returns the name it is known by."""
+    from .plugins import register_plugin as _register
+
+    return _register(plugin, name)
+
+
+def unregister_plugin(plugin: object | str) -> None:
+    """Remove a plugin registered with `register_plugin`."""
+    from .plugins import unregister_plugin as _unregister
+
+    _unregister(plugin)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext cascade_lab``: register the ``%cascade`` / ``%%cascade`` magics."""
+    from .notebook.magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext cascade_lab``: remove the magics again."""
+    from .notebook.magics import unload_ipython_extension as _unload
+
+    _unload(ipython)
+
+
+__all__ = [
+    "Sampler",
+    "Scheduler",
+    "UnknownNameError",
+    "Variant",
+    "VariantFile",
+    "__version__",
+    "hookimpl",
+    "load_ipython_extension",
+    "register_plugin",
+    "unload_ipython_extension",
+    "unregister_plugin",
+]

@@ -1,0 +1,73 @@
+"""Shared fixtures: where the official reference numbers live, and a fresh IPython shell."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("CASCADE_LAB_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def reference_dir(*parts: str) -> Path:
+    """A folder of ../shared/reference; fails in CI when missing, skips elsewhere with the reason."""
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        message = f"reference data not found at {path} (set CASCADE_LAB_REFERENCE)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(config.json, weights, io) of ../shared/reference/fixtures/<name>, tensors cloned (aligned)."""
+    from safetensors.torch import load_file
+
+    d = reference_dir("fixtures", name)
+    cfg = json.loads((d / "config.json").read_text())
+    weights = {k: v.clone() for k, v in load_file(str(d / "weights.safetensors")).items()}
+    io = {k: v.clone() for k, v in load_file(str(d / "io.safetensors")).items()}
+    return cfg, weights, io
+
+
+def call_kwargs(call: dict[str, Any], io: dict[str, Any]) -> dict[str, Any]:
+    """Turn a config.json call's kwargs into real arguments (tensor names, lists, literals)."""
+    out: dict[str, Any] = {}
+    for k, v in call["kwargs"].items():
+        if isinstance(v, list):
+            out[k] = [None if n is None else io[n] for n in v]
+        elif isinstance(v, dict):
+            out[k] = v["literal"]
+        else:
+            out[k] = io[v]
+    return out
+
+
+def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """Rows (key, shape, dtype) of ../shared/reference/manifests/<name>.tsv in official order."""
+    path = reference_dir("manifests") / f"{name}.tsv"
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        key, shape, dtype = line.split("\t")
+        rows.append((key, tuple(int(s) for s in shape.split(",")) if shape else (), dtype))
+    return rows
+
+
+@pytest.fixture
+def ip():
+    """A fresh InteractiveShell per test: history off, errors re-raised (jupysql's _testing style)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    InteractiveShell.clear_instance()
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    yield shell
+    InteractiveShell.clear_instance()

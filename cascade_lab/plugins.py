@@ -19,7 +19,7 @@ DEFAULT_PLUGINS = (
     "cascade_lab.builtins.schedulers",
     "cascade_lab.builtins.variants",
 )
-HOOKS = {"register_samplers": ("sampler", Sampler), "register_schedulers": ("scheduler", Scheduler),
+HOOKS: dict[str, tuple[str, type[Sampler | Scheduler | Variant]]] = {"register_samplers": ("sampler", Sampler), "register_schedulers": ("scheduler", Scheduler),
          "register_variants": ("variant", Variant)}
 
 
@@ -114,9 +114,10 @@ def registries() -> dict[str, Registry[Any]]:
             info = _infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name, "unknown"))
             info.hooks.append(hook_name)
 
-            def register(item: Any, _info: PluginInfo = info, _kind: str = kind, _type: type = record_type) -> None:
+            def register(item: Any, _info: PluginInfo = info, _kind: str = kind, _type: type[Sampler | Scheduler | Variant] = record_type,
+                         _hook: str = hook_name) -> None:
                 if not isinstance(item, _type):
-                    raise TypeError(f"register() in {hook_name} takes a cascade_lab.{_type.__name__}, "
+                    raise TypeError(f"register() in {_hook} takes a cascade_lab.{_type.__name__}, "
                                     f"got {type(item).__name__}")
                 try:
                     regs[_kind].add(item, _info.name)

@@ -19,8 +19,12 @@ DEFAULT_PLUGINS = (
     "cascade_lab.builtins.schedulers",
     "cascade_lab.builtins.variants",
 )
-HOOKS: dict[str, tuple[str, type[Sampler | Scheduler | Variant]]] = {"register_samplers": ("sampler", Sampler), "register_schedulers": ("scheduler", Scheduler),
-         "register_variants": ("variant", Variant)}
+Record = Sampler | Scheduler | Variant
+HOOKS: dict[str, tuple[str, type[Record]]] = {
+    "register_samplers": ("sampler", Sampler),
+    "register_schedulers": ("scheduler", Scheduler),
+    "register_variants": ("variant", Variant),
+}
 
 
 class PluginWarning(UserWarning):
@@ -114,7 +118,7 @@ def registries() -> dict[str, Registry[Any]]:
             info = _infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name, "unknown"))
             info.hooks.append(hook_name)
 
-            def register(item: Any, _info: PluginInfo = info, _kind: str = kind, _type: type[Sampler | Scheduler | Variant] = record_type,
+            def register(item: Any, _info: PluginInfo = info, _kind: str = kind, _type: type[Record] = record_type,
                          _hook: str = hook_name) -> None:
                 if not isinstance(item, _type):
                     raise TypeError(f"register() in {_hook} takes a cascade_lab.{_type.__name__}, "

@@ -1,0 +1,199 @@
+"""Stage A: the Paella-style VQGAN that maps RGB <-> the 4-channel Stage B latent (4x downsampling).
+
+Keys equal the official ``stage_a.safetensors`` (``in_block``, ``down_blocks``, ``vquantizer``, ``up_blocks``,
+``out_block``). Stage B's latent space is the encoder's BatchNorm output divided by ``scale_factor`` (0.43):
+``encode`` divides, ``decode`` multiplies first. The quantizer is used only by ``encode(x, quantize=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StageAConfig:
+    """Constructor arguments of `StageA`."""
+
+    levels: int = 2
+    bottleneck_blocks: int = 12
+    c_hidden: int = 384
+    c_latent: int = 4
+    codebook_size: int = 8192
+    scale_factor: float = 0.43
+
+    @classmethod
+    def full(cls) -> StageAConfig:
+        """The shipped Stage A (stage_a.safetensors, 18,406,903 values)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> StageAConfig:
+        """The ``stage_a_tiny`` reference fixture's architecture: same latent, 32 hidden channels."""
+        return cls(bottleneck_blocks=2, c_hidden=32, codebook_size=64)
+
+    def build(self) -> StageA:
+        return StageA(**asdict(self))
+
+
+class StageAResBlock(nn.Module):
+    """Stage A's ResBlock: gated depthwise conv and MLP, each after a non-affine LayerNorm over channels.
+
+    ``gammas`` [6] = (scale, shift, gate) for each half:
+    x += dwconv(LN1(x)·(1+g0) + g1)·g2;  x += MLP(LN2(x)·(1+g3) + g4)·g5.
+    """
+
+    def __init__(self, c: int, c_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
+        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
+        self.gammas = nn.Parameter(torch.zeros(6))  # zero: every block starts as the identity
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        # LayerNorm over channels: (B, C, H, W) -> (B, H, W, C) -> back
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gammas
+        h = self._norm(x, self.norm1) * (1 + g[0]) + g[1]
+        x = x + self.depthwise(h) * g[2]
+        h = self._norm(x, self.norm2) * (1 + g[3]) + g[4]
+        h = self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP in (B, H, W, C)
+        return x + h * g[5]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns the codebook vectors q but passes the gradient to the encoder output x unchanged (VQ-VAE)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row for each row of x (N, C) -> (N,), torchtools' exact arithmetic.
+
+    The squared distance is ‖c‖² + ‖x‖² − 2x·c computed with one addmm, so ties and near-ties resolve
+    exactly as the official VectorQuantize does.
+    """
+    codebook_sqr = torch.sum(codebook**2, dim=1)  # (K,)
+    x_sqr = torch.sum(x**2, dim=1, keepdim=True)  # (N, 1)
+    dist = torch.addmm(codebook_sqr + x_sqr, x, codebook.t(), alpha=-2.0, beta=1.0)  # (N, K)
+    return dist.min(dim=1).indices
+
+
+class VectorQuantize(nn.Module):
+    """torchtools' VectorQuantize: nearest-neighbour lookup in ``codebook`` (an Embedding [k, c])."""
+
+    def __init__(self, embedding_size: int, k: int):
+        super().__init__()
+        self.codebook = nn.Embedding(k, embedding_size)
+        nn.init.uniform_(self.codebook.weight, -1.0 / k, 1.0 / k)
+
+    def forward(
+        self, x: torch.Tensor, dim: int = -1
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """x with its vectors along ``dim`` -> (quantized x, (vq_loss, commit_loss), indices x.shape minus dim)."""
+        z_e = x.movedim(dim, -1)  # (..., C)
+        flat = z_e.reshape(-1, z_e.shape[-1])  # (N, C)
+        weight = self.codebook.weight
+        indices = nearest_code(flat.detach(), weight.detach())  # (N,)
+        z_q_grad = torch.index_select(weight, 0, indices)  # (N, C), carries the codebook gradient
+        # Numerically the same MSE; vq_loss trains the codebook, commit_loss the encoder.
+        vq_loss = (z_q_grad - flat.detach()).pow(2).mean()
+        commit_loss = (flat - z_q_grad.detach()).pow(2).mean()
+        z_q = _StraightThrough.apply(flat, z_q_grad.detach())
+        z_q = z_q.view(z_e.shape).movedim(-1, dim)
+        return z_q, (vq_loss, commit_loss), indices.view(z_e.shape[:-1])
+
+
+class StageA(nn.Module):
+    """Official ``StageA``: RGB [B, 3, H, W] in [0, 1] <-> latent [B, c_latent, H/4, W/4] (Paella VQGAN)."""
+
+    def __init__(
+        self,
+        *,
+        levels: int = 2,
+        bottleneck_blocks: int = 12,
+        c_hidden: int = 384,
+        c_latent: int = 4,
+        codebook_size: int = 8192,
+        scale_factor: float = 0.43,
+    ):
+        super().__init__()
+        self.c_latent = c_latent
+        self.scale_factor = scale_factor
+        self.codebook_size = codebook_size
+        c_levels = [c_hidden // (2**i) for i in reversed(range(levels))]  # full: [192, 384]
+
+        # Encoder: pixel-unshuffle 2x, then one stride-2 conv per extra level, then 1x1 -> c_latent + BN.
+        self.in_block = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(3 * 4, c_levels[0], kernel_size=1))
+        down: list[nn.Module] = []
+        for i in range(levels):
+            if i > 0:
+                down.append(nn.Conv2d(c_levels[i - 1], c_levels[i], kernel_size=4, stride=2, padding=1))
+            down.append(StageAResBlock(c_levels[i], c_levels[i] * 4))
+        down.append(
+            nn.Sequential(
+                nn.Conv2d(c_levels[-1], c_latent, kernel_size=1, bias=False),
+                nn.BatchNorm2d(c_latent),  # whitens the latent: mean 0, std 1
+            )
+        )
+        self.down_blocks = nn.Sequential(*down)
+        self.vquantizer = VectorQuantize(c_latent, k=codebook_size)
+
+        # Decoder: 1x1 in, bottleneck ResBlocks at the deepest level, one ResBlock per shallower level.
+        up: list[nn.Module] = [nn.Sequential(nn.Conv2d(c_latent, c_levels[-1], kernel_size=1))]
+        for i in range(levels):
+            c = c_levels[levels - 1 - i]
+            up.extend(StageAResBlock(c, c * 4) for _ in range(bottleneck_blocks if i == 0 else 1))
+            if i < levels - 1:
+                up.append(nn.ConvTranspose2d(c, c_levels[levels - 2 - i], kernel_size=4, stride=2, padding=1))
+        self.up_blocks = nn.Sequential(*up)
+        self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], 3 * 4, kernel_size=1), nn.PixelShuffle(2))
+
+    def encode(
+        self, x: torch.Tensor, quantize: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """RGB (B, 3, H, W) in [0, 1] -> (latent / scale_factor, None, None, None), latent (B, c, H/4, W/4).
+
+        With ``quantize=True``: (codebook vectors / scale_factor, latent / scale_factor, indices (B, H/4, W/4),
+        vq_loss + 0.25 * commit_loss).
+        """
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(
+                f"Stage A needs an even image size, got {tuple(x.shape[-2:])} (H, W); "
+                "resize or crop to multiples of 4 (multiples of 128 for the full pipeline)"
+            )
+        x = self.in_block(x)  # (B, c0, H/2, W/2)
+        x = self.down_blocks(x)  # (B, c_latent, H/4, W/4)
+        if quantize:
+            qe, (vq_loss, commit_loss), indices = self.vquantizer(x, dim=1)
+            return qe / self.scale_factor, x / self.scale_factor, indices, vq_loss + commit_loss * 0.25
+        return x / self.scale_factor, None, None, None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage B latent (B, c_latent, h, w) -> RGB (B, 3, 4h, 4w) in about [0, 1] (callers clamp)."""
+        x = x * self.scale_factor
+        x = self.up_blocks(x)  # (B, c0, 2h, 2w)
+        return self.out_block(x)  # (B, 3, 4h, 4w)
+
+    def forward(self, x: torch.Tensor, quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reconstruct: (decode(encode(x, quantize)[0]), vq loss or None)."""
+        qe, _, _, vq_loss = self.encode(x, quantize)
+        return self.decode(qe), vq_loss

@@ -199,7 +199,7 @@ def _to_batch(image: Any) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         scale = 255.0 if image.dtype == np.uint8 else 1.0
         array = image[..., None] if image.ndim == 2 else image  # grey HW -> HW1
-        x = torch.from_numpy(np.ascontiguousarray(array)).float().div(scale)
+        x = torch.from_numpy(np.array(array, dtype=np.float32)).div(scale)  # a copy: PIL arrays are read-only
         x = x.unsqueeze(0) if x.ndim == 3 else x
         x = x.permute(0, 3, 1, 2)  # (b, H, W, c) -> (b, c, H, W)
     elif isinstance(image, torch.Tensor):

@@ -1,0 +1,419 @@
+"""Building blocks shared by Stage B and Stage C (official ``modules/common.py``) and their level U-Net.
+
+Attribute names follow the official modules exactly, because they are the checkpoint format
+(``down_blocks.0.2.attention.attn.in_proj_weight``, ``down_blocks.0.0.channelwise.2.gamma``, ...).
+Everything computes in the parameters' dtype: fp32 and bf16 run without autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Tensor = torch.Tensor
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that leaves its parameters uninitialised: the model's init or a checkpoint fills them."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that leaves its parameters uninitialised (official ``common.Conv2d``)."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, C, H, W) -> (B, H, W, C) -> LN over C -> (B, C, H, W)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on NHWC input (Woo et al. 2023): x + gamma * (x * Nx) + beta."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C): L2 over H, W
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)  # (B, 1, 1, C)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
+    # keys channelwise.{0, 2, 4}: Linear -> GELU -> GRN -> Dropout -> Linear
+    return nn.Sequential(
+        Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), Linear(c * 4, c)
+    )
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv -> LN -> [concat skip] -> channel MLP, plus the residual (official ``ResBlock``)."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = Conv2d(c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)  # applied in NHWC, no keys
+        self.channelwise = _channel_mlp(c + c_skip, c, dropout)
+
+    def forward(self, x: Tensor, x_skip: Tensor | None = None) -> Tensor:
+        h = self.norm(self.depthwise(x).permute(0, 2, 3, 1))  # (B, H, W, c)
+        if x_skip is not None:
+            h = torch.cat([h, x_skip.permute(0, 2, 3, 1)], dim=-1)  # (B, H, W, c + c_skip)
+        return self.channelwise(h).permute(0, 3, 1, 2) + x  # (B, c, H, W)
+
+
+class FeedForwardBlock(nn.Module):
+    """x + channel MLP(LN(x)) (official block type 'F'; no shipped config uses it)."""
+
+    def __init__(self, c: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.channelwise = _channel_mlp(c, c, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.channelwise(self.norm(x.permute(0, 2, 3, 1)))  # (B, H, W, c)
+        return x + h.permute(0, 3, 1, 2)
+
+
+class MultiheadAttention(nn.Module):
+    """Packed-projection multi-head attention computed with ``F.scaled_dot_product_attention``.
+
+    Same parameters and keys as ``nn.MultiheadAttention(c, nhead, bias=True, batch_first=True)``:
+    ``in_proj_weight`` [3c, c] (q, k, v stacked), ``in_proj_bias`` [3c], ``out_proj.{weight, bias}``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert embed_dim % num_heads == 0, f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}"
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, cond: Tensor, self_attn: bool = True) -> Tensor:
+        """Queries from x [B, N, c]; keys/values from cat[x, cond] (self_attn) or cond [B, S, c]."""
+        (B, N, c), nh = x.shape, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if self_attn:
+            q, k_x, v_x = F.linear(x, w, b).chunk(3, dim=-1)  # 3 x (B, N, c)
+            k_c, v_c = F.linear(cond, w[c:], b[c:]).chunk(2, dim=-1)  # 2 x (B, S, c)
+            k, v = torch.cat([k_x, k_c], dim=1), torch.cat([v_x, v_c], dim=1)  # (B, N+S, c)
+        else:
+            q = F.linear(x, w[:c], b[:c])  # (B, N, c)
+            k, v = F.linear(cond, w[c:], b[c:]).chunk(2, dim=-1)  # (B, S, c)
+        q = q.view(B, N, nh, c // nh).transpose(1, 2)  # (B, nh, N, hs)
+        k = k.view(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)
+        v = v.view(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, N, hs)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, c))  # (B, N, c)
+
+
+class Attention2D(nn.Module):
+    """Holds ``attn`` so the keys read ``attention.attn.*`` as in the official checkpoints."""
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = MultiheadAttention(c, nhead, dropout=dropout)
+
+    def forward(self, x: Tensor, kv: Tensor, self_attn: bool = False) -> Tensor:
+        return self.attn(x, kv, self_attn=self_attn)
+
+
+class AttnBlock(nn.Module):
+    """x + attention(LN(x) tokens, [LN(x) tokens,] Linear(SiLU(cond))) (official ``AttnBlock``, no mask)."""
+
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)  # applied in NHWC, no keys
+        self.attention = Attention2D(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), Linear(c_cond, c))
+
+    def forward(self, x: Tensor, kv: Tensor) -> Tensor:
+        B, c, H, W = x.shape
+        kv = self.kv_mapper(kv)  # (B, S, c)
+        tokens = self.norm(x.permute(0, 2, 3, 1)).reshape(B, H * W, c)  # (B, HW, c)
+        h = self.attention(tokens, kv, self_attn=self.self_attn)  # (B, HW, c)
+        return x + h.view(B, H, W, c).permute(0, 3, 1, 2)  # (B, c, H, W)
+
+
+class TimestepBlock(nn.Module):
+    """x * (1 + a) + b with (a, b) summed over ``mapper`` and one ``mapper_<cond>`` per extra condition."""
+
+    def __init__(self, c: int, c_timestep: int, conds: Sequence[str] = ("sca",)):
+        super().__init__()
+        self.mapper = Linear(c_timestep, c * 2)
+        self.conds = list(conds)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", Linear(c_timestep, c * 2))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        t_chunks = t.chunk(len(self.conds) + 1, dim=1)  # (1 + n) x (B, c_r)
+        a, b = self.mapper(t_chunks[0])[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c, 1, 1)
+        for i, name in enumerate(self.conds):
+            ac, bc = getattr(self, f"mapper_{name}")(t_chunks[i + 1])[:, :, None, None].chunk(2, dim=1)
+            a, b = a + ac, b + bc
+        return x * (1 + a) + b
+
+
+class UpDownBlock2d(nn.Module):
+    """1x1 conv plus optional bilinear x2 / x0.5 resample (disabled in Stage C: ``switch_level=[False]``).
+
+    The official forward casts every input to float32 and relies on autocast; this one keeps the dtype.
+    """
+
+    def __init__(self, c_in: int, c_out: int, mode: str, enabled: bool = True):
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"UpDownBlock2d mode must be 'up' or 'down', got {mode!r}")
+        interpolation: nn.Module = (
+            nn.Upsample(scale_factor=2 if mode == "up" else 0.5, mode="bilinear", align_corners=True)
+            if enabled
+            else nn.Identity()
+        )
+        mapping = Conv2d(c_in, c_out, kernel_size=1)
+        self.blocks = nn.ModuleList([interpolation, mapping] if mode == "up" else [mapping, interpolation])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def gen_r_embedding(r: Tensor, c_r: int = 64, max_positions: int = 10000) -> Tensor:
+    """Sinusoidal embedding [B] -> [B, c_r] (sin half first), in float32 and the official operation order.
+
+    The argument reaches 1e4 where one fp32 ulp is ~1e-3, so the order below is part of the format.
+    """
+    r = r.float().reshape(-1) * max_positions  # (B,)
+    half_dim = c_r // 2
+    step = math.log(max_positions) / (half_dim - 1)
+    freqs = torch.arange(half_dim, device=r.device).float().mul(-step).exp()  # (half_dim,)
+    arg = r[:, None] * freqs[None, :]  # (B, half_dim)
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1)  # (B, 2 * half_dim)
+    if c_r % 2 == 1:
+        emb = F.pad(emb, (0, 1), mode="constant")
+    return emb
+
+
+def resize_to(x: Tensor, size: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Bilinear (align_corners=True) resize to ``size`` computed in float32, returned in ``dtype``."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.to(dtype)
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True).to(dtype)
+
+
+def block_factory(
+    c_hidden: Sequence[int],
+    nhead: Sequence[int],
+    c_cond: int,
+    c_r: int,
+    kernel_size: int,
+    dropouts: Sequence[float],
+    self_attns: Sequence[bool],
+    t_conds: Sequence[str],
+) -> Callable[[str, int, int], nn.Module]:
+    """make_block(type, level, c_skip) for the official block letters C, T, A, F."""
+
+    def make_block(kind: str, level: int, c_skip: int) -> nn.Module:
+        c = c_hidden[level]
+        if kind == "C":
+            return ResBlock(c, c_skip, kernel_size=kernel_size, dropout=dropouts[level])
+        if kind == "T":
+            return TimestepBlock(c, c_r, conds=t_conds)
+        if kind == "A":
+            return AttnBlock(c, c_cond, nhead[level], self_attn=self_attns[level], dropout=dropouts[level])
+        if kind == "F":
+            return FeedForwardBlock(c, dropout=dropouts[level])
+        raise ValueError(f"unknown block type {kind!r} in level_config; use 'C', 'T', 'A' or 'F'")
+
+    return make_block
+
+
+def level_scaler(c_in: int, c_out: int, mode: str, switch_level: Sequence[bool] | None, level: int) -> nn.Module:
+    """LN2d + level change: UpDownBlock2d (switch_level given) or a stride-2 conv / transposed conv."""
+    mapping: nn.Module
+    if switch_level is not None:
+        mapping = UpDownBlock2d(c_in, c_out, mode, enabled=switch_level[level - 1])
+    elif mode == "down":
+        mapping = Conv2d(c_in, c_out, kernel_size=2, stride=2)
+    else:
+        mapping = nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2)
+    return nn.Sequential(LayerNorm2d(c_in, elementwise_affine=False, eps=1e-6), mapping)
+
+
+def _levels(
+    blocks: nn.ModuleList, scalers: nn.ModuleList, repeat_mappers: nn.ModuleList
+) -> Iterator[tuple[nn.ModuleList, nn.Module, nn.ModuleList]]:
+    for level, scaler, repmap in zip(blocks, scalers, repeat_mappers, strict=True):
+        yield cast(nn.ModuleList, level), scaler, cast(nn.ModuleList, repmap)
+
+
+class LevelUNet(nn.Module):
+    """The level structure shared by Stage B and Stage C: down levels, up levels with skips, repeat mappers.
+
+    ``down_blocks.L`` holds blocks[0][L] units of level_config[L] ('C' ResBlock, 'T' TimestepBlock,
+    'A' AttnBlock, 'F' FeedForwardBlock), flattened; ``up_blocks.u`` counts from the deepest level.
+    """
+
+    gradient_checkpointing: bool = False
+    embedding: nn.Sequential
+    clf: nn.Sequential
+
+    def _build_levels(
+        self,
+        *,
+        c_hidden: Sequence[int],
+        blocks: Sequence[Sequence[int]],
+        block_repeat: Sequence[Sequence[int]] | None,
+        level_config: Sequence[str],
+        make_block: Callable[[str, int, int], nn.Module],
+        make_downscaler: Callable[[int], nn.Module],
+        make_upscaler: Callable[[int], nn.Module],
+    ) -> None:
+        """Register the six level ModuleLists in the official order; make_block(type, level, c_skip)."""
+        n = len(c_hidden)
+        self.down_blocks = nn.ModuleList()
+        self.down_downscalers = nn.ModuleList()
+        self.down_repeat_mappers = nn.ModuleList()
+        for i in range(n):
+            self.down_downscalers.append(make_downscaler(i) if i > 0 else nn.Identity())
+            self.down_blocks.append(
+                nn.ModuleList([make_block(t, i, 0) for _ in range(blocks[0][i]) for t in level_config[i]])
+            )
+            repeat = 1 if block_repeat is None else block_repeat[0][i]
+            self.down_repeat_mappers.append(self._repeat_mappers(c_hidden[i], repeat))
+        self.up_blocks = nn.ModuleList()
+        self.up_upscalers = nn.ModuleList()
+        self.up_repeat_mappers = nn.ModuleList()
+        for i in reversed(range(n)):
+            self.up_upscalers.append(make_upscaler(i) if i > 0 else nn.Identity())
+            level = nn.ModuleList()
+            for j in range(blocks[1][::-1][i]):
+                for k, t in enumerate(level_config[i]):
+                    # Only the very first block of a non-deepest up level takes the skip.
+                    level.append(make_block(t, i, c_hidden[i] if i < n - 1 and j == k == 0 else 0))
+            self.up_blocks.append(level)
+            repeat = 1 if block_repeat is None else block_repeat[1][::-1][i]
+            self.up_repeat_mappers.append(self._repeat_mappers(c_hidden[i], repeat))
+
+    @staticmethod
+    def _repeat_mappers(c: int, repeat: int) -> nn.ModuleList:
+        return nn.ModuleList([Conv2d(c, c, kernel_size=1) for _ in range(repeat - 1)])
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (non-reentrant); only used in training mode."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, block: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None) -> Tensor:
+        if isinstance(block, ResBlock):
+            args: tuple[Any, ...] = (x, skip)
+        elif isinstance(block, AttnBlock):
+            args = (x, clip)
+        elif isinstance(block, TimestepBlock):
+            args = (x, r_embed)
+        else:
+            args = (x,)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)  # type: ignore[no-any-return]
+        return block(*args)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _inject(x: Tensor, cnet: Iterator[Tensor | None] | None) -> Tensor:
+        """Add the next ControlNet entry (official ``ControlNetDeliverer``: one per ResBlock call)."""
+        if cnet is None:
+            return x
+        extra = next(cnet, None)
+        return x if extra is None else x + resize_to(extra, x.shape[-2:], x.dtype)
+
+    def _down_encode(
+        self, x: Tensor, r_embed: Tensor, clip: Tensor, cnet: Iterator[Tensor | None] | None = None
+    ) -> list[Tensor]:
+        level_outputs: list[Tensor] = []
+        levels = _levels(self.down_blocks, self.down_downscalers, self.down_repeat_mappers)
+        for down_block, downscaler, repmap in levels:
+            x = downscaler(x)
+            for i in range(len(repmap) + 1):
+                for block in down_block:
+                    if isinstance(block, ResBlock):
+                        x = self._inject(x, cnet)
+                    x = self._run(block, x, r_embed, clip, None)
+                if i < len(repmap):
+                    x = repmap[i](x)
+            level_outputs.insert(0, x)  # deepest first
+        return level_outputs
+
+    def _up_decode(
+        self, level_outputs: list[Tensor], r_embed: Tensor, clip: Tensor, cnet: Iterator[Tensor | None] | None = None
+    ) -> Tensor:
+        x = level_outputs[0]
+        levels = _levels(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
+        for i, (up_block, upscaler, repmap) in enumerate(levels):
+            for j in range(len(repmap) + 1):
+                for k, block in enumerate(up_block):
+                    skip = None
+                    if isinstance(block, ResBlock):
+                        skip = level_outputs[i] if k == 0 and i > 0 else None
+                        if skip is not None and x.shape[-2:] != skip.shape[-2:]:
+                            x = resize_to(x, skip.shape[-2:], x.dtype)  # odd sizes: ConvT gave 2h != skip
+                        x = self._inject(x, cnet)
+                    x = self._run(block, x, r_embed, clip, skip)
+                if j < len(repmap):
+                    x = repmap[j](x)
+            x = upscaler(x)
+        return x
+
+    def _r_embed(self, r: Tensor, t_conds: Sequence[str], c_r: int, values: dict[str, Any]) -> Tensor:
+        """cat[emb(r), emb(cond or 0) for each t_cond] -> [B, c_r * (1 + n)], float32."""
+        embs = [gen_r_embedding(r, c_r)]
+        for name in t_conds:
+            value = values.get(name)
+            embs.append(gen_r_embedding(torch.zeros_like(r) if value is None else value, c_r))
+        return torch.cat(embs, dim=1)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _init_level_weights(self, n_blocks: int) -> None:
+        """Official init: xavier-uniform weights, zero biases; residual outputs scaled, time mappers zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MultiheadAttention):
+                nn.init.xavier_uniform_(m.in_proj_weight)
+                nn.init.zeros_(m.in_proj_bias)
+        embedding, clf = self.embedding[1], self.clf[1]
+        assert isinstance(embedding, nn.Conv2d) and isinstance(clf, nn.Conv2d)
+        nn.init.xavier_uniform_(embedding.weight, 0.02)  # inputs
+        nn.init.zeros_(clf.weight)  # outputs start at zero
+        scale = math.sqrt(1 / n_blocks)
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            assert isinstance(level, nn.ModuleList)
+            for block in level:
+                if isinstance(block, (ResBlock, FeedForwardBlock)):
+                    out_linear = cast(nn.Linear, block.channelwise[-1])
+                    with torch.no_grad():
+                        out_linear.weight.mul_(scale)
+                elif isinstance(block, TimestepBlock):
+                    for layer in block.modules():
+                        if isinstance(layer, nn.Linear):
+                            nn.init.zeros_(layer.weight)

@@ -140,6 +140,9 @@ class TextEncoder(_Encoder):
         batch entries with fewer windows get extra windows of the empty prompt "", the official
         unconditional caption, so they add "no content" tokens rather than repeating text.
         """
+        return self._tokenize(prompts)
+
+    def _tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         span = self.max_length - 2  # content tokens per window: 75
         ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
@@ -164,17 +167,17 @@ class TextEncoder(_Encoder):
                 mask[b, w, : len(row)] = 1
         return input_ids, mask
 
-    @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip_text [B, 77·n_windows, C], clip_text_pooled [B, 1, C]) in the model's dtype and device."""
-        input_ids, mask = self.tokenize(prompts)
+        input_ids, mask = self._tokenize(prompts)  # warns from here, so the notice points at our caller
         B, n, L = input_ids.shape
         model = self.model
-        out = model(
-            input_ids=input_ids.view(B * n, L).to(self.device),
-            attention_mask=mask.view(B * n, L).to(self.device),
-            output_hidden_states=True,
-        )
+        with torch.no_grad():
+            out = model(
+                input_ids=input_ids.view(B * n, L).to(self.device),
+                attention_mask=mask.view(B * n, L).to(self.device),
+                output_hidden_states=True,
+            )
         hidden = out.hidden_states[-1]  # (B*n, L, C) last layer output, before final_layer_norm
         clip_text = hidden.reshape(B, n * L, hidden.shape[-1])  # windows side by side along T
 
@@ -183,7 +186,8 @@ class TextEncoder(_Encoder):
         # present. last_hidden_state is already final-LN'd.
         first = out.last_hidden_state.view(B, n, L, -1)[:, 0]  # (B, L, C)
         eos_pos = (input_ids[:, 0] == self.eos_id).int().argmax(dim=-1).to(first.device)  # (B,)
-        pooled = model.text_projection(first[torch.arange(B, device=first.device), eos_pos])  # (B, P)
+        with torch.no_grad():
+            pooled = model.text_projection(first[torch.arange(B, device=first.device), eos_pos])  # (B, P)
         return clip_text, pooled.unsqueeze(1)  # (B, 1, P)
 
 

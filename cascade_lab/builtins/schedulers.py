@@ -1,13 +1,20 @@
-"""Built-in schedulers (filled in by the diffusion core; see cascade_lab/diffusion/schedulers.py)."""
+"""Built-in schedulers: logSNR levels for N steps (see cascade_lab/diffusion/schedulers.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from ..hookspecs import hookimpl
-from ..registry import Scheduler
+from ..registry import LazyCallable, Scheduler
 
-SCHEDULERS: list[Scheduler] = []
+SCHEDULERS: list[Scheduler] = [
+    Scheduler("cosine", "the official GDF grid: t evenly spaced through the shifted cosine schedule",
+              LazyCallable("cascade_lab.diffusion.schedulers:cosine")),
+    Scheduler("karras", "Karras et al. rho = 7 spacing in sigma between the schedule's ends",
+              LazyCallable("cascade_lab.diffusion.schedulers:karras")),
+    Scheduler("exponential", "evenly spaced in log sigma (logSNR) between the schedule's ends",
+              LazyCallable("cascade_lab.diffusion.schedulers:exponential")),
+]
 
 
 @hookimpl

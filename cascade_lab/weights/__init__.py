@@ -1,0 +1,43 @@
+"""Weights: where files are, what they hold, and memory-lean loading. No torch import until used.
+
+* :func:`locate` — explicit paths/folders, a ComfyUI ``models/`` tree, the Hub cache, then a download.
+* :func:`detect` — what a safetensors file holds, from its header alone.
+* :func:`load_stage` — a stage module built on meta and filled straight from the file.
+* :func:`choose_variant` / :func:`estimate` — memory needs per variant and the largest that fits.
+"""
+
+from __future__ import annotations
+
+from .convert import ConversionError, plan_official, to_official
+from .detect import Component, Detection, detect
+from .loader import StateDictMismatchError, WrongStageError, load_stage, weight_files
+from .locate import Located, WeightsNotFoundError, locate
+from .memory import Choice, ComputeDtypes, MemoryEstimate, available_memory, choose_variant, compute_dtypes, estimate
+from .safetensors_io import Header, WeightsFileError, read_header, read_tensors
+
+__all__ = [
+    "Choice",
+    "Component",
+    "ComputeDtypes",
+    "ConversionError",
+    "Detection",
+    "Header",
+    "Located",
+    "MemoryEstimate",
+    "StateDictMismatchError",
+    "WeightsFileError",
+    "WeightsNotFoundError",
+    "WrongStageError",
+    "available_memory",
+    "choose_variant",
+    "compute_dtypes",
+    "detect",
+    "estimate",
+    "load_stage",
+    "locate",
+    "plan_official",
+    "read_header",
+    "read_tensors",
+    "to_official",
+    "weight_files",
+]

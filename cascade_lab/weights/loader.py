@@ -1,0 +1,239 @@
+"""Load one stage from a file, a diffusers/transformers folder or a variant name, memory-lean.
+
+The model is built on the meta device (no memory, no init), the file's keys and shapes are checked
+against it from the header alone, then every tensor is read straight into its final storage in the
+target dtype and handed over with ``load_state_dict(assign=True)``. A key that is missing or unexpected
+raises, listing them: a half-loaded model with random weights is never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .convert import STAGES, plan_official
+from .detect import LABELS, Component, Detection, detect
+from .safetensors_io import Header, Recipe, WeightsFileError, read_headers, read_tensors, refuse_pickle
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# stage -> (module, config class) in cascade_lab.models; imported on first use
+CONFIGS: dict[str, tuple[str, str]] = {
+    "stage_c": ("cascade_lab.models.stage_c", "StageCConfig"),
+    "stage_b": ("cascade_lab.models.stage_b", "StageBConfig"),
+    "stage_a": ("cascade_lab.models.stage_a", "StageAConfig"),
+    "effnet": ("cascade_lab.models.effnet", "EfficientNetEncoderConfig"),
+    "previewer": ("cascade_lab.models.previewer", "PreviewerConfig"),
+    "controlnet": ("cascade_lab.models.controlnet", "ControlNetConfig"),
+}
+# diffusers repo sub-folders holding each stage (stabilityai/stable-cascade and -prior)
+DIFFUSERS_FOLDERS: dict[str, tuple[str, ...]] = {
+    "stage_c": ("prior", "prior_lite"),
+    "stage_b": ("decoder", "decoder_lite"),
+    "stage_a": ("vqgan",),
+    "text_encoder": ("text_encoder",),
+    "image_encoder": ("image_encoder",),
+}
+IGNORABLE_MISSING = ("num_batches_tracked",)  # BatchNorm counters: absent in some exports, zero-filled
+
+
+class WrongStageError(WeightsFileError):
+    """The file holds another stage than the one asked for."""
+
+
+class StateDictMismatchError(WeightsFileError):
+    """The file's keys or shapes do not match the model; the message lists them."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """The files to read for one stage and what detection found in them."""
+
+    path: Path  # what the user gave (file or folder)
+    header: Header
+    detection: Detection
+    component: Component
+
+
+def load_stage(
+    stage: str,
+    source: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    config: Any = None,
+    comfyui: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Load ``stage`` (``stage_c``, ``stage_b``, ``stage_a``, ``effnet``, ``previewer``, ``controlnet``).
+
+    ``source``: a ``.safetensors`` file (official, ComfyUI all-in-one or single-model, diffusers), a
+    diffusers folder (or repo root), or a variant name such as ``"lite_bf16"`` (located with
+    :func:`~cascade_lab.weights.locate.locate`). ``dtype`` casts floating-point weights (None keeps the
+    stored dtype); ``config`` is a config object or preset name (``"tiny"``) for sizes the header cannot
+    name. Returns the model in eval mode.
+    """
+    import torch
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    src = open_source(stage, _resolve(stage, source, comfyui, dtype), dtype=dtype)
+    cfg = _config(stage, src, config)
+    stored = src.header.main_dtype
+    target = dtype if dtype is not None else (getattr(torch, stored) if stored else None)
+    if stage == "stage_c" and target == torch.float16:
+        from ..models.stage_c import FP16_ERROR
+
+        raise TypeError(f"{src.path}: {FP16_ERROR}" + (
+            "" if dtype is not None else " (this file stores float16: pass dtype=torch.bfloat16)"))
+    with torch.device("meta"):
+        model = cfg.build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = plan_official(src.header.keys(), stage, src.component.prefix)
+    check_keys(src, plan, expected)
+    state = dict(read_tensors(src.header, plan, dtype=dtype, device=device))
+    for key in expected.keys() - state.keys():  # only ignorable counters are left by check_keys
+        state[key] = torch.zeros((), dtype=torch.long, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading "
+                           f"{src.path}: {', '.join(left[:10])}; non-persistent buffers must be created "
+                           f"in a way that survives meta construction")
+    return model.eval()
+
+
+def _resolve(stage: str, source: str | os.PathLike[str], comfyui: str | os.PathLike[str] | None,
+             dtype: torch.dtype | None) -> Path:
+    path = Path(source).expanduser()
+    if path.exists() or not isinstance(source, str) or os.sep in source or source.endswith(".safetensors"):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        return path
+    from ..registry import UnknownNameError
+    from .locate import locate
+
+    try:
+        hit = locate(source, components=[stage], comfyui=comfyui)
+    except UnknownNameError:
+        raise FileNotFoundError(f"{source!r} is neither a file or folder nor a variant name") from None
+    except KeyError as e:  # the variant has no file for this stage
+        raise ValueError(str(e.args[0])) from None
+    return hit[stage].path
+
+
+def weight_files(path: Path, stage: str, dtype: torch.dtype | None = None) -> list[Path]:
+    """The safetensors file(s) behind ``path``: the file itself, or a diffusers/transformers folder's
+    weights (sharded ones through their ``.index.json``; the ``.bf16``/``.fp16`` variant when asked for)."""
+    if path.is_file():
+        refuse_pickle(path)
+        return [path]
+    subs = [path / s for s in DIFFUSERS_FOLDERS.get(stage, ()) if (path / s).is_dir()]
+    if subs and not _weights_in(path):
+        if len(subs) > 1:
+            raise WeightsFileError(
+                f"{path} holds several {LABELS[stage]} folders ({', '.join(s.name for s in subs)}); "
+                f"pass the one you want, e.g. {subs[0]}")
+        path = subs[0]
+    found = _weights_in(path)
+    if not found:
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            refuse_pickle(path / pickles[0])
+        raise WeightsFileError(f"{path}: no .safetensors weights in this folder")
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."), "")
+    stems = sorted(found)
+    stem = next((s for s in stems if s.endswith("." + wanted)), None) if wanted else None
+    stem = stem or next((s for s in stems if "." not in s), stems[0])
+    return found[stem]
+
+
+def _weights_in(folder: Path) -> dict[str, list[Path]]:
+    """stem (``diffusion_pytorch_model``, ``diffusion_pytorch_model.bf16``, ``model``) -> its files."""
+    out: dict[str, list[Path]] = {}
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise WeightsFileError(f"{index}: not a valid shard index ({e})") from None
+        out[index.name.removesuffix(".safetensors.index.json")] = [
+            folder / name for name in sorted(set(weight_map.values()))]
+    for f in folder.glob("*.safetensors"):
+        stem = f.name.removesuffix(".safetensors")
+        if "-of-" not in stem:
+            out.setdefault(stem, [f])
+    return out
+
+
+def open_source(stage: str, path: Path, *, dtype: torch.dtype | None = None) -> Source:
+    """Read the header(s) behind ``path`` and check that they hold ``stage``."""
+    files = weight_files(path, stage, dtype)
+    header = read_headers(files)
+    det = detect(header)
+    comp = det.components.get(stage)
+    if comp is None:
+        what = det.describe()
+        hint = ""
+        others = [k for k in det.components if k in STAGES]
+        if others:
+            hint = f"; load it as {others[0]!r}" + (
+                f" (the file holds {', '.join(map(repr, others))})" if len(others) > 1 else "")
+        raise WrongStageError(
+            f"{path} is not a {LABELS[stage]} checkpoint: it holds {what}{hint}")
+    return Source(path, header, det, comp)
+
+
+def _config(stage: str, src: Source, config: Any) -> Any:
+    import importlib
+
+    module, name = CONFIGS[stage]
+    cls = getattr(importlib.import_module(module), name)
+    if config is None:
+        preset = src.component.variant or ("full" if stage in ("stage_a", "effnet", "previewer") else None)
+        if preset is None or not hasattr(cls, preset):
+            width = f" (width {src.component.width})" if src.component.width else ""
+            raise WeightsFileError(
+                f"{src.path}: holds a {LABELS[stage]} of a size that is not a shipped variant{width}; "
+                f"pass config= (a {name} or a preset name such as 'tiny')")
+        return getattr(cls, preset)()
+    if isinstance(config, str):
+        if not hasattr(cls, config):
+            raise ValueError(f"{name} has no preset {config!r}")
+        return getattr(cls, config)()
+    if isinstance(config, Mapping):
+        return cls(**config)
+    return config
+
+
+def check_keys(src: Source, plan: Mapping[str, Recipe], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise :class:`StateDictMismatchError` listing missing and unexpected keys and wrong shapes."""
+    missing = sorted(k for k in expected.keys() - plan.keys() if not k.endswith(IGNORABLE_MISSING))
+    unexpected = sorted(plan.keys() - expected.keys())
+    wrong = [(k, plan[k].shape(src.header), expected[k]) for k in sorted(plan.keys() & expected.keys())
+             if plan[k].shape(src.header) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{src.path} does not fit {LABELS[src.component.kind]} "
+             f"({src.component.describe()}): refusing to load a partly random model."]
+    for title, items in (("missing from the file", missing), ("unexpected in the file", unexpected)):
+        if items:
+            lines.append(f"  {len(items)} key(s) {title}: " + ", ".join(_key(src, k, plan) for k in items[:20])
+                         + (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
+    if wrong:
+        lines.append(f"  {len(wrong)} shape mismatch(es): " + ", ".join(
+            f"{k} file {list(got)} vs model {list(want)}" for k, got, want in wrong[:20])
+            + (f", ... ({len(wrong) - 20} more)" if len(wrong) > 20 else ""))
+    lines.append("  Is it a different size of model? Pass config= with the matching preset.")
+    raise StateDictMismatchError("\n".join(lines))
+
+
+def _key(src: Source, key: str, plan: Mapping[str, Recipe]) -> str:
+    recipe = plan.get(key)
+    if recipe is None or recipe.sources == (key,):
+        return key
+    return f"{key} (from {' + '.join(recipe.sources)})"

@@ -1,0 +1,186 @@
+"""How much memory each variant needs on a device, and the largest variant that fits.
+
+Weights are counted at their *compute* dtype: Stage C in bf16 where the device has it (CUDA with bf16,
+or the CPU), else fp32 — never fp16, which gives black images (spec §10, peers §2); Stage B and the text
+encoder in bf16, or fp16 on GPUs without bf16; Stage A in fp32. Two numbers per variant: everything
+resident at once, and with stage swapping (only the largest of text encoder / Stage C / Stage B /
+Stage A on the device at a time). Both add an activation margin for a 1024² image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..registry import Variant
+
+if TYPE_CHECKING:
+    import torch
+
+GiB = 1024**3
+# Activations for one 1024x1024 image with CFG: Stage A's decode at 512x512x768 (fp32) dominates.
+ACTIVATION_MARGIN = 2 * GiB
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRIORITY = ("full", "bf16", "lite", "lite_bf16")  # tie-break for variants of equal model size
+
+
+@dataclass(frozen=True)
+class ComputeDtypes:
+    """The dtype each part computes in on a device."""
+
+    stage_c: str
+    stage_b: str
+    text_encoder: str
+    stage_a: str = "float32"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a variant needs on a device, per part, and the two totals."""
+
+    variant: str
+    dtypes: ComputeDtypes
+    stage_c: int
+    stage_b: int
+    text_encoder: int
+    stage_a: int
+    margin: int
+
+    @property
+    def resident(self) -> int:
+        """Everything loaded at once."""
+        return self.stage_c + self.stage_b + self.text_encoder + self.stage_a + self.margin
+
+    @property
+    def swapped(self) -> int:
+        """With stage swapping: only the largest part is on the device at a time."""
+        return max(self.stage_c, self.stage_b, self.text_encoder, self.stage_a) + self.margin
+
+    def describe(self) -> str:
+        return (f"{self.variant}: {self.resident / GiB:.1f} GiB all resident, {self.swapped / GiB:.1f} GiB "
+                f"with stage swapping (Stage C {self.dtypes.stage_c}, Stage B {self.dtypes.stage_b})")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The variant picked for a device, with the numbers behind the choice."""
+
+    variant: str | None
+    available: int
+    swap: bool
+    estimates: tuple[MemoryEstimate, ...]
+    reason: str
+
+
+def _device(device: str | torch.device) -> tuple[str, int | None]:
+    text = str(device)
+    kind, _, index = text.partition(":")
+    return kind, int(index) if index else None
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """bf16 compute on this device: CUDA with bf16 support, or the CPU."""
+    kind, index = _device(device)
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        major, _ = torch.cuda.get_device_capability(index)
+        return major >= 8  # Ampere and later compute bf16 natively; older cards emulate it slowly
+    return False
+
+
+def compute_dtypes(device: str | torch.device = "cpu", *, bf16: bool | None = None) -> ComputeDtypes:
+    """The compute dtypes for ``device`` (``bf16`` overrides the detection, for tests)."""
+    has_bf16 = bf16_supported(device) if bf16 is None else bf16
+    if has_bf16:
+        return ComputeDtypes("bfloat16", "bfloat16", "bfloat16")
+    # No bf16: Stage C must stay fp32 (fp16 overflows to NaN, spec §10); B and CLIP are fine in fp16.
+    half = "float16" if _device(device)[0] != "cpu" else "float32"
+    return ComputeDtypes("float32", half, half)
+
+
+def estimate(variant: Variant, dtypes: ComputeDtypes, *, margin: int = ACTIVATION_MARGIN) -> MemoryEstimate:
+    """Bytes ``variant`` needs when its parts compute in ``dtypes``."""
+
+    def part(name: str, dtype: str) -> int:
+        f = variant.files.get(name)
+        return 0 if f is None else f.params * BYTES[dtype]
+
+    return MemoryEstimate(variant.name, dtypes, part("stage_c", dtypes.stage_c), part("stage_b", dtypes.stage_b),
+                          part("text_encoder", dtypes.text_encoder), part("stage_a", dtypes.stage_a), margin)
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available RAM otherwise."""
+    kind, index = _device(device)
+    if kind == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0
+
+
+def real_variants() -> list[Variant]:
+    """Registered variants that load both diffusion stages from files (not the built-in tiny ones)."""
+    from ..plugins import registries
+
+    return [v for v in registries()["variant"] if "stage_c" in v.files and "stage_b" in v.files]
+
+
+def choose_variant(
+    device: str | torch.device = "cpu",
+    *,
+    available: int | None = None,
+    swap: bool = True,
+    variants: Iterable[Variant] | None = None,
+    dtypes: ComputeDtypes | None = None,
+    margin: int = ACTIVATION_MARGIN,
+) -> Choice:
+    """The largest variant whose weights fit ``available`` bytes (default: free memory on ``device``).
+
+    Largest means most diffusion-model parameters; among equal sizes the one whose files are stored in
+    the compute dtype wins (the bf16 files when computing in bf16: same quality, half the download).
+    """
+    dtypes = dtypes or compute_dtypes(device)
+    free = available_memory(device) if available is None else available
+    pool = list(real_variants() if variants is None else variants)
+    ests = {v.name: estimate(v, dtypes, margin=margin) for v in pool}
+
+    def rank(v: Variant) -> tuple[int, int, int]:
+        size = sum(f.params for k, f in v.files.items() if k in ("stage_c", "stage_b"))
+        stored = v.files["stage_c"].dtype if "stage_c" in v.files else ""
+        match = 0 if stored == dtypes.stage_c else 1
+        prio = PRIORITY.index(v.name) if v.name in PRIORITY else len(PRIORITY)
+        return (-size, match, prio)
+
+    ordered = sorted(pool, key=rank)
+    need, how = ("swapped", "with stage swapping") if swap else ("resident", "all resident")
+    estimates = tuple(ests[v.name] for v in ordered)
+    for v in ordered:
+        e = ests[v.name]
+        if getattr(e, need) <= free:
+            return Choice(v.name, free, swap, estimates,
+                          f"{v.name} needs {getattr(e, need) / GiB:.1f} GiB {how} "
+                          f"of {free / GiB:.1f} GiB free on {device}")
+    smallest = min(estimates, key=lambda e: getattr(e, need), default=None)
+    reason = (f"no variant fits {free / GiB:.1f} GiB free on {device}"
+              + (f"; the smallest, {smallest.variant}, needs {getattr(smallest, need) / GiB:.1f} GiB"
+                 if smallest else "; no variants are registered"))
+    return Choice(None, free, swap, estimates, reason)

@@ -174,8 +174,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, levels: Tensor | Sequence[flo
         _, b = vp_scalers(levels[i])
         a_next, b_next = vp_scalers(levels[i + 1])
         h = (levels[i + 1] - levels[i]) / 2  # step in λ = logSNR/2 = −ln σ
-        if old_x0 is None or h_last is None or not torch.isfinite(h):
-            d = x0  # first step (and a step to σ = 0): first order, i.e. DDIM
+        if old_x0 is None or h_last is None or not (h_last > 0 and h > 0 and torch.isfinite(h)):
+            d = x0  # first step, steps after/of zero length (clamped levels), a step to σ = 0: DDIM
         else:
             r = h_last / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0

@@ -1,0 +1,219 @@
+"""Stage C: official checkpoint layout, parity with the stage_c_tiny reference, dtypes, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import call_kwargs, load_fixture, read_manifest, reference_dir
+
+from cascade_lab.models.common import AttnBlock, ResBlock
+from cascade_lab.models.stage_c import StageC, StageCConfig
+
+
+def assert_matches_manifest(model: torch.nn.Module, name: str) -> None:
+    """Keys (any order), shapes and dtypes of model.state_dict() equal manifests/<name>.tsv."""
+    expected = {key: (shape, dtype) for key, shape, dtype in read_manifest(name)}
+    actual = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+    assert not missing and not unexpected, (
+        f"{name}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
+    )
+    wrong = {k: f"{actual[k]} != manifest {expected[k]}" for k in expected if actual[k] != expected[k]}
+    assert not wrong, f"{name}: {len(wrong)} shape/dtype mismatches, e.g. {dict(list(wrong.items())[:8])}"
+
+
+def count_forward_calls(module: torch.nn.Module) -> list[int]:
+    """A list that grows by one per forward of module (forward hooks do not fire in checkpoint recomputes)."""
+    calls: list[int] = []
+    forward = module.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counting_forward  # type: ignore[method-assign]
+    return calls
+
+
+def summary(name: str) -> dict:
+    return json.loads((reference_dir("manifests") / "summary.json").read_text())["models"][name]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name, config", [("stage_c_full", StageCConfig.full()), ("stage_c_lite", StageCConfig.lite())])
+def test_real_configs_match_checkpoint_manifests(name, config):
+    expected = summary(name)
+    assert config.kwargs() == {**StageCConfig().kwargs(), **expected["kwargs"]}
+    with torch.device("meta"):
+        model = StageC.from_config(config)
+    assert_matches_manifest(model, name)
+    state = model.state_dict()
+    assert list(state) == [row[0] for row in read_manifest(name)]  # even the official order
+    assert len(state) == expected["num_keys"]
+    assert sum(p.numel() for p in model.parameters()) == expected["num_parameters"]
+
+
+@pytest.mark.reference
+def test_tiny_preset_is_the_fixture_config():
+    cfg, _, _ = load_fixture("stage_c_tiny")
+    assert StageCConfig.tiny().kwargs() == cfg["kwargs"]
+    assert isinstance(StageCConfig.tiny().build(), StageC)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg, weights, io = load_fixture("stage_c_tiny")
+    model = StageC(**cfg["kwargs"])
+    model.load_state_dict(weights, strict=True)
+    return cfg, model.eval(), io
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("call_id", ["gen_r_embedding", "gen_c_embeddings", "default", "sca_crp", "cnet"])
+def test_reproduces_reference_outputs(tiny, call_id):
+    cfg, model, io = tiny
+    call = next(c for c in cfg["calls"] if c["id"] == call_id)
+    with torch.no_grad():
+        actual = getattr(model, call["method"])(**call_kwargs(call, io))
+    expected = io[call["outputs"][0]]
+    if call_id == "gen_r_embedding":  # the float32 operation order is part of the format: exact
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(actual, expected, **_tol(cfg))
+
+
+def _tol(cfg: dict) -> dict:
+    return {"atol": cfg["tolerance"]["atol"], "rtol": cfg["tolerance"]["rtol"]}
+
+
+def forward_inputs(io: dict) -> dict:
+    return {k: io[k] for k in ("x", "r", "clip_text", "clip_text_pooled", "clip_img")}
+
+
+@pytest.mark.reference
+def test_two_dimensional_pooled_text_and_image_embeddings(tiny):
+    # The official 2-D pooled branch crashes; here [B, C] means the same as [B, 1, C].
+    cfg, model, io = tiny
+    inputs = forward_inputs(io) | {"clip_text_pooled": io["clip_text_pooled"][:, 0], "clip_img": io["clip_img"][:, 0]}
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(out, io["out_default"], **_tol(cfg))
+
+
+@pytest.mark.reference
+def test_attention_runs_through_sdpa(tiny, monkeypatch):
+    _, model, io = tiny
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        model(**forward_inputs(io))
+    assert len(calls) == sum(isinstance(m, AttnBlock) for m in model.modules()) == 6
+
+
+@pytest.mark.reference
+def test_bfloat16_runs_without_autocast_close_to_float32(tiny):
+    _, model, io = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert not torch.is_autocast_enabled("cpu")
+    with torch.no_grad():
+        out = bf16(**forward_inputs(io))  # float32 inputs are cast; the output comes back as float32
+        out_bf16 = bf16(**{k: v.bfloat16() if k != "r" else v for k, v in forward_inputs(io).items()})
+    assert out.dtype == torch.float32 and out_bf16.dtype == torch.bfloat16
+    expected = io["out_default"]
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (out - expected).abs().mean() < 0.02 * expected.std()
+    assert (out_bf16.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_float16_is_refused_with_a_helpful_message():
+    model = StageC(**StageCConfig.tiny().kwargs())
+    words = ("float16", "black", "bfloat16")
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.float16)):
+        with pytest.raises(TypeError) as err:
+            convert(model)
+        assert all(w in str(err.value) for w in words)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "a refused cast must not convert anything"
+    with pytest.raises(TypeError, match="float16"):
+        torch.nn.ModuleDict({"prior": model}).half()  # a parent's cast reaches StageC._apply
+    model.to(torch.bfloat16).float()  # the supported casts still work
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with pytest.raises(TypeError, match="black"):
+            StageC(**StageCConfig.tiny().kwargs())
+    finally:
+        torch.set_default_dtype(previous)
+
+    # float16 weights that arrive without a cast (load_state_dict(assign=True)) are caught in forward
+    half_state = {k: v.half() for k, v in model.state_dict().items()}
+    model.load_state_dict(half_state, assign=True)
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises(TypeError, match="bfloat16 or torch.float32"):
+        model(x, torch.rand(1), torch.randn(1, 77, 24), torch.randn(1, 1, 24), torch.zeros(1, 1, 12))
+
+
+def test_float16_autocast_is_refused():
+    model = StageC(**StageCConfig.tiny().kwargs()).eval()
+    args = (torch.randn(1, 16, 4, 4), torch.rand(1), torch.randn(1, 77, 24), torch.randn(1, 1, 24), torch.zeros(1, 12))
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(TypeError, match="autocast"):
+        model(*args)
+
+
+@pytest.mark.reference
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    _, reference, io = tiny
+    inputs = forward_inputs(io)
+    grads, resblock_calls = [], []
+    for enabled in (False, True):
+        model = copy.deepcopy(reference).train()  # dropout is 0 in the tiny config
+        model.enable_gradient_checkpointing(enabled)
+        count = count_forward_calls(next(m for m in model.modules() if isinstance(m, ResBlock)))
+        model(**inputs).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        resblock_calls.append(len(count))
+    assert resblock_calls == [1, 2], "checkpointing reruns each block once in the backward pass"
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_is_inactive_in_eval():
+    model = StageC(**StageCConfig.tiny().kwargs()).eval()
+    model.gradient_checkpointing = True
+    count = count_forward_calls(next(m for m in model.modules() if isinstance(m, ResBlock)))
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    model(x, torch.rand(1), torch.randn(1, 77, 24), torch.randn(1, 24), torch.zeros(1, 12)).sum().backward()
+    assert len(count) == 1
+
+
+def test_attention_dropout_only_in_training():
+    config = StageCConfig.tiny()
+    config.dropout = [0.5, 0.5]
+    torch.manual_seed(0)
+    model = config.build()
+    for p in model.parameters():  # the official init zeroes the output conv; make the output depend on x
+        torch.nn.init.normal_(p, std=0.2)
+    args = (torch.randn(2, 16, 4, 4), torch.rand(2), torch.randn(2, 77, 24), torch.randn(2, 24), torch.zeros(2, 12))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(*args), model(*args))
+        model.train()
+        assert not torch.equal(model(*args), model(*args))
+
+
+def test_any_latent_size_and_official_init():
+    model = StageC(**StageCConfig.tiny().kwargs()).eval()
+    assert torch.count_nonzero(model.clf[1].weight) == 0  # official init: outputs start at zero
+    with torch.no_grad():
+        out = model(
+            torch.randn(3, 16, 7, 3), torch.rand(3), torch.randn(3, 77, 24), torch.randn(3, 24), torch.zeros(3, 12)
+        )
+    assert out.shape == (3, 16, 7, 3)

@@ -65,7 +65,8 @@ class GuidedDenoiser:
     repeated (uncond defaults to zeros like cond, as the official code), then `cfg_combine`. Guidance is
     active while cfg_t_stop <= r <= cfg_t_start, with r the model's noise condition (official GDF compares
     its linspace t instead, which equals r at shift 1 up to the clamped ends); outside the window the
-    model runs on the cond inputs only. x0 = (x − b·ε̂)/a.
+    model runs on the cond inputs only. The model output is cast to x's dtype (keep x float32, as the
+    official sampler does) before guidance; x0 = (x − b·ε̂)/a.
     """
 
     def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Any],

@@ -102,9 +102,10 @@ def test_guided_prediction_per_step(ref, run):
 @pytest.mark.parametrize("run", RUNS)
 def test_end_to_end_with_tiny_stage_c(ref, run):
     """The same runs with the real stage_c_tiny fixture model instead of recorded outputs."""
-    stage_c = pytest.importorskip("cascade_lab.models.stage_c", reason="cascade_lab.models.stage_c not built yet")
+    from cascade_lab.models.stage_c import StageC
+
     cfg, weights, _ = load_fixture("stage_c_tiny")
-    model = stage_c.StageC(**cfg["kwargs"])
+    model = StageC(**cfg["kwargs"])
     model.load_state_dict(weights, strict=True)
     model.eval()
     meta, d = ref

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +16,75 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("samplers", help="list samplers")
     sub.add_parser("schedulers", help="list schedulers")
     sub.add_parser("variants", help="list weight variants")
+    gen = sub.add_parser("generate", help="text to image (img2img with --image)")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", required=True, help="PNG file to write (batches get _0, _1, ...)")
+    gen.add_argument("--negative", default="", help="negative prompt (replaces the unconditional caption)")
+    gen.add_argument("--variant", default="auto", help="weight variant (see `cascade-lab variants`)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1536")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--steps", "--steps-c", dest="steps_c", type=int, default=20, help="Stage C steps")
+    gen.add_argument("--steps-b", type=int, default=10)
+    gen.add_argument("--cfg", "--cfg-c", dest="cfg_c", type=float, default=4.0)
+    gen.add_argument("--cfg-b", type=float, default=1.1)
+    gen.add_argument("--shift", "--shift-c", dest="shift_c", type=float, default=2.0)
+    gen.add_argument("--shift-b", type=float, default=1.0)
+    gen.add_argument("--sampler", "--sampler-c", dest="sampler_c", default="ddpm")
+    gen.add_argument("--sampler-b", default="ddpm")
+    gen.add_argument("--scheduler", "--scheduler-c", dest="scheduler_c", default="cosine")
+    gen.add_argument("--scheduler-b", default="cosine")
+    gen.add_argument("--cfg-rho", type=float, default=0.7, help="CFG rescale mix (official 0.7)")
+    gen.add_argument("--image", default=None, help="img2img input image")
+    gen.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8 with --image)")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x1536' → (1024, 1536) as (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {text!r}: use WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return w, h
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .api import Cascade
+
+    width, height = parse_size(args.size) if args.size else (args.width, args.height)
+    strength = args.strength if args.strength is not None else (0.8 if args.image else 1.0)
+    bars: dict[str, object] = {}
+
+    def progress(event: Any) -> None:
+        from tqdm.auto import tqdm
+
+        stage, steps = event.stage, event.steps
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()  # type: ignore[attr-defined]
+            bar = bars[stage] = tqdm(total=steps, desc=f"Stage {stage.upper()}", file=sys.stderr)
+        bar.update(1)  # type: ignore[attr-defined]
+
+    cascade = Cascade(args.variant, device=args.device, dtype=args.dtype)
+    result = cascade.generate(
+        args.prompt, args.negative, width=width, height=height, batch_size=args.batch_size, seed=args.seed,
+        image=args.image, strength=strength, steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,
+        cfg_b=args.cfg_b, shift_c=args.shift_c, shift_b=args.shift_b, sampler_c=args.sampler_c,
+        sampler_b=args.sampler_b, scheduler_c=args.scheduler_c, scheduler_b=args.scheduler_b,
+        cfg_rho=args.cfg_rho, callback=None if args.quiet else progress,
+    )
+    for bar in bars.values():
+        bar.close()  # type: ignore[attr-defined]
+    for path in result.save(args.output):
+        print(f"wrote {path} (seed {result.params.seed}, variant {result.params.variant})")
+    return 0
 
 
 def _version() -> str:
@@ -25,9 +94,19 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from . import listing
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import warnings
 
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"{category.__name__}: {message}\n"
+    from . import listing
+    from .registry import UnknownNameError
+
+    if args.command == "generate":
+        try:
+            return generate(args)
+        except (ValueError, UnknownNameError, FileNotFoundError, TypeError) as exc:
+            parser.exit(2, f"cascade-lab generate: error: {exc}\n")
     if args.command == "plugins":
         print(listing.plugins_text())
     else:

@@ -1,0 +1,217 @@
+"""`Cascade`: the one object the notebook, the command line and scripts call."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .params import GenerationParams
+from .plugins import get_sampler, get_scheduler, get_variant
+
+ImageLike = Any  # a path, a PIL image, an HWC array or a [B, 3, H, W] tensor in [0, 1]
+
+
+def _image_tensor(image: ImageLike) -> Any:
+    """Any image input → float32 [B, 3, H, W] in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {str(path)!r} does not exist; pass a path to an image file or a PIL image")
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor.permute(2, 0, 1)[None] if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
+        return tensor[:, :3].contiguous()
+    if isinstance(image, torch.Tensor):
+        tensor = image.float()
+        return tensor[None] if tensor.dim() == 3 else tensor
+    raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL image, an array or a tensor")
+
+
+def _describe(image: ImageLike) -> str:
+    """A short stable description of an input image for the PNG metadata: its path, else a content hash."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    data = _image_tensor(image).numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+class Cascade:
+    """Stable Cascade with loaded stages, a device and a memory policy.
+
+    ``variant="auto"`` picks the best real variant available locally; with none it falls back to the
+    offline ``tiny`` variant with a one-line notice. Models load on first use and stay loaded.
+    """
+
+    def __init__(self, variant: str = "auto", *, device: str | None = None, dtype: str | None = None,
+                 offload: bool | None = None, **weights_options: Any) -> None:
+        if variant != "auto":
+            get_variant(variant)  # unknown names fail here, listing the available ones
+        if dtype in ("float16", "fp16", "half"):
+            raise ValueError(f"dtype={dtype!r}: Stage C gives black/NaN images in float16; use 'bfloat16' or "
+                             "'float32'")
+        self.variant, self.device, self.dtype, self.offload = variant, device, dtype, offload
+        self.weights_options = weights_options
+        self._pipeline: Any = None
+        self.loras: list[tuple[str, float, Any]] = []
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def resolve_variant(self) -> str:
+        """The concrete variant `auto` stands for on this machine."""
+        if self.variant != "auto":
+            return self.variant
+        from .weights import WeightsNotFoundError, choose_variant, locate
+        from .weights.memory import real_variants
+
+        present = []
+        for variant in real_variants():
+            try:
+                locate(variant, download=False, **self.weights_options)
+                present.append(variant)
+            except WeightsNotFoundError:
+                continue
+        choice = choose_variant(self.device or "cpu", variants=present) if present else None
+        if choice is not None and choice.variant is not None:
+            return choice.variant
+        reason = choice.reason if choice is not None else "no real Stable Cascade weights found on this machine"
+        warnings.warn(f"cascade_lab: {reason}; using the offline 'tiny' variant (random weights, noise images). "
+                      "For real images: `huggingface-cli download stabilityai/stable-cascade` (or a ComfyUI "
+                      "folder via CASCADE_LAB_COMFYUI), then variant='auto' or 'lite_bf16'.", stacklevel=3)
+        return "tiny"
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            self._pipeline = self._load()
+        return self._pipeline
+
+    def _load(self) -> Any:
+        import torch
+
+        from .pipeline import Pipeline
+
+        name = self.resolve_variant()
+        variant = get_variant(name)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if variant.build is not None:
+            stages = variant.build()
+        else:
+            stages = load_stages(variant, **self.weights_options)
+        self.variant_name = name
+        dtype_c = getattr(torch, self.dtype) if self.dtype else torch.float32
+        if self.dtype is None and device != "cpu":
+            from .weights.memory import compute_dtypes
+
+            dtype_c = compute_dtypes(device).stage_c
+        offload = self.offload if self.offload is not None else device != "cpu"
+        return Pipeline(stages, device=device, dtype_c=dtype_c, dtype_b=dtype_c, offload=offload)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, negative_prompt: str = "", width: int = 1024, height: int = 1024,
+                 batch_size: int = 1, seed: int | None = None, *, image: ImageLike | None = None,
+                 strength: float = 1.0, variations: Sequence[ImageLike] = (),
+                 variation_weights: Sequence[float] | None = None,
+                 callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
+                 keep_trajectory: bool = False, **options: Any) -> Any:
+        """Text to image (or img2img with ``image`` and ``strength`` < 1, variations with ``variations``).
+
+        ``options`` are the other `GenerationParams` fields: ``steps_c``/``steps_b``, ``cfg_c``/``cfg_b``,
+        ``shift_c``/``shift_b``, ``sampler_c``/``sampler_b``, ``scheduler_c``/``scheduler_b``, ``cfg_rho``,
+        ``compression``. Every value is checked before any model loads.
+        """
+        weights = list(variation_weights) if variation_weights is not None else [1.0] * len(variations)
+        if len(weights) != len(variations):
+            raise ValueError(f"{len(variations)} variation image(s) but {len(weights)} weight(s); give one each")
+        params = GenerationParams(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
+            seed=seed, strength=strength, init_image=None if image is None else _describe(image),
+            variations=tuple((_describe(v), float(w)) for v, w in zip(variations, weights, strict=True)),
+            loras=tuple((path, strength_) for path, strength_, _ in self.loras), **options,
+        )
+        return self.run(params, image=image, variations=variations, callback=callback, cancel=cancel,
+                        keep_trajectory=keep_trajectory)
+
+    def img2img(self, image: ImageLike, prompt: str, strength: float = 0.8, **kwargs: Any) -> Any:
+        """Start from ``image`` noised to ``strength`` (official: 0.8, i.e. 16 of 20 Stage C steps)."""
+        return self.generate(prompt, image=image, strength=strength, **kwargs)
+
+    def run(self, params: GenerationParams, *, image: ImageLike | None = None, variations: Sequence[ImageLike] = (),
+            callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
+            keep_trajectory: bool = False) -> Any:
+        """Run fully specified parameters (e.g. read back from a PNG with `read_png_params`)."""
+        from .results import Result, to_pil
+
+        params.validate()
+        get_sampler(params.sampler_c), get_sampler(params.sampler_b)
+        get_scheduler(params.scheduler_c), get_scheduler(params.scheduler_b)
+        if params.negative_prompt and params.cfg_c <= 1 and params.cfg_b <= 1:
+            warnings.warn("a negative prompt has no effect without classifier-free guidance (cfg_c and cfg_b ≤ 1)",
+                          stacklevel=3)
+        if image is not None and params.strength >= 1:
+            raise ValueError("an input image was given with strength=1.0, which ignores it; use strength < 1 "
+                             "(official img2img: 0.8)")
+        init = _image_tensor(image) if image is not None else None
+        pipeline = self.pipeline
+        clip_img = None
+        if variations:
+            encoder = pipeline.stages.image_encoder
+            if encoder is None:
+                raise ValueError(f"variant {self.variant_name!r} has no CLIP image encoder; variations need one")
+            clip_img = encoder.encode_variations([_image_tensor(v) for v in variations],
+                                                 [w for _, w in params.variations], batch_size=params.batch_size)
+            clip_img = clip_img.float().cpu()
+        out = pipeline.run(params, init_images=init, clip_img=clip_img, callback=callback, cancel=cancel,
+                           keep_trajectory=keep_trajectory)
+        final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
+        return Result(to_pil(out.images), final, out.latent_c, out.latent_b, out.trajectory_c, out.trajectory_b,
+                      out.timings)
+
+    def encode_image(self, image: ImageLike, width: int | None = None, height: int | None = None) -> Any:
+        """An image → Stage C latent [B, 16, h, w] (EfficientNet at the official 768-px scale for 1024²)."""
+        tensor = _image_tensor(image)
+        params = GenerationParams("", width=width or tensor.shape[-1], height=height or tensor.shape[-2])
+        return self.pipeline.encode_image_latent(tensor, params.latent_size_c)
+
+    def preview(self, latent_c: Any) -> Any:
+        """Stage C latent → small RGB through the Previewer ([B, 3, 8h, 8w] in [0, 1])."""
+        return self.pipeline.preview_c(latent_c)
+
+
+def load_stages(variant: Any, **locate_options: Any) -> Any:
+    """Every stage of a file-based variant, located (folder, ComfyUI, Hub cache, download) and lean-loaded."""
+    from .models.clip import ImageEncoder, TextEncoder
+    from .pipeline import Stages
+    from .weights import load_stage, locate
+
+    found = locate(variant, **locate_options)
+
+    def stage(name: str) -> Any:
+        return load_stage(name, found[name].path, config=getattr(variant, name, None)) if name in found else None
+
+    text = TextEncoder.from_folder(found["text_encoder"].folder) if "text_encoder" in found else None
+    image = ImageEncoder.from_folder(found["image_encoder"].folder) if "image_encoder" in found else None
+    return Stages(stage_c=stage("stage_c"), stage_b=stage("stage_b"), stage_a=stage("stage_a"),
+                  text_encoder=text, previewer=stage("previewer"), effnet=stage("effnet"), image_encoder=image,
+                  variant=variant.name)
+
+
+_default: Cascade | None = None
+
+
+def generate(prompt: str, **kwargs: Any) -> Any:
+    """`Cascade().generate(...)` on a shared default `Cascade` (variant ``auto``)."""
+    global _default
+    if _default is None:
+        _default = Cascade()
+    return _default.generate(prompt, **kwargs)

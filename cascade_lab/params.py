@@ -1,0 +1,118 @@
+"""Generation parameters: one typed record, validated before any model loads, stored in every PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PNG_KEY = "cascade_lab"  # the PNG text chunk holding the parameters as JSON
+MIN_SIZE = 128
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides an image (official defaults: C 20 steps / CFG 4 / shift 2, B 10 / 1.1 / 1)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    batch_size: int = 1
+    seed: int | None = None
+    steps_c: int = 20
+    steps_b: int = 10
+    cfg_c: float = 4.0
+    cfg_b: float = 1.1
+    shift_c: float = 2.0
+    shift_b: float = 1.0
+    sampler_c: str = "ddpm"
+    sampler_b: str = "ddpm"
+    scheduler_c: str = "cosine"
+    scheduler_b: str = "cosine"
+    cfg_rho: float = 0.7
+    compression: float = 42.67  # image pixels per Stage C latent pixel
+    variant: str = "auto"
+    strength: float = 1.0  # img2img: 1.0 = from pure noise
+    init_image: str | None = None  # a description (path or content hash) of the img2img input
+    variations: tuple[tuple[str, float], ...] = ()  # (image description, weight)
+    loras: tuple[tuple[str, float], ...] = ()  # (file, strength)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    # -- sizes -----------------------------------------------------------------------------------------
+    @property
+    def latent_size_c(self) -> tuple[int, int]:
+        """Stage C latent (h, w) = ceil(size / 42.67), as the official calculate_latent_sizes."""
+        return math.ceil(self.height / self.compression), math.ceil(self.width / self.compression)
+
+    @property
+    def latent_size_b(self) -> tuple[int, int]:
+        """Stage B latent (h, w) = ceil(size / 4); even, which Stage B's PixelUnshuffle(2) needs."""
+        return math.ceil(self.height / 4), math.ceil(self.width / 4)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def validate(self) -> GenerationParams:
+        """Raise ValueError naming the value and what to use instead; return self when all is well."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < MIN_SIZE or value % 8:
+                raise ValueError(f"{name}={value!r}: use a whole number of pixels ≥ {MIN_SIZE} and a multiple "
+                                 f"of 8 (Stage B's latent is size/4 and must be even); multiples of 128 are safest")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: use 1 or more")
+        for name in ("steps_c", "steps_b"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: use at least 1 step")
+        for name in ("cfg_c", "cfg_b"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: classifier-free guidance must be ≥ 0 "
+                                 "(1 = no guidance)")
+        for name in ("shift_c", "shift_b"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: shift must be > 0 (official: C 2, B 1)")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength={self.strength}: use a value in (0, 1]; 1 starts from pure noise")
+        if self.strength < 1 and self.init_image is None:
+            raise ValueError(f"strength={self.strength} needs an input image (img2img); pass image=...")
+        if not 0 <= self.cfg_rho <= 1:
+            raise ValueError(f"cfg_rho={self.cfg_rho}: the CFG rescale mix must be in [0, 1] (official 0.7)")
+        if self.compression <= 0:
+            raise ValueError(f"compression={self.compression}: must be > 0 (official 42.67)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed}: use a whole number in [0, 2**63)")
+        return self
+
+    # -- (de)serialisation -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GenerationParams:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"version"})
+        if unknown:
+            raise ValueError(f"unknown generation parameters {unknown}; known: {sorted(known)}")
+        for key in ("variations", "loras"):
+            if key in data:
+                data[key] = tuple((str(a), float(b)) for a, b in data[key])
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> GenerationParams:
+        return replace(self, **changes)
+
+
+def read_png_params(path: str | Path) -> GenerationParams:
+    """The parameters a cascade_lab PNG carries, ready to regenerate it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(PNG_KEY) if hasattr(image, "text") else None  # type: ignore[attr-defined]
+    if text is None:
+        raise ValueError(f"{path}: no {PNG_KEY!r} text chunk; only PNGs saved by cascade_lab carry parameters")
+    data = json.loads(text)
+    data.pop("version", None)
+    data.pop("batch_index", None)  # a batch regenerates whole; the index says which image this one was
+    return GenerationParams.from_json(json.dumps(data))

@@ -224,6 +224,8 @@ def _split_key(key: str) -> tuple[str, str] | None:
 def _unknown_keys_error(source: str, unknown: list[str], n_total: int) -> LoraError:
     guess = next((what for frags, what in _LOOKS_LIKE if any(f in k for k in unknown for f in frags)), None)
     looks = f" They look like a LoRA for {guess}." if guess else ""
+    if not guess and not any("lora" in k.lower() or "alpha" in k for k in unknown):
+        looks = " They look like plain model weights (a checkpoint), not a LoRA."
     return LoraError(
         f"{source}: {len(unknown)} of {n_total} tensors are not part of a Stage C LoRA, e.g. {unknown[:5]}.{looks} "
         + _EXAMPLE

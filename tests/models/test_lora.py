@@ -16,6 +16,7 @@ from cascade_lab.models.lora import (
     load_lora_file,
     lora_from_state_dict,
     official_lora_targets,
+    stage_c_lora_targets,
     unload_all,
 )
 from cascade_lab.models.stage_c import StageC, StageCConfig
@@ -290,10 +291,12 @@ def test_sdxl_lora_is_refused_naming_keys_and_model(tmp_path):
         load_lora_file(write(tmp_path, tensors))
 
 
-def test_stage_b_lora_is_refused_with_a_hint():
+def test_stage_b_lora_and_a_checkpoint_are_refused_with_a_hint():
     tensors = {"lora_unet_effnet_mapper_0.lora_down.weight": torch.zeros(4, 16)}
     with pytest.raises(LoraError, match="Stage B"):
         lora_from_state_dict(tensors)
+    with pytest.raises(LoraError, match="plain model weights"):
+        lora_from_state_dict(tiny_model().state_dict())
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes():
@@ -329,3 +332,30 @@ def test_pickle_files_are_refused(tmp_path):
         torch.save(tensors, tmp_path / name)
         with pytest.raises(LoraError, match="pickle .* only as .safetensors"):
             load_lora_file(tmp_path / name)
+
+
+@pytest.mark.parametrize("preset, n_kohya, n_official", [("full", 647, 128), ("lite", 327, 64)])
+def test_every_kohya_layer_of_the_real_models_resolves(preset, n_kohya, n_official):
+    """spec/training.md §3.1: kohya targets every Linear and non-grouped Conv2d, attention split in q/k/v/out."""
+    with torch.device("meta"):
+        model = getattr(StageCConfig, preset)().build()
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1):
+            names.append(path.replace(".", "_"))
+        if hasattr(module, "in_proj_weight"):
+            names += [f"{path.replace('.', '_')}_to_{x}" for x in "qkv"]
+    table = stage_c_lora_targets(model)
+    assert len(names) == n_kohya and all(name in table for name in names)
+    assert len(official_lora_targets(model)) == n_official
+
+
+def test_lite_lora_on_the_full_model_is_refused_with_both_widths():
+    with torch.device("meta"):
+        full = StageCConfig.full().build()
+    lite_q = {"down_blocks.0.2.attention.attn.to_q": (torch.zeros(4, 1536), torch.zeros(1536, 4))}
+    with pytest.raises(LoraError, match=r"lora_down \[4, 1536\].*in_proj_weight\[0:2048\] is \[2048, 2048\]"):
+        apply_lora(full, lora_from_state_dict(kohya_dict(lite_q)))
+    lite_official = {f"weights.{i}.lora_{p}": torch.zeros(4, 4) for i in range(64) for p in ("down", "up")}
+    with pytest.raises(LoraError, match="64 entries .* 64 attention blocks \\(128 entries\\).*lite 1B model 64"):
+        apply_lora(full, lora_from_state_dict(lite_official))

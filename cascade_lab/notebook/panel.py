@@ -1,0 +1,344 @@
+"""`GenerationPanel`: an ipywidgets form for Stable Cascade with live preview, Cancel and a gallery.
+
+Threading: Generate snapshots the form into a `GenerationParams` (checked at once, errors go to the
+panel's error box), then runs the job in one worker thread. The pipeline calls back after every
+sampler step from that thread; the callback only sets widget values (progress, status, preview).
+Cancel sets the job's `CancelToken`, which the sampler polls before each step, so a job stops within
+one step. Only one job runs at a time (the button is disabled while one runs, and the session lock
+serialises the panel with ``%%cascade`` cells).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import random
+import shlex
+import threading
+import time
+import traceback
+from typing import Any
+
+import ipywidgets as widgets
+
+from ..params import GenerationParams
+
+# Stable Cascade was trained around one megapixel; these are the commonly used aspect ratios
+SIZE_PRESETS: list[tuple[int, int]] = [
+    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+    (1536, 640), (640, 1536), (768, 768), (512, 512), (256, 256), (128, 128),
+]
+STAGE_FIELDS = ("steps", "cfg", "shift", "sampler", "scheduler")
+
+
+class _LocalSession:
+    """TEMPORARY stand-in until notebook/session.py lands: one `Cascade` per variant, one job at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cascades: dict[str, Any] = {}
+
+    def cascade(self, variant: str) -> Any:
+        from ..api import Cascade
+
+        if variant not in self.cascades:
+            self.cascades[variant] = Cascade(variant)
+        return self.cascades[variant]
+
+    def new_token(self) -> Any:
+        from ..pipeline import CancelToken
+
+        return CancelToken()
+
+    def run(self, params: GenerationParams, **kwargs: Any) -> Any:
+        with self.lock:
+            return self.cascade(params.variant).run(params, **kwargs)
+
+    def preview_png(self, variant: str, latent_c: Any) -> bytes:
+        from ..results import to_pil
+
+        return png_bytes(to_pil(self.cascade(variant).preview(latent_c[:1]))[0])
+
+
+_LOCAL = _LocalSession()
+
+
+def _session() -> Any:
+    return _LOCAL
+
+
+def cascade_cell(params: GenerationParams, *, base: GenerationParams | None = None) -> str:
+    """The ``%%cascade`` cell that regenerates ``params`` (options that differ from ``base`` plus seed/size/steps)."""
+    base = base or GenerationParams("")
+    words = [f"--seed {params.seed}", f"--size {params.width}x{params.height}",
+             f"--steps-c {params.steps_c}", f"--steps-b {params.steps_b}"]
+    for name in ("cfg_c", "cfg_b", "shift_c", "shift_b", "sampler_c", "sampler_b", "scheduler_c", "scheduler_b",
+                 "batch_size", "variant", "negative_prompt"):
+        value = getattr(params, name)
+        if value != getattr(base, name):
+            words.append(f"--{name.replace('_', '-')} {shlex.quote(str(value))}")
+    return "%%cascade " + " ".join(words) + "\n" + params.prompt
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes (for `widgets.Image`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _slider(kind: type, value: float, low: float, high: float, step: float, label: str) -> Any:
+    """A slider whose range always contains ``value`` (a default outside the usual range is kept, not clamped)."""
+    return kind(value=value, min=min(low, value), max=max(high, value), step=step, description=label,
+                continuous_update=False, style={"description_width": "70px"})
+
+
+class GenerationPanel:
+    """Prompt, sizes, per-stage settings, seed, sampler/scheduler/variant, Generate/Cancel, preview, gallery.
+
+    ``defaults`` are any `GenerationParams` fields (e.g. ``width=128, steps_c=4``) for the form's start values.
+    Display it as the last expression of a cell. `generate`, `cancel` and `wait` drive it from code.
+    """
+
+    def __init__(self, variant: str = "auto", *, prompt: str = "", session: Any = None,
+                 keep_trajectory: bool = True, **defaults: Any) -> None:
+        self.base = GenerationParams(prompt, **defaults).validate()
+        self.session = session if session is not None else _session()
+        self.keep_trajectory = keep_trajectory
+        self.results: list[Any] = []
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._token: Any = None
+        self._seen_registries: Any = None
+        self._steps_c = 0
+        self._build(variant)
+        self.refresh_options()
+
+    # -- widgets ---------------------------------------------------------------------------------------
+    def _build(self, variant: str) -> None:
+        p, wide = self.base, widgets.Layout(width="100%")
+        self.prompt = widgets.Textarea(p.prompt, placeholder="prompt", rows=2, layout=wide)
+        self.negative = widgets.Textarea(p.negative_prompt, placeholder="negative prompt", rows=1, layout=wide)
+        sizes = SIZE_PRESETS if (p.width, p.height) in SIZE_PRESETS else [*SIZE_PRESETS, (p.width, p.height)]
+        self.size = widgets.Dropdown(options=[(f"{w} × {h}", (w, h)) for w, h in sizes] + [("custom", None)],
+                                     value=(p.width, p.height), description="size")
+        self.width = widgets.IntText(p.width, description="width", layout=widgets.Layout(width="160px"))
+        self.height = widgets.IntText(p.height, description="height", layout=widgets.Layout(width="160px"))
+        self.batch_size = widgets.BoundedIntText(p.batch_size, min=1, max=max(16, p.batch_size), description="batch",
+                                                 layout=widgets.Layout(width="160px"))
+        self.size.observe(self._on_preset, "value")
+        self.width.observe(self._on_dimension, "value")
+        self.height.observe(self._on_dimension, "value")
+
+        self.stage: dict[str, dict[str, Any]] = {}
+        ranges = {"c": (100, 20.0, 10.0), "b": (50, 10.0, 10.0)}  # max steps, cfg, shift
+        for s in ("c", "b"):
+            max_steps, max_cfg, max_shift = ranges[s]
+            self.stage[s] = {
+                "steps": _slider(widgets.IntSlider, getattr(p, f"steps_{s}"), 1, max_steps, 1, "steps"),
+                "cfg": _slider(widgets.FloatSlider, getattr(p, f"cfg_{s}"), 0.0, max_cfg, 0.05, "CFG"),
+                "shift": _slider(widgets.FloatSlider, getattr(p, f"shift_{s}"), 0.1, max_shift, 0.1, "shift"),
+                "sampler": widgets.Dropdown(options=[getattr(p, f"sampler_{s}")], description="sampler"),
+                "scheduler": widgets.Dropdown(options=[getattr(p, f"scheduler_{s}")], description="scheduler"),
+            }
+        seed = p.seed if p.seed is not None else random.randrange(2**32)
+        self.seed = widgets.IntText(seed, description="seed", layout=widgets.Layout(width="220px"))
+        self.randomise = widgets.Button(icon="random", tooltip="draw a new random seed",
+                                        layout=widgets.Layout(width="40px"))
+        self.new_seed_each_run = widgets.Checkbox(p.seed is None, description="new seed each run", indent=False)
+        self.randomise.on_click(lambda _: self.randomise_seed())
+        self.variant = widgets.Dropdown(options=[variant], value=variant, description="variant")
+
+        self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
+        self.cancel_button = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
+        self.generate_button.on_click(lambda _: self.generate())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="300px"))
+        self.status = widgets.HTML("")
+        self.error_box = widgets.HTML("", layout=wide)
+        self.preview = widgets.Image(format="png", layout=widgets.Layout(width="192px"))
+        self.gallery = widgets.VBox([])
+        self.copy_area = widgets.Textarea(rows=4, layout=widgets.Layout(width="100%", display="none"),
+                                          description="", placeholder="%%cascade cell")
+
+        def column(s: str, title: str) -> widgets.VBox:
+            return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), *self.stage[s].values()])
+
+        self.widget = widgets.VBox([
+            self.prompt, self.negative,
+            widgets.HBox([self.size, self.width, self.height, self.batch_size]),
+            widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
+            widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant]),
+            widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
+            self.error_box, self.preview, self.copy_area, self.gallery,
+        ])
+
+    def _on_preset(self, change: dict[str, Any]) -> None:
+        if change["new"] is not None and (self.width.value, self.height.value) != change["new"]:
+            self.width.value, self.height.value = change["new"]
+
+    def _on_dimension(self, change: dict[str, Any]) -> None:
+        pair = (self.width.value, self.height.value)
+        presets = [value for _, value in self.size.options]
+        self.size.value = pair if pair in presets else None
+
+    def refresh_options(self) -> None:
+        """Fill the sampler, scheduler and variant lists from the plugin registries (picks up new plugins)."""
+        from ..plugins import registries
+
+        regs = registries()  # a new object after every register_plugin / unregister_plugin
+        if regs is self._seen_registries:
+            return
+        self._seen_registries = regs
+        for s in ("c", "b"):
+            for kind in ("sampler", "scheduler"):
+                _set_options(self.stage[s][kind], regs[kind].names())
+        _set_options(self.variant, ["auto", *regs["variant"].names()])
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.refresh_options()
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # -- reading the form ------------------------------------------------------------------------------
+    def params(self) -> GenerationParams:
+        """The form as checked `GenerationParams` (raises ValueError naming a wrong value)."""
+        values: dict[str, Any] = {
+            "prompt": self.prompt.value, "negative_prompt": self.negative.value, "width": self.width.value,
+            "height": self.height.value, "batch_size": self.batch_size.value, "seed": self.seed.value,
+            "variant": self.variant.value,
+        }
+        for s in ("c", "b"):
+            values.update({f"{name}_{s}": self.stage[s][name].value for name in STAGE_FIELDS})
+        params = self.base.replace(**values).validate()
+        from ..plugins import get_sampler, get_scheduler, get_variant
+
+        for s in ("c", "b"):
+            get_sampler(getattr(params, f"sampler_{s}")), get_scheduler(getattr(params, f"scheduler_{s}"))
+        if params.variant != "auto":
+            get_variant(params.variant)
+        return params
+
+    def randomise_seed(self) -> int:
+        self.seed.value = random.randrange(2**32)
+        return int(self.seed.value)
+
+    # -- running ---------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def generate(self) -> bool:
+        """Start a job from the form in a worker thread; False (with the reason in the panel) if it cannot start."""
+        self.refresh_options()
+        if self.running:
+            self._show_error("a generation is already running in this panel; wait for it or press Cancel")
+            return False
+        self.error, self.error_box.value = None, ""
+        try:
+            if self.new_seed_each_run.value:
+                self.randomise_seed()
+            params = self.params()
+        except Exception as exc:
+            self.error = exc
+            self._show_error(f"{type(exc).__name__}: {exc}")
+            return False
+        self._token = self.session.new_token()
+        self.progress.value, self.progress.max = 0, params.steps_c + params.steps_b
+        self.progress.bar_style, self._steps_c = "", params.steps_c
+        self._set_running(True, f"starting ({params.variant}, {params.width}×{params.height})…")
+        self._thread = threading.Thread(target=self._work, args=(params, self._token), daemon=True,
+                                        name="cascade_lab-panel")
+        self._thread.start()
+        return True
+
+    def cancel(self) -> None:
+        """Stop the running job before its next sampler step."""
+        if self._token is not None and self.running:
+            self._token.cancel()
+            self.status.value = "cancelling…"
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the running job ends (or ``timeout`` seconds); the newest result, or None."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the generation did not finish within {timeout} s")
+        return self.results[-1] if self.results else None
+
+    def _work(self, params: GenerationParams, token: Any) -> None:
+        from ..diffusion import Cancelled
+
+        started = time.perf_counter()
+        try:
+            result = self.session.run(params, callback=self._on_step, cancel=token,
+                                      keep_trajectory=self.keep_trajectory)
+        except Cancelled as exc:
+            self.progress.bar_style = "warning"
+            self._set_running(False, f"cancelled ({exc})")
+        except Exception as exc:  # the worker reports every failure in the panel, never only in a log
+            self.error = exc
+            self.progress.bar_style = "danger"
+            self._show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self._set_running(False, "failed")
+        else:
+            self.results.append(result)
+            self.progress.value, self.progress.bar_style = self.progress.max, "success"
+            self.preview.value = png_bytes(result.images[0])
+            self.gallery.children = (self._gallery_item(result), *self.gallery.children)
+            self._set_running(False, f"done in {time.perf_counter() - started:.1f} s, seed {result.params.seed}")
+
+    def _on_step(self, event: Any) -> None:
+        """Per-step callback (worker thread): progress, status and the Stage C preview."""
+        if event.stage == "c":
+            self._steps_c = event.steps  # fewer than asked for img2img
+        done = event.step + 1 if event.stage == "c" else self._steps_c + event.step + 1
+        self.progress.value = min(done, self.progress.max)
+        self.status.value = f"Stage {event.stage.upper()} step {event.step + 1}/{event.steps}"
+        if event.stage == "c":
+            try:
+                self.preview.value = self.session.preview_png(self.variant.value, event.x0)
+            except Exception:  # a missing previewer must not stop the job
+                pass
+
+    def _set_running(self, running: bool, message: str) -> None:
+        self.generate_button.disabled, self.cancel_button.disabled = running, not running
+        self.status.value = html.escape(message)
+
+    def _show_error(self, message: str, details: str = "") -> None:
+        body = f"<b>{html.escape(message)}</b>"
+        if details:
+            body = f"<details><summary>{body}</summary><pre>{html.escape(details)}</pre></details>"
+        self.error_box.value = f'<div style="color:#b00020">{body}</div>'
+
+    # -- gallery ---------------------------------------------------------------------------------------
+    def _gallery_item(self, result: Any) -> widgets.HBox:
+        p = result.params
+        thumbs = [widgets.Image(value=png_bytes(im), format="png", layout=widgets.Layout(width="160px"))
+                  for im in result.images]
+        summary = widgets.HTML(
+            f"<b>{html.escape(p.prompt) or '<i>(no prompt)</i>'}</b><br>{p.width}×{p.height}, seed {p.seed}, "
+            f"variant {html.escape(p.variant)}<br>C: {p.steps_c} steps, CFG {p.cfg_c:g}, shift {p.shift_c:g}, "
+            f"{html.escape(p.sampler_c)}/{html.escape(p.scheduler_c)}<br>B: {p.steps_b} steps, CFG {p.cfg_b:g}, "
+            f"shift {p.shift_b:g}, {html.escape(p.sampler_b)}/{html.escape(p.scheduler_b)}")
+        copy = widgets.Button(description="copy as %%cascade", icon="copy")
+        copy.on_click(lambda _: self.copy_cell(result))
+        return widgets.HBox([*thumbs, widgets.VBox([summary, copy])])
+
+    def copy_cell(self, result: Any) -> str:
+        """Put the ``%%cascade`` cell for ``result`` in the panel's text box (select it and copy) and return it.
+
+        IPython's ``set_next_input`` is not used: from a button callback there is no cell execution to attach
+        its payload to, so the text would appear at some unrelated later cell.
+        """
+        text = cascade_cell(result.params, base=GenerationParams(""))
+        self.copy_area.value = text
+        self.copy_area.layout.display = None
+        return text
+
+
+def _set_options(dropdown: widgets.Dropdown, names: list[str]) -> None:
+    """Replace a dropdown's options, keeping the current choice when it still exists."""
+    current = dropdown.value
+    if list(dropdown.options) != names:
+        dropdown.options = names
+        dropdown.value = current if current in names else (names[0] if names else None)

@@ -8,7 +8,7 @@ Everything computes in the parameters' dtype: fp32 and bf16 run without autocast
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -220,45 +220,6 @@ def resize_to(x: Tensor, size: Sequence[int], dtype: torch.dtype) -> Tensor:
     return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True).to(dtype)
 
 
-def block_factory(
-    c_hidden: Sequence[int],
-    nhead: Sequence[int],
-    c_cond: int,
-    c_r: int,
-    kernel_size: int,
-    dropouts: Sequence[float],
-    self_attns: Sequence[bool],
-    t_conds: Sequence[str],
-) -> Callable[[str, int, int], nn.Module]:
-    """make_block(type, level, c_skip) for the official block letters C, T, A, F."""
-
-    def make_block(kind: str, level: int, c_skip: int) -> nn.Module:
-        c = c_hidden[level]
-        if kind == "C":
-            return ResBlock(c, c_skip, kernel_size=kernel_size, dropout=dropouts[level])
-        if kind == "T":
-            return TimestepBlock(c, c_r, conds=t_conds)
-        if kind == "A":
-            return AttnBlock(c, c_cond, nhead[level], self_attn=self_attns[level], dropout=dropouts[level])
-        if kind == "F":
-            return FeedForwardBlock(c, dropout=dropouts[level])
-        raise ValueError(f"unknown block type {kind!r} in level_config; use 'C', 'T', 'A' or 'F'")
-
-    return make_block
-
-
-def level_scaler(c_in: int, c_out: int, mode: str, switch_level: Sequence[bool] | None, level: int) -> nn.Module:
-    """LN2d + level change: UpDownBlock2d (switch_level given) or a stride-2 conv / transposed conv."""
-    mapping: nn.Module
-    if switch_level is not None:
-        mapping = UpDownBlock2d(c_in, c_out, mode, enabled=switch_level[level - 1])
-    elif mode == "down":
-        mapping = Conv2d(c_in, c_out, kernel_size=2, stride=2)
-    else:
-        mapping = nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2)
-    return nn.Sequential(LayerNorm2d(c_in, elementwise_affine=False, eps=1e-6), mapping)
-
-
 def _levels(
     blocks: nn.ModuleList, scalers: nn.ModuleList, repeat_mappers: nn.ModuleList
 ) -> Iterator[tuple[nn.ModuleList, nn.Module, nn.ModuleList]]:
@@ -274,6 +235,8 @@ class LevelUNet(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    c_r: int
+    t_conds: list[str]
     embedding: nn.Sequential
     clf: nn.Sequential
 
@@ -281,35 +244,62 @@ class LevelUNet(nn.Module):
         self,
         *,
         c_hidden: Sequence[int],
+        nhead: Sequence[int],
         blocks: Sequence[Sequence[int]],
         block_repeat: Sequence[Sequence[int]] | None,
         level_config: Sequence[str],
-        make_block: Callable[[str, int, int], nn.Module],
-        make_downscaler: Callable[[int], nn.Module],
-        make_upscaler: Callable[[int], nn.Module],
+        c_cond: int,
+        kernel_size: int,
+        dropout: float | Sequence[float],
+        self_attn: bool | Sequence[bool],
+        switch_level: Sequence[bool] | None,
     ) -> None:
-        """Register the six level ModuleLists in the official order; make_block(type, level, c_skip)."""
+        """Register the six level ModuleLists in the official order (uses self.c_r and self.t_conds)."""
         n = len(c_hidden)
+        dropouts = [float(dropout)] * n if isinstance(dropout, (int, float)) else list(dropout)
+        self_attns = [self_attn] * n if isinstance(self_attn, bool) else list(self_attn)
+
+        def block(kind: str, i: int, c_skip: int = 0) -> nn.Module:
+            c = c_hidden[i]
+            if kind == "C":
+                return ResBlock(c, c_skip, kernel_size=kernel_size, dropout=dropouts[i])
+            if kind == "T":
+                return TimestepBlock(c, self.c_r, conds=self.t_conds)
+            if kind == "A":
+                return AttnBlock(c, c_cond, nhead[i], self_attn=self_attns[i], dropout=dropouts[i])
+            if kind == "F":
+                return FeedForwardBlock(c, dropout=dropouts[i])
+            raise ValueError(f"unknown block type {kind!r} in level_config; use 'C', 'T', 'A' or 'F'")
+
+        def scaler(c_a: int, c_b: int, mode: str, i: int) -> nn.Module:
+            # LN2d + level change: UpDownBlock2d (Stage C) or a stride-2 conv / transposed conv (Stage B)
+            mapping: nn.Module
+            if switch_level is not None:
+                mapping = UpDownBlock2d(c_a, c_b, mode, enabled=switch_level[i - 1])
+            elif mode == "down":
+                mapping = Conv2d(c_a, c_b, kernel_size=2, stride=2)
+            else:
+                mapping = nn.ConvTranspose2d(c_a, c_b, kernel_size=2, stride=2)
+            return nn.Sequential(LayerNorm2d(c_a, elementwise_affine=False, eps=1e-6), mapping)
+
         self.down_blocks = nn.ModuleList()
         self.down_downscalers = nn.ModuleList()
         self.down_repeat_mappers = nn.ModuleList()
         for i in range(n):
-            self.down_downscalers.append(make_downscaler(i) if i > 0 else nn.Identity())
-            self.down_blocks.append(
-                nn.ModuleList([make_block(t, i, 0) for _ in range(blocks[0][i]) for t in level_config[i]])
-            )
+            self.down_downscalers.append(scaler(c_hidden[i - 1], c_hidden[i], "down", i) if i > 0 else nn.Identity())
+            self.down_blocks.append(nn.ModuleList([block(t, i) for _ in range(blocks[0][i]) for t in level_config[i]]))
             repeat = 1 if block_repeat is None else block_repeat[0][i]
             self.down_repeat_mappers.append(self._repeat_mappers(c_hidden[i], repeat))
         self.up_blocks = nn.ModuleList()
         self.up_upscalers = nn.ModuleList()
         self.up_repeat_mappers = nn.ModuleList()
         for i in reversed(range(n)):
-            self.up_upscalers.append(make_upscaler(i) if i > 0 else nn.Identity())
+            self.up_upscalers.append(scaler(c_hidden[i], c_hidden[i - 1], "up", i) if i > 0 else nn.Identity())
             level = nn.ModuleList()
             for j in range(blocks[1][::-1][i]):
                 for k, t in enumerate(level_config[i]):
                     # Only the very first block of a non-deepest up level takes the skip.
-                    level.append(make_block(t, i, c_hidden[i] if i < n - 1 and j == k == 0 else 0))
+                    level.append(block(t, i, c_hidden[i] if i < n - 1 and j == k == 0 else 0))
             self.up_blocks.append(level)
             repeat = 1 if block_repeat is None else block_repeat[1][::-1][i]
             self.up_repeat_mappers.append(self._repeat_mappers(c_hidden[i], repeat))
@@ -380,12 +370,16 @@ class LevelUNet(nn.Module):
             x = upscaler(x)
         return x
 
-    def _r_embed(self, r: Tensor, t_conds: Sequence[str], c_r: int, values: dict[str, Any]) -> Tensor:
-        """cat[emb(r), emb(cond or 0) for each t_cond] -> [B, c_r * (1 + n)], float32."""
-        embs = [gen_r_embedding(r, c_r)]
-        for name in t_conds:
+    def gen_r_embedding(self, r: Tensor, max_positions: int = 10000) -> Tensor:
+        """Sinusoidal embedding of the noise level r [B] -> [B, c_r], float32 (official order)."""
+        return gen_r_embedding(r, self.c_r, max_positions)
+
+    def _r_embed(self, r: Tensor, values: dict[str, Any]) -> Tensor:
+        """cat[emb(r), emb(values[c] or 0) for c in t_conds] -> [B, c_r * (1 + n)], float32."""
+        embs = [gen_r_embedding(r, self.c_r)]
+        for name in self.t_conds:
             value = values.get(name)
-            embs.append(gen_r_embedding(torch.zeros_like(r) if value is None else value, c_r))
+            embs.append(gen_r_embedding(torch.zeros_like(r) if value is None else value, self.c_r))
         return torch.cat(embs, dim=1)
 
     def _param_dtype(self) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Conv2d, LayerNorm2d, LevelUNet, Linear, block_factory, gen_r_embedding, level_scaler, resize_to
+from .common import Conv2d, LayerNorm2d, LevelUNet, Linear, resize_to
 
 Tensor = torch.Tensor
 
@@ -112,11 +112,8 @@ class StageB(LevelUNet):
         t_conds: Sequence[str] = ("sca",),
     ):
         super().__init__()
-        n = len(c_hidden)
         self.c_r, self.c_clip_seq, self.c_pixels, self.t_conds = c_r, c_clip_seq, c_pixels, list(t_conds)
         self._n_blocks = sum(blocks[0])
-        dropouts = [float(dropout)] * n if isinstance(dropout, (int, float)) else list(dropout)
-        self_attns = [self_attn] * n if isinstance(self_attn, bool) else list(self_attn)
 
         self.effnet_mapper = _mapper(c_effnet, c_hidden[0])
         self.pixels_mapper = _mapper(c_pixels, c_hidden[0])
@@ -129,12 +126,15 @@ class StageB(LevelUNet):
         )
         self._build_levels(
             c_hidden=c_hidden,
+            nhead=nhead,
             blocks=blocks,
             block_repeat=block_repeat,
             level_config=level_config,
-            make_block=block_factory(c_hidden, nhead, c_cond, c_r, kernel_size, dropouts, self_attns, t_conds),
-            make_downscaler=lambda i: level_scaler(c_hidden[i - 1], c_hidden[i], "down", None, i),
-            make_upscaler=lambda i: level_scaler(c_hidden[i], c_hidden[i - 1], "up", None, i),
+            c_cond=c_cond,
+            kernel_size=kernel_size,
+            dropout=dropout,
+            self_attn=self_attn,
+            switch_level=None,
         )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
@@ -156,10 +156,6 @@ class StageB(LevelUNet):
                 conv = mapper[i]
                 assert isinstance(conv, nn.Conv2d)
                 nn.init.normal_(conv.weight, std=0.02)
-
-    def gen_r_embedding(self, r: Tensor, max_positions: int = 10000) -> Tensor:
-        """Sinusoidal embedding of the noise level r [B] -> [B, c_r], float32 (official order)."""
-        return gen_r_embedding(r, self.c_r, max_positions)
 
     def gen_c_embeddings(self, clip: Tensor) -> Tensor:
         """Pooled CLIP text [B, C] or [B, 1, C] -> c_clip_seq normed tokens [B, c_clip_seq, c_cond]."""
@@ -184,7 +180,7 @@ class StageB(LevelUNet):
         pixels: [B, 3, h', w'] mapped then resized; None means zeros [B, 3, 8, 8], as in every official call.
         """
         dtype = self._param_dtype()
-        r_embed = self._r_embed(r, self.t_conds, self.c_r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
+        r_embed = self._r_embed(r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
         clip_tokens = self.gen_c_embeddings(clip)  # (B, c_clip_seq, c_cond)
         h = self.embedding(x.to(dtype))  # (B, c_hidden[0], H / 2, W / 2)
         size = h.shape[-2:]

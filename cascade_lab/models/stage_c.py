@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Conv2d, LayerNorm2d, LevelUNet, Linear, block_factory, gen_r_embedding, level_scaler
+from .common import Conv2d, LayerNorm2d, LevelUNet, Linear
 
 Tensor = torch.Tensor
 
@@ -108,11 +108,8 @@ class StageC(LevelUNet):
         switch_level: Sequence[bool] | None = (False,),
     ):
         super().__init__()
-        n = len(c_hidden)
         self.c_r, self.c_clip_seq, self.t_conds = c_r, c_clip_seq, list(t_conds)
         self._n_blocks = sum(blocks[0])
-        dropouts = [float(dropout)] * n if isinstance(dropout, (int, float)) else list(dropout)
-        self_attns = [self_attn] * n if isinstance(self_attn, bool) else list(self_attn)
 
         self.clip_txt_mapper = Linear(c_clip_text, c_cond)
         self.clip_txt_pooled_mapper = Linear(c_clip_text_pooled, c_cond * c_clip_seq)
@@ -125,12 +122,15 @@ class StageC(LevelUNet):
         )
         self._build_levels(
             c_hidden=c_hidden,
+            nhead=nhead,
             blocks=blocks,
             block_repeat=block_repeat,
             level_config=level_config,
-            make_block=block_factory(c_hidden, nhead, c_cond, c_r, kernel_size, dropouts, self_attns, t_conds),
-            make_downscaler=lambda i: level_scaler(c_hidden[i - 1], c_hidden[i], "down", switch_level, i),
-            make_upscaler=lambda i: level_scaler(c_hidden[i], c_hidden[i - 1], "up", switch_level, i),
+            c_cond=c_cond,
+            kernel_size=kernel_size,
+            dropout=dropout,
+            self_attn=self_attn,
+            switch_level=switch_level,
         )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
@@ -162,10 +162,6 @@ class StageC(LevelUNet):
             if isinstance(probe, Tensor):
                 _refuse_fp16(probe.dtype)
         return super()._apply(fn, recurse)  # type: ignore[no-any-return]
-
-    def gen_r_embedding(self, r: Tensor, max_positions: int = 10000) -> Tensor:
-        """Sinusoidal embedding of the noise level r [B] -> [B, c_r], float32 (official order)."""
-        return gen_r_embedding(r, self.c_r, max_positions)
 
     def gen_c_embeddings(self, clip_txt: Tensor, clip_txt_pooled: Tensor, clip_img: Tensor) -> Tensor:
         """cat[text 77, pooled c_clip_seq, image c_clip_seq] tokens, then LN: [B, 77 + 2 * c_clip_seq, c_cond].
@@ -205,7 +201,7 @@ class StageC(LevelUNet):
         _refuse_fp16(dtype)
         if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16:
             raise TypeError(FP16_ERROR + " (float16 autocast is active)")
-        r_embed = self._r_embed(r, self.t_conds, self.c_r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
+        r_embed = self._r_embed(r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
         clip = self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img)  # (B, 85, c_cond)
         h = self.embedding(x.to(dtype))  # (B, c_hidden[0], H, W)
         deliver = iter(cnet) if cnet is not None else None

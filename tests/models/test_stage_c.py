@@ -217,3 +217,24 @@ def test_any_latent_size_and_official_init():
             torch.randn(3, 16, 7, 3), torch.rand(3), torch.randn(3, 77, 24), torch.randn(3, 24), torch.zeros(3, 12)
         )
     assert out.shape == (3, 16, 7, 3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"switch_level": [True]},  # real down/up resampling between the levels
+        {"switch_level": None},  # stride-2 conv / transposed conv scalers, as in Stage B
+        {"level_config": ["CTAF", "CTF"], "self_attn": False},
+        {"block_repeat": [[2, 1], [1, 3]], "dropout": 0.0},
+    ],
+)
+def test_architecture_options_run_forward_and_backward(options):
+    config = StageCConfig.tiny()
+    for key, value in options.items():
+        setattr(config, key, value)
+    model = config.build().train()
+    x = torch.randn(2, 16, 7, 5)
+    out = model(x, torch.rand(2), torch.randn(2, 77, 24), torch.randn(2, 24), torch.zeros(2, 12))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert model.clf[1].weight.grad is not None and torch.count_nonzero(model.clf[1].weight.grad) > 0

@@ -117,6 +117,38 @@ class Cascade:
         offload = self.offload if self.offload is not None else device != "cpu"
         return Pipeline(stages, device=device, dtype_c=dtype_c, dtype_b=dtype_c, offload=offload)
 
+    # -- LoRA ----------------------------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, strength: float = 1.0) -> None:
+        """Merge a Stage C LoRA (kohya ``lora_unet_*``, OneTrainer ``lora_prior_unet_*``, official ``weights.N``)."""
+        from .models.lora import apply_lora, load_lora_file
+
+        key = str(path)
+        if any(p == key for p, _, _ in self.loras):
+            raise ValueError(f"LoRA {key!r} is already loaded; use unload_lora({key!r}) first or set_lora_strength")
+        lora = load_lora_file(path)  # fails on a bad file before the model is touched
+        handle = apply_lora(self.pipeline.stages.stage_c, lora, strength)
+        self.loras.append((key, float(strength), handle))
+
+    def set_lora_strength(self, path: str | Path, strength: float) -> None:
+        for i, (p, _, handle) in enumerate(self.loras):
+            if p == str(path):
+                handle.set_strength(strength)
+                self.loras[i] = (p, float(strength), handle)
+                return
+        raise ValueError(f"LoRA {str(path)!r} is not loaded; loaded: {[p for p, _, _ in self.loras] or 'none'}")
+
+    def unload_lora(self, path: str | Path | None = None) -> None:
+        """Remove one LoRA (or all with no argument); the base weights come back bit-exactly."""
+        keep = []
+        for p, s, handle in self.loras:
+            if path is None or p == str(path):
+                handle.remove()
+            else:
+                keep.append((p, s, handle))
+        if path is not None and len(keep) == len(self.loras):
+            raise ValueError(f"LoRA {str(path)!r} is not loaded; loaded: {[p for p, _, _ in self.loras] or 'none'}")
+        self.loras = keep
+
     # -- jobs ------------------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", width: int = 1024, height: int = 1024,
                  batch_size: int = 1, seed: int | None = None, *, image: ImageLike | None = None,

@@ -43,8 +43,8 @@ def test_bad_values_are_named_with_what_to_do(change, words) -> None:  # type: i
 
 
 def test_json_round_trip_keeps_every_field() -> None:
-    p = GenerationParams("a {braced} $prompt", "neg", 512, 768, 2, 42, sampler_c="euler", loras=(("a.safetensors", 0.5),),
-                         variations=(("img.png", 0.7),))
+    p = GenerationParams("a {braced} $prompt", "neg", 512, 768, 2, 42, sampler_c="euler",
+                         loras=(("a.safetensors", 0.5),), variations=(("img.png", 0.7),))
     assert GenerationParams.from_json(p.to_json()) == p
 
 

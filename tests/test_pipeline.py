@@ -12,7 +12,7 @@ import torch
 from cascade_lab import plugins
 from cascade_lab.api import Cascade
 from cascade_lab.params import GenerationParams, read_png_params
-from cascade_lab.pipeline import CancelToken, Cancelled, Pipeline
+from cascade_lab.pipeline import Cancelled, CancelToken, Pipeline
 
 SMALL = {"width": 128, "height": 128, "steps_c": 2, "steps_b": 2}
 
@@ -225,3 +225,35 @@ def test_bf16_pipeline_runs(cascade) -> None:  # type: ignore[no-untyped-def]
     finally:
         for m in (cascade.pipeline.stages.stage_c, cascade.pipeline.stages.stage_b):
             m.float()
+
+
+def test_lora_load_changes_the_image_and_unload_restores_it(cascade, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    rank, c = 4, 32  # tiny Stage C level 0 width
+    tensors = {}
+    for name in ("lora_unet_down_blocks_0_2_attention_attn_out_proj", "lora_unet_up_blocks_1_2_kv_mapper_1"):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, c, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(c, rank, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    tensors["lora_unet_up_blocks_1_2_kv_mapper_1.lora_down.weight"] = torch.randn(rank, 40, generator=g)  # c_cond
+    path = tmp_path / "style.safetensors"
+    save_file(tensors, str(path))
+
+    base_state = {k: v.clone() for k, v in cascade.pipeline.stages.stage_c.state_dict().items()}
+    base = cascade.generate("x", seed=4, **SMALL)
+    cascade.load_lora(path, 0.8)
+    try:
+        with pytest.raises(ValueError, match="already loaded"):
+            cascade.load_lora(path)
+        styled = cascade.generate("x", seed=4, **SMALL)
+        assert styled.params.loras == ((str(path), 0.8),)
+        assert not torch.equal(styled.latent_c, base.latent_c)
+    finally:
+        cascade.unload_lora(path)
+    after = cascade.generate("x", seed=4, **SMALL)
+    assert np.array_equal(pixels(after), pixels(base)) and after.params.loras == ()
+    assert all(torch.equal(v, base_state[k]) for k, v in cascade.pipeline.stages.stage_c.state_dict().items())
+    with pytest.raises(ValueError, match="is not loaded"):
+        cascade.unload_lora(path)

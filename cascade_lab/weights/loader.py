@@ -84,7 +84,8 @@ def load_stage(
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     src = open_source(stage, _resolve(stage, source, comfyui, dtype), dtype=dtype)
     cfg = _config(stage, src, config)
-    stored = src.header.main_dtype
+    plan = plan_official(src.header.keys(), stage, src.component.prefix)
+    stored = _main_dtype(src.header, plan)
     target = dtype if dtype is not None else (getattr(torch, stored) if stored else None)
     if stage == "stage_c" and target == torch.float16:
         from ..models.stage_c import FP16_ERROR
@@ -94,8 +95,7 @@ def load_stage(
     with torch.device("meta"):
         model = cfg.build()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = plan_official(src.header.keys(), stage, src.component.prefix)
-    check_keys(src, plan, expected)
+    check_keys(src, plan, expected, built=f"{type(model).__name__} from {cfg!r}")
     state = dict(read_tensors(src.header, plan, dtype=dtype, device=device))
     for key in expected.keys() - state.keys():  # only ignorable counters are left by check_keys
         state[key] = torch.zeros((), dtype=torch.long, device=device)
@@ -210,7 +210,19 @@ def _config(stage: str, src: Source, config: Any) -> Any:
     return config
 
 
-def check_keys(src: Source, plan: Mapping[str, Recipe], expected: Mapping[str, tuple[int, ...]]) -> None:
+def _main_dtype(header: Header, plan: Mapping[str, Recipe]) -> str | None:
+    """The floating-point dtype holding most of this component's values (all-in-one files mix dtypes)."""
+    counts: dict[str, int] = {}
+    for recipe in plan.values():
+        for s in recipe.sources:
+            t = header.tensors[s]
+            if t.torch_dtype_name.startswith(("float", "bfloat")):
+                counts[t.torch_dtype_name] = counts.get(t.torch_dtype_name, 0) + t.numel
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def check_keys(src: Source, plan: Mapping[str, Recipe], expected: Mapping[str, tuple[int, ...]],
+               built: str = "the model") -> None:
     """Raise :class:`StateDictMismatchError` listing missing and unexpected keys and wrong shapes."""
     missing = sorted(k for k in expected.keys() - plan.keys() if not k.endswith(IGNORABLE_MISSING))
     unexpected = sorted(plan.keys() - expected.keys())
@@ -218,8 +230,8 @@ def check_keys(src: Source, plan: Mapping[str, Recipe], expected: Mapping[str, t
              if plan[k].shape(src.header) != expected[k]]
     if not (missing or unexpected or wrong):
         return
-    lines = [f"{src.path} does not fit {LABELS[src.component.kind]} "
-             f"({src.component.describe()}): refusing to load a partly random model."]
+    lines = [f"{src.path} ({src.component.describe()}) does not fit {built}: "
+             f"refusing to load a partly random model."]
     for title, items in (("missing from the file", missing), ("unexpected in the file", unexpected)):
         if items:
             lines.append(f"  {len(items)} key(s) {title}: " + ", ".join(_key(src, k, plan) for k in items[:20])

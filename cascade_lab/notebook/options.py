@@ -1,0 +1,290 @@
+"""What a ``%%cascade`` cell asks for: its options (IPython's ``magic_arguments`` parser), sizes, the
+prompt and negative prompt from the cell body, and images or LoRA files named by path or variable.
+
+Every mistake is a one-line `UsageError` naming the option. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import MagicArgumentParser
+
+NEGATIVE_SEPARATOR = "--- negative ---"  # a body line on its own: what follows is the negative prompt
+AREA = 1024 * 1024  # named sizes keep about the official 1024² pixels
+GRID = 128  # ... in multiples of 128 (every latent size divides evenly)
+# Named aspect ratios → (width, height), exactly what `fit_ratio` gives for each ratio.
+NAMED_SIZES: dict[str, tuple[int, int]] = {
+    "square": (1024, 1024),  # 1:1
+    "portrait": (768, 1152),  # 2:3
+    "landscape": (1152, 768),  # 3:2
+    "tall": (768, 1408),  # 9:16
+    "wide": (1408, 768),  # 16:9
+}
+RATIO_ALIASES = {"square": "1:1", "portrait": "2:3", "landscape": "3:2", "tall": "9:16", "wide": "16:9"}
+
+
+# -- sizes ---------------------------------------------------------------------------------------------
+def fit_ratio(ratio_w: float, ratio_h: float) -> tuple[int, int]:
+    """(width, height) in multiples of 128 nearest the ratio, then nearest 1024² pixels (within ±30 %)."""
+    target = math.log(ratio_w / ratio_h)
+    best: tuple[tuple[float, float], int, int] | None = None
+    for w in range(4 * GRID, 16 * GRID + 1, GRID):
+        for h in range(4 * GRID, 16 * GRID + 1, GRID):
+            area_error = abs(math.log(w * h / AREA))
+            if area_error > math.log(1.3):
+                continue
+            key = (round(abs(math.log(w / h) - target), 3), area_error)
+            if best is None or key < best[0]:
+                best = (key, w, h)
+    if best is None or best[0][0] > 0.15:
+        raise ValueError(f"the ratio {ratio_w:g}:{ratio_h:g} is too extreme; give the size as WIDTHxHEIGHT")
+    return best[1], best[2]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``1024x1536``, ``1024`` (square), a ratio ``16:9`` or a name from `NAMED_SIZES` → (width, height)."""
+    spec = text.strip().lower()
+    if spec in NAMED_SIZES:
+        return NAMED_SIZES[spec]
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)", spec):
+        a, b = float(m[1]), float(m[2])
+        if a <= 0 or b <= 0:
+            raise ValueError(f"{text!r}: a ratio needs two positive numbers, e.g. 16:9")
+        return fit_ratio(a, b)
+    if m := re.fullmatch(r"(\d+)(?:[x×*](\d+))?", spec):
+        width = int(m[1])
+        height = int(m[2]) if m[2] else width
+        for value in (width, height):
+            if value < 128 or value % 8:
+                raise ValueError(f"{text!r}: sides must be ≥ 128 and multiples of 8 (multiples of 128 are safest)")
+        return width, height
+    names = ", ".join(NAMED_SIZES)
+    raise ValueError(f"{text!r} is not a size; use WIDTHxHEIGHT (1024x1536), a ratio (16:9) or one of: {names}")
+
+
+def size_table() -> str:
+    """The named sizes, one per line, for the help text."""
+    return "\n".join(f"  {name:<10} {RATIO_ALIASES[name]:>5}  {w}x{h}" for name, (w, h) in NAMED_SIZES.items())
+
+
+# -- argument types (their errors become "argument --NAME: ...") ---------------------------------------
+def _typed(convert: Callable[[str], Any], check: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {need}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: use {need}")
+        return value
+
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "a whole number ≥ 1")
+seed_int = _typed(int, lambda v: 0 <= v < 2**63, "a whole number in [0, 2**63)")
+non_negative = _typed(float, lambda v: v >= 0, "a number ≥ 0")
+positive = _typed(float, lambda v: v > 0, "a number > 0")
+unit_open = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+unit = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _registered(kind: str) -> Callable[[str], str]:
+    def check(name: str) -> str:
+        from .. import plugins
+
+        getter = {"sampler": plugins.get_sampler, "scheduler": plugins.get_scheduler,
+                  "variant": plugins.get_variant}[kind]
+        if kind == "variant" and name == "auto":
+            return name
+        try:
+            getter(name)
+        except KeyError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip("'\"")) from None
+        return name
+
+    return check
+
+
+def weighted(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` → (name, weight); a tail that is not a number stays part of the name (``C:\\x``)."""
+    name, sep, tail = text.rpartition(":")
+    if sep and name:
+        try:
+            return name, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    path, strength = weighted(text)
+    if not path.lower().endswith(".safetensors"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a .safetensors file, optionally with :STRENGTH")
+    return path, strength
+
+
+def build_parser() -> MagicArgumentParser:
+    """The ``%%cascade`` option parser."""
+    p = MagicArgumentParser(prog="%%cascade", description="Generate images; the cell body is the prompt.")
+    p.allow_abbrev = False  # a mistyped option is an error, never a guess
+    add = p.add_argument
+    add("-n", "--negative", metavar="TEXT", help="negative prompt (or write it in the body after a line "
+        f"'{NEGATIVE_SEPARATOR}')")
+    add("-s", "--seed", type=seed_int, help="random seed (default: random, recorded in the result)")
+    add("--size", type=size_arg, metavar="SIZE", help="WIDTHxHEIGHT, a ratio like 16:9, or a name (see below)")
+    add("-b", "--batch", type=positive_int, metavar="N", help="images per job")
+    add("-v", "--variant", type=_registered("variant"), help="weight variant (auto, full, bf16, lite, ...)")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--dtype", choices=("float32", "bfloat16"), help="compute dtype of Stage C (never float16)")
+    for stage, name in (("c", "Stage C"), ("b", "Stage B")):
+        add(f"--steps-{stage}", type=positive_int, metavar="N", help=f"{name} steps")
+        add(f"--cfg-{stage}", type=non_negative, metavar="X", help=f"{name} classifier-free guidance (1 = off)")
+        add(f"--shift-{stage}", type=positive, metavar="X", help=f"{name} noise-schedule shift")
+    add("--cfg-rescale", type=unit, metavar="RHO", help="CFG rescale mix ρ (official 0.7)")
+    add("--sampler", type=_registered("sampler"), help="sampler for both stages")
+    add("--sampler-c", type=_registered("sampler"), metavar="NAME", help="Stage C sampler")
+    add("--sampler-b", type=_registered("sampler"), metavar="NAME", help="Stage B sampler")
+    add("--scheduler", type=_registered("scheduler"), help="scheduler for both stages")
+    add("--scheduler-c", type=_registered("scheduler"), metavar="NAME", help="Stage C scheduler")
+    add("--scheduler-b", type=_registered("scheduler"), metavar="NAME", help="Stage B scheduler")
+    add("-i", "--image", metavar="IMAGE", help="img2img input: a file, or a variable holding a PIL image/array")
+    add("--strength", type=unit_open, help="img2img noise strength (default 0.8 with --image)")
+    add("--variation", action="append", type=weighted, default=[], metavar="IMAGE[:WEIGHT]",
+        help="image variation input, a file or variable, repeatable")
+    add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
+        help="LoRA file to apply, repeatable (strength default 1.0)")
+    add("-o", "--out", metavar="NAME", help="store the Result in this notebook variable")
+    add("--save", metavar="FILE.png", help="also write PNG(s) carrying the parameters")
+    add("--preview", dest="preview", action="store_true", default=None, help="live preview (default: on)")
+    add("--no-preview", dest="preview", action="store_false", help="no live preview")
+    add("--trajectory", dest="trajectory", action="store_true", default=None,
+        help="keep every step's latent (for %%cascade inspect; default: on)")
+    add("--no-trajectory", dest="trajectory", action="store_false", help="keep only the final latents")
+    add("--expand", action="store_true", help="replace {name} and $name in the body with notebook variables")
+    return p
+
+
+PARSER = build_parser()
+
+
+# -- the cell ----------------------------------------------------------------------------------------
+@dataclass
+class CellRequest:
+    """A parsed ``%%cascade`` cell: the prompt pair, the job options, and what to do with the result."""
+
+    prompt: str
+    negative_prompt: str
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for `Session.generate`
+    out: str | None = None
+    save: str | None = None
+    preview: bool | None = None
+
+
+def split_body(cell: str) -> tuple[str, str | None]:
+    """(prompt, negative or None): the body verbatim, minus the one line break IPython ends every cell with,
+    split at the first line that reads ``--- negative ---``."""
+    body = cell[:-2] if cell.endswith("\r\n") else cell[:-1] if cell.endswith("\n") else cell
+    lines = body.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip().lower() == NEGATIVE_SEPARATOR:
+            prompt = "".join(lines[:i])
+            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1] if prompt.endswith("\n") else prompt
+            return prompt, "".join(lines[i + 1:])
+    return body, None
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_EXPAND = re.compile(rf"\{{\{{|\}}\}}|\$\$|\{{({_NAME})\}}|\$\{{({_NAME})\}}|\$({_NAME})")
+
+
+def expand(text: str, namespace: Mapping[str, Any]) -> str:
+    """``{name}``, ``${name}`` and ``$name`` → ``str(namespace[name])``; ``{{``, ``}}``, ``$$`` → literal.
+
+    Only plain names are looked up: no attributes, indexing, format specs or evaluation.
+    """
+
+    def one(m: re.Match[str]) -> str:
+        name = m[1] or m[2] or m[3]
+        if name is None:
+            return m[0][0]
+        if name not in namespace:
+            raise UsageError(f"--expand: {name!r} is not defined in the notebook (write $$ or {{{{ for literals)")
+        return str(namespace[name])
+
+    return _EXPAND.sub(one, text)
+
+
+def resolve_image(option: str, spec: str, namespace: Mapping[str, Any]) -> Any:
+    """A notebook variable's value (a PIL image, array or tensor; a str/Path means a file) or a file path."""
+    value: Any = namespace[spec] if spec.isidentifier() and spec in namespace else spec
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{option} {spec!r}: neither a notebook variable nor an existing file")
+        return str(path)
+    return value
+
+
+def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellRequest:
+    """Options from the magic line, prompt (and negative) from the body → a `CellRequest`."""
+    try:
+        args = PARSER.parse_argstring(line)
+    except ValueError as exc:  # unbalanced quotes in the line
+        raise UsageError(f"%%cascade options: {exc}") from None
+    prompt, negative = split_body(cell)
+    if args.expand:
+        prompt = expand(prompt, namespace)
+        negative = None if negative is None else expand(negative, namespace)
+    if not prompt.strip():
+        raise UsageError("%%cascade: the cell body is the prompt and it is empty; write the prompt below the "
+                         "%%cascade line")
+    if negative is not None and args.negative is not None:
+        raise UsageError(f"--negative: the body already has a negative prompt after '{NEGATIVE_SEPARATOR}'; "
+                         "give one or the other")
+    if args.strength is not None and args.image is None:
+        raise UsageError("--strength needs --image (img2img); without an input image every job starts from noise")
+    if args.out is not None and not args.out.isidentifier():
+        raise UsageError(f"-o/--out {args.out!r}: not a valid Python variable name")
+    if args.save is not None and not args.save.lower().endswith(".png"):
+        raise UsageError(f"--save {args.save!r}: cascade_lab writes PNG files (they carry the parameters)")
+
+    opts: dict[str, Any] = {}
+    if args.size is not None:
+        opts["width"], opts["height"] = args.size
+    simple = {"seed": "seed", "batch": "batch_size", "variant": "variant", "device": "device", "dtype": "dtype",
+              "steps_c": "steps_c", "steps_b": "steps_b", "cfg_c": "cfg_c", "cfg_b": "cfg_b",
+              "shift_c": "shift_c", "shift_b": "shift_b", "cfg_rescale": "cfg_rho", "trajectory": "keep_trajectory"}
+    for attr, key in simple.items():
+        if getattr(args, attr) is not None:
+            opts[key] = getattr(args, attr)
+    for kind in ("sampler", "scheduler"):
+        for stage in ("c", "b"):
+            value = getattr(args, f"{kind}_{stage}") or getattr(args, kind)
+            if value is not None:
+                opts[f"{kind}_{stage}"] = value
+    if args.image is not None:
+        opts["image"] = resolve_image("--image", args.image, namespace)
+        opts["strength"] = args.strength if args.strength is not None else 0.8
+    if args.variation:
+        opts["variations"] = [resolve_image("--variation", spec, namespace) for spec, _ in args.variation]
+        opts["variation_weights"] = [weight for _, weight in args.variation]
+    if args.lora:
+        opts["loras"] = list(args.lora)
+    negative = negative if negative is not None else args.negative or ""
+    return CellRequest(prompt, negative, opts, args.out, args.save, args.preview)

@@ -1,55 +1,304 @@
-"""The ``%cascade`` line magic and ``%%cascade`` cell magic."""
+"""The ``%cascade`` line magic (listings, defaults, panel, inspector, cancel) and the ``%%cascade`` cell magic
+(the cell body is the prompt). Both drive the kernel's shared `Session`; loading them imports no torch."""
 
 from __future__ import annotations
 
+import importlib
+import re
 import shlex
+import sys
+import warnings
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.display import display
+from traitlets import Bool, Float, Int, TraitError, Unicode, observe
 
-HELP = """\
-%%cascade [options]      generate images; the cell body is the prompt
+from .options import NEGATIVE_SEPARATOR, PARSER, parse_cell, parse_size, size_table
+from .session import Defaults, JobRunning, LoraUnavailable, free_memory, get_session
+
+HELP = f"""\
+%%cascade [options]      generate images; the cell body is the prompt, taken verbatim
 %cascade plugins         list plugins: version, hooks, registered names, load errors
 %cascade samplers        list samplers
 %cascade schedulers      list schedulers
-%cascade variants        list weight variants
-%cascade help            this text"""
+%cascade variants        list weight variants: memory needed, files present on this machine
+%cascade config [k=v..]  show or set the defaults (also %config CascadeMagics.default_variant = "lite_bf16")
+%cascade panel           open the generation panel (ipywidgets)
+%cascade inspect [NAME]  open the latent inspector on a Result (default: the last one)
+%cascade cancel          stop the running job before its next step
+%cascade unload          drop the loaded models and free their memory
+%cascade help            this text
+
+The prompt: the cell body, byte for byte ({{braces}}, $dollars, quotes, any language, several lines);
+only the line break IPython ends every cell with is dropped. Add --expand to fill in {{name}}, ${{name}}
+or $name from notebook variables (plain names only, nothing is evaluated; $$ {{{{ }}}} stay literal).
+A long negative prompt goes in the body too, after a line that reads exactly:
+    {NEGATIVE_SEPARATOR}
+Stop a job with the kernel's interrupt (or %cascade cancel): it stops between two steps, keeps the last
+preview and frees memory; the session is ready for the next job.
+
+Named sizes (multiples of 128 around 1024² pixels; any ratio W:H works, e.g. --size 4:5):
+{size_table()}
+
+Use %%cascade without %load_ext, in a notebook:
+    %config MagicsManager.lazy_magics = {{"cascade": "cascade_lab"}}
+or for every session, in ~/.ipython/profile_default/ipython_config.py:
+    c.MagicsManager.lazy_magics = {{"cascade": "cascade_lab"}}"""
+
+# trait on CascadeMagics → field of session.Defaults ("default_size" is width and height together)
+TRAIT_FIELDS = {"default_variant": "variant", "default_device": "device", "default_dtype": "dtype",
+                "default_steps_c": "steps_c", "default_steps_b": "steps_b", "default_cfg_c": "cfg_c",
+                "default_cfg_b": "cfg_b", "default_sampler": "sampler", "default_scheduler": "scheduler",
+                "preview": "preview", "preview_interval": "preview_interval", "keep_trajectory": "keep_trajectory"}
+_D = Defaults()
 
 
 @magics_class
 class CascadeMagics(Magics):
-    """``%cascade`` subcommands and the ``%%cascade`` generation cell."""
+    """``%cascade`` subcommands and the ``%%cascade`` generation cell. The traits are the session defaults."""
+
+    default_variant = Unicode(_D.variant, help="weight variant: auto, full, bf16, lite, lite_bf16, ...").tag(
+        config=True)
+    default_device = Unicode(_D.device, allow_none=True, help="cpu, cuda, ... (None: cuda when available)").tag(
+        config=True)
+    default_dtype = Unicode(_D.dtype, allow_none=True, help="float32 or bfloat16 (None: the device's best)").tag(
+        config=True)
+    default_size = Unicode(f"{_D.width}x{_D.height}", help="WIDTHxHEIGHT, a ratio (16:9) or a name").tag(config=True)
+    default_steps_c = Int(_D.steps_c, help="Stage C steps").tag(config=True)
+    default_steps_b = Int(_D.steps_b, help="Stage B steps").tag(config=True)
+    default_cfg_c = Float(_D.cfg_c, help="Stage C classifier-free guidance").tag(config=True)
+    default_cfg_b = Float(_D.cfg_b, help="Stage B classifier-free guidance").tag(config=True)
+    default_sampler = Unicode(_D.sampler, help="sampler of both stages").tag(config=True)
+    default_scheduler = Unicode(_D.scheduler, help="scheduler of both stages").tag(config=True)
+    preview = Bool(_D.preview, help="live Stage C preview while a job runs").tag(config=True)
+    preview_interval = Float(_D.preview_interval, help="seconds between preview updates").tag(config=True)
+    keep_trajectory = Bool(_D.keep_trajectory, help="keep every step's latent (latent inspector)").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        self._syncing, self._constructing = False, True
+        super().__init__(shell=shell, **kwargs)  # configured traits reach the session through _to_session
+        self._constructing = False
+        self._from_session()
+
+    # -- defaults: traits <-> session ------------------------------------------------------------------
+    @observe(*TRAIT_FIELDS, "default_size")
+    def _to_session(self, change: dict[str, Any]) -> None:
+        if self._syncing:
+            return
+        name, value = change["name"], change["new"]
+        try:
+            if name == "default_size":
+                width, height = parse_size(value)
+                get_session().configure(width=width, height=height)
+            else:
+                get_session().configure(**{TRAIT_FIELDS[name]: value})
+        except ValueError as exc:
+            if self._constructing:  # a bad ipython_config.py value must not break %load_ext
+                warnings.warn(f"CascadeMagics.{name}: {exc}; keeping the current default", stacklevel=2)
+                return
+            self._from_session()  # put the trait back to the value in force
+            raise TraitError(f"CascadeMagics.{name}: {exc}") from None
+
+    def _from_session(self) -> None:
+        d = get_session().defaults
+        self._syncing = True
+        try:
+            for trait, field in TRAIT_FIELDS.items():
+                setattr(self, trait, getattr(d, field))
+            self.default_size = f"{d.width}x{d.height}"
+        finally:
+            self._syncing = False
 
     @no_var_expand
     @line_cell_magic
-    def cascade(self, line: str, cell: str | None = None) -> Any:
+    def cascade(self, line: str, cell: str | None = None) -> None:
         if cell is not None:
-            raise UsageError("%%cascade generation is not available in this version; see %cascade help")
-        words = shlex.split(line)
-        command = words[0] if words else "help"
+            return self._generate(line, cell)
+        return self._command(line)
+
+    cascade.__doc__ = f"%cascade SUBCOMMAND | %%cascade [options] + prompt\n\n{HELP}\n\n{PARSER.format_help()}"
+
+    # -- %cascade ----------------------------------------------------------------------------------------
+    def _command(self, line: str) -> None:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%cascade: {exc}") from None
+        command, args = (words[0], words[1:]) if words else ("help", [])
         from .. import listing
 
         if command == "help":
-            print(HELP)
+            print(HELP + "\n\n" + PARSER.format_help())
         elif command == "plugins":
             print(listing.plugins_text())
-        elif command in ("samplers", "schedulers", "variants"):
+        elif command in ("samplers", "schedulers"):
             print(listing.kind_text(command[:-1]))
+        elif command == "variants":
+            print(variants_text())
+        elif command == "config":
+            self._config(args)
+        elif command == "panel":
+            display(_widget("panel", "GenerationPanel")())
+        elif command == "inspect":
+            display(self._inspector(args))
+        elif command == "cancel":
+            print("cancel requested: the job stops before its next step" if get_session().cancel()
+                  else "no cascade_lab job is running")
+        elif command == "unload":
+            try:
+                get_session().unload()
+            except JobRunning as exc:
+                raise UsageError(str(exc)) from None
+            print("models unloaded, memory freed")
         else:
             raise UsageError(f"unknown %cascade command {command!r}; try: %cascade help")
         return None
+
+    def _config(self, args: list[str]) -> None:
+        session = get_session()
+        changes: dict[str, Any] = {}
+        for arg in args:
+            key, sep, value = arg.partition("=")
+            if not sep:
+                raise UsageError(f"%cascade config {arg!r}: write KEY=VALUE, e.g. variant=lite_bf16")
+            if key == "size":
+                try:
+                    changes["width"], changes["height"] = parse_size(value)
+                except ValueError as exc:
+                    raise UsageError(f"%cascade config size: {exc}") from None
+            else:
+                changes[key] = value
+        if changes:
+            try:
+                session.configure(**changes)
+            except ValueError as exc:
+                raise UsageError(f"%cascade config: {exc}") from None
+            self._from_session()
+            return
+        d = session.defaults
+        rows = {"size": f"{d.width}x{d.height}"} | {f: getattr(d, f) for f in TRAIT_FIELDS.values()}
+        print("\n".join(f"{k:<17}= {v}" for k, v in rows.items()))
+        print("set with: %cascade config KEY=VALUE ...  or  %config CascadeMagics.default_KEY = VALUE")
+
+    def _inspector(self, args: list[str]) -> Any:
+        if len(args) > 1:
+            raise UsageError("%cascade inspect takes one variable name (a Result), or none for the last result")
+        if args:
+            assert self.shell is not None
+            if args[0] not in self.shell.user_ns:
+                raise UsageError(f"%cascade inspect: {args[0]!r} is not defined in the notebook")
+            result = self.shell.user_ns[args[0]]
+        else:
+            result = get_session().last_result
+            if result is None:
+                raise UsageError("%cascade inspect: no result yet; run a %%cascade cell (or name a Result)")
+        if not hasattr(result, "latent_c"):
+            raise UsageError(f"%cascade inspect: {args[0]!r} is a {type(result).__name__}, not a cascade_lab Result")
+        return _widget("inspector", "LatentInspector")(result)
+
+    # -- %%cascade ---------------------------------------------------------------------------------------
+    def _generate(self, line: str, cell: str) -> None:
+        assert self.shell is not None
+        request = parse_cell(line, cell, self.shell.user_ns)
+        session = get_session()
+        if session.busy:
+            raise UsageError(f"%%cascade: {session.running.label if session.running else 'a job'} is still "
+                             "running; wait for it or %cascade cancel")
+        from ..diffusion import Cancelled  # the job needs torch from here on
+        from .display import LiveProgress
+
+        options = dict(request.options)
+        where = {k: options.pop(k, None) for k in ("variant", "device", "dtype")}
+        show = session.defaults.preview if request.preview is None else request.preview
+        progress = LiveProgress(preview=(lambda x0: session.cascade(**where).preview(x0)) if show else None,
+                                interval=session.defaults.preview_interval)
+        stopped = None
+        try:
+            result = session.generate(request.prompt, request.negative_prompt, callback=progress, **where, **options)
+        except JobRunning as exc:
+            raise UsageError(str(exc)) from None
+        except LoraUnavailable as exc:
+            raise UsageError(f"--lora: {exc}") from None
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        except Cancelled:
+            stopped = "cancelled"
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            if progress.last is not None:  # a failure inside sampling is a bug: keep its traceback
+                raise
+            raise UsageError(f"%%cascade: {str(exc).strip(chr(39))}") from None
+        finally:
+            progress.close()
+        if stopped is not None:  # outside the except block: the traceback (and its tensors) is gone
+            free_memory()
+            kept = "; the last preview is kept" if progress.previews else ""
+            raise UsageError(f"cascade_lab job {stopped} {progress.where()}{kept}; memory freed, the session is "
+                             "ready for the next job")
+        progress.show_result(result)
+        if request.out:
+            self.shell.user_ns[request.out] = result
+        if request.save:
+            print("saved " + ", ".join(str(p) for p in result.save(request.save)))
+
+
+def _widget(module: str, name: str) -> Any:
+    """A panel class from ``cascade_lab.notebook.<module>``, imported only when asked for."""
+    try:
+        found = importlib.import_module(f"{__package__}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == "ipywidgets":
+            raise UsageError(f"{name} needs ipywidgets: pip install ipywidgets") from None
+        if exc.name == f"{__package__}.{module}":
+            raise UsageError(f"{name} is not available in this version of cascade_lab") from None
+        raise
+    return getattr(found, name)
+
+
+def variants_text() -> str:
+    """Each variant: description, memory on the default device, and whether its files are on this machine."""
+    from ..plugins import registries
+    from ..weights import WeightsNotFoundError, locate
+    from ..weights.memory import GiB, compute_dtypes, estimate
+
+    device = get_session().defaults.device
+    torch = sys.modules.get("torch")
+    device = device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
+    dtypes = compute_dtypes(device)
+    registry = registries()["variant"]
+    lines = [f"memory on {device} (Stage C {dtypes.stage_c}, Stage B {dtypes.stage_b}):"]
+    for variant in registry:
+        lines.append(f"{variant.name}  {variant.description}  [{registry.owner[variant.name]}]")
+        if not variant.files:
+            lines.append("    built in: no weight files needed")
+            continue
+        e = estimate(variant, dtypes)
+        lines.append(f"    memory: {e.resident / GiB:.1f} GiB all resident, {e.swapped / GiB:.1f} GiB with "
+                     "stage swapping")
+        try:
+            locate(variant.name, download=False)
+            lines.append("    files: present on this machine")
+        except WeightsNotFoundError as exc:
+            m = re.search(r"(\d+) file\(s\) not found", str(exc))
+            count = f"{m[1]} of {len(variant.files)} files missing" if m else "files missing"
+            lines.append(f"    files: not present ({count}; loading it downloads them)")
+        except Exception as exc:  # a broken file or folder must not break the listing
+            lines.append(f"    files: could not check ({type(exc).__name__}: {exc})")
+    return "\n".join(lines)
 
 
 def load_ipython_extension(ipython: Any) -> None:
     from ..plugins import load_plugins
 
     load_plugins()
-    ipython.register_magics(CascadeMagics)
+    ipython.register_magics(CascadeMagics(shell=ipython))
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    magics = ipython.magics_manager.magics
+    manager = ipython.magics_manager
     for kind in ("line", "cell"):
-        magics[kind].pop("cascade", None)
-    ipython.magics_manager.registry.pop("CascadeMagics", None)
+        manager.magics[kind].pop("cascade", None)
+    instance = manager.registry.pop("CascadeMagics", None)
+    if instance is not None and instance in getattr(ipython, "configurables", []):
+        ipython.configurables.remove(instance)

@@ -242,7 +242,13 @@ class LatentInspector:
 
     def show_step(self, step: int) -> None:
         """Show trajectory step ``step`` (what the slider calls)."""
-        fig = trajectory_figure(self.result.trajectory_c, step, self.preview, index=self.index)
+        try:
+            fig = trajectory_figure(self.result.trajectory_c, step, self.preview, index=self.index)
+        except ValueError:
+            if self.preview is None or not 0 <= step < len(self.result.trajectory_c):
+                raise
+            self.preview = None  # a variant without a previewer: show channels 0–2 instead
+            fig = trajectory_figure(self.result.trajectory_c, step, None, index=self.index)
         self.trajectory_image.value = figure_png(fig)
         self.shown_step = step
         if self.step.value != step:

@@ -1,11 +1,12 @@
 """`GenerationPanel`: an ipywidgets form for Stable Cascade with live preview, Cancel and a gallery.
 
-Threading: Generate snapshots the form into a `GenerationParams` (checked at once, errors go to the
-panel's error box), then runs the job in one worker thread. The pipeline calls back after every
-sampler step from that thread; the callback only sets widget values (progress, status, preview).
-Cancel sets the job's `CancelToken`, which the sampler polls before each step, so a job stops within
-one step. Only one job runs at a time (the button is disabled while one runs, and the session lock
-serialises the panel with ``%%cascade`` cells).
+Threading: Generate snapshots the form into a `GenerationParams` (checked at once; a mistake goes to the
+panel's error box), then runs the job through the kernel's shared `Session` in one worker thread, so the
+kernel stays free to handle the Cancel click. The pipeline calls back after every sampler step from that
+thread; the callback only sets widget values (progress, status, preview) and, once Cancel was pressed,
+cancels the session's token, which the sampler polls before its next step: a job stops within one step.
+One job at a time: the button is disabled while the panel's job runs, and the session refuses a second
+job (a ``%%cascade`` cell or another panel) with a message shown in the panel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import html
 import io
 import random
-import shlex
 import threading
 import time
 import traceback
@@ -22,6 +22,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..params import GenerationParams
+from .display import preview_jpeg
+from .session import get_session
 
 # Stable Cascade was trained around one megapixel; these are the commonly used aspect ratios
 SIZE_PRESETS: list[tuple[int, int]] = [
@@ -29,55 +31,35 @@ SIZE_PRESETS: list[tuple[int, int]] = [
     (1536, 640), (640, 1536), (768, 768), (512, 512), (256, 256), (128, 128),
 ]
 STAGE_FIELDS = ("steps", "cfg", "shift", "sampler", "scheduler")
+# `GenerationParams` fields a panel job passes to `Session.generate` (besides prompt, negative and variant)
+JOB_FIELDS = ("width", "height", "batch_size", "seed", "steps_c", "steps_b", "cfg_c", "cfg_b", "shift_c", "shift_b",
+              "sampler_c", "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho", "compression")
 
 
-class _LocalSession:
-    """TEMPORARY stand-in until notebook/session.py lands: one `Cascade` per variant, one job at a time."""
+def cascade_cell(params: GenerationParams) -> str:
+    """The ``%%cascade`` cell that regenerates ``params``.
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cascades: dict[str, Any] = {}
+    Every option the session defaults could change is written out (seed, size, variant, steps, CFG, sampler,
+    scheduler), the rest only when it differs from the official value; the negative prompt goes in the body
+    after the separator line, so no quoting can break it.
+    """
+    from .options import NEGATIVE_SEPARATOR
 
-    def cascade(self, variant: str) -> Any:
-        from ..api import Cascade
-
-        if variant not in self.cascades:
-            self.cascades[variant] = Cascade(variant)
-        return self.cascades[variant]
-
-    def new_token(self) -> Any:
-        from ..pipeline import CancelToken
-
-        return CancelToken()
-
-    def run(self, params: GenerationParams, **kwargs: Any) -> Any:
-        with self.lock:
-            return self.cascade(params.variant).run(params, **kwargs)
-
-    def preview_png(self, variant: str, latent_c: Any) -> bytes:
-        from ..results import to_pil
-
-        return png_bytes(to_pil(self.cascade(variant).preview(latent_c[:1]))[0])
-
-
-_LOCAL = _LocalSession()
-
-
-def _session() -> Any:
-    return _LOCAL
-
-
-def cascade_cell(params: GenerationParams, *, base: GenerationParams | None = None) -> str:
-    """The ``%%cascade`` cell that regenerates ``params`` (options that differ from ``base`` plus seed/size/steps)."""
-    base = base or GenerationParams("")
+    base = GenerationParams("")
     words = [f"--seed {params.seed}", f"--size {params.width}x{params.height}",
-             f"--steps-c {params.steps_c}", f"--steps-b {params.steps_b}"]
-    for name in ("cfg_c", "cfg_b", "shift_c", "shift_b", "sampler_c", "sampler_b", "scheduler_c", "scheduler_b",
-                 "batch_size", "variant", "negative_prompt"):
-        value = getattr(params, name)
-        if value != getattr(base, name):
-            words.append(f"--{name.replace('_', '-')} {shlex.quote(str(value))}")
-    return "%%cascade " + " ".join(words) + "\n" + params.prompt
+             f"--variant {params.variant}", f"--steps-c {params.steps_c}", f"--steps-b {params.steps_b}",
+             f"--cfg-c {params.cfg_c:g}", f"--cfg-b {params.cfg_b:g}"]
+    words += [f"--shift-{s} {getattr(params, f'shift_{s}'):g}" for s in ("c", "b")
+              if getattr(params, f"shift_{s}") != getattr(base, f"shift_{s}")]
+    for kind in ("sampler", "scheduler"):
+        c, b = getattr(params, f"{kind}_c"), getattr(params, f"{kind}_b")
+        words += [f"--{kind} {c}"] if c == b else [f"--{kind}-c {c}", f"--{kind}-b {b}"]
+    if params.batch_size != 1:
+        words.append(f"--batch {params.batch_size}")
+    if params.cfg_rho != base.cfg_rho:
+        words.append(f"--cfg-rescale {params.cfg_rho:g}")
+    body = params.prompt + (f"\n{NEGATIVE_SEPARATOR}\n{params.negative_prompt}" if params.negative_prompt else "")
+    return "%%cascade " + " ".join(words) + "\n" + body
 
 
 def png_bytes(image: Any) -> bytes:
@@ -103,12 +85,14 @@ class GenerationPanel:
     def __init__(self, variant: str = "auto", *, prompt: str = "", session: Any = None,
                  keep_trajectory: bool = True, **defaults: Any) -> None:
         self.base = GenerationParams(prompt, **defaults).validate()
-        self.session = session if session is not None else _session()
+        self.session = session if session is not None else get_session()
         self.keep_trajectory = keep_trajectory
         self.results: list[Any] = []
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._token: Any = None
+        self._cancel_requested = threading.Event()
+        self._job_started, self._job_variant = False, variant
+        self._preview_at: float | None = None
         self._seen_registries: Any = None
         self._steps_c = 0
         self._build(variant)
@@ -158,6 +142,7 @@ class GenerationPanel:
         self.error_box = widgets.HTML("", layout=wide)
         self.preview = widgets.Image(format="png", layout=widgets.Layout(width="192px"))
         self.gallery = widgets.VBox([])
+        self.inspector_box = widgets.VBox([])
         self.copy_area = widgets.Textarea(rows=4, layout=widgets.Layout(width="100%", display="none"),
                                           description="", placeholder="%%cascade cell")
 
@@ -170,7 +155,7 @@ class GenerationPanel:
             widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
             widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant]),
             widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
-            self.error_box, self.preview, self.copy_area, self.gallery,
+            self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
 
     def _on_preset(self, change: dict[str, Any]) -> None:
@@ -242,20 +227,23 @@ class GenerationPanel:
             self.error = exc
             self._show_error(f"{type(exc).__name__}: {exc}")
             return False
-        self._token = self.session.new_token()
+        self._cancel_requested.clear()
+        self._job_started, self._job_variant = False, params.variant
         self.progress.value, self.progress.max = 0, params.steps_c + params.steps_b
-        self.progress.bar_style, self._steps_c = "", params.steps_c
+        self.progress.bar_style, self._steps_c, self._preview_at = "", params.steps_c, None
         self._set_running(True, f"starting ({params.variant}, {params.width}×{params.height})…")
-        self._thread = threading.Thread(target=self._work, args=(params, self._token), daemon=True,
-                                        name="cascade_lab-panel")
+        self._thread = threading.Thread(target=self._work, args=(params,), daemon=True, name="cascade_lab-panel")
         self._thread.start()
         return True
 
     def cancel(self) -> None:
-        """Stop the running job before its next sampler step."""
-        if self._token is not None and self.running:
-            self._token.cancel()
-            self.status.value = "cancelling…"
+        """Stop this panel's job before its next sampler step (at most the step under way finishes)."""
+        if not self.running:
+            return
+        self._cancel_requested.set()  # seen by the step callback, so a cancel just before the job starts holds
+        if self._job_started:  # a step of ours has run: the session's running job is this one
+            self.session.cancel()
+        self.status.value = "cancelling…"
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the running job ends (or ``timeout`` seconds); the newest result, or None."""
@@ -265,13 +253,16 @@ class GenerationPanel:
                 raise TimeoutError(f"the generation did not finish within {timeout} s")
         return self.results[-1] if self.results else None
 
-    def _work(self, params: GenerationParams, token: Any) -> None:
+    def _work(self, params: GenerationParams) -> None:
         from ..diffusion import Cancelled
 
         started = time.perf_counter()
+        options = {name: getattr(params, name) for name in JOB_FIELDS}
         try:
-            result = self.session.run(params, callback=self._on_step, cancel=token,
-                                      keep_trajectory=self.keep_trajectory)
+            if self._cancel_requested.is_set():
+                raise Cancelled(0, None)
+            result = self.session.generate(params.prompt, params.negative_prompt, variant=params.variant,
+                                           callback=self._on_step, keep_trajectory=self.keep_trajectory, **options)
         except Cancelled as exc:
             self.progress.bar_style = "warning"
             self._set_running(False, f"cancelled ({exc})")
@@ -284,21 +275,30 @@ class GenerationPanel:
             self.results.append(result)
             self.progress.value, self.progress.bar_style = self.progress.max, "success"
             self.preview.value = png_bytes(result.images[0])
-            self.gallery.children = (self._gallery_item(result), *self.gallery.children)
+            self.preview.format = "png"
+            self.gallery.children = (self._gallery_item(result, self._job_variant), *self.gallery.children)
             self._set_running(False, f"done in {time.perf_counter() - started:.1f} s, seed {result.params.seed}")
 
     def _on_step(self, event: Any) -> None:
-        """Per-step callback (worker thread): progress, status and the Stage C preview."""
+        """Per-step callback (worker thread): cancel check, progress, status and a throttled Stage C preview."""
+        self._job_started = True
+        if self._cancel_requested.is_set():
+            self.session.cancel()  # the sampler checks the session's token before the next step
         if event.stage == "c":
             self._steps_c = event.steps  # fewer than asked for img2img
         done = event.step + 1 if event.stage == "c" else self._steps_c + event.step + 1
         self.progress.value = min(done, self.progress.max)
         self.status.value = f"Stage {event.stage.upper()} step {event.step + 1}/{event.steps}"
-        if event.stage == "c":
+        defaults = self.session.defaults
+        now = time.monotonic()
+        if event.stage == "c" and defaults.preview and (
+                self._preview_at is None or now - self._preview_at >= defaults.preview_interval):
+            self._preview_at = now
             try:
-                self.preview.value = self.session.preview_png(self.variant.value, event.x0)
-            except Exception:  # a missing previewer must not stop the job
-                pass
+                rgb = self.session.cascade(self._job_variant).preview(event.x0)
+                self.preview.format, self.preview.value = "jpeg", preview_jpeg(rgb)
+            except ValueError:  # a variant without a previewer: no previews, the job goes on
+                self._preview_at = float("inf")
 
     def _set_running(self, running: bool, message: str) -> None:
         self.generate_button.disabled, self.cancel_button.disabled = running, not running
@@ -311,7 +311,7 @@ class GenerationPanel:
         self.error_box.value = f'<div style="color:#b00020">{body}</div>'
 
     # -- gallery ---------------------------------------------------------------------------------------
-    def _gallery_item(self, result: Any) -> widgets.HBox:
+    def _gallery_item(self, result: Any, variant: str) -> widgets.HBox:
         p = result.params
         thumbs = [widgets.Image(value=png_bytes(im), format="png", layout=widgets.Layout(width="160px"))
                   for im in result.images]
@@ -322,7 +322,24 @@ class GenerationPanel:
             f"shift {p.shift_b:g}, {html.escape(p.sampler_b)}/{html.escape(p.scheduler_b)}")
         copy = widgets.Button(description="copy as %%cascade", icon="copy")
         copy.on_click(lambda _: self.copy_cell(result))
-        return widgets.HBox([*thumbs, widgets.VBox([summary, copy])])
+        inspect = widgets.Button(description="inspect latents", icon="search")
+        inspect.on_click(lambda _: self.inspect(result, variant))
+        return widgets.HBox([*thumbs, widgets.VBox([summary, widgets.HBox([copy, inspect])])])
+
+    def inspect(self, result: Any, variant: str | None = None) -> Any:
+        """Show a `LatentInspector` for ``result`` in the panel (the Previewer of its variant when still loaded)."""
+        from .inspector import LatentInspector
+
+        variant = variant or result.params.variant
+        loaded = [key for key in self.session.loaded if key[0] == variant]
+        preview = self.session.cascade(*loaded[-1]).preview if loaded else None
+        try:
+            inspector = LatentInspector(result, preview=preview)
+        except Exception as exc:
+            self._show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return None
+        self.inspector_box.children = (inspector.widget,)
+        return inspector
 
     def copy_cell(self, result: Any) -> str:
         """Put the ``%%cascade`` cell for ``result`` in the panel's text box (select it and copy) and return it.
@@ -330,7 +347,7 @@ class GenerationPanel:
         IPython's ``set_next_input`` is not used: from a button callback there is no cell execution to attach
         its payload to, so the text would appear at some unrelated later cell.
         """
-        text = cascade_cell(result.params, base=GenerationParams(""))
+        text = cascade_cell(result.params)
         self.copy_area.value = text
         self.copy_area.layout.display = None
         return text

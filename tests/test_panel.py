@@ -1,0 +1,237 @@
+"""GenerationPanel without a browser: ipywidgets run on a dummy comm when there is no kernel, so buttons are
+clicked with `Button.click()` and the worker thread is joined with a timeout."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import cascade_lab
+from cascade_lab import Sampler, hookimpl
+from cascade_lab.api import Cascade
+from cascade_lab.notebook.options import parse_cell
+from cascade_lab.notebook.panel import GenerationPanel, cascade_cell
+from cascade_lab.notebook.session import Defaults, Session
+
+TINY = {"width": 128, "height": 128, "steps_c": 2, "steps_b": 2, "seed": 3}
+TIMEOUT = 120  # seconds for one tiny job on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Cascade:
+    cascade = Cascade("tiny")
+    cascade.pipeline  # build the tiny models once for the module  # noqa: B018
+    return cascade
+
+
+@pytest.fixture
+def session(tiny: Cascade) -> Session:
+    s = Session(Defaults(variant="tiny", preview_interval=0.0))
+    s.use(tiny)
+    return s
+
+
+@pytest.fixture
+def panel(session: Session):  # type: ignore[no-untyped-def]
+    p = GenerationPanel("tiny", prompt="a red circle", session=session, **TINY)
+    yield p
+    p.cancel()
+    p.wait(TIMEOUT)
+
+
+def test_the_widget_layer_runs_on_a_dummy_comm(panel: GenerationPanel) -> None:
+    assert type(panel.generate_button.comm).__name__ == "DummyComm"
+    bundle = panel._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
+
+
+def test_clicking_generate_produces_a_result(panel: GenerationPanel, session: Session) -> None:
+    panel.generate_button.click()
+    assert panel.running and panel.generate_button.disabled and not panel.cancel_button.disabled
+    result = panel.wait(TIMEOUT)
+    assert panel.error is None, panel.error_box.value
+    assert result is not None and result.images[0].size == (128, 128)
+    assert result.params.seed == 3 and result.params.steps_c == 2 and result.params.prompt == "a red circle"
+    assert session.results[-1] is result and panel.results == [result]
+    assert panel.progress.value == panel.progress.max == 4 and panel.progress.bar_style == "success"
+    assert "done" in panel.status.value and "seed 3" in panel.status.value
+    assert panel.preview.value[:8] == b"\x89PNG\r\n\x1a\n"  # the final image replaces the live previews
+    assert len(panel.gallery.children) == 1
+    assert not panel.generate_button.disabled and panel.cancel_button.disabled
+
+
+def test_live_preview_shows_stage_c_while_running(panel: GenerationPanel) -> None:
+    seen: list[tuple[str, int]] = []
+    panel.preview.observe(lambda change: seen.append((panel.preview.format, len(change["new"]))), "value")
+    panel.generate()
+    panel.wait(TIMEOUT)
+    assert [fmt for fmt, _ in seen[:-1]] == ["jpeg", "jpeg"]  # one per Stage C step (interval 0), then the PNG
+    assert all(size > 0 for _, size in seen)
+
+
+def test_cancel_from_the_progress_callback_stops_within_one_step(panel: GenerationPanel) -> None:
+    panel.stage["c"]["steps"].value = 30
+    steps: list[int] = []
+
+    def on_progress(change: dict[str, int]) -> None:  # runs in the worker thread, inside the step callback
+        steps.append(change["new"])
+        if change["new"] == 2:
+            panel.cancel()
+
+    panel.progress.observe(on_progress, "value")
+    panel.generate()
+    assert panel.wait(TIMEOUT) is None
+    assert max(steps) <= 3, steps  # cancelled after step 2: at most the step under way finishes
+    assert "cancelled" in panel.status.value and panel.progress.bar_style == "warning"
+    assert panel.error is None and panel.error_box.value == ""
+    assert not panel.generate_button.disabled and panel.cancel_button.disabled
+
+
+def test_cancel_right_after_start_stops_within_one_step(panel: GenerationPanel) -> None:
+    panel.stage["c"]["steps"].value = 30
+    panel.generate_button.click()
+    panel.cancel_button.click()
+    assert panel.wait(TIMEOUT) is None
+    assert panel.progress.value <= 1 and "cancelled" in panel.status.value
+
+
+def test_a_job_can_run_again_after_a_cancel(panel: GenerationPanel) -> None:
+    panel.generate()
+    panel.cancel()
+    panel.wait(TIMEOUT)
+    panel.generate()
+    assert panel.wait(TIMEOUT) is not None and panel.error is None
+
+
+class LaterSampler:
+    """A plugin defined after the panel was built: DDIM under a new name."""
+
+    @staticmethod
+    @hookimpl
+    def register_samplers(register):  # type: ignore[no-untyped-def]
+        from cascade_lab.diffusion.samplers import sample_ddim
+
+        register(Sampler("panel_test_later", "DDIM under another name (test)", sample_ddim))
+
+
+def test_dropdowns_show_a_plugin_registered_later(panel: GenerationPanel) -> None:
+    assert "panel_test_later" not in panel.stage["c"]["sampler"].options
+    cascade_lab.register_plugin(LaterSampler, name="panel_test_later_plugin")
+    try:
+        panel._repr_mimebundle_()  # displaying the panel again refreshes the lists
+        for stage in ("c", "b"):
+            assert "panel_test_later" in panel.stage[stage]["sampler"].options
+        panel.stage["c"]["sampler"].value = "panel_test_later"
+        panel.generate_button.click()
+        result = panel.wait(TIMEOUT)
+        assert result is not None and result.params.sampler_c == "panel_test_later", panel.error_box.value
+    finally:
+        cascade_lab.unregister_plugin("panel_test_later_plugin")
+    panel.generate_button.click()  # Generate refreshes too: the gone sampler falls back to a registered one
+    assert "panel_test_later" not in panel.stage["c"]["sampler"].options
+    assert panel.stage["c"]["sampler"].value in panel.stage["c"]["sampler"].options
+    panel.wait(TIMEOUT)
+
+
+def test_an_invalid_size_shows_its_message_in_the_panel(panel: GenerationPanel) -> None:
+    panel.width.value = 100
+    assert panel.size.value is None  # no preset matches: "custom"
+    panel.generate_button.click()
+    assert not panel.running and panel.results == []
+    assert isinstance(panel.error, ValueError)
+    assert "width=100" in panel.error_box.value and "multiple of 8" in panel.error_box.value
+    panel.width.value = 128
+    panel.generate_button.click()
+    assert panel.wait(TIMEOUT) is not None and panel.error_box.value == ""  # the next run clears it
+
+
+class Broken:
+    @staticmethod
+    @hookimpl
+    def register_samplers(register):  # type: ignore[no-untyped-def]
+        def explode(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("the broken sampler exploded")
+
+        register(Sampler("panel_test_broken", "raises (test)", explode))
+
+
+def test_an_error_inside_the_job_lands_in_the_panel(panel: GenerationPanel) -> None:
+    cascade_lab.register_plugin(Broken, name="panel_test_broken_plugin")
+    try:
+        panel.refresh_options()
+        panel.stage["b"]["sampler"].value = "panel_test_broken"
+        panel.generate_button.click()
+        assert panel.wait(TIMEOUT) is None
+    finally:
+        cascade_lab.unregister_plugin("panel_test_broken_plugin")
+    assert isinstance(panel.error, RuntimeError)
+    assert "RuntimeError: the broken sampler exploded" in panel.error_box.value
+    assert "Traceback" in panel.error_box.value  # the details are folded under the message
+    assert panel.status.value == "failed" and panel.progress.bar_style == "danger"
+    assert not panel.generate_button.disabled and panel.cancel_button.disabled
+
+
+def test_a_busy_session_is_reported_in_the_panel(panel: GenerationPanel, session: Session) -> None:
+    with session.job("a %%cascade cell"):
+        panel.generate_button.click()
+        panel.wait(TIMEOUT)
+    assert "already running" in panel.error_box.value and "%%cascade cell" in panel.error_box.value
+
+
+def test_size_presets_and_seed_controls(panel: GenerationPanel) -> None:
+    panel.size.value = (1216, 832)
+    assert (panel.width.value, panel.height.value) == (1216, 832)
+    panel.height.value = 1024
+    panel.width.value = 1024
+    assert panel.size.value == (1024, 1024)
+    seeds = set()
+    for _ in range(3):
+        panel.randomise.click()
+        seeds.add(panel.seed.value)
+    assert len(seeds) == 3
+    panel.new_seed_each_run.value = True
+    before = panel.seed.value
+    panel.width.value = 100  # fail fast: only the seed handling is under test here
+    panel.generate()
+    assert panel.seed.value != before
+
+
+def test_copy_as_cascade_cell_round_trips_through_the_magic_parser(panel: GenerationPanel) -> None:
+    panel.negative.value = "blurry\nlow quality"
+    panel.stage["b"]["shift"].value = 1.5
+    panel.stage["c"]["sampler"].value = "ddim"
+    panel.generate_button.click()
+    result = panel.wait(TIMEOUT)
+    assert result is not None
+    item = panel.gallery.children[0]
+    copy_button = item.children[-1].children[1].children[0]
+    assert panel.copy_area.layout.display == "none"
+    copy_button.click()
+    text = panel.copy_area.value
+    assert panel.copy_area.layout.display is None and text == cascade_cell(result.params)
+    line, body = text.split("\n", 1)
+    assert line.startswith("%%cascade ")
+    request = parse_cell(line[len("%%cascade "):], body + "\n", {})  # IPython ends a cell body with a newline
+    p = result.params
+    assert request.prompt == p.prompt and request.negative_prompt == p.negative_prompt
+    for name in ("seed", "width", "height", "variant", "steps_c", "steps_b", "cfg_c", "cfg_b", "shift_b",
+                 "sampler_c", "sampler_b", "scheduler_c", "scheduler_b"):
+        assert request.options[name] == getattr(p, name), name
+
+
+def test_inspect_button_shows_a_latent_inspector(panel: GenerationPanel) -> None:
+    panel.generate()
+    panel.wait(TIMEOUT)
+    inspect_button = panel.gallery.children[0].children[-1].children[1].children[1]
+    inspect_button.click()
+    (shown,) = panel.inspector_box.children
+    assert len(shown.children[0].children) == 5  # the inspector's tabs
+
+
+def test_jobs_run_off_the_calling_thread(panel: GenerationPanel) -> None:
+    threads: set[str] = set()
+    panel.progress.observe(lambda _: threads.add(threading.current_thread().name), "value")
+    panel.generate()
+    panel.wait(TIMEOUT)
+    assert threads == {"cascade_lab-panel"}

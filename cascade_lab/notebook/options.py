@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,9 +245,10 @@ def resolve_image(option: str, spec: str, namespace: Mapping[str, Any]) -> Any:
 def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellRequest:
     """Options from the magic line, prompt (and negative) from the body → a `CellRequest`."""
     try:
-        args = PARSER.parse_argstring(line)
+        argv = shlex.split(line)  # POSIX quoting: "a b" and 'a b' are one value without their quotes
     except ValueError as exc:  # unbalanced quotes in the line
         raise UsageError(f"%%cascade options: {exc}") from None
+    args = PARSER.parse_args(argv)
     prompt, negative = split_body(cell)
     if args.expand:
         prompt = expand(prompt, namespace)

@@ -47,3 +47,195 @@ def test_unload_and_reload_leave_nothing_twice(ip) -> None:  # type: ignore[no-u
 
     names = plugins.registries()["variant"].names()
     assert len(names) == len(set(names))
+
+
+# -- %cascade subcommands, defaults as traits, lazy loading ----------------------------------------------
+@pytest.fixture
+def session(monkeypatch):  # type: ignore[no-untyped-def]
+    """A fresh shared session for the test (the magics read and write its defaults)."""
+    from cascade_lab.notebook import session as session_module
+
+    s = session_module.Session()
+    monkeypatch.setattr(session_module, "_session", s)
+    return s
+
+
+def test_help_documents_the_cell_options_separator_sizes_and_lazy_loading(ip, session, capsys) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", "")
+    out = capsys.readouterr().out
+    for words in ("%%cascade [options]", "--- negative ---", "portrait     2:3  768x1152", "--lora FILE[:STRENGTH]",
+                  '%config MagicsManager.lazy_magics = {"cascade": "cascade_lab"}', "--expand", "--steps-c N"):
+        assert words in out, words
+    assert "--- negative ---" in ip.find_line_magic("cascade").__doc__
+
+
+def test_config_shows_and_sets_the_session_defaults(ip, session, capsys) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", "config variant=tiny size=portrait steps_c=3 preview=off device=cpu")
+    d = session.defaults
+    assert (d.variant, d.width, d.height, d.steps_c, d.preview, d.device) == ("tiny", 768, 1152, 3, False, "cpu")
+    magics = ip.magics_manager.registry["CascadeMagics"]
+    assert magics.default_variant == "tiny" and magics.default_size == "768x1152" and magics.preview is False
+    ip.run_line_magic("cascade", "config")
+    out = capsys.readouterr().out
+    assert "variant          = tiny" in out and "size             = 768x1152" in out
+    with pytest.raises(UsageError, match="%cascade config: sampler='nope': unknown sampler 'nope'; available"):
+        ip.run_line_magic("cascade", "config steps_c=5 sampler=nope")
+    with pytest.raises(UsageError, match="unknown default 'bogus'; known: variant, device"):
+        ip.run_line_magic("cascade", "config bogus=1")
+    with pytest.raises(UsageError, match="%cascade config size: 'x' is not a size"):
+        ip.run_line_magic("cascade", "config size=x")
+    with pytest.raises(UsageError, match="write KEY=VALUE"):
+        ip.run_line_magic("cascade", "config variant")
+    assert session.defaults.steps_c == 3
+
+
+def test_percent_config_sets_defaults_through_the_traits(ip, session, capsys, caplog) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("config", 'CascadeMagics.default_variant = "lite_bf16"')
+    ip.run_line_magic("config", "CascadeMagics.default_steps_b = 4")
+    ip.run_line_magic("config", 'CascadeMagics.default_size = "16:9"')
+    assert (session.defaults.variant, session.defaults.steps_b) == ("lite_bf16", 4)
+    assert (session.defaults.width, session.defaults.height) == (1408, 768)
+    ip.run_line_magic("config", 'CascadeMagics.default_sampler = "nope"')  # %config logs the error
+    assert "CascadeMagics.default_sampler: sampler='nope': unknown sampler 'nope'" in caplog.text
+    assert session.defaults.sampler == "ddpm" and ip.magics_manager.registry["CascadeMagics"].default_sampler == "ddpm"
+    ip.run_line_magic("config", "CascadeMagics")
+    assert "default_variant" in capsys.readouterr().out
+
+
+def test_configured_traits_reach_the_session_on_load(session) -> None:  # type: ignore[no-untyped-def]
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    config.CascadeMagics.default_variant = "tiny"
+    config.CascadeMagics.default_cfg_c = 3.0
+    config.CascadeMagics.default_scheduler = "nope"  # a bad value warns and never breaks loading
+    InteractiveShell.clear_instance()
+    try:
+        shell = InteractiveShell.instance(config=config)
+        with pytest.warns(UserWarning, match="CascadeMagics.default_scheduler"):
+            shell.run_line_magic("load_ext", "cascade_lab")
+        assert (session.defaults.variant, session.defaults.cfg_c, session.defaults.scheduler) == ("tiny", 3.0, "cosine")
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_lazy_magics_work_without_load_ext(session) -> None:  # type: ignore[no-untyped-def]
+    """Both documented forms: %config in a notebook, and c.MagicsManager.lazy_magics in a profile."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    for in_profile in (False, True):
+        config = Config()
+        config.HistoryManager.enabled = False
+        if in_profile:
+            config.MagicsManager.lazy_magics = {"cascade": "cascade_lab"}
+        InteractiveShell.clear_instance()
+        try:
+            shell = InteractiveShell.instance(config=config)
+            if not in_profile:
+                shell.run_line_magic("config", 'MagicsManager.lazy_magics = {"cascade": "cascade_lab"}')
+            assert "CascadeMagics" not in dict.keys(shell.magics_manager.registry)
+            with pytest.raises(UsageError, match="argument -s/--seed"):  # the cell magic is found and parses
+                shell.run_cell_magic("cascade", "-s nope", "a cat\n")
+            assert "cascade_lab" in shell.extension_manager.loaded  # type: ignore[union-attr]
+            assert shell.find_line_magic("cascade") is not None
+        finally:
+            InteractiveShell.clear_instance()
+
+
+def test_variants_show_memory_and_local_files(ip, session, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from cascade_lab import weights
+
+    def locate(variant, download=True, **options):  # type: ignore[no-untyped-def]
+        assert download is False
+        if variant == "lite_bf16":
+            return {}
+        if variant == "lite":
+            raise OSError("unreadable header")
+        raise weights.WeightsNotFoundError(f"Stable Cascade variant {variant!r}: 3 file(s) not found (...)")
+
+    monkeypatch.setattr(weights, "locate", locate)
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", "variants")
+    out = capsys.readouterr().out
+    blocks = {b.split()[0]: b for b in out.split("\n") if b and not b.startswith(" ")}
+    assert "lite_bf16" in blocks and "memory on cpu (Stage C bfloat16" in out
+    after = {name: out.split("\n" + name + "  ", 1)[1].split("\n")[1:3] for name in ("full", "lite", "lite_bf16")}
+    assert "GiB all resident" in after["lite_bf16"][0] and "with stage swapping" in after["lite_bf16"][0]
+    assert after["lite_bf16"][1].strip() == "files: present on this machine"
+    assert "not present (3 of 7 files missing" in after["full"][1]
+    assert "could not check (OSError: unreadable header)" in after["lite"][1]
+    assert "tiny" in blocks and "built in: no weight files needed" in out
+
+
+def test_panel_and_inspect_display_the_widgets_lazily(ip, session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    import types
+
+    from IPython.utils.capture import capture_output
+
+    made: list[object] = []
+
+    def make_panel() -> str:
+        made.append("panel")
+        return "PANEL"
+
+    def make_inspector(result: object) -> str:
+        made.append(result)
+        return "INSPECTOR"
+
+    panel, inspector = types.ModuleType("panel"), types.ModuleType("inspector")
+    panel.GenerationPanel = make_panel  # type: ignore[attr-defined]
+    inspector.LatentInspector = make_inspector  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cascade_lab.notebook.panel", panel)
+    monkeypatch.setitem(sys.modules, "cascade_lab.notebook.inspector", inspector)
+    ip.run_line_magic("load_ext", "cascade_lab")
+
+    class FakeResult:
+        latent_c = None
+
+    result = FakeResult()
+    with pytest.raises(UsageError, match="no result yet"):
+        ip.run_line_magic("cascade", "inspect")
+    ip.user_ns.update(res=result, other=3)
+    with capture_output() as cap:
+        ip.run_line_magic("cascade", "panel")
+        ip.run_line_magic("cascade", "inspect res")
+        session.results.append(result)
+        ip.run_line_magic("cascade", "inspect")
+    assert made == ["panel", result, result]
+    assert [o.data["text/plain"] for o in cap.outputs] == ["'PANEL'", "'INSPECTOR'", "'INSPECTOR'"]
+    with pytest.raises(UsageError, match="'nope' is not defined in the notebook"):
+        ip.run_line_magic("cascade", "inspect nope")
+    with pytest.raises(UsageError, match="'other' is a int, not a cascade_lab Result"):
+        ip.run_line_magic("cascade", "inspect other")
+    monkeypatch.setitem(sys.modules, "cascade_lab.notebook.panel", None)  # as if the module were missing
+    with pytest.raises(UsageError, match="GenerationPanel is not available in this version"):
+        ip.run_line_magic("cascade", "panel")
+
+
+def test_cancel_and_unload(ip, session, capsys) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", "cancel")
+    assert capsys.readouterr().out.strip() == "no cascade_lab job is running"
+    with session.job("a panel job"):
+        ip.run_line_magic("cascade", "cancel")
+        assert session.token()
+        with pytest.raises(UsageError, match="already running: a panel job"):
+            ip.run_line_magic("cascade", "unload")
+    assert "cancel requested: the job stops before its next step" in capsys.readouterr().out
+    ip.run_line_magic("cascade", "unload")
+    assert session.loaded == [] and "models unloaded" in capsys.readouterr().out
+
+
+def test_unload_ext_removes_the_configurable(ip, session) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("reload_ext", "cascade_lab")
+    assert sum(type(c).__name__ == "CascadeMagics" for c in ip.configurables) == 1
+    ip.run_line_magic("unload_ext", "cascade_lab")
+    assert not any(type(c).__name__ == "CascadeMagics" for c in ip.configurables)

@@ -173,11 +173,16 @@ def test_inspector_without_trajectory_or_previewer() -> None:
 
 def test_inspector_on_a_tiny_generation_uses_the_previewer() -> None:
     from cascade_lab.api import Cascade
+    from cascade_lab.notebook.session import Session
 
     cascade = Cascade("tiny")
     result = cascade.generate("a cat", width=128, height=128, steps_c=3, steps_b=2, seed=0, keep_trajectory=True)
     assert len(result.trajectory_c) == 3 and len(result.trajectory_b) == 2
-    inspector = LatentInspector(result, preview=cascade.preview)
+    session = Session()
+    assert LatentInspector(result, session=session).preview is None  # nothing loaded: channels 0–2, no loading
+    session.use(cascade)
+    inspector = LatentInspector(result, session=session)  # the loaded cascade's Previewer, found by variant
+    assert inspector.preview == cascade.preview
     inspector.step.value = 0
     fig = trajectory_figure(result.trajectory_c, 0, cascade.preview)
     expected = cascade.preview(result.trajectory_c[0][:1])[0].permute(1, 2, 0)

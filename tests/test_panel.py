@@ -235,3 +235,14 @@ def test_jobs_run_off_the_calling_thread(panel: GenerationPanel) -> None:
     panel.generate()
     panel.wait(TIMEOUT)
     assert threads == {"cascade_lab-panel"}
+
+
+def test_the_form_starts_from_the_session_defaults(session: Session) -> None:
+    session.configure(width=256, height=128, steps_c=5, steps_b=3, cfg_c=2.5, sampler="ddim", scheduler="karras")
+    panel = GenerationPanel(session=session)
+    assert panel.variant.value == "tiny" and (panel.width.value, panel.height.value) == (256, 128)
+    assert panel.stage["c"]["steps"].value == 5 and panel.stage["b"]["steps"].value == 3
+    assert panel.stage["c"]["cfg"].value == 2.5
+    assert {panel.stage[s][k].value for s in "cb" for k in ("sampler",)} == {"ddim"}
+    assert panel.stage["b"]["scheduler"].value == "karras"
+    assert GenerationPanel(session=session, steps_c=7).stage["c"]["steps"].value == 7  # explicit beats defaults

@@ -188,18 +188,33 @@ def stats_html(stats: list[ChannelStats]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def session_preview(result: Any, session: Any = None) -> Preview | None:
+    """`Cascade.preview` of a cascade of ``result``'s variant already loaded in the session (never loads one)."""
+    from .session import get_session
+
+    variant = getattr(getattr(result, "params", None), "variant", None)
+    session = session if session is not None else get_session()
+    for key in reversed(session.loaded):
+        cascade = session.cascade(*key)
+        if variant is not None and variant in (key[0], getattr(cascade, "variant_name", None)):
+            return cascade.preview  # type: ignore[no-any-return]
+    return None
+
+
 class LatentInspector:
     """Tabs over one result: Stage C channels, statistics + histograms, trajectory (step slider), Stage B
     channels, step change; and an Export button writing every figure as PNG and SVG.
 
-    ``preview`` turns a Stage C latent into RGB (pass ``cascade.preview``); without it the trajectory shows
-    channels 0–2. Display it as the last expression of a cell.
+    ``preview`` turns a Stage C latent into RGB (``cascade.preview``); by default the Previewer of a cascade of
+    the result's variant loaded in the session, else the trajectory shows channels 0–2. Display it as the
+    last expression of a cell.
     """
 
     def __init__(self, result: Any, *, preview: Preview | None = None, index: int = 0,
-                 export_folder: str | Path = "cascade_figures") -> None:
+                 export_folder: str | Path = "cascade_figures", session: Any = None) -> None:
         if not 0 <= index < result.latent_c.shape[0]:
             raise ValueError(f"index={index}: the result holds {result.latent_c.shape[0]} image(s)")
+        preview = preview if preview is not None else session_preview(result, session)
         self.result, self.preview, self.index = result, preview, index
         self.stats = channel_stats(result.latent_c, index)
         steps = len(result.trajectory_c)

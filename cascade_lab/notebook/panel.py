@@ -78,15 +78,21 @@ def _slider(kind: type, value: float, low: float, high: float, step: float, labe
 class GenerationPanel:
     """Prompt, sizes, per-stage settings, seed, sampler/scheduler/variant, Generate/Cancel, preview, gallery.
 
-    ``defaults`` are any `GenerationParams` fields (e.g. ``width=128, steps_c=4``) for the form's start values.
-    Display it as the last expression of a cell. `generate`, `cancel` and `wait` drive it from code.
+    The form starts from the session's defaults (``%cascade config``); ``defaults`` are any `GenerationParams`
+    fields (e.g. ``width=128, steps_c=4``) to start from instead. Display it as the last expression of a cell;
+    `generate`, `cancel` and `wait` drive it from code.
     """
 
-    def __init__(self, variant: str = "auto", *, prompt: str = "", session: Any = None,
-                 keep_trajectory: bool = True, **defaults: Any) -> None:
-        self.base = GenerationParams(prompt, **defaults).validate()
+    def __init__(self, variant: str | None = None, *, prompt: str = "", session: Any = None,
+                 keep_trajectory: bool | None = None, **defaults: Any) -> None:
         self.session = session if session is not None else get_session()
-        self.keep_trajectory = keep_trajectory
+        d = self.session.defaults
+        start: dict[str, Any] = {"width": d.width, "height": d.height, "steps_c": d.steps_c, "steps_b": d.steps_b,
+                                 "cfg_c": d.cfg_c, "cfg_b": d.cfg_b, "sampler_c": d.sampler, "sampler_b": d.sampler,
+                                 "scheduler_c": d.scheduler, "scheduler_b": d.scheduler}
+        self.base = GenerationParams(prompt, **(start | defaults)).validate()
+        variant = variant or d.variant
+        self.keep_trajectory = keep_trajectory  # None: the session's default at each run
         self.results: list[Any] = []
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -276,7 +282,7 @@ class GenerationPanel:
             self.progress.value, self.progress.bar_style = self.progress.max, "success"
             self.preview.value = png_bytes(result.images[0])
             self.preview.format = "png"
-            self.gallery.children = (self._gallery_item(result, self._job_variant), *self.gallery.children)
+            self.gallery.children = (self._gallery_item(result), *self.gallery.children)
             self._set_running(False, f"done in {time.perf_counter() - started:.1f} s, seed {result.params.seed}")
 
     def _on_step(self, event: Any) -> None:
@@ -311,7 +317,7 @@ class GenerationPanel:
         self.error_box.value = f'<div style="color:#b00020">{body}</div>'
 
     # -- gallery ---------------------------------------------------------------------------------------
-    def _gallery_item(self, result: Any, variant: str) -> widgets.HBox:
+    def _gallery_item(self, result: Any) -> widgets.HBox:
         p = result.params
         thumbs = [widgets.Image(value=png_bytes(im), format="png", layout=widgets.Layout(width="160px"))
                   for im in result.images]
@@ -323,18 +329,15 @@ class GenerationPanel:
         copy = widgets.Button(description="copy as %%cascade", icon="copy")
         copy.on_click(lambda _: self.copy_cell(result))
         inspect = widgets.Button(description="inspect latents", icon="search")
-        inspect.on_click(lambda _: self.inspect(result, variant))
+        inspect.on_click(lambda _: self.inspect(result))
         return widgets.HBox([*thumbs, widgets.VBox([summary, widgets.HBox([copy, inspect])])])
 
-    def inspect(self, result: Any, variant: str | None = None) -> Any:
-        """Show a `LatentInspector` for ``result`` in the panel (the Previewer of its variant when still loaded)."""
+    def inspect(self, result: Any) -> Any:
+        """Show a `LatentInspector` for ``result`` in the panel (with its variant's Previewer while loaded)."""
         from .inspector import LatentInspector
 
-        variant = variant or result.params.variant
-        loaded = [key for key in self.session.loaded if key[0] == variant]
-        preview = self.session.cascade(*loaded[-1]).preview if loaded else None
         try:
-            inspector = LatentInspector(result, preview=preview)
+            inspector = LatentInspector(result, session=self.session)
         except Exception as exc:
             self._show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
             return None

@@ -58,6 +58,18 @@ def read_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
+def assert_matches_manifest(model: Any, name: str) -> None:
+    """Keys (any order), shapes and dtypes of model.state_dict() equal manifests/<name>.tsv."""
+    expected = {key: (shape, dtype) for key, shape, dtype in read_manifest(name)}
+    actual = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+    assert not missing and not unexpected, (
+        f"{name}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
+    )
+    wrong = {k: f"{actual[k]} != manifest {expected[k]}" for k in expected if actual[k] != expected[k]}
+    assert not wrong, f"{name}: {len(wrong)} shape/dtype mismatches, e.g. {dict(list(wrong.items())[:8])}"
+
+
 @pytest.fixture
 def ip():
     """A fresh InteractiveShell per test: history off, errors re-raised (jupysql's _testing style)."""

@@ -6,21 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import call_kwargs, load_fixture, read_manifest, reference_dir
+from conftest import assert_matches_manifest, call_kwargs, load_fixture, reference_dir
 
 from cascade_lab.models.stage_a import StageA, StageAConfig, nearest_code
-
-
-def assert_matches_manifest(model: torch.nn.Module, name: str) -> None:
-    """Keys (any order), shapes and dtypes of model.state_dict() equal manifests/<name>.tsv."""
-    expected = {key: (shape, dtype) for key, shape, dtype in read_manifest(name)}
-    actual = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
-    assert not missing and not unexpected, (
-        f"{name}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-    )
-    wrong = {k: f"{actual[k]} != manifest {expected[k]}" for k in expected if actual[k] != expected[k]}
-    assert not wrong, f"{name}: {len(wrong)} shape/dtype mismatches, e.g. {dict(list(wrong.items())[:8])}"
 
 
 @pytest.mark.reference

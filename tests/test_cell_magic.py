@@ -70,7 +70,11 @@ def passed(call: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- options ---------------------------------------------------------------------------------------------
-def test_every_option_is_passed_through(shell: Any, calls: list[dict[str, Any]], tmp_path: Any) -> None:
+def test_every_option_is_passed_through(shell: Any, calls: list[dict[str, Any]], tmp_path: Any,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("style.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"")
     source = Image.new("RGB", (64, 64), "red")
     shell.user_ns["src"] = source
     shell.user_ns["arr"] = np.zeros((32, 32, 3), np.uint8)
@@ -98,7 +102,7 @@ def test_unset_options_are_left_to_the_session_defaults(shell: Any, calls: list[
     shell.user_ns["img"] = "img.png"  # a variable holding a path means that file
     shell.run_cell_magic("cascade", "--size wide --sampler-c lcm --scheduler exponential -i img", "x")
     assert passed(calls[0]) == {"width": 1408, "height": 768, "sampler_c": "lcm", "scheduler_c": "exponential",
-                                "scheduler_b": "exponential", "image": "img.png", "strength": 0.8,
+                                "scheduler_b": "exponential", "image": "img.png", "strength": 0.8, "loras": [],
                                 "variant": None, "device": None, "dtype": None}
 
 
@@ -122,6 +126,7 @@ def test_unset_options_are_left_to_the_session_defaults(shell: Any, calls: list[
     ("-i no_such_var", "--image 'no_such_var': neither a notebook variable nor an existing file"),
     ("--variation nothing.png:0.5", "--variation 'nothing.png': neither a notebook variable nor an existing file"),
     ("--lora style.ckpt", "argument --lora: 'style.ckpt': give a .safetensors file"),
+    ("--lora gone.safetensors:0.5", "--lora 'gone.safetensors': file not found"),
     ("-o 1x", "-o/--out '1x': not a valid Python variable name"),
     ("--save out.jpg", "--save 'out.jpg': cascade_lab writes PNG files"),
     ("--bogus 1", "unrecognized arguments: --bogus"),
@@ -248,11 +253,44 @@ def test_preview_updates_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(shown) == 3  # at 0.0, 0.55 and 1.2 s
 
 
-def test_lora_is_refused_until_the_api_applies_it(shell: Any) -> None:
-    if hasattr(Cascade, "set_loras"):
-        pytest.skip("this Cascade applies LoRA files")
-    with pytest.raises(UsageError, match="--lora: LoRA not available in this version"):
-        shell.run_cell_magic("cascade", "--lora style.safetensors:0.5", "x\n")
+def tiny_lora(path: Any) -> str:
+    """A kohya-format LoRA file for two layers of the tiny Stage C."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    layers = (("lora_unet_down_blocks_0_2_attention_attn_out_proj", 32), ("lora_unet_up_blocks_1_2_kv_mapper_1", 40))
+    for name, width in layers:  # width: the tiny Stage C channels, 40 for the kv_mapper's c_cond input
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, width, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def test_lora_applies_per_cell(shell: Any, tiny: Cascade, tmp_path: Any) -> None:
+    path = tiny_lora(tmp_path / "style.safetensors")
+    try:
+        with capture_output():
+            shell.run_cell_magic("cascade", f"--lora {path}:0.8 -s 4 -o styled --no-preview", "x\n")
+            shell.run_cell_magic("cascade", f"--lora {path}:0.5 -s 4 -o weaker --no-preview", "x\n")
+            shell.run_cell_magic("cascade", "-s 4 -o plain --no-preview", "x\n")
+        styled, weaker, plain = (shell.user_ns[n] for n in ("styled", "weaker", "plain"))
+        assert styled.params.loras == ((path, 0.8),) and weaker.params.loras == ((path, 0.5),)
+        assert plain.params.loras == () and tiny.loras == []  # a cell without --lora runs without any
+        assert not np.array_equal(np.asarray(styled.image), np.asarray(plain.image))
+    finally:
+        if tiny.loras:
+            tiny.unload_lora()
+
+
+def test_lora_refused_by_a_cascade_without_lora_support() -> None:
+    from cascade_lab.notebook.session import LoraUnavailable
+
+    with pytest.raises(LoraUnavailable, match="LoRA not available in this version"):
+        Session._apply_loras(object(), [("x.safetensors", 1.0)])
+    Session._apply_loras(object(), [])  # nothing asked: nothing to refuse
 
 
 def test_img2img_from_a_variable(shell: Any, made: Any) -> None:

@@ -286,7 +286,9 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
     if args.variation:
         opts["variations"] = [resolve_image("--variation", spec, namespace) for spec, _ in args.variation]
         opts["variation_weights"] = [weight for _, weight in args.variation]
-    if args.lora:
-        opts["loras"] = list(args.lora)
+    for path, _ in args.lora:
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--lora {path!r}: file not found")
+    opts["loras"] = list(args.lora)  # per cell: a cell without --lora runs without any
     negative = negative if negative is not None else args.negative or ""
     return CellRequest(prompt, negative, opts, args.out, args.save, args.preview)

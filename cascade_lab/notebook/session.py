@@ -207,14 +207,16 @@ class Session:
         return True
 
     def generate(self, prompt: str, negative_prompt: str = "", *, variant: str | None = None,
-                 device: str | None = None, dtype: str | None = None, loras: Sequence[tuple[str, float]] = (),
+                 device: str | None = None, dtype: str | None = None, loras: Sequence[tuple[str, float]] | None = None,
                  callback: Callable[[Any], Any] | None = None, keep_trajectory: bool | None = None,
                  **options: Any) -> Any:
         """`Cascade.generate` on the session's cascade, with the defaults for every option not given.
 
         ``options`` are `Cascade.generate`'s keywords (``width``, ``seed``, ``steps_c``, ``image``, ...).
-        Raises `JobRunning`, `LoraUnavailable`, or `Cancelled` when `cancel` was called; after a cancel or
-        a KeyboardInterrupt call `free_memory()` once the exception is handled.
+        ``loras`` [(file, strength)]: the Stage C LoRAs of this job, loaded, re-weighted or unloaded on the
+        cached cascade to match (None leaves loaded LoRAs as they are). Raises `JobRunning`, `LoraUnavailable`,
+        or `Cancelled` when `cancel` was called; after a cancel or a KeyboardInterrupt call `free_memory()`
+        once the exception is handled.
         """
         d = self.defaults
         kwargs: dict[str, Any] = {
@@ -238,12 +240,24 @@ class Session:
         return result
 
     @staticmethod
-    def _apply_loras(cascade: Any, loras: Sequence[tuple[str, float]]) -> None:
-        set_loras = getattr(cascade, "set_loras", None)
-        if set_loras is not None:
-            set_loras(list(loras))  # declarative: the cached cascade carries exactly these LoRAs
-        elif loras:
-            raise LoraUnavailable("LoRA not available in this version")
+    def _apply_loras(cascade: Any, loras: Sequence[tuple[str, float]] | None) -> None:
+        """Make the cascade carry exactly ``loras`` (None: leave whatever is loaded)."""
+        if loras is None:
+            return
+        if not hasattr(cascade, "load_lora"):
+            if loras:
+                raise LoraUnavailable("LoRA not available in this version")
+            return
+        wanted = {str(path): float(strength) for path, strength in loras}
+        for path, _, _ in list(cascade.loras):
+            if path not in wanted:
+                cascade.unload_lora(path)
+        loaded = {path: strength for path, strength, _ in cascade.loras}
+        for path, strength in wanted.items():
+            if path not in loaded:
+                cascade.load_lora(path, strength)
+            elif loaded[path] != strength:
+                cascade.set_lora_strength(path, strength)
 
     @property
     def last_result(self) -> Any:

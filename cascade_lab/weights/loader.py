@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ def load_stage(
     device: torch.device | str = "cpu",
     config: Any = None,
     comfyui: str | os.PathLike[str] | None = None,
+    mmap: bool = True,
 ) -> nn.Module:
     """Load ``stage`` (``stage_c``, ``stage_b``, ``stage_a``, ``effnet``, ``previewer``, ``controlnet``).
 
@@ -76,7 +78,9 @@ def load_stage(
     diffusers folder (or repo root), or a variant name such as ``"lite_bf16"`` (located with
     :func:`~cascade_lab.weights.locate.locate`). ``dtype`` casts floating-point weights (None keeps the
     stored dtype); ``config`` is a config object or preset name (``"tiny"``) for sizes the header cannot
-    name. Returns the model in eval mode.
+    name. With ``mmap`` (CPU), weights already stored in ``dtype`` are views of a private copy-on-write map
+    of the file: no copy, paged in on first use — do not overwrite the file in place while the model lives.
+    Returns the model in eval mode.
     """
     import torch
 
@@ -92,11 +96,11 @@ def load_stage(
 
         raise TypeError(f"{src.path}: {FP16_ERROR}" + (
             "" if dtype is not None else " (this file stores float16: pass dtype=torch.bfloat16)"))
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = cfg.build()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(src, plan, expected, built=f"{type(model).__name__} from {cfg!r}")
-    state = dict(read_tensors(src.header, plan, dtype=dtype, device=device))
+    state = dict(read_tensors(src.header, plan, dtype=dtype, device=device, mmap=mmap))
     for key in expected.keys() - state.keys():  # only ignorable counters are left by check_keys
         state[key] = torch.zeros((), dtype=torch.long, device=device)
     model.load_state_dict(state, strict=True, assign=True)
@@ -106,6 +110,31 @@ def load_stage(
                            f"{src.path}: {', '.join(left[:10])}; non-persistent buffers must be created "
                            f"in a way that survives meta construction")
     return model.eval()
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Make ``torch.nn.init`` functions no-ops while a model is built on meta (every value is replaced).
+
+    Initialising meta tensors does no work, but ``normal_`` & co. on meta go through torch's Python
+    references and import ``torch._dynamo`` on first use: ~1.5 s of a first load. Not thread-safe (the
+    functions are swapped module-wide for the duration of the build), like transformers' no_init_weights.
+    """
+    from torch.nn import init
+
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+
+    def keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    for n in names:
+        setattr(init, n, keep)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
 
 
 def _resolve(stage: str, source: str | os.PathLike[str], comfyui: str | os.PathLike[str] | None,

@@ -220,12 +220,16 @@ def read_tensors(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    mmap: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(target_name, tensor)`` for each entry of ``plan``.
+    """Yield ``(target_name, tensor)`` for each entry of ``plan``, never holding more than one extra tensor.
 
-    ``plan`` maps a target name to a :class:`Recipe`; several sources are concatenated on dim 0 (split
-    ``to_q/to_k/to_v`` packed back into ``in_proj_weight``) by reading each straight into its row block of
-    one buffer. Floating-point tensors are cast to ``dtype``; integer buffers keep theirs.
+    ``plan`` maps a target name to a :class:`Recipe` (split ``to_q/to_k/to_v`` are packed back into one
+    ``in_proj_weight`` by reading each into its row block). Floating-point tensors are cast to ``dtype``;
+    integer buffers keep theirs. With ``mmap`` (CPU only), a tensor already stored in its target dtype is
+    a view of a private copy-on-write map of the file: nothing is copied, pages load on first use and stay
+    reclaimable page cache. Every other tensor is read with ``readinto`` — straight into its final storage,
+    or through one reused scratch buffer when it must be cast, transposed or moved to another device.
     """
     import torch
 
@@ -233,51 +237,99 @@ def read_tensors(
         raise WeightsFileError("safetensors data is little-endian; this machine is big-endian")
     if not isinstance(plan, Mapping):
         plan = {k: Recipe((k,)) for k in plan}
-    handles: dict[Path, Any] = {}
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    reader = _Reader(header, torch)
     try:
         for target, recipe in plan.items():
             infos = [header.tensors[s] for s in recipe.sources]
-            t = _read_into_new(header, infos, handles, torch)
-            if recipe.transpose:
-                t = t.t().contiguous()
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
-            if device is not None and t.device != torch.device(device):
-                t = t.to(device)
+            shape = recipe.shape(header)
+            stored = getattr(torch, infos[0].torch_dtype_name)
+            out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+            direct = dev.type == "cpu" and out_dtype == stored and not recipe.transpose
+            t = reader.mapped(infos[0]) if direct and mmap and len(infos) == 1 else None
+            if t is None and direct:  # bytes straight into the final storage
+                t = torch.empty(shape, dtype=stored)
+                reader.read_into(infos, t)
+            elif t is None:
+                raw_shape = tuple(reversed(shape)) if recipe.transpose else shape
+                tmp = reader.scratch(raw_shape, stored)
+                reader.read_into(infos, tmp)
+                t = torch.empty(shape, dtype=out_dtype, device=dev)
+                t.copy_(tmp.t() if recipe.transpose else tmp)  # cast, transpose and move in one copy
             yield target, t
     finally:
-        for h in handles.values():
+        reader.close()
+
+
+class _Reader:
+    """Open files, private file maps and a scratch buffer for one :func:`read_tensors` pass."""
+
+    def __init__(self, header: Header, torch: Any) -> None:
+        self.header, self.torch = header, torch
+        self.handles: dict[Path, Any] = {}
+        self.maps: dict[Path, Any] = {}
+        self._scratch: Any = None
+
+    def close(self) -> None:
+        for h in self.handles.values():
             h.close()
+        self._scratch = None
 
+    def mapped(self, info: TensorInfo) -> Any:
+        """``info`` as a view of a private (copy-on-write) map of its file, or None if misaligned/empty."""
+        torch = self.torch
+        if info.numel == 0 or info.begin % DTYPES[info.dtype][1]:
+            return None
+        path = file_of(self.header, info.name)
+        base = self.maps.get(path)
+        if base is None:
+            storage = torch.UntypedStorage.from_file(str(path), False, os.path.getsize(path))  # MAP_PRIVATE
+            base = self.maps[path] = torch.empty(0, dtype=torch.uint8).set_(storage)
+        if base.numel() < info.end:  # the file shrank after its header was read
+            self._truncated(path, info, base.numel() - info.begin)
+        view = base[info.begin:info.end].view(getattr(torch, info.torch_dtype_name))
+        return view.view(info.shape)
 
-def _read_into_new(header: Header, infos: list[TensorInfo], handles: dict[Path, Any], torch: Any) -> Any:
-    first = infos[0]
-    for other in infos[1:]:
-        if other.dtype != first.dtype or other.shape[1:] != first.shape[1:]:
-            raise WeightsFileError(
-                f"{file_of(header, first.name)}: cannot pack {first.name!r} {first.dtype}{list(first.shape)} "
-                f"with {other.name!r} {other.dtype}{list(other.shape)}: dtypes or trailing shapes differ")
-    shape = (sum(i.shape[0] for i in infos), *first.shape[1:]) if len(infos) > 1 else first.shape
-    out = torch.empty(shape, dtype=getattr(torch, first.torch_dtype_name))
-    flat = out.reshape(-1).view(torch.uint8)  # the same storage, as bytes
-    pos = 0
-    for info in infos:
-        nbytes = info.end - info.begin
-        if nbytes == 0:
-            continue
-        path = file_of(header, info.name)
-        f = handles.get(path)
-        if f is None:
-            f = handles[path] = open(path, "rb", buffering=0)
-        f.seek(info.begin)
-        view = memoryview(flat[pos:pos + nbytes].numpy())
-        got = 0
-        while got < nbytes:  # readinto may return short counts on some file systems
-            n = f.readinto(view[got:])
-            if not n:
+    def scratch(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A reused buffer viewed as ``shape``/``dtype`` (grown when needed, never shrunk)."""
+        torch = self.torch
+        nbytes = max(1, torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = None
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype)[: torch.Size(shape).numel()].view(shape)
+
+    def read_into(self, infos: list[TensorInfo], out: Any) -> None:
+        """Read ``infos`` back to back (concatenated on dim 0) into the contiguous tensor ``out``."""
+        first = infos[0]
+        for other in infos[1:]:
+            if other.dtype != first.dtype or other.shape[1:] != first.shape[1:]:
                 raise WeightsFileError(
-                    f"{path}: the file is truncated: tensor {info.name!r} should span bytes {info.begin}.."
-                    f"{info.end} but the file ends at {info.begin + got}. Delete it and fetch it again")
-            got += n
-        pos += nbytes
-    return out
+                    f"{file_of(self.header, first.name)}: cannot pack {first.name!r} {first.dtype}"
+                    f"{list(first.shape)} with {other.name!r} {other.dtype}{list(other.shape)}: "
+                    f"dtypes or trailing shapes differ")
+        flat = out.reshape(-1).view(self.torch.uint8)  # the same storage, as bytes
+        pos = 0
+        for info in infos:
+            nbytes = info.end - info.begin
+            if nbytes == 0:
+                continue
+            path = file_of(self.header, info.name)
+            f = self.handles.get(path)
+            if f is None:
+                f = self.handles[path] = open(path, "rb", buffering=0)
+            f.seek(info.begin)
+            view = memoryview(flat[pos:pos + nbytes].numpy())
+            got = 0
+            while got < nbytes:  # readinto may return short counts on some file systems
+                n = f.readinto(view[got:])
+                if not n:
+                    self._truncated(path, info, got)
+                got += n
+            pos += nbytes
+
+    @staticmethod
+    def _truncated(path: Path, info: TensorInfo, got: int) -> None:
+        raise WeightsFileError(
+            f"{path}: the file is truncated: tensor {info.name!r} should span bytes {info.begin}.."
+            f"{info.end} but the file ends at {info.begin + max(got, 0)}. Delete it and fetch it again")

@@ -65,11 +65,27 @@ def test_lean_load_matches_a_normal_load_and_the_reference(fixture: str) -> None
     torch.testing.assert_close(got, expected, atol=cfg["tolerance"]["atol"], rtol=cfg["tolerance"]["rtol"])
 
 
-def test_every_tensor_owns_exactly_its_storage() -> None:
-    """No tensor is a view into a file-sized buffer (nothing keeps a full-size copy alive)."""
-    model = load_stage("stage_c", reference_dir("fixtures", "stage_c_tiny") / "weights.safetensors", config="tiny")
+def test_without_mmap_every_tensor_owns_exactly_its_storage() -> None:
+    """Read with readinto: no tensor is a view into a bigger buffer (no full-size copy kept alive)."""
+    model = load_stage("stage_c", reference_dir("fixtures", "stage_c_tiny") / "weights.safetensors",
+                       config="tiny", mmap=False)
     for name, t in model.state_dict().items():
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+def test_mmap_weights_are_copy_on_write_views_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "stage_b.safetensors"
+    path.write_bytes((reference_dir("fixtures", "stage_b_tiny") / "weights.safetensors").read_bytes())
+    before = path.read_bytes()
+    model = load_stage("stage_b", path, config="tiny")
+    weight = model.clf[1].weight
+    assert weight.untyped_storage().nbytes() == path.stat().st_size  # a view of the mapped file, no copy
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)  # writes go to private pages, never to the file
+    assert path.read_bytes() == before
+    again = load_stage("stage_b", path, config="tiny")
+    assert torch.equal(again.clf[1].weight, original)
 
 
 def test_dtype_cast_while_reading() -> None:
@@ -273,3 +289,18 @@ def test_unknown_stage_and_missing_path() -> None:
         load_stage("stage_d", "x.safetensors")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_stage("stage_a", "/nonexistent/stage_a.safetensors")
+
+
+def test_init_functions_are_skipped_during_the_build_and_restored_after() -> None:
+    from cascade_lab.weights.loader import skip_init
+
+    original = torch.nn.init.normal_
+    with skip_init():
+        t = torch.zeros(3)
+        assert torch.nn.init.normal_(t) is t and torch.equal(t, torch.zeros(3))
+    assert torch.nn.init.normal_ is original
+    with pytest.raises(KeyError), skip_init():
+        raise KeyError("boom")
+    assert torch.nn.init.normal_ is original
+    load_stage("stage_b", reference_dir("fixtures", "stage_b_tiny") / "weights.safetensors", config="tiny")
+    assert torch.nn.init.normal_ is original

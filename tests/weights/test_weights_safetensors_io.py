@@ -55,25 +55,30 @@ def test_header_lists_names_shapes_dtypes_and_metadata(small) -> None:
     assert h.file_size == path.stat().st_size
 
 
-def test_read_tensors_returns_exact_values_and_keeps_integer_buffers(small) -> None:
+@pytest.mark.parametrize("mmap", [True, False])
+def test_read_tensors_returns_exact_values_and_keeps_integer_buffers(small, mmap: bool) -> None:
     path, tensors = small
-    got = dict(read_tensors(read_header(path), tensors.keys()))
+    got = dict(read_tensors(read_header(path), tensors.keys(), mmap=mmap))
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-    cast = dict(read_tensors(read_header(path), tensors.keys(), dtype=torch.bfloat16))
+        shared = got[k].untyped_storage().nbytes() == path.stat().st_size
+        assert shared == mmap, k  # mmap: views of the mapped file; else each tensor owns its storage
+    cast = dict(read_tensors(read_header(path), tensors.keys(), dtype=torch.bfloat16, mmap=mmap))
     assert cast["a.weight"].dtype == torch.bfloat16
     assert torch.equal(cast["a.weight"], tensors["a.weight"].to(torch.bfloat16))
     assert cast["bn.num_batches_tracked"].dtype == torch.long  # never cast integer buffers
 
 
-def test_read_tensors_packs_split_projections_in_place(small) -> None:
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_read_tensors_packs_split_projections_and_transposes(small, dtype: torch.dtype | None) -> None:
     path, tensors = small
     plan = {"h.in_proj_weight": Recipe(("h.to_q.weight", "h.to_k.weight", "h.to_v.weight")),
             "a_t": Recipe(("a.weight",), transpose=True)}
-    got = dict(read_tensors(read_header(path), plan))
+    got = dict(read_tensors(read_header(path), plan, dtype=dtype))
     want = torch.cat([tensors["h.to_q.weight"], tensors["h.to_k.weight"], tensors["h.to_v.weight"]])
-    assert torch.equal(got["h.in_proj_weight"], want)
-    assert torch.equal(got["a_t"], tensors["a.weight"].t())
+    assert torch.equal(got["h.in_proj_weight"], want.to(dtype or want.dtype))
+    assert torch.equal(got["a_t"], tensors["a.weight"].t().to(dtype or want.dtype))
+    assert got["a_t"].is_contiguous()
     assert plan["h.in_proj_weight"].shape(read_header(path)) == (6, 5)
     assert plan["a_t"].shape(read_header(path)) == (4, 6)
 
@@ -144,7 +149,8 @@ def test_truncated_data_names_the_tensor_and_sizes(small, tmp_path: Path) -> Non
     assert repr(last) in msg  # the last tensor, whose bytes are gone
 
 
-def test_file_shrinking_after_the_header_was_read(small, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mmap", [True, False])
+def test_file_shrinking_after_the_header_was_read(small, tmp_path: Path, mmap: bool) -> None:
     path, tensors = small
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(path.read_bytes())
@@ -152,7 +158,7 @@ def test_file_shrinking_after_the_header_was_read(small, tmp_path: Path) -> None
     with open(copy, "r+b") as f:
         f.truncate(header.tensors["half"].begin + 2)
     with pytest.raises(WeightsFileError, match=r"copy\.safetensors: the file is truncated: tensor 'half'"):
-        dict(read_tensors(header, tensors.keys()))
+        dict(read_tensors(header, tensors.keys(), mmap=mmap))
 
 
 def test_inconsistent_offsets_and_unknown_dtypes(tmp_path: Path) -> None:

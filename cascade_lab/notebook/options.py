@@ -142,13 +142,15 @@ def lora_arg(text: str) -> tuple[str, float]:
 
 def build_parser() -> MagicArgumentParser:
     """The ``%%cascade`` option parser."""
-    p = MagicArgumentParser(prog="%%cascade", description="Generate images; the cell body is the prompt.")
+    # prog "%cascade": IPython's usage line puts one more "%" in front
+    p = MagicArgumentParser(prog="%cascade", description="Generate images; the cell body is the prompt.")
     p.allow_abbrev = False  # a mistyped option is an error, never a guess
     add = p.add_argument
     add("-n", "--negative", metavar="TEXT", help="negative prompt (or write it in the body after a line "
         f"'{NEGATIVE_SEPARATOR}')")
     add("-s", "--seed", type=seed_int, help="random seed (default: random, recorded in the result)")
-    add("--size", type=size_arg, metavar="SIZE", help="WIDTHxHEIGHT, a ratio like 16:9, or a name (see below)")
+    add("--size", type=size_arg, metavar="SIZE", help="WIDTHxHEIGHT, a ratio like 16:9, or a name: "
+        + ", ".join(NAMED_SIZES) + " (table in %%cascade help)")
     add("-b", "--batch", type=positive_int, metavar="N", help="images per job")
     add("-v", "--variant", type=_registered("variant"), help="weight variant (auto, full, bf16, lite, ...)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -1,0 +1,206 @@
+"""On-disk caches of EfficientNet latents and text embeddings.
+
+A cache file's name is a hash of everything that decides its content: the image file's bytes (or the
+caption text), the bucket size, crop and resize rule, the encoder's fingerprint and dtype, and a format
+version. Changing any of them gives other names, so stale entries are never read. Files are written to a
+temporary name and renamed, so a crash or a second process never leaves a half-written entry.
+Options that would make a cache wrong are refused before anything is encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data import TrainingData
+
+CACHE_VERSION = 1
+Tensor = torch.Tensor
+
+
+def check_cache_options(config: TrainConfig, data: TrainingData) -> None:
+    """Refuse settings that cached values cannot honour (kohya refuses the same ones)."""
+    for subset in data.subsets:
+        where = f"subset {subset.image_dir}"
+        if config.cache_latents and (subset.random_crop or subset.color_aug):
+            option = "random_crop" if subset.random_crop else "color_aug"
+            raise ConfigError(f"{where}: {option}=true with cache_latents=true: a cached latent freezes one crop "
+                              f"and colour; set cache_latents=false (encode every step) or {option}=false")
+        if subset.color_aug:
+            raise ConfigError(f"{where}: color_aug is not implemented; remove it")
+        if config.cache_text_encoder_outputs and subset.shuffle_caption:
+            raise ConfigError(f"{where}: shuffle_caption=true with cache_text_encoder_outputs=true: every shuffled "
+                              "caption is a different text; set cache_text_encoder_outputs=false or "
+                              "shuffle_caption=false. (Caption dropout is fine: the empty caption is cached too.)")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _write(path: Path, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Tensor] | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception:  # missing or damaged: the caller encodes again
+        return None
+
+
+class LatentCache:
+    """EfficientNet latents [16, h, w] per training image (and its mirror image when flip_aug is on)."""
+
+    def __init__(self, folder: Path | None, data: TrainingData, effnet: Callable[[], Any],
+                 fingerprint: Callable[[], str], device: torch.device) -> None:
+        self.folder, self.data, self._effnet, self._fingerprint, self.device = folder, data, effnet, fingerprint, device
+        self._digests: dict[int, str] = {}
+        self._memory: dict[str, dict[str, Tensor]] = {}
+        self.encoded = 0  # images run through EfficientNet by this object (tests count cache misses)
+
+    def key(self, index: int) -> str:
+        rec = self.data.records[index]
+        if index not in self._digests:
+            self._digests[index] = file_digest(rec.path)
+        return _key({"v": CACHE_VERSION, "kind": "latent", "file": self._digests[index], "bucket": rec.bucket,
+                     "crop": "center", "resize": "lanczos-cover", "encoder": self._fingerprint(), "dtype": "float32"})
+
+    def _path(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / "latents" / key[:2] / f"{key}.safetensors"
+
+    def prepare(self, indices: Iterable[int]) -> int:
+        """Encode and store every listed image not cached yet; returns how many were encoded."""
+        todo = []
+        for index in sorted(set(indices)):
+            key = self.key(index)
+            if key in self._memory:
+                continue
+            stored = _read(self._path(key)) if self.folder is not None else None
+            if stored is not None and (not self._needs_flip(index) or "latents_flipped" in stored):
+                self._memory[key] = stored
+            else:
+                todo.append(index)
+        for start in range(0, len(todo), 8):
+            chunk = todo[start:start + 8]
+            by_bucket: dict[tuple[int, int], list[int]] = {}
+            for index in chunk:
+                by_bucket.setdefault(self.data.records[index].bucket, []).append(index)
+            for group in by_bucket.values():
+                self._encode_group(group)
+        return len(todo)
+
+    def _needs_flip(self, index: int) -> bool:
+        return self.data.subsets[self.data.records[index].subset].flip_aug
+
+    def _encode_group(self, indices: list[int]) -> None:
+        images = torch.stack([self.data.image(i) for i in indices])  # [n, 3, h, w]
+        latents = encode_images(self._effnet(), images, self.device)
+        flipped = encode_images(self._effnet(), images.flip(-1), self.device) if any(
+            self._needs_flip(i) for i in indices) else None
+        for j, index in enumerate(indices):
+            entry = {"latents": latents[j]}
+            if flipped is not None and self._needs_flip(index):
+                entry["latents_flipped"] = flipped[j]
+            key = self.key(index)
+            if self.folder is not None:
+                _write(self._path(key), entry)
+            self._memory[key] = entry
+        self.encoded += len(indices)
+
+    def get(self, index: int, flip: bool = False) -> Tensor:
+        key = self.key(index)
+        if key not in self._memory:
+            self.prepare([index])
+        return self._memory[key]["latents_flipped" if flip else "latents"]
+
+
+class TextCache:
+    """CLIP-G ``clip_text`` [T, C] and ``clip_text_pooled`` [1, C] per caption text (the empty caption included)."""
+
+    def __init__(self, folder: Path | None, text_encoder: Callable[[], Any], fingerprint: Callable[[], str],
+                 device: torch.device) -> None:
+        self.folder, self._encoder, self._fingerprint, self.device = folder, text_encoder, fingerprint, device
+        self._memory: dict[str, dict[str, Tensor]] = {}
+        self.encoded = 0
+
+    def key(self, caption: str) -> str:
+        return _key({"v": CACHE_VERSION, "kind": "text", "caption": caption, "encoder": self._fingerprint()})
+
+    def _path(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / "text" / key[:2] / f"{key}.safetensors"
+
+    def prepare(self, captions: Iterable[str]) -> int:
+        todo = []
+        for caption in sorted(set(captions)):
+            key = self.key(caption)
+            if key in self._memory:
+                continue
+            stored = _read(self._path(key)) if self.folder is not None else None
+            if stored is not None:
+                self._memory[key] = stored
+            else:
+                todo.append(caption)
+        for caption in todo:  # one at a time: each keeps its own number of 77-token windows
+            clip_text, pooled = encode_text(self._encoder(), [caption], self.device)
+            entry = {"clip_text": clip_text[0], "clip_text_pooled": pooled[0]}
+            if self.folder is not None:
+                _write(self._path(self.key(caption)), entry)
+            self._memory[self.key(caption)] = entry
+        self.encoded += len(todo)
+        return len(todo)
+
+    def get(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Batched ([B, T, C], [B, 1, C]); captions of different window counts are encoded together instead."""
+        self.prepare(captions)
+        entries = [self._memory[self.key(c)] for c in captions]
+        if len({e["clip_text"].shape[0] for e in entries}) > 1:
+            return encode_text(self._encoder(), list(captions), self.device)
+        return (torch.stack([e["clip_text"] for e in entries]), torch.stack([e["clip_text_pooled"] for e in entries]))
+
+
+@torch.no_grad()
+def encode_images(effnet: Any, images: Tensor, device: torch.device) -> Tensor:
+    """RGB [B, 3, H, W] in [0, 1] → latents [B, 16, H/32, W/32] (float32, CPU); NaNs become 0 (kohya)."""
+    effnet.to(device)
+    latents = effnet.encode_image(images.to(device)).float().cpu()
+    return torch.nan_to_num(latents, nan=0.0)
+
+
+@torch.no_grad()
+def encode_text(text_encoder: Any, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Captions → (clip_text [B, T, C], clip_text_pooled [B, 1, C]) in float32 on the CPU."""
+    text_encoder.to(device)
+    clip_text, pooled = text_encoder.encode(captions)
+    return clip_text.float().cpu(), pooled.float().cpu()
+
+
+__all__ = ["CACHE_VERSION", "LatentCache", "TextCache", "check_cache_options", "encode_images", "encode_text",
+           "file_digest"]

@@ -1,0 +1,252 @@
+"""`TrainConfig`: every setting of a training run, one typed record read from kwargs or a TOML file.
+
+Names follow kohya sd-scripts where kohya has the option (``learning_rate``, ``optimizer_args``,
+``network_dim``, ``dataset_config``, ...), so a kohya command line translates key by key. Defaults are the
+official Stable Cascade ones where kohya's differ (spec/training.md §8): 768 px ↔ 24×24 latents, 5 %
+caption dropout, ``.txt`` captions, adaptive buckets saved with every checkpoint, safetensors output.
+No torch import here: a config is checked before any model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODES = ("lora", "full")
+SCALES = ("official", "kohya")
+OPTIMIZERS = ("adamw", "adafactor")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear")
+NETWORK_TARGETS = ("attention", "all_linear")
+PRECISIONS = ("no", "bf16")
+SAVE_PRECISIONS = ("fp32", "bf16")
+DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside the training TOML
+
+# Settings whose change makes an old checkpoint meaningless for resuming.
+RESUME_KEYS = ("mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
+               "gradient_accumulation_steps", "adaptive_loss_weight", "seed")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with its value and what to use instead."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field has a working default except the data source.
+
+    Data: ``train_data_dir`` (a folder of images with caption files) or ``dataset_config`` (a kohya dataset
+    TOML, or the same tables written inline as ``dataset``). Resolution/bucket fields apply to a folder and
+    are the defaults for TOML datasets.
+    """
+
+    # -- what is trained -------------------------------------------------------------------------------
+    mode: str = "lora"  # "lora" (a kohya LoRA file) or "full" (Stage C in the official key layout)
+    model: str = "tiny"  # "tiny" (random tiny models, seeded) or a variant name: lite, lite_bf16, full, bf16
+    stage_c_path: str | None = None  # explicit files override the variant's (kohya --stage_c_checkpoint_path)
+    effnet_path: str | None = None
+    previewer_path: str | None = None
+    text_encoder_path: str | None = None  # a transformers folder of CLIP-G (config.json + weights)
+    device: str | None = None  # default: cuda (this process's local rank) when available, else cpu
+    seed: int = 0
+
+    # -- data ------------------------------------------------------------------------------------------
+    train_data_dir: str | None = None
+    dataset_config: str | None = None
+    dataset: dict[str, Any] | None = None  # inline [general] / [[datasets]] tables
+    caption_extension: str = ".txt"  # kohya's own default is ".caption"
+    class_tokens: str | None = None  # caption for images without a caption file
+    num_repeats: int = 1
+    resolution: int | list[int] = 1024  # bucket area side (or [w, h]) in image pixels
+    # "official": a bucket of R px is encoded at 0.75·R px, i.e. the latent Stage C generates for R px images
+    # (1024 → 768 px → 24×24, the official trainer's scale); "kohya": EffNet sees the bucket as is (1024 → 32×32)
+    training_scale: str = "official"
+    train_batch_size: int = 1  # per process (kohya --train_batch_size / TOML batch_size)
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 2048
+    bucket_reso_steps: int = 32  # must be a multiple of 32 (EfficientNet's stride)
+    bucket_no_upscale: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.05  # the official 5 % empty captions (kohya: 0)
+    flip_aug: bool = False
+    random_crop: bool = False
+
+    # -- caching ---------------------------------------------------------------------------------------
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = True
+    cache_dir: str | None = None  # default <output_dir>/cache
+
+    # -- the loop --------------------------------------------------------------------------------------
+    max_train_steps: int = 1000  # optimizer steps
+    max_train_epochs: int | None = None  # when set, overrides max_train_steps
+    learning_rate: float = 1e-4  # official and kohya README
+    optimizer_type: str = "adamw"  # "adamw" (official: wd 0.01) or "adafactor" (kohya README)
+    optimizer_args: list[str] = field(default_factory=list)  # kohya "key=value", e.g. "relative_step=False"
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no" (fp32) or "bf16" autocast; fp16 is refused for Stage C
+    gradient_checkpointing: bool = False
+    adaptive_loss_weight: bool = False  # else P2
+    dropout: bool | None = None  # Stage C's own dropout while training; None: on for full, off for LoRA
+    max_nan_steps: int = 5  # consecutive non-finite steps that stop the run
+
+    # -- validation ------------------------------------------------------------------------------------
+    val_every_n_steps: int = 50  # 0: only at the start and the end
+    val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    val_items: int = 8  # the first N training images (fixed noise, real captions)
+    val_seed: int = 1234
+
+    # -- LoRA ------------------------------------------------------------------------------------------
+    network_dim: int = 4
+    network_alpha: float = 1.0  # 0 means alpha = rank (kohya)
+    network_target: str = "attention"  # "attention" (to_q/k/v, out_proj) or "all_linear" (kohya's Stage C set)
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    output_dir: str = "output"
+    output_name: str | None = None  # default "cascade_lora" / "stage_c_finetune"
+    save_every_n_steps: int | None = None
+    save_precision: str = "fp32"  # of the exported model file: "fp32" or "bf16"
+    keep_checkpoints: int = 2  # resumable checkpoints kept under <output_dir>/checkpoints
+    resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint folder
+    log_every_n_steps: int = 10
+
+    # -- sample prompts --------------------------------------------------------------------------------
+    sample_prompts: str | list[str] | None = None  # a .txt/.toml/.json file or prompt lines (kohya grammar)
+    sample_every_n_steps: int | None = None
+    sample_at_first: bool = False
+    sample_full_images: bool = True  # also decode through Stage B/A when those stages are available
+
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.output_name or ("cascade_lora" if self.mode == "lora" else "stage_c_finetune")
+
+    @property
+    def scale_factor(self) -> float:
+        """EfficientNet input pixels per bucket pixel: 0.75 (a 1024 px bucket → 768 px → 24×24), or 1 (kohya)."""
+        return 0.75 if self.training_scale == "official" else 1.0
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the field, its value and what to use instead; return self."""
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {', '.join(options)}")
+
+        choice("mode", MODES)
+        choice("training_scale", SCALES)
+        choice("lr_scheduler", LR_SCHEDULERS)
+        choice("network_target", NETWORK_TARGETS)
+        choice("save_precision", SAVE_PRECISIONS)
+        if self.mixed_precision in ("fp16", "float16"):
+            raise ConfigError("mixed_precision='fp16': Stage C overflows in float16 (black/NaN images, official "
+                              "readme); use 'bf16' or 'no' (fp32)")
+        choice("mixed_precision", PRECISIONS)
+        if self.optimizer_type.lower() not in OPTIMIZERS:
+            raise ConfigError(f"optimizer_type={self.optimizer_type!r}: use 'AdamW' or 'Adafactor'")
+        if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 32:
+            raise ConfigError(f"bucket_reso_steps={self.bucket_reso_steps}: use a multiple of 32 (EfficientNet "
+                              "reduces by 32, so other steps cannot give whole latents)")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "network_dim", "num_repeats",
+                     "keep_checkpoints", "max_nan_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: use 1 or more")
+        if self.max_train_steps < 1 and not self.max_train_epochs:
+            raise ConfigError(f"max_train_steps={self.max_train_steps}: use 1 or more")
+        if not 0 <= self.caption_dropout_rate <= 1:
+            raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
+        if not (self.train_data_dir or self.dataset_config or self.dataset):
+            raise ConfigError("no data: set train_data_dir (a folder of images with caption files) or "
+                              "dataset_config (a kohya dataset TOML)")
+        if any(not 0 <= t <= 1 for t in self.val_timesteps):
+            raise ConfigError(f"val_timesteps={self.val_timesteps}: every t must be in [0, 1]")
+        return self
+
+    # -- (de)serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys raise with the closest known names."""
+        data = dict(data)
+        inline = {k: data.pop(k) for k in DATASET_TABLES if k in data}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{source}: unknown training settings {', '.join(hints)}; see "
+                              "cascade_lab.training.TrainConfig for the list")
+        if inline:
+            if data.get("dataset"):
+                raise ConfigError(f"{source}: give the dataset either as [general]/[[datasets]] tables or as "
+                                  "'dataset', not both")
+            data["dataset"] = inline
+        if isinstance(data.get("optimizer_args"), str):
+            data["optimizer_args"] = data["optimizer_args"].split()
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        """Read a TOML file whose top-level keys are TrainConfig fields (plus optional dataset tables).
+
+        Relative paths in it are taken relative to the file's folder.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        for key in ("train_data_dir", "dataset_config", "output_dir", "cache_dir", "stage_c_path", "effnet_path",
+                    "previewer_path", "text_encoder_path", "sample_prompts"):
+            value = data.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and value != "auto":
+                data[key] = str((path.parent / value).resolve())
+        if isinstance(data.get("resume"), str) and data["resume"] not in ("auto", ""):
+            data["resume"] = str((path.parent / data["resume"]).resolve())
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def coerce(cls, config: TrainConfig | dict[str, Any] | str | Path | None = None, **kwargs: Any) -> TrainConfig:
+        """A TrainConfig from a TrainConfig, a dict, a TOML path or keyword arguments (kwargs override)."""
+        if isinstance(config, TrainConfig):
+            base = config.to_dict()
+        elif isinstance(config, (str, Path)):
+            base = TrainConfig.from_toml(config).to_dict()
+        else:
+            base = dict(config or {})
+        base.update(kwargs)
+        return cls.from_dict(base)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line ``key=value`` value: TOML syntax when it parses (numbers, booleans, lists), else text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+__all__ = ["ConfigError", "TrainConfig", "parse_value"]

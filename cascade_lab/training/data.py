@@ -1,0 +1,246 @@
+"""Training images: discovery, captions, aspect-ratio buckets and the order batches come in.
+
+Every random choice (order, caption dropout and shuffling, flips, crops) is drawn from a seed derived from
+(run seed, batch counter, position in the global batch). So a batch depends only on where it sits in the
+run: a resumed run sees the same data, and N processes sharing a global batch see what one process would.
+Bucket sizes are EfficientNet input pixels (multiples of 32); latents are 1/32 of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .toml_config import IMAGE_EXTENSIONS, DatasetConfig, DatasetSpec, SubsetSpec
+
+Size = tuple[int, int]  # (width, height)
+
+
+def derive_seed(seed: int, kind: str, *parts: int) -> int:
+    """A 63-bit seed for one random draw, from the run seed and where the draw happens."""
+    text = ":".join([str(seed), kind, *map(str, parts)]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ buckets
+
+
+def make_buckets(area: float, min_side: int, max_side: int, step: int) -> list[Size]:
+    """Every (w, h) on a `step` grid inside [min_side, max_side] whose area is at most `area`, widest h per w."""
+    lo, hi = math.ceil(min_side / step) * step, max(step, max_side // step * step)
+    lo = min(lo, hi)
+    side = max(step, int(math.sqrt(area) // step * step))
+    buckets = {(side, side)}
+    for w in range(lo, hi + 1, step):
+        h = min(hi, int(area // w) // step * step)
+        if h >= lo:
+            buckets.update({(w, h), (h, w)})
+    return sorted(buckets)
+
+
+@dataclass(frozen=True)
+class BucketRule:
+    """How one dataset maps image sizes to EfficientNet input sizes."""
+
+    area: float  # target area in EfficientNet pixels (resolution² · scale²)
+    step: int
+    buckets: tuple[Size, ...]
+    no_upscale: bool
+    scale: float  # EfficientNet pixels per image pixel
+    enabled: bool
+    fixed: Size  # the single size when buckets are off
+
+    @classmethod
+    def of(cls, spec: DatasetSpec, scale: float) -> BucketRule:
+        w, h = spec.resolution
+        step = spec.bucket_reso_steps
+        area = (w * scale) * (h * scale)
+        buckets = make_buckets(area, int(spec.min_bucket_reso * scale), int(spec.max_bucket_reso * scale), step)
+        fixed = (max(32, int(w * scale) // 32 * 32), max(32, int(h * scale) // 32 * 32))
+        return cls(area, step, tuple(buckets), spec.bucket_no_upscale, scale, spec.enable_bucket, fixed)
+
+    def bucket_for(self, size: Size) -> Size:
+        """The bucket of an image of `size` (image pixels): nearest aspect ratio, or its own size (no upscale)."""
+        if not self.enabled:
+            return self.fixed
+        w, h = size[0] * self.scale, size[1] * self.scale
+        if self.no_upscale and w * h <= self.area:
+            return max(self.step, int(w) // self.step * self.step), max(self.step, int(h) // self.step * self.step)
+        if self.no_upscale:
+            shrink = math.sqrt(self.area / (w * h))
+            return (max(self.step, int(w * shrink) // self.step * self.step),
+                    max(self.step, int(h * shrink) // self.step * self.step))
+        ratio = math.log(w / h)
+        return min(self.buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image as found on disk."""
+
+    path: Path
+    caption: str  # the caption file's text, or the subset's class tokens
+    size: Size  # original (w, h)
+    bucket: Size  # EfficientNet input (w, h), multiples of 32
+    dataset: int
+    subset: int
+
+
+def _read_caption(image: Path, subset: SubsetSpec) -> str | None:
+    path = image.with_suffix(subset.caption_extension)
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip().splitlines()[0] if path.stat().st_size else ""
+    return None
+
+
+def _image_size(path: Path) -> Size:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img) or img
+        return img.size
+
+
+def find_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class TrainingData:
+    """The records of all datasets and the deterministic global-batch plan over them."""
+
+    def __init__(self, config: DatasetConfig, *, scale: float, seed: int, world_size: int = 1) -> None:
+        self.config, self.seed, self.world_size = config, seed, world_size
+        self.rules = [BucketRule.of(spec, scale) for spec in config.datasets]
+        self.subsets: list[SubsetSpec] = []
+        self.records: list[ImageRecord] = []
+        missing: list[str] = []
+        for d, spec in enumerate(config.datasets):
+            for subset in spec.subsets:
+                self.subsets.append(subset)
+                images = find_images(Path(subset.image_dir))
+                if not images:
+                    raise ConfigError(f"{subset.image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+                for path in images:
+                    caption = _read_caption(path, subset)
+                    if caption is None:
+                        missing.append(path.name)
+                        caption = subset.class_tokens or ""
+                    size = _image_size(path)
+                    self.records.append(ImageRecord(path, caption, size, self.rules[d].bucket_for(size), d,
+                                                    len(self.subsets) - 1))
+        if missing:
+            warnings.warn(f"{len(missing)} image(s) have no caption file (e.g. {missing[:3]}); they train with the "
+                          "subset's class_tokens (or an empty caption)", stacklevel=2)
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    # -- plan ------------------------------------------------------------------------------------------
+    def global_batch_size(self, dataset: int) -> int:
+        return self.config.datasets[dataset].batch_size * self.world_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Global batches of record indices for one epoch: one bucket each, always full (padded from the bucket)."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = random.Random(derive_seed(self.seed, "epoch", epoch))
+        groups: dict[tuple[int, Size], list[int]] = {}
+        for i, rec in enumerate(self.records):
+            groups.setdefault((rec.dataset, rec.bucket), []).extend([i] * self.subsets[rec.subset].num_repeats)
+        batches = []
+        for (dataset, _), items in sorted(groups.items()):
+            rng.shuffle(items)
+            size = self.global_batch_size(dataset)
+            for start in range(0, len(items), size):
+                chunk = items[start:start + size]
+                chunk += [rng.choice(items) for _ in range(size - len(chunk))]
+                batches.append(chunk)
+        rng.shuffle(batches)
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def batch(self, counter: int) -> tuple[int, list[int]]:
+        """(epoch, record indices) of the `counter`-th global batch of the run."""
+        per_epoch = self.batches_per_epoch()
+        epoch, index = divmod(counter, per_epoch)
+        return epoch, self.epoch_batches(epoch)[index]
+
+    # -- one sample ------------------------------------------------------------------------------------
+    def sample_rng(self, counter: int, position: int) -> random.Random:
+        return random.Random(derive_seed(self.seed, "sample", counter, position))
+
+    def caption_text(self, index: int) -> str:
+        """The caption of record `index` with its subset's prefix and suffix, no dropout or shuffling."""
+        rec, subset = self.records[index], self.subsets[self.records[index].subset]
+        return f"{subset.caption_prefix}{rec.caption}{subset.caption_suffix}"
+
+    def caption(self, index: int, epoch: int, rng: random.Random) -> str:
+        """The caption of record `index` as trained this time: prefix/suffix, dropout, shuffling."""
+        rec, subset = self.records[index], self.subsets[self.records[index].subset]
+        return make_caption(rec.caption, subset, epoch, rng)
+
+    def flip(self, index: int, rng: random.Random) -> bool:
+        return self.subsets[self.records[index].subset].flip_aug and rng.random() < 0.5
+
+    def image(self, index: int, *, flip: bool = False, rng: random.Random | None = None) -> Any:
+        """Record `index` resized to cover its bucket, cropped (centre, or random with `rng`): [3, h, w] in [0, 1]."""
+        rec = self.records[index]
+        crop_rng = rng if self.subsets[rec.subset].random_crop else None
+        return load_image(rec.path, rec.bucket, flip=flip, rng=crop_rng)
+
+
+def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random) -> str:
+    """kohya's caption handling: prefix + caption + suffix, dropout to "", then shuffle after keep_tokens."""
+    text = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
+    draw = rng.random()  # always drawn, so the stream does not depend on the settings below
+    every = subset.caption_dropout_every_n_epochs
+    if (every and epoch % every == 0) or draw < subset.caption_dropout_rate:
+        return ""
+    if not subset.shuffle_caption:
+        return text
+    if subset.keep_tokens_separator and subset.keep_tokens_separator in text:
+        fixed_text, rest_text = text.split(subset.keep_tokens_separator, 1)
+        fixed = [t.strip() for t in fixed_text.split(",") if t.strip()]
+        rest = [t.strip() for t in rest_text.split(",") if t.strip()]
+    else:
+        tokens = [t.strip() for t in text.split(",") if t.strip()]
+        fixed, rest = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(fixed + rest)
+
+
+def load_image(path: Path, bucket: Size, *, flip: bool = False, rng: random.Random | None = None) -> Any:
+    """An image file → float32 [3, h, w] in [0, 1] at `bucket` (w, h): cover-resize (Lanczos), crop, flip."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    bw, bh = bucket
+    with Image.open(path) as img:
+        img = (ImageOps.exif_transpose(img) or img).convert("RGB")
+        w, h = img.size
+        scale = max(bw / w, bh / h)
+        size = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+        if size != (w, h):
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        dx, dy = size[0] - bw, size[1] - bh
+        left, top = (rng.randint(0, dx), rng.randint(0, dy)) if rng is not None else (dx // 2, dy // 2)
+        img = img.crop((left, top, left + bw, top + bh))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(img, dtype=np.float32) / 255.0  # [h, w, 3]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, h, w]
+
+
+__all__ = ["BucketRule", "ImageRecord", "TrainingData", "derive_seed", "load_image", "make_buckets",
+           "make_caption"]

@@ -1,0 +1,273 @@
+"""The training loop: GDF noising, ε target, P2 or adaptive weights, accumulation, clipping, NaN guard.
+
+One optimizer step = `gradient_accumulation_steps` global batches. Sample j of global batch k gets its
+t and ε from a seed derived from (seed, k, j), and its caption dropout / flip from another; so the data,
+the noise and therefore the losses do not depend on how many processes share the batch, and a resumed
+run continues exactly where the checkpoint stopped (spec/training.md §1.3, spec/stable-cascade.md §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diffusion import AdaptiveLossWeight, P2LossWeight, diffuse, train_t
+from . import distributed as dist
+from .cache import LatentCache, TextCache, check_cache_options, encode_images, encode_text
+from .config import TrainConfig
+from .data import TrainingData, derive_seed
+from .models import TrainingModels
+
+Tensor = torch.Tensor
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def set_dropout(model: nn.Module, enabled: bool) -> None:
+    """Training mode for the blocks (gradient checkpointing needs it) with dropout on or off."""
+    model.train()
+    if not enabled:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) or hasattr(m, "in_proj_weight"):  # attention dropout is gated on .training
+                m.eval()
+
+
+class Trainer:
+    """Holds everything of one run between steps; `run.py` drives it."""
+
+    def __init__(self, config: TrainConfig, models: TrainingModels, data: TrainingData, info: dist.DistInfo) -> None:
+        self.config, self.models, self.data, self.info = config, models, data, info
+        self.device = info.device
+        self.stage_c = models.stage_c
+        self.network: Any = None
+        check_cache_options(config, data)
+        self._setup_model()
+        self.weighting: Any = AdaptiveLossWeight() if config.adaptive_loss_weight else P2LossWeight()
+        cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
+        self.latents = LatentCache(cache_dir, data, lambda: models.get("effnet"), lambda: models.fingerprint("effnet"),
+                                   self.device) if config.cache_latents else None
+        self.texts = TextCache(cache_dir, lambda: models.get("text_encoder"),
+                               lambda: models.fingerprint("text_encoder"),
+                               self.device) if config.cache_text_encoder_outputs else None
+        self.step = 0  # optimizer steps done
+        self.counter = 0  # global batches consumed
+        self.nan_streak = 0
+        self.total_steps = self._total_steps()
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        from .lora_train import LoraNetwork
+        from .optim import build_optimizer, build_scheduler
+
+        config, model = self.config, self.stage_c
+        if config.mode == "full":
+            model.to(self.device, torch.float32).requires_grad_(True)  # fp32 master weights
+            params = list(model.parameters())
+        else:
+            model.to(self.device).requires_grad_(False)
+            self.network = LoraNetwork.for_model(model, rank=config.network_dim, alpha=config.network_alpha,
+                                                 target=config.network_target, seed=config.seed)
+            self.network.attach(model)
+            params = list(self.network.parameters())
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing(True)  # type: ignore[operator]
+        dropout = config.dropout if config.dropout is not None else config.mode == "full"
+        set_dropout(model, dropout)
+        self.params = params
+        self.ddp_model = dist.wrap(model, self.info)
+        self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args)
+        self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
+                                         self._total_steps())
+
+    def _total_steps(self) -> int:
+        c = self.config
+        if c.max_train_epochs:
+            return math.ceil(c.max_train_epochs * self.data.batches_per_epoch() / c.gradient_accumulation_steps)
+        return c.max_train_steps
+
+    def prepare_caches(self, indices: list[int]) -> None:
+        """Fill the caches (the main process encodes, the others read what it wrote)."""
+        captions = {self.data.caption_text(i) for i in indices} | {""}
+        for rank_turn in (True, False):
+            if self.info.is_main == rank_turn:
+                if self.latents is not None:
+                    self.latents.prepare(indices)
+                if self.texts is not None:
+                    self.texts.prepare(captions)
+            dist.barrier(self.info)
+
+    # -- one batch -------------------------------------------------------------------------------------
+    def local_batch(self, counter: int) -> tuple[list[int], list[int], int]:
+        """(record indices, global positions) of this process's slice of global batch `counter`, and its epoch."""
+        epoch, batch = self.data.batch(counter)
+        per_rank = len(batch) // self.info.world_size
+        start = self.info.rank * per_rank
+        return batch[start:start + per_rank], list(range(start, start + per_rank)), epoch
+
+    def inputs(self, counter: int) -> dict[str, Tensor]:
+        """Latents, text states, t and ε of this process's slice of global batch `counter`."""
+        indices, positions, epoch = self.local_batch(counter)
+        captions, flips, rngs = [], [], []
+        for index, pos in zip(indices, positions, strict=True):
+            rng = self.data.sample_rng(counter, pos)
+            captions.append(self.data.caption(index, epoch, rng))
+            flips.append(self.data.flip(index, rng))
+            rngs.append(rng)
+        if self.latents is not None:
+            latents = torch.stack([self.latents.get(i, f) for i, f in zip(indices, flips, strict=True)])
+        else:
+            images = torch.stack([self.data.image(i, flip=f, rng=r) for i, f, r in zip(indices, flips, rngs,
+                                                                                        strict=True)])
+            latents = encode_images(self.models.get("effnet"), images, self.device)
+        if self.texts is not None:
+            clip_text, pooled = self.texts.get(captions)
+        else:
+            clip_text, pooled = encode_text(self.models.get("text_encoder"), captions, self.device)
+        ts, eps = [], []
+        for pos in positions:  # per-sample noise: independent of the batch split
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "noise", counter, pos))
+            ts.append(train_t(1, generator=generator))
+            eps.append(torch.randn(latents.shape[1:], generator=generator))
+        return {"latents": latents, "clip_text": clip_text, "clip_text_pooled": pooled, "t": torch.cat(ts),
+                "epsilon": torch.stack(eps)}
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], t: Tensor | None = None,
+                epsilon: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
+        """(raw per-sample MSE [B], loss weights [B], Diffused) of one forward pass."""
+        dev = self.device
+        latents = batch["latents"].to(dev)
+        d = diffuse(latents, t=batch["t"] if t is None else t,
+                    epsilon=(batch["epsilon"] if epsilon is None else epsilon).to(dev), loss_weight=self.weighting)
+        n = latents.size(0)
+        clip_img = torch.zeros(n, 1, self.stage_c.clip_img_mapper.in_features, device=dev)  # type: ignore
+        with self._autocast():
+            pred = model(d.noised, d.noise_cond, batch["clip_text"].to(dev), batch["clip_text_pooled"].to(dev),
+                         clip_img)
+        raw = ((pred.float() - d.target.float()) ** 2).mean(dim=(1, 2, 3))  # [B]
+        return raw, d.loss_weight.to(dev).float(), d
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """Accumulate, clip, step; a non-finite loss or gradient skips the update (and counts toward a stop)."""
+        accum = self.config.gradient_accumulation_steps
+        finite, loss_sum, raw_sum = True, 0.0, 0.0
+        for micro in range(accum):
+            batch = self.inputs(self.counter)
+            self.counter += 1
+            raw, weight, d = self.forward(self.ddp_model, batch)
+            loss = (raw * weight).mean()
+            sync = contextlib.nullcontext()
+            if self.info.active and micro < accum - 1:
+                sync = self.ddp_model.no_sync()  # type: ignore[operator]
+            with sync:
+                (loss / accum).backward()
+            stats = dist.mean(self.info, torch.stack([loss.detach(), raw.detach().mean()]))
+            if not torch.isfinite(stats).all():
+                finite = False
+                continue
+            loss_sum, raw_sum = loss_sum + float(stats[0]), raw_sum + float(stats[1])
+            if isinstance(self.weighting, AdaptiveLossWeight):  # every rank sees the whole global batch
+                self.weighting.update_buckets(dist.gather(self.info, d.logsnr.detach().float()),
+                                              dist.gather(self.info, raw.detach()))
+        grad_norm = float("nan")
+        if finite:
+            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            finite = math.isfinite(grad_norm)
+        lr = float(self.optimizer.param_groups[0]["lr"] or 0.0)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nan_streak = 0
+        else:
+            self.nan_streak += 1
+            if self.info.is_main:
+                warnings.warn(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                              f"({self.nan_streak} in a row; the run stops at {self.config.max_nan_steps})",
+                              RuntimeWarning, stacklevel=2)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.nan_streak >= self.config.max_nan_steps:
+            raise NonFiniteLoss(f"{self.nan_streak} steps in a row had a non-finite loss or gradient (last at step "
+                                f"{self.step}); the run stopped without saving, the last good checkpoint is kept. "
+                                "Lower the learning rate, keep max_grad_norm > 0, or use mixed_precision='no'.")
+        return {"step": self.step, "loss": loss_sum / accum if finite else float("nan"),
+                "raw_loss": raw_sum / accum if finite else float("nan"), "lr": lr, "grad_norm": grad_norm,
+                "skipped": not finite, "time": time.time()}
+
+    # -- validation ------------------------------------------------------------------------------------
+    def val_indices(self) -> list[int]:
+        return list(range(min(self.config.val_items, len(self.data.records))))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Raw MSE at fixed t with fixed noise on the first `val_items` images (real captions, eval mode)."""
+        model = self.stage_c
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        per_t: dict[float, list[float]] = {t: [] for t in self.config.val_timesteps}
+        try:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in self.val_indices():
+                groups.setdefault(self.data.records[i].bucket, []).append(i)
+            for indices in groups.values():
+                captions = [self.data.caption_text(i) for i in indices]
+                if self.latents is not None:
+                    latents = torch.stack([self.latents.get(i) for i in indices])
+                else:
+                    latents = encode_images(self.models.get("effnet"), torch.stack([self.data.image(i)
+                                                                                    for i in indices]), self.device)
+                if self.texts is not None:
+                    clip_text, pooled = self.texts.get(captions)
+                else:
+                    clip_text, pooled = encode_text(self.models.get("text_encoder"), captions, self.device)
+                batch = {"latents": latents, "clip_text": clip_text, "clip_text_pooled": pooled}
+                for k, t in enumerate(self.config.val_timesteps):
+                    eps = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                        derive_seed(self.config.val_seed, "val", i, k))) for i in indices])
+                    raw, _, _ = self.forward(model, batch, t=torch.full((len(indices),), float(t)), epsilon=eps)
+                    per_t[t].extend(raw.cpu().tolist())
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        means = {f"{t:g}": sum(v) / len(v) for t, v in per_t.items()}
+        return {"step": self.step, "val_loss": sum(means.values()) / len(means), "per_t": means}
+
+    # -- state -----------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained tensors in fp32 (LoRA pairs by kohya name, or Stage C's official keys)."""
+        if self.network is not None:
+            return dict(self.network.kohya_state_dict(torch.float32))
+        return {k: v.detach().float().cpu() for k, v in self.stage_c.state_dict().items()}
+
+    def load_trainable_state(self, tensors: dict[str, Tensor]) -> None:
+        if self.network is not None:
+            self.network.load_kohya_state_dict(tensors)
+        else:
+            self.stage_c.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+
+    def rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+__all__ = ["NonFiniteLoss", "Trainer", "set_dropout"]

@@ -1,0 +1,171 @@
+"""Optimizers and learning-rate schedules, configured with kohya's names and ``key=value`` arguments.
+
+`Adafactor` follows Shazeer & Stern (2018) with the switches kohya passes through (``scale_parameter``,
+``relative_step``, ``warmup_init``); ``torch.optim.Adafactor`` always scales by the parameter RMS and uses
+a relative step, so it cannot run the README's ``scale_parameter=False relative_step=False
+warmup_init=False`` configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, parse_value
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.norm(2) / math.sqrt(x.numel())
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor: factored second moments (row and column means) for matrices, full ones for vectors.
+
+    With ``relative_step`` the step size is min(1e-2, 1/√t) (1e-6·t with ``warmup_init``) and ``lr`` is
+    ignored; with ``scale_parameter`` it is multiplied by max(eps2, RMS(p)). Updates are clipped to RMS
+    ``clip_threshold``; ``beta1`` adds a first moment; weight decay is decoupled (p ← p − lr·wd·p).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False) -> None:
+        if lr is not None and relative_step:
+            raise ValueError("Adafactor: lr is ignored with relative_step=True; pass relative_step=False to use it")
+        if lr is None and not relative_step:
+            raise ValueError("Adafactor: relative_step=False needs a learning rate")
+        if warmup_init and not relative_step:
+            raise ValueError("Adafactor: warmup_init=True needs relative_step=True")
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+                        warmup_init=warmup_init)
+        super().__init__(params, defaults)
+
+    def _step_size(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        step = state["step"]
+        lr = group["lr"]
+        if group["relative_step"]:
+            lr = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            lr = lr * max(group["eps"][1], float(_rms(p.detach().float())))
+        return float(lr)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                factored = grad.dim() >= 2
+                if not state:
+                    state["step"] = 0
+                    if factored:
+                        state["row"] = torch.zeros(grad.shape[:-1], device=grad.device)  # mean over last dim
+                        state["col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], device=grad.device)
+                    else:
+                        state["sq"] = torch.zeros_like(grad)
+                    if group["beta1"] is not None:
+                        state["avg"] = torch.zeros_like(grad)
+                state["step"] += 1
+                lr = self._step_size(group, state, p)
+                beta2 = 1.0 - state["step"] ** group["decay_rate"]
+                sq_grad = grad * grad + group["eps"][0]
+                if factored:
+                    row, col = state["row"], state["col"]
+                    row.mul_(beta2).add_(sq_grad.mean(dim=-1), alpha=1 - beta2)  # [..., rows]
+                    col.mul_(beta2).add_(sq_grad.mean(dim=-2), alpha=1 - beta2)  # [..., cols]
+                    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)  # [..., rows, 1]
+                    update = r * col.rsqrt().unsqueeze(-2) * grad  # [..., rows, cols]
+                else:
+                    state["sq"].mul_(beta2).add_(sq_grad, alpha=1 - beta2)
+                    update = state["sq"].rsqrt() * grad
+                update.div_(max(1.0, float(_rms(update)) / group["clip_threshold"])).mul_(lr)
+                if group["beta1"] is not None:
+                    state["avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+                    update = state["avg"]
+                if group["weight_decay"]:
+                    p.mul_(1 - group["weight_decay"] * lr)
+                p.sub_(update.to(p.dtype))
+        return loss
+
+
+def parse_optimizer_args(args: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
+    """kohya's ``--optimizer_args key=value ...`` (values in TOML/Python syntax) → keyword arguments."""
+    if isinstance(args, dict):
+        return dict(args)
+    out: dict[str, Any] = {}
+    for item in args:
+        if "=" not in item:
+            raise ConfigError(f"optimizer_args entry {item!r}: write key=value, e.g. weight_decay=0.01")
+        key, value = item.split("=", 1)
+        text = value.strip()
+        lowered = {"true": "true", "false": "false", "none": None}.get(text.lower(), text)
+        parsed = None if lowered is None else parse_value(lowered)
+        if isinstance(parsed, str) and parsed.startswith("(") and parsed.endswith(")"):
+            parsed = [parse_value(v.strip()) for v in parsed[1:-1].split(",") if v.strip()]
+        out[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[str] | dict[str, Any]) -> Any:
+    """AdamW (official: torch defaults, weight decay 0.01) or Adafactor with kohya's arguments."""
+    kwargs = parse_optimizer_args(args)
+    kind = name.lower()
+    try:
+        if kind == "adamw":
+            kwargs.setdefault("weight_decay", 0.01)
+            return torch.optim.AdamW(params, lr=lr, **kwargs)
+        if kind == "adafactor":
+            relative = kwargs.get("relative_step", True)
+            if relative:
+                warnings.warn("Adafactor with relative_step=True ignores learning_rate (kohya does the same); "
+                              "pass optimizer_args=['scale_parameter=False', 'relative_step=False', "
+                              "'warmup_init=False'] to use it", stacklevel=2)
+            return Adafactor(params, lr=None if relative else lr, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"optimizer_args {args!r} do not fit {name}: {exc}") from None
+    raise ConfigError(f"optimizer_type={name!r}: use 'AdamW' or 'Adafactor'")
+
+
+def lr_lambda(name: str, warmup: int, total: int) -> Any:
+    """Multiplier of the base learning rate at optimizer step s (0-based): warm-up, then the named shape."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup and name != "constant":
+            return (step + 1) / (warmup + 1)
+        if name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if name in ("cosine", "cosine_with_warmup"):
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)  # linear decay to 0
+    return factor
+
+
+class _OptimizerOwnSteps:
+    """The schedule of an optimizer that sets its own step size (Adafactor relative_step): nothing to do."""
+
+    def step(self) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def build_scheduler(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+    if any(group["lr"] is None for group in optimizer.param_groups):
+        return _OptimizerOwnSteps()
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup, total))
+
+
+__all__ = ["Adafactor", "build_optimizer", "build_scheduler", "lr_lambda", "parse_optimizer_args"]

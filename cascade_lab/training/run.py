@@ -1,0 +1,333 @@
+"""`train(...)` → `TrainingRun`: set-up, resume, the step loop with validation, checkpoints, samples and export.
+
+The same function runs in a notebook (optionally in a background thread, stopped with ``run.stop()``),
+from ``cascade-lab train CONFIG`` and in every process of ``torchrun`` / ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import (
+    STATE_FORMAT,
+    Checkpoints,
+    load_state,
+    official_state_dict,
+    resume_folder,
+    write_json,
+    write_safetensors,
+)
+from .config import TrainConfig
+from .data import TrainingData
+from .loop import NonFiniteLoss, Trainer
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainingEvent:
+    """What the callback receives: ``kind`` is step, val, sample, checkpoint or end."""
+
+    kind: str
+    step: int
+    total_steps: int
+    data: dict[str, Any]
+    run: TrainingRun
+
+
+@dataclass
+class TrainingRun:
+    """A run's progress and results; the notebook panel and the command line read these fields."""
+
+    config: TrainConfig
+    status: str = "pending"  # running, finished, stopped, nan, error
+    step: int = 0
+    total_steps: int = 0
+    losses: list[dict[str, Any]] = field(default_factory=list)  # per step: loss (weighted), raw_loss, lr, ...
+    val_losses: list[dict[str, Any]] = field(default_factory=list)  # step, val_loss, per_t
+    samples: list[Any] = field(default_factory=list)  # sampling.SampleImage
+    last_checkpoint: Path | None = None
+    output_file: Path | None = None  # the exported LoRA / Stage C file
+    metadata: dict[str, str] = field(default_factory=dict)
+    network: Any = None  # the LoRA network (detached from Stage C when the run ends)
+    stage_c: Any = None
+    error: BaseException | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current step; it saves a checkpoint that `resume` continues."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("pending", "running")
+
+    def wait(self, timeout: float | None = None) -> TrainingRun:
+        """Block until a background run ends."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
+
+    @property
+    def last_checkpoint_step(self) -> int | None:
+        return int(self.last_checkpoint.name.split("-")[-1]) if self.last_checkpoint else None
+
+
+def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
+          callback: Callable[[TrainingEvent], Any] | None = None, stop: Callable[[], bool] | None = None,
+          stages: Any = None, stage_c: Any = None, text_encoder: Any = None, effnet: Any = None,
+          background: bool = False, **kwargs: Any) -> TrainingRun:
+    """Train Stage C (LoRA or full) as `config` says (a TrainConfig, dict, TOML path; kwargs override fields).
+
+    `stop()` is polled between steps; `callback(TrainingEvent)` runs on the main process. Models may be
+    passed as a `pipeline.Stages` or one by one. With ``background=True`` the run starts in a thread and
+    is returned at once (``run.wait()``, ``run.stop()``). A run that ends on repeated NaNs returns with
+    status "nan"; other errors raise (in background mode they are kept in ``run.error``).
+    """
+    cfg = TrainConfig.coerce(config, **kwargs).validate()
+    run = TrainingRun(cfg)
+    objects = {"stages": stages, "stage_c": stage_c, "text_encoder": text_encoder, "effnet": effnet}
+    if background:
+        run._thread = threading.Thread(target=_guarded, args=(run, callback, stop, objects), daemon=True,
+                                       name=f"cascade_lab train {cfg.name}")
+        run._thread.start()
+        return run
+    _execute(run, callback, stop, objects)
+    return run
+
+
+def _guarded(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]) -> None:
+    try:
+        _execute(run, callback, stop, objects)
+    except BaseException:  # kept in run.error for the caller
+        pass
+
+
+def scale_statement(config: TrainConfig) -> str:
+    """How bucket pixels become latents in this run, in words (stored in every output's metadata)."""
+    res = config.resolution if isinstance(config.resolution, int) else max(config.resolution)
+    if config.training_scale == "official":
+        px = int(res * 0.75) // 32 * 32
+        return (f"official: a {res} px bucket is encoded at {px} px -> {px // 32}x{px // 32} latents, the latent "
+                f"size Stage C generates for {res} px images (official trainer: 768 px crops -> 24x24)")
+    return (f"kohya: EfficientNet sees the bucket as is, {res} px -> {res // 32}x{res // 32} latents, the latent "
+            f"size of ~{round(res * 4 / 3)} px generations")
+
+
+def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, trainer: Trainer) -> dict[str, str]:
+    from .. import __version__
+
+    buckets: dict[str, int] = {}
+    for rec in data.records:
+        key = f"{rec.bucket[0] // 32}x{rec.bucket[1] // 32}"
+        buckets[key] = buckets.get(key, 0) + 1
+    meta = {
+        "cascade_lab.version": __version__, "cascade_lab.mode": config.mode,
+        "cascade_lab.training_scale": scale_statement(config), "cascade_lab.latent_buckets": json.dumps(buckets),
+        "cascade_lab.loss_weight": "adaptive" if config.adaptive_loss_weight else "p2",
+        "cascade_lab.world_size": str(info.world_size), "cascade_lab.model": config.model,
+        "cascade_lab.dataset_notes": json.dumps(data.config.notes), "ss_num_train_images": str(len(data.records)),
+    }  # fmt: skip
+    if trainer.network is not None:
+        meta["cascade_lab.network_target"] = config.network_target
+    return meta
+
+
+def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]) -> None:
+    from .models import build_models
+    from .toml_config import dataset_config_for
+
+    cfg = run.config
+    info = dist.setup(cfg.device)
+    trainer: Trainer | None = None
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        if callback is not None and info.is_main:
+            callback(TrainingEvent(kind, run.step, run.total_steps, data, run))
+
+    try:
+        torch.manual_seed(cfg.seed + info.rank)  # the stream Stage C's dropout draws from
+        data = TrainingData(dataset_config_for(cfg), scale=cfg.scale_factor, seed=cfg.seed,
+                            world_size=info.world_size)
+        models = build_models(cfg, device=info.device, **objects)
+        trainer = Trainer(cfg, models, data, info)
+        run.network, run.stage_c, run.total_steps = trainer.network, trainer.stage_c, trainer.total_steps
+        run.metadata = describe(cfg, data, info, trainer)
+        trainer.prepare_caches(list(range(len(data.records))))
+        folder = resume_folder(cfg)
+        if folder is not None:
+            _resume(run, trainer, folder)
+        prompts = _prompts(cfg)
+        run.status = "running"
+        if trainer.step == 0:
+            _validate(run, trainer, emit)
+            if prompts and cfg.sample_at_first:
+                _sample(run, trainer, models, prompts, emit)
+        while trainer.step < trainer.total_steps:
+            wanted = run.stop_requested or (stop is not None and stop())
+            if dist.broadcast_object(info, wanted):
+                _checkpoint(run, trainer, emit)
+                run.status = "stopped"
+                break
+            log = trainer.train_step()
+            run.step = trainer.step
+            if info.is_main:
+                run.losses.append(log)
+            emit("step", log)
+            step = trainer.step
+            if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0 and step < trainer.total_steps:
+                _validate(run, trainer, emit)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < trainer.total_steps:
+                _checkpoint(run, trainer, emit)
+            if prompts and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                _sample(run, trainer, models, prompts, emit)
+        else:
+            _validate(run, trainer, emit)
+            _checkpoint(run, trainer, emit)
+            run.status = "finished"
+        if info.is_main:
+            write_json(_summary(run), Path(cfg.output_dir) / "run.json")
+        emit("end", {"status": run.status})
+    except NonFiniteLoss as exc:
+        run.status, run.error = "nan", exc
+        if info.is_main:
+            warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+            write_json(_summary(run), Path(cfg.output_dir) / "run.json")
+        emit("end", {"status": run.status, "error": str(exc)})
+    except BaseException as exc:
+        run.status, run.error = "error", exc
+        emit("end", {"status": run.status, "error": repr(exc)})
+        raise
+    finally:
+        if trainer is not None and trainer.network is not None:
+            trainer.network.detach()  # the caller's Stage C gets its own weights back
+        dist.teardown(info)
+
+
+def _prompts(cfg: TrainConfig) -> list[Any]:
+    if not cfg.sample_prompts:
+        return []
+    from .sampling import load_prompts
+
+    return load_prompts(cfg.sample_prompts)
+
+
+def _validate(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
+    if trainer.info.is_main:
+        result = trainer.validate()
+        run.val_losses.append(result)
+        emit("val", result)
+
+
+def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any], emit: Any) -> None:
+    if not trainer.info.is_main:
+        return
+    from .sampling import render_samples
+
+    cfg = trainer.config
+    images = render_samples(prompts, trainer.stage_c, models, step=trainer.step, seed=cfg.seed,
+                            device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
+                            full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample", name=cfg.name)
+    run.samples.extend(images)
+    emit("sample", {"images": images})
+
+
+def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The model file's tensors: kohya LoRA pairs, or Stage C under the official keys, in save_precision."""
+    dtype = SAVE_DTYPES[trainer.config.save_precision]
+    if trainer.network is not None:
+        return dict(trainer.network.kohya_state_dict(dtype))
+    return official_state_dict(trainer.stage_c, dtype)
+
+
+def _export_metadata(run: TrainingRun, trainer: Trainer) -> dict[str, str]:
+    from .lora_train import lora_metadata
+
+    extra = dict(run.metadata, **{"ss_steps": str(trainer.step), "cascade_lab.step": str(trainer.step)})
+    if trainer.network is not None:
+        return lora_metadata(trainer.config, trainer.network, extra)
+    res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade",
+            "modelspec.implementation": "https://github.com/Stability-AI/StableCascade",
+            "modelspec.title": trainer.config.name, "modelspec.resolution": f"{res}x{res}",
+            "modelspec.prediction_type": "epsilon", **extra}
+
+
+def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
+    """Every process hands in its RNG state; the main one writes the checkpoint and the exported file."""
+    cfg, info = trainer.config, trainer.info
+    rngs = dist.gather_objects(info, trainer.rng_state())
+    if info.is_main:
+        name = f"{cfg.name}.safetensors"
+        full_fp32 = trainer.network is None and cfg.save_precision == "fp32"
+        trainable_file = name if full_fp32 else "trainable.safetensors"
+        meta = _export_metadata(run, trainer)
+        tensors = export_tensors(trainer)
+
+        def write(folder: Path) -> None:
+            write_safetensors(tensors, folder / name, meta)
+            if not full_fp32:
+                write_safetensors(trainer.trainable_state(), folder / trainable_file)
+            adaptive = trainer.weighting.state_dict() if hasattr(trainer.weighting, "state_dict") else None
+            state = {
+                "format": STATE_FORMAT, "step": trainer.step, "counter": trainer.counter,
+                "nan_streak": trainer.nan_streak, "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(), "adaptive": adaptive, "rng": rngs,
+                "world_size": info.world_size, "config": cfg.to_json(), "trainable_file": trainable_file,
+                "losses": run.losses, "val_losses": run.val_losses,
+            }  # fmt: skip
+            from .checkpoint import _save_torch, atomic_write
+
+            atomic_write(folder / "state.pt", lambda tmp: _save_torch(state, tmp))
+            info_json = {"step": trainer.step, "metadata": meta, "val_losses": run.val_losses[-5:],
+                         "adaptive_loss": trainer.weighting.to_dict() if adaptive is not None else None}
+            write_json(info_json, folder / "info.json")
+
+        run.last_checkpoint = Checkpoints(cfg.output_dir, cfg.keep_checkpoints).save(trainer.step, write)
+        run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
+        emit("checkpoint", {"folder": run.last_checkpoint, "file": run.output_file})
+    dist.barrier(info)
+
+
+def _resume(run: TrainingRun, trainer: Trainer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_state(folder, trainer.config)
+    trainer.load_trainable_state(load_file(str(folder / state["trainable_file"])))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if state["adaptive"] is not None:
+        trainer.weighting.load_state_dict(state["adaptive"])
+    trainer.step, trainer.counter, trainer.nan_streak = state["step"], state["counter"], state["nan_streak"]
+    rngs = state["rng"]
+    if len(rngs) == trainer.info.world_size:
+        trainer.set_rng_state(rngs[trainer.info.rank])
+    elif trainer.info.is_main:
+        warnings.warn(f"{folder} was saved by {len(rngs)} process(es), this run has {trainer.info.world_size}: "
+                      "dropout randomness starts fresh (data order and noise continue exactly)", stacklevel=3)
+    run.losses, run.val_losses = list(state["losses"]), list(state["val_losses"])
+    run.step, run.last_checkpoint = trainer.step, folder
+
+
+def _summary(run: TrainingRun) -> dict[str, Any]:
+    return {"status": run.status, "step": run.step, "total_steps": run.total_steps, "losses": run.losses,
+            "val_losses": run.val_losses, "last_checkpoint": run.last_checkpoint, "output_file": run.output_file,
+            "metadata": run.metadata, "error": repr(run.error) if run.error else None,
+            "samples": [[str(p) for p in s.paths] for s in run.samples]}
+
+
+__all__ = ["TrainingEvent", "TrainingRun", "export_tensors", "scale_statement", "train"]

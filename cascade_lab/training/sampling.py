@@ -1,0 +1,234 @@
+"""Sample prompts during training: kohya's prompt-file grammar, images through `cascade_lab.pipeline`.
+
+A ``.txt`` prompt file has one prompt per line (``#`` lines and blank lines skipped) with inline options,
+each after a space and two dashes, matched case-insensitively: ``--n`` negative prompt (up to the next
+option), ``--w``/``--h`` size, ``--d`` seed, ``--l`` CFG scale, ``--s`` steps (1…1000). ``.toml`` files
+hold a ``[prompt]`` table of defaults with ``[[prompt.subset]]`` entries; ``.json`` files a list of objects
+(keys ``prompt``, ``negative_prompt``, ``width``, ``height``, ``seed``, ``scale``, ``sample_steps``).
+Stage C samples with the official settings (DDPM, shift 2, CFG rescale 0.7); the Previewer image is always
+made, and the full Stage B → A image when those stages exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_OPTION = re.compile(r"^(ss|cn|[nwhdlstf])(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
+_UNUSED = {"ss": "sampler names", "cn": "ControlNet images", "t": "t_start", "f": "shift"}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One preview: the kohya dict keys (``scale`` is the CFG, ``steps`` the Stage C steps)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    seed: int | None = None
+    scale: float = 4.0
+    steps: int = 20
+
+
+def _size(value: Any, where: str) -> int:
+    size = int(value) // 8 * 8  # kohya floors to a multiple of 8
+    if size < 128:
+        raise ConfigError(f"{where}: a sample size of {value} px is too small; use at least 128")
+    return size
+
+
+def parse_prompt_line(line: str, where: str = "prompt") -> SamplePrompt | None:
+    """One line of a .txt prompt file; None for comments and blank lines."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    pieces = text.split(" --")
+    values: dict[str, Any] = {"prompt": pieces[0].strip()}
+    for piece in pieces[1:]:
+        match = _OPTION.match(piece.strip())
+        if match is None:
+            warnings.warn(f"{where}: unknown option '--{piece.strip()}' ignored (known: --n --w --h --d --l --s)",
+                          stacklevel=3)
+            continue
+        key, value = match[1].lower(), (match[2] or "").strip()
+        try:
+            if key == "n":
+                values["negative_prompt"] = value
+            elif key == "w":
+                values["width"] = _size(value, where)
+            elif key == "h":
+                values["height"] = _size(value, where)
+            elif key == "d":
+                values["seed"] = int(value)
+            elif key == "l":
+                values["scale"] = float(value)
+            elif key == "s":
+                values["steps"] = min(1000, max(1, int(value)))
+            else:
+                warnings.warn(f"{where}: --{key} ({_UNUSED[key]}) has no effect on training previews", stacklevel=3)
+        except ValueError:
+            raise ConfigError(f"{where}: --{key} {value!r} is not a number") from None
+    return SamplePrompt(**values)
+
+
+def _from_dict(data: dict[str, Any], where: str) -> SamplePrompt:
+    known = {"prompt", "negative_prompt", "width", "height", "seed", "scale", "sample_steps"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{where}: unknown keys {unknown} ignored (known: {sorted(known)})", stacklevel=3)
+    if "prompt" not in data:
+        raise ConfigError(f"{where}: an entry needs a 'prompt'")
+    out = SamplePrompt(str(data["prompt"]), str(data.get("negative_prompt", "")))
+    if "width" in data:
+        out = replace(out, width=_size(data["width"], where))
+    if "height" in data:
+        out = replace(out, height=_size(data["height"], where))
+    if data.get("seed") is not None:
+        out = replace(out, seed=int(data["seed"]))
+    if "scale" in data:
+        out = replace(out, scale=float(data["scale"]))
+    if "sample_steps" in data:
+        out = replace(out, steps=min(1000, max(1, int(data["sample_steps"]))))
+    return out
+
+
+def load_prompts(source: str | Path | list[str]) -> list[SamplePrompt]:
+    """Prompts from a .txt / .toml / .json file, or from a list of .txt-style lines."""
+    if isinstance(source, list):
+        return [p for i, line in enumerate(source) if (p := parse_prompt_line(line, f"prompt {i + 1}")) is not None]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample prompt file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        table = tomllib.loads(text).get("prompt", {})
+        defaults = {k: v for k, v in table.items() if k != "subset"}
+        subsets = table.get("subset", [])
+        return [_from_dict(defaults | entry, f"{path} subset {i + 1}") for i, entry in enumerate(subsets)]
+    if path.suffix.lower() == ".json":
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ConfigError(f"{path}: a JSON prompt file holds a list of objects")
+        return [_from_dict(e, f"{path} entry {i + 1}") for i, e in enumerate(entries)]
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        prompt = parse_prompt_line(line, f"{path}:{i + 1}")
+        if prompt is not None:
+            out.append(prompt)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class SampleImage:
+    """The images made for one prompt at one step."""
+
+    step: int
+    index: int
+    prompt: SamplePrompt
+    seed: int
+    preview: Any  # PIL image from the Previewer (8× the latent)
+    image: Any = None  # PIL image through Stage B and A, when available
+    paths: list[Path] = field(default_factory=list)
+
+
+class _Placed:
+    """The training Stage C as the pipeline sees it: already placed, so `.to()` must not move or cast it."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def to(self, *args: Any, **kwargs: Any) -> _Placed:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, step: int, seed: int,
+                   device: Any, autocast_bf16: bool, full: bool, out_dir: Path | None, name: str) -> list[SampleImage]:
+    """Sample every prompt with the current Stage C (eval mode, global RNG untouched), save PNGs."""
+    import torch
+
+    from ..params import GenerationParams
+    from ..pipeline import Pipeline, Stages
+    from ..results import to_pil
+    from .data import derive_seed
+
+    full = full and models.has("stage_b") and models.has("stage_a")
+    stages = Stages(stage_c=_Placed(stage_c), stage_b=models.get("stage_b") if full else None,
+                    stage_a=models.get("stage_a") if full else None, text_encoder=models.get("text_encoder"),
+                    previewer=models.get("previewer"), variant="training")
+    pipeline = Pipeline(stages, device=device)
+    modes = [(m, m.training) for m in stage_c.modules()]
+    stage_c.eval()
+    results = []
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16)
+    try:
+        with torch.random.fork_rng(devices=[]), autocast:
+            for index, prompt in enumerate(prompts):
+                sample_seed = prompt.seed if prompt.seed is not None else derive_seed(seed, "preview", index) % 2**32
+                params = GenerationParams(prompt.prompt, prompt.negative_prompt, width=prompt.width,
+                                          height=prompt.height, seed=sample_seed, steps_c=prompt.steps,
+                                          cfg_c=prompt.scale, variant="training")
+                image = None
+                if full:
+                    out = pipeline.run(params)
+                    latent_c, image = out.latent_c, to_pil(out.images)[0]
+                else:
+                    latent_c = _stage_c_only(pipeline, params, stage_c)
+                preview = to_pil(pipeline.preview_c(latent_c))[0]
+                results.append(SampleImage(step, index, prompt, sample_seed, preview, image))
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for sample in results:
+            stem = out_dir / f"{name}_{step:06d}_{sample.index:02d}_{sample.seed}"
+            sample.preview.save(stem.with_name(stem.name + "_preview.png"))
+            sample.paths.append(stem.with_name(stem.name + "_preview.png"))
+            if sample.image is not None:
+                sample.image.save(stem.with_name(stem.name + ".png"))
+                sample.paths.append(stem.with_name(stem.name + ".png"))
+    return results
+
+
+def _stage_c_only(pipeline: Any, params: Any, stage_c: Any) -> Any:
+    """Stage C from noise with the pipeline's pieces (no Stage B/A): the latent [1, 16, h, w]."""
+    import torch
+
+    from ..diffusion import generator_noise
+    from ..plugins import get_scheduler
+
+    generator = torch.Generator().manual_seed(params.seed)
+    cond, uncond = pipeline.encode_text([params.prompt], [params.negative_prompt])
+    clip_img = torch.zeros(1, 1, stage_c.clip_img_mapper.in_features)
+    cond["clip_img"], uncond["clip_img"] = clip_img, clip_img
+    h, w = params.latent_size_c
+    x = torch.randn((1, 16, h, w), generator=generator)
+    levels = get_scheduler(params.scheduler_c).fn(params.steps_c, shift=params.shift_c)
+    return pipeline.sample_stage("c", pipeline.stages.stage_c, torch.float32, x, levels, cond, uncond,
+                                 cfg=params.cfg_c, cfg_rho=params.cfg_rho, sampler=params.sampler_c,
+                                 noise=generator_noise(generator), callback=None, cancel=None, trajectory=None)
+
+
+__all__ = ["SampleImage", "SamplePrompt", "load_prompts", "parse_prompt_line", "render_samples"]

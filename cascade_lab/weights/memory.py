@@ -90,8 +90,11 @@ def bf16_supported(device: str | torch.device) -> bool:
 
         if not torch.cuda.is_available():
             return False
-        major, _ = torch.cuda.get_device_capability(index)
-        return major >= 8  # Ampere and later compute bf16 natively; older cards emulate it slowly
+        with torch.cuda.device(index if index is not None else torch.cuda.current_device()):
+            try:  # native bf16 only (Ampere and later): older cards emulate it, slowly
+                return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            except TypeError:  # torch < 2.3 has no including_emulation and never counts emulation
+                return bool(torch.cuda.is_bf16_supported())
     return False
 
 

@@ -44,7 +44,7 @@ def test_diffusers_converter_then_inverse_gives_the_original(fixture: str, stage
 
 
 def _tiny_diffusers_unets() -> dict[str, torch.nn.Module]:
-    from diffusers import StableCascadeUNet
+    from diffusers import StableCascadeUNet  # type: ignore[attr-defined]
 
     res_t_a = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
     # the reference fixtures' configs, in diffusers' argument names

@@ -136,7 +136,7 @@ def test_comfyui_all_in_one_stage_b_checkpoint() -> None:
 
 
 def test_diffusers_layouts() -> None:
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for k, s in manifest_shapes("stage_b_full").items():
         k = k.replace("attention.attn.out_proj.", "attention.to_out.0.")
         k = k.replace("clip_mapper.", "clip_txt_pooled_mapper.")

@@ -78,14 +78,14 @@ def test_mmap_weights_are_copy_on_write_views_of_the_file(tmp_path: Path) -> Non
     path.write_bytes((reference_dir("fixtures", "stage_b_tiny") / "weights.safetensors").read_bytes())
     before = path.read_bytes()
     model = load_stage("stage_b", path, config="tiny")
-    weight = model.clf[1].weight
+    weight = model.get_parameter("clf.1.weight")
     assert weight.untyped_storage().nbytes() == path.stat().st_size  # a view of the mapped file, no copy
     original = weight.detach().clone()
     with torch.no_grad():
         weight.add_(1.0)  # writes go to private pages, never to the file
     assert path.read_bytes() == before
     again = load_stage("stage_b", path, config="tiny")
-    assert torch.equal(again.clf[1].weight, original)
+    assert torch.equal(again.get_parameter("clf.1.weight"), original)
 
 
 def test_dtype_cast_while_reading() -> None:
@@ -173,7 +173,7 @@ def test_pickles_are_refused(tmp_path: Path) -> None:
 
 
 def _split(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for k, v in weights.items():
         if ".in_proj_" in k:
             stem, what = k.rsplit(".in_proj_", 1)
@@ -215,7 +215,7 @@ def _diffusers_prior(root: Path, shards: int = 1, suffix: str = "") -> dict[str,
         save_file(converted, str(folder / f"{stem}.safetensors"))
         return weights
     keys = sorted(converted)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i in range(shards):
         name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
         chunk = {k: converted[k] for k in keys[i::shards]}

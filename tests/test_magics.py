@@ -239,3 +239,11 @@ def test_unload_ext_removes_the_configurable(ip, session) -> None:  # type: igno
     assert sum(type(c).__name__ == "CascadeMagics" for c in ip.configurables) == 1
     ip.run_line_magic("unload_ext", "cascade_lab")
     assert not any(type(c).__name__ == "CascadeMagics" for c in ip.configurables)
+
+
+def test_traits_follow_defaults_changed_elsewhere(ip, session) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    session.configure(variant="tiny", steps_c=5)  # as a panel would
+    ip.run_line_magic("cascade", "cancel")
+    magics = ip.magics_manager.registry["CascadeMagics"]
+    assert (magics.default_variant, magics.default_steps_c) == ("tiny", 5)

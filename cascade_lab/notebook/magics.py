@@ -114,6 +114,7 @@ class CascadeMagics(Magics):
     @no_var_expand
     @line_cell_magic
     def cascade(self, line: str, cell: str | None = None) -> None:
+        self._from_session()  # a panel may have changed the defaults since: keep the traits current
         if cell is not None:
             return self._generate(line, cell)
         return self._command(line)

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr = sub.add_parser("train", help="fine-tune Stage C (LoRA or full) from a TOML config; works under torchrun")
+    tr.add_argument("config", help="training TOML: cascade_lab.training.TrainConfig fields (+ dataset tables)")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set max_train_steps=100 (repeatable)")
+    tr.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
@@ -107,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate(args)
         except (ValueError, UnknownNameError, FileNotFoundError, TypeError) as exc:
             parser.exit(2, f"cascade-lab generate: error: {exc}\n")
+    if args.command == "train":
+        from .training.cli_entry import run_train
+
+        try:
+            return run_train(args.config, args.overrides, quiet=args.quiet)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            parser.exit(2, f"cascade-lab train: error: {exc}\n")
     if args.command == "plugins":
         print(listing.plugins_text())
     else:

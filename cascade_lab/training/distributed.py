@@ -104,8 +104,13 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around the trained module when several processes run."""
     if not info.active:
         return model
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # Depthwise conv weights [c, 1, k, k] get grads whose stride on the size-1 dim differs from the bucket
+    # view's: the same memory layout, so the reducer's warning about it is noise here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

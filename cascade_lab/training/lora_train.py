@@ -90,7 +90,7 @@ class LoraNetwork(nn.Module):
         self.alpha = float(alpha) if alpha else float(rank)  # kohya: 0 or None means alpha = rank
         generator = torch.Generator().manual_seed(seed)
         self.pairs = nn.ModuleDict({t.name: LoraPair(t.n_in, t.n_out, rank, generator) for t in targets})
-        self._attached: list[tuple[nn.Module, str]] = []
+        self._attached: list[tuple[nn.Module, str, list[str]]] = []
 
     @classmethod
     def for_model(cls, model: nn.Module, *, rank: int = 4, alpha: float | None = 1.0, target: str = "attention",
@@ -116,14 +116,17 @@ class LoraNetwork(nn.Module):
             weight = getattr(module, param)
             for pair in pairs:
                 pair.to(weight.device)
+            order = list(module._parameters)
             parametrize.register_parametrization(module, param, _AddDelta(pairs, self.scale))
-            self._attached.append((module, param))
+            self._attached.append((module, param, order))
         return self
 
     def detach(self) -> None:
         """Remove the parametrizations: the model's weights are its original tensors again, bit for bit."""
-        for module, param in self._attached:
+        for module, param, order in reversed(self._attached):
             parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+            if set(order) == set(module._parameters):  # put the parameter back in its place: same key order
+                module._parameters = type(module._parameters)((k, module._parameters[k]) for k in order)
         self._attached = []
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

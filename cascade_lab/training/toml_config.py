@@ -92,7 +92,7 @@ def check_path(value: str, where: str) -> None:
     """Refuse Windows paths on other systems (kohya's examples ship them; they find no data on Linux)."""
     if os.name != "nt" and (_WINDOWS_PATH.match(value) or "\\" in value):
         raise ConfigError(
-            f"{where}: {value!r} is a Windows path, which does not exist on this {sys.platform} machine "
+            f"{where}: '{value}' is a Windows path, which does not exist on this {sys.platform} machine "
             "(the kohya/bmaltais example TOMLs ship such paths). Write the folder's path on this machine, "
             "e.g. image_dir = \"/data/my_concept\""
         )

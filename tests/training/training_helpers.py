@@ -1,4 +1,7 @@
-"""Fixtures for the training tests: a synthetic dataset of coloured shapes, one thread, a shared cache."""
+"""Helpers and fixtures for the training tests: a synthetic dataset of coloured shapes, one thread, a shared cache.
+
+Test modules import the fixtures they use by name (a conftest.py here would shadow tests/conftest.py).
+"""
 
 from __future__ import annotations
 

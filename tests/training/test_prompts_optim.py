@@ -1,0 +1,100 @@
+"""kohya prompt files and the optimizers / learning-rate schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cascade_lab.training.config import ConfigError
+from cascade_lab.training.optim import Adafactor, build_optimizer, lr_lambda, parse_optimizer_args
+from cascade_lab.training.sampling import SamplePrompt, load_prompts, parse_prompt_line
+
+
+def test_prompt_line_grammar() -> None:
+    line = "zxc toy on a beach at sunset --n blurry, lowres --w 1024 --H 1200 --d 42 --l 4.5 --s 30"
+    assert parse_prompt_line(line) == SamplePrompt("zxc toy on a beach at sunset", "blurry, lowres", 1024, 1200,
+                                                   42, 4.5, 30)
+    assert parse_prompt_line("a cat --W 801 --s 5000") == SamplePrompt("a cat", width=800, steps=1000)
+    assert parse_prompt_line("# a comment --w 512") is None and parse_prompt_line("   ") is None
+    with pytest.warns(UserWarning, match="--q"):
+        assert parse_prompt_line("a dog --q 3").prompt == "a dog"
+    with pytest.raises(ConfigError, match="--d"):
+        parse_prompt_line("a dog --d many")
+
+
+def test_prompt_files_txt_toml_json(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("# previews\nred circle --w 256 --h 256\n\nblue square --n green\n")
+    assert [p.prompt for p in load_prompts(tmp_path / "p.txt")] == ["red circle", "blue square"]
+    (tmp_path / "p.toml").write_text('[prompt]\nwidth = 512\nscale = 3\n[[prompt.subset]]\nprompt = "a"\n'
+                                     '[[prompt.subset]]\nprompt = "b"\nwidth = 256\nsample_steps = 8\n')
+    assert load_prompts(tmp_path / "p.toml") == [SamplePrompt("a", width=512, scale=3.0),
+                                                 SamplePrompt("b", width=256, scale=3.0, steps=8)]
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "c", "seed": 7, "negative_prompt": "x"}]))
+    assert load_prompts(tmp_path / "p.json") == [SamplePrompt("c", "x", seed=7)]
+    assert load_prompts(["d --d 3", "# no"]) == [SamplePrompt("d", seed=3)]
+
+
+def test_optimizer_args_in_kohya_syntax() -> None:
+    args = parse_optimizer_args(["scale_parameter=False", "relative_step=False", "warmup_init=False",
+                                 "weight_decay=0.01", "betas=(0.9,0.99)"])
+    assert args == {"scale_parameter": False, "relative_step": False, "warmup_init": False, "weight_decay": 0.01,
+                    "betas": (0.9, 0.99)}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_optimizer_args(["oops"])
+
+
+def _fit(optimizer_factory, steps: int = 200) -> float:
+    torch.manual_seed(0)
+    target = torch.randn(8, 6)
+    w = torch.nn.Parameter(torch.zeros(8, 6))
+    b = torch.nn.Parameter(torch.zeros(6))
+    opt = optimizer_factory([w, b])
+    for _ in range(steps):
+        loss = ((w - target) ** 2).mean() + ((b - 1) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((w - target) ** 2).mean() + ((b - 1) ** 2).mean())
+
+
+def test_adafactor_with_the_readme_arguments_uses_the_learning_rate() -> None:
+    readme = ["scale_parameter=False", "relative_step=False", "warmup_init=False"]
+    start = _fit(lambda p: build_optimizer("Adafactor", p, 1e-2, readme), steps=0)
+    assert _fit(lambda p: build_optimizer("Adafactor", p, 3e-2, readme)) < 0.05 * start
+    # the step is lr-sized: with a tiny lr almost nothing moves
+    assert _fit(lambda p: build_optimizer("Adafactor", p, 1e-6, readme)) > 0.99 * start
+    with pytest.warns(UserWarning, match="ignores learning_rate"):
+        relative = build_optimizer("adafactor", [torch.nn.Parameter(torch.zeros(2, 2))], 1.0, [])
+    assert isinstance(relative, Adafactor) and relative.param_groups[0]["lr"] is None
+
+
+def test_adafactor_factors_matrices_and_keeps_state_dict() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 5, 1, 1))
+    opt = Adafactor([w], lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.1)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state = opt.state[w]
+    assert state["row"].shape == (4, 5, 1) and state["col"].shape == (4, 5, 1) and state["step"] == 1
+    clone = Adafactor([torch.nn.Parameter(w.detach().clone())], lr=1e-2, relative_step=False,
+                      scale_parameter=False, beta1=0.9, weight_decay=0.1)
+    clone.load_state_dict(opt.state_dict())
+    assert torch.equal(next(iter(clone.state.values()))["row"], state["row"])
+
+
+def test_adamw_defaults_to_the_official_weight_decay() -> None:
+    opt = build_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-4, [])
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_schedules() -> None:
+    assert [lr_lambda("constant", 10, 100)(s) for s in (0, 50)] == [1.0, 1.0]
+    warm = lr_lambda("constant_with_warmup", 4, 100)
+    assert [warm(s) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    cosine = lr_lambda("cosine_with_warmup", 10, 110)
+    assert cosine(10) == 1.0 and math.isclose(cosine(60), 0.5) and cosine(110) < 1e-9
+    assert lr_lambda("linear", 0, 100)(50) == 0.5

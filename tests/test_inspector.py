@@ -6,6 +6,7 @@ import io
 from types import SimpleNamespace
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -67,7 +68,7 @@ def test_channel_figures_have_one_axes_per_channel_plus_a_colour_bar() -> None:
     fig_b = channels_figure(result.latent_b, title="Stage B latent")
     assert len(fig_b.axes) == 4 + 1 and fig_b.get_suptitle() == "Stage B latent"
     shown = fig_b.axes[2].images[0].get_array()
-    assert torch.equal(torch.from_numpy(shown.data), result.latent_b[0, 2])
+    assert torch.equal(torch.from_numpy(np.asarray(shown)), result.latent_b[0, 2])
 
 
 def test_histograms_figure_has_one_axes_per_channel_titled_with_its_stats() -> None:
@@ -84,7 +85,7 @@ def test_trajectory_figure_shows_the_previewed_x0_of_the_chosen_step() -> None:
     assert len(fig.axes) == 2
     shown = fig.axes[0].images[0].get_array()
     expected = fake_preview(result.trajectory_c[2][:1])[0].permute(1, 2, 0)
-    assert torch.allclose(torch.from_numpy(shown.data).float(), expected)
+    assert torch.allclose(torch.from_numpy(np.asarray(shown)).float(), expected)
     assert "step 3 of 4" in fig.get_suptitle()
     with pytest.raises(ValueError, match="step=4: the trajectory has 4 steps"):
         trajectory_figure(result.trajectory_c, 4, fake_preview)
@@ -95,7 +96,7 @@ def test_step_change_figure_plots_both_stages() -> None:
     fig = step_change_figure(result)
     assert [ax.get_title() for ax in fig.axes] == ["Stage C", "Stage B"]
     for ax, trajectory in zip(fig.axes, (result.trajectory_c, result.trajectory_b), strict=True):
-        assert list(ax.lines[0].get_ydata()) == pytest.approx(step_changes(trajectory))
+        assert np.asarray(ax.lines[0].get_ydata()).tolist() == pytest.approx(step_changes(trajectory))
     empty = step_change_figure(fake_result(steps_c=0, steps_b=0))
     assert "keep_trajectory=True" in empty.axes[0].texts[0].get_text()
 
@@ -186,5 +187,5 @@ def test_inspector_on_a_tiny_generation_uses_the_previewer() -> None:
     inspector.step.value = 0
     fig = trajectory_figure(result.trajectory_c, 0, cascade.preview)
     expected = cascade.preview(result.trajectory_c[0][:1])[0].permute(1, 2, 0)
-    assert torch.allclose(torch.from_numpy(fig.axes[0].images[0].get_array().data).float(), expected)
+    assert torch.allclose(torch.from_numpy(np.asarray(fig.axes[0].images[0].get_array())).float(), expected)
     assert inspector.trajectory_image.value == figure_png(fig)

@@ -4,6 +4,7 @@ clicked with `Button.click()` and the worker thread is joined with a timeout."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from cascade_lab.notebook.options import parse_cell
 from cascade_lab.notebook.panel import GenerationPanel, cascade_cell
 from cascade_lab.notebook.session import Defaults, Session
 
-TINY = {"width": 128, "height": 128, "steps_c": 2, "steps_b": 2, "seed": 3}
+TINY: dict[str, Any] = {"width": 128, "height": 128, "steps_c": 2, "steps_b": 2, "seed": 3}
 TIMEOUT = 120  # seconds for one tiny job on a busy 2-core machine
 
 

@@ -123,6 +123,11 @@ def test_dropdowns_show_a_plugin_registered_later(panel: GenerationPanel) -> Non
         panel._repr_mimebundle_()  # displaying the panel again refreshes the lists
         for stage in ("c", "b"):
             assert "panel_test_later" in panel.stage[stage]["sampler"].options
+        cascade_lab.unregister_plugin("panel_test_later_plugin")
+        panel.refresh.click()  # so does the refresh button
+        assert "panel_test_later" not in panel.stage["c"]["sampler"].options
+        cascade_lab.register_plugin(LaterSampler, name="panel_test_later_plugin")
+        panel.refresh.click()
         panel.stage["c"]["sampler"].value = "panel_test_later"
         panel.generate_button.click()
         result = panel.wait(TIMEOUT)
@@ -247,3 +252,15 @@ def test_the_form_starts_from_the_session_defaults(session: Session) -> None:
     assert {panel.stage[s][k].value for s in "cb" for k in ("sampler",)} == {"ddim"}
     assert panel.stage["b"]["scheduler"].value == "karras"
     assert GenerationPanel(session=session, steps_c=7).stage["c"]["steps"].value == 7  # explicit beats defaults
+
+
+def test_the_gallery_keeps_the_newest_results(session: Session) -> None:
+    panel = GenerationPanel("tiny", prompt="x", session=session, keep_results=2, **TINY)
+    seeds = []
+    for seed in (1, 2, 3):
+        panel.seed.value = seed
+        panel.generate()
+        seeds.append(panel.wait(TIMEOUT).params.seed)
+    assert seeds == [1, 2, 3] and [r.params.seed for r in panel.results] == [2, 3]
+    assert len(panel.gallery.children) == 2
+    assert "seed 3" in panel.gallery.children[0].children[-1].children[0].value  # newest first

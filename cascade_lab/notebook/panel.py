@@ -23,7 +23,7 @@ import ipywidgets as widgets
 
 from ..params import GenerationParams
 from .display import preview_jpeg
-from .session import get_session
+from .session import free_memory, get_session
 
 # Stable Cascade was trained around one megapixel; these are the commonly used aspect ratios
 SIZE_PRESETS: list[tuple[int, int]] = [
@@ -84,7 +84,7 @@ class GenerationPanel:
     """
 
     def __init__(self, variant: str | None = None, *, prompt: str = "", session: Any = None,
-                 keep_trajectory: bool | None = None, **defaults: Any) -> None:
+                 keep_trajectory: bool | None = None, keep_results: int = 12, **defaults: Any) -> None:
         self.session = session if session is not None else get_session()
         d = self.session.defaults
         start: dict[str, Any] = {"width": d.width, "height": d.height, "steps_c": d.steps_c, "steps_b": d.steps_b,
@@ -93,6 +93,7 @@ class GenerationPanel:
         self.base = GenerationParams(prompt, **(start | defaults)).validate()
         variant = variant or d.variant
         self.keep_trajectory = keep_trajectory  # None: the session's default at each run
+        self.keep_results = keep_results  # the gallery (and `results`) keep the newest ones; each holds its latents
         self.results: list[Any] = []
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -138,6 +139,9 @@ class GenerationPanel:
         self.new_seed_each_run = widgets.Checkbox(p.seed is None, description="new seed each run", indent=False)
         self.randomise.on_click(lambda _: self.randomise_seed())
         self.variant = widgets.Dropdown(options=[variant], value=variant, description="variant")
+        self.refresh = widgets.Button(icon="refresh", tooltip="reload the sampler, scheduler and variant lists "
+                                      "(plugins registered since)", layout=widgets.Layout(width="40px"))
+        self.refresh.on_click(lambda _: self.refresh_options())
 
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
@@ -159,7 +163,7 @@ class GenerationPanel:
             self.prompt, self.negative,
             widgets.HBox([self.size, self.width, self.height, self.batch_size]),
             widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
-            widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant]),
+            widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant, self.refresh]),
             widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
             self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
@@ -270,20 +274,25 @@ class GenerationPanel:
             result = self.session.generate(params.prompt, params.negative_prompt, variant=params.variant,
                                            callback=self._on_step, keep_trajectory=self.keep_trajectory, **options)
         except Cancelled as exc:
-            self.progress.bar_style = "warning"
-            self._set_running(False, f"cancelled ({exc})")
+            stopped = f"cancelled ({exc})"
         except Exception as exc:  # the worker reports every failure in the panel, never only in a log
-            self.error = exc
-            self.progress.bar_style = "danger"
             self._show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self.error = exc.with_traceback(None)  # the message stays; the frames (and their tensors) go
+            self.progress.bar_style = "danger"
             self._set_running(False, "failed")
+            return
         else:
-            self.results.append(result)
+            self.results = [*self.results, result][-self.keep_results:]
             self.progress.value, self.progress.bar_style = self.progress.max, "success"
             self.preview.value = png_bytes(result.images[0])
             self.preview.format = "png"
-            self.gallery.children = (self._gallery_item(result), *self.gallery.children)
+            gallery = (self._gallery_item(result), *self.gallery.children)
+            self.gallery.children = gallery[:self.keep_results]
             self._set_running(False, f"done in {time.perf_counter() - started:.1f} s, seed {result.params.seed}")
+            return
+        free_memory()  # outside the except block: the cancelled job's frames are gone
+        self.progress.bar_style = "warning"
+        self._set_running(False, stopped)
 
     def _on_step(self, event: Any) -> None:
         """Per-step callback (worker thread): cancel check, progress, status and a throttled Stage C preview."""

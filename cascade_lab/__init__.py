@@ -9,8 +9,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from .api import Cascade, generate  # noqa: E402  (api imports no torch at module level)
 from .hookspecs import hookimpl  # noqa: E402
+from .params import GenerationParams, read_png_params  # noqa: E402
 from .registry import Sampler, Scheduler, UnknownNameError, Variant, VariantFile  # noqa: E402
+
+
+def train(*args: Any, **kwargs: Any) -> Any:
+    """Fine-tune Stage C (LoRA or full); see `cascade_lab.training.TrainConfig` for every setting."""
+    from .training import train as _train
+
+    return _train(*args, **kwargs)
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:
@@ -42,15 +51,20 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
+    "Cascade",
+    "GenerationParams",
     "Sampler",
     "Scheduler",
     "UnknownNameError",
     "Variant",
     "VariantFile",
     "__version__",
+    "generate",
     "hookimpl",
     "load_ipython_extension",
+    "read_png_params",
     "register_plugin",
+    "train",
     "unload_ipython_extension",
     "unregister_plugin",
 ]

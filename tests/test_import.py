@@ -30,3 +30,11 @@ def test_import_and_load_ext_import_no_torch_and_are_fast() -> None:
     assert report["heavy"] == [], f"heavy modules imported: {report['heavy']}"
     assert report["import"] < 0.5, report
     assert report["load_ext"] < 0.5, report
+
+
+def test_top_level_api_names_exist_without_torch() -> None:
+    code = ("import sys, cascade_lab; assert callable(cascade_lab.generate) and callable(cascade_lab.train); "
+            "assert cascade_lab.Cascade.__name__ == 'Cascade'; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -95,7 +95,8 @@ class TrainingModels:
 def _tiny_stages(seed: int) -> Any:
     from ..models.tiny import build_tiny
 
-    return build_tiny(seed)
+    with torch.random.fork_rng(devices=[]):  # build_tiny seeds the global RNG; keep the run's stream
+        return build_tiny(seed)
 
 
 def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module | None = None,

@@ -160,7 +160,6 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             callback(TrainingEvent(kind, run.step, run.total_steps, data, run))
 
     try:
-        torch.manual_seed(cfg.seed + info.rank)  # the stream Stage C's dropout draws from
         data = TrainingData(dataset_config_for(cfg), scale=cfg.scale_factor, seed=cfg.seed,
                             world_size=info.world_size)
         models = build_models(cfg, device=info.device, **objects)
@@ -168,6 +167,7 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         run.network, run.stage_c, run.total_steps = trainer.network, trainer.stage_c, trainer.total_steps
         run.metadata = describe(cfg, data, info, trainer)
         trainer.prepare_caches(list(range(len(data.records))))
+        torch.manual_seed(cfg.seed + info.rank)  # the stream Stage C's dropout draws from (set after any builds)
         folder = resume_folder(cfg)
         if folder is not None:
             _resume(run, trainer, folder)
@@ -204,6 +204,7 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         emit("end", {"status": run.status})
     except NonFiniteLoss as exc:
         run.status, run.error = "nan", exc
+        run.step = trainer.step if trainer is not None else run.step
         if info.is_main:
             warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
             write_json(_summary(run), Path(cfg.output_dir) / "run.json")
@@ -270,6 +271,11 @@ def _export_metadata(run: TrainingRun, trainer: Trainer) -> dict[str, str]:
 def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
     """Every process hands in its RNG state; the main one writes the checkpoint and the exported file."""
     cfg, info = trainer.config, trainer.info
+    if trainer.nan_streak:  # the weights are those of the last good step; its checkpoint already holds them
+        if info.is_main:
+            warnings.warn(f"step {trainer.step}: no checkpoint during a run of non-finite steps", RuntimeWarning,
+                          stacklevel=2)
+        return
     rngs = dist.gather_objects(info, trainer.rng_state())
     if info.is_main:
         name = f"{cfg.name}.safetensors"

@@ -1,13 +1,12 @@
-"""Helpers and fixtures for the training tests: a synthetic dataset of coloured shapes, one thread, a shared cache.
+"""Helpers for the training tests: a synthetic dataset of coloured shapes, tiny run settings, Stage C inputs.
 
-Test modules import the fixtures they use by name (a conftest.py here would shadow tests/conftest.py).
+Fixtures live in training_fixtures.py, which test modules load with ``pytest_plugins`` (a conftest.py here
+would shadow tests/conftest.py, which other test folders import as ``conftest``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -40,23 +39,19 @@ def make_shapes_dataset(folder: Path, size: int = 128, caption_extension: str = 
     return folder
 
 
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+def tiny_run(shapes: Path, cache: Path, out: Path, **changes: object) -> dict:
+    """Settings of a fast tiny run on the shapes: 128 px at the kohya scale → 4x4 latents, batch 8."""
+    return {"train_data_dir": str(shapes), "cache_dir": str(cache), "output_dir": str(out), "resolution": 128,
+            "training_scale": "kohya", "train_batch_size": 8, "learning_rate": 1e-3, "val_every_n_steps": 0,
+            "log_every_n_steps": 0} | changes
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One latent/text cache for the whole session: the random EfficientNet runs once per image."""
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training steps on tiny models are fastest single-threaded on the shared 2-core machines."""
+def stage_c_inputs(batch: int = 2, size: int = 4, seed: int = 0) -> dict:
+    """Random inputs for the tiny Stage C (text width 24, image width 12)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 16, size, size, generator=g), "r": torch.rand(batch, generator=g),
+            "clip_text": torch.randn(batch, 77, 24, generator=g), "clip_text_pooled": torch.randn(batch, 1, 24,
+                                                                                                 generator=g),
+            "clip_img": torch.zeros(batch, 1, 12)}

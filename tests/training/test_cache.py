@@ -1,0 +1,108 @@
+"""Latent and text-embedding caches: keyed by content and settings, refusals for options they cannot honour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import make_shapes_dataset
+
+from cascade_lab.training.cache import LatentCache, TextCache, check_cache_options, encode_text
+from cascade_lab.training.config import ConfigError, TrainConfig
+from cascade_lab.training.data import TrainingData
+from cascade_lab.training.toml_config import folder_dataset
+
+
+class PoolEncoder:
+    """A stand-in EfficientNet: 32x average pooling, channels repeated to 16 (fast, deterministic)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def to(self, device: object) -> PoolEncoder:
+        return self
+
+    def encode_image(self, img01: torch.Tensor) -> torch.Tensor:
+        self.calls += img01.shape[0]
+        pooled = torch.nn.functional.avg_pool2d(img01, 32)  # [B, 3, H/32, W/32]
+        return torch.cat([pooled] * 5 + [pooled[:, :1]], dim=1)  # [B, 16, H/32, W/32]
+
+
+def _data(folder: Path, **changes: object) -> tuple[TrainConfig, TrainingData]:
+    settings: dict = {"resolution": 128, "training_scale": "kohya"} | changes
+    config = TrainConfig(train_data_dir=str(folder), **settings)
+    return config, TrainingData(folder_dataset(folder, config), scale=config.scale_factor, seed=0)
+
+
+def _cache(data: TrainingData, folder: Path, fingerprint: str = "pool-v1") -> tuple[LatentCache, PoolEncoder]:
+    encoder = PoolEncoder()
+    return LatentCache(folder, data, lambda: encoder, lambda: fingerprint, torch.device("cpu")), encoder
+
+
+def test_latents_are_cached_on_disk_and_reused(tmp_path: Path) -> None:
+    images = make_shapes_dataset(tmp_path / "imgs")
+    _, data = _data(images)
+    first, enc = _cache(data, tmp_path / "cache")
+    assert first.prepare(range(len(data.records))) == 12 and enc.calls == 12
+    files = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    assert len(files) == 12
+    second, enc2 = _cache(data, tmp_path / "cache")
+    assert second.prepare(range(12)) == 0 and enc2.calls == 0
+    assert torch.equal(second.get(3), first.get(3)) and second.get(3).shape == (16, 4, 4)
+    image = data.image(3)[None]
+    assert torch.allclose(second.get(3), PoolEncoder().encode_image(image)[0])
+
+
+def test_changed_settings_or_content_invalidate(tmp_path: Path) -> None:
+    images = make_shapes_dataset(tmp_path / "imgs")
+    _, data = _data(images)
+    _cache(data, tmp_path / "cache")[0].prepare(range(12))
+    _, bigger = _data(images, resolution=192)  # another bucket size: every latent is new
+    assert _cache(bigger, tmp_path / "cache")[0].prepare(range(12)) == 12
+    assert _cache(data, tmp_path / "cache", fingerprint="pool-v2")[0].prepare(range(12)) == 12  # other encoder
+    red = images / "red_circle.png"
+    from PIL import Image
+
+    Image.new("RGB", (128, 128), (10, 10, 10)).save(red)  # new content, same name
+    _, data = _data(images)
+    cache, _ = _cache(data, tmp_path / "cache")
+    assert cache.prepare(range(12)) == 1
+    assert float(cache.get(next(i for i, r in enumerate(data.records) if r.path == red)).max()) < 0.05
+
+
+def test_flip_aug_caches_the_mirrored_latent(tmp_path: Path) -> None:
+    images = make_shapes_dataset(tmp_path / "imgs")
+    _, data = _data(images, flip_aug=True)
+    cache, _ = _cache(data, tmp_path / "cache")
+    triangle = next(i for i, r in enumerate(data.records) if "triangle" in r.path.name)
+    flipped = PoolEncoder().encode_image(data.image(triangle, flip=True)[None])[0]
+    assert torch.allclose(cache.get(triangle, flip=True), flipped)
+    assert not torch.allclose(cache.get(triangle, flip=True), cache.get(triangle))
+
+
+def test_text_cache_includes_the_empty_caption(tmp_path: Path) -> None:
+    from cascade_lab.models.tiny import tiny_text_encoder
+
+    encoder = tiny_text_encoder()
+    cache = TextCache(tmp_path / "cache", lambda: encoder, lambda: "tiny", torch.device("cpu"))
+    assert cache.prepare(["a red circle", "", "a red circle"]) == 2
+    clip_text, pooled = cache.get(["", "a red circle"])
+    live_text, live_pooled = encode_text(encoder, ["", "a red circle"], torch.device("cpu"))
+    assert torch.allclose(clip_text, live_text, atol=1e-6) and torch.allclose(pooled, live_pooled, atol=1e-6)
+    again = TextCache(tmp_path / "cache", lambda: encoder, lambda: "tiny", torch.device("cpu"))
+    assert again.prepare(["", "a red circle"]) == 0
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"random_crop": True}, "random_crop=true with cache_latents=true"),
+    ({"shuffle_caption": True}, "shuffle_caption=true with cache_text_encoder_outputs=true"),
+])  # fmt: skip
+def test_options_a_cache_cannot_honour_are_refused(tmp_path: Path, changes: dict, words: str) -> None:
+    config, data = _data(make_shapes_dataset(tmp_path / "imgs"), **changes)
+    with pytest.raises(ConfigError, match=words):
+        check_cache_options(config, data)
+    off = TrainConfig(train_data_dir=config.train_data_dir, cache_latents=False, cache_text_encoder_outputs=False)
+    check_cache_options(off, data)  # without caches both are fine
+    check_cache_options(TrainConfig(train_data_dir="x", caption_dropout_rate=0.3), _data(
+        make_shapes_dataset(tmp_path / "imgs"), caption_dropout_rate=0.3)[1])  # dropout: "" is cached too

@@ -1,0 +1,99 @@
+"""The loop on the tiny Stage C: it learns, logs raw and weighted losses, guards against NaN, saves official keys."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import stage_c_inputs, tiny_run
+
+from cascade_lab.models.stage_c import StageCConfig
+from cascade_lab.training import ConfigError, train
+
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_full_finetune_learns_and_reloads_with_the_official_keys(shapes_dir, shared_cache, tmp_path) -> None:
+    start = time.perf_counter()
+    run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=300,
+                           val_every_n_steps=100))
+    elapsed = time.perf_counter() - start
+    assert run.status == "finished" and run.step == 300 and len(run.losses) == 300
+    before, after = run.val_losses[0]["val_loss"], run.val_losses[-1]["val_loss"]
+    print(f"full fine-tune: val loss {before:.3f} -> {after:.3f} in 300 steps, {elapsed:.1f} s")
+    assert 0.9 < before < 1.1  # zero-initialised output conv: ε prediction 0, unit-variance target
+    assert after < 0.5 * before and [v["step"] for v in run.val_losses] == [0, 100, 200, 300]
+    first, last = run.losses[:20], run.losses[-20:]
+    assert 0.9 < first[0]["raw_loss"] < 1.2 and first[0]["loss"] < first[0]["raw_loss"]  # P2 weights < 1
+    assert sum(r["raw_loss"] for r in last) < 0.6 * sum(r["raw_loss"] for r in first)
+    tensors = load_file(str(run.output_file))
+    fresh = StageCConfig.tiny().build()
+    assert list(tensors) == sorted(fresh.state_dict()) and all(t.dtype == torch.float32 for t in tensors.values())
+    fresh.load_state_dict(tensors, strict=True)
+    inputs = stage_c_inputs()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(**inputs), run.stage_c.eval()(**inputs))
+    assert "official" not in run.metadata["cascade_lab.training_scale"]  # this run used the kohya scale
+    assert json.loads(run.metadata["cascade_lab.latent_buckets"]) == {"4x4": 12}
+
+
+def test_bf16_autocast_checkpointing_adaptive_weights_saved(shapes_dir, shared_cache, tmp_path) -> None:
+    run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=6,
+                           mixed_precision="bf16", gradient_checkpointing=True, adaptive_loss_weight=True,
+                           save_precision="bf16", gradient_accumulation_steps=2))
+    assert run.status == "finished" and all(torch.isfinite(torch.tensor(r["loss"])) for r in run.losses)
+    info = json.loads((run.last_checkpoint / "info.json").read_text())
+    buckets = info["adaptive_loss"]["bucket_losses"]
+    assert len(buckets) == 300 and sum(b != 1.0 for b in buckets) >= 6
+    assert all(t.dtype == torch.bfloat16 for t in load_file(str(run.output_file)).values())
+    assert (run.last_checkpoint / "trainable.safetensors").is_file()  # fp32 master weights for resuming
+
+
+def test_fp16_is_refused() -> None:
+    with pytest.raises(ConfigError, match="float16"):
+        train(train_data_dir="x", mixed_precision="fp16")
+
+
+def _nan_after(model: torch.nn.Module, bad: set[int] | int) -> list[int]:
+    """Make training-mode forwards number `bad` (1-based; an int: that one and all later) return NaN."""
+    calls = [0]
+
+    def hook(module, args, output):
+        if not module.training:
+            return None
+        calls[0] += 1
+        hit = calls[0] >= bad if isinstance(bad, int) else calls[0] in bad
+        return output + float("nan") if hit else None
+
+    model.register_forward_hook(hook)
+    return calls
+
+
+def test_one_nan_step_is_skipped_with_a_warning(shapes_dir, shared_cache, tmp_path) -> None:
+    model = StageCConfig.tiny().build()
+    _nan_after(model, {3})
+    with pytest.warns(RuntimeWarning, match="step 3: non-finite loss"):
+        run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=6), stage_c=model)
+    assert run.status == "finished" and [r["skipped"] for r in run.losses] == [False] * 2 + [True] + [False] * 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:step .*(non-finite|no checkpoint)")
+def test_repeated_nans_stop_without_touching_the_last_good_checkpoint(shapes_dir, shared_cache, tmp_path) -> None:
+    model = StageCConfig.tiny().build()
+    _nan_after(model, 5)
+    with pytest.warns(RuntimeWarning, match="3 steps in a row"):
+        run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=20,
+                               save_every_n_steps=2, max_nan_steps=3), stage_c=model)
+    assert run.status == "nan" and run.step == 7 and "non-finite" in str(run.error)
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert folders == ["step-00000002", "step-00000004"]  # nothing saved during the NaN streak (step 6)
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["folder"] == "step-00000004"
+    saved = load_file(str(tmp_path / "stage_c_finetune.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # no update after step 4
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "nan"

@@ -60,6 +60,7 @@ def _images(folder: Path, n: int = 2, size: tuple[int, int] = (96, 96), captions
     return folder
 
 
+@pytest.mark.filterwarnings("ignore:.*token_warmup_step")
 def test_kohya_toml_inherits_downward_and_reports_unknown_keys(tmp_path: Path) -> None:
     _images(tmp_path / "a")
     _images(tmp_path / "b")
@@ -181,3 +182,13 @@ def test_batch_plan_is_full_per_bucket_deterministic_and_split_evenly(tmp_path: 
         assert len({one.records[i].bucket for i in batch}) == 1
     seen = [i for b in one.epoch_batches(0) for i in b]
     assert all(seen.count(i) >= 2 for i in range(len(one.records)))  # num_repeats
+
+
+def test_importing_the_training_package_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, cascade_lab.training as t; t.TrainConfig(train_data_dir='x').validate(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,47 @@
+"""Two processes (torchrun, gloo on CPU) give the losses of one process with the doubled batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import tiny_run
+
+from cascade_lab.training import train
+
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_two_processes_match_one_with_the_doubled_batch(shapes_dir, shared_cache, tmp_path) -> None:
+    common = {"mode": "full", "max_train_steps": 6, "adaptive_loss_weight": True, "gradient_accumulation_steps": 2}
+    one = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "one", train_batch_size=8, **common))
+
+    config = tmp_path / "train.toml"
+    lines = [f"{k} = {json.dumps(v)}" for k, v in tiny_run(shapes_dir, shared_cache, tmp_path / "two",
+                                                           train_batch_size=4, **common).items()]
+    config.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cascade_lab.cli", "train", str(config), "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"torchrun, 2 processes x batch 4, 6 steps: {elapsed:.1f} s")
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert two["status"] == "finished" and two["metadata"]["cascade_lab.world_size"] == "2"
+    assert proc.stdout.count("finished: step 6/6") == 1  # only rank 0 reports
+    for a, b in zip(one.losses, two["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["raw_loss"] == pytest.approx(b["raw_loss"],
+                                                                                                   rel=1e-5)
+    w_one, w_two = load_file(str(one.output_file)), load_file(str(tmp_path / "two" / "stage_c_finetune.safetensors"))
+    for key, value in w_one.items():
+        torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-6)

@@ -98,7 +98,8 @@ class ImageRecord:
 def _read_caption(image: Path, subset: SubsetSpec) -> str | None:
     path = image.with_suffix(subset.caption_extension)
     if path.is_file():
-        return path.read_text(encoding="utf-8").strip().splitlines()[0] if path.stat().st_size else ""
+        text = path.read_text(encoding="utf-8").strip()
+        return text.splitlines()[0].strip() if text else ""  # kohya reads the first line
     return None
 
 

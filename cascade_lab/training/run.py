@@ -94,9 +94,11 @@ def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
     """Train Stage C (LoRA or full) as `config` says (a TrainConfig, dict, TOML path; kwargs override fields).
 
     `stop()` is polled between steps; `callback(TrainingEvent)` runs on the main process. Models may be
-    passed as a `pipeline.Stages` or one by one. With ``background=True`` the run starts in a thread and
-    is returned at once (``run.wait()``, ``run.stop()``). A run that ends on repeated NaNs returns with
-    status "nan"; other errors raise (in background mode they are kept in ``run.error``).
+    passed as a `pipeline.Stages` or one by one; a passed Stage C is trained in place by a full fine-tune and
+    gets its own weights back after a LoRA run (the LoRA is in the output file and ``run.network``).
+    With ``background=True`` the run starts in a thread and is returned at once (``run.wait()``,
+    ``run.stop()``). A run that ends on repeated NaNs returns with status "nan"; other errors raise
+    (in background mode they are kept in ``run.error``).
     """
     cfg = TrainConfig.coerce(config, **kwargs).validate()
     run = TrainingRun(cfg)

@@ -183,7 +183,8 @@ def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, st
     results = []
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16)
     try:
-        with torch.random.fork_rng(devices=[]), autocast:
+        cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), autocast:
             for index, prompt in enumerate(prompts):
                 sample_seed = prompt.seed if prompt.seed is not None else derive_seed(seed, "preview", index) % 2**32
                 params = GenerationParams(prompt.prompt, prompt.negative_prompt, width=prompt.width,

@@ -137,7 +137,7 @@ def _sort_keys(table: dict[str, Any], level: str, notes: list[str], allowed: tup
     return kept
 
 
-def _build(values: dict[str, Any], base: Path | None, where: str) -> tuple[DatasetSpec, dict[str, Any]]:
+def _build(values: dict[str, Any], where: str) -> tuple[DatasetSpec, dict[str, Any]]:
     spec = DatasetSpec(resolution=_resolution(values["resolution"], where))
     for f in fields(DatasetSpec):
         if f.name in values and f.name not in ("resolution", "subsets"):
@@ -194,7 +194,7 @@ def load_dataset_config(source: str | Path | dict[str, Any], config: TrainConfig
     for i, table in enumerate(raw_datasets):
         where = f"{name} [[datasets]] #{i + 1}"
         values = general | _sort_keys(table, where, notes, allowed)
-        spec, values = _build(values, base, where)
+        spec, values = _build(values, where)
         for j, sub in enumerate(table.get("subsets", [])):
             sub_where = f"{where} subset #{j + 1}"
             spec.subsets.append(_subset(values | _sort_keys(sub, sub_where, notes, SUBSET_KEYS), base, sub_where))
@@ -213,7 +213,7 @@ def folder_dataset(folder: str | Path, config: TrainConfig) -> DatasetConfig:
     if not root.is_dir():
         raise ConfigError(f"train_data_dir {str(root)!r} is not a folder")
     values = _defaults(config)
-    spec, _ = _build(values, None, "train_data_dir")
+    spec, _ = _build(values, "train_data_dir")
     has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
     repeat_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _REPEAT_FOLDER.match(p.name))
     folders = [(root, config.num_repeats, config.class_tokens)] if has_images or not repeat_dirs else []

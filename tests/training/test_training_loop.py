@@ -97,3 +97,24 @@ def test_repeated_nans_stop_without_touching_the_last_good_checkpoint(shapes_dir
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # no update after step 4
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "nan"
+
+
+def test_dropout_switch_keeps_blocks_in_training_mode() -> None:
+    """LoRA default: blocks train (gradient checkpointing works) but dropout and attention dropout are off."""
+    from dataclasses import replace
+
+    from cascade_lab.training.loop import set_dropout
+
+    model = replace(StageCConfig.tiny(), dropout=[0.5, 0.5]).build()
+    with torch.no_grad():
+        model.clf[1].weight.normal_(0, 0.1)  # the official zero init would hide any dropout
+    set_dropout(model, False)
+    attention = [m for m in model.modules() if hasattr(m, "in_proj_weight")]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert model.training and attention and dropouts
+    assert not any(m.training for m in attention + dropouts)
+    inputs = stage_c_inputs()
+    assert torch.equal(model(**inputs), model(**inputs))  # deterministic: nothing dropped
+    set_dropout(model, True)
+    assert all(m.training for m in attention + dropouts)
+    assert not torch.equal(model(**inputs), model(**inputs))

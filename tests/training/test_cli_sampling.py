@@ -72,3 +72,31 @@ def test_sampling_leaves_the_rng_and_modes_alone(shapes_dir) -> None:
     again = render_samples([SamplePrompt("a green triangle", width=128, height=128, steps=2)], stage_c, models,
                            step=0, seed=0, device="cpu", autocast_bf16=False, full=False, out_dir=None, name="x")
     assert images[0].preview.tobytes() == again[0].preview.tobytes()  # seeded: the same preview every time
+
+
+def test_background_run_stops_on_request(shapes_dir, shared_cache, tmp_path) -> None:
+    """What the notebook panel does: start in a thread, watch `losses`, press stop."""
+    import time
+
+    run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, max_train_steps=100_000), background=True)
+    deadline = time.monotonic() + 60
+    while len(run.losses) < 3 and run.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.stop()
+    run.wait(timeout=60)
+    assert run.status == "stopped" and run.error is None and 3 <= run.step < 100_000
+    assert run.last_checkpoint_step == run.step and run.output_file.is_file()
+
+
+def test_lora_on_a_bf16_base_under_bf16_autocast(shapes_dir, shared_cache, tmp_path) -> None:
+    """kohya's LoRA set-up: the frozen base held in bf16, the LoRA pairs in fp32."""
+    from cascade_lab.models.stage_c import StageCConfig
+
+    base = StageCConfig.tiny().build().to(torch.bfloat16)
+    with torch.no_grad():
+        base.clf[1].weight.normal_(0, 0.05)
+    run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, max_train_steps=5, mixed_precision="bf16",
+                           learning_rate=1e-2), stage_c=base)
+    assert run.status == "finished" and all(p.dtype == torch.float32 for p in run.network.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in base.parameters())
+    assert run.losses[-1]["raw_loss"] == run.losses[-1]["raw_loss"]  # finite, not NaN

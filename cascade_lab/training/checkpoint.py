@@ -58,6 +58,11 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
     return atomic_write(Path(path), lambda tmp: _save_safetensors(tensors, tmp, metadata))
 
 
+def write_torch(obj: Any, path: Path) -> Path:
+    """torch.save written atomically (read back with ``weights_only=True``)."""
+    return atomic_write(Path(path), lambda tmp: _save_torch(obj, tmp))
+
+
 def write_json(data: Any, path: Path) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
@@ -163,4 +168,4 @@ def load_state(folder: Path, config: TrainConfig) -> dict[str, Any]:
 
 
 __all__ = ["Checkpoints", "atomic_write", "load_state", "official_state_dict", "resume_folder", "write_json",
-           "write_safetensors"]
+           "write_safetensors", "write_torch"]

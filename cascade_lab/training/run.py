@@ -25,6 +25,7 @@ from .checkpoint import (
     resume_folder,
     write_json,
     write_safetensors,
+    write_torch,
 )
 from .config import TrainConfig
 from .data import TrainingData
@@ -298,9 +299,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
                 "world_size": info.world_size, "config": cfg.to_json(), "trainable_file": trainable_file,
                 "losses": run.losses, "val_losses": run.val_losses,
             }  # fmt: skip
-            from .checkpoint import _save_torch, atomic_write
-
-            atomic_write(folder / "state.pt", lambda tmp: _save_torch(state, tmp))
+            write_torch(state, folder / "state.pt")
             info_json = {"step": trainer.step, "metadata": meta, "val_losses": run.val_losses[-5:],
                          "adaptive_loss": trainer.weighting.to_dict() if adaptive is not None else None}
             write_json(info_json, folder / "info.json")

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.tiny import TINY_EFFNET_SEED, calibrated_random_effnet
 from .config import TrainConfig
-
-TINY_EFFNET_SEED = 7
 
 
 def module_fingerprint(module: Any) -> str:
@@ -31,38 +30,6 @@ def module_fingerprint(module: Any) -> str:
         digest.update(sample.numpy().tobytes())
         digest.update(str(float(flat.float().sum())).encode())
     return digest.hexdigest()[:24]
-
-
-@torch.no_grad()
-def calibrated_random_effnet(seed: int = TINY_EFFNET_SEED) -> nn.Module:
-    """The real EfficientNetV2-S encoder with random weights and BatchNorm statistics set on seeded noise images.
-
-    Untrained, every BatchNorm is the identity and the latents come out ~1e-6; one pass in training mode over
-    smooth random images sets the running statistics, so the latents have roughly unit variance like the
-    real encoder's (its final non-affine BatchNorm whitens them).
-    """
-    from ..models.effnet import EfficientNetEncoder, imagenet_normalize
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        effnet = EfficientNetEncoder()
-        generator = torch.Generator().manual_seed(seed)
-        # smooth, blocky (sharp edges, flat areas) and pixel-noise images, so photos and drawings both fall inside
-        smooth = nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=generator), size=(128, 128),
-                                           mode="bilinear", align_corners=False)
-        blocky = nn.functional.interpolate(torch.rand(8, 3, 4, 4, generator=generator).round(), size=(128, 128),
-                                           mode="nearest")
-        images = torch.cat([smooth, blocky, torch.rand(4, 3, 128, 128, generator=generator)])
-        for m in effnet.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration pass
-        effnet.eval()
-        for m in effnet.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.train()  # batch statistics only; stochastic depth stays off
-        effnet(imagenet_normalize(images))
-    return effnet.eval().requires_grad_(False)
 
 
 class TrainingModels:

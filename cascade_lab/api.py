@@ -229,7 +229,7 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
     found = locate(variant, **locate_options)
 
     def stage(name: str) -> Any:
-        return load_stage(name, found[name].path, config=getattr(variant, name, None)) if name in found else None
+        return load_stage(name, found[name].path, config=variant.preset(name)) if name in found else None
 
     text = TextEncoder.from_folder(found["text_encoder"].folder) if "text_encoder" in found else None
     image = ImageEncoder.from_folder(found["image_encoder"].folder) if "image_encoder" in found else None

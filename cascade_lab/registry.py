@@ -46,6 +46,7 @@ class Variant:
 
     ``files`` maps a component (``stage_c``, ``stage_b``, ``stage_a``, ``effnet``, ``previewer``,
     ``text_encoder``, ``image_encoder``) to its file. ``stage_c`` / ``stage_b`` name the config presets.
+    ``presets`` names the config preset of any other component whose file is not the official size.
     ``build`` (optional) makes the models without any file, as the ``tiny`` test variant does.
     """
 
@@ -55,6 +56,11 @@ class Variant:
     stage_c: str = "full"
     stage_b: str = "full"
     build: Callable[..., Any] | None = None
+    presets: Mapping[str, str] = field(default_factory=dict)
+
+    def preset(self, component: str) -> str | None:
+        """The config preset a component's file was saved with (None: detect it from the file)."""
+        return {"stage_c": self.stage_c, "stage_b": self.stage_b, **self.presets}.get(component)
 
     @property
     def file_bytes(self) -> int:

@@ -1,8 +1,9 @@
 """One generation session per kernel, shared by the ``%%cascade`` magic and the ipywidgets panels.
 
-It keeps the loaded `Cascade` objects (one per variant, device and dtype), runs one job at a time,
-owns the cancel token of the running job, remembers the defaults and the last results. A panel's
-Cancel button and ``%cascade cancel`` both call `Session.cancel`. Importing this module imports no torch.
+It keeps the loaded `Cascade` objects (one per variant, device and dtype), runs one job at a time
+(a generation or a training run), owns the cancel token of the running job, remembers the defaults and
+the last results. A panel's Cancel/Stop button and ``%cascade cancel`` both call `Session.cancel`.
+Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Session:
         self._lock = threading.Lock()
         self._running: JobInfo | None = None
         self._token: Any = None
+        self._training: tuple[Any, threading.Thread] | None = None  # (TrainingRun, the thread holding the job)
 
     # -- defaults --------------------------------------------------------------------------------------
     def configure(self, **changes: Any) -> Defaults:
@@ -200,11 +202,73 @@ class Session:
             self._lock.release()
 
     def cancel(self) -> bool:
-        """Ask the running job to stop before its next step; False when no job runs."""
+        """Ask the running job to stop before its next step; False when no job runs.
+
+        A training run stops after the step under way and saves a resumable checkpoint first.
+        """
         if self._running is None:
             return False
         self.token.cancel()
+        if self._training is not None:
+            self._training[0].stop()
         return True
+
+    # -- training --------------------------------------------------------------------------------------
+    def train(self, config: Any = None, *, callback: Callable[[Any], Any] | None = None, background: bool = False,
+              **kwargs: Any) -> Any:
+        """`cascade_lab.training.train` as a session job: no generation can start until the run has ended.
+
+        Arguments as `training.train`; the config is checked here, so a mistake raises at once, and so does
+        `JobRunning`. Returns the `TrainingRun`: when it ends, or at once with ``background`` (then
+        `wait_training` blocks until the run has ended *and* freed the session). `cancel` (the panel's Stop,
+        ``%cascade cancel``) or Ctrl-C in the foreground stops it after the current step, with a checkpoint.
+        """
+        from ..training import TrainConfig
+        from ..training import train as run_training
+
+        models = {k: kwargs.pop(k) for k in ("stages", "stage_c", "text_encoder", "effnet") if k in kwargs}
+        cfg = TrainConfig.coerce(config, **kwargs).validate()
+        started, box = threading.Event(), {}  # box: the run, or what stopped it from starting
+
+        def hold() -> None:
+            try:
+                with self.job(f"training {cfg.name!r} ({cfg.mode}, {cfg.max_train_steps} steps)"):
+                    run = run_training(cfg, callback=callback, stop=self.token, background=True, **models)
+                    box["run"], self._training = run, (run, threading.current_thread())
+                    started.set()
+                    run.wait()
+            except BaseException as exc:  # JobRunning or a config the run refused: raised in the caller
+                box["error"] = exc
+            finally:
+                if self._training is not None and self._training[1] is threading.current_thread():
+                    self._training = None  # after the job is released: `wait_training` returns on a free session
+                started.set()
+
+        threading.Thread(target=hold, daemon=True, name=f"cascade_lab session train {cfg.name}").start()
+        started.wait()
+        if "run" not in box:
+            raise box["error"]
+        run = box["run"]
+        if not background:
+            try:
+                self.wait_training()
+            except KeyboardInterrupt:  # the run stops after this step and saves; a second Ctrl-C stops waiting
+                run.stop()
+                self.wait_training()
+        return run
+
+    @property
+    def training(self) -> Any:
+        """The `TrainingRun` holding the session, or None."""
+        return self._training[0] if self._training is not None else None
+
+    def wait_training(self, timeout: float | None = None) -> Any:
+        """Block until the session's training run has ended and freed the session; that run (None if none)."""
+        held = self._training
+        if held is None:
+            return None
+        held[1].join(timeout)
+        return held[0]
 
     def generate(self, prompt: str, negative_prompt: str = "", *, variant: str | None = None,
                  device: str | None = None, dtype: str | None = None, loras: Sequence[tuple[str, float]] | None = None,

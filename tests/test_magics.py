@@ -247,3 +247,125 @@ def test_traits_follow_defaults_changed_elsewhere(ip, session) -> None:  # type:
     ip.run_line_magic("cascade", "cancel")
     magics = ip.magics_manager.registry["CascadeMagics"]
     assert (magics.default_variant, magics.default_steps_c) == ("tiny", 5)
+
+
+# -- %cascade train and the training panel ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_toml(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A tiny run's TOML next to four 128 px images (paths relative to the file); one cache for the module."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train")
+    (root / "images").mkdir()
+    for name, colour in {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
+                         "white": (250, 250, 250)}.items():
+        Image.new("RGB", (128, 128), colour).save(root / "images" / f"{name}.png")
+        (root / "images" / f"{name}.txt").write_text(f"a {name} picture")
+    path = root / "train.toml"
+    path.write_text('train_data_dir = "images"\ncache_dir = "cache"\noutput_dir = "out"\nresolution = 128\n'
+                    'training_scale = "kohya"\ntrain_batch_size = 4\nlearning_rate = 1e-3\nmax_train_steps = 2\n'
+                    'val_every_n_steps = 0\nval_items = 2\nlog_every_n_steps = 1\n')
+    return path
+
+
+def test_train_runs_a_toml_config_and_keeps_the_run(ip, session, train_toml, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", f"train {train_toml} --set max_train_steps=3 output_dir='{tmp_path}' -o my_run")
+    out = capsys.readouterr().out
+    assert "step 1/3  loss" in out and "step 3/3  loss" in out and "validation loss" in out
+    run = ip.user_ns["my_run"]
+    assert ip.user_ns["_cascade_train_run"] is run and run.status == "finished" and run.step == 3
+    assert f"finished: step 3/3; model {run.output_file}" in out and "the run is _cascade_train_run and my_run" in out
+    assert run.output_file == tmp_path / "cascade_lora.safetensors" and run.output_file.is_file()
+    assert not session.busy and session.training is None
+    ip.run_line_magic("cascade", "help")
+    help_text = capsys.readouterr().out
+    assert "%cascade train CONFIG [--set KEY=VALUE ...] [--background] [-o NAME]" in help_text
+    assert "_cascade_train_run" in help_text and "%cascade panel train [CONFIG]" in help_text
+
+
+def test_train_in_the_background_blocks_generation_and_cancel_stops_it(ip, session, train_toml, tmp_path,
+                                                                        capsys) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", f"train {train_toml} --background --set max_train_steps=100000 "
+                                 f"output_dir='{tmp_path}'")
+    assert "in the background (lora, 100000 steps" in capsys.readouterr().out
+    run = ip.user_ns["_cascade_train_run"]
+    try:
+        assert session.training is run and session.running.label.startswith("training 'cascade_lora'")
+        with pytest.raises(UsageError, match="training 'cascade_lora' .* is still running"):
+            ip.run_cell_magic("cascade", "--variant tiny", "a cat\n")
+        deadline = time.monotonic() + 120
+        while len(run.losses) < 2 and run.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        ip.run_line_magic("cascade", "cancel")
+        session.wait_training()
+    assert "stop requested: the training ends after its current step" in capsys.readouterr().out
+    assert run.status == "stopped" and run.error is None and 2 <= run.step < 100000
+    assert run.last_checkpoint_step == run.step and not session.busy
+    steps = run.step + 1
+    ip.run_line_magic("cascade", f"train {train_toml} --set resume=auto max_train_steps={steps} "
+                                 f"output_dir='{tmp_path}'")
+    resumed = ip.user_ns["_cascade_train_run"]
+    assert resumed.status == "finished" and resumed.step == steps and resumed.losses[:run.step] == run.losses
+    assert f"finished: step {steps}/{steps}" in capsys.readouterr().out
+
+
+def test_train_is_refused_while_a_generation_holds_the_session(ip, session, train_toml, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    with session.job("generate 'a cat'"):
+        with pytest.raises(UsageError, match="a cascade_lab job is already running: generate 'a cat'"):
+            ip.run_line_magic("cascade", f"train {train_toml} --set output_dir='{tmp_path}'")
+    assert "_cascade_train_run" not in ip.user_ns and not list(tmp_path.iterdir())
+
+
+def test_train_usage_errors(ip, session, train_toml, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ip.run_line_magic("load_ext", "cascade_lab")
+    with pytest.raises(UsageError, match="the following arguments are required: config"):
+        ip.run_line_magic("cascade", "train")
+    with pytest.raises(UsageError, match="training config '.*nope.toml' does not exist"):
+        ip.run_line_magic("cascade", f"train {tmp_path / 'nope.toml'}")
+    with pytest.raises(UsageError, match="--set 'steps': write KEY=VALUE"):
+        ip.run_line_magic("cascade", f"train {train_toml} --set steps")
+    with pytest.raises(UsageError, match="'learning_rat' \\(did you mean 'learning_rate'\\?\\)"):
+        ip.run_line_magic("cascade", f"train {train_toml} --set learning_rat=1")
+    with pytest.raises(UsageError, match="mixed_precision='fp16'"):
+        ip.run_line_magic("cascade", f"train {train_toml} --set mixed_precision=fp16")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="empty: no images"):  # found by the run itself, before any step
+        ip.run_line_magic("cascade", f"train {train_toml} --set train_data_dir='{tmp_path / 'empty'}' "
+                                     f"output_dir='{tmp_path / 'out'}'")
+    assert ip.user_ns["_cascade_train_run"].status == "error" and not session.busy
+
+
+def test_panel_train_displays_the_training_panel_lazily(ip, session, train_toml, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    import types
+
+    from IPython.utils.capture import capture_output
+
+    made: list[tuple[object, ...]] = []
+
+    def make_panel(*args: object) -> str:
+        made.append(args)
+        return "TRAINING PANEL"
+
+    module = types.ModuleType("train_panel")
+    module.TrainingPanel = make_panel  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cascade_lab.notebook.train_panel", module)
+    ip.run_line_magic("load_ext", "cascade_lab")
+    with capture_output() as cap:
+        ip.run_line_magic("cascade", "panel train")
+        ip.run_line_magic("cascade", f"panel train {train_toml}")
+    assert made == [(), (str(train_toml),)] and len(cap.outputs) == 2
+    with pytest.raises(UsageError, match="%cascade panel train \\[CONFIG\\]"):
+        ip.run_line_magic("cascade", "panel bogus")
+    monkeypatch.undo()  # the real module from here on
+    with pytest.raises(UsageError, match="%cascade panel train: training config 'nope.toml' does not exist"):
+        ip.run_line_magic("cascade", "panel train nope.toml")
+    with capture_output() as cap:
+        ip.run_line_magic("cascade", f"panel train {train_toml}")
+    assert "application/vnd.jupyter.widget-view+json" in cap.outputs[0].data  # the form, filled from the TOML

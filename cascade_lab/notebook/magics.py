@@ -1,5 +1,5 @@
-"""The ``%cascade`` line magic (listings, defaults, panel, inspector, cancel) and the ``%%cascade`` cell magic
-(the cell body is the prompt). Both drive the kernel's shared `Session`; loading them imports no torch."""
+"""The ``%cascade`` line magic (listings, defaults, panels, inspector, training, cancel) and the ``%%cascade``
+cell magic (the cell body is the prompt). Both drive the kernel's shared `Session`; loading them imports no torch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, observe
 
@@ -26,8 +27,16 @@ HELP = f"""\
 %cascade variants        list weight variants: memory needed, files present on this machine
 %cascade config [k=v..]  show or set the defaults (also %config CascadeMagics.default_variant = "lite_bf16")
 %cascade panel           open the generation panel (ipywidgets)
+%cascade panel train [CONFIG]
+                         open the training panel (its form filled from a training TOML when given)
+%cascade train CONFIG [--set KEY=VALUE ...] [--background] [-o NAME]
+                         fine-tune Stage C as the training TOML says (--set overrides its fields), printing
+                         progress; the run (a TrainingRun: losses, samples, output_file) is stored as
+                         _cascade_train_run, and as NAME with -o. --background returns at once (run.wait()).
+                         Ctrl-C or %cascade cancel ends it after the current step with a resumable checkpoint
+                         (--set resume=auto continues it). No generation runs while a training does.
 %cascade inspect [NAME]  open the latent inspector on a Result (default: the last one)
-%cascade cancel          stop the running job before its next step
+%cascade cancel          stop the running job before its next step (a training: after it, with a checkpoint)
 %cascade unload          drop the loaded models and free their memory
 %cascade help            this text
 
@@ -53,6 +62,15 @@ TRAIT_FIELDS = {"default_variant": "variant", "default_device": "device", "defau
                 "default_cfg_b": "cfg_b", "default_sampler": "sampler", "default_scheduler": "scheduler",
                 "preview": "preview", "preview_interval": "preview_interval", "keep_trajectory": "keep_trajectory"}
 _D = Defaults()
+TRAIN_RUN = "_cascade_train_run"  # where %cascade train always leaves its run in the notebook
+
+TRAIN_PARSER = MagicArgumentParser(prog="%cascade train", description="Fine-tune Stage C from a training TOML.")
+TRAIN_PARSER.allow_abbrev = False
+TRAIN_PARSER.add_argument("config", help="a TOML file of TrainConfig fields (plus optional dataset tables)")
+TRAIN_PARSER.add_argument("--set", dest="changes", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                          help="override a field, e.g. --set max_train_steps=100 learning_rate=5e-5")
+TRAIN_PARSER.add_argument("--background", action="store_true", help="return at once; the run goes on in a thread")
+TRAIN_PARSER.add_argument("-o", "--out", metavar="NAME", help=f"also store the run as NAME (always: {TRAIN_RUN})")
 
 
 @magics_class
@@ -141,12 +159,18 @@ class CascadeMagics(Magics):
         elif command == "config":
             self._config(args)
         elif command == "panel":
-            display(_widget("panel", "GenerationPanel")())
+            display(self._panel(args))
+        elif command == "train":
+            self._train(args)
         elif command == "inspect":
             display(self._inspector(args))
         elif command == "cancel":
-            print("cancel requested: the job stops before its next step" if get_session().cancel()
-                  else "no cascade_lab job is running")
+            training = get_session().training is not None
+            if not get_session().cancel():
+                print("no cascade_lab job is running")
+            else:
+                print("stop requested: the training ends after its current step and saves a resumable checkpoint"
+                      if training else "cancel requested: the job stops before its next step")
         elif command == "unload":
             try:
                 get_session().unload()
@@ -182,6 +206,64 @@ class CascadeMagics(Magics):
         rows = {"size": f"{d.width}x{d.height}"} | {f: getattr(d, f) for f in TRAIT_FIELDS.values()}
         print("\n".join(f"{k:<17}= {v}" for k, v in rows.items()))
         print("set with: %cascade config KEY=VALUE ...  or  %config CascadeMagics.default_KEY = VALUE")
+
+    def _panel(self, args: list[str]) -> Any:
+        if not args:
+            return _widget("panel", "GenerationPanel")()
+        if args[0] != "train" or len(args) > 2:
+            raise UsageError("use %cascade panel (generation) or %cascade panel train [CONFIG] (training)")
+        try:
+            return _widget("train_panel", "TrainingPanel")(*args[1:])
+        except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+            raise UsageError(f"%cascade panel train: {exc}") from None
+
+    def _train(self, args: list[str]) -> None:
+        """``%cascade train``: a `Session.train` job; the foreground waits, printing the command line's progress."""
+        from ..training import TrainConfig
+        from ..training.cli_entry import _progress  # the same progress lines as `cascade-lab train`
+        from ..training.config import parse_value
+
+        assert self.shell is not None
+        opts = TRAIN_PARSER.parse_args(args)
+        changes: dict[str, Any] = {}
+        for item in opts.changes:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"%cascade train --set {item!r}: write KEY=VALUE, e.g. --set max_train_steps=100")
+            changes[key.strip()] = parse_value(value.strip())
+        session = get_session()
+        try:
+            config = TrainConfig.coerce(opts.config, **changes)
+            # background: no progress lines, they would land in whichever cell runs next
+            run = session.train(config, callback=None if opts.background else _progress, background=True)
+        except (ValueError, FileNotFoundError, JobRunning) as exc:  # ConfigError is a ValueError
+            raise UsageError(f"%cascade train: {exc}") from None
+        names = [TRAIN_RUN] + ([opts.out] if opts.out else [])
+        for name in names:
+            self.shell.user_ns[name] = run
+        where = " and ".join(names)
+        if opts.background:
+            c = config
+            length = f"{c.max_train_epochs} epochs" if c.max_train_epochs else f"{c.max_train_steps} steps"
+            print(f"training {config.name!r} in the background ({config.mode}, {length}, "
+                  f"into {config.output_dir}); the run is {where}: {names[-1]}.wait() blocks until it ends, "
+                  "%cascade cancel ends it after the current step with a checkpoint")
+            return
+        try:
+            session.wait_training()
+        except KeyboardInterrupt:
+            print("stopping after this step and saving a checkpoint (Ctrl-C again stops waiting; the run still "
+                  "stops)", flush=True)
+            run.stop()
+            session.wait_training()
+        print(f"{run.status}: step {run.step}/{run.total_steps}; model {run.output_file}; checkpoint "
+              f"{run.last_checkpoint}; the run is {where}")
+        if run.status == "error":
+            if run.step == 0 and isinstance(run.error, (ValueError, FileNotFoundError)):
+                raise UsageError(f"%cascade train: {run.error}") from None  # the data or a file, not a bug
+            raise run.error
+        if run.status == "nan":
+            raise UsageError(f"%cascade train: {run.error}")
 
     def _inspector(self, args: list[str]) -> Any:
         if len(args) > 1:

@@ -65,6 +65,7 @@ class Cascade:
         self.weights_options = weights_options
         self._pipeline: Any = None
         self.loras: list[tuple[str, float, Any]] = []
+        self._training: Any = None  # the TrainingRun working on this cascade's Stage C
 
     # -- loading ---------------------------------------------------------------------------------------
     def resolve_variant(self) -> str:
@@ -184,6 +185,9 @@ class Cascade:
         """Run fully specified parameters (e.g. read back from a PNG with `read_png_params`)."""
         from .results import Result, to_pil
 
+        if self._training is not None and self._training.running:
+            raise RuntimeError("this cascade's Stage C is being trained; wait for the run (run.wait()) or stop it "
+                               "(run.stop()) before generating")
         params.validate()
         get_sampler(params.sampler_c), get_sampler(params.sampler_b)
         get_scheduler(params.scheduler_c), get_scheduler(params.scheduler_b)
@@ -208,6 +212,56 @@ class Cascade:
         final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
         return Result(to_pil(out.images), final, out.latent_c, out.latent_b, out.trajectory_c, out.trajectory_b,
                       out.timings)
+
+    # -- training --------------------------------------------------------------------------------------
+    def train(self, config: Any = None, **kwargs: Any) -> Any:
+        """Fine-tune this cascade's Stage C: `cascade_lab.training.train` on the loaded stages; a `TrainingRun`.
+
+        ``mode="lora"`` (the default) leaves Stage C's weights as they were: the LoRA is ``run.output_file``
+        (apply it with `load_lora`) and ``run.network``. ``mode="full"`` trains Stage C in place, in float32,
+        so later generations use the new weights (reload the variant to get the originals back). Afterwards
+        Stage C is in eval mode without gradients. ``kwargs`` are TrainConfig fields (unless given here,
+        ``model`` becomes this variant, ``device`` the pipeline's and, for a bf16 Stage C, ``mixed_precision``
+        bf16) and `training.train`'s ``callback``, ``stop``, ``background``, ``text_encoder``, ``effnet``. Refused while
+        LoRAs are loaded (they are merged into the weights); no generation while a background run trains.
+        """
+        import torch
+
+        from .training import TrainConfig, train
+
+        if self.loras:
+            raise ValueError(f"LoRAs are merged into Stage C ({', '.join(p for p, _, _ in self.loras)}); "
+                             "unload_lora() before training, or a full fine-tune would be undone by the unload")
+        if self._training is not None and self._training.running:
+            raise RuntimeError("this cascade's Stage C is already being trained; wait for that run or stop it")
+        options = {k: kwargs.pop(k) for k in ("callback", "stop", "background", "text_encoder", "effnet")
+                   if k in kwargs}
+        callback = options.pop("callback", None)
+        pipeline = self.pipeline
+        stage_c = pipeline.stages.stage_c
+        kwargs.setdefault("model", self.variant_name)  # the run's metadata names what was trained
+        kwargs.setdefault("device", str(pipeline.device))
+        if next(stage_c.parameters()).dtype == torch.bfloat16:
+            kwargs.setdefault("mixed_precision", "bf16")  # a LoRA on a bf16 base computes under bf16 autocast
+        cfg = TrainConfig.coerce(config, **kwargs)
+
+        def restore() -> None:
+            stage_c.eval().requires_grad_(False)  # no dropout in generations, no gradients kept
+            if pipeline.offload and pipeline.device.type != "cpu":
+                stage_c.to("cpu")
+
+        def on_event(event: Any) -> None:
+            if event.kind == "end":  # also ends a background run, in its thread
+                restore()
+            if callback is not None:
+                callback(event)
+
+        try:
+            self._training = train(cfg, stages=pipeline.stages, callback=on_event, **options)
+        finally:
+            if not options.get("background"):
+                restore()
+        return self._training
 
     def encode_image(self, image: ImageLike, width: int | None = None, height: int | None = None) -> Any:
         """An image → Stage C latent [B, 16, h, w] (EfficientNet at the official 768-px scale for 1024²)."""

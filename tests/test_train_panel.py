@@ -199,3 +199,36 @@ def test_a_training_holds_the_session_until_it_ends(session, dataset, cache, tmp
     finally:
         run = panel.wait(TIMEOUT)
     assert run.status == "stopped" and run.last_checkpoint_step == run.step and not session.busy
+
+
+# -- Cascade.train: the API the notebook calls --------------------------------------------------------------
+def test_cascade_train_lora_keeps_stage_c_and_full_changes_it_in_place(dataset, cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from cascade_lab.api import Cascade
+
+    cascade = Cascade("tiny", device="cpu")
+    stage_c = cascade.pipeline.stages.stage_c
+    before = {k: v.clone() for k, v in stage_c.state_dict().items()}
+    settings: dict[str, Any] = {"train_data_dir": str(dataset), "cache_dir": str(cache), "resolution": 128,
+                                "training_scale": "kohya", "train_batch_size": 4, "learning_rate": 1e-2,
+                                "max_train_steps": 2, "val_every_n_steps": 0, "val_items": 2}
+    lora = cascade.train(output_dir=str(tmp_path / "lora"), **settings)
+    assert lora.status == "finished" and lora.stage_c is stage_c and lora.metadata["cascade_lab.model"] == "tiny"
+    assert all(torch.equal(before[k], v) for k, v in stage_c.state_dict().items())  # the LoRA is in the file only
+    assert not stage_c.training and not any(p.requires_grad for p in stage_c.parameters())
+    cascade.load_lora(lora.output_file)
+    with pytest.raises(ValueError, match="unload_lora\\(\\) before training"):
+        cascade.train(output_dir=str(tmp_path / "no"), **settings)
+    cascade.unload_lora()
+
+    full = cascade.train(output_dir=str(tmp_path / "full"), mode="full", dropout=True, background=True, **settings)
+    with pytest.raises(RuntimeError, match="Stage C is being trained"):
+        cascade.generate("a red disc", width=128, height=128, steps_c=1, steps_b=1)
+    full.wait(TIMEOUT)
+    assert full.status == "finished" and full.stage_c is stage_c
+    assert not all(torch.equal(before[k], v) for k, v in stage_c.state_dict().items())  # trained in place
+    assert not stage_c.training and not any(p.requires_grad for p in stage_c.parameters())  # dropout off again
+    images = [cascade.generate("a red disc", width=128, height=128, steps_c=1, steps_b=1, seed=1).images[0]
+              for _ in range(2)]
+    assert images[0].tobytes() == images[1].tobytes()  # generating works again after the run, reproducibly

@@ -232,7 +232,7 @@ class Session:
 
         def hold() -> None:
             try:
-                with self.job(f"training {cfg.name!r} ({cfg.mode}, {cfg.max_train_steps} steps)"):
+                with self.job(f"training {cfg.name!r} ({cfg.mode}, into {cfg.output_dir})"):
                     run = run_training(cfg, callback=callback, stop=self.token, background=True, **models)
                     box["run"], self._training = run, (run, threading.current_thread())
                     started.set()

@@ -314,6 +314,33 @@ def test_train_in_the_background_blocks_generation_and_cancel_stops_it(ip, sessi
     assert f"finished: step {steps}/{steps}" in capsys.readouterr().out
 
 
+def test_ctrl_c_stops_a_foreground_training_after_the_step_with_a_checkpoint(ip, session, train_toml, tmp_path,
+                                                                            capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    real_wait = session.wait_training
+    interrupts: list[int] = []
+
+    def wait_training(timeout=None):  # type: ignore[no-untyped-def]
+        if not interrupts:  # the first wait of the magic: Ctrl-C once the run has made a step
+            run = ip.user_ns["_cascade_train_run"]
+            deadline = time.monotonic() + 120
+            while not run.losses and run.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            interrupts.append(run.step)
+            raise KeyboardInterrupt
+        return real_wait(timeout)
+
+    monkeypatch.setattr(session, "wait_training", wait_training)
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", f"train {train_toml} --set max_train_steps=100000 output_dir='{tmp_path}'")
+    run = ip.user_ns["_cascade_train_run"]
+    out = capsys.readouterr().out
+    assert "stopping after this step and saving a checkpoint" in out and f"stopped: step {run.step}/100000" in out
+    assert run.status == "stopped" and interrupts[0] <= run.step <= interrupts[0] + 1  # at most the step under way
+    assert run.last_checkpoint_step == run.step and not session.busy
+
+
 def test_train_is_refused_while_a_generation_holds_the_session(ip, session, train_toml, tmp_path) -> None:  # type: ignore[no-untyped-def]
     ip.run_line_magic("load_ext", "cascade_lab")
     with session.job("generate 'a cat'"):

@@ -79,11 +79,12 @@ class TrainingPanel:
 
     The form starts from ``config`` (a TrainConfig, dict or TOML path) with ``settings`` (any TrainConfig
     fields, e.g. ``cache_dir`` or ``training_scale``, also those the form does not show) on top. ``stages``,
-    ``stage_c``, ``text_encoder`` and ``effnet`` are handed to `training.train`. Display it as the last
-    expression of a cell; `start`, `stop` and `wait` drive it from code, `run` is the newest `TrainingRun`.
+    ``stage_c``, ``text_encoder`` and ``effnet`` are handed to `training.train`. The plot is redrawn at most
+    every ``plot_interval`` seconds (a drawing takes ~0.15 s of the run's thread) and once at the end. Display
+    it as the last expression of a cell; `start`, `stop` and `wait` drive it from code, `run` is the newest run.
     """
 
-    def __init__(self, config: Any = None, *, session: Any = None, plot_interval: float = 2.0,
+    def __init__(self, config: Any = None, *, session: Any = None, plot_interval: float = 5.0,
                  keep_samples: int = 24, **settings: Any) -> None:
         self.session = session if session is not None else get_session()
         self.models = {k: settings.pop(k) for k in MODEL_KEYS if k in settings}

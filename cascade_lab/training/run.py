@@ -155,7 +155,11 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
     from .toml_config import dataset_config_for
 
     cfg = run.config
-    info = dist.setup(cfg.device)
+    try:
+        info = dist.setup(cfg.device)
+    except BaseException as exc:  # a background run must not stay "pending" with the error lost
+        run.status, run.error = "error", exc
+        raise
     trainer: Trainer | None = None
 
     def emit(kind: str, data: dict[str, Any]) -> None:

@@ -220,7 +220,7 @@ class CascadeMagics(Magics):
     def _train(self, args: list[str]) -> None:
         """``%cascade train``: a `Session.train` job; the foreground waits, printing the command line's progress."""
         from ..training import TrainConfig
-        from ..training.cli_entry import _progress  # the same progress lines as `cascade-lab train`
+        from ..training.cli_entry import print_progress  # the same progress lines as `cascade-lab train`
         from ..training.config import parse_value
 
         assert self.shell is not None
@@ -235,7 +235,7 @@ class CascadeMagics(Magics):
         try:
             config = TrainConfig.coerce(opts.config, **changes)
             # background: no progress lines, they would land in whichever cell runs next
-            run = session.train(config, callback=None if opts.background else _progress, background=True)
+            run = session.train(config, callback=None if opts.background else print_progress, background=True)
         except (ValueError, FileNotFoundError, JobRunning) as exc:  # ConfigError is a ValueError
             raise UsageError(f"%cascade train: {exc}") from None
         names = [TRAIN_RUN] + ([opts.out] if opts.out else [])

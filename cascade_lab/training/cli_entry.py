@@ -12,7 +12,8 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _progress(event: Any) -> None:
+def print_progress(event: Any) -> None:
+    """One line per logged step, validation, checkpoint and sample batch (the CLI and %cascade train)."""
     if event.kind == "step":
         every = event.run.config.log_every_n_steps
         if every and (event.step % every == 0 or event.step == event.total_steps):
@@ -50,7 +51,8 @@ def run_train(config_path: str, overrides: list[str], quiet: bool = False) -> in
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        run = train(config, callback=None if quiet or not _is_main() else _progress, stop=lambda: bool(interrupted))
+        callback = None if quiet or not _is_main() else print_progress
+        run = train(config, callback=callback, stop=lambda: bool(interrupted))
     finally:
         signal.signal(signal.SIGINT, previous)
     if _is_main():

@@ -113,6 +113,7 @@ class StageB(LevelUNet):
     ):
         super().__init__()
         self.c_r, self.c_clip_seq, self.c_pixels, self.t_conds = c_r, c_clip_seq, c_pixels, list(t_conds)
+        self.patch_size = patch_size
         self._n_blocks = sum(blocks[0])
 
         self.effnet_mapper = _mapper(c_effnet, c_hidden[0])
@@ -165,6 +166,12 @@ class StageB(LevelUNet):
         tokens = self.clip_mapper(clip.to(self._param_dtype()))  # (B, S, c_clip_seq * c_cond)
         return self.clip_norm(tokens.view(B, S * self.c_clip_seq, -1))  # type: ignore[no-any-return]
 
+    def _pixels_map(self, pixels: Tensor | None, batch: int, size: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """pixels_mapper(pixels) resized to size (pixels None: zeros [B, 3, 8, 8], as every official call)."""
+        if pixels is None:
+            pixels = self.clip_mapper.weight.new_zeros(batch, self.c_pixels, 8, 8)
+        return resize_to(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # mapped, then resized
+
     def forward(
         self,
         x: Tensor,
@@ -181,13 +188,21 @@ class StageB(LevelUNet):
         """
         dtype = self._param_dtype()
         r_embed = self._r_embed(r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
-        clip_tokens = self.gen_c_embeddings(clip)  # (B, c_clip_seq, c_cond)
-        h = self.embedding(x.to(dtype))  # (B, c_hidden[0], H / 2, W / 2)
-        size = h.shape[-2:]
-        h = h + self.effnet_mapper(resize_to(effnet, size, dtype))
-        if pixels is None:
-            pixels = h.new_zeros(x.size(0), self.c_pixels, 8, 8)
-        h = h + resize_to(self.pixels_mapper(pixels.to(dtype)), size, dtype)  # mapped, then resized
-        level_outputs = self._down_encode(h, r_embed, clip_tokens)
-        h = self._up_decode(level_outputs, r_embed, clip_tokens)
-        return self.clf(h).to(x.dtype)  # type: ignore[no-any-return]
+        size = (x.size(-2) // self.patch_size, x.size(-1) // self.patch_size)  # after PixelUnshuffle
+        # None outside conditioning_cache(); what follows depends on the conditioning and sizes only
+        memo = self._cond_memo(effnet, clip, pixels, x.size(0), size)
+        clip_tokens = self._memoized(memo, "clip", lambda: self.gen_c_embeddings(clip))  # (B, c_clip_seq, c_cond)
+        effnet_map = self._memoized(memo, "effnet", lambda: self.effnet_mapper(resize_to(effnet, size, dtype)))
+        pixels_map = self._memoized(memo, "pixels", lambda: self._pixels_map(pixels, x.size(0), size, dtype))
+        kvs = None if memo is None else self._memoized(memo, "kvs", lambda: self.cond_kvs(clip_tokens))
+        return self._run_denoise(x.to(dtype), r_embed, clip_tokens, kvs, effnet_map, pixels_map).to(x.dtype)
+
+    def _denoise(self, x: Tensor, r_embed: Tensor, clip: Tensor, kvs: list[tuple[Tensor, Tensor]] | None,
+                 effnet_map: Tensor, pixels_map: Tensor) -> Tensor:
+        """Everything after the conditioning: embedding, down and up paths, output conv (`compile_denoiser`)."""
+        h = self.embedding(x)  # (B, c_hidden[0], H / 2, W / 2)
+        h = h + effnet_map
+        h = h + pixels_map
+        level_outputs = self._down_encode(h, r_embed, clip, kvs=kvs)
+        h = self._up_decode(level_outputs, r_embed, clip, kvs=kvs)
+        return self.clf(h)  # type: ignore[no-any-return]

@@ -202,9 +202,18 @@ class StageC(LevelUNet):
         if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16:
             raise TypeError(FP16_ERROR + " (float16 autocast is active)")
         r_embed = self._r_embed(r, t_conds).to(dtype)  # (B, c_r * (1 + n_conds))
-        clip = self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img)  # (B, 85, c_cond)
-        h = self.embedding(x.to(dtype))  # (B, c_hidden[0], H, W)
+        memo = self._cond_memo(clip_text, clip_text_pooled, clip_img)  # None outside conditioning_cache()
+        clip = self._memoized(
+            memo, "clip", lambda: self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img)
+        )  # (B, 85, c_cond)
+        kvs = None if memo is None else self._memoized(memo, "kvs", lambda: self.cond_kvs(clip))
+        return self._run_denoise(x.to(dtype), r_embed, clip, kvs, cnet).to(x.dtype)
+
+    def _denoise(self, x: Tensor, r_embed: Tensor, clip: Tensor, kvs: list[tuple[Tensor, Tensor]] | None,
+                 cnet: Sequence[Tensor | None] | None) -> Tensor:
+        """Everything after the conditioning: embedding, down and up paths, output conv (`compile_denoiser`)."""
+        h = self.embedding(x)  # (B, c_hidden[0], H, W)
         deliver = iter(cnet) if cnet is not None else None
-        level_outputs = self._down_encode(h, r_embed, clip, deliver)
-        h = self._up_decode(level_outputs, r_embed, clip, deliver)
-        return self.clf(h).to(x.dtype)  # type: ignore[no-any-return]
+        level_outputs = self._down_encode(h, r_embed, clip, deliver, kvs)
+        h = self._up_decode(level_outputs, r_embed, clip, deliver, kvs)
+        return self.clf(h)  # type: ignore[no-any-return]

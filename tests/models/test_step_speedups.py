@@ -1,0 +1,129 @@
+"""Issue 8 speed-ups keep the outputs: conditioning cache (bit-exact, computed once per conditioning),
+the inference GRN path, compile_denoiser, and Lazy stages in the pipeline (loaded on use, released after)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import load_fixture
+
+from cascade_lab.models.common import GlobalResponseNorm
+from cascade_lab.models.stage_b import StageB
+from cascade_lab.models.stage_c import StageC, StageCConfig
+from cascade_lab.params import GenerationParams
+from cascade_lab.pipeline import Lazy, Pipeline
+
+STAGE_C_INPUTS = ("x", "r", "clip_text", "clip_text_pooled", "clip_img")
+STAGE_B_INPUTS = ("x", "r", "effnet", "clip")
+
+
+def fixture_model(name: str, cls: type) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict]:
+    cfg, weights, io = load_fixture(name)
+    model = cls(**cfg["kwargs"])
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), io, cfg
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[int]:
+    calls: list[int] = []
+    original = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(("fixture", "cls", "names", "mapper"), [
+    ("stage_c_tiny", StageC, STAGE_C_INPUTS, "clip_txt_mapper"),
+    ("stage_b_tiny", StageB, STAGE_B_INPUTS, "effnet_mapper"),
+])
+def test_conditioning_cache_is_bit_exact_and_maps_the_conditioning_once(monkeypatch, fixture, cls, names, mapper):
+    model, io, cfg = fixture_model(fixture, cls)
+    inputs = {k: io[k] for k in names}
+    with torch.inference_mode():
+        plain = model(**inputs)
+        mapped = count_calls(monkeypatch, getattr(model, mapper), "forward")
+        kv = count_calls(monkeypatch, model.down_blocks[-1][2].kv_mapper, "forward")
+        with model.conditioning_cache():
+            steps = [model(**inputs | {"x": inputs["x"] * s, "r": inputs["r"] * s}) for s in (1.0, 0.9, 0.8)]
+            assert len(mapped) == 1 and len(kv) == 1  # once for three steps
+            other = {k: v.clone() for k, v in inputs.items()}  # new conditioning tensors: mapped again
+            torch.testing.assert_close(model(**other), plain, atol=0, rtol=0)
+            assert len(mapped) == 2
+        model(**inputs)  # outside the block nothing is kept
+        assert len(mapped) == 3
+    torch.testing.assert_close(steps[0], plain, atol=0, rtol=0)
+    tol = {"atol": cfg["tolerance"]["atol"], "rtol": cfg["tolerance"]["rtol"]}
+    torch.testing.assert_close(steps[0], io["out_default"], **tol)
+    with torch.inference_mode():
+        torch.testing.assert_close(steps[2], model(**inputs | {"x": inputs["x"] * 0.8, "r": inputs["r"] * 0.8}),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.reference
+def test_conditioning_cache_is_off_while_autograd_records(monkeypatch):
+    model, io, _ = fixture_model("stage_c_tiny", StageC)
+    inputs = {k: io[k] for k in STAGE_C_INPUTS}
+    mapped = count_calls(monkeypatch, model.clip_txt_mapper, "forward")
+    with model.conditioning_cache():
+        model(**inputs).sum().backward()
+        model(**inputs).sum().backward()
+    assert len(mapped) == 2 and model.clip_txt_mapper.weight.grad is not None
+
+
+def test_grn_inference_path_matches_the_autograd_path():
+    grn = GlobalResponseNorm(24)
+    with torch.no_grad():
+        grn.gamma.normal_(0, 0.3), grn.beta.normal_(0, 0.1)
+    x = torch.randn(2, 5, 7, 24)
+    with torch.inference_mode():
+        fast = grn(x)
+    slow = grn(x.clone().requires_grad_(True))
+    reference = grn.gamma * (x * (x.norm(p=2, dim=(1, 2), keepdim=True) / (
+        x.norm(p=2, dim=(1, 2), keepdim=True).mean(-1, keepdim=True) + 1e-6))) + grn.beta + x
+    torch.testing.assert_close(fast, reference.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(slow.detach(), reference.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.reference
+def test_compile_denoiser_keeps_the_output():
+    model, io, _ = fixture_model("stage_c_tiny", StageC)
+    inputs = {k: io[k] for k in STAGE_C_INPUTS}
+    with torch.inference_mode():
+        expected = model(**inputs)
+        model.compile_denoiser(backend="eager")  # the dynamo trace without a C++ toolchain: fast
+        compiled = model._compiled_denoise
+        model.compile_denoiser(backend="eager")
+        assert model._compiled_denoise is compiled  # the same options again: kept
+        with model.conditioning_cache():
+            torch.testing.assert_close(model(**inputs), expected, atol=0, rtol=0)
+
+
+def test_lazy_stages_are_loaded_for_their_use_and_released_after():
+    from cascade_lab.models.tiny import build_tiny
+
+    eager = build_tiny()
+    params = GenerationParams("a red circle", seed=3, width=128, height=128, steps_c=2, steps_b=2)
+    expected = Pipeline(eager).run(params)
+    loads: list[str] = []
+    alive: list[weakref.ref] = []
+
+    def loader(name: str):  # noqa: ANN202
+        def load():  # noqa: ANN202
+            loads.append(name)
+            model = copy.deepcopy(getattr(eager, name))
+            alive.append(weakref.ref(model))
+            return model
+        return load
+
+    lazy = dataclasses.replace(eager, **{name: Lazy(loader(name), StageCConfig.tiny() if name == "stage_c" else None)
+                                         for name in ("text_encoder", "stage_c", "stage_b", "stage_a")})
+    out = Pipeline(lazy).run(params)
+    assert loads == ["text_encoder", "stage_c", "stage_b", "stage_a"]
+    gc.collect()
+    assert all(ref() is None for ref in alive)  # nothing kept after the run
+    assert torch.equal(out.images, expected.images) and torch.equal(out.latent_b, expected.latent_b)

@@ -2,15 +2,17 @@
 
 Pure orchestration: samplers and schedulers come from the plugin registries, the maths from
 `cascade_lab.diffusion`, the models from `cascade_lab.models`. Emits a `StepEvent` per step, polls a
-cancel token between steps, and moves one stage at a time onto the device when offloading.
+cancel token between steps, and moves one stage at a time onto the device when offloading; a stage
+given as `Lazy` is loaded only while it is used (stage swapping on the CPU).
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +25,21 @@ from .plugins import get_sampler, get_scheduler
 Tensor = torch.Tensor
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """A stage that is loaded each time it is used and released right after: stage swapping on the CPU.
+
+    ``load()`` returns the model, e.g. ``functools.partial(load_stage, "stage_b", path)``; ``config`` is its
+    config (for Stage C, ``c_clip_img`` is read from it without loading the model).
+    """
+
+    load: Callable[[], Any]
+    config: Any = None
+
+
 @dataclass
 class Stages:
-    """The models of one variant. Optional parts are needed only by the features that use them."""
+    """The models of one variant (or `Lazy` loaders). Optional parts are needed only by the features that use them."""
 
     stage_c: Any
     stage_b: Any
@@ -80,12 +94,14 @@ class Pipeline:
     """Runs a `GenerationParams` on loaded `Stages` (official defaults reproduce the official images)."""
 
     def __init__(self, stages: Stages, *, device: torch.device | str = "cpu", dtype_c: torch.dtype = torch.float32,
-                 dtype_b: torch.dtype = torch.float32, offload: bool = False) -> None:
+                 dtype_b: torch.dtype = torch.float32, offload: bool = False, compile: bool = False) -> None:
+        """``compile``: run the Stage C and Stage B networks through ``torch.compile`` (the first step of
+        each new shape compiles; see benchmarks/RESULTS.md for when it pays off)."""
         if dtype_c == torch.float16:
             raise ValueError("dtype_c=torch.float16: Stage C gives black/NaN images in float16; "
                              "use torch.bfloat16 or torch.float32")
         self.stages, self.device, self.offload = stages, torch.device(device), offload
-        self.dtype_c, self.dtype_b = dtype_c, dtype_b
+        self.dtype_c, self.dtype_b, self.compile = dtype_c, dtype_b, compile
 
     # -- placement -------------------------------------------------------------------------------------
     @contextmanager
@@ -99,11 +115,26 @@ class Pipeline:
                 module.to("cpu")
                 torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
+    @contextmanager
+    def use(self, part: Any, dtype: torch.dtype | None = None) -> Iterator[Any]:
+        """Hold one stage on the device; a `Lazy` one is loaded first, and dropped by the pipeline afterwards."""
+        if isinstance(part, Lazy):
+            gc.collect()  # the previous lazy stage's memory, should a reference cycle still hold it
+            part = part.load()
+        with self.on_device(part, dtype):
+            yield part
+
+    def _clip_img_features(self) -> int:
+        stage_c = self.stages.stage_c
+        if isinstance(stage_c, Lazy):
+            return int(stage_c.config.c_clip_img)
+        return int(stage_c.clip_img_mapper.in_features)
+
     # -- pieces ----------------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str], negatives: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(cond, uncond) CLIP-G inputs, encoded in one call so both have the same number of tokens."""
-        with self.on_device(self.stages.text_encoder):
-            clip_text, pooled = self.stages.text_encoder.encode(prompts + negatives)  # [2B, T, C], [2B, 1, C]
+        with self.use(self.stages.text_encoder) as text_encoder:
+            clip_text, pooled = text_encoder.encode(prompts + negatives)  # [2B, T, C], [2B, 1, C]
         B = len(prompts)
         cond = {"clip_text": clip_text[:B], "clip_text_pooled": pooled[:B]}
         uncond = {"clip_text": clip_text[B:], "clip_text_pooled": pooled[B:]}
@@ -117,8 +148,8 @@ class Pipeline:
         h, w = size
         images = torch.nn.functional.interpolate(images.float(), size=(h * 32, w * 32), mode="bicubic",
                                                  antialias=True, align_corners=False).clamp(0, 1)
-        with self.on_device(effnet), torch.inference_mode():
-            return effnet.encode_image(images.to(self.device)).float()  # type: ignore[no-any-return]
+        with self.use(effnet) as encoder, torch.inference_mode():
+            return encoder.encode_image(images.to(self.device)).float()  # type: ignore[no-any-return]
 
     def preview_c(self, latent_c: Tensor) -> Tensor:
         """Stage C latent → RGB [B, 3, 8h, 8w] in [0, 1] through the Previewer (192 px for 1024²)."""
@@ -131,8 +162,7 @@ class Pipeline:
 
     def decode_b(self, latent_b: Tensor) -> Tensor:
         """Stage B latent → RGB [B, 3, 4h, 4w] in [0, 1] through Stage A (clamped, as the official callers)."""
-        stage_a = self.stages.stage_a
-        with self.on_device(stage_a), torch.inference_mode():
+        with self.use(self.stages.stage_a) as stage_a, torch.inference_mode():
             weight = next(stage_a.parameters())
             return stage_a.decode(latent_b.to(weight.device, weight.dtype)).float().clamp(0, 1).cpu()  # type: ignore
 
@@ -150,7 +180,7 @@ class Pipeline:
             if callback is not None:
                 callback(PipelineEvent(name, event.step, steps, float(event.logsnr), event.x, event.x0))
 
-        with self.on_device(model, dtype), torch.inference_mode():
+        with self.use(model, dtype) as model, torch.inference_mode(), self._conditioning_cache(model):
             cast = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in cond.items()}
             cast_u = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in uncond.items()}
             # cfg == 1 is exactly the conditional prediction: skip the unconditional half of the batch
@@ -158,6 +188,12 @@ class Pipeline:
             x0 = sample(denoiser, x.to(self.device), levels.to(self.device), noise=noise, callback=on_step,
                         cancel=cancel)
         return x0.float().cpu()  # type: ignore[no-any-return]
+
+    def _conditioning_cache(self, model: Any) -> AbstractContextManager[Any]:
+        """The model's `conditioning_cache()` (text tokens and attention K/V mapped once per run, not per step)."""
+        if self.compile and hasattr(model, "compile_denoiser"):
+            model.compile_denoiser()
+        return model.conditioning_cache() if hasattr(model, "conditioning_cache") else nullcontext()
 
     # -- the job ---------------------------------------------------------------------------------------
     def run(self, params: GenerationParams, *, init_images: Tensor | None = None, clip_img: Tensor | None = None,
@@ -177,7 +213,7 @@ class Pipeline:
         t0 = time.perf_counter()
         cond, uncond = self.encode_text([params.prompt] * B, [params.negative_prompt] * B)
         if clip_img is None:
-            clip_img = torch.zeros(B, 1, self.stages.stage_c.clip_img_mapper.in_features)  # official: zeros
+            clip_img = torch.zeros(B, 1, self._clip_img_features())  # official: zeros
         cond["clip_img"], uncond["clip_img"] = clip_img, torch.zeros_like(clip_img)
         timings["text"] = time.perf_counter() - t0
 
@@ -222,4 +258,4 @@ class Pipeline:
         return out
 
 
-__all__ = ["CancelToken", "Cancelled", "Pipeline", "PipelineEvent", "PipelineOutput", "Stages"]
+__all__ = ["CancelToken", "Cancelled", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput", "Stages"]

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import gc
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -32,7 +33,12 @@ def fixture_model(name: str, cls: type) -> tuple[torch.nn.Module, dict[str, torc
 def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[int]:
     calls: list[int] = []
     original = getattr(obj, name)
-    monkeypatch.setattr(obj, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
     return calls
 
 
@@ -112,8 +118,8 @@ def test_lazy_stages_are_loaded_for_their_use_and_released_after():
     loads: list[str] = []
     alive: list[weakref.ref] = []
 
-    def loader(name: str):  # noqa: ANN202
-        def load():  # noqa: ANN202
+    def loader(name: str) -> Callable[[], object]:
+        def load() -> object:
             loads.append(name)
             model = copy.deepcopy(getattr(eager, name))
             alive.append(weakref.ref(model))

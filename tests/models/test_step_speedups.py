@@ -133,3 +133,25 @@ def test_lazy_stages_are_loaded_for_their_use_and_released_after():
     gc.collect()
     assert all(ref() is None for ref in alive)  # nothing kept after the run
     assert torch.equal(out.images, expected.images) and torch.equal(out.latent_b, expected.latent_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_mlp_fused_path_matches_the_modules(dtype):
+    from cascade_lab.models.common import ResBlock, channel_mlp
+
+    block = ResBlock(16, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    block = block.to(dtype)
+    h = torch.randn(2, 5, 6, 16, dtype=dtype)
+    with torch.inference_mode():
+        fused, plain = channel_mlp(block.channelwise, h), block.channelwise(h)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fused, plain, **tol)
+    seen: list[int] = []
+    block.channelwise[1].register_forward_hook(lambda *_: seen.append(1))
+    block.channelwise[0].weight.requires_grad_(True)
+    with torch.enable_grad():
+        channel_mlp(block.channelwise, h)  # autograd on: the modules run, hooks fire
+    assert seen == [1]

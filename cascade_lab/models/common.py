@@ -78,7 +78,8 @@ def _fused_linear_gelu(h: Tensor, linear: nn.Linear) -> Tensor | None:
     """
     global _onednn_linear_gelu
     if (_onednn_linear_gelu is False or h.device.type != "cpu" or torch.is_grad_enabled()
-            or h.dtype not in (torch.float32, torch.bfloat16) or linear.weight.dtype != h.dtype):
+            or h.dtype not in (torch.float32, torch.bfloat16) or linear.weight.dtype != h.dtype
+            or torch.compiler.is_compiling()):  # inductor lowers this op only with frozen weights
         return None
     try:
         out: Tensor = torch.ops.mkldnn._linear_pointwise(h, linear.weight, linear.bias, "gelu", [], "none")

@@ -164,6 +164,11 @@ def test_entry_point_plugin_is_discovered_listed_and_usable(site: Path) -> None:
         print(plugins_text())
         sched = plugins.get_scheduler("linear_logsnr")
         print("OWNER", plugins.registries()["scheduler"].owner["linear_logsnr"])
+        levels = sched.fn(4, shift=2.0)
+        cosine = plugins.get_scheduler("cosine").fn(4, shift=2.0)
+        steps = (levels[1:] - levels[:-1]).tolist()
+        assert len(levels) == 5 and float(levels[0]) == float(cosine[0]) and float(levels[-1]) == float(cosine[-1])
+        assert max(steps) - min(steps) < 1e-4, steps  # evenly spaced in logSNR
         """,
         {"PYTHONPATH": str(site)},
     )

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from _common import machine
-from _timing import alternate, median, ratio, spread
+from _timing import alternate, median, ratio
 from _twins import diffusers_twin, randomize
 from torch import nn
 
@@ -157,13 +157,14 @@ def main() -> None:
     c_m, b_m = next(iter(info.values()))["params"]
     print(f"\n### Whole generation {args.size}², Stage C {c_m:.0f}M + Stage B {b_m:.0f}M parameters, "
           f"C 20 steps CFG 4, B 10 steps CFG 1.1, up to the Stage B latent, {repeats} rounds\n")
-    print("| contender | dtype | median s | range ms | time / diffusers' (median of rounds) |")
+    print("| contender | dtype | median s | range s | time / diffusers' (median of rounds) |")
     print("|---|---|---|---|---|")
     for name in args.dtype:
         ref = f"diffusers {name}"
         for c in (ref, f"cascade_lab {name}"):
             r = "1" if c == ref else f"**{ratio(times, c, ref):.2f}**"
-            print(f"| {c.split()[0]} | {name} | {median(times[c]):.2f} | {spread(times[c])} | {r} |")
+            lo, hi = min(times[c]), max(times[c])
+            print(f"| {c.split()[0]} | {name} | {median(times[c]):.2f} | {lo:.2f}–{hi:.2f} | {r} |")
     for name in args.dtype:
         ours_shape, theirs_shape = info[name]["latent shapes"]
         split = ", ".join(f"{k} {v:.2f} s" for k, v in info[name]["split"].items())

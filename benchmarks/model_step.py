@@ -4,8 +4,8 @@ Both hold the same random weights: diffusers' UNet is built with the same archit
 cascade_lab's original-format state dict through diffusers' own single-file converter. Batch 2 (the CFG
 pair), fp32 and bf16, the same threads, everything under ``torch.inference_mode``:
 
-* Stage C: widths 768, blocks [[2,6],[6,2]] (128M parameters) on a 24×24 latent (1024² output);
-* Stage B: widths [160,320,640,640], blocks [[2,2,6,2],[2,6,2,2]], repeats [2,2,2,2] up (67M) on a
+* Stage C: widths 768, blocks [[2,6],[6,2]] (139M parameters) on a 24×24 latent (1024² output);
+* Stage B: widths [160,320,640,640], blocks [[2,2,6,2],[2,6,2,2]], repeats [2,2,2,2] up (115M) on a
   128×128 latent (512² output).
 
 Contenders: diffusers; cascade_lab called plainly (= the first step of a run); cascade_lab inside

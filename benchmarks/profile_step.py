@@ -1,6 +1,6 @@
 """Where a step's time goes: torch.profiler over one Stage C / Stage B step of cascade_lab and of diffusers'
-StableCascadeUNet (same weights and inputs as benchmarks/model_step.py), grouped into matmuls (addmm/mm/bmm),
-attention (SDPA), convolutions, and everything else (norms, GELU, GRN, residual adds, copies).
+StableCascadeUNet (same weights and inputs as benchmarks/model_step.py), grouped into matmuls (addmm/mm/bmm and
+the oneDNN linear), attention (SDPA), convolutions, and everything else (norms, GELU, GRN, adds, copies).
 
     .venv/bin/python benchmarks/profile_step.py [--stage c b] [--dtype fp32 bf16] [--threads 1] [--top 0]
 """
@@ -19,7 +19,8 @@ from _twins import STAGE_B_MID, STAGE_C_MID, build, diffusers_twin
 from model_step import DTYPES, diffusers_call, inputs
 from torch.profiler import ProfilerActivity, profile
 
-GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+GROUPS = {"matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
+                     "mkldnn::_linear_pointwise"),  # cascade_lab's Linear+GELU: the matmul with GELU fused
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
                         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
                         "aten::_scaled_dot_product_cudnn_attention"),

@@ -156,6 +156,8 @@ class Pipeline:
         previewer = self.stages.previewer
         if previewer is None:
             raise ValueError(f"variant {self.stages.variant!r} has no previewer")
+        if isinstance(previewer, Lazy):  # loaded for this preview only, left where it loads (it is small)
+            previewer = previewer.load()
         with torch.inference_mode():
             weight = next(previewer.parameters())
             return previewer(latent_c.to(weight.device, weight.dtype)).float().clamp(0, 1).cpu()  # type: ignore

@@ -128,8 +128,11 @@ def test_lazy_stages_are_loaded_for_their_use_and_released_after():
 
     lazy = dataclasses.replace(eager, **{name: Lazy(loader(name), StageCConfig.tiny() if name == "stage_c" else None)
                                          for name in ("text_encoder", "stage_c", "stage_b", "stage_a")})
-    out = Pipeline(lazy).run(params)
+    pipeline = Pipeline(lazy)
+    out = pipeline.run(params)
     assert loads == ["text_encoder", "stage_c", "stage_b", "stage_a"]
+    lazy.previewer = Lazy(loader("previewer"))
+    torch.testing.assert_close(pipeline.preview_c(out.latent_c), Pipeline(eager).preview_c(out.latent_c))
     gc.collect()
     assert all(ref() is None for ref in alive)  # nothing kept after the run
     assert torch.equal(out.images, expected.images) and torch.equal(out.latent_b, expected.latent_b)

@@ -42,7 +42,17 @@ from .samplers import (
     sample_euler_ancestral,
     sample_lcm,
 )
-from .schedule import eps_to_x0, logsnr, logsnr_limits, noise_cond, sigma, train_t, vp_scalers, x0_to_eps
+from .schedule import (
+    eps_to_x0,
+    logsnr,
+    logsnr_limits,
+    noise_cond,
+    noise_cond_to_logsnr,
+    sigma,
+    train_t,
+    vp_scalers,
+    x0_to_eps,
+)
 from .schedulers import cosine, exponential, karras
 
 __all__ = [
@@ -65,6 +75,7 @@ __all__ = [
     "logsnr",
     "logsnr_limits",
     "noise_cond",
+    "noise_cond_to_logsnr",
     "replay_noise",
     "sample_ddim",
     "sample_ddpm",

@@ -74,6 +74,13 @@ def noise_cond(logsnr: Tensor) -> Tensor:
     return (((var * min_var) ** 0.5).acos() / (torch.pi * 0.5)) * (1 + s) - s
 
 
+def noise_cond_to_logsnr(r: Tensor) -> Tensor:
+    """The inverse of `noise_cond`: the logSNR a model's input ``r`` stands for (clamped like the schedule)."""
+    s, min_var = _s_and_min_var(r.device)
+    var = (torch.cos((r.float() + s) / (1 + s) * torch.pi * 0.5) ** 2 / min_var).clamp(*CLAMP_RANGE)
+    return (var / (1 - var)).log()
+
+
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     """[B] → [B, 1, 1, 1] to broadcast against `like`; 0-dim stays 0-dim."""
     return v.view(-1, *[1] * (like.dim() - 1)) if v.dim() == 1 else v
@@ -101,6 +108,7 @@ __all__ = [
     "logsnr",
     "logsnr_limits",
     "noise_cond",
+    "noise_cond_to_logsnr",
     "sigma",
     "train_t",
     "vp_scalers",

@@ -14,6 +14,7 @@ from cascade_lab.diffusion.schedule import (
     logsnr,
     logsnr_limits,
     noise_cond,
+    noise_cond_to_logsnr,
     sigma,
     train_t,
     vp_scalers,
@@ -81,3 +82,13 @@ def test_train_draw(monkeypatch):
     u = torch.tensor([0.0, 0.5, 0.9995, 0.999999])
     monkeypatch.setattr(torch, "rand", lambda *a, **k: u.clone())
     torch.testing.assert_close(train_t(4), torch.tensor([1.0, 0.501, 0.0015, 0.001001]), atol=2e-7, rtol=0)
+
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_noise_cond_inverts_back_to_the_scalers(grids, case):
+    """A v-predicting model (the demo's Stage C and B) recovers a and b from the official r it is given."""
+    c = grids["cases"][case]
+    a, b = vp_scalers(noise_cond_to_logsnr(torch.tensor(c["noise_cond"])))
+    assert torch.allclose(a, torch.tensor(c["a"]), atol=3e-5)
+    assert torch.allclose(b, torch.tensor(c["b"]), atol=3e-5)

@@ -141,12 +141,14 @@ class Pipeline:
         return cond, uncond
 
     def encode_image_latent(self, images: Tensor, size: tuple[int, int]) -> Tensor:
-        """img2img input [B, 3, H, W] in [0, 1] → Stage C latent [B, 16, h, w] (EfficientNet at h·32 × w·32)."""
+        """img2img input [B, 3, H, W] in [0, 1] → Stage C latent [B, 16, h, w] (EfficientNet at h·32 × w·32;
+        an encoder with another ``downscale`` attribute, like the demo's 16, at that multiple)."""
         effnet = self.stages.effnet
         if effnet is None:
             raise ValueError(f"variant {self.stages.variant!r} has no EfficientNet encoder; img2img needs one")
         h, w = size
-        images = torch.nn.functional.interpolate(images.float(), size=(h * 32, w * 32), mode="bicubic",
+        down = int(getattr(effnet, "downscale", 32))
+        images = torch.nn.functional.interpolate(images.float(), size=(h * down, w * down), mode="bicubic",
                                                  antialias=True, align_corners=False).clamp(0, 1)
         with self.use(effnet) as encoder, torch.inference_mode():
             return encoder.encode_image(images.to(self.device)).float()  # type: ignore[no-any-return]

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8 with --image)")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the Stage C and B networks (pays off on GPUs; see benchmarks/RESULTS.md)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     tr = sub.add_parser("train", help="fine-tune Stage C (LoRA or full) from a TOML config; works under torchrun")
     tr.add_argument("config", help="training TOML: cascade_lab.training.TrainConfig fields (+ dataset tables)")
@@ -77,7 +79,7 @@ def generate(args: argparse.Namespace) -> int:
             bar = bars[stage] = tqdm(total=steps, desc=f"Stage {stage.upper()}", file=sys.stderr)
         bar.update(1)  # type: ignore[attr-defined]
 
-    cascade = Cascade(args.variant, device=args.device, dtype=args.dtype)
+    cascade = Cascade(args.variant, device=args.device, dtype=args.dtype, compile=args.compile)
     result = cascade.generate(
         args.prompt, args.negative, width=width, height=height, batch_size=args.batch_size, seed=args.seed,
         image=args.image, strength=strength, steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,

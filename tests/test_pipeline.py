@@ -257,3 +257,36 @@ def test_lora_load_changes_the_image_and_unload_restores_it(cascade, tmp_path) -
     assert all(torch.equal(v, base_state[k]) for k, v in cascade.pipeline.stages.stage_c.state_dict().items())
     with pytest.raises(ValueError, match="is not loaded"):
         cascade.unload_lora(path)
+
+
+def test_compile_option_reaches_both_networks_and_keeps_the_pixels(monkeypatch, cascade) -> None:  # type: ignore[no-untyped-def]
+    """`Cascade(compile=True)` / `cascade-lab generate --compile`: Stage C and B run compiled, same image."""
+    from cascade_lab import cli
+    from cascade_lab.models.common import LevelUNet
+
+    compiled: list[str] = []
+    original = LevelUNet.compile_denoiser
+
+    def eager_compile(self, **options):  # type: ignore[no-untyped-def]
+        compiled.append(type(self).__name__)
+        original(self, backend="eager")  # the dynamo trace without a C++ toolchain: fast
+
+    monkeypatch.setattr(LevelUNet, "compile_denoiser", eager_compile)
+    kwargs = dict(seed=5, width=128, height=128, steps_c=2, steps_b=2)
+    expected = cascade.generate("a red circle", **kwargs).images[0]
+    fast = Cascade("tiny", compile=True)
+    assert np.array_equal(np.asarray(fast.generate("a red circle", **kwargs).images[0]), np.asarray(expected))
+    assert compiled == ["StageC", "StageB"]
+    seen: dict[str, object] = {}
+
+    class Built(Exception):
+        pass
+
+    def record(variant: str, **options: object) -> None:
+        seen.update(options, variant=variant)
+        raise Built
+
+    monkeypatch.setattr("cascade_lab.api.Cascade", record)
+    with pytest.raises(Built):
+        cli.generate(cli.build_parser().parse_args(["generate", "x", "-o", "x.png", "--variant", "tiny", "--compile"]))
+    assert seen["compile"] is True and seen["variant"] == "tiny"

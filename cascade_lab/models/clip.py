@@ -2,8 +2,9 @@
 
 `TextEncoder.encode` gives Stage C's `clip_text` [B, T, 1280] (CLIP-G's last hidden state *before* the
 final layer norm, T = 77 per window) and `clip_text_pooled` [B, 1, 1280] (projected EOS token).
-`ImageEncoder.encode` gives `clip_img` [B, 1, 768] (CLIP-L `image_embeds`). This module never locates or
-downloads files: callers hand it a local folder or ready-built `transformers` objects.
+`ImageEncoder.encode` gives `clip_img` [B, 1, 768] (CLIP-L `image_embeds`). This module never downloads
+files: callers hand it a local transformers folder, a single safetensors file (built-in configs below,
+loaded by `cascade_lab.weights.encoders`) or ready-built `transformers` objects.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,29 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 E = TypeVar("E", bound="_Encoder")
+
+
+def clip_g_text_config() -> Any:
+    """CLIP ViT-bigG/14 text tower with projection, as `stabilityai/stable-cascade` text_encoder/config.json
+    (spec §5.3): a `transformers.CLIPTextConfig` for `CLIPTextModelWithProjection`, 694,659,840 parameters."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )
+
+
+def clip_l_vision_config() -> Any:
+    """CLIP ViT-L/14 vision tower with projection (`openai/clip-vit-large-patch14`, the image_encoder of
+    `stabilityai/stable-cascade-prior`): a `transformers.CLIPVisionConfig`, 224 px, 257 positions, 768-d embeds."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
 
 
 class PromptSplitWarning(UserWarning):
@@ -132,6 +157,48 @@ class TextEncoder(_Encoder):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         model = CLIPTextModelWithProjection.from_pretrained(str(model_dir), **_load_kwargs(dtype))
         return cls(model, tokenizer).to(device)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | PathLike[str],
+        *,
+        prefix: str | None = None,
+        tokenizer_path: str | PathLike[str] | None = None,
+        config: Any = None,
+        comfyui: str | PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TextEncoder:
+        """Load CLIP-G from one safetensors file without config.json: a bare export (transformers or ComfyUI
+        `clip_g.` names) or the `text_encoder.` section of a ComfyUI all-in-one checkpoint (`prefix=None`
+        detects it). `config` defaults to `clip_g_text_config()`; the tokenizer is searched for as
+        `weights.encoders.find_tokenizer` says. `dtype=None` keeps the stored dtype."""
+        from ..weights.encoders import find_tokenizer, load_clip_file, load_tokenizer
+        from ..weights.safetensors_io import read_header
+
+        read_header(path)  # a missing or broken file is named as such, then no tokenizer fails before reading GBs
+        tokenizer = load_tokenizer(find_tokenizer(path, tokenizer_path, comfyui=comfyui))
+        config = config if config is not None else clip_g_text_config()
+        model = load_clip_file("text_encoder", path, config, prefix=prefix, device=device, dtype=dtype)
+        return cls(model, tokenizer)
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | PathLike[str],
+        *,
+        comfyui: str | PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TextEncoder:
+        """A transformers folder (or a file next to its config.json) with `from_folder`, else `from_file`."""
+        from ..weights.encoders import transformers_folder
+
+        folder = transformers_folder(path)
+        if folder is None:
+            return cls.from_file(path, comfyui=comfyui, device=device, dtype=dtype)
+        return cls.from_folder(folder, device=device, dtype=dtype)
 
     def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both [B, n_windows, 77] int64.
@@ -263,6 +330,39 @@ class ImageEncoder(_Encoder):
         model_dir = _model_dir(path, "image_encoder")
         model = CLIPVisionModelWithProjection.from_pretrained(str(model_dir), **_load_kwargs(dtype))
         return cls(model).to(device)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | PathLike[str],
+        *,
+        prefix: str | None = None,
+        config: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ImageEncoder:
+        """Load CLIP ViT-L/14 vision from one safetensors file without config.json: a bare export (ComfyUI
+        `clip_vision`, a full CLIPModel) or the `clip_l_vision.` section of a ComfyUI all-in-one checkpoint."""
+        from ..weights.encoders import load_clip_file
+
+        config = config if config is not None else clip_l_vision_config()
+        return cls(load_clip_file("image_encoder", path, config, prefix=prefix, device=device, dtype=dtype))
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ImageEncoder:
+        """A transformers folder (or a file next to its config.json) with `from_folder`, else `from_file`."""
+        from ..weights.encoders import transformers_folder
+
+        folder = transformers_folder(path)
+        if folder is None:
+            return cls.from_file(path, device=device, dtype=dtype)
+        return cls.from_folder(folder, device=device, dtype=dtype)
 
     @torch.no_grad()
     def encode(self, images: Any) -> torch.Tensor:

@@ -3,6 +3,7 @@
 * :func:`locate` — explicit paths/folders, a ComfyUI ``models/`` tree, the Hub cache, then a download.
 * :func:`detect` — what a safetensors file holds, from its header alone.
 * :func:`load_stage` — a stage module built on meta and filled straight from the file.
+* :func:`load_clip_file` / :func:`find_tokenizer` — the CLIP encoders from single files, their local tokenizer.
 * :func:`choose_variant` / :func:`estimate` — memory needs per variant and the largest that fits.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from .convert import ConversionError, plan_official, to_official
 from .detect import Component, Detection, detect
+from .encoders import TokenizerNotFoundError, find_tokenizer, load_clip_file
 from .loader import StateDictMismatchError, WrongStageError, load_stage, weight_files
 from .locate import Located, WeightsNotFoundError, locate
 from .memory import Choice, ComputeDtypes, MemoryEstimate, available_memory, choose_variant, compute_dtypes, estimate
@@ -25,6 +27,7 @@ __all__ = [
     "Located",
     "MemoryEstimate",
     "StateDictMismatchError",
+    "TokenizerNotFoundError",
     "WeightsFileError",
     "WeightsNotFoundError",
     "WrongStageError",
@@ -33,6 +36,8 @@ __all__ = [
     "compute_dtypes",
     "detect",
     "estimate",
+    "find_tokenizer",
+    "load_clip_file",
     "load_stage",
     "locate",
     "plan_official",

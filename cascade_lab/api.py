@@ -51,17 +51,20 @@ class Cascade:
     """Stable Cascade with loaded stages, a device and a memory policy.
 
     ``variant="auto"`` picks the best real variant available locally; with none it falls back to the
-    offline ``tiny`` variant with a one-line notice. Models load on first use and stay loaded.
+    built-in ``demo`` cascade (trained offline on a synthetic world) with a one-line notice. Models load
+    on first use and stay loaded.
     """
 
     def __init__(self, variant: str = "auto", *, device: str | None = None, dtype: str | None = None,
-                 offload: bool | None = None, **weights_options: Any) -> None:
+                 offload: bool | None = None, compile: bool = False, **weights_options: Any) -> None:
+        """``compile=True`` runs the Stage C and Stage B networks through ``torch.compile`` (the first step of
+        each new image size compiles; it pays off on GPUs for repeated generations, see benchmarks/RESULTS.md)."""
         if variant != "auto":
             get_variant(variant)  # unknown names fail here, listing the available ones
         if dtype in ("float16", "fp16", "half"):
             raise ValueError(f"dtype={dtype!r}: Stage C gives black/NaN images in float16; use 'bfloat16' or "
                              "'float32'")
-        self.variant, self.device, self.dtype, self.offload = variant, device, dtype, offload
+        self.variant, self.device, self.dtype, self.offload, self.compile = variant, device, dtype, offload, compile
         self.weights_options = weights_options
         self._pipeline: Any = None
         self.loras: list[tuple[str, float, Any]] = []
@@ -86,10 +89,10 @@ class Cascade:
         if choice is not None and choice.variant is not None:
             return choice.variant
         reason = choice.reason if choice is not None else "no real Stable Cascade weights found on this machine"
-        warnings.warn(f"cascade_lab: {reason}; using the offline 'tiny' variant (random weights, noise images). "
-                      "For real images: `huggingface-cli download stabilityai/stable-cascade` (or a ComfyUI "
-                      "folder via CASCADE_LAB_COMFYUI), then variant='auto' or 'lite_bf16'.", stacklevel=3)
-        return "tiny"
+        warnings.warn(f"cascade_lab: {reason}; using the built-in 'demo' cascade (128 px coloured shapes, trained "
+                      "offline). For real images: `hf download stabilityai/stable-cascade` (or a ComfyUI folder via "
+                      "CASCADE_LAB_COMFYUI), then variant='auto' or 'lite_bf16'.", stacklevel=3)
+        return "demo"
 
     @property
     def pipeline(self) -> Any:
@@ -116,7 +119,8 @@ class Cascade:
 
             dtype_c = compute_dtypes(device).stage_c
         offload = self.offload if self.offload is not None else device != "cpu"
-        return Pipeline(stages, device=device, dtype_c=dtype_c, dtype_b=dtype_c, offload=offload)
+        return Pipeline(stages, device=device, dtype_c=dtype_c, dtype_b=dtype_c, offload=offload,
+                        compile=self.compile)
 
     # -- LoRA ----------------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0) -> None:
@@ -199,6 +203,7 @@ class Cascade:
                              "(official img2img: 0.8)")
         init = _image_tensor(image) if image is not None else None
         pipeline = self.pipeline
+        params = self._native(params, warn=True)
         clip_img = None
         if variations:
             encoder = pipeline.stages.image_encoder
@@ -267,7 +272,19 @@ class Cascade:
         """An image → Stage C latent [B, 16, h, w] (EfficientNet at the official 768-px scale for 1024²)."""
         tensor = _image_tensor(image)
         params = GenerationParams("", width=width or tensor.shape[-1], height=height or tensor.shape[-2])
-        return self.pipeline.encode_image_latent(tensor, params.latent_size_c)
+        return self.pipeline.encode_image_latent(tensor, self._native(params).latent_size_c)
+
+    def _native(self, params: GenerationParams, warn: bool = False) -> GenerationParams:
+        """A variant trained at one size (``Stages.native``: the demo's 128 px, compression 32) generates at it."""
+        native = getattr(self.pipeline.stages, "native", None)
+        if not native:
+            return params
+        default = GenerationParams("")
+        if warn and (params.width, params.height) not in ((default.width, default.height),
+                                                          (native["width"], native["height"])):
+            warnings.warn(f"variant {self.variant_name!r} makes {native['width']}x{native['height']} images only; "
+                          f"generating that size instead of {params.width}x{params.height}", stacklevel=4)
+        return params.replace(**native)
 
     def preview(self, latent_c: Any) -> Any:
         """Stage C latent → small RGB through the Previewer ([B, 3, 8h, 8w] in [0, 1])."""
@@ -285,8 +302,9 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
     def stage(name: str) -> Any:
         return load_stage(name, found[name].path, config=variant.preset(name)) if name in found else None
 
-    text = TextEncoder.from_folder(found["text_encoder"].folder) if "text_encoder" in found else None
-    image = ImageEncoder.from_folder(found["image_encoder"].folder) if "image_encoder" in found else None
+    comfyui = locate_options.get("comfyui")  # a single-file text encoder may take ComfyUI's bundled tokenizer
+    text = TextEncoder.from_path(found["text_encoder"].path, comfyui=comfyui) if "text_encoder" in found else None
+    image = ImageEncoder.from_path(found["image_encoder"].path) if "image_encoder" in found else None
     return Stages(stage_c=stage("stage_c"), stage_b=stage("stage_b"), stage_a=stage("stage_a"),
                   text_encoder=text, previewer=stage("previewer"), effnet=stage("effnet"), image_encoder=image,
                   variant=variant.name)

@@ -1,4 +1,4 @@
-"""The official weight variants (HF ``stabilityai/stable-cascade``) and the ``tiny`` test variant."""
+"""The official weight variants (HF ``stabilityai/stable-cascade``), the ``tiny`` test variant and the ``demo``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ VARIANTS = [
     official("lite_bf16", "Stage C 1B + Stage B 700M, bf16 files (~3.5 GB)", "lite", "bfloat16"),
     Variant("tiny", "random-weight tiny models of every stage from a fixed seed (tests, offline demos)",
             stage_c="tiny", stage_b="tiny", build=LazyCallable("cascade_lab.models.tiny:build_tiny")),
+    Variant("demo", "a small cascade trained by cascade_lab on a synthetic world of coloured shapes (128 px, "
+            "shipped in the package; what `auto` uses offline)", stage_c="demo", stage_b="demo",
+            build=LazyCallable("cascade_lab.demo.models:build_demo")),
 ]
 
 

@@ -1,0 +1,257 @@
+"""The ``demo`` cascade: Stable Cascade's architecture at a small size, trained on the synthetic world.
+
+Stage C (text → 16×4×4 latent), Stage B (→ Stage A latent 4×32×32), Stage A (→ 128 px RGB), a small
+convolutional encoder in the EfficientNet encoder's role (RGB → 16×4×4, whitened by a non-affine BatchNorm),
+the Previewer (16×4×4 → 32 px) and a small CLIP text tower with a word-level tokenizer; no file is
+downloaded. Stage C and Stage B are the official classes predicting v instead of ε (`DemoStageC`,
+`DemoStageB`: same keys, ε still what `forward` returns). `build_demo` loads the shipped weights from
+``cascade_lab/demo/weights/`` (fp16 on disk).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.previewer import PreviewerConfig
+from ..models.stage_a import StageAConfig
+from ..models.stage_b import StageB, StageBConfig
+from ..models.stage_c import StageC, StageCConfig
+from .world import COLOURS, POSITIONS, SHAPES, SIZE
+
+WEIGHTS = Path(__file__).parent / "weights"
+COMPRESSION = 32.0  # image pixels per Stage C latent pixel: 128 px → 4×4 (the encoder reduces by 32)
+TEXT_WIDTH = 64  # CLIP hidden size = projection size
+NATIVE = {"width": SIZE, "height": SIZE, "compression": COMPRESSION}  # what `Cascade` generates with
+
+
+@dataclass
+class DemoConfig:
+    """The sizes of every demo model (the presets of the official classes, plus the encoder and text tower)."""
+
+    stage_c: StageCConfig = field(default_factory=lambda: StageCConfig(
+        c_cond=64, c_hidden=[64, 64], nhead=[2, 2], blocks=[[2, 2], [2, 2]], c_clip_text=TEXT_WIDTH,
+        c_clip_text_pooled=TEXT_WIDTH, c_clip_img=16, dropout=[0.0, 0.0]))
+    stage_b: StageBConfig = field(default_factory=lambda: StageBConfig(
+        c_cond=64, c_hidden=[32, 64, 64, 64], nhead=[-1, -1, 2, 2], blocks=[[1, 1, 1, 1], [1, 1, 1, 1]],
+        block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]], c_clip=TEXT_WIDTH, dropout=[0.0, 0.0, 0.0, 0.0]))
+    # scale_factor 1: the BatchNorm output (std ~1) is Stage B's latent as is (the official 0.43 suits its VQGAN)
+    stage_a: StageAConfig = field(default_factory=lambda: StageAConfig(
+        levels=2, bottleneck_blocks=2, c_hidden=48, c_latent=4, codebook_size=16, scale_factor=1.0))
+    previewer: PreviewerConfig = field(default_factory=lambda: PreviewerConfig(c_hidden=64))
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig())
+    text: TextConfig = field(default_factory=lambda: TextConfig())
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def eps_from_v(v: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """ε = a·v + b·x_t for a network predicting v = a·ε − b·x0 at noise condition r (x_t = a·x0 + b·ε)."""
+    from ..diffusion.schedule import noise_cond_to_logsnr, vp_scalers
+
+    a, b = vp_scalers(noise_cond_to_logsnr(r))  # [B] each
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return (a.view(shape) * v.float() + b.view(shape) * x.float()).to(x.dtype)
+
+
+class DemoStageC(StageC):
+    """`StageC` (same keys and classes) whose network predicts v; `forward` still returns ε, as every caller expects.
+
+    With ε-prediction a network this small never learns the near-identity ε ≈ x_t of the noisiest steps
+    precisely enough (measured: x0 recovered at t = 0.97 had 14× the latent's variance as error), and there the
+    conditioning is worth almost nothing to the ε-loss, so it is ignored. Predicting v keeps the identity exact
+    (the b·x_t term) and makes the noisy steps a prediction of the image, which the conditioning decides.
+    """
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return eps_from_v(super().forward(x, r, *args, **kwargs), x, r)
+
+
+class DemoStageB(StageB):
+    """`StageB` predicting v, `forward` returning ε (see `DemoStageC`)."""
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return eps_from_v(super().forward(x, r, *args, **kwargs), x, r)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+@dataclass
+class EncoderConfig:
+    """A 2× average pool, one stride-2 conv per width (4 → 32× in all), 1×1 to the latent, non-affine BatchNorm.
+
+    32×, as EfficientNet: 128 px → 4×4. (Measured: a 16× encoder, 8×8 latents, let Stage B draw sharper shapes
+    from the true latent, 66 % against 38 %, but Stage C then placed them at the wrong position ~85 % of the
+    time; at 4×4 Stage C's latents carry the prompt's shape, colour and position 100 % of the time.)
+    """
+
+    c_hidden: list[int] = field(default_factory=lambda: [32, 64, 96, 128])
+    c_latent: int = 16
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.c_hidden) + 1)
+
+    def build(self) -> DemoEncoder:
+        return DemoEncoder(**asdict(self))
+
+
+class DemoEncoder(nn.Module):
+    """The EfficientNet encoder's role at demo size: RGB [B, 3, H, W] in [0, 1] → latent [B, 16, H/32, W/32]."""
+
+    def __init__(self, *, c_hidden: Sequence[int] = (32, 64, 96, 128), c_latent: int = 16):
+        super().__init__()
+        self.downscale = 2 ** (len(c_hidden) + 1)  # image pixels per latent pixel (the pipeline resizes by it)
+        layers: list[nn.Module] = [nn.AvgPool2d(2)]  # flat shapes need no full-resolution features
+        c_in = 3
+        for c in c_hidden:
+            layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU(),
+                       nn.Conv2d(c, c, kernel_size=3, padding=1), nn.GELU()]
+            c_in = c
+        self.backbone = nn.Sequential(*layers)
+        # as the official mapper: whiten the latent so Stage C sees roughly unit variance
+        self.mapper = nn.Sequential(nn.Conv2d(c_in, c_latent, kernel_size=1, bias=False),
+                                    nn.BatchNorm2d(c_latent, affine=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, 3, H, W) in [-1, 1] -> (B, c_hidden[-1], H/32, W/32) -> (B, c_latent, H/32, W/32)
+        return self.mapper(self.backbone(x))  # type: ignore[no-any-return]
+
+    def encode_image(self, img01: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] → latent, as `EfficientNetEncoder.encode_image` (the pipeline's img2img calls this)."""
+        weight = next(self.parameters())
+        return self(img01.to(weight.device, weight.dtype) * 2 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+class WordTokenizer:
+    """A word-level tokenizer over the demo world's vocabulary (no files); other words become ``<unk>``.
+
+    It answers the subset of the ``transformers`` tokenizer call that `TextEncoder` uses.
+    """
+
+    specials = ("<start>", "<end>", "<unk>")
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 0, 1, 1, 2
+
+    def __init__(self) -> None:
+        words = {"a", "an", "at", "the", "in", "on", "of", "background", "center", "centre", "middle"}
+        words |= set(COLOURS) | set(SHAPES) | {w for name in POSITIONS for w in name.split()}
+        self.vocab = {w: i for i, w in enumerate([*self.specials, *sorted(words)])}
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, prompts: str | Sequence[str], **_: Any) -> dict[str, list[list[int]]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return {"input_ids": [[self.vocab.get(w, self.unk_token_id) for w in re.findall(r"[a-z]+", p.lower())]
+                              for p in prompts]}
+
+
+@dataclass
+class TextConfig:
+    """A small CLIP text tower: 16-token windows (a demo caption has at most 12 words)."""
+
+    hidden: int = TEXT_WIDTH
+    layers: int = 2
+    heads: int = 2
+    max_tokens: int = 16
+
+    def build(self) -> Any:
+        """A `TextEncoder` around a fresh `CLIPTextModelWithProjection` and the `WordTokenizer`."""
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        from ..models.clip import TextEncoder
+
+        tokenizer = WordTokenizer()
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.hidden * 4,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, max_position_embeddings=self.max_tokens,
+            projection_dim=self.hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+        )  # fmt: skip
+        return TextEncoder(CLIPTextModelWithProjection(config).eval(), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+PARTS = ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_encoder")
+
+
+def fresh_stages(config: DemoConfig | None = None, seed: int = 0) -> Any:
+    """Untrained demo models (`pipeline.Stages`) from a seed: the starting point of `cascade_lab.demo.train`."""
+    from ..pipeline import Stages
+
+    config = config or DemoConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stage_b = DemoStageB(**config.stage_b.kwargs())
+        # The official init (std 0.02) leaves the conditioning ~1 % of the effnet mapper's output after its
+        # LayerNorm; Xavier init lets the latent through from step 0 (the recipe's experiments all used it).
+        for i in (0, 2):
+            conv = stage_b.effnet_mapper[i]
+            assert isinstance(conv, nn.Conv2d)
+            nn.init.xavier_uniform_(conv.weight)
+        return Stages(stage_c=DemoStageC(**config.stage_c.kwargs()), stage_b=stage_b, stage_a=config.stage_a.build(),
+                      text_encoder=config.text.build(), previewer=config.previewer.build(),
+                      effnet=config.encoder.build(), variant="demo")
+
+
+def module_of(stages: Any, part: str) -> nn.Module:
+    """The `nn.Module` holding a part's weights (the text encoder wraps a transformers model)."""
+    value = getattr(stages, part)
+    return value.model if part == "text_encoder" else value  # type: ignore[no-any-return]
+
+
+def save_weights(stages: Any, folder: str | Path, dtype: torch.dtype = torch.float16,
+                 parts: Sequence[str] = PARTS) -> list[Path]:
+    """One safetensors file per part (``stage_c.safetensors``, ...), stored in `dtype`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part in parts:
+        state = module_of(stages, part).state_dict()
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(tensors, str(folder / f"{part}.safetensors"), metadata={"cascade_lab.demo": part})
+        paths.append(folder / f"{part}.safetensors")
+    return paths
+
+
+def load_weights(stages: Any, folder: str | Path, parts: Sequence[str] = PARTS) -> Any:
+    """Fill `stages` from the files `save_weights` wrote (in float32); missing files name the retrain command."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for part in parts:
+        path = folder / f"{part}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"demo weights {path} are missing; rebuild them with "
+                                    f"`python -m cascade_lab.demo.train --out {folder}`")
+        module = module_of(stages, part)
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                for k, v in load_file(str(path)).items()}, strict=True)
+        module.float().eval().requires_grad_(False)
+    return stages
+
+
+def build_demo(weights: str | Path | None = None, **_: Any) -> Any:
+    """The trained demo cascade (`pipeline.Stages`, variant ``demo``) from the shipped weights (or `weights`)."""
+    stages = load_weights(fresh_stages(), weights or WEIGHTS)
+    stages.native = dict(NATIVE)  # `Cascade` generates at this size and compression
+    return stages
+
+
+__all__ = ["COMPRESSION", "DemoConfig", "DemoEncoder", "DemoStageB", "DemoStageC", "EncoderConfig", "NATIVE",
+           "PARTS", "TextConfig", "WEIGHTS", "WordTokenizer", "build_demo", "eps_from_v", "fresh_stages",
+           "load_weights", "module_of", "save_weights"]

@@ -273,9 +273,11 @@ def test_compile_option_reaches_both_networks_and_keeps_the_pixels(monkeypatch, 
 
     monkeypatch.setattr(LevelUNet, "compile_denoiser", eager_compile)
     kwargs = dict(seed=5, width=128, height=128, steps_c=2, steps_b=2)
-    expected = cascade.generate("a red circle", **kwargs).images[0]
-    fast = Cascade("tiny", compile=True)
-    assert np.array_equal(np.asarray(fast.generate("a red circle", **kwargs).images[0]), np.asarray(expected))
+    expected = cascade.generate("a red circle", **kwargs)
+    got = Cascade("tiny", compile=True).generate("a red circle", **kwargs)
+    # the traced graph may order float sums differently: equal to float32 rounding, not bit for bit
+    torch.testing.assert_close(got.latent_c, expected.latent_c, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.latent_b, expected.latent_b, atol=1e-3, rtol=1e-3)
     assert compiled == ["StageC", "StageB"]
     seen: dict[str, object] = {}
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import P2LossWeight, diffuse, train_t
+from ..diffusion import P2LossWeight, train_t
 from ..models.stage_a import StageA
 from ..training import distributed as dist
 from ..training.cache import LatentCache, TextCache
@@ -204,13 +204,9 @@ class StageBTrainer(PartTrainer):
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], t: Tensor | None = None,
                 epsilon: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
-        dev = self.device
-        latents = batch["latents"].to(dev)
-        d = diffuse(latents, t=batch["t"] if t is None else t,
-                    epsilon=(batch["epsilon"] if epsilon is None else epsilon).to(dev), loss_weight=self.weighting)
-        pred = model(d.noised, d.noise_cond, batch["effnet"].to(dev), batch["clip"].to(dev))
-        raw = ((pred.float() - d.target.float()) ** 2).mean(dim=(1, 2, 3))  # [B]
-        return raw, d.loss_weight.to(dev).float(), d
+        d = self.diffused(batch, t, epsilon)
+        return self.loss_terms(model(d.noised, d.noise_cond, batch["effnet"].to(self.device),
+                                     batch["clip"].to(self.device)), d)
 
 
 __all__ = ["EncoderTrainer", "PartTrainer", "SemanticPretraining", "StageATrainer", "StageBTrainer"]

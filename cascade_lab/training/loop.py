@@ -143,20 +143,28 @@ class Trainer:
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
 
+    def diffused(self, batch: dict[str, Tensor], t: Tensor | None = None, epsilon: Tensor | None = None) -> Any:
+        """The batch's latents noised at its t and ε (or the given ones), with this run's loss weights."""
+        return diffuse(batch["latents"].to(self.device), t=batch["t"] if t is None else t,
+                       epsilon=(batch["epsilon"] if epsilon is None else epsilon).to(self.device),
+                       loss_weight=self.weighting)
+
+    def loss_terms(self, pred: Tensor, d: Any) -> tuple[Tensor, Tensor, Any]:
+        """(raw per-sample MSE [B], loss weights [B], Diffused) of a prediction against the GDF target."""
+        raw = ((pred.float() - d.target.float()) ** 2).mean(dim=(1, 2, 3))  # [B]
+        return raw, d.loss_weight.to(self.device).float(), d
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor], t: Tensor | None = None,
                 epsilon: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
         """(raw per-sample MSE [B], loss weights [B], Diffused) of one forward pass."""
         dev = self.device
-        latents = batch["latents"].to(dev)
-        d = diffuse(latents, t=batch["t"] if t is None else t,
-                    epsilon=(batch["epsilon"] if epsilon is None else epsilon).to(dev), loss_weight=self.weighting)
-        n = latents.size(0)
+        d = self.diffused(batch, t, epsilon)
+        n = d.noised.size(0)
         clip_img = torch.zeros(n, 1, self.stage_c.clip_img_mapper.in_features, device=dev)  # type: ignore
         with self._autocast():
             pred = model(d.noised, d.noise_cond, batch["clip_text"].to(dev), batch["clip_text_pooled"].to(dev),
                          clip_img)
-        raw = ((pred.float() - d.target.float()) ** 2).mean(dim=(1, 2, 3))  # [B]
-        return raw, d.loss_weight.to(dev).float(), d
+        return self.loss_terms(pred, d)
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:

@@ -292,3 +292,14 @@ def test_compile_option_reaches_both_networks_and_keeps_the_pixels(monkeypatch) 
     with pytest.raises(Built):
         cli.generate(cli.build_parser().parse_args(["generate", "x", "-o", "x.png", "--variant", "tiny", "--compile"]))
     assert seen["compile"] is True and seen["variant"] == "tiny"
+
+
+def test_tiny_effnet_is_built_on_first_use_and_kept() -> None:
+    """Building the random EfficientNet is most of `build_tiny`'s time; generation never needs it."""
+    from cascade_lab.models.tiny import build_tiny
+    from cascade_lab.pipeline import Lazy
+
+    stages = build_tiny()
+    assert isinstance(stages.effnet, Lazy)
+    first = stages.effnet.load()
+    assert stages.effnet.load() is first and build_tiny().effnet.load() is not first  # kept, per build

@@ -6,6 +6,7 @@ noise (the weights are random); the shapes, dtypes, plumbing and maths are the r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,7 +111,7 @@ def calibrated_random_effnet(seed: int = TINY_EFFNET_SEED) -> nn.Module:
 
 def build_tiny(seed: int = TINY_SEED, **_: Any) -> Any:
     """Every stage as a tiny random model (`pipeline.Stages`), identical for the same seed."""
-    from ..pipeline import Stages
+    from ..pipeline import Lazy, Stages
     from .previewer import PreviewerConfig
     from .stage_a import StageAConfig
     from .stage_b import StageBConfig
@@ -121,7 +122,8 @@ def build_tiny(seed: int = TINY_SEED, **_: Any) -> Any:
         stage_b=_randomize(StageBConfig.tiny().build(), seed + 1),
         stage_a=_randomize(StageAConfig.tiny().build(), seed + 2),
         previewer=_randomize(PreviewerConfig.tiny().build(), seed + 3),
-        effnet=calibrated_random_effnet(),
+        # built on first use (img2img, training), then kept: it is ~4 s of the ~5 s this function takes
+        effnet=Lazy(functools.cache(functools.partial(calibrated_random_effnet))),
         text_encoder=tiny_text_encoder(seed=seed + 4),
         image_encoder=tiny_image_encoder(seed=seed + 5),
         variant="tiny",

@@ -95,10 +95,12 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
     else:
         factories.update(_file_factories(config))
     if stages is not None:
+        from ..pipeline import Lazy
+
         for name in ("text_encoder", "previewer", "stage_b", "stage_a", "effnet"):
             value = getattr(stages, name, None)
             if value is not None:
-                factories[name] = (lambda v: lambda: v)(value)
+                factories[name] = value.load if isinstance(value, Lazy) else (lambda v: lambda: v)(value)
                 fingerprints.pop(name, None)
         stage_c = stage_c if stage_c is not None else stages.stage_c
         source = getattr(stages, "variant", "") or "stages"

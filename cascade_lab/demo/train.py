@@ -91,10 +91,9 @@ def train_stage_a(stages: Any, work: Path, plan: Plan, seed: int, log: Any = pri
 
 def train_encoder(stages: Any, work: Path, plan: Plan, seed: int, log: Any = print) -> list[dict[str, Any]]:
     from .parts import EncoderTrainer, SemanticPretraining
-
-    cfg = part_config(work, "encoder", plan.encoder, plan.batch, plan.lr_encoder, seed)
     from .world import SIZE
 
+    cfg = part_config(work, "encoder", plan.encoder, plan.batch, plan.lr_encoder, seed)
     pretraining = SemanticPretraining(stages.effnet, stages.previewer, stages.text_encoder.model,
                                       latent_hw=SIZE // stages.effnet.downscale)
     history = EncoderTrainer(cfg, pretraining, data_of(cfg), stages.text_encoder).run(
@@ -175,8 +174,9 @@ def train_demo(out: str | Path, plan: Plan = Plan(), *, work: str | Path | None 
 
     One thread per process by default: these models are small, and on a busy 2-core machine two OpenMP
     threads spend most of their time waiting for each other (measured: Stage B steps 15× slower with 2
-    threads under load). With ``jobs=2`` Stage C trains in a second process while Stage B trains here; every
-    draw is seeded per part, so the weights are the same as with ``jobs=1``.
+    threads under load). With ``jobs=2`` Stage C trains in a second process while Stage B trains here, from
+    the frozen parts saved in float32; every draw of each part is seeded, so each part's training does not
+    depend on which process runs it.
     """
     import torch
 
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     parser.add_argument("--jobs", type=int, default=2, choices=[1, 2],
-                        help="2: Stage C trains in a second process beside Stage B (the same weights as 1)")
+                        help="2: Stage C trains in a second process beside Stage B (1: one after the other)")
     args = parser.parse_args(argv)
     train_demo(args.out, Plan.quick() if args.quick else Plan(), work=args.work, seed=args.seed,
                threads=args.threads, jobs=args.jobs)

@@ -89,8 +89,8 @@ class StageATrainer(PartTrainer):
             crops.append(image[:, y:y + CROP, x:x + CROP])
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "latent-noise", counter, pos))
             std = LATENT_NOISE * rng.random() if pos % 2 else 0.0  # every other sample decodes a clean latent
-            # the latent of a crop: Stage A's channels at a quarter of the crop's size (two levels of 2x)
-            shape = (cast(StageA, self.stage_c).c_latent, CROP // 4, CROP // 4)
+            stage_a = cast(StageA, self.stage_c)  # the latent of a crop: Stage A's channels at its downscale
+            shape = (stage_a.c_latent, CROP // stage_a.downscale, CROP // stage_a.downscale)
             noise.append(std * torch.randn(shape, generator=generator))
         return {"images": torch.stack(crops), "noise": torch.stack(noise)}
 

@@ -33,6 +33,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
 }  # fmt: skip
 
+HALF_EXTENT = (19.0, 24.0)  # a shape's half-width at 128 px is drawn from this range (px)
 HOLDOUT_SEED = 2024
 HOLDOUT_FRACTION = 0.1
 MAIN_PROMPT = "a red circle at the top left on a blue background"  # the README's main job: always trained
@@ -119,10 +120,10 @@ def cell_centre(position: str, size: int = SIZE) -> tuple[float, float]:
 
 
 def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE, supersample: int = 2) -> np.ndarray:
-    """The scene as uint8 [size, size, 3]: its shape (half-extent 19–24 px at 128 px, jittered ±4 px), antialiased."""
+    """The scene as uint8 [size, size, 3]: its shape (half-extent `HALF_EXTENT` at 128 px, ±4 px jitter), smoothed."""
     rng = rng or random.Random(0)
     scale = size / SIZE
-    half = rng.uniform(19.0, 24.0) * scale
+    half = rng.uniform(*HALF_EXTENT) * scale
     cx, cy = cell_centre(scene.position, size)
     cx, cy = cx + rng.uniform(-4, 4) * scale, cy + rng.uniform(-4, 4) * scale
     lo, hi = half + 2 * scale, size - half - 2 * scale  # the whole shape stays inside the image

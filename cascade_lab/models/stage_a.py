@@ -139,6 +139,7 @@ class StageA(nn.Module):
         self.c_latent = c_latent
         self.scale_factor = scale_factor
         self.codebook_size = codebook_size
+        self.downscale = 2**levels  # image pixels per latent pixel (4 for every official Stage A)
         c_levels = [c_hidden // (2**i) for i in reversed(range(levels))]  # full: [192, 384]
 
         # Encoder: pixel-unshuffle 2x, then one stride-2 conv per extra level, then 1x1 -> c_latent + BN.

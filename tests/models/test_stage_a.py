@@ -85,6 +85,15 @@ def test_encode_decode_shapes_for_odd_latent_sizes(hw):
         assert model.decode(z).shape == (2, 3, h, w)
 
 
+@pytest.mark.parametrize("levels", [2, 3])
+def test_downscale_is_the_image_to_latent_ratio(levels):
+    model = StageA(levels=levels, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=8).eval()
+    with torch.no_grad():
+        z = model.encode(torch.rand(1, 3, 32, 32))[0]
+    assert model.downscale == 2**levels and z.shape[-1] == 32 // model.downscale
+    assert "downscale" not in model.state_dict()  # not part of the checkpoint format
+
+
 def test_odd_image_size_is_refused_with_a_clear_message():
     model = StageAConfig.tiny().build()
     with pytest.raises(ValueError, match=r"even image size, got \(31, 24\)"):

@@ -91,9 +91,9 @@ class EncoderConfig:
     32×, as EfficientNet: 128 px → 4×4. (Measured: a 16× encoder, 8×8 latents, let Stage B draw sharper shapes
     from the true latent, 66 % against 38 %; with shapes of half-extent 30–36 px and lr 2e-3, 56–59 % after
     2000 steps and 75–78 % after 4000 (against 38–41 % at 4×4). But Stage C at 8×8 then ignores the position
-    words and draws near the centre:
-    position right 3–12 % with two levels at one resolution, ``switch_level=[True]``, three levels or
-    ``patch_size=2``. At 4×4 Stage C's latents carry the prompt's shape, colour and position 100 % of the time.)
+    words and draws near the centre: position right 3–12 % with two levels at one resolution,
+    ``switch_level=[True]``, three levels or ``patch_size=2``. At 4×4 Stage C's latents carry the prompt's
+    shape, colour and position 100 % of the time.)
     """
 
     c_hidden: list[int] = field(default_factory=lambda: [32, 64, 96, 128])

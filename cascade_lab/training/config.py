@@ -33,7 +33,7 @@ DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside 
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
 RESUME_KEYS = ("mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
-               "gradient_accumulation_steps", "adaptive_loss_weight", "seed")
+               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
 
 
 class ConfigError(ValueError):
@@ -100,6 +100,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" (fp32) or "bf16" autocast; fp16 is refused for Stage C
     gradient_checkpointing: bool = False
     adaptive_loss_weight: bool = False  # else P2
+    # GDF's diffuse(shift=): training noise levels at logSNR − 2·ln(noise_shift). 1 is the official trainer;
+    # 2–4 spend more steps at high noise, where a larger latent (more pixels per image) still shows the layout
+    # through the noise, so the layout must be learnt from the prompt there (sampling's `shift` is separate)
+    noise_shift: float = 1.0
     dropout: bool | None = None  # Stage C's own dropout while training; None: on for full, off for LoRA
     max_nan_steps: int = 5  # consecutive non-finite steps that stop the run
 
@@ -169,6 +173,9 @@ class TrainConfig:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
+        if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
+            raise ConfigError(f"noise_shift={self.noise_shift}: use a positive number (1 is the official "
+                              "trainer; 2-4 to train more at high noise)")
         if not (self.train_data_dir or self.dataset_config or self.dataset):
             raise ConfigError("no data: set train_data_dir (a folder of images with caption files) or "
                               "dataset_config (a kohya dataset TOML)")

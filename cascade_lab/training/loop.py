@@ -147,7 +147,7 @@ class Trainer:
         """The batch's latents noised at its t and ε (or the given ones), with this run's loss weights."""
         return diffuse(batch["latents"].to(self.device), t=batch["t"] if t is None else t,
                        epsilon=(batch["epsilon"] if epsilon is None else epsilon).to(self.device),
-                       loss_weight=self.weighting)
+                       shift=self.config.noise_shift, loss_weight=self.weighting)
 
     def loss_terms(self, pred: Tensor, d: Any) -> tuple[Tensor, Tensor, Any]:
         """(raw per-sample MSE [B], loss weights [B], Diffused) of a prediction against the GDF target."""

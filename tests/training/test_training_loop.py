@@ -118,3 +118,29 @@ def test_dropout_switch_keeps_blocks_in_training_mode() -> None:
     set_dropout(model, True)
     assert all(m.training for m in attention + dropouts)
     assert not torch.equal(model(**inputs), model(**inputs))
+
+
+def test_noise_shift_moves_the_training_noise_levels(shapes_dir, shared_cache, tmp_path, monkeypatch) -> None:
+    import math
+
+    import cascade_lab.training.loop as loop
+    from cascade_lab.diffusion.schedule import logsnr
+
+    seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+    real = loop.diffuse
+
+    def spy(*args, **kwargs):
+        d = real(*args, **kwargs)
+        seen.append((kwargs["shift"], kwargs["t"], d.logsnr))
+        return d
+
+    monkeypatch.setattr(loop, "diffuse", spy)
+    run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=2, noise_shift=3.0))
+    assert run.status == "finished" and run.metadata["cascade_lab.noise_shift"] == "3.0"
+    assert seen and all(shift == 3.0 for shift, _, _ in seen)
+    for _, t, got in seen:  # logSNR − 2·ln 3 wherever the clamp of the schedule does not bind
+        assert torch.allclose(got, logsnr(t, shift=3.0)) and not torch.allclose(got, logsnr(t))
+        inner = (t > 0.05) & (t < 0.95)
+        assert torch.allclose(got[inner], logsnr(t[inner]) - 2 * math.log(3.0), atol=1e-4)
+    with pytest.raises(ConfigError, match="noise_shift=0"):
+        train(train_data_dir="x", noise_shift=0)

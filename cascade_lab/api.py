@@ -275,7 +275,7 @@ class Cascade:
         return self.pipeline.encode_image_latent(tensor, self._native(params).latent_size_c)
 
     def _native(self, params: GenerationParams, warn: bool = False) -> GenerationParams:
-        """A variant trained at one size (``Stages.native``: the demo's 128 px, compression 32) generates at it."""
+        """A variant trained at one size (``Stages.native``: the demo's 128 px, compression 16) generates at it."""
         native = getattr(self.pipeline.stages, "native", None)
         if not native:
             return params

@@ -10,7 +10,7 @@ part trains through the same `train_step`:
   from a latent with Gaussian noise added (std up to `LATENT_NOISE`), so the decoder turns Stage B's small
   errors into clean flat colour instead of speckle (measured: clean decodes with latent noise of std 0.4,
   against 0.1 without).
-* `EncoderTrainer`: the semantic encoder with the Previewer as its decoder (MSE against the 32 px image),
+* `EncoderTrainer`: the semantic encoder with the Previewer as its decoder (MSE against the image at 64 px),
   and the text tower regressing the encoder latent from the caption, so its features name what is drawn
   (a stand-in for CLIP's image-text pretraining; both stay frozen for Stage C and Stage B, as officially).
 * `StageBTrainer`: the GDF ε-loss on Stage A latents, conditioned on the encoder latent (dropped to zeros
@@ -18,6 +18,8 @@ part trains through the same `train_step`:
   k = 1e-4 (≈ 1/SNR): the ε error becomes the x0 error, so the noisy steps, where the conditioning decides
   the picture, count as much as the clean ones (with the official P2 k = 1 a model this small learns to
   denoise and ignores the conditioning: measured, the same x0 error with the true, zeroed or shuffled one).
+  With the plan's ``noise_shift`` 4 it also trains more at high noise, where only the conditioning shows the
+  shape (see `train.Plan`).
 """
 
 from __future__ import annotations
@@ -136,9 +138,9 @@ class EncoderTrainer(PartTrainer):
                 epsilon: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
         model = cast(SemanticPretraining, getattr(model, "module", model))  # DDP wraps it in a `module`
         images = batch["images"].to(self.device)
-        latent = model.effnet(images * 2 - 1)  # (B, 16, 4, 4)
-        preview = model.previewer(latent)  # (B, 3, 32, 32)
-        target = F.interpolate(images, size=preview.shape[-2:], mode="area")  # (B, 3, 32, 32)
+        latent = model.effnet(images * 2 - 1)  # (B, 16, 8, 8)
+        preview = model.previewer(latent)  # (B, 3, 64, 64)
+        target = F.interpolate(images, size=preview.shape[-2:], mode="area")  # (B, 3, 64, 64)
         # the shape covers ~5 % of the pixels: weigh what differs from the background (the border's median) more,
         # else the cheapest fit is a plain background
         border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., 0], target[..., -1]], dim=-1)
@@ -147,7 +149,7 @@ class EncoderTrainer(PartTrainer):
         recon = (weight * (preview - target) ** 2).mean(dim=(1, 2, 3))
         out = model.text_model(input_ids=batch["input_ids"].to(self.device),
                                attention_mask=batch["attention_mask"].to(self.device))
-        predicted = model.probe(out.text_embeds).view(-1, *model.latent_shape)  # (B, 16, 4, 4)
+        predicted = model.probe(out.text_embeds).view(-1, *model.latent_shape)  # (B, 16, 8, 8)
         text = ((predicted - latent.detach()) ** 2).mean(dim=(1, 2, 3))
         logits = model.heads(latent.flatten(1)).split([len(v) for v in LABELS.values()], dim=1)
         labels = batch["labels"].to(self.device)

@@ -33,7 +33,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
 }  # fmt: skip
 
-HALF_EXTENT = (19.0, 24.0)  # a shape's half-width at 128 px is drawn from this range (px)
+HALF_EXTENT = (30.0, 36.0)  # a shape's half-width at 128 px is drawn from this range (px): about half the image
 HOLDOUT_SEED = 2024
 HOLDOUT_FRACTION = 0.1
 MAIN_PROMPT = "a red circle at the top left on a blue background"  # the README's main job: always trained

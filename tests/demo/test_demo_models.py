@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cascade_lab.demo.models import DemoConfig, DemoStageB, DemoStageC, eps_from_v, fresh_stages
+from cascade_lab.demo.models import DemoConfig, DemoStageB, DemoStageC, eps_from_v, fresh_stages, with_coordinates
 from cascade_lab.diffusion import diffuse, eps_to_x0, logsnr, noise_cond, vp_scalers
 from cascade_lab.models.stage_b import StageB
 from cascade_lab.models.stage_c import StageC
@@ -18,6 +18,23 @@ def test_demo_stages_keep_the_official_keys_and_shapes() -> None:
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     stages = fresh_stages()
     assert isinstance(stages.stage_c, DemoStageC) and isinstance(stages.stage_b, DemoStageB)
+
+
+def test_demo_stage_c_sees_the_coordinates_of_its_latent_pixels() -> None:
+    x = torch.randn(2, 16, 3, 5)
+    got = with_coordinates(x)
+    assert got.shape == (2, 18, 3, 5) and torch.equal(got[:, :16], x)
+    assert torch.equal(got[1, 16, :, 4], torch.linspace(-1, 1, 3))  # the row coordinate
+    assert torch.equal(got[0, 17, 2], torch.linspace(-1, 1, 5))  # the column coordinate
+    config = DemoConfig().stage_c
+    assert (config.c_in, config.c_out) == (18, 16)
+    stage_c = fresh_stages().stage_c.eval()
+    seen: list[torch.Tensor] = []
+    stage_c.embedding.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x0, r = torch.randn(1, 16, 8, 8), torch.tensor([0.5])
+    with torch.no_grad():
+        eps = stage_c(x0, r, torch.zeros(1, 4, 64), torch.zeros(1, 1, 64), torch.zeros(1, 1, 16))
+    assert eps.shape == (1, 16, 8, 8) and torch.equal(seen[0], with_coordinates(x0))
 
 
 def test_eps_from_v_is_the_noise_of_a_v_prediction() -> None:

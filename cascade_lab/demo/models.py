@@ -104,8 +104,9 @@ class EncoderConfig:
 
     16×: 128 px → 8×8, where EfficientNet's 32× would give 4×4. Measured with Stage B given the true latent
     (shape and colour right, 32 held-out prompts, 2000 Stage B steps): 56 % at 8×8 against 38 % at 4×4, and
-    88 % once Stage B also trains with ``noise_shift`` 4. At 4×4 no Stage B variant drew the shape (22–41 %):
-    a 4×4 latent says "a cross at the top left" as a code, not as a picture Stage B can follow.
+    88 % once Stage B also trains with ``noise_shift`` 4. At 4×4 no Stage B variant drew the shape (19–41 %,
+    ``noise_shift`` 4 included): a 4×4 latent says "a cross at the top left" as a code, not as a picture
+    Stage B can follow.
     """
 
     c_hidden: list[int] = field(default_factory=lambda: [32, 64, 128])

@@ -141,7 +141,7 @@ class EncoderTrainer(PartTrainer):
         latent = model.effnet(images * 2 - 1)  # (B, 16, 8, 8)
         preview = model.previewer(latent)  # (B, 3, 64, 64)
         target = F.interpolate(images, size=preview.shape[-2:], mode="area")  # (B, 3, 64, 64)
-        # the shape covers ~5 % of the pixels: weigh what differs from the background (the border's median) more,
+        # the shape covers ~20 % of the pixels: weigh what differs from the background (the border's median) more,
         # else the cheapest fit is a plain background
         border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., 0], target[..., -1]], dim=-1)
         background = border.median(dim=-1).values[..., None, None]  # (B, 3, 1, 1)

@@ -26,9 +26,7 @@ from ..models.stage_c import StageC, StageCConfig
 from .world import COLOURS, POSITIONS, SHAPES, SIZE
 
 WEIGHTS = Path(__file__).parent / "weights"
-COMPRESSION = 16.0  # image pixels per Stage C latent pixel: 128 px → 8×8 (the encoder reduces by 16)
 TEXT_WIDTH = 64  # CLIP hidden size = projection size
-NATIVE = {"width": SIZE, "height": SIZE, "compression": COMPRESSION}  # what `Cascade` generates with
 
 
 @dataclass
@@ -145,6 +143,10 @@ class DemoEncoder(nn.Module):
         """RGB in [0, 1] → latent, as `EfficientNetEncoder.encode_image` (the pipeline's img2img calls this)."""
         weight = next(self.parameters())
         return self(img01.to(weight.device, weight.dtype) * 2 - 1)
+
+
+COMPRESSION = float(EncoderConfig().downscale)  # image pixels per Stage C latent pixel: 128 px → 8×8
+NATIVE = {"width": SIZE, "height": SIZE, "compression": COMPRESSION}  # what `Cascade` generates with
 
 
 # ------------------------------------------------------------------------------------------------ text

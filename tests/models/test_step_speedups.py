@@ -158,3 +158,37 @@ def test_channel_mlp_fused_path_matches_the_modules(dtype):
     with torch.enable_grad():
         channel_mlp(block.channelwise, h)  # autograd on: the modules run, hooks fire
     assert seen == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grn_folded_into_the_last_linear_on_wide_levels(dtype, monkeypatch):
+    from cascade_lab.models import common
+    from cascade_lab.models.common import ResBlock, channel_mlp
+
+    block = ResBlock(8, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    reference_block = copy.deepcopy(block)
+    block = block.to(dtype)
+    h = torch.randn(2, 6, 7, 8)  # H*W = 42 > 2 * c = 16: the fold applies
+    folded: list[int] = []
+    original = common._grn_into_linear
+    monkeypatch.setattr(common, "_grn_into_linear", lambda *a: folded.append(1) or original(*a))
+    with torch.inference_mode():
+        reference = reference_block.channelwise(h)  # fp32 modules, one after the other
+        fast, plain = channel_mlp(block.channelwise, h.to(dtype)), block.channelwise(h.to(dtype))
+    assert folded == [1]
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    else:  # no further from the fp32 result than bf16 modules run one by one
+        assert (fast.float() - reference).abs().max() <= 1.5 * (plain.float() - reference).abs().max() + 1e-3
+    block.channelwise[4].register_forward_hook(lambda *_: folded.append(2))  # as a LoRA or a probe would
+    with torch.inference_mode():
+        hooked = channel_mlp(block.channelwise, h.to(dtype))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-2, "rtol": 2e-2}
+    torch.testing.assert_close(hooked, plain, **tol)
+    assert folded == [1, 2]  # the hooked layer ran as a module; no fold
+    with torch.inference_mode():
+        channel_mlp(block.channelwise, h[:, :2, :2].to(dtype))  # H*W = 4: GRN runs as a module
+    assert folded == [1, 2, 2]

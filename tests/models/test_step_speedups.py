@@ -109,8 +109,13 @@ def test_compile_denoiser_keeps_the_output():
             torch.testing.assert_close(model(**inputs), expected, atol=0, rtol=0)
 
 
-def test_lazy_stages_are_loaded_for_their_use_and_released_after():
+def test_lazy_stages_are_loaded_for_their_use_and_released_after(monkeypatch):
+    from cascade_lab import pipeline as pipeline_module
     from cascade_lab.models.tiny import build_tiny
+
+    trims: list[int] = []
+    release = pipeline_module.release_freed_memory
+    monkeypatch.setattr(pipeline_module, "release_freed_memory", lambda: trims.append(len(loads)) or release())
 
     eager = build_tiny()
     params = GenerationParams("a red circle", seed=3, width=128, height=128, steps_c=2, steps_b=2)
@@ -131,6 +136,7 @@ def test_lazy_stages_are_loaded_for_their_use_and_released_after():
     pipeline = Pipeline(lazy)
     out = pipeline.run(params)
     assert loads == ["text_encoder", "stage_c", "stage_b", "stage_a"]
+    assert trims == [0, 1, 2, 3]  # freed memory handed back before each lazy stage is loaded
     lazy.previewer = Lazy(loader("previewer"))
     torch.testing.assert_close(pipeline.preview_c(out.latent_c), Pipeline(eager).preview_c(out.latent_c))
     gc.collect()
@@ -192,3 +198,13 @@ def test_grn_folded_into_the_last_linear_on_wide_levels(dtype, monkeypatch):
     with torch.inference_mode():
         channel_mlp(block.channelwise, h[:, :2, :2].to(dtype))  # H*W = 4: GRN runs as a module
     assert folded == [1, 2, 2]
+
+
+def test_release_freed_memory_where_it_can(monkeypatch):
+    import sys
+
+    from cascade_lab.pipeline import release_freed_memory
+
+    assert isinstance(release_freed_memory(), bool)  # glibc: whether pages went back; elsewhere False
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert release_freed_memory() is False

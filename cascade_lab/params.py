@@ -10,14 +10,21 @@ from typing import Any
 
 PNG_KEY = "cascade_lab"  # the PNG text chunk holding the parameters as JSON
 MIN_SIZE = 128
+COMPATS = ("official", "comfyui")
+# What ``compat="comfyui"`` changes where the caller leaves a value unset: every published Stable Cascade
+# workflow samples both stages with euler_ancestral + simple, at ComfyUI's default compression 42, and
+# ComfyUI's CFG has no rescale.
+COMFYUI_DEFAULTS: dict[str, Any] = {"sampler_c": "euler_ancestral", "sampler_b": "euler_ancestral",
+                                    "scheduler_c": "simple", "scheduler_b": "simple", "compression": 42.0,
+                                    "cfg_rho": 0.0}
 
 
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything that decides an image (official defaults: C 20 steps / CFG 4 / shift 2, B 10 / 1.1 / 1)."""
 
-    prompt: str
-    negative_prompt: str = ""
+    prompt: str | tuple[str, ...]  # one prompt for the whole batch, or one per image
+    negative_prompt: str | tuple[str, ...] = ""
     width: int = 1024
     height: int = 1024
     batch_size: int = 1
@@ -40,16 +47,39 @@ class GenerationParams:
     variations: tuple[tuple[str, float], ...] = ()  # (image description, weight)
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength)
     extras: dict[str, Any] = field(default_factory=dict)
+    compat: str = "official"  # "comfyui": ComfyUI's seeding, latent sizes and model call (see COMFYUI_DEFAULTS)
+    denoise: float = 1.0  # ComfyUI's partial schedule: the last `steps` of a schedule for steps/denoise steps
+    seed_b: int | None = None  # Stage B's own seed under compat="comfyui" (ComfyUI's second KSampler); None: seed
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt per image of the batch."""
+        return _per_image(self.prompt, self.batch_size)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        return _per_image(self.negative_prompt, self.batch_size)
 
     # -- sizes -----------------------------------------------------------------------------------------
     @property
     def latent_size_c(self) -> tuple[int, int]:
-        """Stage C latent (h, w) = ceil(size / 42.67), as the official calculate_latent_sizes."""
+        """Stage C latent (h, w): ceil(size / 42.67) as the official calculate_latent_sizes; under
+        ``compat="comfyui"`` floor(size / compression) as StableCascade_EmptyLatentImage."""
+        if self.compat == "comfyui":
+            return int(self.height // self.compression), int(self.width // self.compression)
         return math.ceil(self.height / self.compression), math.ceil(self.width / self.compression)
 
     @property
     def latent_size_b(self) -> tuple[int, int]:
-        """Stage B latent (h, w) = ceil(size / 4); even, which Stage B's PixelUnshuffle(2) needs."""
+        """Stage B latent (h, w) = ceil(size / 4) (ComfyUI: size // 4, the same for multiples of 8); even, which
+        Stage B's PixelUnshuffle(2) needs."""
         return math.ceil(self.height / 4), math.ceil(self.width / 4)
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -78,10 +108,33 @@ class GenerationParams:
             raise ValueError(f"strength={self.strength} needs an input image (img2img); pass image=...")
         if not 0 <= self.cfg_rho <= 1:
             raise ValueError(f"cfg_rho={self.cfg_rho}: the CFG rescale mix must be in [0, 1] (official 0.7)")
-        if self.compression <= 0:
-            raise ValueError(f"compression={self.compression}: must be > 0 (official 42.67)")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed}: use a whole number in [0, 2**63)")
+        if not (isinstance(self.compression, (int, float)) and math.isfinite(self.compression)
+                and self.compression > 0):
+            raise ValueError(f"compression={self.compression!r}: must be a number > 0 (official 42.67, ComfyUI 42)")
+        h, w = self.latent_size_c
+        if min(h, w) < 1:
+            raise ValueError(f"compression={self.compression} makes the Stage C latent of a {self.width}x{self.height} "
+                             f"image {w}x{h}; use a compression of at most {min(self.width, self.height)} "
+                             "(official 42.67, ComfyUI 42) or a larger image")
+        if self.compat not in COMPATS:
+            raise ValueError(f"compat={self.compat!r}: use one of {', '.join(COMPATS)}")
+        if not (isinstance(self.denoise, (int, float)) and 0 < self.denoise <= 1):
+            raise ValueError(f"denoise={self.denoise!r}: use a value in (0, 1]; 1 runs the whole schedule "
+                             "(ComfyUI's img2img example: 0.6)")
+        if self.seed_b is not None and not (isinstance(self.seed_b, int) and 0 <= self.seed_b < 2**64):
+            raise ValueError(f"seed_b={self.seed_b!r}: use a whole number in [0, 2**64) or None (= seed)")
+        for name, value in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            if isinstance(value, tuple):
+                if not all(isinstance(p, str) for p in value):
+                    raise ValueError(f"{name}={value!r}: every prompt of the list must be a string")
+                if len(value) != self.batch_size:
+                    raise ValueError(f"{name} is a list of {len(value)} prompts but batch_size={self.batch_size}; "
+                                     "give one prompt per image (or one string for the whole batch)")
+            elif not isinstance(value, str):
+                raise ValueError(f"{name}={value!r}: give a string, or a list of strings (one per image)")
+        seed_limit = 2**64 if self.compat == "comfyui" else 2**63  # ComfyUI's seeds are full 64-bit values
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < seed_limit):
+            raise ValueError(f"seed={self.seed!r}: use a whole number in [0, 2**{seed_limit.bit_length() - 1})")
         return self
 
     # -- (de)serialisation -----------------------------------------------------------------------------
@@ -98,10 +151,17 @@ class GenerationParams:
         for key in ("variations", "loras"):
             if key in data:
                 data[key] = tuple((str(a), float(b)) for a, b in data[key])
+        for key in ("prompt", "negative_prompt"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(str(p) for p in data[key])
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> GenerationParams:
         return replace(self, **changes)
+
+
+def _per_image(value: str | tuple[str, ...], batch_size: int) -> list[str]:
+    return list(value) if isinstance(value, tuple) else [value] * batch_size
 
 
 def read_png_params(path: str | Path) -> GenerationParams:

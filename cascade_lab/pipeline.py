@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import sys
 import threading
 import time
@@ -20,9 +21,14 @@ from typing import Any
 
 import torch
 
-from .diffusion import Cancelled, GuidedDenoiser, StepEvent, diffuse, generator_noise
+from .diffusion import Cancelled, GuidedDenoiser, StepEvent, diffuse
+from .diffusion.guidance import SigmaDenoiser, step_t_lookup
+from .diffusion.noise import ComfyNoise, NoiseSource, OfficialNoise
+from .diffusion.schedule import sigma as sigma_of_logsnr
+from .diffusion.sigma_schedules import cascade_sigmas, discard_penultimate, partial_schedule
 from .params import GenerationParams
 from .plugins import get_sampler, get_scheduler
+from .registry import Sampler, Scheduler
 
 Tensor = torch.Tensor
 
@@ -159,16 +165,22 @@ class Pipeline:
         uncond = {"clip_text": clip_text[B:], "clip_text_pooled": pooled[B:]}
         return cond, uncond
 
-    def encode_image_latent(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+    def encode_image_latent(self, images: Tensor, size: tuple[int, int], compat: str = "official") -> Tensor:
         """img2img input [B, 3, H, W] in [0, 1] → Stage C latent [B, 16, h, w] (EfficientNet at h·32 × w·32;
-        an encoder with another ``downscale`` attribute, like the demo's 16, at that multiple)."""
+        an encoder with another ``downscale`` attribute, like the demo's 16, at that multiple).
+
+        Official: resized with antialias and clamped. ``compat="comfyui"``: StableCascade_StageC_VAEEncode's
+        way, center-cropped to the latent's aspect, bicubic without antialias and without clamping."""
         effnet = self.stages.effnet
         if effnet is None:
             raise ValueError(f"variant {self.stages.variant!r} has no EfficientNet encoder; img2img needs one")
         h, w = size
         down = int(getattr(effnet, "downscale", 32))
-        images = torch.nn.functional.interpolate(images.float(), size=(h * down, w * down), mode="bicubic",
-                                                 antialias=True, align_corners=False).clamp(0, 1)
+        if compat == "comfyui":
+            images = comfy_resize(images.float(), w * down, h * down)
+        else:
+            images = torch.nn.functional.interpolate(images.float(), size=(h * down, w * down), mode="bicubic",
+                                                     antialias=True, align_corners=False).clamp(0, 1)
         with self.use(effnet) as encoder, torch.inference_mode():
             return encoder.encode_image(images.to(self.device)).float()  # type: ignore[no-any-return]
 
@@ -183,19 +195,22 @@ class Pipeline:
             weight = next(previewer.parameters())
             return previewer(latent_c.to(weight.device, weight.dtype)).float().clamp(0, 1).cpu()  # type: ignore
 
-    def decode_b(self, latent_b: Tensor) -> Tensor:
-        """Stage B latent → RGB [B, 3, 4h, 4w] in [0, 1] through Stage A (clamped, as the official callers)."""
+    def decode_b(self, latent_b: Tensor, clamp: bool = True) -> Tensor:
+        """Stage B latent → RGB [B, 3, 4h, 4w] through Stage A: clamped to [0, 1] as the official callers, or
+        not (``clamp=False``, as ComfyUI's VAEDecode, whose image writers clip later)."""
         with self.use(self.stages.stage_a) as stage_a, torch.inference_mode():
             weight = next(stage_a.parameters())
-            return stage_a.decode(latent_b.to(weight.device, weight.dtype)).float().clamp(0, 1).cpu()  # type: ignore
+            image = stage_a.decode(latent_b.to(weight.device, weight.dtype)).float()
+            return (image.clamp(0, 1) if clamp else image).cpu()  # type: ignore[no-any-return]
 
-    def sample_stage(self, name: str, model: Any, dtype: torch.dtype, x: Tensor, levels: Tensor,
-                     cond: dict[str, Any], uncond: dict[str, Any], *, cfg: float, cfg_rho: float, sampler: str,
-                     noise: Callable[[Tensor], Tensor], callback: Callable[[PipelineEvent], Any] | None,
-                     cancel: Callable[[], bool] | None, trajectory: list[Tensor] | None) -> Tensor:
-        """One stage's sampling; returns the last step's x0 (CPU float32)."""
-        sample = get_sampler(sampler).fn
-        steps = len(levels) - 1
+    def sample_stage(self, name: str, model: Any, dtype: torch.dtype, plan: StagePlan, cond: dict[str, Any],
+                     uncond: dict[str, Any], *, cfg: float | tuple[float, float], cfg_rho: float,
+                     callback: Callable[[PipelineEvent], Any] | None, cancel: Callable[[], bool] | None,
+                     trajectory: list[Tensor] | None) -> Tensor:
+        """One stage's sampling; returns the stage's result (CPU float32): the last step's x0 for the logSNR
+        family (official), the final x for the σ family (ComfyUI's KSampler output)."""
+        sampler = plan.sampler
+        steps = plan.steps
 
         def on_step(event: StepEvent) -> None:
             if trajectory is not None:
@@ -207,10 +222,21 @@ class Pipeline:
             cast = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in cond.items()}
             cast_u = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in uncond.items()}
             # cfg == 1 is exactly the conditional prediction: skip the unconditional half of the batch
-            denoiser = GuidedDenoiser(model, cast, cast_u, cfg=None if cfg == 1 else cfg, cfg_rho=cfg_rho)
-            x0 = sample(denoiser, x.to(self.device), levels.to(self.device), noise=noise, callback=on_step,
-                        cancel=cancel)
-        return x0.float().cpu()  # type: ignore[no-any-return]
+            guidance = None if not isinstance(cfg, tuple) and math.isclose(cfg, 1.0) else cfg
+            if sampler.space == "sigma":
+                denoiser: Any = SigmaDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
+                                              step_t=step_t_lookup(plan.sigmas, plan.ts))
+                x, levels = plan.start_ve(), plan.sigmas
+            else:
+                denoiser = GuidedDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
+                                          step_t=step_t_lookup(plan.levels, plan.ts))
+                x, levels = plan.start_vp(), plan.levels
+            out = sampler.fn(denoiser, x.to(self.device), levels.to(self.device), noise=plan.noise,
+                             callback=on_step, cancel=cancel)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"sampler {sampler.name!r} returned {type(out).__name__}, not a latent tensor; a sampler "
+                            "must return the stage's result [B, C, H, W]")
+        return out.float().cpu()
 
     def _conditioning_cache(self, model: Any) -> AbstractContextManager[Any]:
         """The model's `conditioning_cache()` (text tokens and attention K/V mapped once per run, not per step)."""
@@ -219,67 +245,180 @@ class Pipeline:
         return model.conditioning_cache() if hasattr(model, "conditioning_cache") else nullcontext()
 
     # -- the job ---------------------------------------------------------------------------------------
+    def noise_source(self, params: GenerationParams, seed: int) -> NoiseSource:
+        """The random numbers a seed stands for: the official stream, or ComfyUI's under compat="comfyui"."""
+        if params.compat == "comfyui":
+            return ComfyNoise(seed, params.seed_b)
+        return OfficialNoise(seed)
+
     def run(self, params: GenerationParams, *, init_images: Tensor | None = None, clip_img: Tensor | None = None,
             callback: Callable[[PipelineEvent], Any] | None = None, cancel: Callable[[], bool] | None = None,
-            keep_trajectory: bool = False) -> PipelineOutput:
-        """Generate `params.batch_size` images. Raises `diffusion.Cancelled` when `cancel()` turns true."""
+            keep_trajectory: bool = False, noise: NoiseSource | None = None,
+            init_latent: Tensor | None = None) -> PipelineOutput:
+        """Generate `params.batch_size` images. Raises `diffusion.Cancelled` when `cancel()` turns true.
+
+        ``noise`` overrides where the random numbers come from (default: the seed's official stream, or
+        ComfyUI's under ``compat="comfyui"``). ``init_latent`` [B or 1, 16, h, w] starts Stage C from a given
+        Stage C latent instead of encoding ``init_images`` (ComfyUI's LATENT input), with strength / denoise.
+        """
         params.validate()
-        sampler_c, sampler_b = get_sampler(params.sampler_c), get_sampler(params.sampler_b)  # names checked early
-        scheduler_c, scheduler_b = get_scheduler(params.scheduler_c).fn, get_scheduler(params.scheduler_b).fn
-        del sampler_c, sampler_b
+        compat = params.compat
+        samplers = get_sampler(params.sampler_c, compat), get_sampler(params.sampler_b, compat)  # names checked
+        schedulers = get_scheduler(params.scheduler_c, compat), get_scheduler(params.scheduler_b, compat)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        generator = torch.Generator().manual_seed(seed)  # CPU noise: the same image on every device
-        noise = generator_noise(generator)
+        if noise is None:
+            noise = self.noise_source(params, seed)
         B, timings = params.batch_size, {}
         out = PipelineOutput(torch.empty(0), torch.empty(0), torch.empty(0), seed)
 
         t0 = time.perf_counter()
-        cond, uncond = self.encode_text([params.prompt] * B, [params.negative_prompt] * B)
+        cond, uncond = self.encode_text(params.prompts, params.negative_prompts)
         if clip_img is None:
             clip_img = torch.zeros(B, 1, self._clip_img_features())  # official: zeros
         cond["clip_img"], uncond["clip_img"] = clip_img, torch.zeros_like(clip_img)
         timings["text"] = time.perf_counter() - t0
 
-        # Stage C: from noise, or img2img from the encoded image noised to `strength` at shift 1 (official)
+        # Stage C: from noise, or img2img from the encoded image (official: noised to `strength` at shift 1)
         t0 = time.perf_counter()
         h, w = params.latent_size_c
-        steps_c = params.steps_c
-        if init_images is not None and params.strength < 1:
-            latent = self.encode_image_latent(init_images, (h, w))
+        latent = None
+        if init_latent is not None:
+            if tuple(init_latent.shape[1:]) != (16, h, w):
+                raise ValueError(f"init_latent has shape {tuple(init_latent.shape)}; a {params.width}x{params.height} "
+                                 f"image at compression {params.compression} needs [B, 16, {h}, {w}]")
+            latent = init_latent.float().cpu()
+        elif init_images is not None and (params.strength < 1 or params.denoise < 1):
+            latent = self.encode_image_latent(init_images, (h, w), compat=compat)
+        if latent is not None:
             latent = latent.expand(B, -1, -1, -1) if latent.size(0) == 1 else latent
-            t = torch.full((B,), params.strength)
-            eps = torch.randn(latent.shape, generator=generator)
-            x = diffuse(latent, t=t, shift=1.0, epsilon=eps).noised
-            steps_c = max(1, int(params.steps_c * params.strength))
-            levels_c = scheduler_c(steps_c, shift=params.shift_c, t_start=params.strength)
-        else:
-            x = torch.randn((B, 16, h, w), generator=generator)
-            levels_c = scheduler_c(steps_c, shift=params.shift_c)
+        plan_c = plan_stage(samplers[0], schedulers[0], params.steps_c, params.shift_c, params.denoise,
+                            params.strength if latent is not None else 1.0, noise, "c", (B, 16, h, w), latent,
+                            compat)
         latent_c = self.sample_stage(
-            "c", self.stages.stage_c, self.dtype_c, x, levels_c, cond, uncond, cfg=params.cfg_c,
-            cfg_rho=params.cfg_rho, sampler=params.sampler_c, noise=noise, callback=callback, cancel=cancel,
+            "c", self.stages.stage_c, self.dtype_c, plan_c, cond, uncond, cfg=params.cfg_c,
+            cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_c if keep_trajectory else None)
         timings["stage_c"] = time.perf_counter() - t0
 
         # Stage B: conditioned on the Stage C result and the pooled text; uncond gets zeros and the negative
         t0 = time.perf_counter()
         hb, wb = params.latent_size_b
+        if latent is not None and compat == "comfyui":  # StableCascade_StageC_VAEEncode's Stage B size
+            hb, wb = (init_images.shape[-2] // 8) * 2, (init_images.shape[-1] // 8) * 2  # type: ignore[union-attr]
         cond_b = {"effnet": latent_c, "clip": cond["clip_text_pooled"]}
         uncond_b = {"effnet": torch.zeros_like(latent_c), "clip": uncond["clip_text_pooled"]}
-        x = torch.randn((B, 4, hb, wb), generator=generator)
-        levels_b = scheduler_b(params.steps_b, shift=params.shift_b)
+        plan_b = plan_stage(samplers[1], schedulers[1], params.steps_b, params.shift_b, 1.0, 1.0, noise, "b",
+                            (B, 4, hb, wb), None, compat)
         latent_b = self.sample_stage(
-            "b", self.stages.stage_b, self.dtype_b, x, levels_b, cond_b, uncond_b, cfg=params.cfg_b,
-            cfg_rho=params.cfg_rho, sampler=params.sampler_b, noise=noise, callback=callback, cancel=cancel,
+            "b", self.stages.stage_b, self.dtype_b, plan_b, cond_b, uncond_b, cfg=params.cfg_b,
+            cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_b if keep_trajectory else None)
         timings["stage_b"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        out.images = self.decode_b(latent_b)
+        out.images = self.decode_b(latent_b, clamp=compat != "comfyui")
         timings["stage_a"] = time.perf_counter() - t0
         out.latent_c, out.latent_b, out.timings = latent_c, latent_b, timings
         return out
 
 
-__all__ = ["CancelToken", "Cancelled", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput", "Stages",
-           "release_freed_memory"]
+def comfy_resize(images: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's common_upscale(…, "bicubic", crop="center"): crop the too-long side to the target aspect
+    (offset round((old − old·ratio)/2)), then bicubic interpolation without antialias or clamping."""
+    old_h, old_w = images.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    cropped = images.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+    return torch.nn.functional.interpolate(cropped, size=(height, width), mode="bicubic")
+
+
+@dataclass
+class StagePlan:
+    """One stage's sampling, decided before any model runs: sampler, noise levels in both spaces, the step
+    positions t (for CFG pairs), and how the starting latent is made."""
+
+    sampler: Sampler
+    levels: Tensor  # logSNR, increasing (+inf for σ = 0)
+    sigmas: Tensor  # σ = e^(−logSNR/2), decreasing
+    ts: Tensor  # the step position t of each level: linspace(t_start, t_end, steps + 1)
+    noise: Callable[[Tensor], Tensor]  # per-step noise
+    z: Tensor  # the initial standard-normal noise [B, C, H, W]
+    latent: Tensor | None  # the clean latent the stage starts from (img2img), VE/clean scale
+    official_start: str  # "noise": x_vp = z; "diffuse": official img2img at shift 1; "": ComfyUI's noise_scaling
+    t_start: float = 1.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.levels) - 1
+
+    def max_denoise(self) -> bool:
+        """ComfyUI's rule: the schedule starts at the table's σ_max (isclose, rel 1e-5) or above."""
+        top = float(cascade_sigmas(1.0).sigma_max)
+        first = float(self.sigmas[0])
+        return math.isclose(top, first, rel_tol=1e-5) or first > top
+
+    def start_ve(self) -> Tensor:
+        """x at σ0 in VE scale: ComfyUI's noise_scaling (noise·√(1 + σ0²) at full denoise, else noise·σ0) + latent."""
+        if self.official_start:
+            return self.start_vp() * (1 + self.sigmas[0].double() ** 2).sqrt().float()
+        s0 = self.sigmas[0]
+        x = self.z * torch.sqrt(1.0 + s0**2.0) if self.max_denoise() else self.z * s0
+        return x + self.latent if self.latent is not None else x
+
+    def start_vp(self) -> Tensor:
+        """x at the first level in VP scale (x_vp = x_ve/√(1 + σ0²)); exactly the official start where it applies."""
+        if self.official_start == "noise":
+            return self.z
+        if self.official_start == "diffuse":
+            assert self.latent is not None
+            t = torch.full((self.z.size(0),), self.t_start)
+            return diffuse(self.latent, t=t, shift=1.0, epsilon=self.z).noised
+        return self.start_ve() / torch.sqrt(1.0 + self.sigmas[0] ** 2.0)
+
+
+def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float, denoise: float, strength: float,
+               source: NoiseSource, stage: str, shape: tuple[int, ...], latent: Tensor | None,
+               compat: str) -> StagePlan:
+    """Noise levels and the start of one stage (the random draws happen here, in the source's order)."""
+    t_start = 1.0
+    if strength < 1:  # official img2img: the last part of the schedule from t = strength, int(steps·strength) steps
+        if scheduler.space == "sigma":
+            raise ValueError(f"strength={strength} (the official partial schedule) needs a logSNR scheduler; the "
+                             f"ComfyUI scheduler {scheduler.name!r} takes denoise instead (e.g. denoise={strength})")
+        steps, t_start = max(1, int(steps * strength)), strength
+
+    def build(n: int) -> Tensor:
+        if sampler.drop_penultimate:
+            return discard_penultimate(scheduler.fn, n, shift=shift)
+        if t_start < 1:
+            return torch.as_tensor(scheduler.fn(n, shift=shift, t_start=t_start))
+        return torch.as_tensor(scheduler.fn(n, shift=shift))
+
+    values = partial_schedule(build, steps, denoise).float()
+    if values.dim() != 1 or len(values) < 2:
+        raise ValueError(f"scheduler {scheduler.name!r} gave {tuple(values.shape)} noise levels for {steps} steps; "
+                         "a scheduler must return steps + 1 values")
+    if scheduler.space == "sigma":
+        sigmas = values
+        levels = torch.where(sigmas > 0, -2 * sigmas.log(), torch.full_like(sigmas, math.inf))
+    else:
+        levels = values
+        sigmas = sigma_of_logsnr(levels)
+    n = len(values) - 1
+    total = int(steps / denoise) if denoise <= 0.9999 else n  # positions in the whole (longer) schedule
+    ts = torch.linspace(t_start, 0.0, total + 1, dtype=torch.float64)[-(n + 1):]
+    z = source.initial(stage, shape)
+    if tuple(z.shape) != tuple(shape):
+        raise ValueError(f"the noise source gave initial noise of shape {tuple(z.shape)} for stage {stage.upper()}, "
+                         f"whose latent is {tuple(shape)}")
+    official = compat != "comfyui" and denoise > 0.9999
+    start = ("diffuse" if latent is not None else "noise") if official else ""
+    return StagePlan(sampler, levels, sigmas, ts, source.steps(stage), z.float(), latent, start, t_start)
+
+
+__all__ = ["CancelToken", "Cancelled", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput", "StagePlan", "Stages",
+           "plan_stage", "release_freed_memory"]

@@ -18,7 +18,9 @@ DEFAULT_PLUGINS = (
     "cascade_lab.builtins.samplers",
     "cascade_lab.builtins.schedulers",
     "cascade_lab.builtins.variants",
+    "cascade_lab.builtins.comfyui",
 )
+COMPATS = ("official", "comfyui")
 Record = Sampler | Scheduler | Variant
 HOOKS: dict[str, tuple[str, type[Record]]] = {
     "register_samplers": ("sampler", Sampler),
@@ -138,12 +140,25 @@ def registries() -> dict[str, Registry[Any]]:
     return regs
 
 
-def get_sampler(name: str) -> Sampler:
-    return registries()["sampler"].get(name)  # type: ignore[no-any-return]
+def _resolve(kind: str, name: str, compat: str) -> Any:
+    """A name in the given compat mode: with ``compat="comfyui"`` ComfyUI's own name finds ComfyUI's record
+    (registered as ``comfyui.<name>`` where the official family has the same name)."""
+    if compat not in COMPATS:
+        raise ValueError(f"compat={compat!r}: use one of {', '.join(COMPATS)}")
+    registry = registries()[kind]
+    if compat == "comfyui" and f"comfyui.{name}" in registry:
+        return registry.get(f"comfyui.{name}")
+    return registry.get(name)
 
 
-def get_scheduler(name: str) -> Scheduler:
-    return registries()["scheduler"].get(name)  # type: ignore[no-any-return]
+def get_sampler(name: str, compat: str = "official") -> Sampler:
+    """The sampler registered as ``name`` (with ``compat="comfyui"``, ComfyUI's sampler of that name)."""
+    return _resolve("sampler", name, compat)  # type: ignore[no-any-return]
+
+
+def get_scheduler(name: str, compat: str = "official") -> Scheduler:
+    """The scheduler registered as ``name`` (with ``compat="comfyui"``, ComfyUI's scheduler of that name)."""
+    return _resolve("scheduler", name, compat)  # type: ignore[no-any-return]
 
 
 def get_variant(name: str) -> Variant:

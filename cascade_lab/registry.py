@@ -6,23 +6,49 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+SPACES = ("logsnr", "sigma")
+
 
 @dataclass(frozen=True)
 class Sampler:
-    """A sampler: ``fn(denoiser, x, levels, *, noise=None, callback=None, cancel=None, **extras)``."""
+    """A sampler: ``fn(denoiser, x, levels, *, noise=None, callback=None, cancel=None, **extras)``.
+
+    ``space`` says which convention ``fn`` follows: ``"logsnr"`` (the official GDF family: VP latents, logSNR
+    levels, returns the last x0; see `cascade_lab.diffusion`) or ``"sigma"`` (ComfyUI's / k-diffusion's family:
+    VE latents, σ levels, returns the final x; see `cascade_lab.diffusion.ksamplers.common`). The pipeline
+    converts latents and levels between the two, so any sampler runs with any scheduler. ``family`` groups
+    the listing (``official``, ``comfyui`` or the plugin's own word).
+    """
 
     name: str
     description: str
     fn: Callable[..., Any]
+    space: str = "logsnr"
+    family: str = ""
+    drop_penultimate: bool = False  # ComfyUI's rule for dpm_2 / uni_pc: schedule steps + 1, drop the penultimate
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"Sampler {self.name!r}: space={self.space!r}; use one of {SPACES}")
 
 
 @dataclass(frozen=True)
 class Scheduler:
-    """A scheduler: ``fn(steps, shift=1.0, t_start=1.0, t_end=0.0)`` -> logSNR levels, ``steps + 1`` values."""
+    """A scheduler: ``fn(steps, shift=1.0, t_start=1.0, t_end=0.0)`` -> ``steps + 1`` noise levels.
+
+    ``space="logsnr"``: increasing logSNR levels (the official family); ``"sigma"``: decreasing σ, usually
+    ending at 0 (ComfyUI's family, which takes partial schedules through ``denoise`` instead of t_start).
+    """
 
     name: str
     description: str
     fn: Callable[..., Any]
+    space: str = "logsnr"
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"Scheduler {self.name!r}: space={self.space!r}; use one of {SPACES}")
 
 
 @dataclass(frozen=True)

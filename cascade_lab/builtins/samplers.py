@@ -8,17 +8,17 @@ from ..hookspecs import hookimpl
 from ..registry import LazyCallable, Sampler
 
 
-def _lazy(name: str) -> LazyCallable:
-    return LazyCallable(f"cascade_lab.diffusion.samplers:sample_{name}")
+def _official(name: str, description: str) -> Sampler:
+    return Sampler(name, description, LazyCallable(f"cascade_lab.diffusion.samplers:sample_{name}"), family="official")
 
 
 SAMPLERS: list[Sampler] = [
-    Sampler("ddpm", "ancestral DDPM = DDIM with eta 1, the official Stable Cascade default", _lazy("ddpm")),
-    Sampler("ddim", "deterministic DDIM (eta 0), as the official DDIMSampler", _lazy("ddim")),
-    Sampler("lcm", "consistency sampling: renoise the x0 estimate with fresh noise each step", _lazy("lcm")),
-    Sampler("euler", "Euler on the probability-flow ODE in sigma (deterministic)", _lazy("euler")),
-    Sampler("euler_ancestral", "Euler ancestral (k-diffusion): Euler step plus fresh noise", _lazy("euler_ancestral")),
-    Sampler("dpmpp_2m", "DPM-Solver++(2M): deterministic second-order multistep", _lazy("dpmpp_2m")),
+    _official("ddpm", "ancestral DDPM = DDIM with eta 1, the official Stable Cascade default"),
+    _official("ddim", "deterministic DDIM (eta 0), as the official DDIMSampler"),
+    _official("lcm", "consistency sampling: renoise the x0 estimate with fresh noise each step"),
+    _official("euler", "Euler on the probability-flow ODE in sigma (deterministic)"),
+    _official("euler_ancestral", "Euler ancestral (k-diffusion): Euler step plus fresh noise"),
+    _official("dpmpp_2m", "DPM-Solver++(2M): deterministic second-order multistep"),
 ]
 
 

@@ -9,11 +9,11 @@ from ..registry import LazyCallable, Scheduler
 
 SCHEDULERS: list[Scheduler] = [
     Scheduler("cosine", "the official GDF grid: t evenly spaced through the shifted cosine schedule",
-              LazyCallable("cascade_lab.diffusion.schedulers:cosine")),
+              LazyCallable("cascade_lab.diffusion.schedulers:cosine"), family="official"),
     Scheduler("karras", "Karras et al. rho = 7 spacing in sigma between the schedule's ends",
-              LazyCallable("cascade_lab.diffusion.schedulers:karras")),
+              LazyCallable("cascade_lab.diffusion.schedulers:karras"), family="official"),
     Scheduler("exponential", "evenly spaced in log sigma (logSNR) between the schedule's ends",
-              LazyCallable("cascade_lab.diffusion.schedulers:exponential")),
+              LazyCallable("cascade_lab.diffusion.schedulers:exponential"), family="official"),
 ]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .schedule import eps_to_x0, noise_cond
+from .sigma_schedules import comfy_timestep
 
 Guidance = float | tuple[float, float]
 
@@ -22,11 +23,12 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, rho: float = 0.7) ->
     return pred_cfg
 
 
-def guidance_scale(cfg: Guidance, r: float) -> float:
-    """A float as is; a pair (c0, c1) interpolated linearly in r: c0 at r = 1 (pure noise), c1 at r = 0."""
+def guidance_scale(cfg: Guidance, t: float) -> float:
+    """A float as is; a pair (c0, c1) interpolated linearly in the step's t: c0·t + c1·(1 − t), as GDF.sample
+    (t = 1 pure noise, t = 0 clean; t is the linspace of the steps, not the model's r)."""
     if isinstance(cfg, (tuple, list)):
         assert len(cfg) == 2, f"cfg must be a float or a pair (c0, c1), got {cfg!r}"
-        return float(cfg[0]) * r + float(cfg[1]) * (1 - r)
+        return float(cfg[0]) * t + float(cfg[1]) * (1 - t)
     return float(cfg)
 
 
@@ -63,45 +65,114 @@ class GuidedDenoiser:
 
     `model(x, r, **inputs)` predicts ε. With `cfg` set, cond and uncond run in ONE call on [x; x] with r
     repeated (uncond defaults to zeros like cond, as the official code), then `cfg_combine`. Guidance is
-    active while cfg_t_stop <= r <= cfg_t_start, with r the model's noise condition (official GDF compares
-    its linspace t instead, which equals r at shift 1 up to the clamped ends); outside the window the
-    model runs on the cond inputs only. The model output is cast to x's dtype (keep x float32, as the
-    official sampler does) before guidance; x0 = (x − b·ε̂)/a.
+    active while cfg_t_stop <= t <= cfg_t_start and a pair (c0, c1) is interpolated in t, where t is the
+    step's position in GDF.sample's linspace(t_start, t_end, steps + 1): ``step_t(logsnr) -> t`` gives it
+    (`step_t_lookup`); without it t is the model's r, which equals t at shift 1 up to the clamped ends.
+    Outside the window the model runs on the cond inputs only. The model output is cast to x's dtype (keep x
+    float32, as the official sampler does) before guidance; x0 = (x − b·ε̂)/a.
     """
 
     def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Any],
                  uncond: Mapping[str, Any] | None = None, *, cfg: Guidance | None = None,
                  cfg_rho: float = 0.7, cfg_t_stop: float | None = None,
-                 cfg_t_start: float | None = None) -> None:
+                 cfg_t_start: float | None = None, step_t: Callable[[Tensor], float] | None = None) -> None:
         self.model, self.cond = model, dict(cond)
         self.cfg, self.cfg_rho = cfg, cfg_rho
-        self.cfg_t_stop, self.cfg_t_start = cfg_t_stop, cfg_t_start
+        self.cfg_t_stop, self.cfg_t_start, self.step_t = cfg_t_stop, cfg_t_start, step_t
         self.batched: dict[str, Any] | None = None
         if cfg is not None:
             if uncond is None:
                 uncond = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v for k, v in cond.items()}
             self.batched = batch_inputs(cond, uncond)
 
-    def guided(self, r: float) -> bool:
-        """Whether CFG runs at noise condition r (inside the [cfg_t_stop, cfg_t_start] window)."""
-        return (self.cfg is not None and (self.cfg_t_stop is None or r >= self.cfg_t_stop)
-                and (self.cfg_t_start is None or r <= self.cfg_t_start))
+    def guided(self, t: float) -> bool:
+        """Whether CFG runs at step position t (inside the [cfg_t_stop, cfg_t_start] window)."""
+        return (self.cfg is not None and (self.cfg_t_stop is None or t >= self.cfg_t_stop)
+                and (self.cfg_t_start is None or t <= self.cfg_t_start))
 
     def predict(self, x: Tensor, logsnr: Tensor) -> Tensor:
         """The guided ε̂ [B, C, H, W] at the 0-dim (or [B]) level logsnr: GDF.sample's `pred`."""
         logsnr = torch.as_tensor(logsnr, dtype=torch.float32, device=x.device)
         r = noise_cond(logsnr).expand(x.size(0))  # [B]
-        r0 = float(r[0])
-        if self.cfg is not None and self.batched is not None and self.guided(r0):
+        t = self.step_t(logsnr) if self.step_t is not None else float(r[0])
+        if self.cfg is not None and self.batched is not None and self.guided(t):
             out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched)  # [2B, C, H, W]
             cond, uncond = out.to(x.dtype).chunk(2)
-            return cfg_combine(cond, uncond, guidance_scale(self.cfg, r0), self.cfg_rho)
+            return cfg_combine(cond, uncond, guidance_scale(self.cfg, t), self.cfg_rho)
         return self.model(x, r, **self.cond).to(x.dtype)
 
     def __call__(self, x: Tensor, logsnr: Tensor) -> Tensor:
         """The clean-latent estimate x0 [B, C, H, W] (EpsilonTarget.x0 of the guided prediction)."""
         logsnr = torch.as_tensor(logsnr, dtype=torch.float32, device=x.device)
         return eps_to_x0(x, self.predict(x, logsnr), logsnr)
+
+
+class SigmaDenoiser:
+    """`denoiser(x, sigma) -> x0` for the σ family: the stage model called as ComfyUI calls it (EPS model
+    sampling of StableCascadeSampling).
+
+    x is the VE latent (x0 + σ·ε) and sigma [B]; the network sees x/√(σ² + 1) and r = `comfy_timestep(σ)`
+    (from σ directly, not via logSNR), and x0 = x − ε̂·σ per row. CFG with ``cfg_rho == 0`` combines the
+    clean estimates as ComfyUI does, uncond + (cond − uncond)·cfg; with ``cfg_rho > 0`` the official
+    rescaled CFG acts on ε̂. ``uncond_x0`` keeps the unconditional x0 of the last call (CFG++ samplers).
+    ``step_t`` maps σ to the step's t for a cfg pair, as `GuidedDenoiser`.
+    """
+
+    def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Any],
+                 uncond: Mapping[str, Any] | None = None, *, cfg: Guidance | None = None, cfg_rho: float = 0.0,
+                 step_t: Callable[[Tensor], float] | None = None) -> None:
+        self.model, self.cond = model, dict(cond)
+        self.cfg, self.cfg_rho, self.step_t = cfg, cfg_rho, step_t
+        self.batched: dict[str, Any] | None = None
+        self.uncond_x0: Tensor | None = None
+        if cfg is not None:
+            if uncond is None:
+                uncond = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v for k, v in cond.items()}
+            self.batched = batch_inputs(cond, uncond)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.size(0))  # [B]
+        s = sigma.view(-1, *[1] * (x.dim() - 1))  # [B, 1, 1, 1]
+        x_in = x / (s**2 + 1.0) ** 0.5
+        r = comfy_timestep(sigma)  # [B]
+        if self.cfg is None or self.batched is None:
+            x0 = x - self.model(x_in, r, **self.cond).to(x.dtype) * s
+            self.uncond_x0 = x0
+            return x0
+        scale = guidance_scale(self.cfg, self.step_t(sigma[0]) if self.step_t is not None else float(r[0]))
+        out = self.model(torch.cat([x_in, x_in], dim=0), r.repeat(2), **self.batched).to(x.dtype)
+        eps_cond, eps_uncond = out.chunk(2)  # [B, C, H, W] each
+        if self.cfg_rho > 0:  # the official rescaled CFG, on ε̂
+            eps = cfg_combine(eps_cond, eps_uncond, scale, self.cfg_rho)
+            self.uncond_x0 = x - eps_uncond * s
+            return x - eps * s
+        cond_x0, uncond_x0 = x - eps_cond * s, x - eps_uncond * s
+        self.uncond_x0 = uncond_x0
+        return uncond_x0 + (cond_x0 - uncond_x0) * scale
+
+
+def step_t_lookup(levels: Tensor, ts: Tensor) -> Callable[[Tensor], float]:
+    """``level -> t``: the step position t of each of a schedule's levels (logSNR or σ), linear in between
+    (for samplers that evaluate between two levels)."""
+    keys = levels.detach().double().cpu()
+    values = ts.detach().double().cpu()
+    order = torch.argsort(keys)
+    keys, values = keys[order], values[order]
+    finite = torch.isfinite(keys)
+    keys, values = keys[finite], values[finite]
+
+    def lookup(level: Tensor) -> float:
+        v = float(level)
+        if v <= float(keys[0]):
+            return float(values[0])
+        if v >= float(keys[-1]):
+            return float(values[-1])
+        j = int(torch.searchsorted(keys, torch.tensor(v, dtype=torch.float64)))
+        k0, k1 = float(keys[j - 1]), float(keys[j])
+        w = (v - k0) / (k1 - k0) if k1 > k0 else 0.0
+        return float(values[j - 1]) * (1 - w) + float(values[j]) * w
+
+    return lookup
 
 
 def eps_denoiser(eps_model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -113,4 +184,5 @@ def eps_denoiser(eps_model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Ten
     return denoiser
 
 
-__all__ = ["GuidedDenoiser", "batch_inputs", "cfg_combine", "eps_denoiser", "guidance_scale"]
+__all__ = ["GuidedDenoiser", "SigmaDenoiser", "batch_inputs", "cfg_combine", "eps_denoiser", "guidance_scale",
+           "step_t_lookup"]

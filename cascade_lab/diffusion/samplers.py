@@ -33,6 +33,8 @@ class StepEvent:
     logsnr_next: float  # level the step went to (where x now is)
     x: Tensor  # [B, C, H, W] latent after the step
     x0: Tensor  # [B, C, H, W] clean-latent prediction of this step
+    sigma: float | None = None  # the σ family's noise levels of the step (None for the logSNR family)
+    sigma_next: float | None = None
 
 
 class Cancelled(Exception):

@@ -38,7 +38,7 @@ def test_cfg_is_lerp_then_global_std_rescale():
     torch.testing.assert_close(mixed, 0.7 * full + 0.3 * plain, atol=1e-5, rtol=1e-5)
 
 
-def test_guidance_pair_interpolates_in_r():
+def test_guidance_pair_interpolates_in_step_t():
     assert guidance_scale(4.0, 0.3) == 4.0
     assert guidance_scale((8.0, 2.0), 1.0) == 8.0
     assert guidance_scale((8.0, 2.0), 0.0) == 2.0

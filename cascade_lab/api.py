@@ -155,29 +155,49 @@ class Cascade:
         self.loras = keep
 
     # -- jobs ------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, negative_prompt: str = "", width: int = 1024, height: int = 1024,
-                 batch_size: int = 1, seed: int | None = None, *, image: ImageLike | None = None,
-                 strength: float = 1.0, variations: Sequence[ImageLike] = (),
-                 variation_weights: Sequence[float] | None = None,
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", width: int = 1024,
+                 height: int = 1024, batch_size: int | None = None, seed: int | None = None, *,
+                 image: ImageLike | None = None, strength: float = 1.0, variations: Sequence[ImageLike] = (),
+                 variation_weights: Sequence[float] | None = None, compat: str = "official",
+                 noise: Any = None, initial_noise: Any = None, init_latent: Any = None,
                  callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
                  keep_trajectory: bool = False, **options: Any) -> Any:
         """Text to image (or img2img with ``image`` and ``strength`` < 1, variations with ``variations``).
 
-        ``options`` are the other `GenerationParams` fields: ``steps_c``/``steps_b``, ``cfg_c``/``cfg_b``,
-        ``shift_c``/``shift_b``, ``sampler_c``/``sampler_b``, ``scheduler_c``/``scheduler_b``, ``cfg_rho``,
-        ``compression``. Every value is checked before any model loads.
+        ``prompt`` may be a list: one prompt per image (the batch size is its length). ``options`` are the other
+        `GenerationParams` fields: ``steps_c``/``steps_b``, ``cfg_c``/``cfg_b``, ``shift_c``/``shift_b``,
+        ``sampler_c``/``sampler_b``, ``scheduler_c``/``scheduler_b``, ``cfg_rho``, ``compression``,
+        ``denoise`` (ComfyUI's partial schedule), ``seed_b``. Every value is checked before any model loads.
+
+        ``compat="comfyui"`` reproduces ComfyUI for the same seed and settings: its seeding (`ComfyNoise`), latent
+        sizes (floor(size / compression), compression 42), model call and CFG without rescale; unset sampler and
+        scheduler names default to ComfyUI's euler_ancestral + simple and resolve to ComfyUI's samplers.
+        ``noise`` (a `cascade_lab.diffusion.noise.NoiseSource`) replaces the seed's random numbers;
+        ``initial_noise`` (a Stage C tensor, or ``{"c": ..., "b": ...}``) only the initial noise. ``init_latent``
+        starts Stage C from a given Stage C latent (with ``strength`` or ``denoise`` < 1).
         """
         weights = list(variation_weights) if variation_weights is not None else [1.0] * len(variations)
         if len(weights) != len(variations):
             raise ValueError(f"{len(variations)} variation image(s) but {len(weights)} weight(s); give one each")
+        if compat == "comfyui":
+            from .params import COMFYUI_DEFAULTS
+
+            options = {**COMFYUI_DEFAULTS, **options}
+        prompt = _prompt_value("prompt", prompt)
+        negative_prompt = _prompt_value("negative_prompt", negative_prompt)
+        if batch_size is None:
+            batch_size = len(prompt) if isinstance(prompt, tuple) else 1
         params = GenerationParams(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
             seed=seed, strength=strength, init_image=None if image is None else _describe(image),
             variations=tuple((_describe(v), float(w)) for v, w in zip(variations, weights, strict=True)),
-            loras=tuple((path, strength_) for path, strength_, _ in self.loras), **options,
+            loras=tuple((path, strength_) for path, strength_, _ in self.loras), compat=compat, **options,
         )
+        if init_latent is not None and params.init_image is None:
+            params = params.replace(init_image="latent:" + _tensor_hash(init_latent))
         return self.run(params, image=image, variations=variations, callback=callback, cancel=cancel,
-                        keep_trajectory=keep_trajectory)
+                        keep_trajectory=keep_trajectory, noise=noise, initial_noise=initial_noise,
+                        init_latent=init_latent)
 
     def img2img(self, image: ImageLike, prompt: str, strength: float = 0.8, **kwargs: Any) -> Any:
         """Start from ``image`` noised to ``strength`` (official: 0.8, i.e. 16 of 20 Stage C steps)."""
@@ -185,7 +205,8 @@ class Cascade:
 
     def run(self, params: GenerationParams, *, image: ImageLike | None = None, variations: Sequence[ImageLike] = (),
             callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
-            keep_trajectory: bool = False) -> Any:
+            keep_trajectory: bool = False, noise: Any = None, initial_noise: Any = None,
+            init_latent: Any = None) -> Any:
         """Run fully specified parameters (e.g. read back from a PNG with `read_png_params`)."""
         from .results import Result, to_pil
 
@@ -198,9 +219,14 @@ class Cascade:
         if params.negative_prompt and params.cfg_c <= 1 and params.cfg_b <= 1:
             warnings.warn("a negative prompt has no effect without classifier-free guidance (cfg_c and cfg_b ≤ 1)",
                           stacklevel=3)
-        if image is not None and params.strength >= 1:
-            raise ValueError("an input image was given with strength=1.0, which ignores it; use strength < 1 "
-                             "(official img2img: 0.8)")
+        start = "an input image" if image is not None else "init_latent" if init_latent is not None else None
+        if start is not None and params.strength >= 1 and params.denoise >= 1:
+            raise ValueError(f"{start} was given with strength=1.0 and denoise=1.0, which ignores it; use strength < 1 "
+                             "(official img2img: 0.8) or denoise < 1 (ComfyUI's img2img example: 0.6)")
+        if params.strength < 1 and params.denoise < 1:
+            raise ValueError(f"strength={params.strength} and denoise={params.denoise}: give one of the two partial "
+                             "schedules (strength: the official one, denoise: ComfyUI's)")
+        source = _noise_source(params, noise, initial_noise)
         init = _image_tensor(image) if image is not None else None
         pipeline = self.pipeline
         params = self._native(params, warn=True)
@@ -213,9 +239,10 @@ class Cascade:
                                                  [w for _, w in params.variations], batch_size=params.batch_size)
             clip_img = clip_img.float().cpu()
         out = pipeline.run(params, init_images=init, clip_img=clip_img, callback=callback, cancel=cancel,
-                           keep_trajectory=keep_trajectory)
+                           keep_trajectory=keep_trajectory, noise=source, init_latent=_latent_tensor(init_latent))
         final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
-        return Result(to_pil(out.images), final, out.latent_c, out.latent_b, out.trajectory_c, out.trajectory_b,
+        rounding = "truncate" if params.compat == "comfyui" else "round"  # ComfyUI's SaveImage truncates
+        return Result(to_pil(out.images, rounding), final, out.latent_c, out.latent_b, out.trajectory_c, out.trajectory_b,
                       out.timings)
 
     # -- training --------------------------------------------------------------------------------------
@@ -308,6 +335,52 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
     return Stages(stage_c=stage("stage_c"), stage_b=stage("stage_b"), stage_a=stage("stage_a"),
                   text_encoder=text, previewer=stage("previewer"), effnet=stage("effnet"), image_encoder=image,
                   variant=variant.name)
+
+
+def _prompt_value(name: str, value: Any) -> str | tuple[str, ...]:
+    """A prompt argument as GenerationParams takes it: a string, or a tuple with one string per image."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ValueError(f"{name}={value!r}: give a string, or a non-empty list of strings (one per image)")
+
+
+def _tensor_hash(tensor: Any) -> str:
+    return hashlib.sha256(_latent_tensor(tensor).numpy().tobytes()).hexdigest()[:16]
+
+
+def _latent_tensor(value: Any) -> Any:
+    if value is None:
+        return None
+    import torch
+
+    tensor = torch.as_tensor(value).detach().float().cpu()
+    if tensor.dim() == 3:
+        tensor = tensor[None]
+    if tensor.dim() != 4:
+        raise ValueError(f"init_latent has shape {tuple(tensor.shape)}; give a Stage C latent [B, 16, h, w]")
+    return tensor
+
+
+def _noise_source(params: GenerationParams, noise: Any, initial_noise: Any) -> Any:
+    """The `NoiseSource` for a run: the caller's, or the seed's (official or ComfyUI's) with given initial noise."""
+    if noise is None and initial_noise is None:
+        return None
+    from .diffusion.noise import ComfyNoise, NoiseSource, OfficialNoise, RecordedNoise
+
+    if noise is not None and not isinstance(noise, NoiseSource):
+        raise TypeError(f"noise={noise!r}: pass a cascade_lab.diffusion.noise.NoiseSource (OfficialNoise, ComfyNoise, "
+                        "RecordedNoise or your own subclass)")
+    if initial_noise is None:
+        return noise
+    if params.seed is None and noise is None:
+        raise ValueError("initial_noise needs a seed for the rest of the random numbers (per-step noise, Stage B); "
+                         "pass seed=... or a full noise=NoiseSource")
+    fallback = noise or (ComfyNoise(params.seed, params.seed_b) if params.compat == "comfyui"  # type: ignore[arg-type]
+                         else OfficialNoise(params.seed))  # type: ignore[arg-type]
+    initial = initial_noise if isinstance(initial_noise, dict) else {"c": initial_noise}
+    return RecordedNoise(initial={k: _latent_tensor(v) for k, v in initial.items()}, fallback=fallback)
 
 
 _default: Cascade | None = None

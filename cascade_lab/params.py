@@ -78,16 +78,20 @@ class GenerationParams:
 
     @property
     def latent_size_b(self) -> tuple[int, int]:
-        """Stage B latent (h, w) = ceil(size / 4) (ComfyUI: size // 4, the same for multiples of 8); even, which
+        """Stage B latent (h, w) = ceil(size / 4) (ComfyUI's empty latent: size // 4, the same for multiples of
+        8; ComfyUI's img2img: (size // 8)·2, so a 150-pixel side gives 36 → a 144-pixel image); even, which
         Stage B's PixelUnshuffle(2) needs."""
+        if self.compat == "comfyui" and self.init_image is not None:
+            return (self.height // 8) * 2, (self.width // 8) * 2
         return math.ceil(self.height / 4), math.ceil(self.width / 4)
 
     # -- checks ----------------------------------------------------------------------------------------
     def validate(self) -> GenerationParams:
         """Raise ValueError naming the value and what to use instead; return self when all is well."""
+        any_size = self.compat == "comfyui" and self.init_image is not None  # ComfyUI crops to its latent sizes
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < MIN_SIZE or value % 8:
+            if not isinstance(value, int) or value < MIN_SIZE or (value % 8 and not any_size):
                 raise ValueError(f"{name}={value!r}: use a whole number of pixels ≥ {MIN_SIZE} and a multiple "
                                  f"of 8 (Stage B's latent is size/4 and must be even); multiples of 128 are safest")
         if self.batch_size < 1:

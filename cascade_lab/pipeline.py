@@ -303,8 +303,6 @@ class Pipeline:
         # Stage B: conditioned on the Stage C result and the pooled text; uncond gets zeros and the negative
         t0 = time.perf_counter()
         hb, wb = params.latent_size_b
-        if latent is not None and compat == "comfyui":  # StableCascade_StageC_VAEEncode's Stage B size
-            hb, wb = (init_images.shape[-2] // 8) * 2, (init_images.shape[-1] // 8) * 2  # type: ignore[union-attr]
         cond_b = {"effnet": latent_c, "clip": cond["clip_text_pooled"]}
         uncond_b = {"effnet": torch.zeros_like(latent_c), "clip": uncond["clip_text_pooled"]}
         plan_b = plan_stage(samplers[1], schedulers[1], params.steps_b, params.shift_b, 1.0, 1.0, noise, "b",

@@ -22,16 +22,19 @@ def _png_info(params: GenerationParams, index: int | None = None) -> Any:
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(data, ensure_ascii=False, sort_keys=True))
     info.add_text("Software", f"cascade_lab {__version__}")
-    info.add_text("Description", params.prompt)
+    info.add_text("Description", params.prompts[index or 0])
     return info
 
 
-def to_pil(images: Any) -> list[Any]:
-    """[B, 3, H, W] float tensor in [0, 1] → list of RGB PIL images (rounded, as every image writer)."""
+def to_pil(images: Any, rounding: str = "round") -> list[Any]:
+    """[B, 3, H, W] float tensor in [0, 1] → list of RGB PIL images: rounded (most image writers), or
+    ``rounding="truncate"`` as ComfyUI's SaveImage (uint8 of clip(255·x)), which compat="comfyui" uses."""
     import torch
     from PIL import Image
 
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+    scaled = (images.float() * 255).clamp(0, 255)
+    scaled = scaled.round() if rounding == "round" else scaled.trunc()
+    array = scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
     return [Image.fromarray(a, "RGB") for a in array]
 
 
@@ -92,7 +95,7 @@ class Result:
         p = self.params
         text = (f"cascade_lab result: {len(self.images)} image(s) {p.width}x{p.height}, seed {p.seed}, "
                 f"variant {p.variant}, C {p.sampler_c}/{p.scheduler_c} {p.steps_c} steps cfg {p.cfg_c}, "
-                f"B {p.sampler_b}/{p.scheduler_b} {p.steps_b} steps cfg {p.cfg_b}\nprompt: {p.prompt}")
+                f"B {p.sampler_b}/{p.scheduler_b} {p.steps_b} steps cfg {p.cfg_b}\nprompt: {p.prompts[0]}")
         return {"image/png": self.png_bytes(), "text/plain": text}
 
     def __repr__(self) -> str:

@@ -10,13 +10,14 @@ what the official notebooks keep (the last x is discarded). Extras a sampler doe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .noise import generator_noise, replay_noise
 from .schedule import sigma, vp_scalers, x0_to_eps
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -186,32 +187,6 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, levels: Tensor | Sequence[flo
         _emit(callback, i, levels, x, x0)
     assert x0 is not None
     return x0
-
-
-def replay_noise(tensors: Iterable[Tensor]) -> Noise:
-    """A noise source handing out recorded tensors in order (shape-checked), for exact replays in tests."""
-    it = iter(tensors)
-
-    def noise(like: Tensor) -> Tensor:
-        try:
-            z = next(it)
-        except StopIteration:
-            raise RuntimeError("replay_noise ran out of recorded noise tensors") from None
-        if z.shape != like.shape:
-            raise ValueError(f"recorded noise has shape {tuple(z.shape)}, the sampler asked for {tuple(like.shape)}")
-        return z.to(device=like.device, dtype=like.dtype)
-
-    return noise
-
-
-def generator_noise(generator: torch.Generator) -> Noise:
-    """A seeded noise source: randn like the given tensor, drawn from `generator` (on its device)."""
-
-    def noise(like: Tensor) -> Tensor:
-        z = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
-        return z.to(like.device)
-
-    return noise
 
 
 __all__ = [

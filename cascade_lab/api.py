@@ -242,8 +242,8 @@ class Cascade:
                            keep_trajectory=keep_trajectory, noise=source, init_latent=_latent_tensor(init_latent))
         final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
         rounding = "truncate" if params.compat == "comfyui" else "round"  # ComfyUI's SaveImage truncates
-        return Result(to_pil(out.images, rounding), final, out.latent_c, out.latent_b, out.trajectory_c, out.trajectory_b,
-                      out.timings)
+        return Result(to_pil(out.images, rounding), final, out.latent_c, out.latent_b, out.trajectory_c,
+                      out.trajectory_b, out.timings)
 
     # -- training --------------------------------------------------------------------------------------
     def train(self, config: Any = None, **kwargs: Any) -> Any:

@@ -97,7 +97,8 @@ def test_stage_c_vae_encode_resize_is_comfyuis() -> None:
     192×128 without antialias or clamping; the stored window is the first 32×32 pixels of the encoder input."""
     from PIL import Image
 
-    expected = load(reference_dir("comfyui", "workflows") / "image_to_image.result.safetensors")["vae_encode_input.crop"]
+    result = load(reference_dir("comfyui", "workflows") / "image_to_image.result.safetensors")
+    expected = result["vae_encode_input.crop"]
     with Image.open(reference_dir("comfyui", "workflows", "input") / "example.png") as png:
         image = torch.from_numpy(np.asarray(png.convert("RGB")).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     resized = comfy_resize(image, 192, 128)

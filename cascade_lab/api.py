@@ -216,7 +216,7 @@ class Cascade:
         params.validate()
         get_sampler(params.sampler_c), get_sampler(params.sampler_b)
         get_scheduler(params.scheduler_c), get_scheduler(params.scheduler_b)
-        if params.negative_prompt and params.cfg_c <= 1 and params.cfg_b <= 1:
+        if params.negative_prompt and _at_most_one(params.cfg_c) and _at_most_one(params.cfg_b):
             warnings.warn("a negative prompt has no effect without classifier-free guidance (cfg_c and cfg_b ≤ 1)",
                           stacklevel=3)
         start = "an input image" if image is not None else "init_latent" if init_latent is not None else None
@@ -335,6 +335,10 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
     return Stages(stage_c=stage("stage_c"), stage_b=stage("stage_b"), stage_a=stage("stage_a"),
                   text_encoder=text, previewer=stage("previewer"), effnet=stage("effnet"), image_encoder=image,
                   variant=variant.name)
+
+
+def _at_most_one(cfg: Any) -> bool:
+    return all(v <= 1 for v in (cfg if isinstance(cfg, tuple) else (cfg,)))
 
 
 def _prompt_value(name: str, value: Any) -> str | tuple[str, ...]:

@@ -31,8 +31,8 @@ class GenerationParams:
     seed: int | None = None
     steps_c: int = 20
     steps_b: int = 10
-    cfg_c: float = 4.0
-    cfg_b: float = 1.1
+    cfg_c: float | tuple[float, float] = 4.0  # a pair (a, b): a·t + b·(1 − t) over the steps' t, as GDF.sample
+    cfg_b: float | tuple[float, float] = 1.1
     shift_c: float = 2.0
     shift_b: float = 1.0
     sampler_c: str = "ddpm"
@@ -52,7 +52,7 @@ class GenerationParams:
     seed_b: int | None = None  # Stage B's own seed under compat="comfyui" (ComfyUI's second KSampler); None: seed
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "cfg_c", "cfg_b"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -100,9 +100,11 @@ class GenerationParams:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: use at least 1 step")
         for name in ("cfg_c", "cfg_b"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: classifier-free guidance must be ≥ 0 "
-                                 "(1 = no guidance)")
+            value = getattr(self, name)
+            values = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value,)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+                raise ValueError(f"{name}={value!r}: classifier-free guidance must be a finite number ≥ 0 (1 = no "
+                                 "guidance), or a pair (start, end) interpolated over the steps")
         for name in ("shift_c", "shift_b"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: shift must be > 0 (official: C 2, B 1)")
@@ -155,6 +157,9 @@ class GenerationParams:
         for key in ("variations", "loras"):
             if key in data:
                 data[key] = tuple((str(a), float(b)) for a, b in data[key])
+        for key in ("cfg_c", "cfg_b"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(float(v) for v in data[key])
         for key in ("prompt", "negative_prompt"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(str(p) for p in data[key])

@@ -12,7 +12,7 @@ from typing import Any
 import pluggy
 
 from . import __version__, hookspecs
-from .registry import Registry, Sampler, Scheduler, Variant
+from .registry import Registry, Sampler, Scheduler, UnknownNameError, Variant
 
 DEFAULT_PLUGINS = (
     "cascade_lab.builtins.samplers",
@@ -148,6 +148,11 @@ def _resolve(kind: str, name: str, compat: str) -> Any:
     registry = registries()[kind]
     if compat == "comfyui" and f"comfyui.{name}" in registry:
         return registry.get(f"comfyui.{name}")
+    if compat == "comfyui" and name not in registry:
+        comfy = sorted(r.name.removeprefix("comfyui.") for r in registry if getattr(r, "family", "") == "comfyui")
+        others = sorted(r.name for r in registry if getattr(r, "family", "") != "comfyui")
+        raise UnknownNameError(f"unknown {kind} {name!r}; available under compat='comfyui': ComfyUI's "
+                               f"{', '.join(comfy)}; others: {', '.join(others)}")
     return registry.get(name)
 
 

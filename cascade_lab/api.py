@@ -214,8 +214,8 @@ class Cascade:
             raise RuntimeError("this cascade's Stage C is being trained; wait for the run (run.wait()) or stop it "
                                "(run.stop()) before generating")
         params.validate()
-        get_sampler(params.sampler_c), get_sampler(params.sampler_b)
-        get_scheduler(params.scheduler_c), get_scheduler(params.scheduler_b)
+        get_sampler(params.sampler_c, params.compat), get_sampler(params.sampler_b, params.compat)
+        get_scheduler(params.scheduler_c, params.compat), get_scheduler(params.scheduler_b, params.compat)
         if params.negative_prompt and _at_most_one(params.cfg_c) and _at_most_one(params.cfg_b):
             warnings.warn("a negative prompt has no effect without classifier-free guidance (cfg_c and cfg_b ≤ 1)",
                           stacklevel=3)

@@ -155,8 +155,8 @@ def test_denoise_is_comfyuis_partial_schedule(monkeypatch, cascade) -> None:  # 
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
-    ({"compat": "comfyui", "sampler_c": "nope"}, "unknown sampler 'nope'; available under compat='comfyui': ComfyUI's .*euler_ancestral"),
-    ({"compat": "comfyui", "scheduler_b": "nope"}, "unknown scheduler 'nope'; available: .*simple"),
+    ({"compat": "comfyui", "sampler_c": "nope"}, "unknown sampler 'nope'; available under compat='comfyui': .*heun"),
+    ({"compat": "comfyui", "scheduler_b": "nope"}, "unknown scheduler 'nope'; available under .*simple"),
     ({"denoise": 0}, "denoise=0: use a value in \\(0, 1\\]"),
     ({"denoise": 1.5}, "denoise=1.5"),
     ({"denoise": float("nan")}, "denoise=nan"),

@@ -1,4 +1,5 @@
-"""Every registered sampler × scheduler on an analytic denoiser; convergence, cancel, callback, noise use."""
+"""Every registered logSNR-family sampler × scheduler on an analytic denoiser; convergence, cancel, callback, noise
+use (the σ family: test_ksamplers_behaviour.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from cascade_lab.diffusion import (
 from cascade_lab.plugins import registries
 
 MU, STD = 0.5, 0.8  # the data: every element i.i.d. N(MU, STD²)
-SAMPLERS = registries()["sampler"].names()
-SCHEDULERS = registries()["scheduler"].names()
+SAMPLERS = [s.name for s in registries()["sampler"] if s.space == "logsnr"]
+SCHEDULERS = [s.name for s in registries()["scheduler"] if s.space == "logsnr"]
 DETERMINISTIC = ["ddim", "euler", "dpmpp_2m"]
 
 

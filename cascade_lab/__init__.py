@@ -36,6 +36,18 @@ def unregister_plugin(plugin: object | str) -> None:
     _unregister(plugin)
 
 
+_NOISE = ("NoiseSource", "OfficialNoise", "ComfyNoise", "RecordedNoise")
+
+
+def __getattr__(name: str) -> Any:
+    """The noise sources (`cascade_lab.diffusion.noise`), imported with torch on first use only."""
+    if name in _NOISE:
+        from .diffusion import noise
+
+        return getattr(noise, name)
+    raise AttributeError(f"module 'cascade_lab' has no attribute {name!r}")
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext cascade_lab``: register the ``%cascade`` / ``%%cascade`` magics."""
     from .notebook.magics import load_ipython_extension as _load
@@ -52,7 +64,11 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Cascade",
+    "ComfyNoise",
     "GenerationParams",
+    "NoiseSource",
+    "OfficialNoise",
+    "RecordedNoise",
     "Sampler",
     "Scheduler",
     "UnknownNameError",

@@ -80,10 +80,11 @@ def main() -> None:
         def callback(d, _steps=steps):
             _steps.append((d["x"].clone(), d["denoised"].clone()))
 
+        schedule = sigmas.float().clone()  # UniPC writes 0.001 over a final 0 in the list it is given
         extra_args = {"model_options": {}, "seed": SEED}
         final = sampler.sampler_function(ToyModel(), x.clone(), sigmas, extra_args=extra_args, callback=callback,
                                          disable=True, **sampler.extra_options)
-        tensors[f"{name}.sigmas"] = sigmas.float().contiguous()
+        tensors[f"{name}.sigmas"] = schedule.contiguous()
         tensors[f"{name}.x_init"] = x.contiguous()
         tensors[f"{name}.final"] = final.contiguous()
         for i, (xi, di) in enumerate(steps):

@@ -155,8 +155,9 @@ class Cascade:
         self.loras = keep
 
     # -- jobs ------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", width: int = 1024,
-                 height: int = 1024, batch_size: int | None = None, seed: int | None = None, *,
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
+                 width: int | None = None, height: int | None = None, batch_size: int | None = None,
+                 seed: int | None = None, *,
                  image: ImageLike | None = None, strength: float = 1.0, variations: Sequence[ImageLike] = (),
                  variation_weights: Sequence[float] | None = None, compat: str = "official",
                  noise: Any = None, initial_noise: Any = None, init_latent: Any = None,
@@ -171,7 +172,8 @@ class Cascade:
 
         ``compat="comfyui"`` reproduces ComfyUI for the same seed and settings: its seeding (`ComfyNoise`), latent
         sizes (floor(size / compression), compression 42), model call and CFG without rescale; unset sampler and
-        scheduler names default to ComfyUI's euler_ancestral + simple and resolve to ComfyUI's samplers.
+        scheduler names default to ComfyUI's euler_ancestral + simple and resolve to ComfyUI's samplers. The size
+        defaults to 1024², or under ``compat="comfyui"`` with an ``image`` to the image's own size (as ComfyUI).
         ``noise`` (a `cascade_lab.diffusion.noise.NoiseSource`) replaces the seed's random numbers;
         ``initial_noise`` (a Stage C tensor, or ``{"c": ..., "b": ...}``) only the initial noise. ``init_latent``
         starts Stage C from a given Stage C latent (with ``strength`` or ``denoise`` < 1).
@@ -183,6 +185,10 @@ class Cascade:
             from .params import COMFYUI_DEFAULTS
 
             options = {**COMFYUI_DEFAULTS, **options}
+        if (width is None or height is None) and compat == "comfyui" and image is not None:
+            size = _image_tensor(image).shape[-2:]  # ComfyUI's StageC_VAEEncode sizes everything from the image
+            height, width = height or int(size[0]), width or int(size[1])
+        width, height = width or 1024, height or 1024
         prompt = _prompt_value("prompt", prompt)
         negative_prompt = _prompt_value("negative_prompt", negative_prompt)
         if batch_size is None:

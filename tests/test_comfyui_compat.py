@@ -173,3 +173,13 @@ def test_bad_input_fails_before_any_model_loads(monkeypatch, kwargs, words) -> N
         monkeypatch.setattr(Cascade, "_load", lambda self: pytest.fail("models loaded before the input check"))
     with pytest.raises((ValueError, KeyError), match=words):
         c.generate("x", width=128, height=128, seed=1, **kwargs)
+
+
+def test_comfyui_img2img_takes_its_sizes_from_the_image(cascade) -> None:  # type: ignore[no-untyped-def]
+    """StableCascade_StageC_VAEEncode: Stage C (H // c, W // c), Stage B (H // 8)·2 — a 200×150 input gives 200×144."""
+    image = torch.rand(1, 3, 150, 200)
+    result = cascade.generate("x", image=image, denoise=0.6, seed=2, compat="comfyui", compression=32, steps_c=4,
+                              steps_b=1)
+    assert (result.params.width, result.params.height) == (200, 150)
+    assert result.latent_c.shape == (1, 16, 4, 6) and result.latent_b.shape == (1, 4, 36, 50)
+    assert result.images[0].size == (200, 144)

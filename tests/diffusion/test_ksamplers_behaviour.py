@@ -13,7 +13,7 @@ from cascade_lab.plugins import registries
 MU, STD = 0.5, 0.8  # the data: every element i.i.d. N(MU, STD²)
 SAMPLERS = [s.name for s in registries()["sampler"] if s.space == "sigma"]
 SCHEDULERS = [s.name for s in registries()["scheduler"] if s.space == "sigma"]
-ADAPTIVE = {"dpm_adaptive"}  # chooses its own steps
+ADAPTIVE = {"dpm_adaptive", "dpm_fast"}  # choose their own steps between σ_max and the smallest σ > 0
 
 
 def gaussian_x0(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,8 @@ def test_every_sampler_with_every_scheduler(sampler_name: str, scheduler_name: s
     events: list[StepEvent] = []
     out = sampler.fn(gaussian_x0, x, sigmas, callback=events.append)
     assert out.shape == x.shape and torch.isfinite(out).all()
+    if sampler_name in ADAPTIVE and scheduler_name == "linear_quadratic":
+        return  # they stop at the smallest σ > 0, 42 for linear_quadratic at 8 steps: still noise, as ComfyUI's
     if sampler_name not in ADAPTIVE:
         assert [e.step for e in events] == list(range(len(sigmas) - 1))
         assert all(e.sigma is not None and e.sigma_next is not None for e in events)
@@ -47,7 +49,7 @@ def test_every_sampler_with_every_scheduler(sampler_name: str, scheduler_name: s
     assert 0 < out.std().item() < 5
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in ADAPTIVE])
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "dpm_adaptive"])
 def test_cancel_stops_between_steps(name: str) -> None:
     fn = registries()["sampler"].get(name).fn
     sigmas = registries()["scheduler"].get("simple").fn(6, shift=2.0)

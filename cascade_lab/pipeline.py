@@ -231,8 +231,9 @@ class Pipeline:
                 denoiser = GuidedDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
                                           step_t=step_t_lookup(plan.levels, plan.ts))
                 x, levels = plan.start_vp(), plan.levels
+            # shift: the model's schedule, which SA-Solver's default SDE window is defined on (ComfyUI's model_sampling)
             out = sampler.fn(denoiser, x.to(self.device), levels.to(self.device), noise=plan.noise,
-                             callback=on_step, cancel=cancel)
+                             callback=on_step, cancel=cancel, shift=plan.shift)
         if not isinstance(out, Tensor):
             raise TypeError(f"sampler {sampler.name!r} returned {type(out).__name__}, not a latent tensor; a sampler "
                             "must return the stage's result [B, C, H, W]")
@@ -348,6 +349,7 @@ class StagePlan:
     latent: Tensor | None  # the clean latent the stage starts from (img2img), VE/clean scale
     official_start: str  # "noise": x_vp = z; "diffuse": official img2img at shift 1; "": ComfyUI's noise_scaling
     t_start: float = 1.0
+    shift: float = 1.0  # the stage's schedule shift
 
     @property
     def steps(self) -> int:
@@ -415,7 +417,7 @@ def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float,
                          f"whose latent is {tuple(shape)}")
     official = compat != "comfyui" and denoise > 0.9999
     start = ("diffuse" if latent is not None else "noise") if official else ""
-    return StagePlan(sampler, levels, sigmas, ts, source.steps(stage), z.float(), latent, start, t_start)
+    return StagePlan(sampler, levels, sigmas, ts, source.steps(stage), z.float(), latent, start, t_start, shift)
 
 
 __all__ = ["CancelToken", "Cancelled", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput", "StagePlan", "Stages",

@@ -28,7 +28,7 @@ def test_user_compression_factor() -> None:
     ({"height": 1020}, "height=1020"),
     ({"steps_c": 0}, "steps_c=0: use at least 1 step"),
     ({"steps_b": 0}, "steps_b=0"),
-    ({"cfg_c": -1.0}, "cfg_c=-1.0: classifier-free guidance must be ≥ 0"),
+    ({"cfg_c": -1.0}, "cfg_c=-1.0: classifier-free guidance must be a finite number ≥ 0"),
     ({"shift_c": 0.0}, "shift_c=0.0: shift must be > 0"),
     ({"strength": 0.0}, r"strength=0.0: use a value in \(0, 1\]"),
     ({"strength": 1.5}, "strength=1.5"),

@@ -217,19 +217,18 @@ def _stage_c_only(pipeline: Any, params: Any, stage_c: Any) -> Any:
     """Stage C from noise with the pipeline's pieces (no Stage B/A): the latent [1, 16, h, w]."""
     import torch
 
-    from ..diffusion import generator_noise
-    from ..plugins import get_scheduler
+    from ..diffusion.noise import OfficialNoise
+    from ..pipeline import plan_stage
+    from ..plugins import get_sampler, get_scheduler
 
-    generator = torch.Generator().manual_seed(params.seed)
-    cond, uncond = pipeline.encode_text([params.prompt], [params.negative_prompt])
+    cond, uncond = pipeline.encode_text(params.prompts, params.negative_prompts)
     clip_img = torch.zeros(1, 1, stage_c.clip_img_mapper.in_features)
     cond["clip_img"], uncond["clip_img"] = clip_img, clip_img
     h, w = params.latent_size_c
-    x = torch.randn((1, 16, h, w), generator=generator)
-    levels = get_scheduler(params.scheduler_c).fn(params.steps_c, shift=params.shift_c)
-    return pipeline.sample_stage("c", pipeline.stages.stage_c, torch.float32, x, levels, cond, uncond,
-                                 cfg=params.cfg_c, cfg_rho=params.cfg_rho, sampler=params.sampler_c,
-                                 noise=generator_noise(generator), callback=None, cancel=None, trajectory=None)
-
+    plan = plan_stage(get_sampler(params.sampler_c, params.compat), get_scheduler(params.scheduler_c, params.compat),
+                      params.steps_c, params.shift_c, params.denoise, 1.0, OfficialNoise(params.seed), "c",
+                      (1, 16, h, w), None, params.compat)
+    return pipeline.sample_stage("c", pipeline.stages.stage_c, torch.float32, plan, cond, uncond, cfg=params.cfg_c,
+                                 cfg_rho=params.cfg_rho, callback=None, cancel=None, trajectory=None)
 
 __all__ = ["SampleImage", "SamplePrompt", "load_prompts", "parse_prompt_line", "render_samples"]

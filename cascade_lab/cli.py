@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--variant", default="auto", help="weight variant (see `cascade-lab variants`)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1536")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, default=None, help="default 1024 (ComfyUI img2img: the image's)")
+    gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--steps", "--steps-c", dest="steps_c", type=int, default=20, help="Stage C steps")
     gen.add_argument("--steps-b", type=int, default=10)
@@ -32,11 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-b", type=float, default=1.1)
     gen.add_argument("--shift", "--shift-c", dest="shift_c", type=float, default=2.0)
     gen.add_argument("--shift-b", type=float, default=1.0)
-    gen.add_argument("--sampler", "--sampler-c", dest="sampler_c", default="ddpm")
-    gen.add_argument("--sampler-b", default="ddpm")
-    gen.add_argument("--scheduler", "--scheduler-c", dest="scheduler_c", default="cosine")
-    gen.add_argument("--scheduler-b", default="cosine")
-    gen.add_argument("--cfg-rho", type=float, default=0.7, help="CFG rescale mix (official 0.7)")
+    gen.add_argument("--sampler", "--sampler-c", dest="sampler_c", default=None,
+                     help="Stage C sampler (official: ddpm; --compat comfyui: euler_ancestral); see `samplers`")
+    gen.add_argument("--sampler-b", default=None, help="Stage B sampler (default: as Stage C's default)")
+    gen.add_argument("--scheduler", "--scheduler-c", dest="scheduler_c", default=None,
+                     help="Stage C scheduler (official: cosine; --compat comfyui: simple); see `schedulers`")
+    gen.add_argument("--scheduler-b", default=None)
+    gen.add_argument("--cfg-rho", type=float, default=None, help="CFG rescale mix (official 0.7, ComfyUI 0)")
+    gen.add_argument("--compat", choices=["official", "comfyui"], default="official",
+                     help="comfyui: ComfyUI's seeding, latent sizes, CFG and samplers, for ComfyUI's image with "
+                          "ComfyUI's seed and settings (docs/comfyui.md)")
+    gen.add_argument("--denoise", type=float, default=None, help="ComfyUI's partial schedule, in (0, 1]")
+    gen.add_argument("--seed-b", type=int, default=None, help="Stage B's own seed under --compat comfyui")
+    gen.add_argument("--compression", type=float, default=None,
+                     help="image pixels per Stage C latent pixel (official 42.67, ComfyUI 42)")
     gen.add_argument("--image", default=None, help="img2img input image")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8 with --image)")
     gen.add_argument("--device", default=None)
@@ -65,7 +74,13 @@ def generate(args: argparse.Namespace) -> int:
     from .api import Cascade
 
     width, height = parse_size(args.size) if args.size else (args.width, args.height)
-    strength = args.strength if args.strength is not None else (0.8 if args.image else 1.0)
+    strength = args.strength if args.strength is not None else (0.8 if args.image and not args.denoise else 1.0)
+    options = {key: getattr(args, key) for key in ("sampler_c", "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho",
+                                                   "denoise", "seed_b", "compression")
+               if getattr(args, key) is not None}
+    for kind in ("sampler", "scheduler"):  # one name for Stage C and no Stage B name: both stages
+        if f"{kind}_c" in options and f"{kind}_b" not in options:
+            options[f"{kind}_b"] = options[f"{kind}_c"]
     bars: dict[str, object] = {}
 
     def progress(event: Any) -> None:
@@ -83,9 +98,8 @@ def generate(args: argparse.Namespace) -> int:
     result = cascade.generate(
         args.prompt, args.negative, width=width, height=height, batch_size=args.batch_size, seed=args.seed,
         image=args.image, strength=strength, steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,
-        cfg_b=args.cfg_b, shift_c=args.shift_c, shift_b=args.shift_b, sampler_c=args.sampler_c,
-        sampler_b=args.sampler_b, scheduler_c=args.scheduler_c, scheduler_b=args.scheduler_b,
-        cfg_rho=args.cfg_rho, callback=None if args.quiet else progress,
+        cfg_b=args.cfg_b, shift_c=args.shift_c, shift_b=args.shift_b, compat=args.compat,
+        callback=None if args.quiet else progress, **options,
     )
     for bar in bars.values():
         bar.close()  # type: ignore[attr-defined]

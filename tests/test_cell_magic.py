@@ -113,11 +113,21 @@ def test_unset_options_are_left_to_the_session_defaults(shell: Any, calls: list[
     ("--size huge", "argument --size: 'huge' is not a size"),
     ("--size 50:1", "argument --size: the ratio 50:1 is too extreme"),
     ("--steps-c 0", "argument --steps-c: '0': use a whole number ≥ 1"),
-    ("--cfg-b -1", "argument --cfg-b: '-1': use a number ≥ 0"),
+    ("--cfg-b -1", "argument --cfg-b: '-1': give a finite number ≥ 0"),
+    ("--cfg-c inf", "argument --cfg-c: 'inf': give a finite number ≥ 0"),
+    ("--cfg-c 4,2,1", "argument --cfg-c: '4,2,1': give a finite number ≥ 0 .*or A,B"),
     ("--shift-c 0", "argument --shift-c: '0': use a number > 0"),
     ("--cfg-rescale 2", "argument --cfg-rescale: '2': use a number in \\[0, 1\\]"),
     ("-b 0", "argument -b/--batch: '0'"),
-    ("--sampler nope", "argument --sampler: unknown sampler 'nope'; available: ddim"),
+    ("--sampler nope", "argument --sampler: unknown sampler 'nope'; available under compat='comfyui': ComfyUI's "
+     ".*euler_ancestral.*; others: .*ddpm"),
+    ("--compat comfyui --sampler-c comfyui.heun", "argument --sampler-c: unknown sampler 'comfyui.heun'"),
+    ("--compat comfy", "argument --compat: invalid choice: 'comfy'"),
+    ("--denoise 0", "argument --denoise: '0': use a number in \\(0, 1\\]"),
+    ("--denoise 1.5", "argument --denoise: '1.5'"),
+    ("--denoise nan", "argument --denoise: 'nan'"),
+    ("-i img.png --strength 0.5 --denoise 0.5", "give one of the two partial schedules"),
+    ("--seed-b -3", "argument --seed-b: '-3'"),
     ("--scheduler-b nope", "argument --scheduler-b: unknown scheduler 'nope'"),
     ("-v huge", "argument -v/--variant: unknown variant 'huge'"),
     ("--dtype float16", "argument --dtype: invalid choice: 'float16'"),
@@ -401,3 +411,38 @@ def test_named_sizes_are_the_fitted_ratios() -> None:
         assert w % 128 == 0 and h % 128 == 0 and 0.75 < w * h / 1024**2 < 1.3
     assert parse_size("1024x1536") == (1024, 1536) and parse_size("768") == (768, 768)
     assert parse_size("4:3") == (1152, 896)
+
+
+# -- ComfyUI compatibility and prompt batches (issue 15) --------------------------------------------------------
+def test_comfyui_options_are_passed_through(shell: Any, calls: list[dict[str, Any]]) -> None:
+    shell.run_cell_magic("cascade", "--compat comfyui --sampler euler_ancestral --scheduler simple -s 314307448448003 "
+                         "--seed-b 183495397600639 --denoise 0.6 --compression 32 --cfg-c 8,2", "a cat\n")
+    [call] = calls
+    assert passed(call) == {
+        "compat": "comfyui", "sampler_c": "euler_ancestral", "sampler_b": "euler_ancestral", "scheduler_c": "simple",
+        "scheduler_b": "simple", "seed": 314307448448003, "seed_b": 183495397600639, "denoise": 0.6,
+        "compression": 32.0, "cfg_c": (8.0, 2.0), "loras": [], "variant": None, "device": None, "dtype": None}
+
+
+def test_next_lines_make_one_prompt_per_image(shell: Any, calls: list[dict[str, Any]]) -> None:
+    shell.run_cell_magic("cascade", "", "a {red} cat\n--- next ---\na $blue dog\n--- negative ---\nblurry\n")
+    shell.run_cell_magic("cascade", "", "a\n--- next ---\nb\n--- negative ---\nx\n--- next ---\ny\n")
+    assert calls[0]["prompt"] == ["a {red} cat", "a $blue dog"] and calls[0]["negative_prompt"] == "blurry"
+    assert calls[1]["prompt"] == ["a", "b"] and calls[1]["negative_prompt"] == ["x", "y"]
+    with pytest.raises(UsageError, match="prompt 2 of the batch is empty"):
+        shell.run_cell_magic("cascade", "", "a\n--- next ---\n\n")
+    with pytest.raises(UsageError, match="-b/--batch 3: the body has 2 prompts"):
+        shell.run_cell_magic("cascade", "-b 3", "a\n--- next ---\nb\n")
+    with pytest.raises(UsageError, match="2 negative prompts for 3 prompt"):
+        shell.run_cell_magic("cascade", "", "a\n--- next ---\nb\n--- next ---\nc\n--- negative ---\nx\n"
+                                            "--- next ---\ny\n")
+
+
+def test_a_comfyui_cell_runs_comfyuis_sampler_with_its_defaults(shell: Any, session: Session) -> None:
+    shell.run_cell_magic("cascade", "--compat comfyui -s 5 -o r", "a\n--- next ---\nb\n")
+    result = shell.user_ns["r"]
+    p = result.params
+    assert (p.compat, p.sampler_c, p.scheduler_c, p.compression, p.cfg_rho) == \
+        ("comfyui", "euler_ancestral", "simple", 42.0, 0.0)
+    assert p.prompts == ["a", "b"] and len(result.images) == 2
+    assert result.latent_c.shape == (2, 16, 3, 3)  # 128 // 42

@@ -116,16 +116,21 @@ class LaterSampler:
         register(Sampler("panel_test_later", "DDIM under another name (test)", sample_ddim))
 
 
+def names(dropdown: Any) -> list[str]:
+    """The values of a dropdown whose options are (label, value) pairs."""
+    return [value for _, value in dropdown.options]
+
+
 def test_dropdowns_show_a_plugin_registered_later(panel: GenerationPanel) -> None:
-    assert "panel_test_later" not in panel.stage["c"]["sampler"].options
+    assert "panel_test_later" not in names(panel.stage["c"]["sampler"])
     cascade_lab.register_plugin(LaterSampler, name="panel_test_later_plugin")
     try:
         panel._repr_mimebundle_()  # displaying the panel again refreshes the lists
         for stage in ("c", "b"):
-            assert "panel_test_later" in panel.stage[stage]["sampler"].options
+            assert "panel_test_later" in names(panel.stage[stage]["sampler"])
         cascade_lab.unregister_plugin("panel_test_later_plugin")
         panel.refresh.click()  # so does the refresh button
-        assert "panel_test_later" not in panel.stage["c"]["sampler"].options
+        assert "panel_test_later" not in names(panel.stage["c"]["sampler"])
         cascade_lab.register_plugin(LaterSampler, name="panel_test_later_plugin")
         panel.refresh.click()
         panel.stage["c"]["sampler"].value = "panel_test_later"
@@ -135,8 +140,8 @@ def test_dropdowns_show_a_plugin_registered_later(panel: GenerationPanel) -> Non
     finally:
         cascade_lab.unregister_plugin("panel_test_later_plugin")
     panel.generate_button.click()  # Generate refreshes too: the gone sampler falls back to a registered one
-    assert "panel_test_later" not in panel.stage["c"]["sampler"].options
-    assert panel.stage["c"]["sampler"].value in panel.stage["c"]["sampler"].options
+    assert "panel_test_later" not in names(panel.stage["c"]["sampler"])
+    assert panel.stage["c"]["sampler"].value in names(panel.stage["c"]["sampler"])
     panel.wait(TIMEOUT)
 
 
@@ -264,3 +269,28 @@ def test_the_gallery_keeps_the_newest_results(session: Session) -> None:
     assert seeds == [1, 2, 3] and [r.params.seed for r in panel.results] == [2, 3]
     assert len(panel.gallery.children) == 2
     assert "seed 3" in panel.gallery.children[0].children[-1].children[0].value  # newest first
+
+
+def test_compat_switch_denoise_and_family_labels(panel: GenerationPanel) -> None:
+    """Issue 15: the ComfyUI mode from the panel, its defaults, and the copied cell that replays it."""
+    sampler = panel.stage["c"]["sampler"]
+    labels = dict((value, label) for label, value in sampler.options)
+    assert labels["ddpm"] == "ddpm (official)" and labels["uni_pc"] == "uni_pc (comfyui)"
+    assert labels["comfyui.euler_ancestral"] == "comfyui.euler_ancestral (comfyui)"
+    panel.compat.value = "comfyui"  # official defaults are swapped for ComfyUI's
+    assert [panel.stage[s][k].value for s in "cb" for k in ("sampler", "scheduler")] == \
+        ["euler_ancestral", "simple"] * 2
+    panel.stage["b"]["sampler"].value = "dpmpp_2m_sde"
+    panel.denoise.value = 0.75
+    params = panel.params()
+    assert (params.compat, params.compression, params.cfg_rho, params.denoise) == ("comfyui", 42.0, 0.0, 0.75)
+    cell = cascade_cell(params)
+    assert "--compat comfyui" in cell and "--denoise 0.75" in cell and "--sampler-b dpmpp_2m_sde" in cell
+    request = parse_cell(cell.split("\n", 1)[0].removeprefix("%%cascade "), cell.split("\n", 1)[1] + "\n", {})
+    assert request.options["compat"] == "comfyui" and request.options["sampler_b"] == "dpmpp_2m_sde"
+    panel.generate_button.click()
+    result = panel.wait(TIMEOUT)
+    assert result is not None and result.params.compat == "comfyui", panel.error_box.value
+    assert result.params.sampler_b == "dpmpp_2m_sde" and result.params.denoise == 0.75
+    panel.compat.value = "official"  # back: the ComfyUI defaults still in place go back to the official ones
+    assert panel.stage["c"]["sampler"].value == "ddpm" and panel.stage["b"]["sampler"].value == "dpmpp_2m_sde"

@@ -16,14 +16,14 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, observe
 
-from .options import NEGATIVE_SEPARATOR, PARSER, parse_cell, parse_size, size_table
+from .options import NEGATIVE_SEPARATOR, NEXT_SEPARATOR, PARSER, parse_cell, parse_size, size_table
 from .session import Defaults, JobRunning, LoraUnavailable, free_memory, get_session
 
 HELP = f"""\
 %%cascade [options]      generate images; the cell body is the prompt, taken verbatim
 %cascade plugins         list plugins: version, hooks, registered names, load errors
-%cascade samplers        list samplers
-%cascade schedulers      list schedulers
+%cascade samplers        list samplers by family (official, comfyui, plugins')
+%cascade schedulers      list schedulers by family
 %cascade variants        list weight variants: memory needed, files present on this machine
 %cascade config [k=v..]  show or set the defaults (also %config CascadeMagics.default_variant = "lite_bf16")
 %cascade panel           open the generation panel (ipywidgets)
@@ -45,6 +45,13 @@ only the line break IPython ends every cell with is dropped. Add --expand to fil
 or $name from notebook variables (plain names only, nothing is evaluated; $$ {{{{ }}}} stay literal).
 A long negative prompt goes in the body too, after a line that reads exactly:
     {NEGATIVE_SEPARATOR}
+A batch of different prompts, one image each: separate them with lines that read exactly
+    {NEXT_SEPARATOR}
+(after the negative line too, for one negative prompt per image).
+
+Coming from ComfyUI: --compat comfyui gives ComfyUI's image for ComfyUI's seed and settings (its seeding,
+latent sizes, CFG, and its 44 samplers / 9 schedulers under their own names, euler_ancestral + simple unless
+given); --seed-b is the second KSampler's seed, --denoise its partial schedule. See docs/comfyui.md.
 Stop a job with the kernel's interrupt (or %cascade cancel): it stops between two steps, keeps the last
 preview and frees memory; the session is ready for the next job.
 

@@ -19,6 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 
 NEGATIVE_SEPARATOR = "--- negative ---"  # a body line on its own: what follows is the negative prompt
+NEXT_SEPARATOR = "--- next ---"  # a body line on its own: the next image's prompt of the batch follows
 AREA = 1024 * 1024  # named sizes keep about the official 1024² pixels
 GRID = 128  # ... in multiples of 128 (every latent size divides evenly)
 # Named aspect ratios → (width, height), exactly what `fit_ratio` gives for each ratio.
@@ -91,11 +92,25 @@ def _typed(convert: Callable[[str], Any], check: Callable[[Any], bool], need: st
 
 
 positive_int = _typed(int, lambda v: v >= 1, "a whole number ≥ 1")
-seed_int = _typed(int, lambda v: 0 <= v < 2**63, "a whole number in [0, 2**63)")
+seed_int = _typed(int, lambda v: 0 <= v < 2**64, "a whole number in [0, 2**64) (2**63 outside --compat comfyui)")
 non_negative = _typed(float, lambda v: v >= 0, "a number ≥ 0")
 positive = _typed(float, lambda v: v > 0, "a number > 0")
 unit_open = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 unit = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def cfg_arg(text: str) -> float | tuple[float, float]:
+    """``X`` or ``A,B`` (a pair interpolated over the steps, A at the first): finite numbers ≥ 0."""
+    parts = text.split(",")
+    if len(parts) in (1, 2):
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            values = []
+        if values and all(math.isfinite(v) and v >= 0 for v in values):
+            return values[0] if len(values) == 1 else (values[0], values[1])
+    raise argparse.ArgumentTypeError(f"{text!r}: give a finite number ≥ 0 (1 = no guidance), or A,B for a pair "
+                                     "interpolated over the steps")
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -107,14 +122,16 @@ def size_arg(text: str) -> tuple[int, int]:
 
 def _registered(kind: str) -> Callable[[str], str]:
     def check(name: str) -> str:
-        from .. import plugins
+        from .session import known_name
 
-        getter = {"sampler": plugins.get_sampler, "scheduler": plugins.get_scheduler,
-                  "variant": plugins.get_variant}[kind]
-        if kind == "variant" and name == "auto":
-            return name
         try:
-            getter(name)
+            if kind == "variant":
+                from .. import plugins
+
+                if name != "auto":
+                    plugins.get_variant(name)
+            else:
+                known_name(kind, name)  # checked again in the cell's compat mode
         except KeyError as exc:
             raise argparse.ArgumentTypeError(str(exc).strip("'\"")) from None
         return name
@@ -157,9 +174,17 @@ def build_parser() -> MagicArgumentParser:
     add("--dtype", choices=("float32", "bfloat16"), help="compute dtype of Stage C (never float16)")
     for stage, name in (("c", "Stage C"), ("b", "Stage B")):
         add(f"--steps-{stage}", type=positive_int, metavar="N", help=f"{name} steps")
-        add(f"--cfg-{stage}", type=non_negative, metavar="X", help=f"{name} classifier-free guidance (1 = off)")
+        add(f"--cfg-{stage}", type=cfg_arg, metavar="X", help=f"{name} classifier-free guidance (1 = off; A,B: "
+            "from A at the first step to B at the last)")
         add(f"--shift-{stage}", type=positive, metavar="X", help=f"{name} noise-schedule shift")
     add("--cfg-rescale", type=unit, metavar="RHO", help="CFG rescale mix ρ (official 0.7)")
+    add("--compat", choices=("official", "comfyui"), help="official (default): the official code's seeding, sizes "
+        "and CFG; comfyui: ComfyUI's, for the same image as ComfyUI with the same seed (docs/comfyui.md)")
+    add("--denoise", type=unit_open, metavar="X", help="ComfyUI's partial schedule: the last steps of steps/X "
+        "(with --image: img2img the ComfyUI way)")
+    add("--seed-b", type=seed_int, metavar="N", help="Stage B's own seed under --compat comfyui (default: --seed)")
+    add("--compression", type=positive, metavar="X", help="image pixels per Stage C latent pixel (official 42.67, "
+        "ComfyUI 42; its img2img example 32)")
     add("--sampler", type=_registered("sampler"), help="sampler for both stages")
     add("--sampler-c", type=_registered("sampler"), metavar="NAME", help="Stage C sampler")
     add("--sampler-b", type=_registered("sampler"), metavar="NAME", help="Stage B sampler")
@@ -191,8 +216,8 @@ PARSER = build_parser()
 class CellRequest:
     """A parsed ``%%cascade`` cell: the prompt pair, the job options, and what to do with the result."""
 
-    prompt: str
-    negative_prompt: str
+    prompt: str | list[str]  # a list: one prompt per image (sections split by "--- next ---")
+    negative_prompt: str | list[str]
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for `Session.generate`
     out: str | None = None
     save: str | None = None
@@ -210,6 +235,23 @@ def split_body(cell: str) -> tuple[str, str | None]:
             prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1] if prompt.endswith("\n") else prompt
             return prompt, "".join(lines[i + 1:])
     return body, None
+
+
+def split_prompts(prompt: str) -> str | list[str]:
+    """The prompt, or one prompt per image where lines reading ``--- next ---`` separate them (verbatim)."""
+    lines = prompt.splitlines(keepends=True)
+    if not any(line.strip().lower() == NEXT_SEPARATOR for line in lines):
+        return prompt
+    parts: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if line.strip().lower() == NEXT_SEPARATOR:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    parts.append("".join(current))
+    return [p[:-2] if p.endswith("\r\n") else p[:-1] if p.endswith("\n") else p for p in parts]
 
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -258,11 +300,34 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
     if not prompt.strip():
         raise UsageError("%%cascade: the cell body is the prompt and it is empty; write the prompt below the "
                          "%%cascade line")
+    prompts = split_prompts(prompt)
+    if isinstance(prompts, list):
+        empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+        if empty:
+            raise UsageError(f"%%cascade: prompt {empty[0]} of the batch is empty; write one prompt between each "
+                             f"'{NEXT_SEPARATOR}' line")
+        if args.batch is not None and args.batch != len(prompts):
+            raise UsageError(f"-b/--batch {args.batch}: the body has {len(prompts)} prompts separated by "
+                             f"'{NEXT_SEPARATOR}'; leave --batch out (one image per prompt)")
     if negative is not None and args.negative is not None:
         raise UsageError(f"--negative: the body already has a negative prompt after '{NEGATIVE_SEPARATOR}'; "
                          "give one or the other")
     if args.strength is not None and args.image is None:
         raise UsageError("--strength needs --image (img2img); without an input image every job starts from noise")
+    if args.strength is not None and args.denoise is not None:
+        raise UsageError(f"--strength {args.strength} and --denoise {args.denoise}: give one of the two partial "
+                         "schedules (--strength: the official one, --denoise: ComfyUI's)")
+    compat = args.compat or "official"
+    for kind in ("sampler", "scheduler"):
+        for attr in (kind, f"{kind}_c", f"{kind}_b"):
+            name = getattr(args, attr)
+            if name is not None:
+                from .session import known_name
+
+                try:
+                    known_name(kind, name, compat if args.compat else None)
+                except KeyError as exc:
+                    raise UsageError(f"--{attr.replace('_', '-')} {name}: {str(exc).strip(chr(39))}") from None
     if args.out is not None and not args.out.isidentifier():
         raise UsageError(f"-o/--out {args.out!r}: not a valid Python variable name")
     if args.save is not None and not args.save.lower().endswith(".png"):
@@ -273,7 +338,8 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
         opts["width"], opts["height"] = args.size
     simple = {"seed": "seed", "batch": "batch_size", "variant": "variant", "device": "device", "dtype": "dtype",
               "steps_c": "steps_c", "steps_b": "steps_b", "cfg_c": "cfg_c", "cfg_b": "cfg_b",
-              "shift_c": "shift_c", "shift_b": "shift_b", "cfg_rescale": "cfg_rho", "trajectory": "keep_trajectory"}
+              "shift_c": "shift_c", "shift_b": "shift_b", "cfg_rescale": "cfg_rho", "trajectory": "keep_trajectory",
+              "compat": "compat", "denoise": "denoise", "seed_b": "seed_b", "compression": "compression"}
     for attr, key in simple.items():
         if getattr(args, attr) is not None:
             opts[key] = getattr(args, attr)
@@ -284,7 +350,8 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
                 opts[f"{kind}_{stage}"] = value
     if args.image is not None:
         opts["image"] = resolve_image("--image", args.image, namespace)
-        opts["strength"] = args.strength if args.strength is not None else 0.8
+        if args.denoise is None:
+            opts["strength"] = args.strength if args.strength is not None else 0.8
     if args.variation:
         opts["variations"] = [resolve_image("--variation", spec, namespace) for spec, _ in args.variation]
         opts["variation_weights"] = [weight for _, weight in args.variation]
@@ -293,4 +360,9 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
             raise UsageError(f"--lora {path!r}: file not found")
     opts["loras"] = list(args.lora)  # per cell: a cell without --lora runs without any
     negative = negative if negative is not None else args.negative or ""
-    return CellRequest(prompt, negative, opts, args.out, args.save, args.preview)
+    negatives = split_prompts(negative)  # one per image, or one for all
+    if isinstance(negatives, list) and (not isinstance(prompts, list) or len(negatives) != len(prompts)):
+        count = len(prompts) if isinstance(prompts, list) else 1
+        raise UsageError(f"%%cascade: {len(negatives)} negative prompts for {count} prompt(s); give one negative "
+                         f"prompt for all, or one per prompt separated by '{NEXT_SEPARATOR}'")
+    return CellRequest(prompts, negatives, opts, args.out, args.save, args.preview)

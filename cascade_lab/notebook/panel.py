@@ -33,7 +33,8 @@ SIZE_PRESETS: list[tuple[int, int]] = [
 STAGE_FIELDS = ("steps", "cfg", "shift", "sampler", "scheduler")
 # `GenerationParams` fields a panel job passes to `Session.generate` (besides prompt, negative and variant)
 JOB_FIELDS = ("width", "height", "batch_size", "seed", "steps_c", "steps_b", "cfg_c", "cfg_b", "shift_c", "shift_b",
-              "sampler_c", "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho", "compression")
+              "sampler_c", "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho", "compression", "compat", "denoise",
+              "seed_b")
 
 
 def cascade_cell(params: GenerationParams) -> str:
@@ -43,22 +44,40 @@ def cascade_cell(params: GenerationParams) -> str:
     scheduler), the rest only when it differs from the official value; the negative prompt goes in the body
     after the separator line, so no quoting can break it.
     """
-    from .options import NEGATIVE_SEPARATOR
+    from .options import NEGATIVE_SEPARATOR, NEXT_SEPARATOR
+
+    def cfg(value: float | tuple[float, float]) -> str:
+        return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
 
     base = GenerationParams("")
     words = [f"--seed {params.seed}", f"--size {params.width}x{params.height}",
              f"--variant {params.variant}", f"--steps-c {params.steps_c}", f"--steps-b {params.steps_b}",
-             f"--cfg-c {params.cfg_c:g}", f"--cfg-b {params.cfg_b:g}"]
+             f"--cfg-c {cfg(params.cfg_c)}", f"--cfg-b {cfg(params.cfg_b)}"]
+    if params.compat != base.compat:
+        words.append(f"--compat {params.compat}")
+    if params.seed_b is not None:
+        words.append(f"--seed-b {params.seed_b}")
+    if params.denoise != base.denoise:
+        words.append(f"--denoise {params.denoise:g}")
+    if params.compression != base.compression:
+        words.append(f"--compression {params.compression:g}")
     words += [f"--shift-{s} {getattr(params, f'shift_{s}'):g}" for s in ("c", "b")
               if getattr(params, f"shift_{s}") != getattr(base, f"shift_{s}")]
     for kind in ("sampler", "scheduler"):
         c, b = getattr(params, f"{kind}_c"), getattr(params, f"{kind}_b")
         words += [f"--{kind} {c}"] if c == b else [f"--{kind}-c {c}", f"--{kind}-b {b}"]
-    if params.batch_size != 1:
+    if params.batch_size != 1 and isinstance(params.prompt, str):
         words.append(f"--batch {params.batch_size}")
     if params.cfg_rho != base.cfg_rho:
         words.append(f"--cfg-rescale {params.cfg_rho:g}")
-    body = params.prompt + (f"\n{NEGATIVE_SEPARATOR}\n{params.negative_prompt}" if params.negative_prompt else "")
+
+    def section(value: str | tuple[str, ...]) -> str:
+        return value if isinstance(value, str) else f"\n{NEXT_SEPARATOR}\n".join(value)
+
+    negative = params.negative_prompt
+    if isinstance(negative, tuple) and len(set(negative)) == 1:
+        negative = negative[0]
+    body = section(params.prompt) + (f"\n{NEGATIVE_SEPARATOR}\n{section(negative)}" if any(negative) else "")
     return "%%cascade " + " ".join(words) + "\n" + body
 
 
@@ -139,6 +158,12 @@ class GenerationPanel:
         self.new_seed_each_run = widgets.Checkbox(p.seed is None, description="new seed each run", indent=False)
         self.randomise.on_click(lambda _: self.randomise_seed())
         self.variant = widgets.Dropdown(options=[variant], value=variant, description="variant")
+        self.compat = widgets.Dropdown(options=[("official", "official"), ("ComfyUI", "comfyui")], value=p.compat,
+                                       description="compat", tooltip="comfyui: ComfyUI's seeding, sizes, CFG and "
+                                       "samplers: ComfyUI's image for ComfyUI's seed and settings")
+        self.denoise = widgets.BoundedFloatText(p.denoise, min=0.01, max=1.0, step=0.05, description="denoise",
+                                                layout=widgets.Layout(width="160px"))
+        self.compat.observe(self._on_compat, "value")
         self.refresh = widgets.Button(icon="refresh", tooltip="reload the sampler, scheduler and variant lists "
                                       "(plugins registered since)", layout=widgets.Layout(width="40px"))
         self.refresh.on_click(lambda _: self.refresh_options())
@@ -164,6 +189,7 @@ class GenerationPanel:
             widgets.HBox([self.size, self.width, self.height, self.batch_size]),
             widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
             widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant, self.refresh]),
+            widgets.HBox([self.compat, self.denoise]),
             widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
             self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
@@ -177,6 +203,20 @@ class GenerationPanel:
         presets = [value for _, value in self.size.options]
         self.size.value = pair if pair in presets else None
 
+    def _on_compat(self, change: dict[str, Any]) -> None:
+        """Switching compat swaps the samplers and schedulers still at one mode's defaults for the other's."""
+        from ..params import COMFYUI_DEFAULTS
+
+        official = GenerationParams("")
+        pairs = [(getattr(official, f"{kind}_{s}"), COMFYUI_DEFAULTS[f"{kind}_{s}"])
+                 for kind in ("sampler", "scheduler") for s in ("c", "b")]
+        for (kind, s), (before, after) in zip([(k, s) for k in ("sampler", "scheduler") for s in ("c", "b")], pairs,
+                                              strict=True):
+            old, new = (before, after) if change["new"] == "comfyui" else (after, before)
+            dropdown = self.stage[s][kind]
+            if dropdown.value == old and new in [value for _, value in dropdown.options]:
+                dropdown.value = new
+
     def refresh_options(self) -> None:
         """Fill the sampler, scheduler and variant lists from the plugin registries (picks up new plugins)."""
         from ..plugins import registries
@@ -187,7 +227,8 @@ class GenerationPanel:
         self._seen_registries = regs
         for s in ("c", "b"):
             for kind in ("sampler", "scheduler"):
-                _set_options(self.stage[s][kind], regs[kind].names())
+                labelled = [(f"{r.name} ({r.family})" if r.family else r.name, r.name) for r in regs[kind]]
+                _set_options(self.stage[s][kind], labelled)
         _set_options(self.variant, ["auto", *regs["variant"].names()])
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
@@ -200,15 +241,23 @@ class GenerationPanel:
         values: dict[str, Any] = {
             "prompt": self.prompt.value, "negative_prompt": self.negative.value, "width": self.width.value,
             "height": self.height.value, "batch_size": self.batch_size.value, "seed": self.seed.value,
-            "variant": self.variant.value,
+            "variant": self.variant.value, "compat": self.compat.value, "denoise": self.denoise.value,
         }
         for s in ("c", "b"):
             values.update({f"{name}_{s}": self.stage[s][name].value for name in STAGE_FIELDS})
+        official = GenerationParams("")
+        if values["compat"] == "comfyui":  # the form has no fields for these: ComfyUI's unless set otherwise
+            from ..params import COMFYUI_DEFAULTS
+
+            for key in ("compression", "cfg_rho"):
+                if getattr(self.base, key) == getattr(official, key):
+                    values[key] = COMFYUI_DEFAULTS[key]
         params = self.base.replace(**values).validate()
         from ..plugins import get_sampler, get_scheduler, get_variant
 
         for s in ("c", "b"):
-            get_sampler(getattr(params, f"sampler_{s}")), get_scheduler(getattr(params, f"scheduler_{s}"))
+            get_sampler(getattr(params, f"sampler_{s}"), params.compat)
+            get_scheduler(getattr(params, f"scheduler_{s}"), params.compat)
         if params.variant != "auto":
             get_variant(params.variant)
         return params
@@ -365,9 +414,10 @@ class GenerationPanel:
         return text
 
 
-def _set_options(dropdown: widgets.Dropdown, names: list[str]) -> None:
-    """Replace a dropdown's options, keeping the current choice when it still exists."""
+def _set_options(dropdown: widgets.Dropdown, options: list[str] | list[tuple[str, str]]) -> None:
+    """Replace a dropdown's options (names, or (label, name) pairs), keeping the current choice when it exists."""
     current = dropdown.value
-    if list(dropdown.options) != names:
-        dropdown.options = names
-        dropdown.value = current if current in names else (names[0] if names else None)
+    values = [o[1] if isinstance(o, tuple) else o for o in options]
+    if list(dropdown.options) != list(options):
+        dropdown.options = options
+        dropdown.value = current if current in values else (values[0] if values else None)

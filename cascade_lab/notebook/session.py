@@ -38,6 +38,7 @@ class Defaults:
     cfg_b: float = 1.1
     sampler: str = "ddpm"  # both stages
     scheduler: str = "cosine"  # both stages
+    compat: str = "official"  # "comfyui": ComfyUI's seeding, sizes, samplers (unset sampler/scheduler: ComfyUI's)
     preview: bool = True  # live Stage C previews while a job runs
     preview_interval: float = 0.5  # seconds between two preview updates
     keep_trajectory: bool = True  # keep each step's latent for the latent inspector
@@ -87,14 +88,34 @@ def check_default(name: str, value: Any) -> Any:
             value = bool(value)
         else:
             value = str(value)
-            if not (name == "variant" and value == "auto"):
-                {"variant": plugins.get_variant, "sampler": plugins.get_sampler,
-                 "scheduler": plugins.get_scheduler}[name](value)
+            if name == "compat":
+                if value not in plugins.COMPATS:
+                    raise ValueError(f"use one of {', '.join(plugins.COMPATS)}")
+            elif name == "variant":
+                if value != "auto":
+                    plugins.get_variant(value)
+            elif name in ("sampler", "scheduler"):
+                known_name(name, value)
     except KeyError as exc:  # an unknown registered name: the message lists the available ones
         raise ValueError(f"{name}={value!r}: {str(exc).strip(chr(39))}") from None
     except ValueError as exc:
         raise ValueError(f"{name}={value!r}: {exc}") from None
     return value
+
+
+def known_name(kind: str, name: str, compat: str | None = None) -> None:
+    """Raise the registry's KeyError (listing the names) unless ``name`` is a sampler / scheduler in ``compat``
+    (None: in either mode, i.e. a registered name or one of ComfyUI's plain names)."""
+    from .. import plugins
+
+    getter = plugins.get_sampler if kind == "sampler" else plugins.get_scheduler
+    if compat is not None:
+        getter(name, compat)
+        return
+    try:
+        getter(name, "official")
+    except KeyError:
+        getter(name, "comfyui")
 
 
 def free_memory() -> None:
@@ -270,7 +291,8 @@ class Session:
         held[1].join(timeout)
         return held[0]
 
-    def generate(self, prompt: str, negative_prompt: str = "", *, variant: str | None = None,
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+                 variant: str | None = None,
                  device: str | None = None, dtype: str | None = None, loras: Sequence[tuple[str, float]] | None = None,
                  callback: Callable[[Any], Any] | None = None, keep_trajectory: bool | None = None,
                  **options: Any) -> Any:
@@ -283,12 +305,22 @@ class Session:
         once the exception is handled.
         """
         d = self.defaults
-        kwargs: dict[str, Any] = {
-            "width": d.width, "height": d.height, "steps_c": d.steps_c, "steps_b": d.steps_b, "cfg_c": d.cfg_c,
-            "cfg_b": d.cfg_b, "sampler_c": d.sampler, "sampler_b": d.sampler, "scheduler_c": d.scheduler,
-            "scheduler_b": d.scheduler}
+        compat = options.get("compat", d.compat)
+        kwargs: dict[str, Any] = {"width": d.width, "height": d.height, "steps_c": d.steps_c, "steps_b": d.steps_b,
+                                  "cfg_c": d.cfg_c, "cfg_b": d.cfg_b, "compat": compat}
+        official = Defaults()
+        if compat == "comfyui":  # ComfyUI's sampler, scheduler and (with an image) sizes, unless set here
+            if "image" in options and (d.width, d.height) == (official.width, official.height):
+                del kwargs["width"], kwargs["height"]
+            if d.sampler != official.sampler:
+                kwargs["sampler_c"] = kwargs["sampler_b"] = d.sampler
+            if d.scheduler != official.scheduler:
+                kwargs["scheduler_c"] = kwargs["scheduler_b"] = d.scheduler
+        else:
+            kwargs.update(sampler_c=d.sampler, sampler_b=d.sampler, scheduler_c=d.scheduler, scheduler_b=d.scheduler)
         kwargs.update(options)
-        label = "generate " + repr(prompt if len(prompt) <= 40 else prompt[:39] + "…")
+        first = prompt if isinstance(prompt, str) else prompt[0]
+        label = "generate " + repr(first if len(first) <= 40 else first[:39] + "…")
         with self.job(label):
             cascade = self.cascade(variant, device, dtype)
             self._apply_loras(cascade, loras)

@@ -51,8 +51,9 @@ def use_reference_sigma_tables() -> None:
 
     The entries come from float32 cos/log/exp, whose last bit depends on the CPU's maths library: ComfyUI
     itself, rerun on this project's machine, gets ~18 % of the 10000 entries a few ulps away (≤ 1.5e-6
-    relative), and cascade_lab's tables equal ComfyUI's there bit for bit. The schedulers are tested against the stored tables at 1e-6; the replays then start from the
-    reference's exact σ, because the model's r embedding magnifies one ulp of σ to ~1e-4 of the output.
+    relative), and cascade_lab's tables equal ComfyUI's there bit for bit. The schedulers are tested against
+    the stored tables at 1e-6; the replays then start from the reference's exact σ, because the model's r
+    embedding magnifies one ulp of σ to ~1e-4 of the output.
     """
     from cascade_lab.diffusion.sigma_schedules import cascade_sigmas
 

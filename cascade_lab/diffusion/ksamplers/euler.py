@@ -37,10 +37,7 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: Noise 
     x0 = None
     for i in range(len(sigmas) - 1):
         check_cancel(cancel, i, x0)
-        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigmas[i] <= s_tmax else 0.0
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:  # churn: raise the noise level to σ̂ with fresh noise first
-            x = x + draw(sigmas[i], sigmas[i + 1]) * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigmas, i, draw, s_churn, s_tmin, s_tmax, s_noise)
         x0 = denoiser(x, row_sigmas(sigma_hat, x))
         x = x + to_d(x, sigma_hat, x0) * (sigmas[i + 1] - sigma_hat)
         emit(callback, i, sigmas, x, x0)

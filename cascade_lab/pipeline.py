@@ -14,7 +14,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +73,24 @@ class Stages:
     effnet: Any = None
     image_encoder: Any = None
     variant: str = ""
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """A ControlNet ready to run: the network (or a `Lazy` loader), its filtered input [1 or B, c_in, H, W],
+    the strength its features are scaled by, and the fraction of the Stage C steps [start, end] it applies in."""
+
+    net: Any
+    image: Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    kind: str = ""
+
+    def active(self, t: float) -> bool:
+        """Whether it applies at step position t (1 the first step, → 0 the last), as ComfyUI's percent range."""
+        done = 1.0 - t
+        return self.start - 1e-9 <= done <= self.end + 1e-9
 
 
 @dataclass
@@ -206,9 +224,10 @@ class Pipeline:
     def sample_stage(self, name: str, model: Any, dtype: torch.dtype, plan: StagePlan, cond: dict[str, Any],
                      uncond: dict[str, Any], *, cfg: float | tuple[float, float], cfg_rho: float,
                      callback: Callable[[PipelineEvent], Any] | None, cancel: Callable[[], bool] | None,
-                     trajectory: list[Tensor] | None) -> Tensor:
+                     trajectory: list[Tensor] | None, extra_inputs: Callable[[float], Any] | None = None) -> Tensor:
         """One stage's sampling; returns the stage's result (CPU float32): the last step's x0 for the logSNR
-        family (official), the final x for the σ family (ComfyUI's KSampler output)."""
+        family (official), the final x for the σ family (ComfyUI's KSampler output). ``extra_inputs(t)`` adds
+        model inputs per step (the ControlNet features), to the cond and uncond rows alike."""
         sampler = plan.sampler
         steps = plan.steps
 
@@ -225,11 +244,11 @@ class Pipeline:
             guidance = None if not isinstance(cfg, tuple) and math.isclose(cfg, 1.0) else cfg
             if sampler.space == "sigma":
                 denoiser: Any = SigmaDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                              step_t=step_t_lookup(plan.sigmas, plan.ts))
+                                              step_t=step_t_lookup(plan.sigmas, plan.ts), extra_inputs=extra_inputs)
                 x, levels = plan.start_ve(), plan.sigmas
             else:
                 denoiser = GuidedDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                          step_t=step_t_lookup(plan.levels, plan.ts))
+                                          step_t=step_t_lookup(plan.levels, plan.ts), extra_inputs=extra_inputs)
                 x, levels = plan.start_vp(), plan.levels
             # shift: the model's schedule, which SA-Solver's default SDE window is defined on (ComfyUI's model_sampling)
             out = sampler.fn(denoiser, x.to(self.device), levels.to(self.device), noise=plan.noise,
@@ -238,6 +257,43 @@ class Pipeline:
             raise TypeError(f"sampler {sampler.name!r} returned {type(out).__name__}, not a latent tensor; a sampler "
                             "must return the stage's result [B, C, H, W]")
         return out.float().cpu()
+
+    def control_features(self, controls: Sequence[ControlInput], batch: int) -> list[list[Tensor | None]]:
+        """Run each ControlNet once on its input: its feature list scaled by its strength, rows = ``batch``
+        (the official notebooks run the ControlNet once and hand the list to every step)."""
+        from .models.controlnet import scale_control
+
+        features = []
+        for control in controls:
+            with self.use(control.net, self.dtype_c) as net, torch.inference_mode():
+                image = control.image.to(self.device)
+                outputs = scale_control(net(image), control.strength)
+            rows = [None if f is None else (f.expand(batch, -1, -1, -1) if f.size(0) == 1 else f).to(self.dtype_c)
+                    for f in outputs]
+            features.append(rows)
+        return features
+
+    @staticmethod
+    def control_inputs(controls: Sequence[ControlInput], features: list[list[Tensor | None]]
+                       ) -> Callable[[float], dict[str, Any]] | None:
+        """``t -> {"cnet": list}``: the sum of the controls active at step position t (none: no cnet input)."""
+        if not controls:
+            return None
+
+        def at(t: float) -> dict[str, Any]:
+            active = [f for c, f in zip(controls, features, strict=True) if c.active(t)]
+            if not active:
+                return {}
+            length = max(len(f) for f in active)
+            summed: list[Tensor | None] = [None] * length
+            for feature in active:  # several controls add, entry by entry (None: no feature at that block)
+                for i, value in enumerate(feature):
+                    previous = summed[i]
+                    if value is not None:
+                        summed[i] = value if previous is None else previous + value
+            return {"cnet": summed}
+
+        return at
 
     def _conditioning_cache(self, model: Any) -> AbstractContextManager[Any]:
         """The model's `conditioning_cache()` (text tokens and attention K/V mapped once per run, not per step)."""
@@ -255,12 +311,13 @@ class Pipeline:
     def run(self, params: GenerationParams, *, init_images: Tensor | None = None, clip_img: Tensor | None = None,
             callback: Callable[[PipelineEvent], Any] | None = None, cancel: Callable[[], bool] | None = None,
             keep_trajectory: bool = False, noise: NoiseSource | None = None,
-            init_latent: Tensor | None = None) -> PipelineOutput:
+            init_latent: Tensor | None = None, controls: Sequence[ControlInput] = ()) -> PipelineOutput:
         """Generate `params.batch_size` images. Raises `diffusion.Cancelled` when `cancel()` turns true.
 
         ``noise`` overrides where the random numbers come from (default: the seed's official stream, or
         ComfyUI's under ``compat="comfyui"``). ``init_latent`` [B or 1, 16, h, w] starts Stage C from a given
         Stage C latent instead of encoding ``init_images`` (ComfyUI's LATENT input), with strength / denoise.
+        ``controls``: ControlNets for Stage C, each run once, scaled, summed while active (`ControlInput`).
         """
         params.validate()
         compat = params.compat
@@ -295,10 +352,13 @@ class Pipeline:
         plan_c = plan_stage(samplers[0], schedulers[0], params.steps_c, params.shift_c, params.denoise,
                             params.strength if latent is not None else 1.0, noise, "c", (B, 16, h, w), latent,
                             compat)
+        features = self.control_features(controls, B) if controls else []
         latent_c = self.sample_stage(
             "c", self.stages.stage_c, self.dtype_c, plan_c, cond, uncond, cfg=params.cfg_c,
             cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
-            trajectory=out.trajectory_c if keep_trajectory else None)
+            trajectory=out.trajectory_c if keep_trajectory else None,
+            extra_inputs=self.control_inputs(controls, features))
+        del features
         timings["stage_c"] = time.perf_counter() - t0
 
         # Stage B: conditioned on the Stage C result and the pooled text; uncond gets zeros and the negative
@@ -420,5 +480,5 @@ def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float,
     return StagePlan(sampler, levels, sigmas, ts, source.steps(stage), z.float(), latent, start, t_start, shift)
 
 
-__all__ = ["CancelToken", "Cancelled", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput", "StagePlan", "Stages",
-           "plan_stage", "release_freed_memory"]
+__all__ = ["CancelToken", "Cancelled", "ControlInput", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput",
+           "StagePlan", "Stages", "plan_stage", "release_freed_memory"]

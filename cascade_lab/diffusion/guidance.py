@@ -12,6 +12,28 @@ from .schedule import eps_to_x0, noise_cond
 from .sigma_schedules import comfy_timestep
 
 Guidance = float | tuple[float, float]
+ExtraInputs = Callable[[float], Mapping[str, Any]]  # step position t -> model inputs for that step (e.g. cnet)
+
+
+def with_extra_inputs(inputs: Mapping[str, Any], extra: ExtraInputs | None, t: float, rows: int) -> Mapping[str, Any]:
+    """The model inputs plus the step's extra ones, the same for every CFG row (``rows`` copies along the batch):
+    tensors repeated, lists element-wise (None stays None). Used for ControlNet features, which the official
+    code gives the cond and the uncond rows alike."""
+    if extra is None:
+        return inputs
+    more = extra(t)
+    if not more:
+        return inputs
+    out = dict(inputs)
+    for key, value in more.items():
+        if isinstance(value, Tensor):
+            out[key] = value.repeat(rows, *[1] * (value.dim() - 1)) if rows > 1 else value
+        elif isinstance(value, (list, tuple)):
+            out[key] = [None if v is None else (v.repeat(rows, *[1] * (v.dim() - 1)) if rows > 1 else v)
+                        for v in value]
+        else:
+            out[key] = value
+    return out
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, rho: float = 0.7) -> Tensor:
@@ -75,10 +97,12 @@ class GuidedDenoiser:
     def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Any],
                  uncond: Mapping[str, Any] | None = None, *, cfg: Guidance | None = None,
                  cfg_rho: float = 0.7, cfg_t_stop: float | None = None,
-                 cfg_t_start: float | None = None, step_t: Callable[[Tensor], float] | None = None) -> None:
+                 cfg_t_start: float | None = None, step_t: Callable[[Tensor], float] | None = None,
+                 extra_inputs: ExtraInputs | None = None) -> None:
         self.model, self.cond = model, dict(cond)
         self.cfg, self.cfg_rho = cfg, cfg_rho
         self.cfg_t_stop, self.cfg_t_start, self.step_t = cfg_t_stop, cfg_t_start, step_t
+        self.extra_inputs = extra_inputs
         self.batched: dict[str, Any] | None = None
         if cfg is not None:
             if uncond is None:
@@ -96,10 +120,11 @@ class GuidedDenoiser:
         r = noise_cond(logsnr).expand(x.size(0))  # [B]
         t = self.step_t(logsnr) if self.step_t is not None else float(r[0])
         if self.cfg is not None and self.batched is not None and self.guided(t):
-            out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **self.batched)  # [2B, C, H, W]
+            inputs = with_extra_inputs(self.batched, self.extra_inputs, t, rows=2)
+            out = self.model(torch.cat([x, x], dim=0), r.repeat(2), **inputs)  # [2B, C, H, W]
             cond, uncond = out.to(x.dtype).chunk(2)
             return cfg_combine(cond, uncond, guidance_scale(self.cfg, t), self.cfg_rho)
-        return self.model(x, r, **self.cond).to(x.dtype)
+        return self.model(x, r, **with_extra_inputs(self.cond, self.extra_inputs, t, rows=1)).to(x.dtype)
 
     def __call__(self, x: Tensor, logsnr: Tensor) -> Tensor:
         """The clean-latent estimate x0 [B, C, H, W] (EpsilonTarget.x0 of the guided prediction)."""
@@ -120,9 +145,10 @@ class SigmaDenoiser:
 
     def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Any],
                  uncond: Mapping[str, Any] | None = None, *, cfg: Guidance | None = None, cfg_rho: float = 0.0,
-                 step_t: Callable[[Tensor], float] | None = None) -> None:
+                 step_t: Callable[[Tensor], float] | None = None, extra_inputs: ExtraInputs | None = None) -> None:
         self.model, self.cond = model, dict(cond)
         self.cfg, self.cfg_rho, self.step_t = cfg, cfg_rho, step_t
+        self.extra_inputs = extra_inputs
         self.batched: dict[str, Any] | None = None
         self.uncond_x0: Tensor | None = None
         if cfg is not None:
@@ -135,12 +161,14 @@ class SigmaDenoiser:
         s = sigma.view(-1, *[1] * (x.dim() - 1))  # [B, 1, 1, 1]
         x_in = x / (s**2 + 1.0) ** 0.5
         r = comfy_timestep(sigma)  # [B]
+        t = self.step_t(sigma[0]) if self.step_t is not None else float(r[0])
         if self.cfg is None or self.batched is None:
-            x0 = x - self.model(x_in, r, **self.cond).to(x.dtype) * s
+            x0 = x - self.model(x_in, r, **with_extra_inputs(self.cond, self.extra_inputs, t, rows=1)).to(x.dtype) * s
             self.uncond_x0 = x0
             return x0
-        scale = guidance_scale(self.cfg, self.step_t(sigma[0]) if self.step_t is not None else float(r[0]))
-        out = self.model(torch.cat([x_in, x_in], dim=0), r.repeat(2), **self.batched).to(x.dtype)
+        scale = guidance_scale(self.cfg, t)
+        inputs = with_extra_inputs(self.batched, self.extra_inputs, t, rows=2)
+        out = self.model(torch.cat([x_in, x_in], dim=0), r.repeat(2), **inputs).to(x.dtype)
         eps_cond, eps_uncond = out.chunk(2)  # [B, C, H, W] each
         if self.cfg_rho > 0:  # the official rescaled CFG, on ε̂
             eps = cfg_combine(eps_cond, eps_uncond, scale, self.cfg_rho)
@@ -184,5 +212,5 @@ def eps_denoiser(eps_model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Ten
     return denoiser
 
 
-__all__ = ["GuidedDenoiser", "SigmaDenoiser", "batch_inputs", "cfg_combine", "eps_denoiser", "guidance_scale",
-           "step_t_lookup"]
+__all__ = ["ExtraInputs", "GuidedDenoiser", "SigmaDenoiser", "batch_inputs", "cfg_combine", "eps_denoiser",
+           "guidance_scale", "step_t_lookup", "with_extra_inputs"]

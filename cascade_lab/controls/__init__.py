@@ -1,0 +1,55 @@
+"""Stage C ControlNets as a generation input: what a user asks for (`Control`), made into ControlNet inputs by the
+filters (`cascade_lab.controls.filters`) and run once per generation by the pipeline. No torch at import."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("canny", "inpainting", "super_resolution")
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet applied to Stage C.
+
+    ``kind``: ``canny`` (edges of ``image``), ``inpainting`` (``image`` with ``mask``: regenerate where the mask is
+    1), ``super_resolution`` (``image`` is the low-resolution picture to upscale 2×). ``strength`` scales the
+    ControlNet's features; ``start``/``end`` are the fraction of the Stage C steps during which it applies (as
+    ComfyUI's ControlNetApplyAdvanced). ``model``: the ControlNet file or module (default: found like the stages).
+    ``image`` / ``mask``: a path, a PIL image, an array or a tensor, as `Cascade.generate`'s ``image``.
+    """
+
+    kind: str
+    image: Any
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mask: Any = None
+    model: Any = None
+
+    def validate(self) -> Control:
+        if self.kind not in KINDS:
+            hint = " (the identity/face ControlNet was withdrawn: its weights are not public)" \
+                if self.kind in ("identity", "face") else ""
+            raise ValueError(f"control kind {self.kind!r}: use one of {', '.join(KINDS)}{hint}")
+        if not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength)):
+            raise ValueError(f"control strength={self.strength!r}: use a finite number (1.0 = as trained)")
+        if not (0 <= self.start < self.end <= 1):
+            raise ValueError(f"control start={self.start}, end={self.end}: need 0 <= start < end <= 1 (fractions "
+                             "of the Stage C steps)")
+        if self.image is None:
+            raise ValueError(f"control {self.kind!r} needs an image")
+        if self.kind == "inpainting" and self.mask is None:
+            raise ValueError("control 'inpainting' needs a mask: an image (white = regenerate), a PIL image's alpha, "
+                             "an array, or boxes [(x0, y0, x1, y1), ...]")
+        return self
+
+    def active(self, t: float) -> bool:
+        """Whether the control applies at step position t (t = 1 the first, noisiest step; t → 0 the last)."""
+        done = 1.0 - t  # the fraction of the schedule behind
+        return self.start - 1e-9 <= done <= self.end + 1e-9
+
+
+__all__ = ["KINDS", "Control"]

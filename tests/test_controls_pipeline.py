@@ -1,0 +1,115 @@
+"""ControlNets in the pipeline (issue 16, part 1): each runs once, its features reach the cond and uncond rows of
+Stage C, strength scales them, start/end switch them on the right steps, several controls add, with any sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from cascade_lab import Cascade
+from cascade_lab.controls import Control
+from cascade_lab.models.controlnet import ControlNet
+from cascade_lab.pipeline import ControlInput
+
+SMALL = dict(width=128, height=128, steps_c=4, steps_b=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cascade() -> Cascade:
+    return Cascade("tiny")
+
+
+def tiny_controlnet(seed: int) -> ControlNet:
+    """Feeds the first and the last of the tiny Stage C's six ResBlock calls (both 32 wide)."""
+    torch.manual_seed(seed)
+    net = ControlNet(c_in=3, c_proj=32, proj_blocks=[0, 5], bottleneck_mode="simple").eval()
+    for p in net.parameters():  # the official init zeroes the projections; random ones make the effect visible
+        torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+class Recorder:
+    """Wraps Stage C's forward: the cnet list (or None) of every model call, and ControlNet call counts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cascade: Cascade) -> None:
+        self.cnets: list[Any] = []
+        stage_c = cascade.pipeline.stages.stage_c
+        original = stage_c.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.cnets.append(kwargs.get("cnet"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(stage_c, "forward", forward)
+
+
+def run(cascade: Cascade, controls: list[ControlInput], **kwargs: Any) -> Any:
+    from cascade_lab.params import GenerationParams
+
+    params = GenerationParams("a red circle", **{**SMALL, **kwargs})
+    return cascade.pipeline.run(params, controls=controls)
+
+
+def test_features_reach_both_cfg_rows_and_strength_scales_them(monkeypatch: pytest.MonkeyPatch,
+                                                                cascade: Cascade) -> None:
+    net, image = tiny_controlnet(0), torch.rand(1, 3, 128, 128)
+    calls = []
+    original = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: calls.append(1) or original(x))
+    rec = Recorder(monkeypatch, cascade)
+    run(cascade, [ControlInput(net, image, strength=1.0)], batch_size=2)
+    assert len(calls) == 1  # the ControlNet runs once per generation
+    cnet = rec.cnets[0]
+    assert len(cnet) == 6 and cnet[1] is None and cnet[0].shape[0] == 4  # [cond rows; uncond rows] of batch 2
+    torch.testing.assert_close(cnet[0][:2], cnet[0][2:])  # the same features for cond and uncond, as official
+    assert all(torch.equal(c[0], cnet[0]) for c in rec.cnets)  # the same list at every step
+    rec.cnets.clear()
+    run(cascade, [ControlInput(net, image, strength=0.5)], batch_size=2)
+    torch.testing.assert_close(rec.cnets[0][0], cnet[0] * 0.5)
+    torch.testing.assert_close(rec.cnets[0][5], cnet[5] * 0.5)
+
+
+def test_start_and_end_switch_the_control_on_the_right_steps(monkeypatch: pytest.MonkeyPatch,
+                                                             cascade: Cascade) -> None:
+    net, image = tiny_controlnet(1), torch.rand(1, 3, 128, 128)
+    rec = Recorder(monkeypatch, cascade)
+    run(cascade, [ControlInput(net, image, start=0.25, end=0.5)])  # 4 steps: done = 0, .25, .5, .75
+    assert [c is not None for c in rec.cnets] == [False, True, True, False]
+    assert Control("canny", image, start=0.25, end=0.5).active(0.75)  # the API record's rule is the same
+
+
+def test_two_controls_add(monkeypatch: pytest.MonkeyPatch, cascade: Cascade) -> None:
+    a, b, image = tiny_controlnet(2), tiny_controlnet(3), torch.rand(1, 3, 128, 128)
+    rec = Recorder(monkeypatch, cascade)
+    run(cascade, [ControlInput(a, image)])
+    run(cascade, [ControlInput(b, image, strength=0.7)])
+    run(cascade, [ControlInput(a, image), ControlInput(b, image, strength=0.7)])
+    steps = SMALL["steps_c"]
+    first, second, both = rec.cnets[0], rec.cnets[steps], rec.cnets[2 * steps]
+    torch.testing.assert_close(both[0], first[0] + second[0])
+    torch.testing.assert_close(both[5], first[5] + second[5])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "comfyui.euler_ancestral", "dpmpp_2m_sde", "uni_pc"])
+def test_controls_move_the_result_with_every_sampler_family(cascade: Cascade, sampler: str) -> None:
+    net, image = tiny_controlnet(4), torch.rand(1, 3, 128, 128)
+    plain = run(cascade, [], sampler_c=sampler)
+    controlled = run(cascade, [ControlInput(net, image)], sampler_c=sampler)
+    zero = run(cascade, [ControlInput(net, image, strength=0.0)], sampler_c=sampler)
+    assert not torch.allclose(plain.latent_c, controlled.latent_c)
+    torch.testing.assert_close(zero.latent_c, plain.latent_c)  # strength 0: features of zero
+
+
+def test_control_record_checks_its_values() -> None:
+    image = torch.rand(1, 3, 8, 8)
+    assert Control("canny", image).validate().kind == "canny"
+    with pytest.raises(ValueError, match="use one of canny, inpainting, super_resolution .*withdrawn"):
+        Control("identity", image).validate()
+    with pytest.raises(ValueError, match="start=0.6, end=0.5"):
+        Control("canny", image, start=0.6, end=0.5).validate()
+    with pytest.raises(ValueError, match="strength=nan"):
+        Control("canny", image, strength=float("nan")).validate()
+    with pytest.raises(ValueError, match="needs a mask"):
+        Control("inpainting", image).validate()

@@ -47,6 +47,8 @@ class GenerationParams:
     variations: tuple[tuple[str, float], ...] = ()  # (image description, weight)
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength)
     extras: dict[str, Any] = field(default_factory=dict)
+    # ControlNets: (kind, image description, strength, start, end, mask description or "", model file or "")
+    controls: tuple[tuple[str, str, float, float, float, str, str], ...] = ()
     compat: str = "official"  # "comfyui": ComfyUI's seeding, latent sizes and model call (see COMFYUI_DEFAULTS)
     denoise: float = 1.0  # ComfyUI's partial schedule: the last `steps` of a schedule for steps/denoise steps
     seed_b: int | None = None  # Stage B's own seed under compat="comfyui" (ComfyUI's second KSampler); None: seed
@@ -122,6 +124,10 @@ class GenerationParams:
             raise ValueError(f"compression={self.compression} makes the Stage C latent of a {self.width}x{self.height} "
                              f"image {w}x{h}; use a compression of at most {min(self.width, self.height)} "
                              "(official 42.67, ComfyUI 42) or a larger image")
+        from .controls import Control
+
+        for kind, image, strength, start, end, mask, _ in self.controls:
+            Control(kind, image, strength, start, end, mask or None).validate()
         if self.compat not in COMPATS:
             raise ValueError(f"compat={self.compat!r}: use one of {', '.join(COMPATS)}")
         if not (isinstance(self.denoise, (int, float)) and 0 < self.denoise <= 1):
@@ -157,6 +163,9 @@ class GenerationParams:
         for key in ("variations", "loras"):
             if key in data:
                 data[key] = tuple((str(a), float(b)) for a, b in data[key])
+        if "controls" in data:
+            data["controls"] = tuple((str(k), str(i), float(s), float(a), float(b), str(m), str(f))
+                                     for k, i, s, a, b, m, f in data["controls"])
         for key in ("cfg_c", "cfg_b"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(float(v) for v in data[key])

@@ -161,8 +161,8 @@ class Cascade:
                  image: ImageLike | None = None, strength: float = 1.0, variations: Sequence[ImageLike] = (),
                  variation_weights: Sequence[float] | None = None, compat: str = "official",
                  noise: Any = None, initial_noise: Any = None, init_latent: Any = None,
-                 callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
-                 keep_trajectory: bool = False, **options: Any) -> Any:
+                 controls: Sequence[Any] = (), callback: Callable[[Any], Any] | None = None,
+                 cancel: Callable[[], bool] | None = None, keep_trajectory: bool = False, **options: Any) -> Any:
         """Text to image (or img2img with ``image`` and ``strength`` < 1, variations with ``variations``).
 
         ``prompt`` may be a list: one prompt per image (the batch size is its length). ``options`` are the other
@@ -177,6 +177,10 @@ class Cascade:
         ``noise`` (a `cascade_lab.diffusion.noise.NoiseSource`) replaces the seed's random numbers;
         ``initial_noise`` (a Stage C tensor, or ``{"c": ..., "b": ...}``) only the initial noise. ``init_latent``
         starts Stage C from a given Stage C latent (with ``strength`` or ``denoise`` < 1).
+
+        ``controls``: `cascade_lab.controls.Control` records (canny, inpainting, super_resolution ControlNets on
+        Stage C); each is filtered as the official code does, run once, scaled by its strength and applied on its
+        start/end fraction of the steps. Inpainting results are composited over the original outside the mask.
         """
         weights = list(variation_weights) if variation_weights is not None else [1.0] * len(variations)
         if len(weights) != len(variations):
@@ -197,13 +201,14 @@ class Cascade:
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
             seed=seed, strength=strength, init_image=None if image is None else _describe(image),
             variations=tuple((_describe(v), float(w)) for v, w in zip(variations, weights, strict=True)),
-            loras=tuple((path, strength_) for path, strength_, _ in self.loras), compat=compat, **options,
+            loras=tuple((path, strength_) for path, strength_, _ in self.loras), compat=compat,
+            controls=tuple(_control_record(c) for c in controls), **options,
         )
         if init_latent is not None and params.init_image is None:
             params = params.replace(init_image="latent:" + _tensor_hash(init_latent))
         return self.run(params, image=image, variations=variations, callback=callback, cancel=cancel,
                         keep_trajectory=keep_trajectory, noise=noise, initial_noise=initial_noise,
-                        init_latent=init_latent)
+                        init_latent=init_latent, controls=controls)
 
     def img2img(self, image: ImageLike, prompt: str, strength: float = 0.8, **kwargs: Any) -> Any:
         """Start from ``image`` noised to ``strength`` (official: 0.8, i.e. 16 of 20 Stage C steps)."""
@@ -212,8 +217,9 @@ class Cascade:
     def run(self, params: GenerationParams, *, image: ImageLike | None = None, variations: Sequence[ImageLike] = (),
             callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
             keep_trajectory: bool = False, noise: Any = None, initial_noise: Any = None,
-            init_latent: Any = None) -> Any:
-        """Run fully specified parameters (e.g. read back from a PNG with `read_png_params`)."""
+            init_latent: Any = None, controls: Sequence[Any] | None = None) -> Any:
+        """Run fully specified parameters (e.g. read back from a PNG with `read_png_params`; its controls are
+        rebuilt from their recorded files unless ``controls`` gives them)."""
         from .results import Result, to_pil
 
         if self._training is not None and self._training.running:
@@ -234,6 +240,10 @@ class Cascade:
                              "schedules (strength: the official one, denoise: ComfyUI's)")
         source = _noise_source(params, noise, initial_noise)
         init = _image_tensor(image) if image is not None else None
+        if controls is None:
+            controls = [_control_from_record(r) for r in params.controls]
+        for control in controls:
+            control.validate()
         pipeline = self.pipeline
         params = self._native(params, warn=True)
         clip_img = None
@@ -244,8 +254,16 @@ class Cascade:
             clip_img = encoder.encode_variations([_image_tensor(v) for v in variations],
                                                  [w for _, w in params.variations], batch_size=params.batch_size)
             clip_img = clip_img.float().cpu()
+        prepared = [self._control_input(c, params) for c in controls]
         out = pipeline.run(params, init_images=init, clip_img=clip_img, callback=callback, cancel=cancel,
-                           keep_trajectory=keep_trajectory, noise=source, init_latent=_latent_tensor(init_latent))
+                           keep_trajectory=keep_trajectory, noise=source, init_latent=_latent_tensor(init_latent),
+                           controls=[p for p, _ in prepared])
+        for control, (_, keep) in zip(controls, prepared, strict=True):
+            if control.kind == "inpainting" and keep is not None:  # the original outside the mask, as official
+                from .controls.filters import composite
+
+                original, mask = keep
+                out.images = composite(out.images, original.expand_as(out.images), mask)
         final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
         rounding = "truncate" if params.compat == "comfyui" else "round"  # ComfyUI's SaveImage truncates
         return Result(to_pil(out.images, rounding), final, out.latent_c, out.latent_b, out.trajectory_c,
@@ -301,6 +319,50 @@ class Cascade:
                 restore()
         return self._training
 
+    # -- ControlNets --------------------------------------------------------------------------------------
+    def _control_input(self, control: Any, params: GenerationParams) -> tuple[Any, Any]:
+        """A `Control` as the pipeline's `ControlInput` (filtered input, loaded and checked ControlNet), and
+        for inpainting the (original, mask) to composite the result with."""
+        from .controls import filters
+        from .pipeline import ControlInput
+
+        size = (params.width, params.height)
+        image = _image_tensor(control.image)  # [B, 3, H, W] in [0, 1]
+        keep = None
+        if control.kind == "canny":
+            x = filters.canny(filters.resize_to(image, size))
+        elif control.kind == "inpainting":
+            original = filters.resize_to(image, size)
+            mask = filters.load_mask(control.mask, size)
+            filters.check_mask(mask)
+            x, keep = filters.inpainting(original, mask), (original, mask)
+        else:  # super_resolution: the low-resolution image's EfficientNet latent, 2× nearest
+            effnet = self.pipeline.stages.effnet
+            if effnet is None:
+                raise ValueError(f"variant {self.variant_name!r} has no EfficientNet encoder; super-resolution "
+                                 "needs one")
+            low = filters.resize_to(image, (params.width // 2, params.height // 2))
+            x = filters.super_resolution(low, effnet.encode_image)
+        return ControlInput(self._controlnet(control), x.float(), float(control.strength), float(control.start),
+                            float(control.end), control.kind), keep
+
+    def _controlnet(self, control: Any) -> Any:
+        """The ControlNet module of a control (given, or loaded from its file), checked against its kind and the
+        loaded Stage C before anything runs."""
+        import torch
+
+        from .controls import check_controlnet
+        from .weights import load_stage
+
+        model = control.model
+        if model is None:
+            raise ValueError(f"the {control.kind} control needs model=: the ControlNet file (e.g. the official "
+                             f"controlnet/{control.kind}.safetensors of stabilityai/stable-cascade) or a module")
+        name = "the ControlNet module" if isinstance(model, torch.nn.Module) else f"ControlNet {str(model)!r}"
+        net = model if isinstance(model, torch.nn.Module) else load_stage("controlnet", model)
+        check_controlnet(net, control.kind, self.pipeline.stages.stage_c, name)
+        return net.eval().requires_grad_(False)
+
     def encode_image(self, image: ImageLike, width: int | None = None, height: int | None = None) -> Any:
         """An image → Stage C latent [B, 16, h, w] (EfficientNet at the official 768-px scale for 1024²)."""
         tensor = _image_tensor(image)
@@ -341,6 +403,36 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
     return Stages(stage_c=stage("stage_c"), stage_b=stage("stage_b"), stage_a=stage("stage_a"),
                   text_encoder=text, previewer=stage("previewer"), effnet=stage("effnet"), image_encoder=image,
                   variant=variant.name)
+
+
+def _control_record(control: Any) -> tuple[str, str, float, float, float, str, str]:
+    """What a PNG keeps of a `Control`: kind, image and mask descriptions, strength, start, end, model file."""
+    from .controls import Control
+
+    if not isinstance(control, Control):
+        raise TypeError(f"controls takes cascade_lab.controls.Control records, got {type(control).__name__}")
+    control.validate()
+    mask = "" if control.mask is None else (control.mask if isinstance(control.mask, str) else
+                                            _describe(control.mask) if not isinstance(control.mask, (list, tuple))
+                                            else repr(list(control.mask)))
+    model = control.model if isinstance(control.model, (str, Path)) else ""
+    return (control.kind, _describe(control.image), float(control.strength), float(control.start),
+            float(control.end), str(mask), str(model))
+
+
+def _control_from_record(record: tuple[str, str, float, float, float, str, str]) -> Any:
+    """A recorded control back as a `Control` (its image and mask must be files; a content hash is refused)."""
+    import ast
+
+    from .controls import Control
+
+    kind, image, strength, start, end, mask, model = record
+    for what, value in (("image", image), ("mask", mask)):
+        if value.startswith("sha256:"):
+            raise ValueError(f"the {kind} control's {what} was an in-memory image ({value}); pass controls=[...] "
+                             "to run these parameters again")
+    mask_value: Any = ast.literal_eval(mask) if mask.startswith("[") else (mask or None)
+    return Control(kind, image, strength, start, end, mask_value, model or None)
 
 
 def _at_most_one(cfg: Any) -> bool:

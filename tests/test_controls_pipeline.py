@@ -113,3 +113,69 @@ def test_control_record_checks_its_values() -> None:
         Control("canny", image, strength=float("nan")).validate()
     with pytest.raises(ValueError, match="needs a mask"):
         Control("inpainting", image).validate()
+
+
+# -- from the API: filters, checks, composite, PNG record ---------------------------------------------------------
+def tiny_kind(kind: str, seed: int = 5) -> ControlNet:
+    c_in = {"canny": 1, "inpainting": 4, "super_resolution": 16}[kind]
+    torch.manual_seed(seed)
+    net = ControlNet(c_in=c_in, c_proj=32, proj_blocks=[0, 5], bottleneck_mode="simple").eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+def square(size: int = 128) -> torch.Tensor:
+    image = torch.zeros(1, 3, size, size)
+    image[..., 32:96, 32:96] = 1.0
+    return image
+
+
+def test_generate_with_a_canny_control(cascade: Cascade) -> None:
+    plain = cascade.generate("x", width=128, height=128, steps_c=3, steps_b=1, seed=2)
+    result = cascade.generate("x", width=128, height=128, steps_c=3, steps_b=1, seed=2,
+                              controls=[Control("canny", square(), strength=0.8, end=0.5, model=tiny_kind("canny"))])
+    assert not torch.equal(plain.latent_c, result.latent_c)
+    [record] = result.params.controls
+    assert record[0] == "canny" and record[1].startswith("sha256:") and record[2:5] == (0.8, 0.0, 0.5)
+
+
+def test_inpainting_keeps_the_original_outside_the_mask(cascade: Cascade) -> None:
+    original = torch.rand(1, 3, 128, 128)
+    boxes = [(40, 40, 88, 88)]
+    result = cascade.generate("x", width=128, height=128, steps_c=3, steps_b=1, seed=2,
+                              controls=[Control("inpainting", original, mask=boxes, model=tiny_kind("inpainting"))])
+    import numpy as np
+
+    pixels = torch.from_numpy(np.array(result.images[0])).permute(2, 0, 1).float() / 255
+    outside = torch.ones(128, 128, dtype=torch.bool)
+    outside[40:88, 40:88] = False
+    torch.testing.assert_close(pixels[:, outside], original[0][:, outside], atol=0.5 / 255 + 1e-6, rtol=0)
+    assert not torch.allclose(pixels[:, ~outside], original[0][:, ~outside], atol=0.05)
+
+
+def test_control_mistakes_are_refused_before_sampling(cascade: Cascade) -> None:
+    with pytest.raises(ValueError, match="is empty"):
+        cascade.generate("x", width=128, height=128, steps_c=2, steps_b=1,
+                         controls=[Control("inpainting", square(), mask=torch.zeros(1, 1, 128, 128),
+                                           model=tiny_kind("inpainting"))])
+    with pytest.raises(ValueError, match="canny"):  # an inpainting network given as canny
+        cascade.generate("x", width=128, height=128, steps_c=2, steps_b=1,
+                         controls=[Control("canny", square(), model=tiny_kind("inpainting"))])
+    with pytest.raises(TypeError, match="Control records"):
+        cascade.generate("x", controls=[("canny", "a.png")])
+
+
+def test_shipped_controlnets_fit_the_full_stage_c_and_are_refused_on_lite() -> None:
+    """The shipped ControlNets feed 8 of the 3.6B Stage C's 64 ResBlock calls at width 2048 (c_proj 2048)."""
+    from cascade_lab.controls import check_controlnet
+    from cascade_lab.models.controlnet import ControlNetConfig
+    from cascade_lab.models.stage_c import StageCConfig
+
+    with torch.device("meta"):
+        full, lite = StageCConfig.full().build(), StageCConfig.lite().build()
+        canny = ControlNet(**ControlNetConfig.canny().kwargs())
+    assert full.control_widths() == [2048] * 64 and len(lite.control_widths()) == 32
+    check_controlnet(canny, "canny", full)
+    with pytest.raises(ValueError, match="built for the 3.6B Stage C .*c_proj 2048.* is 1536 wide"):
+        check_controlnet(canny, "canny", lite)  # the lite Stage C has 32 calls: blocks 51..63 do not exist

@@ -481,6 +481,17 @@ class LevelUNet(nn.Module):
         extra = next(cnet, None)
         return x if extra is None else x + resize_to(extra, x.shape[-2:], x.dtype)
 
+    def control_widths(self) -> list[int]:
+        """The channel count at each ControlNet injection point, in call order (down path, then up path, repeats
+        included): entry i of a ControlNet's list is added there, so a ControlNet's c_proj must equal it."""
+        widths: list[int] = []
+        for blocks, scalers, repmaps in ((self.down_blocks, self.down_downscalers, self.down_repeat_mappers),
+                                         (self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+            for level, _, repmap in _levels(blocks, scalers, repmaps):
+                calls = [b.depthwise.in_channels for b in level if isinstance(b, ResBlock)]
+                widths += calls * (len(repmap) + 1)
+        return widths
+
     def _down_encode(
         self, x: Tensor, r_embed: Tensor, clip: Tensor, cnet: Iterator[Tensor | None] | None = None,
         kvs: list[tuple[Tensor, Tensor]] | None = None,

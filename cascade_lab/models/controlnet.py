@@ -126,6 +126,7 @@ class ControlNet(nn.Module):
             )
         mode = "effnet" if bottleneck_mode is None else bottleneck_mode
         self.bottleneck_mode = mode
+        self.c_in, self.c_proj = c_in, c_proj  # not in the state dict; `controls.check_controlnet` reads them
         self.proj_blocks = list(proj_blocks)
         self.backbone: nn.Sequential
         if mode == "effnet":

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image pixels per Stage C latent pixel (official 42.67, ComfyUI 42)")
     gen.add_argument("--image", default=None, help="img2img input image")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8 with --image)")
+    gen.add_argument("--control", action="append", default=[], metavar="KIND:IMAGE[:STRENGTH]",
+                     help="a Stage C ControlNet (canny, inpainting with --mask, super_resolution), repeatable")
+    gen.add_argument("--controlnet", action="append", default=[], metavar="FILE",
+                     help="the ControlNet file of each --control, in the same order")
+    gen.add_argument("--mask", default=None, help="inpainting mask: an image (white = regenerate) or boxes "
+                     "x0,y0,x1,y1[;...]")
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     gen.add_argument("--compile", action="store_true",
@@ -70,6 +76,31 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def controls_from_args(args: argparse.Namespace) -> list[Any]:
+    """--control / --controlnet / --mask → `Control` records (checked; files must exist)."""
+    from pathlib import Path
+
+    from .controls import Control, parse_boxes, parse_spec
+
+    if len(args.controlnet) != len(args.control):
+        raise ValueError(f"{len(args.control)} --control but {len(args.controlnet)} --controlnet: give the "
+                         "ControlNet file of each control, in the same order")
+    if args.mask is not None and not any(c.startswith("inpainting:") for c in args.control):
+        raise ValueError("--mask is for an inpainting control: add --control inpainting:IMAGE")
+    controls = []
+    for spec, file in zip(args.control, args.controlnet, strict=True):
+        kind, image, strength = parse_spec(spec)
+        for what, path in (("--controlnet", file), ("--control image", image)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{what} {path!r}: file not found")
+        mask = None
+        if kind == "inpainting" and args.mask is not None:
+            mask = parse_boxes(args.mask)
+            mask = mask if mask is not None else args.mask
+        controls.append(Control(kind, image, strength, mask=mask, model=file).validate())
+    return controls
+
+
 def generate(args: argparse.Namespace) -> int:
     from .api import Cascade
 
@@ -78,6 +109,7 @@ def generate(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("sampler_c", "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho",
                                                    "denoise", "seed_b", "compression")
                if getattr(args, key) is not None}
+    options["controls"] = controls_from_args(args)
     for kind in ("sampler", "scheduler"):  # one name for Stage C and no Stage B name: both stages
         if f"{kind}_c" in options and f"{kind}_b" not in options:
             options[f"{kind}_b"] = options[f"{kind}_c"]

@@ -446,3 +446,28 @@ def test_a_comfyui_cell_runs_comfyuis_sampler_with_its_defaults(shell: Any, sess
         ("comfyui", "euler_ancestral", "simple", 42.0, 0.0)
     assert p.prompts == ["a", "b"] and len(result.images) == 2
     assert result.latent_c.shape == (2, 16, 3, 3)  # 128 // 42
+
+
+def test_control_options_build_controls(shell: Any, calls: list[dict[str, Any]], tmp_path: Any,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: --control KIND:IMAGE[:STRENGTH] with its --controlnet file, --mask for inpainting."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "canny.safetensors").write_bytes(b"")
+    (tmp_path / "inpaint.safetensors").write_bytes(b"")
+    shell.user_ns["photo"] = Image.new("RGB", (64, 64), "red")
+    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
+    shell.run_cell_magic("cascade", "--control canny:edges.png:0.7 --controlnet canny.safetensors "
+                         "--control inpainting:photo --controlnet inpaint.safetensors --mask 8,8,40,40;0,0,4,4",
+                         "a cat\n")
+    canny, inpaint = calls[0]["controls"]
+    assert (canny.kind, canny.image, canny.strength, canny.model) == ("canny", "edges.png", 0.7, "canny.safetensors")
+    assert inpaint.image is shell.user_ns["photo"] and inpaint.mask == [(8, 8, 40, 40), (0, 0, 4, 4)]
+    for line, words in [
+        ("--control depth:edges.png", "KIND one of canny, inpainting, super_resolution"),
+        ("--control canny:edges.png", "1 --control but 0 --controlnet"),
+        ("--control inpainting:edges.png --controlnet canny.safetensors", "needs --mask"),
+        ("--control canny:edges.png --controlnet nope.safetensors", "--controlnet 'nope.safetensors': file not found"),
+        ("--mask 1,2,3,4", "need a --control"),
+    ]:
+        with pytest.raises(UsageError, match=words):
+            shell.run_cell_magic("cascade", line, "a cat\n")

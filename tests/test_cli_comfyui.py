@@ -58,3 +58,20 @@ def test_listings_group_by_family() -> None:
     assert "  comfyui.euler_ancestral" in text and "  uni_pc_bh2" in text and "comfyui.NAME" in text
     schedulers = run_cli("schedulers").stdout
     assert "comfyui (9 schedulers, σ levels):" in schedulers and "  kl_optimal" in schedulers
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--control", "canny:edges.png"], "1 --control but 0 --controlnet"),
+    (["--control", "depth:edges.png", "--controlnet", "c.safetensors"], "KIND one of canny, inpainting"),
+    (["--control", "canny:edges.png", "--controlnet", "gone.safetensors"], "--controlnet 'gone.safetensors'"),
+    (["--mask", "1,2,3,4"], "--mask is for an inpainting control"),
+])  # fmt: skip
+def test_control_flags_are_checked_before_anything_loads(tmp_path: Path, argv: list[str], words: str) -> None:
+    """Issue 16: `cascade-lab generate --control KIND:IMAGE[:STRENGTH] --controlnet FILE [--mask ...]`."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
+    (tmp_path / "c.safetensors").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "cascade_lab.cli", "generate", "x", "-o", "x.png", "--variant",
+                             "tiny", *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr

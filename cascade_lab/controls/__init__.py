@@ -52,6 +52,34 @@ class Control:
         return self.start - 1e-9 <= done <= self.end + 1e-9
 
 
+def parse_spec(text: str) -> tuple[str, str, float]:
+    """``KIND:IMAGE[:STRENGTH]`` (the magic's and the command line's --control) → (kind, image, strength)."""
+    kind, sep, rest = text.partition(":")
+    image, strength = rest, 1.0
+    head, sep2, tail = rest.rpartition(":")
+    if sep2 and head:
+        try:
+            image, strength = head, float(tail)
+        except ValueError:
+            pass  # a ':' in the file name (C:\\x.png) is part of it
+    if not sep or kind not in KINDS or not image:
+        raise ValueError(f"{text!r}: use KIND:IMAGE[:STRENGTH] with KIND one of {', '.join(KINDS)}")
+    return kind, image, strength
+
+
+def parse_boxes(text: str) -> list[tuple[int, int, int, int]] | None:
+    """``x0,y0,x1,y1[;...]`` → boxes in pixels, or None when the text is not boxes (a file or a variable)."""
+    parts = [p.strip() for p in text.split(";")]
+    boxes = []
+    for part in parts:
+        values = part.split(",")
+        if len(values) != 4 or not all(v.strip().isdigit() for v in values):
+            return None
+        x0, y0, x1, y1 = (int(v) for v in values)
+        boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
 C_IN = {"canny": 1, "inpainting": 4, "super_resolution": 16}  # what each kind's ControlNet takes
 
 
@@ -79,4 +107,4 @@ def check_controlnet(net: Any, kind: str, stage_c: Any, name: str = "the Control
         raise ValueError(f"{name} feeds Stage C blocks {too_far}, but the loaded Stage C has {len(widths)} "
                          "ResBlock calls; it was built for another Stage C")
 
-__all__ = ["C_IN", "KINDS", "Control", "check_controlnet"]
+__all__ = ["C_IN", "KINDS", "Control", "check_controlnet", "parse_boxes", "parse_spec"]

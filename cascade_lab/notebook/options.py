@@ -150,6 +150,24 @@ def weighted(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def control_arg(text: str) -> tuple[str, str, float]:
+    """``KIND:IMAGE[:STRENGTH]`` → (kind, image, strength)."""
+    from ..controls import parse_spec
+
+    try:
+        return parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def mask_arg(spec: str, namespace: Mapping[str, Any]) -> Any:
+    """``--mask``: boxes ``x0,y0,x1,y1[;...]``, else a notebook variable or a file."""
+    from ..controls import parse_boxes
+
+    boxes = parse_boxes(spec)
+    return boxes if boxes is not None else resolve_image("--mask", spec, namespace)
+
+
 def lora_arg(text: str) -> tuple[str, float]:
     path, strength = weighted(text)
     if not path.lower().endswith(".safetensors"):
@@ -195,6 +213,13 @@ def build_parser() -> MagicArgumentParser:
     add("--strength", type=unit_open, help="img2img noise strength (default 0.8 with --image)")
     add("--variation", action="append", type=weighted, default=[], metavar="IMAGE[:WEIGHT]",
         help="image variation input, a file or variable, repeatable")
+    add("--control", action="append", type=control_arg, default=[], metavar="KIND:IMAGE[:STRENGTH]",
+        help="a Stage C ControlNet, repeatable: canny, inpainting (with --mask) or super_resolution; IMAGE a file "
+        "or a notebook variable")
+    add("--controlnet", action="append", default=[], metavar="FILE",
+        help="the ControlNet file of each --control, in the same order")
+    add("--mask", metavar="MASK", help="inpainting mask: an image file or variable (white = regenerate), a PIL "
+        "image's alpha, an array, or boxes as x0,y0,x1,y1[;...]")
     add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
         help="LoRA file to apply, repeatable (strength default 1.0)")
     add("-o", "--out", metavar="NAME", help="store the Result in this notebook variable")
@@ -355,6 +380,29 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
     if args.variation:
         opts["variations"] = [resolve_image("--variation", spec, namespace) for spec, _ in args.variation]
         opts["variation_weights"] = [weight for _, weight in args.variation]
+    if args.control:
+        from ..controls import Control
+
+        if len(args.controlnet) != len(args.control):
+            raise UsageError(f"{len(args.control)} --control but {len(args.controlnet)} --controlnet: give the "
+                             "ControlNet file of each control, in the same order")
+        if args.mask is not None and not any(kind == "inpainting" for kind, _, _ in args.control):
+            raise UsageError("--mask is for an inpainting control: add --control inpainting:IMAGE")
+        controls = []
+        for (kind, spec, strength), file in zip(args.control, args.controlnet, strict=True):
+            if not Path(file).expanduser().is_file():
+                raise UsageError(f"--controlnet {file!r}: file not found")
+            if kind == "inpainting" and args.mask is None:
+                raise UsageError("--control inpainting needs --mask (white = regenerate, or boxes x0,y0,x1,y1)")
+            mask = mask_arg(args.mask, namespace) if kind == "inpainting" and args.mask is not None else None
+            try:
+                controls.append(Control(kind, resolve_image("--control", spec, namespace), strength, mask=mask,
+                                        model=str(Path(file).expanduser())).validate())
+            except ValueError as exc:
+                raise UsageError(f"--control {kind}:{spec}: {exc}") from None
+        opts["controls"] = controls
+    elif args.controlnet or args.mask is not None:
+        raise UsageError("--controlnet / --mask need a --control KIND:IMAGE")
     for path, _ in args.lora:
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--lora {path!r}: file not found")

@@ -4,11 +4,14 @@
 * :func:`detect` — what a safetensors file holds, from its header alone.
 * :func:`load_stage` — a stage module built on meta and filled straight from the file.
 * :func:`load_clip_file` / :func:`find_tokenizer` — the CLIP encoders from single files, their local tokenizer.
+* :func:`locate_controlnet` / :func:`check_controlnet` — a ControlNet file found like the stages, checked from
+  its header against its kind and the Stage C.
 * :func:`choose_variant` / :func:`estimate` — memory needs per variant and the largest that fits.
 """
 
 from __future__ import annotations
 
+from .controlnets import check_controlnet, locate_controlnet
 from .convert import ConversionError, plan_official, to_official
 from .detect import Component, Detection, detect
 from .encoders import TokenizerNotFoundError, find_tokenizer, load_clip_file
@@ -32,6 +35,7 @@ __all__ = [
     "WeightsNotFoundError",
     "WrongStageError",
     "available_memory",
+    "check_controlnet",
     "choose_variant",
     "compute_dtypes",
     "detect",
@@ -40,6 +44,7 @@ __all__ = [
     "load_clip_file",
     "load_stage",
     "locate",
+    "locate_controlnet",
     "plan_official",
     "read_header",
     "read_tensors",

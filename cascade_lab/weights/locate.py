@@ -27,6 +27,9 @@ COMFYUI_FOLDERS: dict[str, tuple[str, ...]] = {
     "previewer": ("vae",),
     "text_encoder": ("text_encoders", "clip"),
     "image_encoder": ("clip_vision",),
+    "controlnet_canny": ("controlnet",),
+    "controlnet_inpainting": ("controlnet",),
+    "controlnet_super_resolution": ("controlnet",),
 }
 # names a file may carry in a ComfyUI folder besides its Hub name (checked by header before use)
 COMFYUI_NAMES: dict[str, tuple[str, ...]] = {
@@ -34,6 +37,16 @@ COMFYUI_NAMES: dict[str, tuple[str, ...]] = {
                      "text_encoder.safetensors", "model.safetensors"),
     "image_encoder": ("stable_cascade_image_encoder.safetensors", "clip_vision_l.safetensors",
                       "image_encoder.safetensors", "model.safetensors"),
+    "controlnet_canny": ("stable_cascade_canny.safetensors",),
+    "controlnet_inpainting": ("stable_cascade_inpainting.safetensors",),
+    "controlnet_super_resolution": ("stable_cascade_super_resolution.safetensors",),
+}
+# what detect() must find in a ComfyUI file of a component, when it is not the component's own name:
+# (detected kind, its variant)
+DETECTED_AS: dict[str, tuple[str, str]] = {
+    "controlnet_canny": ("controlnet", "canny"),
+    "controlnet_inpainting": ("controlnet", "inpainting"),
+    "controlnet_super_resolution": ("controlnet", "super_resolution"),
 }
 # small files a transformers-format component needs next to its weights (config, tokenizer)
 COMPANIONS: dict[str, tuple[str, ...]] = {
@@ -143,6 +156,24 @@ def locate(
     if unknown:
         raise KeyError(f"variant {v.name!r} has no component {', '.join(map(repr, unknown))}; "
                        f"it has {', '.join(v.files) or 'no files (it builds its models)'}")
+    return find_files(v, wanted, files=files, folders=folders, comfyui=comfyui, download=download,
+                      title=f"Stable Cascade variant {v.name!r}",
+                      fix="or pass files={'stage_c': '/path/to/file.safetensors', ...}")
+
+
+def find_files(
+    v: Variant,
+    wanted: Sequence[str],
+    *,
+    files: Mapping[str, str | os.PathLike[str]] | None,
+    folders: Sequence[str | os.PathLike[str]],
+    comfyui: str | os.PathLike[str] | None,
+    download: bool,
+    title: str,
+    fix: str,
+) -> dict[str, Located]:
+    """The search behind :func:`locate` for the files of ``v`` that ``wanted`` names; ``title`` opens the
+    error message and ``fix`` ends it (how to give the file explicitly)."""
     files = dict(files or {})
     models_dir = comfyui_models_dir(comfyui)
     cache = hf_cache_dir()
@@ -167,9 +198,9 @@ def locate(
                 search.looked.append(f"download failed: {type(exc).__name__}: {exc}")
                 still.append(search)
         missing = still
-    missing += _missing_companions(wanted, v, found, cache, download and not offline)
+    missing += _missing_companions(list(wanted), v, found, cache, download and not offline)
     if missing:
-        raise WeightsNotFoundError(_message(v, missing, offline, download, models_dir))
+        raise WeightsNotFoundError(_message(title, fix, missing, offline, download, models_dir))
     return {c: found[c] for c in wanted}
 
 
@@ -221,7 +252,9 @@ def _holds(path: Path, comp: str) -> bool | str:
         d = detect(path)
     except WeightsFileError as exc:
         return f"an unreadable file: {exc}"
-    return True if comp in d.components else d.describe()
+    kind, variant = DETECTED_AS.get(comp, (comp, None))
+    hit = d.components.get(kind)
+    return True if hit is not None and variant in (None, hit.variant) else d.describe()
 
 
 def _in_hf_cache(comp: str, f: VariantFile, cache: Path, search: _Search) -> Located | None:
@@ -284,10 +317,11 @@ def _download_companions(f: VariantFile, patterns: list[str], cache: Path) -> An
     return snapshot_download(f.repo_id, allow_patterns=patterns, cache_dir=cache)
 
 
-def _message(v: Variant, missing: list[_Search], offline: bool, download: bool, models_dir: Path | None) -> str:
+def _message(title: str, fix: str, missing: list[_Search], offline: bool, download: bool,
+             models_dir: Path | None) -> str:
     why = ("HF_HUB_OFFLINE is set, so nothing was downloaded" if offline else
            "downloading was turned off" if not download else "the download failed")
-    lines = [f"Stable Cascade variant {v.name!r}: {len(missing)} file(s) not found ({why})."]
+    lines = [f"{title}: {len(missing)} file(s) not found ({why})."]
     for s in missing:
         lines.append(f"  {s.component}: {hub_path(s.file)} from {s.file.repo_id}")
         for place in s.looked:
@@ -298,6 +332,6 @@ def _message(v: Variant, missing: list[_Search], offline: bool, download: bool, 
         hints.append(f"point ${ENV_COMFYUI} (or comfyui=) at a ComfyUI install that has them")
     if offline:
         hints.append("unset HF_HUB_OFFLINE to let cascade_lab download them")
-    hints.append("or pass files={'stage_c': '/path/to/file.safetensors', ...}")
+    hints.append(fix)
     lines.append("  To fix: run the commands above, " + ", ".join(hints) + ".")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Weights are counted at their *compute* dtype: Stage C in bf16 where the device h
 or the CPU), else fp32 — never fp16, which gives black images (spec §10, peers §2); Stage B and the text
 encoder in bf16, or fp16 on GPUs without bf16; Stage A in fp32. Two numbers per variant: everything
 resident at once, and with stage swapping (only the largest of text encoder / Stage C / Stage B /
-Stage A on the device at a time). Both add an activation margin for a 1024² image.
+Stage A on the device at a time). Both add an activation margin for a 1024² image. ControlNets count at
+Stage C's compute dtype (the pipeline runs them in it), once per control.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..registry import Variant
+from .controlnets import CONTROLNET_FILES
 
 if TYPE_CHECKING:
     import torch
@@ -47,20 +49,23 @@ class MemoryEstimate:
     text_encoder: int
     stage_a: int
     margin: int
+    controlnets: int = 0  # all the ControlNets of the generation together
 
     @property
     def resident(self) -> int:
         """Everything loaded at once."""
-        return self.stage_c + self.stage_b + self.text_encoder + self.stage_a + self.margin
+        return self.stage_c + self.stage_b + self.text_encoder + self.stage_a + self.controlnets + self.margin
 
     @property
     def swapped(self) -> int:
-        """With stage swapping: only the largest part is on the device at a time."""
-        return max(self.stage_c, self.stage_b, self.text_encoder, self.stage_a) + self.margin
+        """With stage swapping: only the largest part is on the device at a time (the ControlNets run before
+        Stage C, their features kept)."""
+        return max(self.stage_c, self.stage_b, self.text_encoder, self.stage_a, self.controlnets) + self.margin
 
     def describe(self) -> str:
+        with_cn = f", ControlNets {self.controlnets / GiB:.2f} GiB" if self.controlnets else ""
         return (f"{self.variant}: {self.resident / GiB:.1f} GiB all resident, {self.swapped / GiB:.1f} GiB "
-                f"with stage swapping (Stage C {self.dtypes.stage_c}, Stage B {self.dtypes.stage_b})")
+                f"with stage swapping (Stage C {self.dtypes.stage_c}, Stage B {self.dtypes.stage_b}{with_cn})")
 
 
 @dataclass(frozen=True)
@@ -108,15 +113,31 @@ def compute_dtypes(device: str | torch.device = "cpu", *, bf16: bool | None = No
     return ComputeDtypes("float32", half, half)
 
 
-def estimate(variant: Variant, dtypes: ComputeDtypes, *, margin: int = ACTIVATION_MARGIN) -> MemoryEstimate:
-    """Bytes ``variant`` needs when its parts compute in ``dtypes``."""
+def estimate(variant: Variant, dtypes: ComputeDtypes, *, margin: int = ACTIVATION_MARGIN,
+             controls: Iterable[str | os.PathLike[str]] = ()) -> MemoryEstimate:
+    """Bytes ``variant`` needs when its parts compute in ``dtypes``, with the ControlNets of ``controls``: kinds
+    (``"canny"``, ``"inpainting"``, ``"super_resolution"``: the official files) or ControlNet files."""
 
     def part(name: str, dtype: str) -> int:
         f = variant.files.get(name)
         return 0 if f is None else f.params * BYTES[dtype]
 
+    cnets = sum(controlnet_bytes(c, dtypes.stage_c) for c in controls)
     return MemoryEstimate(variant.name, dtypes, part("stage_c", dtypes.stage_c), part("stage_b", dtypes.stage_b),
-                          part("text_encoder", dtypes.text_encoder), part("stage_a", dtypes.stage_a), margin)
+                          part("text_encoder", dtypes.text_encoder), part("stage_a", dtypes.stage_a), margin, cnets)
+
+
+def controlnet_bytes(control: str | os.PathLike[str], dtype: str) -> int:
+    """Bytes of a ControlNet computing in ``dtype``: the official file of a kind, or a file read from its header
+    (floating-point values in ``dtype``, integer buffers as stored)."""
+    if isinstance(control, str) and control in CONTROLNET_FILES:
+        return CONTROLNET_FILES[control].params * BYTES[dtype]
+    if isinstance(control, str) and not control.endswith(".safetensors") and not os.path.exists(control):
+        raise ValueError(f"control {control!r}: give a kind ({', '.join(CONTROLNET_FILES)}) or a ControlNet file")
+    from .safetensors_io import DTYPES, read_header
+
+    return sum(t.numel * (BYTES[dtype] if t.dtype.startswith(("F", "BF")) else DTYPES[t.dtype][1])
+               for t in read_header(control).tensors.values())
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:
@@ -155,16 +176,19 @@ def choose_variant(
     variants: Iterable[Variant] | None = None,
     dtypes: ComputeDtypes | None = None,
     margin: int = ACTIVATION_MARGIN,
+    controls: Iterable[str | os.PathLike[str]] = (),
 ) -> Choice:
     """The largest variant whose weights fit ``available`` bytes (default: free memory on ``device``).
 
-    Largest means most diffusion-model parameters; among equal sizes the one whose files are stored in
-    the compute dtype wins (the bf16 files when computing in bf16: same quality, half the download).
+    Largest means most diffusion-model parameters; among equal sizes the one whose files are stored in the
+    compute dtype wins (the bf16 files when computing in bf16: same quality, half the download). ``controls``
+    adds ControlNets as :func:`estimate` does.
     """
     dtypes = dtypes or compute_dtypes(device)
     free = available_memory(device) if available is None else available
     pool = list(real_variants() if variants is None else variants)
-    ests = {v.name: estimate(v, dtypes, margin=margin) for v in pool}
+    controls = tuple(controls)
+    ests = {v.name: estimate(v, dtypes, margin=margin, controls=controls) for v in pool}
 
     def rank(v: Variant) -> tuple[int, int, int]:
         size = sum(f.params for k, f in v.files.items() if k in ("stage_c", "stage_b"))

@@ -9,41 +9,17 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from weights_helpers import manifest_shapes, write_sparse
+from weights_helpers import REV, cache_file, manifest_shapes, offline_hub, write_sparse
 
 from cascade_lab.builtins.variants import VARIANTS
 from cascade_lab.weights.locate import WeightsNotFoundError, locate
 
 LITE_BF16 = next(v for v in VARIANTS if v.name == "lite_bf16")
-REV = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
 def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty, offline Hub cache in tmp_path; any download attempt fails the test."""
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "CASCADE_LAB_COMFYUI"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        pytest.fail(f"tried to download {args} {kwargs}")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    return home
-
-
-def cache_file(home: Path, repo: str, name: str, content: bytes = b"x") -> Path:
-    """Put ``name`` into the Hub cache layout: models--org--repo/snapshots/<rev>/name + refs/main."""
-    repo_dir = home / "hub" / f"models--{repo.replace('/', '--')}"
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(REV)
-    path = repo_dir / "snapshots" / REV / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
+    return offline_hub(tmp_path, monkeypatch)
 
 
 def test_offline_with_nothing_cached_is_one_error_listing_everything(hf_home: Path, tmp_path: Path) -> None:

@@ -7,8 +7,11 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import huggingface_hub
+import pytest
 from conftest import read_manifest
 
+REV = "0123456789abcdef0123456789abcdef01234567"
 CODES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2), "int64": ("I64", 8)}
 
 
@@ -31,4 +34,31 @@ def write_sparse(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: str =
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         f.truncate(8 + len(blob) + offset)
+    return path
+
+
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty, offline Hub cache in tmp_path (returns HF_HOME); any download attempt fails the test."""
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "CASCADE_LAB_COMFYUI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_download(*args, **kwargs):
+        pytest.fail(f"tried to download {args} {kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    return home
+
+
+def cache_file(home: Path, repo: str, name: str, content: bytes = b"x") -> Path:
+    """Put ``name`` into the Hub cache layout: models--org--repo/snapshots/<rev>/name + refs/main."""
+    repo_dir = home / "hub" / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(REV)
+    path = repo_dir / "snapshots" / REV / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
     return path

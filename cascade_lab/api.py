@@ -347,21 +347,24 @@ class Cascade:
                             float(control.end), control.kind), keep
 
     def _controlnet(self, control: Any) -> Any:
-        """The ControlNet module of a control (given, or loaded from its file), checked against its kind and the
-        loaded Stage C before anything runs."""
+        """The ControlNet module of a control: given, or its file (given, or found like the stages: folders,
+        ComfyUI's models/controlnet, the Hub cache, a one-file download), checked against its kind and the loaded
+        Stage C (a file from its header alone) before anything loads or runs."""
         import torch
 
-        from .controls import check_controlnet
         from .weights import load_stage
+        from .weights.controlnets import check_controlnet, locate_controlnet
 
+        stage_c = self.pipeline.stages.stage_c
         model = control.model
+        if isinstance(model, torch.nn.Module):
+            check_controlnet(model, control.kind, stage_c)
+            return model.eval().requires_grad_(False)
         if model is None:
-            raise ValueError(f"the {control.kind} control needs model=: the ControlNet file (e.g. the official "
-                             f"controlnet/{control.kind}.safetensors of stabilityai/stable-cascade) or a module")
-        name = "the ControlNet module" if isinstance(model, torch.nn.Module) else f"ControlNet {str(model)!r}"
-        net = model if isinstance(model, torch.nn.Module) else load_stage("controlnet", model)
-        check_controlnet(net, control.kind, self.pipeline.stages.stage_c, name)
-        return net.eval().requires_grad_(False)
+            options = {k: v for k, v in self.weights_options.items() if k in ("folders", "comfyui", "download")}
+            model = locate_controlnet(control.kind, **options).path
+        check_controlnet(model, control.kind, stage_c)
+        return load_stage("controlnet", model).eval().requires_grad_(False)
 
     def encode_image(self, image: ImageLike, width: int | None = None, height: int | None = None) -> Any:
         """An image → Stage C latent [B, 16, h, w] (EfficientNet at the official 768-px scale for 1024²)."""

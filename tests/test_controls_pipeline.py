@@ -168,14 +168,27 @@ def test_control_mistakes_are_refused_before_sampling(cascade: Cascade) -> None:
 
 def test_shipped_controlnets_fit_the_full_stage_c_and_are_refused_on_lite() -> None:
     """The shipped ControlNets feed 8 of the 3.6B Stage C's 64 ResBlock calls at width 2048 (c_proj 2048)."""
-    from cascade_lab.controls import check_controlnet
     from cascade_lab.models.controlnet import ControlNetConfig
     from cascade_lab.models.stage_c import StageCConfig
+    from cascade_lab.weights.controlnets import check_controlnet
 
     with torch.device("meta"):
         full, lite = StageCConfig.full().build(), StageCConfig.lite().build()
         canny = ControlNet(**ControlNetConfig.canny().kwargs())
     assert full.control_widths() == [2048] * 64 and len(lite.control_widths()) == 32
     check_controlnet(canny, "canny", full)
-    with pytest.raises(ValueError, match="built for the 3.6B Stage C .*c_proj 2048.* is 1536 wide"):
+    with pytest.raises(ValueError, match="built for the 3.6B Stage C .*c_proj 2048.* is 1536 wide; use variant"):
         check_controlnet(canny, "canny", lite)  # the lite Stage C has 32 calls: blocks 51..63 do not exist
+
+
+def test_a_control_without_a_file_is_looked_for_like_the_stages(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """No model=: the ControlNet file is searched (folders, ComfyUI, Hub cache); missing, one error says where."""
+    from cascade_lab.weights import WeightsNotFoundError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cascade = Cascade("tiny", folders=[str(tmp_path)], download=False)
+    with pytest.raises(WeightsNotFoundError, match="canny ControlNet.*not found") as info:
+        cascade.generate("x", width=128, height=128, steps_c=2, steps_b=1,
+                         controls=[Control("canny", square())])
+    assert str(tmp_path) in str(info.value)

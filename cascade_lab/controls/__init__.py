@@ -80,31 +80,4 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]] | None:
     return boxes
 
 
-C_IN = {"canny": 1, "inpainting": 4, "super_resolution": 16}  # what each kind's ControlNet takes
-
-
-def check_controlnet(net: Any, kind: str, stage_c: Any, name: str = "the ControlNet") -> None:
-    """Refuse a ControlNet module that is not of ``kind`` or does not fit ``stage_c`` (its c_proj against the
-    Stage C width at each block it feeds), with the reason, before anything runs."""
-    c_in = int(getattr(net, "c_in", -1))
-    if c_in != C_IN[kind]:
-        other = {v: k for k, v in C_IN.items()}.get(c_in)
-        what = f"a {other} ControlNet" if other else f"a ControlNet with {c_in} input channels"
-        raise ValueError(f"{name} is {what}, not {kind} (which takes {C_IN[kind]} channel(s)); give the {kind} "
-                         "file, or use kind=" + repr(other or kind))
-    widths = stage_c.control_widths() if hasattr(stage_c, "control_widths") else None
-    if widths is None:
-        return  # a Lazy Stage C: checked when it loads
-    c_proj, blocks = int(net.c_proj), list(net.proj_blocks)
-    wrong = sorted({widths[b] for b in blocks if b < len(widths) and widths[b] != c_proj})
-    if wrong:
-        size = {2048: "the 3.6B Stage C (full, bf16)", 1536: "the 1B Stage C (lite)"}
-        built = size.get(c_proj, f"a Stage C {c_proj} wide")
-        raise ValueError(f"{name} was built for {built} (c_proj {c_proj}) but the loaded Stage C is "
-                         f"{'/'.join(map(str, wrong))} wide there; use a variant of the size it was trained for")
-    too_far = [b for b in blocks if b >= len(widths)]
-    if too_far:
-        raise ValueError(f"{name} feeds Stage C blocks {too_far}, but the loaded Stage C has {len(widths)} "
-                         "ResBlock calls; it was built for another Stage C")
-
-__all__ = ["C_IN", "KINDS", "Control", "check_controlnet", "parse_boxes", "parse_spec"]
+__all__ = ["KINDS", "Control", "parse_boxes", "parse_spec"]

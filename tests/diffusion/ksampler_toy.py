@@ -6,6 +6,9 @@ recorded trajectories compare the samplers' arithmetic and noise, with no model 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -37,3 +40,26 @@ class ToyDenoiser:
         self.calls += 1
         x0, self.uncond_x0 = guided(x, sigma)
         return x0
+
+
+def load_oracle(path: Path) -> dict[str, Tensor]:
+    """A recorded oracle file (tools/comfyui_sampler_oracle.py), tensors cloned (aligned)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
+def close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Equal to ComfyUI's to float rounding: atol 1e-5 of the expected tensor's absmax, rtol 1e-5."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_plain_noise_works(fn: Callable[..., Tensor], x: Tensor, sigmas: Tensor) -> None:
+    """A plain (non-Brownian) noise source: reproducible under a seed, and its draws change the result."""
+    torch.manual_seed(0)
+    a = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.randn_like)
+    torch.manual_seed(0)
+    b = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.randn_like)
+    c = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.zeros_like)
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)

@@ -49,7 +49,7 @@ def test_every_sampler_with_every_scheduler(sampler_name: str, scheduler_name: s
     assert 0 < out.std().item() < 5
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "dpm_adaptive"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_cancel_stops_between_steps(name: str) -> None:
     fn = registries()["sampler"].get(name).fn
     sigmas = registries()["scheduler"].get("simple").fn(6, shift=2.0)
@@ -58,9 +58,10 @@ def test_cancel_stops_between_steps(name: str) -> None:
         fn(gaussian_x0, torch.randn(1, 2, 3, 3) * 100, sigmas, callback=lambda e: seen.append(e.step),
            cancel=lambda: len(seen) == 2)
     assert info.value.step == 2 and seen == [0, 1]
+    calls = []
     with pytest.raises(Cancelled) as info:
-        fn(gaussian_x0, torch.randn(1, 2, 3, 3), sigmas, cancel=lambda: True)
-    assert info.value.step == 0 and info.value.x0 is None
+        fn(lambda x, s: calls.append(1) or gaussian_x0(x, s), torch.randn(1, 2, 3, 3), sigmas, cancel=lambda: True)
+    assert info.value.step == 0 and info.value.x0 is None and not calls  # stopped before any model call
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "ddpm", "er_sde"])

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cascade_lab.diffusion import ksamplers
 from cascade_lab.diffusion.noise import ComfyNoise
-from cascade_lab.diffusion.samplers import Cancelled, StepEvent
+from cascade_lab.diffusion.samplers import StepEvent
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ksampler_toy import SEED, SHIFT, ToyDenoiser  # noqa: E402
+from ksampler_toy import SEED, SHIFT, ToyDenoiser, assert_plain_noise_works, close, load_oracle  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "ksamplers_multistep.safetensors"
 NAMES = ["ddpm", "lcm", "ddim", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
@@ -29,12 +28,8 @@ STOCHASTIC = ["ddpm", "lcm", "res_multistep_ancestral", "res_multistep_ancestral
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_file(str(DATA)).items()}
+    return load_oracle(DATA)
 
-
-def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def run(name: str, reference: dict[str, torch.Tensor], **options: object) -> tuple[torch.Tensor, list[StepEvent]]:
@@ -66,25 +61,10 @@ def test_comfyui_reports_stale_x_for_the_ipndm_family(name: str, reference: dict
     assert not torch.equal(reference[f"{name}.step01.denoised"], reference[f"{name}.step00.denoised"])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_cancel_before_the_first_step(name: str, reference: dict[str, torch.Tensor]) -> None:
-    denoiser = ToyDenoiser()
-    with pytest.raises(Cancelled):
-        getattr(ksamplers, f"sample_{name}")(denoiser, reference[f"{name}.x_init"].clone(),
-                                             reference[f"{name}.sigmas"], cancel=lambda: True)
-    assert denoiser.calls == 0
-
-
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_plain_noise_sources_work(name: str, reference: dict[str, torch.Tensor]) -> None:
-    x, sigmas = reference[f"{name}.x_init"], reference[f"{name}.sigmas"]
-    fn = getattr(ksamplers, f"sample_{name}")
-    torch.manual_seed(0)
-    a = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.randn_like)
-    torch.manual_seed(0)
-    b = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.randn_like)
-    c = fn(ToyDenoiser(), x.clone(), sigmas, noise=torch.zeros_like)
-    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)
+    assert_plain_noise_works(getattr(ksamplers, f"sample_{name}"), reference[f"{name}.x_init"],
+                             reference[f"{name}.sigmas"])
 
 
 def test_ddim_is_comfyuis_euler(reference: dict[str, torch.Tensor]) -> None:

@@ -341,8 +341,11 @@ class Cascade:
             if effnet is None:
                 raise ValueError(f"variant {self.variant_name!r} has no EfficientNet encoder; super-resolution "
                                  "needs one")
+            import torch
+
             low = filters.resize_to(image, (params.width // 2, params.height // 2))
-            x = filters.super_resolution(low, effnet.encode_image)
+            with self.pipeline.use(effnet) as encoder, torch.inference_mode():  # a Lazy encoder loads here
+                x = filters.super_resolution(low.to(self.pipeline.device), encoder.encode_image).float().cpu()
         return ControlInput(self._controlnet(control), x.float(), float(control.strength), float(control.start),
                             float(control.end), control.kind), keep
 

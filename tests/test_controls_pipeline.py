@@ -192,3 +192,25 @@ def test_a_control_without_a_file_is_looked_for_like_the_stages(tmp_path: Any, m
         cascade.generate("x", width=128, height=128, steps_c=2, steps_b=1,
                          controls=[Control("canny", square())])
     assert str(tmp_path) in str(info.value)
+
+
+def test_super_resolution_control_feeds_the_effnet_latent_of_the_low_image(monkeypatch: pytest.MonkeyPatch,
+                                                                         cascade: Cascade) -> None:
+    """The official 2× recipe: the half-size image's EfficientNet latent, 2× nearest, into the large-bottleneck
+    ControlNet (a simple one here), at the generation size; Stage C CFG 1 as the official settings say."""
+    from cascade_lab.controls.filters import super_resolution_settings
+
+    seen = []
+    net = tiny_kind("super_resolution")
+    original = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: seen.append(x.shape) or original(x))
+    settings = super_resolution_settings((64, 64))
+    assert (settings["width"], settings["height"], settings["cfg_c"]) == (128, 128, 1.0)
+    low = torch.rand(1, 3, 64, 64)
+    result = cascade.generate("x", seed=1, steps_c=2, steps_b=1, **{k: v for k, v in settings.items()
+                                                                    if k not in ("steps_c", "steps_b")},
+                              controls=[Control("super_resolution", low, model=net)])
+    with cascade.pipeline.use(cascade.pipeline.stages.effnet) as effnet:  # the tiny encoder is built lazily
+        latent = effnet.encode_image(low)  # [1, 16, h, w] of the 64-px image
+    assert seen == [torch.Size([1, 16, 2 * latent.shape[-2], 2 * latent.shape[-1]])]
+    assert result.images[0].size == (128, 128)

@@ -89,8 +89,9 @@ class ControlInput:
 
     def active(self, t: float) -> bool:
         """Whether it applies at step position t (1 the first step, → 0 the last), as ComfyUI's percent range."""
-        done = 1.0 - t
-        return self.start - 1e-9 <= done <= self.end + 1e-9
+        from .controls import in_step_range
+
+        return in_step_range(t, self.start, self.end)
 
 
 @dataclass

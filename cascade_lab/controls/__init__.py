@@ -48,8 +48,14 @@ class Control:
 
     def active(self, t: float) -> bool:
         """Whether the control applies at step position t (t = 1 the first, noisiest step; t → 0 the last)."""
-        done = 1.0 - t  # the fraction of the schedule behind
-        return self.start - 1e-9 <= done <= self.end + 1e-9
+        return in_step_range(t, self.start, self.end)
+
+
+def in_step_range(t: float, start: float, end: float) -> bool:
+    """Whether step position t (1 at the first step, → 0 at the last) lies in the [start, end] fraction of the
+    schedule already behind, as ComfyUI's ControlNetApplyAdvanced percent range."""
+    done = 1.0 - t
+    return start - 1e-9 <= done <= end + 1e-9
 
 
 def parse_spec(text: str) -> tuple[str, str, float]:
@@ -80,4 +86,4 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]] | None:
     return boxes
 
 
-__all__ = ["KINDS", "Control", "parse_boxes", "parse_spec"]
+__all__ = ["KINDS", "Control", "in_step_range", "parse_boxes", "parse_spec"]

@@ -10,6 +10,7 @@ Everything is float32 in ComfyUI's operation order, so the tables equal ComfyUI'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -125,8 +126,6 @@ def _normal(steps: int, shift: float, sgm: bool) -> Tensor:
     if sgm:
         timesteps = torch.linspace(float(start), float(end), steps + 1)[:-1]
         return _append_zero([float(ms.sigma(ts)) for ts in timesteps])
-    if math.isclose(float(ms.sigma(end)), 0, abs_tol=1e-5):  # never for Stable Cascade (σ_min = 0.01)
-        return torch.tensor([float(ms.sigma(ts)) for ts in torch.linspace(float(start), float(end), steps + 1)])
     return _append_zero([float(ms.sigma(ts)) for ts in torch.linspace(float(start), float(end), steps)])
 
 
@@ -216,23 +215,21 @@ def kl_optimal(steps: int, shift: float = 1.0, t_start: float = 1.0, t_end: floa
     return out
 
 
-def partial_schedule(build: object, steps: int, denoise: float, **kwargs: float) -> Tensor:
+def partial_schedule(build: Callable[..., Tensor], steps: int, denoise: float, **kwargs: float) -> Tensor:
     """ComfyUI's `denoise` < 1: the schedule for int(steps / denoise) steps, keeping its last steps + 1 values.
 
     Works for any scheduler (σ or logSNR family): only the tail of the longer schedule is kept.
     """
     if not 0 < denoise <= 1:
         raise ValueError(f"denoise={denoise!r}: use a value in (0, 1]; 1 runs the whole schedule")
-    fn = build  # type: ignore[assignment]
     if denoise > 0.9999:
-        return fn(steps, **kwargs)  # type: ignore[operator, no-any-return]
-    full = fn(int(steps / denoise), **kwargs)  # type: ignore[operator]
-    return full[-(steps + 1):]  # type: ignore[no-any-return]
+        return build(steps, **kwargs)
+    return build(int(steps / denoise), **kwargs)[-(steps + 1):]
 
 
-def discard_penultimate(build: object, steps: int, **kwargs: float) -> Tensor:
+def discard_penultimate(build: Callable[..., Tensor], steps: int, **kwargs: float) -> Tensor:
     """ComfyUI's rule for dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2: build steps + 1, drop the penultimate σ."""
-    full = build(steps + 1, **kwargs)  # type: ignore[operator]
+    full = build(steps + 1, **kwargs)
     return torch.cat([full[:-2], full[-1:]])
 
 

@@ -71,8 +71,9 @@ class Cascade:
         self._training: Any = None  # the TrainingRun working on this cascade's Stage C
 
     # -- loading ---------------------------------------------------------------------------------------
-    def resolve_variant(self) -> str:
-        """The concrete variant `auto` stands for on this machine."""
+    def resolve_variant(self, controls: Sequence[Any] = ()) -> str:
+        """The concrete variant `auto` stands for on this machine (with ``controls``, ControlNet kinds or files,
+        among the variants whose Stage C they fit: the shipped ControlNets rule out lite)."""
         if self.variant != "auto":
             return self.variant
         from .weights import WeightsNotFoundError, choose_variant, locate
@@ -85,7 +86,7 @@ class Cascade:
                 present.append(variant)
             except WeightsNotFoundError:
                 continue
-        choice = choose_variant(self.device or "cpu", variants=present) if present else None
+        choice = choose_variant(self.device or "cpu", variants=present, controls=controls) if present else None
         if choice is not None and choice.variant is not None:
             return choice.variant
         reason = choice.reason if choice is not None else "no real Stable Cascade weights found on this machine"
@@ -100,12 +101,12 @@ class Cascade:
             self._pipeline = self._load()
         return self._pipeline
 
-    def _load(self) -> Any:
+    def _load(self, controls: Sequence[Any] = ()) -> Any:
         import torch
 
         from .pipeline import Pipeline
 
-        name = self.resolve_variant()
+        name = self.resolve_variant(controls)
         variant = get_variant(name)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if variant.build is not None:
@@ -214,6 +215,18 @@ class Cascade:
         """Start from ``image`` noised to ``strength`` (official: 0.8, i.e. 16 of 20 Stage C steps)."""
         return self.generate(prompt, image=image, strength=strength, **kwargs)
 
+    def upscale(self, image: ImageLike, prompt: str = "", *, strength: float = 1.0, controlnet: Any = None,
+                **options: Any) -> Any:
+        """A 2x upscale of ``image`` with the super-resolution ControlNet, at the official SR notebook's settings
+        (Stage C DDPM, 20 steps, CFG 1; `controls.super_resolution_settings`); ``options`` of `generate` win over
+        them. ``prompt`` may describe the picture (the official notebook's CFG 1 ignores a negative prompt);
+        ``strength`` scales the ControlNet; ``controlnet``: its file or module (default: found like the stages)."""
+        from .controls import Control, upscale_options
+
+        size = _image_tensor(image).shape[-2:]
+        controls = [*options.pop("controls", ()), Control("super_resolution", image, strength, model=controlnet)]
+        return self.generate(prompt, controls=controls, **upscale_options((int(size[1]), int(size[0])), options))
+
     def run(self, params: GenerationParams, *, image: ImageLike | None = None, variations: Sequence[ImageLike] = (),
             callback: Callable[[Any], Any] | None = None, cancel: Callable[[], bool] | None = None,
             keep_trajectory: bool = False, noise: Any = None, initial_noise: Any = None,
@@ -244,6 +257,9 @@ class Cascade:
             controls = [_control_from_record(r) for r in params.controls]
         for control in controls:
             control.validate()
+        if self._pipeline is None:  # `auto` picks among the variants the controls' ControlNets fit
+            self._pipeline = self._load([c.kind if c.model is None else str(c.model) for c in controls
+                                         if c.model is None or isinstance(c.model, (str, Path))])
         pipeline = self.pipeline
         params = self._native(params, warn=True)
         clip_img = None

@@ -26,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="default 1024 (ComfyUI img2img: the image's)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=1)
-    gen.add_argument("--steps", "--steps-c", dest="steps_c", type=int, default=20, help="Stage C steps")
-    gen.add_argument("--steps-b", type=int, default=10)
-    gen.add_argument("--cfg", "--cfg-c", dest="cfg_c", type=float, default=4.0)
-    gen.add_argument("--cfg-b", type=float, default=1.1)
-    gen.add_argument("--shift", "--shift-c", dest="shift_c", type=float, default=2.0)
-    gen.add_argument("--shift-b", type=float, default=1.0)
+    gen.add_argument("--steps", "--steps-c", dest="steps_c", type=int, default=None, help="Stage C steps (20)")
+    gen.add_argument("--steps-b", type=int, default=None, help="Stage B steps (10)")
+    gen.add_argument("--cfg", "--cfg-c", dest="cfg_c", type=float, default=None, help="Stage C CFG (4)")
+    gen.add_argument("--cfg-b", type=float, default=None, help="Stage B CFG (1.1)")
+    gen.add_argument("--shift", "--shift-c", dest="shift_c", type=float, default=None, help="Stage C shift (2)")
+    gen.add_argument("--shift-b", type=float, default=None, help="Stage B shift (1)")
     gen.add_argument("--sampler", "--sampler-c", dest="sampler_c", default=None,
                      help="Stage C sampler (official: ddpm; --compat comfyui: euler_ancestral); see `samplers`")
     gen.add_argument("--sampler-b", default=None, help="Stage B sampler (default: as Stage C's default)")
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--control", action="append", default=[], metavar="KIND:IMAGE[:STRENGTH]",
                      help="a Stage C ControlNet (canny, inpainting with --mask, super_resolution), repeatable")
     gen.add_argument("--controlnet", action="append", default=[], metavar="FILE",
-                     help="the ControlNet file of each --control, in the same order")
+                     help="the ControlNet file of each --control (then --upscale), in the same order; none: found "
+                          "like the stages")
+    gen.add_argument("--upscale", default=None, metavar="2x",
+                     help="upscale --image 2x with the super-resolution ControlNet at the official settings")
     gen.add_argument("--mask", default=None, help="inpainting mask: an image (white = regenerate) or boxes "
                      "x0,y0,x1,y1[;...]")
     gen.add_argument("--device", default=None)
@@ -77,27 +80,40 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def controls_from_args(args: argparse.Namespace) -> list[Any]:
-    """--control / --controlnet / --mask → `Control` records (checked; files must exist)."""
+    """--control / --controlnet / --mask / --upscale → `Control` records (checked; files must exist)."""
     from pathlib import Path
 
-    from .controls import Control, parse_boxes, parse_spec
+    from .controls import Control, parse_boxes, parse_spec, parse_upscale
 
-    if len(args.controlnet) != len(args.control):
-        raise ValueError(f"{len(args.control)} --control but {len(args.controlnet)} --controlnet: give the "
-                         "ControlNet file of each control, in the same order")
+    n_controls = len(args.control) + (args.upscale is not None)
+    if args.controlnet and len(args.controlnet) != n_controls:
+        raise ValueError(f"{n_controls} control(s) (--control, --upscale) but {len(args.controlnet)} --controlnet: "
+                         "give the ControlNet file of each, in the same order, or none to have them found")
+    for file in args.controlnet:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"--controlnet {file!r}: file not found")
+    files: list[str | None] = list(args.controlnet) or [None] * n_controls
     if args.mask is not None and not any(c.startswith("inpainting:") for c in args.control):
         raise ValueError("--mask is for an inpainting control: add --control inpainting:IMAGE")
     controls = []
-    for spec, file in zip(args.control, args.controlnet, strict=True):
+    for spec, file in zip(args.control, files, strict=False):
         kind, image, strength = parse_spec(spec)
-        for what, path in (("--controlnet", file), ("--control image", image)):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{what} {path!r}: file not found")
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"--control image {image!r}: file not found")
         mask = None
         if kind == "inpainting" and args.mask is not None:
             mask = parse_boxes(args.mask)
             mask = mask if mask is not None else args.mask
         controls.append(Control(kind, image, strength, mask=mask, model=file).validate())
+    if args.upscale is not None:
+        parse_upscale(args.upscale)
+        if not args.image:
+            raise ValueError("--upscale 2x needs --image IMAGE: the picture to upscale")
+        if args.strength is not None or args.denoise is not None:
+            raise ValueError("--upscale starts from noise with the image as its control: drop --strength/--denoise")
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image!r}: file not found")
+        controls.append(Control("super_resolution", args.image, 1.0, model=files[-1]).validate())
     return controls
 
 
@@ -110,6 +126,22 @@ def generate(args: argparse.Namespace) -> int:
                                                    "denoise", "seed_b", "compression")
                if getattr(args, key) is not None}
     options["controls"] = controls_from_args(args)
+    stage_options = {key: getattr(args, key) for key in ("steps_c", "steps_b", "cfg_c", "cfg_b", "shift_c", "shift_b")
+                     if getattr(args, key) is not None}  # unset: GenerationParams' official defaults
+    image = args.image
+    if args.upscale is not None:  # the image is the control; the official SR settings under the flags given
+        from PIL import Image
+
+        from .controls import upscale_options
+
+        with Image.open(args.image) as opened:
+            size = opened.size
+        given = {**stage_options, **{k: v for k, v in (("width", width), ("height", height)) if v is not None}}
+        settings = upscale_options(size, {**options, **given})
+        width, height = settings.pop("width"), settings.pop("height")
+        options.update(settings)
+        stage_options = {}
+        image, strength = None, 1.0
     for kind in ("sampler", "scheduler"):  # one name for Stage C and no Stage B name: both stages
         if f"{kind}_c" in options and f"{kind}_b" not in options:
             options[f"{kind}_b"] = options[f"{kind}_c"]
@@ -129,9 +161,8 @@ def generate(args: argparse.Namespace) -> int:
     cascade = Cascade(args.variant, device=args.device, dtype=args.dtype, compile=args.compile)
     result = cascade.generate(
         args.prompt, args.negative, width=width, height=height, batch_size=args.batch_size, seed=args.seed,
-        image=args.image, strength=strength, steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,
-        cfg_b=args.cfg_b, shift_c=args.shift_c, shift_b=args.shift_b, compat=args.compat,
-        callback=None if args.quiet else progress, **options,
+        image=image, strength=strength, compat=args.compat, callback=None if args.quiet else progress,
+        **stage_options, **options,
     )
     for bar in bars.values():
         bar.close()  # type: ignore[attr-defined]

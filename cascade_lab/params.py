@@ -135,6 +135,10 @@ class GenerationParams:
                              "(ComfyUI's img2img example: 0.6)")
         if self.seed_b is not None and not (isinstance(self.seed_b, int) and 0 <= self.seed_b < 2**64):
             raise ValueError(f"seed_b={self.seed_b!r}: use a whole number in [0, 2**64) or None (= seed)")
+        if self.seed_b is not None and self.compat != "comfyui":
+            raise ValueError(f"seed_b={self.seed_b}: Stage B's own seed exists under compat='comfyui' only (ComfyUI's "
+                             "second KSampler); the official code draws Stage B's noise from the one seed — drop "
+                             "seed_b or add compat='comfyui'")
         for name, value in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
             if isinstance(value, tuple):
                 if not all(isinstance(p, str) for p in value):

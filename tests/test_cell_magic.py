@@ -464,10 +464,38 @@ def test_control_options_build_controls(shell: Any, calls: list[dict[str, Any]],
     assert inpaint.image is shell.user_ns["photo"] and inpaint.mask == [(8, 8, 40, 40), (0, 0, 4, 4)]
     for line, words in [
         ("--control depth:edges.png", "KIND one of canny, inpainting, super_resolution"),
-        ("--control canny:edges.png", "1 --control but 0 --controlnet"),
+        ("--control canny:edges.png --control canny:edges.png --controlnet canny.safetensors",
+         "2 control.* but 1 --controlnet"),
         ("--control inpainting:edges.png --controlnet canny.safetensors", "needs --mask"),
         ("--control canny:edges.png --controlnet nope.safetensors", "--controlnet 'nope.safetensors': file not found"),
-        ("--mask 1,2,3,4", "need a --control"),
+        ("--controlnet canny.safetensors", "0 control.* but 1 --controlnet"),
+        ("--mask 1,2,3,4", "--mask is for an inpainting control"),
+        ("--upscale 2x", "--upscale 2x needs --image"),
+        ("--upscale 4x -i edges.png", "2x only"),
+        ("--upscale 2x -i edges.png --strength 0.5", "drop --strength"),
+        ("--upscale 2x -i edges.png --size 512x512", "width=512 with a 2x upscale of a 64x64 image"),
     ]:
-        with pytest.raises(UsageError, match=words):
+        with pytest.raises((UsageError, ValueError), match=words):
             shell.run_cell_magic("cascade", line, "a cat\n")
+
+
+def test_controlnets_are_found_when_no_file_is_given_and_upscale_is_the_official_recipe(
+        shell: Any, calls: list[dict[str, Any]], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--controlnet is optional (each ControlNet found like the stages); --upscale 2x -i IMAGE is the
+    super-resolution control at the official settings, with the flags given winning."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 48)).save(tmp_path / "small.png")
+    shell.run_cell_magic("cascade", "--control canny:small.png", "a cat\n")
+    (canny,) = calls[-1]["controls"]
+    assert (canny.kind, canny.model) == ("canny", None)
+    shell.run_cell_magic("cascade", "--upscale 2x -i small.png --steps-c 3", "a cat\n")
+    opts = calls[-1]
+    (sr,) = opts["controls"]
+    assert (sr.kind, sr.image, sr.strength, sr.model) == ("super_resolution", "small.png", 1.0, None)
+    assert (opts["width"], opts["height"], opts["cfg_c"], opts["sampler_c"], opts["steps_c"], opts["steps_b"]) == \
+        (128, 96, 1.0, "ddpm", 3, 10)
+    assert "image" not in opts and "strength" not in opts  # the image is the control, not an img2img start
+    (tmp_path / "sr.safetensors").write_bytes(b"")
+    shell.run_cell_magic("cascade", "--control canny:small.png --upscale 2x -i small.png --controlnet small.png "
+                         "--controlnet sr.safetensors", "a cat\n")
+    assert [c.model for c in calls[-1]["controls"]] == ["small.png", "sr.safetensors"]

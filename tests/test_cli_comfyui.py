@@ -61,7 +61,12 @@ def test_listings_group_by_family() -> None:
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["--control", "canny:edges.png"], "1 --control but 0 --controlnet"),
+    (["--control", "canny:edges.png", "--control", "canny:edges.png", "--controlnet", "c.safetensors"],
+     "2 control(s) (--control, --upscale) but 1 --controlnet"),
+    (["--upscale", "2x"], "--upscale 2x needs --image"),
+    (["--upscale", "3x", "--image", "edges.png"], "2x only"),
+    (["--upscale", "2x", "--image", "edges.png", "--width", "512"], "width=512 with a 2x upscale of a 64x64"),
+    (["--seed-b", "3"], "seed_b=3: Stage B's own seed exists under compat='comfyui' only"),
     (["--control", "depth:edges.png", "--controlnet", "c.safetensors"], "KIND one of canny, inpainting"),
     (["--control", "canny:edges.png", "--controlnet", "gone.safetensors"], "--controlnet 'gone.safetensors'"),
     (["--mask", "1,2,3,4"], "--mask is for an inpainting control"),

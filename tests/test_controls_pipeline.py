@@ -214,3 +214,42 @@ def test_super_resolution_control_feeds_the_effnet_latent_of_the_low_image(monke
         latent = effnet.encode_image(low)  # [1, 16, h, w] of the 64-px image
     assert seen == [torch.Size([1, 16, 2 * latent.shape[-2], 2 * latent.shape[-1]])]
     assert result.images[0].size == (128, 128)
+
+
+def test_upscale_is_the_super_resolution_control_at_the_official_settings(cascade: Cascade) -> None:
+    """`Cascade.upscale(image)`: twice the size, Stage C DDPM with CFG 1, the image as the SR control; options win,
+    a contradicting size or another factor is refused before anything runs."""
+    from cascade_lab.controls import parse_upscale
+
+    low = torch.rand(1, 3, 64, 64)
+    result = cascade.upscale(low, "x", seed=2, steps_c=2, steps_b=1, controlnet=tiny_kind("super_resolution"))
+    p = result.params
+    assert result.images[0].size == (128, 128)
+    assert (p.sampler_c, p.cfg_c, p.shift_c, p.cfg_b, p.steps_c) == ("ddpm", 1.0, 2.0, 1.1, 2)
+    assert [c[0] for c in p.controls] == ["super_resolution"] and p.strength == 1.0
+    with pytest.raises(ValueError, match="width=256 with a 2x upscale of a 64x64 image"):
+        cascade.upscale(low, width=256)
+    with pytest.raises(ValueError, match="2x only"):
+        parse_upscale("4x")
+    assert parse_upscale("2x") == parse_upscale(2) == 2
+
+
+def test_auto_picks_a_variant_the_controlnets_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` with the shipped ControlNets never settles on lite (they are built for the 3.6B Stage C)."""
+    from cascade_lab.plugins import get_variant
+    from cascade_lab.weights import memory
+
+    lite, full = get_variant("lite_bf16"), get_variant("bf16")
+    huge = 10**13
+    assert memory.choose_variant("cpu", available=huge, variants=[lite]).variant == "lite_bf16"
+    refused = memory.choose_variant("cpu", available=huge, variants=[lite], controls=["canny"])
+    assert refused.variant is None and "built for the full Stage C" in refused.reason and "lite_bf16" in refused.reason
+    assert memory.choose_variant("cpu", available=huge, variants=[lite, full], controls=["canny"]).variant == "bf16"
+    monkeypatch.setattr("cascade_lab.weights.locate", lambda variant, **_: {})  # both "present"
+    monkeypatch.setattr(memory, "real_variants", lambda: [lite, full])
+    monkeypatch.setattr(memory, "available_memory", lambda device: 5 * 2**30)  # only lite would fit
+    auto = Cascade("auto")
+    assert auto.resolve_variant() == "lite_bf16"
+    ruled_out = r"bf16, needs .* GiB \(the ControlNets given are built for the full Stage C: lite_bf16 ruled out\)"
+    with pytest.warns(UserWarning, match=ruled_out):
+        assert auto.resolve_variant(["canny"]) == "demo"

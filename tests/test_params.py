@@ -36,6 +36,7 @@ def test_user_compression_factor() -> None:
     ({"batch_size": 0}, "batch_size=0"),
     ({"cfg_rho": 2.0}, "cfg_rho=2.0"),
     ({"seed": -1}, "seed=-1"),
+    ({"seed_b": 4}, "seed_b=4: Stage B's own seed exists under compat='comfyui' only"),
 ])  # fmt: skip
 def test_bad_values_are_named_with_what_to_do(change, words) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=words):

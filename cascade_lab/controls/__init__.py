@@ -73,6 +73,48 @@ def parse_spec(text: str) -> tuple[str, str, float]:
     return kind, image, strength
 
 
+def super_resolution_settings(size: tuple[int, int]) -> dict[str, Any]:
+    """The official SR notebook's generation for a 2x upscale of a (width, height) image, as generate() keywords.
+
+    Stage C: DDPM, 20 steps, CFG 1 (a negative prompt has no effect), shift 2; Stage B as always: DDPM, 10 steps,
+    CFG 1.1, shift 1. The notebook upscales 1024² to 2048².
+    """
+    width, height = size
+    return {"width": 2 * width, "height": 2 * height,
+            "sampler_c": "ddpm", "steps_c": 20, "cfg_c": 1.0, "shift_c": 2.0,
+            "sampler_b": "ddpm", "steps_b": 10, "cfg_b": 1.1, "shift_b": 1.0}
+
+
+def parse_upscale(text: str | int | float) -> int:
+    """``2x`` / ``2`` → 2, the one factor the super-resolution ControlNet makes; anything else a clear error."""
+    value = str(text).strip().lower().removesuffix("x").removesuffix("×")
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = math.nan
+    if factor != 2:
+        raise ValueError(f"upscale {text!r}: the super-resolution ControlNet upscales 2x only (use 2x; for 4x "
+                         "upscale the 2x result again)")
+    return 2
+
+
+def upscale_options(size: tuple[int, int], given: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a 2x upscale of an image of ``size`` = (width, height): the official SR settings
+    (`super_resolution_settings`) under the options the user ``given`` (theirs win); a given width/height other
+    than twice the image's is refused, naming both."""
+    settings = super_resolution_settings(size)
+    for name in ("width", "height"):
+        value = given.get(name)
+        if value is not None and value != settings[name]:
+            raise ValueError(f"{name}={value} with a 2x upscale of a {size[0]}x{size[1]} image: the result is "
+                             f"{settings['width']}x{settings['height']}; drop {name} or resize the input to "
+                             f"{value // 2 if isinstance(value, int) else '?'} px first")
+    if given.get("strength", 1.0) != 1.0 or given.get("denoise", 1.0) != 1.0:
+        raise ValueError("an upscale starts from noise with the image as its control: drop strength/denoise "
+                         "(img2img) from the upscale")
+    return {**settings, **{k: v for k, v in given.items() if v is not None}}
+
+
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]] | None:
     """``x0,y0,x1,y1[;...]`` → boxes in pixels, or None when the text is not boxes (a file or a variable)."""
     parts = [p.strip() for p in text.split(";")]
@@ -86,4 +128,5 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]] | None:
     return boxes
 
 
-__all__ = ["KINDS", "Control", "in_step_range", "parse_boxes", "parse_spec"]
+__all__ = ["KINDS", "Control", "in_step_range", "parse_boxes", "parse_spec", "parse_upscale",
+           "super_resolution_settings", "upscale_options"]

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import super_resolution_settings  # re-exported: the generation around the filter
+
 Tensor = torch.Tensor
 
 CANNY_RESIZE = 224  # the official CannyFilter runs Canny at 224x224 whatever the image size
@@ -231,18 +233,6 @@ def super_resolution(image: Tensor, encode: Callable[[Tensor], Tensor]) -> Tenso
     latent = encode(image)  # (B, 16, H/32, W/32)
     _check_images(latent, "encode(image)", channels=None)
     return F.interpolate(latent, scale_factor=2, mode="nearest")  # (B, 16, 2h, 2w)
-
-
-def super_resolution_settings(size: tuple[int, int]) -> dict[str, Any]:
-    """The official SR notebook's generation for a 2x upscale of a (width, height) image, as generate() keywords.
-
-    Stage C: DDPM, 20 steps, CFG 1 (a negative prompt has no effect), shift 2; Stage B as always: DDPM, 10 steps,
-    CFG 1.1, shift 1. The notebook upscales 1024² to 2048².
-    """
-    width, height = size
-    return {"width": 2 * width, "height": 2 * height,
-            "sampler_c": "ddpm", "steps_c": 20, "cfg_c": 1.0, "shift_c": 2.0,
-            "sampler_b": "ddpm", "steps_b": 10, "cfg_b": 1.1, "shift_b": 1.0}
 
 
 # --------------------------------------------------------------------------------------------------------- resize

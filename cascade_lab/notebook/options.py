@@ -160,6 +160,30 @@ def control_arg(text: str) -> tuple[str, str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def upscale_arg(text: str) -> int:
+    from ..controls import parse_upscale
+
+    try:
+        return parse_upscale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def image_size(value: Any) -> tuple[int, int]:
+    """(width, height) of a file, PIL image, HWC array or [.., H, W] tensor, without loading models."""
+    if isinstance(value, str):
+        from PIL import Image
+
+        with Image.open(value) as image:
+            return image.size
+    if hasattr(value, "size") and not callable(value.size):  # PIL
+        return tuple(value.size)  # type: ignore[return-value]
+    shape = tuple(value.shape)
+    if hasattr(value, "detach"):  # a tensor: [..., H, W]
+        return int(shape[-1]), int(shape[-2])
+    return int(shape[1]), int(shape[0])  # an array: [H, W(, C)]
+
+
 def mask_arg(spec: str, namespace: Mapping[str, Any]) -> Any:
     """``--mask``: boxes ``x0,y0,x1,y1[;...]``, else a notebook variable or a file."""
     from ..controls import parse_boxes
@@ -217,7 +241,10 @@ def build_parser() -> MagicArgumentParser:
         help="a Stage C ControlNet, repeatable: canny, inpainting (with --mask) or super_resolution; IMAGE a file "
         "or a notebook variable")
     add("--controlnet", action="append", default=[], metavar="FILE",
-        help="the ControlNet file of each --control, in the same order")
+        help="the ControlNet file of each --control (then --upscale), in the same order; none given: each is "
+        "found like the stages (folders, ComfyUI models/controlnet, Hugging Face cache)")
+    add("--upscale", type=upscale_arg, metavar="2x", help="upscale the --image 2x with the super-resolution "
+        "ControlNet, at the official settings (Stage C DDPM, 20 steps, CFG 1); other options win")
     add("--mask", metavar="MASK", help="inpainting mask: an image file or variable (white = regenerate), a PIL "
         "image's alpha, an array, or boxes as x0,y0,x1,y1[;...]")
     add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
@@ -380,29 +407,45 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
     if args.variation:
         opts["variations"] = [resolve_image("--variation", spec, namespace) for spec, _ in args.variation]
         opts["variation_weights"] = [weight for _, weight in args.variation]
-    if args.control:
+    n_controls = len(args.control) + (args.upscale is not None)
+    if args.controlnet and len(args.controlnet) != n_controls:
+        raise UsageError(f"{n_controls} control(s) (--control, --upscale) but {len(args.controlnet)} --controlnet: "
+                         "give the ControlNet file of each, in the same order, or none to have them found")
+    files: list[str | None] = [str(Path(f).expanduser()) for f in args.controlnet] or [None] * n_controls
+    for file in args.controlnet:
+        if not Path(file).expanduser().is_file():
+            raise UsageError(f"--controlnet {file!r}: file not found")
+    if args.mask is not None and not any(kind == "inpainting" for kind, _, _ in args.control):
+        raise UsageError("--mask is for an inpainting control: add --control inpainting:IMAGE")
+    if n_controls:
         from ..controls import Control
 
-        if len(args.controlnet) != len(args.control):
-            raise UsageError(f"{len(args.control)} --control but {len(args.controlnet)} --controlnet: give the "
-                             "ControlNet file of each control, in the same order")
-        if args.mask is not None and not any(kind == "inpainting" for kind, _, _ in args.control):
-            raise UsageError("--mask is for an inpainting control: add --control inpainting:IMAGE")
         controls = []
-        for (kind, spec, strength), file in zip(args.control, args.controlnet, strict=True):
-            if not Path(file).expanduser().is_file():
-                raise UsageError(f"--controlnet {file!r}: file not found")
+        for (kind, spec, strength), file in zip(args.control, files, strict=False):
             if kind == "inpainting" and args.mask is None:
                 raise UsageError("--control inpainting needs --mask (white = regenerate, or boxes x0,y0,x1,y1)")
             mask = mask_arg(args.mask, namespace) if kind == "inpainting" and args.mask is not None else None
             try:
                 controls.append(Control(kind, resolve_image("--control", spec, namespace), strength, mask=mask,
-                                        model=str(Path(file).expanduser())).validate())
+                                        model=file).validate())
             except ValueError as exc:
                 raise UsageError(f"--control {kind}:{spec}: {exc}") from None
+        if args.upscale is not None:
+            from ..controls import upscale_options
+
+            if args.image is None:
+                raise UsageError("--upscale 2x needs --image IMAGE: the picture to upscale")
+            if args.strength is not None or args.denoise is not None:
+                raise UsageError("--upscale starts from noise with the image as its control: drop --strength/"
+                                 "--denoise (img2img)")
+            image = opts.pop("image")
+            opts.pop("strength", None)
+            controls.append(Control("super_resolution", image, 1.0, model=files[-1]).validate())
+            try:
+                opts = upscale_options(image_size(image), opts)
+            except ValueError as exc:
+                raise UsageError(f"--upscale: {exc}") from None
         opts["controls"] = controls
-    elif args.controlnet or args.mask is not None:
-        raise UsageError("--controlnet / --mask need a --control KIND:IMAGE")
     for path, _ in args.lora:
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--lora {path!r}: file not found")

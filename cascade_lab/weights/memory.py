@@ -140,6 +140,19 @@ def controlnet_bytes(control: str | os.PathLike[str], dtype: str) -> int:
                for t in read_header(control).tensors.values())
 
 
+def controlnet_stage_c(control: str | os.PathLike[str]) -> str | None:
+    """The Stage C size (``full`` / ``lite``) a ControlNet is built for: a kind names an official file (3.6B
+    Stage C); a file tells by its projection width (header only). None: a width of no official Stage C."""
+    if isinstance(control, str) and control in CONTROLNET_FILES:
+        return "full"  # every public ControlNet feeds the 3.6B Stage C (c_proj 2048)
+    from .detect import STAGE_C_WIDTH
+    from .safetensors_io import read_header
+
+    widths = {t.shape[0] for k, t in read_header(control).tensors.items()
+              if k.split(".")[-2:] == ["2", "weight"] and "projections." in k}
+    return STAGE_C_WIDTH.get(widths.pop()) if len(widths) == 1 else None
+
+
 def available_memory(device: str | torch.device = "cpu") -> int:
     """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, available RAM otherwise."""
     kind, index = _device(device)
@@ -182,12 +195,26 @@ def choose_variant(
 
     Largest means most diffusion-model parameters; among equal sizes the one whose files are stored in the
     compute dtype wins (the bf16 files when computing in bf16: same quality, half the download). ``controls``
-    adds ControlNets as :func:`estimate` does.
+    adds ControlNets as :func:`estimate` does, and keeps only the variants whose Stage C they fit (the shipped
+    ControlNets are built for the 3.6B Stage C: never lite with them).
     """
     dtypes = dtypes or compute_dtypes(device)
     free = available_memory(device) if available is None else available
     pool = list(real_variants() if variants is None else variants)
     controls = tuple(controls)
+    sizes = {controlnet_stage_c(c) for c in controls} - {None}
+    note = ""
+    if sizes:
+        fitting = [v for v in pool if v.stage_c in sizes]
+        if len(sizes) > 1 or not fitting:
+            built = ", ".join(sorted(f"{s} Stage C" for s in sizes if s))
+            return Choice(None, free, swap, (), f"the ControlNets given are built for the {built}, and "
+                          + ("no single Stage C fits them all" if len(sizes) > 1 else
+                             f"none of the variants at hand ({', '.join(v.name for v in pool) or 'none'}) has it"))
+        if len(fitting) < len(pool):
+            note = (f" (the ControlNets given are built for the {sizes.pop()} Stage C: "
+                    + ", ".join(v.name for v in pool if v not in fitting) + " ruled out)")
+        pool = fitting
     ests = {v.name: estimate(v, dtypes, margin=margin, controls=controls) for v in pool}
 
     def rank(v: Variant) -> tuple[int, int, int]:
@@ -209,5 +236,5 @@ def choose_variant(
     smallest = min(estimates, key=lambda e: getattr(e, need), default=None)
     reason = (f"no variant fits {free / GiB:.1f} GiB free on {device}"
               + (f"; the smallest, {smallest.variant}, needs {getattr(smallest, need) / GiB:.1f} GiB"
-                 if smallest else "; no variants are registered"))
+                 if smallest else "; no variants are registered") + note)
     return Choice(None, free, swap, estimates, reason)

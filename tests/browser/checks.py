@@ -29,6 +29,14 @@ def _bytes(src: str) -> bytes:
     return base64.b64decode(payload)
 
 
+def image_bytes(img: Any) -> bytes:
+    """The bytes an <img> locator shows, whether a data: URL (outputs) or a blob: URL (ipywidgets' Image)."""
+    url = img.evaluate("""async img => { const blob = await (await fetch(img.src)).blob();
+        return await new Promise(done => { const r = new FileReader(); r.onload = () => done(r.result);
+                                           r.readAsDataURL(blob); }); }""")
+    return _bytes(str(url))
+
+
 def _digest(src: str) -> str:
     """A short hash of an <img> source and its format, e.g. 'jpeg:3fa2…' (data: URLs are long)."""
     if not src.startswith("data:"):
@@ -72,3 +80,133 @@ def check_cascade_cell(nb: Notebook) -> dict[str, Any]:
     nb.run(2)
     assert nb.output_text(2).strip() == "3 24 demo", nb.output_text(2)
     return log
+
+
+# -- (b) the generation panel --------------------------------------------------------------------------------
+def panel_cells() -> list[str]:
+    """Load (Stage C starting at 2500 steps, so that a run lasts long enough to be cancelled), then the panel."""
+    return [LOAD + "\n%cascade config steps_c=2500 preview_interval=0", "%cascade panel"]
+
+
+class Panel:
+    """The generation panel as a person sees it: labelled fields, buttons, status, error box, gallery."""
+
+    def __init__(self, nb: Notebook, index: int = 1) -> None:
+        self.nb, self.root = nb, nb.output(index).locator(".widget-vbox").first
+        self.root.locator("button:has-text('Generate')").wait_for(timeout=WIDGET_TIMEOUT_MS)
+
+    def field(self, kind: str, label: str, nth: int = 0) -> Any:
+        """The input of the ``nth`` widget of CSS class ``widget-<kind>`` whose label reads ``label``."""
+        return self.root.locator(f".widget-{kind}:has(> label:text-is('{label}'))").nth(nth)
+
+    def type_into(self, kind: str, label: str, value: str, nth: int = 0) -> None:
+        box = self.field(kind, label, nth).locator("input")
+        box.fill(value)
+        box.press("Enter")  # number boxes sync on Enter or blur
+
+    def set_steps(self, stage: int, steps: int) -> None:
+        """Type into the ``steps`` slider's readout (stage 0 is C, 1 is B), as a person edits a slider's number."""
+        readout = self.field("slider", "steps", stage).locator(".widget-readout")
+        readout.fill(str(steps))
+        readout.press("Enter")
+
+    def button(self, text: str) -> Any:
+        return self.root.locator(f"button:has-text('{text}')").first
+
+    def status(self) -> str:
+        # the status HTML sits in the row of the Generate button, after the progress bar
+        row = self.root.locator(".widget-hbox:has(button:has-text('Generate'))").first
+        return str(row.locator(".widget-html-content").last.inner_text())
+
+    def wait_status(self, pattern: str, timeout_ms: int = 120_000) -> str:
+        """Until the status line matches the regular expression ``pattern``; the status then."""
+        row = self.root.locator(".widget-hbox:has(button:has-text('Generate'))").first
+        try:
+            row.locator(".widget-html-content", has_text=re.compile(pattern)).last.wait_for(timeout=timeout_ms)
+        except Exception as exc:
+            raise AssertionError(f"the panel's status never matched {pattern!r}; it reads {self.status()!r}; "
+                                 f"error box: {self.error_text()!r}") from exc
+        return self.status()
+
+    def error_text(self) -> str:
+        boxes = self.root.locator("div[style*='color']")
+        return str(boxes.first.inner_text()) if boxes.count() else ""
+
+    def gallery_items(self) -> Any:
+        # an entry: thumbnails, then the summary and its buttons (which sit in an inner box of their own)
+        return self.root.locator(".widget-hbox:has(> img.widget-image):has(button:has-text('copy as %%cascade'))")
+
+
+def check_panel_generate(nb: Notebook) -> Panel:
+    """Set prompt, size, seed, Stage C sampler and steps in the DOM; Generate; the gallery shows the image with
+    exactly those settings."""
+    nb.run(0)
+    nb.run(1)
+    panel = Panel(nb)
+    panel.root.locator("textarea[placeholder='prompt']").fill(PROMPT)
+    panel.field("dropdown", "size").locator("select").select_option(label="128 × 128")
+    panel.root.locator(".widget-checkbox:has-text('new seed each run') input").uncheck()  # else 42 is replaced
+    panel.type_into("text", "seed", "42")
+    panel.field("dropdown", "sampler", 0).locator("select").select_option(label="ddim (official)")
+    panel.set_steps(0, 12)
+    panel.button("Generate").click()
+    panel.wait_status(r"^done in")
+    items = panel.gallery_items()
+    assert items.count() == 1, f"{items.count()} gallery items after one run"
+    summary = items.first.inner_text()
+    for expected in (PROMPT, "128×128, seed 42", "variant demo", "C: 12 steps", "ddim/cosine"):
+        assert expected in summary, f"{expected!r} not in the gallery entry {summary!r}"
+    thumb = items.first.locator("img").first
+    assert image_bytes(thumb).startswith(b"\x89PNG"), "no PNG thumbnail in the gallery"
+    assert thumb.evaluate("img => img.naturalWidth") == 128, "the thumbnail did not load as a 128 px image"
+    return panel
+
+
+def check_panel_copy(nb: Notebook, panel: Panel) -> str:
+    """"copy as %%cascade" shows the cell text; run as a new cell, it makes the gallery's image again."""
+    from PIL import Image, ImageChops
+
+    item = panel.gallery_items().first
+    item.locator("button:has-text('copy as %%cascade')").click()
+    area = panel.root.locator("textarea[placeholder='%%cascade cell']")
+    area.wait_for(state="visible", timeout=WIDGET_TIMEOUT_MS)
+    text = str(area.input_value())
+    assert text.startswith("%%cascade --seed 42 --size 128x128 --variant demo --steps-c 12"), text
+    assert "--sampler-c ddim --sampler-b ddpm" in text and text.endswith("\n" + PROMPT), text
+    nb.add_and_run(text.replace("%%cascade ", "%%cascade -o again ", 1))
+    cells = nb.page.locator(".jp-Notebook .jp-Cell")
+    again = cells.nth(cells.count() - 1).locator(".jp-OutputArea-output img").first
+    thumb = item.locator("img").first
+    a, b = (Image.open(io.BytesIO(image_bytes(x))).convert("RGB") for x in (again, thumb))
+    assert a.size == b.size and ImageChops.difference(a, b).getbbox() is None, "the copied cell made another image"
+    return text
+
+
+def check_panel_cancel(nb: Notebook, panel: Panel) -> None:
+    """A long run (2500 Stage C steps): Cancel mid-run → "cancelled", Generate is back, the kernel answers."""
+    panel.set_steps(0, 2500)
+    panel.button("Generate").click()
+    panel.wait_status(r"Stage C step \d+/2500", timeout_ms=60_000)
+    assert panel.button("Generate").is_disabled(), "Generate stays enabled while a job runs"
+    panel.button("Cancel").click()
+    status = panel.wait_status(r"^cancelled", timeout_ms=30_000)
+    stopped = re.search(r"before step (\d+)", status)
+    assert stopped and 0 < int(stopped[1]) < 2500, f"not stopped mid-run: {status!r}"
+    assert not panel.button("Generate").is_disabled() and panel.button("Cancel").is_disabled()
+    assert nb.add_and_run("print(6 * 7)").strip() == "42", "the kernel does not answer after Cancel"
+
+
+def check_panel_invalid_width(nb: Notebook, panel: Panel) -> str:
+    """Width 100 (not a multiple of 8): the panel's error box says so, in red, and nothing runs."""
+    panel.type_into("text", "width", "100")
+    panel.button("Generate").click()
+    box = panel.root.locator("div[style*='color']", has_text="width=100")
+    try:
+        box.first.wait_for(timeout=WIDGET_TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"no error about width=100 in the panel; status {panel.status()!r}") from exc
+    colour = box.first.evaluate("e => getComputedStyle(e).color")
+    assert colour == "rgb(176, 0, 32)", f"the error is shown in {colour}, not red"
+    assert "multiple of 8" in box.first.inner_text()
+    assert not panel.button("Generate").is_disabled(), "a refused run left Generate disabled"
+    return str(box.first.inner_text())

@@ -210,3 +210,141 @@ def check_panel_invalid_width(nb: Notebook, panel: Panel) -> str:
     assert "multiple of 8" in box.first.inner_text()
     assert not panel.button("Generate").is_disabled(), "a refused run left Generate disabled"
     return str(box.first.inner_text())
+
+
+# -- (c) the latent inspector --------------------------------------------------------------------------------
+def inspector_cells() -> list[str]:
+    return [LOAD, f"%%cascade --seed 5 --steps-c 10 -o r\n{PROMPT}", "%cascade inspect r"]
+
+
+def _tab(root: Any, title: str) -> None:
+    root.locator(".lm-TabBar-tab", has_text=title).first.click()
+
+
+def _loaded(img: Any, what: str) -> tuple[int, int]:
+    """Wait until an <img> has loaded and is laid out; its natural (width, height)."""
+    try:
+        img.wait_for(state="visible", timeout=WIDGET_TIMEOUT_MS)
+        img.page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
+                                   timeout=WIDGET_TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"the {what} image never rendered") from exc
+    box = img.bounding_box()
+    assert box and box["width"] > 50 and box["height"] > 50, f"the {what} image is laid out at {box}"
+    return img.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+
+
+def check_inspector(nb: Notebook) -> dict[str, Any]:
+    """Channel grid and histograms render; the trajectory slider, moved in the DOM, changes the preview."""
+    for i in range(3):
+        nb.run(i)
+    root = nb.output(2).locator(".widget-tab").first
+    try:
+        root.wait_for(timeout=WIDGET_TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"no inspector tabs rendered; the output shows {nb.output_text(2)[:300]!r}") from exc
+    channels = _loaded(root.locator("img.widget-image:visible").first, "Stage C channel grid")
+    _tab(root, "Statistics")
+    rows = root.locator("table tbody tr:visible")
+    rows.first.wait_for(timeout=WIDGET_TIMEOUT_MS)
+    assert rows.count() == 16, f"the statistics table has {rows.count()} rows, not one per Stage C channel"
+    histograms = _loaded(root.locator("img.widget-image:visible").first, "histograms")
+    _tab(root, "Trajectory")
+    image = root.locator("img.widget-image:visible").first
+    _loaded(image, "trajectory")
+    readout = root.locator(".widget-slider:has(> label:text-is('step')) .widget-readout")
+    assert readout.inner_text().strip() == "9", f"the step slider starts at {readout.inner_text()!r}, not the last step"
+    last = image_bytes(image)
+    readout.fill("0")
+    readout.press("Enter")
+    try:
+        nb.page.wait_for_function("([img, src]) => img.src !== src", arg=[image.element_handle(),
+                                                                          image.get_attribute("src")],
+                                  timeout=WIDGET_TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError("moving the step slider to 0 did not change the trajectory image") from exc
+    first = image_bytes(image)
+    assert first != last, "the trajectory image for step 0 is the same as for the last step"
+    return {"channels": channels, "histograms": histograms}
+
+
+# -- (d) the training panel ----------------------------------------------------------------------------------
+TRAIN_TOML = """model = "tiny"
+train_data_dir = "images"
+resolution = 128
+training_scale = "kohya"
+train_batch_size = 4
+max_train_steps = 5000
+val_every_n_steps = 0
+log_every_n_steps = 0
+output_dir = "run"
+"""
+
+
+def write_training_files(root: Any) -> None:
+    """Four 128 px captioned images and a training TOML in the notebook's folder."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(exist_ok=True)
+    for colour in ("red", "blue"):
+        for shape in ("square", "disc"):
+            image = Image.new("RGB", (128, 128), (230, 230, 230))
+            draw = ImageDraw.Draw(image)
+            (draw.rectangle if shape == "square" else draw.ellipse)((24, 24, 104, 104), fill=colour)
+            image.save(root / "images" / f"{colour}_{shape}.png")
+            (root / "images" / f"{colour}_{shape}.txt").write_text(f"a {colour} {shape}")
+    (root / "tiny.toml").write_text(TRAIN_TOML)
+
+
+def training_cells() -> list[str]:
+    return [LOAD, "%cascade panel train tiny.toml"]
+
+
+def check_training(nb: Notebook) -> str:
+    """Start a tiny run; the loss plot is redrawn as steps go by; Stop → a resumable checkpoint, on disk."""
+    nb.run(0)
+    nb.run(1)
+    root = nb.output(1).locator(".widget-vbox").first
+    try:
+        root.locator("button:has-text('Start')").wait_for(timeout=WIDGET_TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"no training panel rendered; the output shows {nb.output_text(1)[:300]!r}") from exc
+    row = root.locator(".widget-hbox:has(button:has-text('Start'))").first
+
+    def status() -> str:
+        return str(row.locator(".widget-html-content").last.inner_text())
+
+    def step_reached(minimum: int, timeout_ms: int) -> int:
+        try:
+            nb.page.wait_for_function(
+                """([el, n]) => { const m = el.innerText.match(/^step (\\d+)\\//); return m && +m[1] >= n; }""",
+                arg=[row.locator(".widget-html-content").last.element_handle(), minimum], timeout=timeout_ms)
+        except Exception as exc:
+            raise AssertionError(f"the run never reached step {minimum}; status {status()!r}") from exc
+        return int(re.match(r"step (\d+)/", status())[1])  # type: ignore[index]
+
+    root.locator("button:has-text('Start')").click()
+    plot = root.locator("img.widget-image").first
+    first_step = step_reached(1, 180_000)
+    _loaded(plot, "loss plot")
+    first = image_bytes(plot)
+    try:  # the panel redraws at most every 5 s
+        nb.page.wait_for_function("([img, src]) => img.src !== src", arg=[plot.element_handle(),
+                                                                          plot.get_attribute("src")], timeout=30_000)
+    except Exception as exc:
+        raise AssertionError(f"the loss plot was not redrawn while the run went on; status {status()!r}") from exc
+    later_step = step_reached(first_step + 1, 30_000)
+    assert image_bytes(plot) != first and later_step > first_step, "the loss plot did not grow"
+    root.locator("button:has-text('Stop')").click()
+    try:
+        root.locator(".widget-html-content", has_text="resumable checkpoint").last.wait_for(timeout=60_000)
+    except Exception as exc:
+        raise AssertionError(f"no resumable-checkpoint message after Stop; status {status()!r}") from exc
+    message = status()
+    found = re.search(r"stopped at step (\d+)/5000; resumable checkpoint (\S+) \(Start resumes it\)", message)
+    assert found, message
+    checkpoint = nb.lab.root / found[2]
+    assert checkpoint.is_dir() and any(checkpoint.iterdir()), f"the checkpoint {checkpoint} is not on disk"
+    assert root.locator(".widget-checkbox:has-text('resume') input").is_checked(), "resume is not ticked after Stop"
+    assert not root.locator("button:has-text('Start')").is_disabled()
+    return message

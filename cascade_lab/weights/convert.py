@@ -30,6 +30,10 @@ STAGES = ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "controlnet")
 ENCODERS = ("text_encoder", "image_encoder")
 KINDS = STAGES + ENCODERS
 
+# ComfyUI's Stage C checkpoint adds ``vae.encoder.mean`` / ``vae.encoder.std`` [3] next to the EfficientNet:
+# the ImageNet normalisation that cascade_lab applies itself (``models.effnet.imagenet_normalize``).
+EFFNET_CONSTANTS = ("mean", "std")
+
 _SPLIT = re.compile(r"^(?P<stem>.*)\.to_(?P<part>[qkv])\.(?P<what>weight|bias)$")
 _OUT = re.compile(r"^(?P<stem>.*)\.to_out\.0\.(?P<what>weight|bias)$")
 
@@ -69,6 +73,8 @@ def plan_official(keys: Iterable[str], kind: str, prefix: str = "") -> dict[str,
         elif kind == "stage_a" and name == "vquantizer.embedding.weight":
             plan["vquantizer.codebook.weight"] = Recipe((source,))
             continue
+        elif kind == "effnet" and name in EFFNET_CONSTANTS:
+            continue  # ComfyUI's StageC_coder buffers: the ImageNet constants, checked by the loader
         elif kind == "text_encoder":
             plan_name = _clip_text_name(name)
             if plan_name is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .convert import STAGES, plan_official
+from .convert import EFFNET_CONSTANTS, STAGES, plan_official
 from .detect import LABELS, Component, Detection, detect
 from .safetensors_io import Header, Recipe, WeightsFileError, read_headers, read_tensors, refuse_pickle
 
@@ -100,6 +100,8 @@ def load_stage(
         model = cfg.build()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(src, plan, expected, built=f"{type(model).__name__} from {cfg!r}")
+    if stage == "effnet":
+        check_effnet_constants(src.header, src.component.prefix)
     state = dict(read_tensors(src.header, plan, dtype=dtype, device=device, mmap=mmap))
     for key in expected.keys() - state.keys():  # only ignorable counters are left by check_keys
         state[key] = torch.zeros((), dtype=torch.long, device=device)
@@ -110,6 +112,32 @@ def load_stage(
                            f"{src.path}: {', '.join(left[:10])}; non-persistent buffers must be created "
                            f"in a way that survives meta construction")
     return model.eval()
+
+
+def effnet_normalization(header: Header, prefix: str = "") -> dict[str, tuple[float, ...]]:
+    """The ``mean`` / ``std`` a ComfyUI VAE file stores next to its EfficientNet (``vae.encoder.mean``: prefix
+    ``vae.encoder.``), as floats; empty for an official file, which has none (ComfyUI then uses ImageNet's)."""
+    names = {k: prefix + k for k in EFFNET_CONSTANTS if prefix + k in header}
+    if not names:
+        return {}
+    plan = {k: Recipe((source,)) for k, source in names.items()}
+    return {k: tuple(float(v) for v in t.flatten().tolist()) for k, t in read_tensors(header, plan, mmap=False)}
+
+
+def check_effnet_constants(header: Header, prefix: str = "", atol: float = 2e-3) -> None:
+    """Refuse an EfficientNet whose stored normalisation is not ImageNet's (float16/bfloat16 rounding allowed):
+    cascade_lab's encoder always normalises with ImageNet's constants, so another pair would be silently lost."""
+    from ..models.effnet import IMAGENET_MEAN, IMAGENET_STD
+
+    stored = effnet_normalization(header, prefix)
+    for name, imagenet in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        got = stored.get(name)
+        if got is not None and (len(got) != 3 or max(abs(a - b) for a, b in zip(got, imagenet, strict=True)) > atol):
+            raise WeightsFileError(
+                f"{header.path}: {prefix}{name} = {[round(v, 6) for v in got]} is not ImageNet's {list(imagenet)}; "
+                f"cascade_lab's EfficientNet encoder always normalises with ImageNet's constants, so this "
+                f"encoder would give other latents. Re-export it with ImageNet's {name}, or load the "
+                f"official effnet_encoder.safetensors.")
 
 
 @contextmanager

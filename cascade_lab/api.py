@@ -273,8 +273,8 @@ class Cascade:
         prepared = [self._control_input(c, params) for c in controls]
         out = pipeline.run(params, init_images=init, clip_img=clip_img, callback=callback, cancel=cancel,
                            keep_trajectory=keep_trajectory, noise=source, init_latent=_latent_tensor(init_latent),
-                           controls=[p for p, _ in prepared])
-        for control, (_, keep) in zip(controls, prepared, strict=True):
+                           controls=[p for p, _, _ in prepared])
+        for control, (_, keep, _) in zip(controls, prepared, strict=True):
             if control.kind == "inpainting" and keep is not None:  # the original outside the mask, as official
                 from .controls.filters import composite
 
@@ -283,7 +283,7 @@ class Cascade:
         final = params.replace(seed=out.seed, variant=self.variant_name if params.variant == "auto" else params.variant)
         rounding = "truncate" if params.compat == "comfyui" else "round"  # ComfyUI's SaveImage truncates
         return Result(to_pil(out.images, rounding), final, out.latent_c, out.latent_b, out.trajectory_c,
-                      out.trajectory_b, out.timings)
+                      out.trajectory_b, out.timings, control_images=[view for _, _, view in prepared])
 
     # -- training --------------------------------------------------------------------------------------
     def train(self, config: Any = None, **kwargs: Any) -> Any:
@@ -336,9 +336,12 @@ class Cascade:
         return self._training
 
     # -- ControlNets --------------------------------------------------------------------------------------
-    def _control_input(self, control: Any, params: GenerationParams) -> tuple[Any, Any]:
-        """A `Control` as the pipeline's `ControlInput` (filtered input, loaded and checked ControlNet), and
-        for inpainting the (original, mask) to composite the result with."""
+    def _control_input(self, control: Any, params: GenerationParams) -> tuple[Any, Any, Any]:
+        """A `Control` as the pipeline's `ControlInput` (filtered input, loaded and checked ControlNet), for
+        inpainting the (original, mask) to composite the result with, and what the result shows of the input
+        (`Result.control_images`)."""
+        import torch
+
         from .controls import filters
         from .pipeline import ControlInput
 
@@ -357,13 +360,13 @@ class Cascade:
             if effnet is None:
                 raise ValueError(f"variant {self.variant_name!r} has no EfficientNet encoder; super-resolution "
                                  "needs one")
-            import torch
-
             low = filters.resize_to(image, (params.width // 2, params.height // 2))
             with self.pipeline.use(effnet) as encoder, torch.inference_mode():  # a Lazy encoder loads here
                 x = filters.super_resolution(low.to(self.pipeline.device), encoder.encode_image).float().cpu()
+        shown = low if control.kind == "super_resolution" else x  # effnet features are no picture: the low image
+        view = shown.detach().float().clamp(0, 1).mul(255).round().to("cpu", torch.uint8)  # [B, C, H, W]
         return ControlInput(self._controlnet(control), x.float(), float(control.strength), float(control.start),
-                            float(control.end), control.kind), keep
+                            float(control.end), control.kind), keep, view
 
     def _controlnet(self, control: Any) -> Any:
         """The ControlNet module of a control: given, or its file (given, or found like the stages: folders,

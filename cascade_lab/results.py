@@ -62,6 +62,9 @@ class Result:
     trajectory_c: list[Any] = field(default_factory=list)  # predicted clean latent per step
     trajectory_b: list[Any] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # what each ControlNet of `params.controls` saw, in order: uint8 [B, C, H, W] CPU (canny 1 channel, inpainting
+    # the white-painted RGB + the mask, super_resolution the low-resolution RGB, not its EfficientNet features)
+    control_images: list[Any] = field(default_factory=list)
 
     @property
     def image(self) -> Any:

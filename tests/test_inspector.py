@@ -189,3 +189,68 @@ def test_inspector_on_a_tiny_generation_uses_the_previewer() -> None:
     expected = cascade.preview(result.trajectory_c[0][:1])[0].permute(1, 2, 0)
     assert torch.allclose(torch.from_numpy(np.asarray(fig.axes[0].images[0].get_array())).float(), expected)
     assert inspector.trajectory_image.value == figure_png(fig)
+
+
+def square_image(size: int = 128) -> torch.Tensor:
+    image = torch.zeros(1, 3, size, size)
+    image[..., 32:96, 32:96] = 1.0
+    return image
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image)
+
+
+def test_inspector_shows_each_control_image_labelled_with_kind_and_strength() -> None:
+    result = fake_result()
+    edges = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    edges[..., 8, :] = 255
+    painted = torch.full((1, 4, 32, 32), 40, dtype=torch.uint8)
+    painted[:, 3] = 0
+    painted[:, :, 4:12, 4:12] = 255  # white where the mask (channel 3) is 1
+    result.control_images = [edges, painted]
+    result.params = SimpleNamespace(variant="tiny", controls=(("canny", "e.png", 0.8, 0.0, 0.5, "", ""),
+                                                              ("inpainting", "p.png", 1.0, 0.0, 1.0, "[]", "")))
+    inspector = LatentInspector(result, preview=fake_preview)
+    row = inspector.controls
+    assert row is not None and inspector.tabs.children[2].children[0] is row  # in the trajectory tab, above it
+    labels = [item.children[0].value for item in row.children]
+    assert len(labels) == 3 and "<b>canny</b>, strength 0.8: edges" in labels[0]
+    assert "<b>inpainting</b>, strength 1: input" in labels[1] and labels[2].endswith("mask</small>")
+    shown = [png_pixels(item.children[1].value) for item in row.children]
+    assert np.array_equal(shown[0], edges[0, 0].numpy())
+    assert np.array_equal(shown[1], painted[0, :3].permute(1, 2, 0).numpy())
+    assert np.array_equal(shown[2], painted[0, 3].numpy())
+    fig = inspector.figures()["controls"]
+    assert [ax.get_title() for ax in fig.axes] == ["canny ×0.8: edges", "inpainting ×1: input", "inpainting ×1: mask"]
+
+    plain = LatentInspector(fake_result(), preview=fake_preview)  # no controls: nothing extra
+    assert plain.controls is None and plain.tabs.children[2].children[0] is plain.step
+    assert "controls" not in plain.figures()
+
+
+def test_a_generation_keeps_what_each_controlnet_saw() -> None:
+    """`Result.control_images`: the canny edges and the inpainting input (painted RGB + mask) at the generation size,
+    as uint8, in the order of `params.controls`; the inspector shows them."""
+    from cascade_lab.api import Cascade
+    from cascade_lab.controls import Control, filters
+    from cascade_lab.models.controlnet import ControlNet
+
+    def net(c_in: int) -> ControlNet:
+        torch.manual_seed(c_in)
+        return ControlNet(c_in=c_in, c_proj=32, proj_blocks=[0, 5], bottleneck_mode="simple").eval()
+
+    image = square_image()
+    controls = [Control("canny", image, 0.5, model=net(1)),
+                Control("inpainting", image, mask=[(40, 40, 88, 88)], model=net(4))]
+    result = Cascade("tiny").generate("x", width=128, height=128, steps_c=2, steps_b=1, seed=0, controls=controls,
+                                      keep_trajectory=True)
+    edges, painted = result.control_images
+    assert edges.dtype == painted.dtype == torch.uint8
+    assert edges.shape == (1, 1, 128, 128) and painted.shape == (1, 4, 128, 128)
+    assert torch.equal(edges, filters.canny(image).mul(255).round().to(torch.uint8))
+    assert painted[0, 3, 40:88, 40:88].eq(255).all() and painted[0, 3].sum() == 255 * 48 * 48
+    assert painted[0, :3, 40:88, 40:88].eq(255).all() and painted[0, :3, 0:8, 0:8].eq(0).all()
+    inspector = LatentInspector(result)
+    assert inspector.controls is not None and len(inspector.controls.children) == 3

@@ -1,4 +1,5 @@
-"""`LatentInspector`: look inside a `Result` — Stage C / Stage B channels, statistics, trajectory, step change.
+"""`LatentInspector`: look inside a `Result` — Stage C / Stage B channels, statistics, trajectory, step change,
+and what its ControlNets saw.
 
 The figure builders are pure functions (tensors or a result in, a `matplotlib.figure.Figure` out) built on
 `Figure` directly, never pyplot: no global state, no GUI backend, safe in worker threads and tests (Agg
@@ -125,6 +126,31 @@ def trajectory_figure(trajectory: Sequence[Any], step: int, preview: Preview | N
     return fig
 
 
+def result_controls(result: Any) -> list[tuple[str, float, list[tuple[str, Any]]]]:
+    """(kind, strength, labelled PIL views) of each ControlNet of a result (`Result.control_images`, the kinds and
+    strengths from its params' records); [] for a result without controls."""
+    from .control_section import control_views
+
+    images = getattr(result, "control_images", None) or []
+    records = getattr(getattr(result, "params", None), "controls", ())
+    return [(kind, float(strength), control_views(x, kind))
+            for (kind, _, strength, *_), x in zip(records, images, strict=False)]
+
+
+def controls_figure(result: Any) -> Figure:
+    """What each ControlNet of a result saw (edges; painted input and mask; low-res input), one axes per image."""
+    panels = [(f"{kind} ×{strength:g}: {label}", image) for kind, strength, views in result_controls(result)
+              for label, image in views]
+    fig = Figure(figsize=(2.4 * max(len(panels), 1), 2.6), layout="constrained")
+    for ax, (title, image) in zip(fig.subplots(1, len(panels), squeeze=False).flat, panels, strict=True):
+        ax.imshow(np.asarray(image), cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("ControlNet inputs")
+    return fig
+
+
 def step_change_figure(result: Any, *, index: int = 0) -> Figure:
     """How far x0 moves per step, Stage C (left) and Stage B (right): two axes."""
     fig = Figure(figsize=(9, 3.2), layout="constrained")
@@ -154,6 +180,8 @@ def result_figures(result: Any, *, preview: Preview | None = None, step: int | N
         last = len(result.trajectory_c) - 1
         figures["stage_c_trajectory"] = trajectory_figure(result.trajectory_c, last if step is None else step,
                                                           preview, index=index)
+    if result_controls(result):
+        figures["controls"] = controls_figure(result)
     return figures
 
 
@@ -202,8 +230,9 @@ def session_preview(result: Any, session: Any = None) -> Preview | None:
 
 
 class LatentInspector:
-    """Tabs over one result: Stage C channels, statistics + histograms, trajectory (step slider), Stage B
-    channels, step change; and an Export button writing every figure as PNG and SVG.
+    """Tabs over one result: Stage C channels, statistics + histograms, trajectory (step slider; above it what
+    each ControlNet saw, when the result has controls), Stage B channels, step change; and an Export button
+    writing every figure as PNG and SVG.
 
     ``preview`` turns a Stage C latent into RGB (``cascade.preview``); by default the Previewer of a cascade of
     the result's variant loaded in the session, else the trajectory shows channels 0–2. Display it as the
@@ -239,6 +268,9 @@ class LatentInspector:
         }
         trajectory: Any = (widgets.VBox([self.step, self.trajectory_image]) if steps else
                            widgets.HTML("No trajectory kept: generate with <code>keep_trajectory=True</code>."))
+        self.controls = self._controls_row()  # None without controls
+        if self.controls is not None:
+            trajectory = widgets.VBox([self.controls, trajectory])
         self.tabs = widgets.Tab(children=[
             self._pending[0][0], widgets.VBox([widgets.HTML(stats_html(self.stats)), self._pending[1][0]]),
             trajectory, self._pending[3][0], self._pending[4][0],
@@ -248,6 +280,19 @@ class LatentInspector:
         if steps:
             self.show_step(self.shown_step)
         self.widget = widgets.VBox([self.tabs, widgets.HBox([self.folder, self.export_button]), self.export_status])
+
+    def _controls_row(self) -> widgets.HBox | None:
+        """Small images of what each ControlNet saw, labelled with its kind and strength."""
+        from .control_section import thumbnail_png
+
+        controls = result_controls(self.result)
+        if not controls:
+            return None
+        items = [widgets.VBox([widgets.HTML(f"<small><b>{html.escape(kind)}</b>, strength {strength:g}: "
+                                            f"{html.escape(label)}</small>"),
+                               widgets.Image(value=thumbnail_png(image, 128), format="png")])
+                 for kind, strength, views in controls for label, image in views]
+        return widgets.HBox(items)
 
     def render_tab(self, tab: int) -> None:
         """Draw tab ``tab``'s figure if it has not been drawn yet (what selecting the tab calls)."""

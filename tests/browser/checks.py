@@ -79,13 +79,20 @@ def check_cascade_cell(nb: Notebook) -> dict[str, Any]:
     assert (params.prompt, params.seed, params.steps_c) == (PROMPT, 3, 24), f"the PNG carries {params}"
     nb.run(2)
     assert nb.output_text(2).strip() == "3 24 demo", nb.output_text(2)
+    assert not nb.kernel_errors(), nb.kernel_errors()
     return log
 
 
 # -- (b) the generation panel --------------------------------------------------------------------------------
-def panel_cells() -> list[str]:
-    """Load (Stage C starting at 2500 steps, so that a run lasts long enough to be cancelled), then the panel."""
-    return [LOAD + "\n%cascade config steps_c=2500 preview_interval=0", "%cascade panel"]
+def panel_cells(*, broken_generate: bool = False) -> list[str]:
+    """Load (Stage C starting at 2500 steps, so that a run lasts long enough to be cancelled), then the panel;
+    ``broken_generate``: the same panel whose Generate handler raises."""
+    panel = "%cascade panel"
+    if broken_generate:
+        panel = ("from cascade_lab.notebook.panel import GenerationPanel\npanel = GenerationPanel()\n"
+                 "def broken():\n    raise RuntimeError('a deliberately broken Generate handler')\n"
+                 "panel.generate = broken  # what the button's handler calls\npanel")
+    return [LOAD + "\n%cascade config steps_c=2500 preview_interval=0", panel]
 
 
 class Panel:
@@ -93,7 +100,11 @@ class Panel:
 
     def __init__(self, nb: Notebook, index: int = 1) -> None:
         self.nb, self.root = nb, nb.output(index).locator(".widget-vbox").first
-        self.root.locator("button:has-text('Generate')").wait_for(timeout=WIDGET_TIMEOUT_MS)
+        try:
+            self.root.locator("button:has-text('Generate')").wait_for(timeout=WIDGET_TIMEOUT_MS)
+        except Exception as exc:
+            raise AssertionError(f"no generation panel rendered; the output shows {nb.output_text(index)[:300]!r}"
+                                 ) from exc
 
     def field(self, kind: str, label: str, nth: int = 0) -> Any:
         """The input of the ``nth`` widget of CSS class ``widget-<kind>`` whose label reads ``label``."""
@@ -125,7 +136,7 @@ class Panel:
             row.locator(".widget-html-content", has_text=re.compile(pattern)).last.wait_for(timeout=timeout_ms)
         except Exception as exc:
             raise AssertionError(f"the panel's status never matched {pattern!r}; it reads {self.status()!r}; "
-                                 f"error box: {self.error_text()!r}") from exc
+                                 f"error box: {self.error_text()!r}; kernel errors: {self.nb.kernel_errors()}") from exc
         return self.status()
 
     def error_text(self) -> str:
@@ -150,6 +161,7 @@ def check_panel_generate(nb: Notebook) -> Panel:
     panel.field("dropdown", "sampler", 0).locator("select").select_option(label="ddim (official)")
     panel.set_steps(0, 12)
     panel.button("Generate").click()
+    panel.wait_status(r"^(starting|Stage|done)", timeout_ms=WIDGET_TIMEOUT_MS)  # the click reached the handler
     panel.wait_status(r"^done in")
     items = panel.gallery_items()
     assert items.count() == 1, f"{items.count()} gallery items after one run"
@@ -159,6 +171,7 @@ def check_panel_generate(nb: Notebook) -> Panel:
     thumb = items.first.locator("img").first
     assert image_bytes(thumb).startswith(b"\x89PNG"), "no PNG thumbnail in the gallery"
     assert thumb.evaluate("img => img.naturalWidth") == 128, "the thumbnail did not load as a 128 px image"
+    assert not nb.kernel_errors(), nb.kernel_errors()
     return panel
 
 
@@ -213,8 +226,13 @@ def check_panel_invalid_width(nb: Notebook, panel: Panel) -> str:
 
 
 # -- (c) the latent inspector --------------------------------------------------------------------------------
-def inspector_cells() -> list[str]:
-    return [LOAD, f"%%cascade --seed 5 --steps-c 10 -o r\n{PROMPT}", "%cascade inspect r"]
+def inspector_cells(*, frozen_slider: bool = False) -> list[str]:
+    """A result and its inspector; ``frozen_slider``: an inspector whose slider handler does nothing."""
+    inspect = "%cascade inspect r"
+    if frozen_slider:
+        inspect = ("from cascade_lab.notebook.inspector import LatentInspector\ninspector = LatentInspector(r)\n"
+                   "inspector.show_step = lambda step: None  # what the slider's handler calls\ninspector")
+    return [LOAD, f"%%cascade --seed 5 --steps-c 10 -o r\n{PROMPT}", inspect]
 
 
 def _tab(root: Any, title: str) -> None:
@@ -265,6 +283,7 @@ def check_inspector(nb: Notebook) -> dict[str, Any]:
         raise AssertionError("moving the step slider to 0 did not change the trajectory image") from exc
     first = image_bytes(image)
     assert first != last, "the trajectory image for step 0 is the same as for the last step"
+    assert not nb.kernel_errors(), nb.kernel_errors()
     return {"channels": channels, "histograms": histograms}
 
 
@@ -347,4 +366,5 @@ def check_training(nb: Notebook) -> str:
     assert checkpoint.is_dir() and any(checkpoint.iterdir()), f"the checkpoint {checkpoint} is not on disk"
     assert root.locator(".widget-checkbox:has-text('resume') input").is_checked(), "resume is not ticked after Stop"
     assert not root.locator("button:has-text('Start')").is_disabled()
+    assert not nb.kernel_errors(), nb.kernel_errors()
     return message

@@ -162,6 +162,15 @@ class Notebook:
                                f"window.jupyterapp.shell.currentWidget.content.widgets.length === {len(cells)}",
                                timeout=timeout_s * 1000)
         self.wait_kernel_idle(timeout_s)
+        # every error the kernel reports (a cell's, or a widget callback's, which Lab only logs) is kept here
+        page.evaluate("""() => { window.__kernelErrors = [];
+            window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.anyMessage.connect((_, m) => {
+                if (m.direction === 'recv' && m.msg.header.msg_type === 'error')
+                    window.__kernelErrors.push(m.msg.content.ename + ': ' + m.msg.content.evalue); }); }""")
+
+    def kernel_errors(self) -> list[str]:
+        """Errors the kernel reported since the notebook opened, as 'Name: message'."""
+        return list(self.page.evaluate("() => window.__kernelErrors"))
 
     def wait_kernel_idle(self, timeout_s: float = 90) -> None:
         self.page.wait_for_function(

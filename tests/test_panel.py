@@ -3,6 +3,7 @@ clicked with `Button.click()` and the worker thread is joined with a timeout."""
 
 from __future__ import annotations
 
+import html
 import threading
 from typing import Any
 
@@ -294,3 +295,177 @@ def test_compat_switch_denoise_and_family_labels(panel: GenerationPanel) -> None
     assert result.params.sampler_b == "dpmpp_2m_sde" and result.params.denoise == 0.75
     panel.compat.value = "official"  # back: the ComfyUI defaults still in place go back to the official ones
     assert panel.stage["c"]["sampler"].value == "ddpm" and panel.stage["b"]["sampler"].value == "dpmpp_2m_sde"
+
+
+# -- ControlNet section (issue 16, part 4) ----------------------------------------------------------------------
+def square_png(path: Any, size: int = 128) -> Any:
+    from PIL import Image
+
+    image = Image.new("RGB", (size, size), "black")
+    image.paste((255, 255, 255), (32, 32, 96, 96))
+    image.save(path)
+    return path
+
+
+def upload_value(path: Any) -> tuple[dict[str, Any], ...]:
+    """What a browser upload of ``path`` puts in a `FileUpload`'s value."""
+    import datetime
+
+    data = path.read_bytes()
+    return ({"name": path.name, "type": "image/png", "size": len(data), "content": memoryview(data),
+             "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+
+
+def preview_pixels(panel: GenerationPanel) -> list[Any]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(item.children[1].value))) for item in panel.control.preview.children]
+
+
+def test_the_control_section_previews_what_the_controlnet_sees(panel: GenerationPanel, tmp_path: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import torch
+
+    from cascade_lab.controls import filters
+
+    section = panel.control
+    assert section.widget.selected_index is None and section.widget.titles == ("ControlNet: off",)  # collapsed
+    assert section.preview.children == () and section.control() is None  # no image: no ControlNet
+    path = square_png(tmp_path / "square.png")
+    image = torch.zeros(1, 3, 128, 128)
+    image[..., 32:96, 32:96] = 1.0
+    section.image_path.value = str(path)
+    assert section.widget.titles == ("ControlNet: canny, strength 1",)
+    [edges] = preview_pixels(panel)
+    assert np.array_equal(edges, filters.canny(image).mul(255).round().byte()[0, 0].numpy())
+    assert section.mask_box.layout.display == "none"
+
+    section.kind.value = "inpainting"
+    assert section.mask_box.layout.display is None and "needs a mask" in section.message.value
+    section.mask_text.value = "40,40,88,88"
+    painted, mask = preview_pixels(panel)
+    assert (mask[40:88, 40:88] == 255).all() and mask.sum() == 255 * 48 * 48
+    assert (painted[40:88, 40:88] == 255).all() and (painted[0:8, 0:8] == 0).all()
+    section.grow.value = 4
+    assert preview_pixels(panel)[1].sum() == 255 * 56 * 56  # grown by 4 px on every side
+    section.mask_text.value = "0,0,128,128"
+    assert "covers the whole image" in section.message.value and section.preview.children == ()
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the preview ran the EfficientNet")
+
+    monkeypatch.setattr(filters, "super_resolution", no_model)
+    section.kind.value = "super_resolution"  # the low-res input at half the generation size, no features
+    [low] = preview_pixels(panel)
+    assert low.shape == (64, 64, 3) and section.message.value == ""
+    panel.width.value = 256  # the preview follows the generation size
+    assert preview_pixels(panel)[0].shape == (64, 128, 3)
+    assert "is stretched to the generation" in section.message.value and "128x64" in section.message.value
+    assert "b00020" not in section.message.value
+    section.clear.click()
+    assert not section.active and section.preview.children == () and section.widget.titles == ("ControlNet: off",)
+
+
+def tiny_controlnet(c_in: int) -> Any:
+    import torch
+
+    from cascade_lab.models.controlnet import ControlNet
+
+    torch.manual_seed(c_in)
+    net = ControlNet(c_in=c_in, c_proj=32, proj_blocks=[0, 5], bottleneck_mode="simple").eval()
+    for p in net.parameters():  # random projections: the control visibly moves the result
+        torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+def test_generate_applies_the_uploaded_control_and_copies_its_flags(panel: GenerationPanel, tiny: Cascade,
+                                                                    tmp_path: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+    net = tiny_controlnet(1)
+    monkeypatch.setattr(tiny, "_controlnet", lambda control: seen.append(control) or net)  # no file to look for
+    panel.generate()
+    plain = panel.wait(TIMEOUT)
+    section = panel.control
+    section.upload_folder = tmp_path / "uploads"
+    section.image_upload.value = upload_value(square_png(tmp_path / "square.png"))
+    section.strength.value, section.steps.value = 0.8, (0.0, 0.5)
+    panel.generate_button.click()
+    result = panel.wait(TIMEOUT)
+    assert result is not None and panel.error is None, panel.error_box.value
+    [control] = seen
+    assert (control.kind, control.strength, control.start, control.end) == ("canny", 0.8, 0.0, 0.5)
+    [(kind, image, strength, start, end, mask, model)] = result.params.controls
+    assert (kind, strength, start, end, mask, model) == ("canny", 0.8, 0.0, 0.5, "", "")
+    assert image == control.image and image.startswith(str(tmp_path / "uploads" / "control_"))  # the upload, saved
+    assert result.control_images[0].shape == (1, 1, 128, 128)
+    assert not torch_equal(plain.latent_c, result.latent_c)
+    assert "ControlNet canny, strength 0.8, steps 0–0.5" in panel.gallery.children[0].children[-1].children[0].value
+
+    text = panel.copy_cell(result)
+    assert f"--control canny:{image}:0.8" in text and "--controlnet" not in text
+    assert "no flag for its steps 0–0.5" in panel.status.value
+    line, body = text.split("\n", 1)
+    request = parse_cell(line.removeprefix("%%cascade "), body + "\n", {})
+    [parsed] = request.options["controls"]
+    assert (parsed.kind, parsed.image, parsed.strength) == ("canny", image, 0.8)
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_inpainting_mask_boxes_grow_and_controlnet_file_in_the_copied_cell(tmp_path: Any) -> None:
+    from cascade_lab.params import GenerationParams
+
+    image, mask, net = (str(square_png(tmp_path / name)) for name in ("in put.png", "mask.png", "inpainting.png"))
+    params = GenerationParams("x", width=128, height=128, seed=1, controls=(
+        ("inpainting", image, 0.5, 0.0, 1.0, "[(40, 40, 88, 88), (0, 0, 8, 8)]", net),))
+    cell = cascade_cell(params)
+    assert f"--control 'inpainting:{image}:0.5' --mask '40,40,88,88;0,0,8,8' --controlnet {net}" in cell
+    line, body = cell.split("\n", 1)
+    [control] = parse_cell(line.removeprefix("%%cascade "), body + "\n", {}).options["controls"]
+    assert (control.kind, control.image, control.strength, control.model) == ("inpainting", image, 0.5, net)
+    assert control.mask == [(40, 40, 88, 88), (0, 0, 8, 8)]
+    params = params.replace(controls=(("inpainting", image, 1.0, 0.0, 1.0, mask, ""),))
+    assert f"--control 'inpainting:{image}:1' --mask {mask}" in cascade_cell(params)
+
+
+def test_a_grown_mask_is_saved_and_named_in_the_job(panel: GenerationPanel, tmp_path: Any) -> None:
+    import numpy as np
+    from PIL import Image
+
+    section = panel.control
+    section.upload_folder = tmp_path / "uploads"
+    section.kind.value = "inpainting"
+    section.image_path.value = str(square_png(tmp_path / "square.png"))
+    section.mask_text.value = "40,40,88,88"
+    assert section.job_control().mask == [(40, 40, 88, 88)]  # boxes stay boxes (the cell writes them back)
+    section.grow.value = -8
+    control = section.job_control()
+    assert control.mask.startswith(str(tmp_path / "uploads" / "mask_"))
+    assert np.asarray(Image.open(control.mask)).sum() == 255 * 32 * 32  # eroded by 8 px on every side
+
+
+@pytest.mark.parametrize(("setup", "words"), [
+    ({"image_path": "missing.png"}, "ControlNet image 'missing.png': file not found"),
+    ({"kind": "inpainting"}, "needs a mask"),
+    ({"kind": "inpainting", "mask_text": "50,50,40,40"}, "needs x0 < x1"),
+    ({"controlnet": "nowhere.safetensors"}, "ControlNet file 'nowhere.safetensors': file not found"),
+    ({"steps": (0.5, 0.5)}, "start=0.5, end=0.5"),
+])
+def test_control_mistakes_show_in_the_panel_before_any_model_runs(panel: GenerationPanel, tmp_path: Any,
+                                                                  setup: dict[str, Any], words: str) -> None:
+    section = panel.control
+    section.image_path.value = str(square_png(tmp_path / "square.png"))
+    for name, value in setup.items():
+        getattr(section, name).value = value
+    assert panel.generate() is False and panel._thread is None  # refused before a job (or a model) starts
+    assert isinstance(panel.error, ValueError) and html.escape(words) in panel.error_box.value
+    assert "color:#b00020" in panel.error_box.value and "<details>" not in panel.error_box.value  # one red line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,10 +207,13 @@ class ControlSection:
             control = self.control()
             if control is None:
                 return
-            views = control_views(filtered(control, self.size()), control.kind)
+            with warnings.catch_warnings(record=True) as notices:  # a stretched image: said here, not in a log
+                warnings.simplefilter("always")
+                views = control_views(filtered(control, self.size()), control.kind)
         except Exception as exc:  # shown under the inputs; Generate reports it again in the panel's error box
             self.message.value = f'<span style="color:#b00020">{html.escape(f"{type(exc).__name__}: {exc}")}</span>'
             return
+        self.message.value = "<br>".join(f"<small>{html.escape(str(n.message))}</small>" for n in notices)
         self.preview.children = tuple(
             widgets.VBox([widgets.HTML(f"<small>{html.escape(label)}</small>"),
                           widgets.Image(value=thumbnail_png(image), format="png")])

@@ -11,9 +11,11 @@ job (a ``%%cascade`` cell or another panel) with a message shown in the panel.
 
 from __future__ import annotations
 
+import ast
 import html
 import io
 import random
+import shlex
 import threading
 import time
 import traceback
@@ -22,6 +24,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..params import GenerationParams
+from .control_section import ControlSection
 from .display import preview_jpeg
 from .session import free_memory, get_session
 
@@ -70,6 +73,7 @@ def cascade_cell(params: GenerationParams) -> str:
         words.append(f"--batch {params.batch_size}")
     if params.cfg_rho != base.cfg_rho:
         words.append(f"--cfg-rescale {params.cfg_rho:g}")
+    words += control_flags(params)
 
     def section(value: str | tuple[str, ...]) -> str:
         return value if isinstance(value, str) else f"\n{NEXT_SEPARATOR}\n".join(value)
@@ -79,6 +83,23 @@ def cascade_cell(params: GenerationParams) -> str:
         negative = negative[0]
     body = section(params.prompt) + (f"\n{NEGATIVE_SEPARATOR}\n{section(negative)}" if any(negative) else "")
     return "%%cascade " + " ".join(words) + "\n" + body
+
+
+def control_flags(params: GenerationParams) -> list[str]:
+    """``--control KIND:IMAGE:STRENGTH`` per recorded control, ``--mask`` (boxes or a file) and ``--controlnet`` (when
+    every control names its file, as the magic needs). Start/end have no flag: the magic applies a control on
+    every step."""
+    words = [f"--control {shlex.quote(f'{kind}:{image}:{strength:g}')}"
+             for kind, image, strength, *_ in params.controls]
+    masks = [mask for kind, _, _, _, _, mask, _ in params.controls if kind == "inpainting" and mask]
+    if masks:
+        boxes = masks[0].startswith("[")  # a recorded list of (x0, y0, x1, y1)
+        text = ";".join(",".join(str(v) for v in box) for box in ast.literal_eval(masks[0])) if boxes else masks[0]
+        words.append(f"--mask {shlex.quote(text)}")
+    files = [model for *_, model in params.controls]
+    if files and all(files):
+        words += [f"--controlnet {shlex.quote(file)}" for file in files]
+    return words
 
 
 def png_bytes(image: Any) -> bytes:
@@ -95,15 +116,18 @@ def _slider(kind: type, value: float, low: float, high: float, step: float, labe
 
 
 class GenerationPanel:
-    """Prompt, sizes, per-stage settings, seed, sampler/scheduler/variant, Generate/Cancel, preview, gallery.
+    """Prompt, sizes, per-stage settings, seed, sampler/scheduler/variant, a ControlNet (`ControlSection`),
+    Generate/Cancel, preview, gallery.
 
     The form starts from the session's defaults (``%cascade config``); ``defaults`` are any `GenerationParams`
-    fields (e.g. ``width=128, steps_c=4``) to start from instead. Display it as the last expression of a cell;
-    `generate`, `cancel` and `wait` drive it from code.
+    fields (e.g. ``width=128, steps_c=4``) to start from instead. An uploaded control image or mask is written to
+    ``upload_folder`` when a job starts, so the result's parameters name a file. Display it as the last
+    expression of a cell; `generate`, `cancel` and `wait` drive it from code.
     """
 
     def __init__(self, variant: str | None = None, *, prompt: str = "", session: Any = None,
-                 keep_trajectory: bool | None = None, keep_results: int = 12, **defaults: Any) -> None:
+                 keep_trajectory: bool | None = None, keep_results: int = 12,
+                 upload_folder: str = "cascade_inputs", **defaults: Any) -> None:
         self.session = session if session is not None else get_session()
         d = self.session.defaults
         start: dict[str, Any] = {"width": d.width, "height": d.height, "steps_c": d.steps_c, "steps_b": d.steps_b,
@@ -121,11 +145,11 @@ class GenerationPanel:
         self._preview_at: float | None = None
         self._seen_registries: Any = None
         self._steps_c = 0
-        self._build(variant)
+        self._build(variant, upload_folder)
         self.refresh_options()
 
     # -- widgets ---------------------------------------------------------------------------------------
-    def _build(self, variant: str) -> None:
+    def _build(self, variant: str, upload_folder: str) -> None:
         p, wide = self.base, widgets.Layout(width="100%")
         self.prompt = widgets.Textarea(p.prompt, placeholder="prompt", rows=2, layout=wide)
         self.negative = widgets.Textarea(p.negative_prompt, placeholder="negative prompt", rows=1, layout=wide)
@@ -180,6 +204,8 @@ class GenerationPanel:
         self.inspector_box = widgets.VBox([])
         self.copy_area = widgets.Textarea(rows=4, layout=widgets.Layout(width="100%", display="none"),
                                           description="", placeholder="%%cascade cell")
+        # a ControlNet (collapsed): uploads and grown masks are written to upload_folder when a job starts
+        self.control = ControlSection(lambda: (self.width.value, self.height.value), upload_folder=upload_folder)
 
         def column(s: str, title: str) -> widgets.VBox:
             return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), *self.stage[s].values()])
@@ -189,7 +215,7 @@ class GenerationPanel:
             widgets.HBox([self.size, self.width, self.height, self.batch_size]),
             widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
             widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant, self.refresh]),
-            widgets.HBox([self.compat, self.denoise]),
+            widgets.HBox([self.compat, self.denoise]), self.control.widget,
             widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
             self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
@@ -202,6 +228,8 @@ class GenerationPanel:
         pair = (self.width.value, self.height.value)
         presets = [value for _, value in self.size.options]
         self.size.value = pair if pair in presets else None
+        if self.control.active:  # the filters work at the generation size
+            self.control.update_preview()
 
     def _on_compat(self, change: dict[str, Any]) -> None:
         """Switching compat swaps the samplers and schedulers still at one mode's defaults for the other's."""
@@ -282,6 +310,7 @@ class GenerationPanel:
             if self.new_seed_each_run.value:
                 self.randomise_seed()
             params = self.params()
+            control = self.control.job_control((params.width, params.height))  # before any model runs
         except Exception as exc:
             self.error = exc
             self._show_error(f"{type(exc).__name__}: {exc}")
@@ -291,7 +320,8 @@ class GenerationPanel:
         self.progress.value, self.progress.max = 0, params.steps_c + params.steps_b
         self.progress.bar_style, self._steps_c, self._preview_at = "", params.steps_c, None
         self._set_running(True, f"starting ({params.variant}, {params.width}×{params.height})…")
-        self._thread = threading.Thread(target=self._work, args=(params,), daemon=True, name="cascade_lab-panel")
+        self._thread = threading.Thread(target=self._work, args=(params, [control] if control else []), daemon=True,
+                                        name="cascade_lab-panel")
         self._thread.start()
         return True
 
@@ -312,7 +342,7 @@ class GenerationPanel:
                 raise TimeoutError(f"the generation did not finish within {timeout} s")
         return self.results[-1] if self.results else None
 
-    def _work(self, params: GenerationParams) -> None:
+    def _work(self, params: GenerationParams, controls: list[Any]) -> None:
         from ..diffusion import Cancelled
 
         started = time.perf_counter()
@@ -321,7 +351,8 @@ class GenerationPanel:
             if self._cancel_requested.is_set():
                 raise Cancelled(0, None)
             result = self.session.generate(params.prompt, params.negative_prompt, variant=params.variant,
-                                           callback=self._on_step, keep_trajectory=self.keep_trajectory, **options)
+                                           callback=self._on_step, keep_trajectory=self.keep_trajectory,
+                                           controls=controls, **options)
         except Cancelled as exc:
             stopped = f"cancelled ({exc})"
         except Exception as exc:  # the worker reports every failure in the panel, never only in a log
@@ -383,7 +414,9 @@ class GenerationPanel:
             f"<b>{html.escape(p.prompt) or '<i>(no prompt)</i>'}</b><br>{p.width}×{p.height}, seed {p.seed}, "
             f"variant {html.escape(p.variant)}<br>C: {p.steps_c} steps, CFG {p.cfg_c:g}, shift {p.shift_c:g}, "
             f"{html.escape(p.sampler_c)}/{html.escape(p.scheduler_c)}<br>B: {p.steps_b} steps, CFG {p.cfg_b:g}, "
-            f"shift {p.shift_b:g}, {html.escape(p.sampler_b)}/{html.escape(p.scheduler_b)}")
+            f"shift {p.shift_b:g}, {html.escape(p.sampler_b)}/{html.escape(p.scheduler_b)}"
+            + "".join(f"<br>ControlNet {html.escape(kind)}, strength {strength:g}, steps {start:g}–{end:g}"
+                      for kind, _, strength, start, end, *_ in p.controls))
         copy = widgets.Button(description="copy as %%cascade", icon="copy")
         copy.on_click(lambda _: self.copy_cell(result))
         inspect = widgets.Button(description="inspect latents", icon="search")
@@ -411,6 +444,13 @@ class GenerationPanel:
         text = cascade_cell(result.params)
         self.copy_area.value = text
         self.copy_area.layout.display = None
+        controls = result.params.controls
+        notes = [f"the cell applies the {kind} control on every step (no flag for its steps {start:g}–{end:g})"
+                 for kind, _, _, start, end, *_ in controls if (start, end) != (0.0, 1.0)]
+        notes += [f"the {kind} control's {what} was in memory ({value}): put its file or variable in the cell"
+                  for kind, image, _, _, _, mask, _ in controls
+                  for what, value in (("image", image), ("mask", mask)) if value.startswith("sha256:")]
+        self.status.value = html.escape("; ".join(notes))
         return text
 
 

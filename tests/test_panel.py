@@ -360,11 +360,13 @@ def test_the_control_section_previews_what_the_controlnet_sees(panel: Generation
 
     monkeypatch.setattr(filters, "super_resolution", no_model)
     section.kind.value = "super_resolution"  # the low-res input at half the generation size, no features
+    section.image_path.value = str(square_png(tmp_path / "small.png", 64))
     [low] = preview_pixels(panel)
-    assert low.shape == (64, 64, 3) and section.message.value == ""
+    assert low.shape == (64, 64, 3) and section.message.value == ""  # 128 px from a 64 px image: as official
     panel.width.value = 256  # the preview follows the generation size
     assert preview_pixels(panel)[0].shape == (64, 128, 3)
     assert "is stretched to the generation" in section.message.value and "128x64" in section.message.value
+    assert "the official recipe makes 128x128 from this 64x64 image" in section.message.value
     assert "b00020" not in section.message.value
     section.clear.click()
     assert not section.active and section.preview.children == () and section.widget.titles == ("ControlNet: off",)

@@ -92,7 +92,7 @@ class ControlSection:
         self.clear.on_click(lambda _: self.reset())
         self.strength = widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="strength",
                                             continuous_update=False)
-        self.steps = widgets.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="steps",
+        self.steps = widgets.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="step range",
                                               continuous_update=False, tooltip="the fraction of the Stage C steps "
                                               "it applies in (start, end), as ComfyUI's percent range")
         self.mask_upload = widgets.FileUpload(accept="image/*", multiple=False, description="mask")
@@ -213,7 +213,15 @@ class ControlSection:
         except Exception as exc:  # shown under the inputs; Generate reports it again in the panel's error box
             self.message.value = f'<span style="color:#b00020">{html.escape(f"{type(exc).__name__}: {exc}")}</span>'
             return
-        self.message.value = "<br>".join(f"<small>{html.escape(str(n.message))}</small>" for n in notices)
+        lines = [str(n.message) for n in notices]
+        if control.kind == "super_resolution":
+            from .options import image_size
+
+            (w, h), size = image_size(control.image), self.size()
+            if size != (2 * w, 2 * h):
+                lines.append(f"super_resolution upscales 2x: the official recipe makes {2 * w}x{2 * h} from this "
+                             f"{w}x{h} image, Stage C DDPM, 20 steps, CFG 1 (Cascade.upscale, %%cascade --upscale 2x)")
+        self.message.value = "<br>".join(f"<small>{html.escape(line)}</small>" for line in lines)
         self.preview.children = tuple(
             widgets.VBox([widgets.HTML(f"<small>{html.escape(label)}</small>"),
                           widgets.Image(value=thumbnail_png(image), format="png")])

@@ -1,6 +1,8 @@
 """Weights: where files are, what they hold, and memory-lean loading. No torch import until used.
 
 * :func:`locate` — explicit paths/folders, a ComfyUI ``models/`` tree, the Hub cache, then a download.
+* :func:`comfyui_model_path` — the file a ComfyUI loader node's model name means (``models/<kind>/`` and
+  ``extra_model_paths.yaml``, searched as ComfyUI does).
 * :func:`detect` — what a safetensors file holds, from its header alone.
 * :func:`load_stage` — a stage module built on meta and filled straight from the file.
 * :func:`load_clip_file` / :func:`find_tokenizer` — the CLIP encoders from single files, their local tokenizer.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+from .comfyui_paths import ComfyUIFolders, comfyui_folders, comfyui_model_path
 from .controlnets import check_controlnet, locate_controlnet
 from .convert import ConversionError, plan_official, to_official
 from .detect import Component, Detection, detect
@@ -22,6 +25,7 @@ from .safetensors_io import Header, WeightsFileError, read_header, read_tensors
 
 __all__ = [
     "Choice",
+    "ComfyUIFolders",
     "Component",
     "ComputeDtypes",
     "ConversionError",
@@ -37,6 +41,8 @@ __all__ = [
     "available_memory",
     "check_controlnet",
     "choose_variant",
+    "comfyui_folders",
+    "comfyui_model_path",
     "compute_dtypes",
     "detect",
     "estimate",

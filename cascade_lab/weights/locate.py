@@ -15,24 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import Variant, VariantFile
+from .comfyui_paths import ENV_COMFYUI, ComfyUIFolders, comfyui_folders, comfyui_models_dir
 
-ENV_COMFYUI = "CASCADE_LAB_COMFYUI"
+__all__ = ["ENV_COMFYUI", "Located", "WeightsNotFoundError", "comfyui_models_dir", "find_files", "locate"]
 
-# ComfyUI models/ sub-folders searched per component (diffusion_models is the newer name of unet)
-COMFYUI_FOLDERS: dict[str, tuple[str, ...]] = {
-    "stage_c": ("unet", "diffusion_models"),
-    "stage_b": ("unet", "diffusion_models"),
-    "stage_a": ("vae",),
-    "effnet": ("vae",),
-    "previewer": ("vae",),
-    "text_encoder": ("text_encoders", "clip"),
-    "image_encoder": ("clip_vision",),
-    "controlnet_canny": ("controlnet",),
-    "controlnet_inpainting": ("controlnet",),
-    "controlnet_super_resolution": ("controlnet",),
+# ComfyUI folder kind searched per component (see comfyui_paths: unet/diffusion_models, text_encoders/clip, ...)
+COMFYUI_KINDS: dict[str, str] = {
+    "stage_c": "diffusion_models",
+    "stage_b": "diffusion_models",
+    "stage_a": "vae",
+    "effnet": "vae",
+    "previewer": "vae",
+    "text_encoder": "text_encoders",
+    "image_encoder": "clip_vision",
+    "controlnet_canny": "controlnet",
+    "controlnet_inpainting": "controlnet",
+    "controlnet_super_resolution": "controlnet",
 }
 # names a file may carry in a ComfyUI folder besides its Hub name (checked by header before use)
 COMFYUI_NAMES: dict[str, tuple[str, ...]] = {
+    "stage_a": ("stable_cascade_stage_a.safetensors",),
+    "effnet": ("stable_cascade_effnet_encoder.safetensors",),
+    "previewer": ("stable_cascade_previewer.safetensors",),
     "text_encoder": ("stable_cascade_text_encoder.safetensors", "stable_cascade_clip_g.safetensors",
                      "text_encoder.safetensors", "model.safetensors"),
     "image_encoder": ("stable_cascade_image_encoder.safetensors", "clip_vision_l.safetensors",
@@ -41,6 +45,10 @@ COMFYUI_NAMES: dict[str, tuple[str, ...]] = {
     "controlnet_inpainting": ("stable_cascade_inpainting.safetensors",),
     "controlnet_super_resolution": ("stable_cascade_super_resolution.safetensors",),
 }
+# ComfyUI's all-in-one checkpoints (models/checkpoints/, comfyui_checkpoints/ on the Hub) and what they bundle:
+# stable_cascade_stage_c = Stage C + CLIP-G + EfficientNet + previewer + CLIP vision, _stage_b = Stage B + Stage A
+CHECKPOINT_OF = {"stage_c": "stage_c", "text_encoder": "stage_c", "effnet": "stage_c", "previewer": "stage_c",
+                 "image_encoder": "stage_c", "stage_b": "stage_b", "stage_a": "stage_b"}
 # what detect() must find in a ComfyUI file of a component, when it is not the component's own name:
 # (detected kind, its variant)
 DETECTED_AS: dict[str, tuple[str, str]] = {
@@ -118,15 +126,6 @@ def fetch_command(f: VariantFile) -> str:
     return f"{cli} download {f.repo_id} {hub_path(f)}"
 
 
-def comfyui_models_dir(comfyui: str | os.PathLike[str] | None = None) -> Path | None:
-    """The ``models/`` folder of a ComfyUI install given by ``comfyui`` or ``$CASCADE_LAB_COMFYUI``."""
-    root = comfyui if comfyui is not None else os.environ.get(ENV_COMFYUI)
-    if not root:
-        return None
-    path = Path(root).expanduser()
-    return path / "models" if (path / "models").is_dir() else path
-
-
 def resolve_variant(variant: str | Variant) -> Variant:
     if isinstance(variant, Variant):
         return variant
@@ -142,13 +141,17 @@ def locate(
     files: Mapping[str, str | os.PathLike[str]] | None = None,
     folders: Sequence[str | os.PathLike[str]] = (),
     comfyui: str | os.PathLike[str] | None = None,
+    extra_model_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     download: bool = True,
 ) -> dict[str, Located]:
     """Find (or fetch) every file of ``variant`` that ``components`` names (default: all of them).
 
     ``files`` maps a component to an explicit file; ``folders`` are searched for the Hub names (a local
     clone of the repositories works); ``comfyui`` (or ``$CASCADE_LAB_COMFYUI``) is a ComfyUI install or
-    its ``models/`` folder. Raises :class:`WeightsNotFoundError` naming everything still missing.
+    its ``models/`` folder, searched with its ``extra_model_paths.yaml`` and the ones ``extra_model_paths``
+    names: single files under their Hub or ComfyUI names first, then ComfyUI's all-in-one
+    ``checkpoints/stable_cascade_stage_{c,b}*.safetensors`` for what they bundle. Raises
+    :class:`WeightsNotFoundError` naming everything still missing.
     """
     v = resolve_variant(variant)
     wanted = list(v.files) if components is None else list(components)
@@ -156,7 +159,8 @@ def locate(
     if unknown:
         raise KeyError(f"variant {v.name!r} has no component {', '.join(map(repr, unknown))}; "
                        f"it has {', '.join(v.files) or 'no files (it builds its models)'}")
-    return find_files(v, wanted, files=files, folders=folders, comfyui=comfyui, download=download,
+    return find_files(v, wanted, files=files, folders=folders, comfyui=comfyui,
+                      extra_model_paths=extra_model_paths, download=download,
                       title=f"Stable Cascade variant {v.name!r}",
                       fix="or pass files={'stage_c': '/path/to/file.safetensors', ...}")
 
@@ -171,11 +175,12 @@ def find_files(
     download: bool,
     title: str,
     fix: str,
+    extra_model_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> dict[str, Located]:
     """The search behind :func:`locate` for the files of ``v`` that ``wanted`` names; ``title`` opens the
     error message and ``fix`` ends it (how to give the file explicitly)."""
     files = dict(files or {})
-    models_dir = comfyui_models_dir(comfyui)
+    comfy = comfyui_folders(comfyui, extra_model_paths)
     cache = hf_cache_dir()
     found: dict[str, Located] = {}
     missing: list[_Search] = []
@@ -183,7 +188,7 @@ def find_files(
         f = v.files[comp]
         search = _Search(comp, f)
         hit = (_explicit(comp, files) or _in_folders(comp, f, folders, search)
-               or _in_comfyui(comp, f, models_dir, search) or _in_hf_cache(comp, f, cache, search))
+               or _in_comfyui(comp, f, v, comfy, search) or _in_hf_cache(comp, f, cache, search))
         if hit is not None:
             found[comp] = hit
         else:
@@ -200,7 +205,7 @@ def find_files(
         missing = still
     missing += _missing_companions(list(wanted), v, found, cache, download and not offline)
     if missing:
-        raise WeightsNotFoundError(_message(title, fix, missing, offline, download, models_dir))
+        raise WeightsNotFoundError(_message(title, fix, missing, offline, download, comfy))
     return {c: found[c] for c in wanted}
 
 
@@ -225,26 +230,57 @@ def _in_folders(comp: str, f: VariantFile, folders: Sequence[str | os.PathLike[s
     return None
 
 
-def _in_comfyui(comp: str, f: VariantFile, models_dir: Path | None, search: _Search) -> Located | None:
-    if models_dir is None:
+def _in_comfyui(comp: str, f: VariantFile, v: Variant, comfy: ComfyUIFolders, search: _Search) -> Located | None:
+    if comfy.empty:
         return None
-    names: tuple[str, ...] = (f.filename,) if not f.subfolder else ()
-    names += COMFYUI_NAMES.get(comp, ())
-    for sub in COMFYUI_FOLDERS.get(comp, ()):
-        for name in names:
-            path = models_dir / sub / name
+    size = _size_of(comp, v)
+    for kind, name in comfyui_candidates(comp, f, size):
+        for folder in comfy.folders(kind):
+            path = folder / name
             if not path.is_file():
                 search.looked.append(str(path))
                 continue
-            holds = _holds(path, comp)
+            holds = _holds(path, comp, size)
             if holds is True:
                 return Located(comp, path, "comfyui")
             search.looked.append(f"{path} (skipped: it holds {holds})")
     return None
 
 
-def _holds(path: Path, comp: str) -> bool | str:
-    """True when the file's header shows component ``comp``, else a description of what it holds."""
+def _size_of(comp: str, v: Variant) -> str | None:
+    """``full`` / ``lite`` when the variant fixes the size of the stage ``comp`` is or is bundled with."""
+    stage = CHECKPOINT_OF.get(comp)
+    size = getattr(v, comp, None) if comp in ("stage_c", "stage_b") else None
+    if stage is not None and size is None:
+        size = getattr(v, stage, None)
+    return size if size in ("full", "lite") else None
+
+
+def comfyui_candidates(comp: str, f: VariantFile, size: str | None = None) -> list[tuple[str, str]]:
+    """``(folder kind, file name)`` pairs to try for ``comp`` in a ComfyUI tree, best first: the Hub name and
+    ComfyUI's names as single files, then the all-in-one checkpoints that bundle it (``size`` first)."""
+    kind = COMFYUI_KINDS.get(comp)
+    if kind is None:
+        return []
+    sizes = ["_lite", ""] if size == "lite" else ["", "_lite"]
+    dtypes = ["_bf16", ""] if "_bf16" in f.filename else ["", "_bf16"]  # the file's own dtype first
+    suffixes = [s + d for s in sizes for d in dtypes]
+    if comp in ("stage_c", "stage_b"):  # a stage file of the other size is another model
+        suffixes = [x for x in suffixes if x.startswith("_lite") == (size == "lite")]
+    names = [f.filename] if not f.subfolder else []
+    if comp in ("stage_c", "stage_b"):
+        names += [f"{comp}{x}.safetensors" for x in suffixes] + [f"stable_cascade_{comp}{x}.safetensors"
+                                                                 for x in suffixes]
+    names += COMFYUI_NAMES.get(comp, ())
+    pairs = [(kind, n) for n in dict.fromkeys(names)]
+    stage = CHECKPOINT_OF.get(comp)
+    if stage is not None:
+        pairs += [("checkpoints", f"stable_cascade_{stage}{x}.safetensors") for x in suffixes]
+    return pairs
+
+
+def _holds(path: Path, comp: str, size: str | None = None) -> bool | str:
+    """True when the file's header shows component ``comp`` (of ``size``, when given), else what it holds."""
     from .detect import detect
     from .safetensors_io import WeightsFileError
 
@@ -253,6 +289,8 @@ def _holds(path: Path, comp: str) -> bool | str:
     except WeightsFileError as exc:
         return f"an unreadable file: {exc}"
     kind, variant = DETECTED_AS.get(comp, (comp, None))
+    if comp in ("stage_c", "stage_b"):
+        variant = size
     hit = d.components.get(kind)
     return True if hit is not None and variant in (None, hit.variant) else d.describe()
 
@@ -318,7 +356,7 @@ def _download_companions(f: VariantFile, patterns: list[str], cache: Path) -> An
 
 
 def _message(title: str, fix: str, missing: list[_Search], offline: bool, download: bool,
-             models_dir: Path | None) -> str:
+             comfy: ComfyUIFolders) -> str:
     why = ("HF_HUB_OFFLINE is set, so nothing was downloaded" if offline else
            "downloading was turned off" if not download else "the download failed")
     lines = [f"{title}: {len(missing)} file(s) not found ({why})."]
@@ -328,7 +366,7 @@ def _message(title: str, fix: str, missing: list[_Search], offline: bool, downlo
             lines.append(f"      looked in {place}")
         lines.append(f"      fetch it with: {fetch_command(s.file)}")
     hints = []
-    if models_dir is None:
+    if comfy.empty:
         hints.append(f"point ${ENV_COMFYUI} (or comfyui=) at a ComfyUI install that has them")
     if offline:
         hints.append("unset HF_HUB_OFFLINE to let cascade_lab download them")

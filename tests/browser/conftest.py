@@ -35,10 +35,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterLab]:
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     sync_playwright = _playwright()
-    try:
-        executable = chromium_path()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    executable = chromium_path()
+    if executable is None:
+        pytest.fail(f"no Chromium found on PATH (or in CASCADE_LAB_CHROMIUM); {INSTALL}", pytrace=False)
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=executable, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])

@@ -87,7 +87,9 @@ class ControlSection:
         short, wide = widgets.Layout(width="320px"), widgets.Layout(width="100%")
         self.kind = widgets.Dropdown(options=[(KIND_LABELS[k], k) for k in KINDS], value="canny", description="kind")
         self.image_upload = widgets.FileUpload(accept="image/*", multiple=False, description="image")
-        self.image_path = widgets.Text(placeholder="or an image file", description="image", layout=short)
+        # text boxes report on Enter or leaving the box, not per keystroke (each change re-runs the filter)
+        self.image_path = widgets.Text(placeholder="or an image file", description="image", layout=short,
+                                       continuous_update=False)
         self.clear = widgets.Button(description="clear", icon="times", tooltip="no ControlNet: forget the image")
         self.clear.on_click(lambda _: self.reset())
         self.strength = widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="strength",
@@ -97,11 +99,11 @@ class ControlSection:
                                               "it applies in (start, end), as ComfyUI's percent range")
         self.mask_upload = widgets.FileUpload(accept="image/*", multiple=False, description="mask")
         self.mask_text = widgets.Text(placeholder="or a mask file (white = regenerate), or boxes x0,y0,x1,y1;...",
-                                      description="mask", layout=wide)
+                                      description="mask", layout=wide, continuous_update=False)
         self.grow = widgets.IntSlider(value=0, min=-64, max=64, description="grow", continuous_update=False,
                                       tooltip="dilate the mask by this many pixels (negative: erode)")
         self.controlnet = widgets.Text(placeholder="ControlNet .safetensors (empty: found like the stages)",
-                                       description="ControlNet", layout=wide)
+                                       description="ControlNet", layout=wide, continuous_update=False)
         self.message = widgets.HTML("")
         self.preview = widgets.HBox([])
         self.mask_box = widgets.VBox([widgets.HBox([self.mask_upload, self.mask_text]), self.grow])

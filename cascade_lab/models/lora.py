@@ -1,14 +1,25 @@
-"""LoRA for Stage C: read kohya, OneTrainer, ComfyUI and official files; merge into the weights, unmerge exactly.
+"""LoRA for Stage C and its CLIP-G: read kohya, OneTrainer, ComfyUI and official files; merge, unmerge exactly.
 
 Formats (spec/training.md §3, spec/stable-cascade.md §7):
 
-* kohya ``lora_unet_<module path, . -> _>``, OneTrainer ``lora_prior_unet_<...>`` and ComfyUI's raw
-  ``diffusion_model.<path>``, each with ``.lora_down.weight`` / ``.lora_up.weight`` / optional ``.alpha``
-  (scale alpha / rank; no alpha means alpha = rank). Attention may be named split (``attention_attn_to_q/k/v``,
-  rows of the packed ``in_proj_weight``; ``out_proj``, old kohya ``to_out``, diffusers ``attention_to_out_0``)
-  or fused (``attention_attn``, the whole ``in_proj_weight``). Every Linear and Conv2d may be targeted.
+* kohya ``lora_unet_<module path, . -> _>``, OneTrainer ``lora_prior_unet_<...>`` (legacy), ``prior.<path>``
+  (its diffusers format and internal backups), ``unet.<path>`` (its 2025 OMI backups), ComfyUI's
+  ``diffusion_model.<path>`` and OneTrainer's prefix-free "original" format, each with ``.lora_down.weight`` /
+  ``.lora_up.weight`` (or ``lora_A`` / ``lora_B``) and an optional ``.alpha`` (scale alpha / rank; none means
+  alpha = rank). Attention may be named split (``attention_attn_to_q/k/v`` or OneTrainer's
+  ``attention_attn_in_proj_0/1/2``: rows of the packed ``in_proj_weight``; ``out_proj``, old kohya ``to_out``,
+  diffusers ``attention_to_out_0``) or fused (``attention_attn``, the whole ``in_proj_weight``).
 * official ``train_c_lora`` files: ``weights.<i>.lora_down`` / ``.lora_up`` in network order, ``out_proj``
   before the fused ``in_proj`` of each AttnBlock, scale 1 / rank; ``embeddings.*`` are CLIP token deltas.
+* text encoder: ``lora_te_`` / ``lora_prior_te_<transformers path, . -> _>``, ``text_encoder.<path>``,
+  ComfyUI's ``text_encoders.clip_g.transformer.<path>``: merged into CLIP-G when ``apply_lora`` is given it.
+
+Every Linear and Conv2d may be targeted. OneTrainer's all-layers preset also puts a LoRA on each ResBlock's
+depthwise conv (groups = channels): its ``lora_down`` is a full [rank, c, 3, 3] conv and its ``lora_up`` a
+1x1 conv to ``c / groups`` = 1 channel that broadcasts over all c outputs (OneTrainer's ``LoRAModule``), which
+no change of the [c, 1, 3, 3] weight can express; those are applied as that extra conv branch (a forward hook).
+(In Stage C that branch adds one value per pixel to all channels, which the ResBlock's channel LayerNorm then
+removes: such LoRAs leave the output unchanged up to rounding, as they did during OneTrainer's training.)
 
 Merging keeps a CPU copy of each touched parameter; removing a LoRA restores those copies and re-merges the
 remaining LoRAs in their order, so the weights equal bit for bit what applying only those would give.
@@ -22,8 +33,10 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
@@ -34,11 +47,13 @@ _SUFFIXES = {  # tensor suffix -> role (kohya, PEFT and ComfyUI spellings)
     ".lora.down.weight": "down", ".lora.up.weight": "up",
     "_lora.down.weight": "down", "_lora.up.weight": "up",
 }  # fmt: skip
-_UNET_PREFIXES = {"lora_unet_": "kohya", "lora_prior_unet_": "onetrainer", "diffusion_model.": "comfyui"}
-_TE_PREFIXES = ("lora_te_", "lora_prior_te_", "text_encoder.")
+_UNET_PREFIXES = {"lora_unet_": "kohya", "lora_prior_unet_": "onetrainer", "prior.": "onetrainer",
+                  "unet.": "onetrainer", "diffusion_model.": "comfyui"}
+_TE_PREFIXES = ("lora_te_", "lora_prior_te_", "text_encoder.", "text_encoders.clip_g.transformer.", "clip_g.")
+_EMBEDDINGS = ("embeddings.embeddings", "embeddings.indices")  # official ReToken; OneTrainer bundles bundle_emb.*
 _OFFICIAL = re.compile(r"weights\.(\d+)\.lora_(down|up)")
 _STAGE_C_NAME = re.compile(  # every layer name a Stage C LoRA may target, dots already turned into _
-    r"(?:down|up)_blocks_\d+_\d+_(?:attention_attn(?:_to_[qkv]|_out_proj|_to_out(?:_0)?|_in_proj)?"
+    r"(?:down|up)_blocks_\d+_\d+_(?:attention_attn(?:_to_[qkv]|_out_proj|_to_out(?:_0)?|_in_proj(?:_[012])?)?"
     r"|attention_to_(?:[qkv]|out_0)|kv_mapper_1|channelwise_[04]|mapper(?:_[a-z]+)?|depthwise)"
     r"|clip_(?:txt|txt_pooled|img)_mapper|embedding_1|clf_1|(?:down_downscalers|up_upscalers)_\d+_1(?:_blocks_\d+)?"
     r"|(?:down|up)_repeat_mappers_\d+_\d+"
@@ -54,13 +69,13 @@ _LOOKS_LIKE = (  # key fragments -> what the file is probably for
 )
 _EXAMPLE = (
     "Stage C LoRA keys look like 'lora_unet_down_blocks_0_2_attention_attn_to_q.lora_down.weight' (kohya), "
-    "'lora_prior_unet_...' (OneTrainer), 'diffusion_model.down_blocks.0.2...' (ComfyUI) or 'weights.0.lora_down' "
-    "(official train_c_lora)."
+    "'lora_prior_unet_...' or 'prior.down_blocks.0.2...' (OneTrainer), 'diffusion_model.down_blocks.0.2...' "
+    "(ComfyUI) or 'weights.0.lora_down' (official train_c_lora)."
 )
 
 
 class LoraError(ValueError):
-    """A LoRA file that cannot be read or does not fit this Stage C."""
+    """A LoRA file that cannot be read or does not fit this Stage C (or its text encoder)."""
 
 
 @dataclass(frozen=True)
@@ -83,20 +98,21 @@ class LoraModule:
 
 @dataclass
 class LoraWeights:
-    """A Stage C LoRA read from a file; ``text_encoder`` and ``embeddings`` are for the caller to apply."""
+    """A Stage C LoRA read from a file, with its text-encoder part; ``embeddings`` are for the caller to apply."""
 
     format: str  # "kohya", "onetrainer", "comfyui" or "official"
     modules: list[LoraModule]
     source: str = "<state dict>"
     metadata: dict[str, str] = field(default_factory=dict)
-    text_encoder: dict[str, Tensor] = field(default_factory=dict)  # lora_te_* / lora_prior_te_*: CLIP-G LoRA
-    embeddings: dict[str, Tensor] = field(default_factory=dict)  # official ReToken: embeddings [n, 1280], indices
+    text_encoder: dict[str, Tensor] = field(default_factory=dict)  # lora_te_* / lora_prior_te_* ... as stored
+    embeddings: dict[str, Tensor] = field(default_factory=dict)  # official ReToken, OneTrainer bundle_emb.*
+    text_encoder_modules: list[LoraModule] = field(default_factory=list)  # text_encoder, paired up
 
     def __repr__(self) -> str:
         ranks = sorted({m.rank for m in self.modules})
         return (
             f"LoraWeights({self.format}, {len(self.modules)} modules, rank {ranks}, from {self.source}; "
-            f"{len(self.text_encoder)} text-encoder tensors, {len(self.embeddings)} token-embedding tensors)"
+            f"{len(self.text_encoder_modules)} text-encoder modules, {len(self.embeddings)} token-embedding tensors)"
         )
 
     def patches(self, model: nn.Module) -> list[_Patch]:
@@ -113,18 +129,39 @@ class LoraWeights:
             )
         return [_fit(m, *table[_layer_name(m.name)], model, self.source) for m in self.modules]
 
+    def text_encoder_patches(self, text_model: nn.Module) -> list[_Patch]:
+        """Resolve the text-encoder modules to parameters of a transformers CLIP text model (CLIP-G)."""
+        table = text_encoder_lora_targets(text_model)
+        missing = [m.name for m in self.text_encoder_modules if _te_layer_name(m.name) not in table]
+        if missing:
+            raise LoraError(
+                f"{self.source}: {len(missing)} of {len(self.text_encoder_modules)} text-encoder LoRA modules name "
+                f"layers this text encoder does not have, e.g. {missing[:4]}. Stable Cascade's text encoder is "
+                f"CLIP-G ({len(table)} Linear layers here, e.g. 'text_model_encoder_layers_0_self_attn_q_proj')."
+            )
+        return [_fit(m, table[_te_layer_name(m.name)], None, text_model, self.source, "the text encoder")
+                for m in self.text_encoder_modules]
+
 
 @dataclass(frozen=True)
 class _Patch:
     param: str
     rows: slice | None
     module: LoraModule
+    branch: bool = False  # a grouped conv's LoRA (OneTrainer): an extra conv added to the output, not merged
 
 
 def _layer_name(name: str) -> str:
     for prefix in _UNET_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix) :].replace(".", "_")
+    return name.replace(".", "_")
+
+
+def _te_layer_name(name: str) -> str:
+    for prefix in _TE_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :].removeprefix("transformer.").replace(".", "_")
     return name.replace(".", "_")
 
 
@@ -141,12 +178,19 @@ def stage_c_lora_targets(model: nn.Module) -> dict[str, tuple[str, slice | None]
             c = in_proj.shape[0] // 3
             block = name.removesuffix("_attn")
             for i, letter in enumerate("qkv"):
-                table[f"{name}_to_{letter}"] = table[f"{block}_to_{letter}"] = (f"{path}.in_proj_weight",
-                                                                                slice(i * c, (i + 1) * c))  # fmt: skip
+                rows = (f"{path}.in_proj_weight", slice(i * c, (i + 1) * c))
+                table[f"{name}_to_{letter}"] = table[f"{block}_to_{letter}"] = table[f"{name}_in_proj_{i}"] = rows
             table[name] = table[f"{name}_in_proj"] = (f"{path}.in_proj_weight", None)
             for alias in (f"{name}_to_out", f"{name}_to_out_0", f"{block}_to_out_0"):
                 table[alias] = (f"{path}.out_proj.weight", None)
     return table
+
+
+def text_encoder_lora_targets(text_model: nn.Module) -> dict[str, str]:
+    """LoRA layer name (transformers module path with _, e.g. ``text_model_encoder_layers_0_mlp_fc1``,
+    ``text_projection``) -> parameter name, for every Linear of a CLIP text model."""
+    return {path.replace(".", "_"): f"{path}.weight" for path, module in text_model.named_modules()
+            if isinstance(module, nn.Linear)}
 
 
 def official_lora_targets(model: nn.Module) -> list[str]:
@@ -171,19 +215,32 @@ def _official_patches(lora: LoraWeights, model: nn.Module) -> list[_Patch]:
     return [_fit(m, param, None, model, lora.source) for m, param in zip(lora.modules, targets, strict=True)]
 
 
-def _fit(m: LoraModule, param: str, rows: slice | None, model: nn.Module, source: str) -> _Patch:
+def _fit(m: LoraModule, param: str, rows: slice | None, model: nn.Module, source: str,
+         what: str = "Stage C") -> _Patch:
     shape = list(model.get_parameter(param).shape)
     n_out = shape[0] if rows is None else rows.stop - rows.start
     n_in = int(torch.Size(shape[1:]).numel())
     target = param if rows is None else f"{param}[{rows.start}:{rows.stop}]"
     down, up = m.down.flatten(1), m.up.flatten(1)
-    if down.shape[1] != n_in or up.shape[0] != n_out or up.shape[1] != down.shape[0]:
-        raise LoraError(
-            f"{source}: {m.name} has lora_down {list(m.down.shape)} and lora_up {list(m.up.shape)}, but Stage C's "
-            f"{target} is {[n_out, *shape[1:]]} (it needs lora_down [rank, {n_in}] and lora_up [{n_out}, rank]). "
-            "The LoRA was made for a Stage C of another width (lite 1536 channels, full 2048) or another model."
-        )
-    return _Patch(param, rows, m)
+    if down.shape[1] == n_in and up.shape[0] == n_out and up.shape[1] == down.shape[0]:
+        return _Patch(param, rows, m)
+    conv = model.get_submodule(param.removesuffix(".weight")) if param.endswith(".weight") else None
+    if isinstance(conv, nn.Conv2d) and conv.groups > 1 and _is_branch(m, conv):
+        return _Patch(param, rows, m, branch=True)
+    hint = ("The LoRA was made for a Stage C of another width (lite 1536 channels, full 2048) or another model."
+            if what == "Stage C" else "The LoRA was made for another text encoder (SDXL's CLIP-L is 768 wide).")
+    raise LoraError(
+        f"{source}: {m.name} has lora_down {list(m.down.shape)} and lora_up {list(m.up.shape)}, but {what}'s "
+        f"{target} is {[n_out, *shape[1:]]} (it needs lora_down [rank, {n_in}] and lora_up [{n_out}, rank]). {hint}"
+    )
+
+
+def _is_branch(m: LoraModule, conv: nn.Conv2d) -> bool:
+    """OneTrainer's LoRA on a grouped conv: lora_down a full conv [rank, c_in, kh, kw], lora_up [c_out / groups,
+    rank, 1, 1]; its output broadcasts over the c_out channels, which needs c_out / groups to be 1 or c_out."""
+    per_group = conv.out_channels // conv.groups
+    return (tuple(m.down.shape) == (m.rank, conv.in_channels, *conv.kernel_size)
+            and tuple(m.up.flatten(1).shape) == (per_group, m.rank) and per_group == 1)
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -235,18 +292,20 @@ def _unknown_keys_error(source: str, unknown: list[str], n_total: int) -> LoraEr
 def lora_from_state_dict(
     tensors: Mapping[str, Tensor], *, source: str = "<state dict>", metadata: Mapping[str, str] | None = None
 ) -> LoraWeights:
-    """Sort a LoRA state dict into Stage C modules, text-encoder tensors and token embeddings (see module doc)."""
+    """Sort a LoRA state dict into Stage C modules, text-encoder modules and token embeddings (see module doc)."""
     groups: dict[str, dict[str, Tensor]] = {}
+    te_groups: dict[str, dict[str, Tensor]] = {}
     official: dict[int, dict[str, Tensor]] = {}
     text_encoder, embeddings, unknown, formats = {}, {}, [], []
     for key, tensor in tensors.items():
         split = _split_key(key)
         if match := _OFFICIAL.fullmatch(key):
             official.setdefault(int(match[1]), {})[match[2]] = tensor
-        elif key in ("embeddings.embeddings", "embeddings.indices"):
+        elif key in _EMBEDDINGS or key.startswith("bundle_emb."):
             embeddings[key] = tensor
-        elif key.startswith(_TE_PREFIXES):
+        elif key.startswith(_TE_PREFIXES) and split:
             text_encoder[key] = tensor
+            te_groups.setdefault(split[0], {})[split[1]] = tensor
         elif split and _STAGE_C_NAME.fullmatch(_layer_name(split[0])):
             groups.setdefault(split[0], {})[split[1]] = tensor
             formats.append(next((f for p, f in _UNET_PREFIXES.items() if key.startswith(p)), "comfyui"))
@@ -265,15 +324,19 @@ def lora_from_state_dict(
         named = {f"weights.{i}": official[i] | {"alpha": torch.tensor(1.0)} for i in range(len(official))}
     else:
         named = groups
+    fmt = "official" if official else max(set(formats), key=formats.count) if formats else "kohya"
+    return LoraWeights(fmt, _pair(named, source), source, dict(metadata or {}), text_encoder, embeddings,
+                       _pair(te_groups, source))
+
+
+def _pair(named: Mapping[str, Mapping[str, Tensor]], source: str) -> list[LoraModule]:
     modules = []
     for name, parts in named.items():
         if "down" not in parts or "up" not in parts:
-            have = sorted(parts)
-            raise LoraError(f"{source}: {name} has {have} but needs both lora_down and lora_up.")
+            raise LoraError(f"{source}: {name} has {sorted(parts)} but needs both lora_down and lora_up.")
         alpha = float(parts["alpha"]) if "alpha" in parts else None
         modules.append(LoraModule(name, parts["down"], parts["up"], alpha))
-    fmt = "official" if official else max(set(formats), key=formats.count) if formats else "kohya"
-    return LoraWeights(fmt, modules, source, dict(metadata or {}), text_encoder, embeddings)
+    return modules
 
 
 # ----------------------------------------------------------------------------------- merging and unmerging
@@ -289,12 +352,19 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, _ModelLoras] = weakref.WeakKeyDict
 
 
 class LoraHandle:
-    """A LoRA merged into a model; ``remove()`` takes it out again bit-exactly, ``set_strength`` re-merges."""
+    """A LoRA merged into a model; ``remove()`` takes it out again bit-exactly, ``set_strength`` re-merges.
+
+    The text-encoder part, when applied, is a second handle on the text model (``text_encoder``) that follows
+    this one: removing or re-weighting the Stage C LoRA does the same to it.
+    """
 
     def __init__(self, model: nn.Module, lora: LoraWeights, strength: float, patches: list[_Patch]):
         self._model = weakref.ref(model)
         self.lora, self.strength, self._patches = lora, float(strength), patches
-        self.params = sorted({p.param for p in patches})
+        self.params = sorted({p.param for p in patches if not p.branch})
+        self.text_encoder: LoraHandle | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._kernels: dict[int, Tensor] = {}  # branch patch index -> conv kernel at the current strength
 
     @property
     def active(self) -> bool:
@@ -303,9 +373,12 @@ class LoraHandle:
 
     def remove(self) -> None:
         """Restore the base weights of this LoRA's parameters and re-merge the other LoRAs on them."""
+        if self.text_encoder is not None:
+            self.text_encoder.remove()
         model = self._model()
         if model is None or not self.active:
             return
+        self._unhook()
         state = _ACTIVE[model]
         state.handles.remove(self)
         _rebuild(model, state, self.params)
@@ -316,10 +389,50 @@ class LoraHandle:
         if model is None or not self.active:
             raise LoraError("this LoRA is no longer applied; call apply_lora again")
         self.strength = float(strength)
+        self._kernels.clear()
         _rebuild(model, _ACTIVE[model], self.params)
+        if self.text_encoder is not None and self.text_encoder.active:
+            self.text_encoder.set_strength(strength)
+
+    def _hook(self, model: nn.Module) -> None:
+        """Add each grouped-conv LoRA as OneTrainer runs it: y = conv(x) + s * up(down(x)), broadcast over c_out."""
+        me = weakref.ref(self)
+        for i, patch in enumerate(self._patches):
+            if not patch.branch:
+                continue
+            conv = model.get_submodule(patch.param.removesuffix(".weight"))
+            assert isinstance(conv, nn.Conv2d), patch.param
+            geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+
+            def hook(_: nn.Module, args: tuple[Tensor, ...], out: Tensor, i: int = i, geometry: Any = geometry
+                     ) -> Tensor:
+                handle = me()
+                if handle is None or handle.strength == 0:
+                    return out
+                x = args[0]
+                return out + F.conv2d(x, handle._kernel(i, x), None, **geometry)  # (B, 1, H', W') broadcasts
+
+            self._hooks.append(conv.register_forward_hook(hook))
+
+    def _kernel(self, i: int, x: Tensor) -> Tensor:
+        """lora_up @ lora_down as one conv [c_out / groups, c_in, kh, kw], times strength * alpha / rank."""
+        kernel = self._kernels.get(i)
+        if kernel is None or kernel.device != x.device or kernel.dtype != x.dtype:
+            m = self._patches[i].module
+            up, down = m.up.flatten(1).float(), m.down.flatten(1).float()  # (out/g, rank), (rank, c_in*kh*kw)
+            kernel = (up @ down).mul_(self.strength * m.scale).reshape(up.shape[0], *m.down.shape[1:])
+            kernel = self._kernels[i] = kernel.to(x.device, x.dtype)
+        return kernel
+
+    def _unhook(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._kernels.clear()
 
     def __repr__(self) -> str:
-        return f"LoraHandle({self.lora.source}, strength={self.strength}, {len(self.params)} params)"
+        te = f", text encoder {len(self.text_encoder.params)} params" if self.text_encoder is not None else ""
+        return f"LoraHandle({self.lora.source}, strength={self.strength}, {len(self.params)} params{te})"
 
 
 @torch.no_grad()
@@ -327,7 +440,7 @@ def _merge(model: nn.Module, handle: LoraHandle, only: set[str] | None = None) -
     if handle.strength == 0:
         return
     for patch in handle._patches:
-        if only is not None and patch.param not in only:
+        if patch.branch or (only is not None and patch.param not in only):
             continue
         param = model.get_parameter(patch.param)
         target = param if patch.rows is None else param[patch.rows]  # a view: writes land in param
@@ -352,19 +465,7 @@ def _rebuild(model: nn.Module, state: _ModelLoras, params: Iterable[str]) -> Non
         _ACTIVE.pop(model, None)
 
 
-def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float = 1.0) -> LoraHandle:
-    """Merge ``W += strength * scale * up @ down`` into model's weights; stacks with LoRAs already applied."""
-    if not isinstance(lora, LoraWeights):
-        lora = load_lora_file(lora)
-    patches = lora.patches(model)  # raises before anything changes
-    if lora.text_encoder or lora.embeddings:
-        warnings.warn(
-            f"{lora.source}: {len(lora.text_encoder)} text-encoder LoRA tensors and {len(lora.embeddings)} "
-            "token-embedding tensors (official ReToken: rows 'embeddings.indices' of CLIP-G's token embedding) "
-            "are not part of Stage C and were not applied; apply lora.text_encoder / lora.embeddings to the text "
-            "encoder, or prompts using the trained tokens will not match the training.",
-            stacklevel=2,
-        )
+def _attach(model: nn.Module, lora: LoraWeights, strength: float, patches: list[_Patch]) -> LoraHandle:
     state = _ACTIVE.setdefault(model, _ModelLoras())
     handle = LoraHandle(model, lora, strength, patches)
     for name in handle.params:
@@ -373,11 +474,55 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float
     state.handles.append(handle)
     try:
         _merge(model, handle)
+        handle._hook(model)
     except BaseException:
+        handle._unhook()
         state.handles.remove(handle)
         _rebuild(model, state, handle.params)
         raise
     return handle
+
+
+def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float = 1.0, *,
+               text_encoder: Any = None) -> LoraHandle:
+    """Merge ``W += strength * scale * up @ down`` into model's weights; stacks with LoRAs already applied.
+
+    ``text_encoder`` (a `cascade_lab.models.clip.TextEncoder` or its transformers CLIP-G model) receives the
+    file's text-encoder LoRA the same way; without it that part is set aside with a warning. Every part is
+    checked before anything changes.
+    """
+    if not isinstance(lora, LoraWeights):
+        lora = load_lora_file(lora)
+    patches = lora.patches(model)  # raises before anything changes
+    text_model = getattr(text_encoder, "model", text_encoder) if text_encoder is not None else None
+    te_patches = lora.text_encoder_patches(text_model) if text_model is not None else []
+    _warn_set_aside(lora, text_model is not None)
+    handle = _attach(model, lora, strength, patches)
+    if te_patches and text_model is not None:
+        try:
+            handle.text_encoder = _attach(text_model, lora, strength, te_patches)
+        except BaseException:
+            handle.remove()
+            raise
+    return handle
+
+
+def _warn_set_aside(lora: LoraWeights, with_text_encoder: bool) -> None:
+    """One warning naming every part of the file that is not applied."""
+    parts = []
+    if lora.text_encoder_modules and not with_text_encoder:
+        parts.append(f"{len(lora.text_encoder_modules)} text-encoder LoRA modules (pass text_encoder= to "
+                     "apply_lora to merge them into CLIP-G)")
+    if lora.embeddings:
+        names = sorted({k.split(".")[1] if k.startswith("bundle_emb.") else "embeddings" for k in lora.embeddings})
+        parts.append(f"{len(lora.embeddings)} token-embedding tensors ({', '.join(names)}: new tokens for CLIP-G's "
+                     "vocabulary, official ReToken 'embeddings.indices' or OneTrainer 'bundle_emb.<placeholder>')")
+    if parts:
+        warnings.warn(
+            f"{lora.source}: {' and '.join(parts)} were not applied; prompts using what they trained will not "
+            "match the training.",
+            stacklevel=3,
+        )
 
 
 def active_loras(model: nn.Module) -> list[LoraHandle]:
@@ -389,5 +534,7 @@ def unload_all(model: nn.Module) -> None:
     """Remove every LoRA: all touched parameters get their base weights back, bit for bit."""
     state = _ACTIVE.get(model)
     if state is not None:
+        for handle in state.handles:
+            handle._unhook()
         state.handles.clear()
         _rebuild(model, state, list(state.originals))

@@ -354,8 +354,8 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, _ModelLoras] = weakref.WeakKeyDict
 class LoraHandle:
     """A LoRA merged into a model; ``remove()`` takes it out again bit-exactly, ``set_strength`` re-merges.
 
-    The text-encoder part, when applied, is a second handle on the text model (``text_encoder``) that follows
-    this one: removing or re-weighting the Stage C LoRA does the same to it.
+    The text-encoder part, when applied, is a second handle on the text model (``text_encoder``): removing the
+    Stage C LoRA removes it, and ``set_strength`` re-weights it too unless it was given its own strength.
     """
 
     def __init__(self, model: nn.Module, lora: LoraWeights, strength: float, patches: list[_Patch]):
@@ -363,6 +363,7 @@ class LoraHandle:
         self.lora, self.strength, self._patches = lora, float(strength), patches
         self.params = sorted({p.param for p in patches if not p.branch})
         self.text_encoder: LoraHandle | None = None
+        self._text_encoder_follows = True  # set_strength also re-weights the text encoder
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._kernels: dict[int, Tensor] = {}  # branch patch index -> conv kernel at the current strength
 
@@ -391,7 +392,7 @@ class LoraHandle:
         self.strength = float(strength)
         self._kernels.clear()
         _rebuild(model, _ACTIVE[model], self.params)
-        if self.text_encoder is not None and self.text_encoder.active:
+        if self.text_encoder is not None and self.text_encoder.active and self._text_encoder_follows:
             self.text_encoder.set_strength(strength)
 
     def _hook(self, model: nn.Module) -> None:
@@ -484,12 +485,13 @@ def _attach(model: nn.Module, lora: LoraWeights, strength: float, patches: list[
 
 
 def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float = 1.0, *,
-               text_encoder: Any = None) -> LoraHandle:
+               text_encoder: Any = None, text_encoder_strength: float | None = None) -> LoraHandle:
     """Merge ``W += strength * scale * up @ down`` into model's weights; stacks with LoRAs already applied.
 
     ``text_encoder`` (a `cascade_lab.models.clip.TextEncoder` or its transformers CLIP-G model) receives the
-    file's text-encoder LoRA the same way; without it that part is set aside with a warning. Every part is
-    checked before anything changes.
+    file's text-encoder LoRA the same way, at ``text_encoder_strength`` (default ``strength``; ComfyUI's
+    LoraLoader ``strength_clip``); without it that part is set aside with a warning. Every part is checked
+    before anything changes.
     """
     if not isinstance(lora, LoraWeights):
         lora = load_lora_file(lora)
@@ -498,9 +500,11 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float
     te_patches = lora.text_encoder_patches(text_model) if text_model is not None else []
     _warn_set_aside(lora, text_model is not None)
     handle = _attach(model, lora, strength, patches)
+    handle._text_encoder_follows = text_encoder_strength is None
     if te_patches and text_model is not None:
+        te_strength = strength if text_encoder_strength is None else text_encoder_strength
         try:
-            handle.text_encoder = _attach(text_model, lora, strength, te_patches)
+            handle.text_encoder = _attach(text_model, lora, te_strength, te_patches)
         except BaseException:
             handle.remove()
             raise

@@ -280,6 +280,16 @@ def test_text_encoder_lora_is_merged_into_clip_g_and_changes_the_embeddings(tmp_
     assert torch.equal(text.encode(["a cat", "dog"])[0], before_c)
     handle.remove()
     assert_state_equal(text.model, te_base.state_dict())
+    # its own strength (ComfyUI's strength_clip): Stage C at 1, the text encoder at 0.8; set_strength leaves it
+    handle = apply_lora(model, lora_from_state_dict(tensors), text_encoder=text, text_encoder_strength=0.8)
+    assert_state_close(text.model, want)
+    handle.set_strength(0.3)
+    assert_state_close(text.model, want)
+    assert handle.text_encoder is not None
+    handle.text_encoder.set_strength(0.0)
+    assert_state_equal(text.model, te_base.state_dict())
+    handle.remove()
+    assert_state_equal(text.model, te_base.state_dict())
     assert active_loras(text.model) == [] and active_loras(model) == []
 
 

@@ -174,8 +174,8 @@ def test_reference_checkpoint_by_name_through_extra_paths_then_loads(hf_home: Pa
     """The ComfyUI-written tiny checkpoint, found by its workflow name, loads its Stage C and CLIP-G."""
     yaml = tmp_path / "extra_model_paths.yaml"
     yaml.write_text(f"reference:\n    checkpoints: {COMFY_MODELS}\n")
-    name = json.loads(reference_dir("comfyui", "workflows").joinpath("text_to_image.api.json").read_text())
-    ckpt = next(n["inputs"]["ckpt_name"] for n in name.values() if "stage_c" in str(n["inputs"].get("ckpt_name")))
+    prompt = json.loads(reference_dir("comfyui", "workflows").joinpath("text_to_image.api.json").read_text())
+    ckpt = next(n["inputs"]["ckpt_name"] for n in prompt.values() if "stage_c" in str(n["inputs"].get("ckpt_name")))
     path = comfyui_model_path("CheckpointLoaderSimple", ckpt, extra_model_paths=yaml)
     assert path == COMFY_MODELS / "stable_cascade_stage_c_tiny.safetensors"
     tiny = json.loads(reference_dir("comfyui", "config.json").read_text())["tiny"]["stage_c"]

@@ -21,7 +21,6 @@ COMFY_MODELS = reference_dir("comfyui", "models")
 
 @pytest.fixture
 def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("CASCADE_LAB_COMFYUI_EXTRA_PATHS", raising=False)
     return offline_hub(tmp_path, monkeypatch)
 
 
@@ -181,3 +180,18 @@ def test_reference_checkpoint_by_name_through_extra_paths_then_loads(hf_home: Pa
     tiny = json.loads(reference_dir("comfyui", "config.json").read_text())["tiny"]["stage_c"]
     stage_c = load_stage("stage_c", path, config=tiny, dtype=torch.float32)
     assert stage_c.clip_img_mapper.weight.shape == (160, 768)
+
+
+def test_extra_paths_from_the_environment_without_an_install(hf_home: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "nas" / "clip"
+    shared.mkdir(parents=True)
+    (shared / "stable_cascade_clip_g.safetensors").write_bytes(b"x")
+    yaml = tmp_path / "paths.yaml"
+    yaml.write_text(f"comfyui:\n    base_path: {tmp_path / 'nas'}\n    clip: clip\n")
+    monkeypatch.setenv("CASCADE_LAB_COMFYUI_EXTRA_PATHS", str(yaml))
+    assert comfyui_model_path("CLIPLoader", "stable_cascade_clip_g.safetensors") == \
+        shared / "stable_cascade_clip_g.safetensors"
+    monkeypatch.setenv("CASCADE_LAB_COMFYUI_EXTRA_PATHS", str(tmp_path / "missing.yaml"))
+    with pytest.raises(FileNotFoundError, match="extra_model_paths file not found: .*missing.yaml"):
+        comfyui_model_path("clip", "x.safetensors")

@@ -41,7 +41,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty, offline Hub cache in tmp_path (returns HF_HOME); any download attempt fails the test."""
     home = tmp_path / "hf"
     monkeypatch.setenv("HF_HOME", str(home))
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "CASCADE_LAB_COMFYUI"):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "CASCADE_LAB_COMFYUI", "CASCADE_LAB_COMFYUI_EXTRA_PATHS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 

@@ -1,0 +1,418 @@
+"""Runs a checked API graph node by node on cascade_lab's stages, with ComfyUI's numbers: each KSampler is one
+cascade_lab stage sampling under ``compat="comfyui"`` (its seeding, σ schedules, model call and CFG), and the
+Stage C KSampler → StableCascade_StageB_Conditioning → Stage B KSampler → VAEDecode chain comes out as one
+cascade_lab generation: a `Result` with its `GenerationParams`, latents and PNG metadata."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..params import GenerationParams
+from ..pipeline import ControlInput, Pipeline, Stages, plan_stage
+from ..plugins import get_sampler, get_scheduler
+from . import image_nodes
+from .graph import MODEL_FILES, find_input, is_link
+from .models import DEFAULT_SHIFT, Clip, ClipVision, Cond, ControlNet, Latent, Model, ModelFiles, Vae
+from .nodes import NODES
+from .workflow import Graph, WorkflowError, title
+
+Tensor = torch.Tensor
+STAGE_B_SCALE = torch.tensor(1 / 0.43)  # ComfyUI's Stage B latent format: model latent / float32(1/0.43)
+WEIGHTING = re.compile(r"(?<!\\)[()]|embedding:", re.IGNORECASE)
+
+
+class Executor:
+    """Evaluates the nodes of ``order``; ``given`` supplies node outputs instead of running the node."""
+
+    def __init__(self, graph: Graph, order: list[str], *, comfyui: Any, extra_model_paths: Any, input_dir: Any,
+                 files: ModelFiles, given: Mapping[str, Any], callback: Callable[[Any], Any] | None = None,
+                 cancel: Callable[[], bool] | None = None) -> None:
+        self.graph, self.order, self.files = graph, order, files
+        self.comfyui, self.extra_model_paths, self.input_dir = comfyui, extra_model_paths, input_dir
+        self.given = given
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self.images: dict[str, dict[str, Any]] = {}  # IMAGE provenance per node: the generation that made it
+        self.callback, self.cancel = callback, cancel
+        self.pipeline = Pipeline(Stages(None, None, None, None))
+        self.saved: dict[str, tuple[Tensor, dict[str, Any] | None]] = {}
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, tuple[Tensor, dict[str, Any] | None]]:
+        for node_id in self.order:
+            if node_id in self.given:
+                self.values[node_id] = self.given[node_id]
+                continue
+            node = self.graph[node_id]
+            kind = node["class_type"]
+            args = {}
+            for inp in NODES[kind].inputs:
+                value = node["inputs"].get(inp.name, inp.default)
+                if is_link(value):
+                    source = str(value[0])
+                    if source in self.images:  # where an image came from (a file, a generation)
+                        self.images.setdefault("in:" + node_id, self.images[source])
+                    value = self.values[source][int(value[1])]
+                args[inp.name] = value
+            try:
+                out = getattr(self, "node_" + kind)(node_id, **args)
+            except WorkflowError:
+                raise
+            except (ValueError, FileNotFoundError, NotImplementedError) as e:
+                raise WorkflowError(f"node {title(self.graph, node_id)}: {e}") from e
+            self.values[node_id] = out if isinstance(out, tuple) else (out,)
+        return self.saved
+
+    def model_path(self, kind: str, name: str) -> Path:
+        from ..weights import comfyui_model_path
+
+        return comfyui_model_path(MODEL_FILES[kind][1], name, comfyui=self.comfyui,
+                                  extra_model_paths=self.extra_model_paths)
+
+    # -- loaders -----------------------------------------------------------------------------------------
+    def _checkpoint(self, node_id: str, kind: str, name: str) -> tuple[Any, ...]:
+        path = self.model_path(kind, name)
+        parts = self.files.parts(path)
+        stage = "c" if "stage_c" in parts else "b" if "stage_b" in parts else None
+        model = Model(self.files, path, stage, DEFAULT_SHIFT[stage]) if stage else None
+        clip = Clip(self.files, path) if "text_encoder" in parts else None
+        vae = Vae(self.files, path, "c") if "previewer" in parts or "effnet" in parts else (
+            Vae(self.files, path, "b") if "stage_a" in parts else None)
+        if model is None:
+            raise WorkflowError(f"node {title(self.graph, node_id)}: {path} holds no Stable Cascade Stage C or "
+                                f"Stage B ({', '.join(parts) or 'nothing cascade_lab knows'})")
+        return model, clip, vae, (ClipVision(self.files, path) if "image_encoder" in parts else None)
+
+    def node_CheckpointLoaderSimple(self, node_id: str, ckpt_name: str) -> tuple[Any, ...]:
+        return self._checkpoint(node_id, "CheckpointLoaderSimple", ckpt_name)[:3]
+
+    def node_unCLIPCheckpointLoader(self, node_id: str, ckpt_name: str) -> tuple[Any, ...]:
+        return self._checkpoint(node_id, "unCLIPCheckpointLoader", ckpt_name)
+
+    def node_UNETLoader(self, node_id: str, unet_name: str, weight_dtype: str = "default") -> Any:
+        return self._checkpoint(node_id, "UNETLoader", unet_name)[0]
+
+    def node_CLIPLoader(self, node_id: str, clip_name: str, type: str = "stable_cascade",
+                        device: str = "default") -> Any:
+        if type != "stable_cascade":
+            raise ValueError(f"type {type!r}: Stable Cascade's text encoder is CLIPLoader type 'stable_cascade'")
+        return Clip(self.files, self.model_path("CLIPLoader", clip_name))
+
+    def node_VAELoader(self, node_id: str, vae_name: str) -> Any:
+        path = self.model_path("VAELoader", vae_name)
+        parts = self.files.parts(path)
+        if "stage_a" in parts:
+            return Vae(self.files, path, "b")
+        if "previewer" in parts or "effnet" in parts:
+            return Vae(self.files, path, "c")
+        raise ValueError(f"{path} holds no Stage A, EfficientNet encoder or Previewer")
+
+    def node_CLIPVisionLoader(self, node_id: str, clip_name: str) -> Any:
+        return ClipVision(self.files, self.model_path("CLIPVisionLoader", clip_name))
+
+    def node_ControlNetLoader(self, node_id: str, control_net_name: str) -> Any:
+        return ControlNet(self.files, self.model_path("ControlNetLoader", control_net_name))
+
+    def node_LoraLoader(self, node_id: str, model: Model, clip: Clip, lora_name: str, strength_model: float,
+                        strength_clip: float) -> tuple[Any, ...]:
+        return self.node_LoraLoaderModelOnly(node_id, model, lora_name, strength_model), clip
+
+    def node_LoraLoaderModelOnly(self, node_id: str, model: Model, lora_name: str, strength_model: float) -> Any:
+        if model.stage != "c":
+            raise ValueError("cascade_lab applies LoRAs to Stage C; this model is Stage B")
+        path = str(self.model_path("LoraLoader", lora_name))
+        return replace(model, loras=(*model.loras, (path, float(strength_model))))
+
+    def node_ModelSamplingStableCascade(self, node_id: str, model: Model, shift: float) -> Any:
+        return replace(model, shift=float(shift))
+
+    # -- conditioning ------------------------------------------------------------------------------------
+    def node_CLIPTextEncode(self, node_id: str, text: str, clip: Clip) -> Any:
+        if WEIGHTING.search(text):
+            raise NotImplementedError(
+                f"the prompt {text!r} uses ComfyUI's (word:1.2) weighting or embedding: syntax, which cascade_lab "
+                "does not reproduce yet; write the prompt without them (escape literal brackets as \\( \\)) or give "
+                f"the conditioning with outputs={{'{node_id}': (cond, pooled)}}")
+        encoder = clip.encoder()
+        cond, pooled = encoder.encode([text])  # [1, 77, C], [1, 1, C]
+        return [Cond(cond.float().cpu(), pooled[:, 0].float().cpu(), prompt=text, source=node_id)]
+
+    def node_ConditioningZeroOut(self, node_id: str, conditioning: list[Cond]) -> Any:
+        return [c.with_(cond=torch.zeros_like(c.cond), pooled=torch.zeros_like(c.pooled), prompt="",
+                        extra={**c.extra, "zero_out": True}) for c in conditioning]
+
+    def node_ConditioningCombine(self, node_id: str, conditioning_1: list[Cond], conditioning_2: list[Cond]) -> Any:
+        return [*conditioning_1, *conditioning_2]
+
+    def node_ConditioningSetTimestepRange(self, node_id: str, conditioning: list[Cond], start: float,
+                                          end: float) -> Any:
+        if (start, end) == (0.0, 1.0):
+            return conditioning
+        return [c.with_(extra={**c.extra, "timestep_range": (float(start), float(end))}) for c in conditioning]
+
+    def node_CLIPVisionEncode(self, node_id: str, clip_vision: ClipVision, image: Tensor, crop: str) -> Any:
+        encoder = clip_vision.encoder()
+        return encoder.encode(image.permute(0, 3, 1, 2)).float().cpu()[:, 0]  # [B, 768]
+
+    def node_unCLIPConditioning(self, node_id: str, conditioning: list[Cond], clip_vision_output: Tensor,
+                                strength: float, noise_augmentation: float) -> Any:
+        if strength == 0:
+            return conditioning
+        return [c.with_(image_embeds=(*c.image_embeds, *(clip_vision_output * strength).unbind(0)))
+                for c in conditioning]
+
+    def node_ControlNetApply(self, node_id: str, conditioning: list[Cond], control_net: ControlNet, image: Tensor,
+                             strength: float) -> Any:
+        if strength == 0:
+            return conditioning
+        return [c.with_(controls=(*c.controls, (control_net, image, float(strength), 0.0, 1.0)))
+                for c in conditioning]
+
+    def node_ControlNetApplyAdvanced(self, node_id: str, positive: list[Cond], negative: list[Cond],
+                                     control_net: ControlNet, image: Tensor, strength: float, start_percent: float,
+                                     end_percent: float, vae: Any = None) -> Any:
+        if strength == 0:
+            return positive, negative
+        control = (control_net, image, float(strength), float(start_percent), float(end_percent))
+        return ([c.with_(controls=(*c.controls, control)) for c in positive],
+                [c.with_(controls=(*c.controls, control)) for c in negative])
+
+    def node_StableCascade_StageB_Conditioning(self, node_id: str, conditioning: list[Cond], stage_c: Latent) -> Any:
+        return [c.with_(prior=stage_c.samples, extra={**c.extra, "stage_c": stage_c}) for c in conditioning]
+
+    # -- latents -----------------------------------------------------------------------------------------
+    def node_StableCascade_EmptyLatentImage(self, node_id: str, width: int, height: int, compression: int,
+                                            batch_size: int) -> tuple[Any, ...]:
+        info = {"width": int(width), "height": int(height), "compression": int(compression),
+                "batch_size": int(batch_size)}
+        c = torch.zeros(batch_size, 16, height // compression, width // compression)
+        b = torch.zeros(batch_size, 4, height // 4, width // 4)
+        return Latent(c, "c", info=info), Latent(b, "b", info=info)
+
+    def node_StableCascade_StageC_VAEEncode(self, node_id: str, image: Tensor, vae: Vae,
+                                            compression: int) -> tuple[Any, ...]:
+        if vae.kind != "c":
+            raise ValueError("needs the VAE of a Stage C checkpoint (its EfficientNet encoder)")
+        B, H, W, _ = image.shape
+        h, w = H // compression, W // compression
+        effnet = vae.part("effnet")
+        self.pipeline.stages = Stages(None, None, None, None, effnet=effnet)
+        latent = self.pipeline.encode_image_latent(image.permute(0, 3, 1, 2), (h, w), compat="comfyui")
+        info = {"width": int(W), "height": int(H), "compression": int(compression), "batch_size": int(B),
+                "init_image": self.images.get("in:" + node_id, {}).get("file")}
+        return (Latent(latent, "c", info=info),
+                Latent(torch.zeros(B, 4, (H // 8) * 2, (W // 8) * 2), "b", info=info))
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def node_KSampler(self, node_id: str, model: Model, seed: int, steps: int, cfg: float, sampler_name: str,
+                      scheduler: str, positive: list[Cond], negative: list[Cond], latent_image: Latent,
+                      denoise: float) -> Any:
+        return self._sample(node_id, model, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive,
+                            negative, latent_image, float(denoise), True, 0, None, True)
+
+    def node_KSamplerAdvanced(self, node_id: str, model: Model, add_noise: str, noise_seed: int, steps: int,
+                              cfg: float, sampler_name: str, scheduler: str, positive: list[Cond],
+                              negative: list[Cond], latent_image: Latent, start_at_step: int, end_at_step: int,
+                              return_with_leftover_noise: str) -> Any:
+        return self._sample(node_id, model, int(noise_seed), int(steps), float(cfg), sampler_name, scheduler,
+                            positive, negative, latent_image, 1.0, add_noise == "enable", int(start_at_step),
+                            int(end_at_step), return_with_leftover_noise != "enable")
+
+    def _sample(self, node_id: str, model: Model, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler_name: str, positive: list[Cond], negative: list[Cond], latent: Latent, denoise: float,
+                add_noise: bool, start: int, end: int | None, force_full_denoise: bool) -> Latent:
+        from ..diffusion.noise import ComfyNoise
+
+        stage = model.stage
+        if latent.stage != stage:
+            raise ValueError(f"the latent is a Stage {latent.stage.upper()} latent but the model is Stage "
+                             f"{stage.upper()}; connect the {'stage_c' if stage == 'c' else 'stage_b'} output of the "
+                             "latent node")
+        pos, neg = _one(positive, "positive"), _one(negative, "negative")
+        sampler, scheduler = get_sampler(sampler_name, "comfyui"), get_scheduler(scheduler_name, "comfyui")
+        samples = latent.samples.float()
+        B = samples.size(0)
+        start_latent = None
+        if samples.abs().max() > 0:  # ComfyUI adds a non-zero input latent (Stage B's in its 1/0.43 scale)
+            start_latent = samples * STAGE_B_SCALE if stage == "b" else samples
+        noise = ComfyNoise(seed)
+        plan = plan_stage(sampler, scheduler, steps, model.shift, denoise, 1.0, noise, "c", tuple(samples.shape),
+                          start_latent, "comfyui")
+        if not add_noise:
+            plan = replace(plan, z=torch.zeros_like(plan.z))
+        if start > 0 or (end is not None and end < plan.steps):
+            plan = _window(plan, start, end, force_full_denoise)
+        module = model.module()
+        if stage == "c":
+            width = int(module.clip_img_mapper.in_features)
+            cond, uncond = _stage_c_inputs(pos, B, width), _stage_c_inputs(neg, B, width)
+            controls = self._controls(pos, samples.shape)
+            features = self.pipeline.control_features(controls, B) if controls else []
+            extra = self.pipeline.control_inputs(controls, features)
+        else:
+            cond = _stage_b_inputs(pos, B, samples.shape)
+            uncond = _stage_b_inputs(neg, B, samples.shape, like=cond["effnet"])
+            extra = None
+        out = self.pipeline.sample_stage(stage, module, torch.float32, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
+                                         callback=self.callback, cancel=self.cancel, trajectory=None,
+                                         extra_inputs=extra)
+        info = {**latent.info, "node": node_id, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name,
+                "scheduler": scheduler_name, "denoise": denoise, "shift": model.shift, "model": model.path.name,
+                "loras": model.loras, "prompt": pos.prompt, "negative": neg.prompt,
+                "advanced": end is not None or start > 0 or not add_noise}
+        if stage == "b":
+            stage_c = pos.extra.get("stage_c")
+            info["stage_c"] = dict(stage_c.info) if isinstance(stage_c, Latent) else {}
+            info["latent_c"] = stage_c.samples if isinstance(stage_c, Latent) else None
+            return Latent(out / STAGE_B_SCALE, "b", raw=out, info=info)
+        return Latent(out, "c", info=info)
+
+    def _controls(self, cond: Cond, shape: Any) -> list[ControlInput]:
+        inputs = []
+        h, w = int(shape[-2]), int(shape[-1])
+        for net, hint, strength, start, end in cond.controls:
+            module = net.module()
+            image = image_nodes.upscale(hint.permute(0, 3, 1, 2), w * 32, h * 32, "bilinear", "center")
+            c_in = int(getattr(getattr(module, "config", None), "c_in", image.size(1)) or image.size(1))
+            image = image[:, :c_in] if c_in <= image.size(1) else image
+            inputs.append(ControlInput(module, image.float(), strength, start, end))
+        return inputs
+
+    def node_VAEDecode(self, node_id: str, samples: Latent, vae: Vae) -> Any:
+        if vae.kind == "b":
+            if samples.stage != "b":
+                raise ValueError("a Stage C latent needs the Stage C checkpoint's VAE (the Previewer), or run Stage B "
+                                 "first")
+            latent = samples.raw if samples.raw is not None else samples.samples * STAGE_B_SCALE
+            self.pipeline.stages = Stages(None, None, vae.part("stage_a"), None)
+            images = self.pipeline.decode_b(latent, clamp=False)  # [B, 3, H, W], not clamped as ComfyUI
+            info = samples.info
+            if info.get("node") and info.get("stage_c", {}).get("node"):
+                self.images[node_id] = {"latent": samples, "decode": node_id}
+        else:
+            if samples.stage != "c":
+                raise ValueError("a Stage B latent needs the Stage B checkpoint's VAE (Stage A)")
+            self.pipeline.stages = Stages(None, None, None, None, previewer=vae.part("previewer"))
+            images = self.pipeline.preview_c(samples.samples)
+        return images.permute(0, 2, 3, 1).contiguous()
+
+    # -- images and masks --------------------------------------------------------------------------------
+    def node_LoadImage(self, node_id: str, image: str, upload: Any = None) -> tuple[Any, ...]:
+        path = find_input(image, self.input_dir)
+        if path is None:
+            raise FileNotFoundError(f"input image {image!r} not found in {self.input_dir}")
+        self.images[node_id] = {"file": str(path)}
+        return image_nodes.load_image(path)
+
+    def node_EmptyImage(self, node_id: str, width: int, height: int, batch_size: int, color: int) -> Any:
+        return image_nodes.empty_image(width, height, batch_size, color)
+
+    def node_ImageScale(self, node_id: str, image: Tensor, upscale_method: str, width: int, height: int,
+                        crop: str) -> Any:
+        return image_nodes.image_scale(image, upscale_method, width, height, crop)
+
+    def node_Canny(self, node_id: str, image: Tensor, low_threshold: float, high_threshold: float) -> Any:
+        return image_nodes.canny(image, low_threshold, high_threshold)
+
+    def node_JoinImageWithAlpha(self, node_id: str, image: Tensor, alpha: Tensor) -> Any:
+        return image_nodes.join_alpha(image, alpha)
+
+    def node_GrowMask(self, node_id: str, mask: Tensor, expand: int, tapered_corners: bool) -> Any:
+        return image_nodes.grow_mask(mask, int(expand), bool(tapered_corners))
+
+    def node_InvertMask(self, node_id: str, mask: Tensor) -> Any:
+        return 1.0 - mask
+
+    def node_ThresholdMask(self, node_id: str, mask: Tensor, value: float) -> Any:
+        return (mask > value).float()
+
+    def node_ImageCompositeMasked(self, node_id: str, destination: Tensor, source: Tensor, x: int, y: int,
+                                  resize_source: bool, mask: Tensor | None = None) -> Any:
+        return image_nodes.composite(destination, source, int(x), int(y), bool(resize_source), mask)
+
+    # -- outputs -----------------------------------------------------------------------------------------
+    def node_SaveImage(self, node_id: str, images: Tensor, filename_prefix: str = "ComfyUI") -> Any:
+        self.saved[node_id] = (images, self._made_by(node_id))
+        return ()
+
+    def node_PreviewImage(self, node_id: str, images: Tensor) -> Any:
+        self.saved[node_id] = (images, self._made_by(node_id))
+        return ()
+
+    def _made_by(self, node_id: str) -> dict[str, Any] | None:
+        link = self.graph[node_id]["inputs"].get("images")
+        return self.images.get(str(link[0])) if is_link(link) else None
+
+
+def _one(conditioning: list[Cond], name: str) -> Cond:
+    if len(conditioning) != 1:
+        raise NotImplementedError(f"the {name} conditioning combines {len(conditioning)} conditionings "
+                                  "(ConditioningCombine); cascade_lab samples with one per side so far")
+    cond = conditioning[0]
+    if "timestep_range" in cond.extra:
+        raise NotImplementedError(f"the {name} conditioning has a timestep range {cond.extra['timestep_range']} "
+                                  "(ConditioningSetTimestepRange); cascade_lab applies conditionings over all steps")
+    return cond
+
+
+def _stage_c_inputs(cond: Cond, batch: int, clip_img_width: int) -> dict[str, Tensor]:
+    """Stage C's inputs from one conditioning, repeated to the batch: CLIP-G tokens, pooled [B, 1, C] and the
+    unCLIP image embeddings [B, n, 768] (ComfyUI's zeros [B, 1, 768] without)."""
+    if cond.image_embeds:
+        clip_img = torch.stack(list(cond.image_embeds))[None].float()
+    else:
+        clip_img = torch.zeros(1, 1, clip_img_width)
+    return {"clip_text": cond.cond.float().expand(batch, -1, -1), "clip_text_pooled":
+            cond.pooled.float().view(1, 1, -1).expand(batch, -1, -1), "clip_img": clip_img.expand(batch, -1, -1)}
+
+
+def _stage_b_inputs(cond: Cond, batch: int, shape: Any, like: Tensor | None = None) -> dict[str, Tensor]:
+    """Stage B's inputs: the Stage C prior (ComfyUI's zeros [1, 16, 4·H // 42, 4·W // 42] without; zeros of the
+    other side's shape when there is one, the same after Stage B's resize, so both sides run in one batch) and
+    pooled."""
+    if cond.prior is not None:
+        prior = cond.prior.float()
+    elif like is not None:
+        prior = torch.zeros_like(like)
+    else:
+        prior = torch.zeros(1, 16, int(shape[-2]) * 4 // 42, int(shape[-1]) * 4 // 42)
+    prior = prior.expand(batch, -1, -1, -1) if prior.size(0) == 1 else prior
+    return {"effnet": prior, "clip": cond.pooled.float().view(1, 1, -1).expand(batch, -1, -1)}
+
+
+def _window(plan: Any, start: int, end: int | None, force_full_denoise: bool) -> Any:
+    """KSamplerAdvanced's start_at_step / end_at_step on a plan: a slice of its σ levels (the last set to 0 when
+    the sampler does not return leftover noise)."""
+    sigmas, levels, ts = plan.sigmas, plan.levels, plan.ts
+    if end is not None and end < len(sigmas) - 1:
+        sigmas, levels, ts = sigmas[:end + 1].clone(), levels[:end + 1].clone(), ts[:end + 1].clone()
+        if force_full_denoise:
+            sigmas[-1], levels[-1] = 0.0, math.inf
+    if start > 0:
+        if start >= len(sigmas) - 1:
+            raise ValueError(f"start_at_step {start} leaves no steps of {len(plan.sigmas) - 1}")
+        sigmas, levels, ts = sigmas[start:], levels[start:], ts[start:]
+    return replace(plan, sigmas=sigmas, levels=levels, ts=ts)
+
+
+def generation_params(decode: dict[str, Any]) -> GenerationParams:
+    """The cascade_lab parameters of a Stage C → Stage B → Stage A chain (what `read_png_params` gives back)."""
+    b = decode["latent"].info
+    c = b.get("stage_c", {})
+    return GenerationParams(
+        prompt=c.get("prompt", ""), negative_prompt=c.get("negative", ""), width=int(c.get("width", 1024)),
+        height=int(c.get("height", 1024)), batch_size=int(c.get("batch_size", 1)), seed=c.get("seed"),
+        steps_c=int(c.get("steps", 20)), steps_b=int(b.get("steps", 10)), cfg_c=float(c.get("cfg", 4.0)),
+        cfg_b=float(b.get("cfg", 1.1)), shift_c=float(c.get("shift", 2.0)), shift_b=float(b.get("shift", 1.0)),
+        sampler_c=c.get("sampler", "euler_ancestral"), sampler_b=b.get("sampler", "euler_ancestral"),
+        scheduler_c=c.get("scheduler", "simple"), scheduler_b=b.get("scheduler", "simple"), cfg_rho=0.0,
+        compression=float(c.get("compression", 42)), variant="comfyui:" + str(c.get("model", "")),
+        init_image=c.get("init_image"), loras=tuple(c.get("loras", ())), compat="comfyui",
+        denoise=float(c.get("denoise", 1.0)), seed_b=b.get("seed"),
+        extras={"comfyui_nodes": {"stage_c": c.get("node"), "stage_b": b.get("node"), "decode": decode["decode"]}})

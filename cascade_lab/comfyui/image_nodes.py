@@ -1,0 +1,121 @@
+"""ComfyUI's image and mask nodes on its tensors: IMAGE [B, H, W, 3] float32 in [0, 1] (not clamped), MASK
+[B, H, W] (1 = masked; LoadImage's mask is 1 − alpha)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def load_image(path: Path) -> tuple[Tensor, Tensor]:
+    """LoadImage: EXIF orientation applied, RGB / 255 → [1, H, W, 3]; the mask is 1 − alpha ([1, 64, 64] zeros
+    without an alpha channel)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        image = torch.from_numpy(np.asarray(img.convert("RGB")).astype(np.float32) / 255.0)[None]
+        if "A" in img.getbands():
+            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A")).astype(np.float32) / 255.0)[None]
+        else:
+            mask = torch.zeros(1, 64, 64)
+    return image, mask
+
+
+def empty_image(width: int, height: int, batch_size: int, color: int) -> Tensor:
+    rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
+    return rgb.view(1, 1, 1, 3).expand(batch_size, height, width, 3).clone()
+
+
+def upscale(images: Tensor, width: int, height: int, method: str, crop: str) -> Tensor:
+    """[B, C, H, W] → [B, C, height, width]: ComfyUI's common_upscale (centre crop to the aspect, then resize)."""
+    if crop == "center":
+        old_h, old_w = images.shape[-2:]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        images = images.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+    if method == "lanczos":
+        from PIL import Image
+
+        out = []
+        for image in images:
+            array = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+            pil = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+            resized = np.asarray(pil.resize((width, height), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
+            out.append(torch.from_numpy(resized).reshape(height, width, -1).permute(2, 0, 1))
+        return torch.stack(out)
+    if method == "bislerp":
+        method = "bilinear"  # ComfyUI's slerp-based resize; bilinear is the nearest torch mode
+    return F.interpolate(images, size=(height, width), mode=method)
+
+
+def image_scale(image: Tensor, method: str, width: int, height: int, crop: str) -> Tensor:
+    """ImageScale: a width or height of 0 keeps the aspect ratio."""
+    H, W = image.shape[1:3]
+    if width == 0 and height == 0:
+        return image
+    width = width or max(1, round(W * height / H))
+    height = height or max(1, round(H * width / W))
+    return upscale(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
+
+
+def canny(image: Tensor, low: float, high: float) -> Tensor:
+    """Canny edges of each image at its own size, thresholds in [0, 1] of the gradient as ComfyUI's node, edges
+    repeated to 3 channels. OpenCV's Canny (the ``controlnet`` extra), not kornia's: edge pixels may differ."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError("the Canny node needs OpenCV: pip install 'cascade-lab[controlnet]'") from err
+    pixels = image.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    edges = np.stack([cv2.Canny(p, low * 255, high * 255) for p in pixels]).astype(np.float32) / 255.0
+    return torch.from_numpy(edges)[..., None].expand(-1, -1, -1, 3).contiguous()
+
+
+def join_alpha(image: Tensor, alpha: Tensor) -> Tensor:
+    """JoinImageWithAlpha: RGBA with alpha = 1 − mask, the mask resized to the image."""
+    B, H, W = image.shape[:3]
+    mask = F.interpolate(alpha.reshape(-1, 1, *alpha.shape[-2:]), size=(H, W), mode="bilinear").squeeze(1)
+    mask = mask.expand(B, -1, -1) if mask.size(0) == 1 else mask
+    return torch.cat([image[..., :3], (1.0 - mask)[..., None]], dim=-1)
+
+
+def grow_mask(mask: Tensor, expand: int, tapered_corners: bool) -> Tensor:
+    """GrowMask: |expand| 3×3 dilations (erosions when negative), a cross kernel with tapered corners."""
+    kernel = torch.ones(3, 3) if not tapered_corners else torch.tensor([[0.0, 1, 0], [1, 1, 1], [0, 1, 0]])
+    x = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    for _ in range(abs(expand)):
+        patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # [N, 9, H·W]
+        picked = patches[:, kernel.flatten() > 0]
+        x = (picked.amax(1) if expand > 0 else picked.amin(1)).view_as(x)
+    return x.view(-1, *mask.shape[-2:])
+
+
+def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source: bool,
+              mask: Tensor | None) -> Tensor:
+    """ImageCompositeMasked: ``source`` pasted at (x, y) over ``destination`` through ``mask`` (default all)."""
+    out = destination.clone()
+    src = source
+    if resize_source:
+        src = upscale(source.movedim(-1, 1), destination.shape[2], destination.shape[1], "bilinear",
+                      "disabled").movedim(1, -1)
+    H, W = out.shape[1:3]
+    h, w = min(src.shape[1], H - y), min(src.shape[2], W - x)
+    if h <= 0 or w <= 0:
+        return out
+    if mask is None:
+        m = torch.ones(1, h, w, 1)
+    else:
+        m = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=src.shape[1:3], mode="bilinear")
+        m = m[:, 0, :h, :w, None]
+    region = out[:, y:y + h, x:x + w]
+    out[:, y:y + h, x:x + w] = src[:, :h, :w] * m + region * (1 - m)
+    return out

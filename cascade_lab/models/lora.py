@@ -100,7 +100,7 @@ class LoraModule:
 class LoraWeights:
     """A Stage C LoRA read from a file, with its text-encoder part; ``embeddings`` are for the caller to apply."""
 
-    format: str  # "kohya", "onetrainer", "comfyui" or "official"
+    format: str  # "kohya", "onetrainer" (also its prefix-free "original" names), "comfyui" or "official"
     modules: list[LoraModule]
     source: str = "<state dict>"
     metadata: dict[str, str] = field(default_factory=dict)
@@ -308,7 +308,7 @@ def lora_from_state_dict(
             te_groups.setdefault(split[0], {})[split[1]] = tensor
         elif split and _STAGE_C_NAME.fullmatch(_layer_name(split[0])):
             groups.setdefault(split[0], {})[split[1]] = tensor
-            formats.append(next((f for p, f in _UNET_PREFIXES.items() if key.startswith(p)), "comfyui"))
+            formats.append(next((f for p, f in _UNET_PREFIXES.items() if key.startswith(p)), "onetrainer"))
         else:
             unknown.append(key)
     if unknown:

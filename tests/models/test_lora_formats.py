@@ -68,6 +68,7 @@ def test_onetrainer_layouts_merge_w_plus_strength_scale_up_down(tmp_path, layout
     pairs = low_rank(model, TARGETS)
     lora = load_lora_file(write(tmp_path, onetrainer_dict(pairs, layout, alpha=2.0)))
     assert len(lora.modules) == len(TARGETS)
+    assert lora.format == {"kohya_in_proj": "kohya", "comfy": "comfyui"}.get(layout, "onetrainer")
     handle = apply_lora(model, lora, strength=0.7)
     assert_state_close(model, expected(base, pairs, 0.7, 0.5))  # alpha / rank = 2 / 4, folded or stored
     assert sorted(handle.params) == sorted({param for param, _ in TARGETS.values()})

@@ -18,7 +18,7 @@ from .controlnets import check_controlnet, locate_controlnet
 from .convert import ConversionError, plan_official, to_official
 from .detect import Component, Detection, detect
 from .encoders import TokenizerNotFoundError, find_tokenizer, load_clip_file
-from .loader import StateDictMismatchError, WrongStageError, load_stage, weight_files
+from .loader import StateDictMismatchError, WrongStageError, effnet_normalization, load_stage, weight_files
 from .locate import Located, WeightsNotFoundError, locate
 from .memory import Choice, ComputeDtypes, MemoryEstimate, available_memory, choose_variant, compute_dtypes, estimate
 from .safetensors_io import Header, WeightsFileError, read_header, read_tensors
@@ -45,6 +45,7 @@ __all__ = [
     "comfyui_model_path",
     "compute_dtypes",
     "detect",
+    "effnet_normalization",
     "estimate",
     "find_tokenizer",
     "load_clip_file",

@@ -18,12 +18,14 @@ Source = str | os.PathLike[str] | Mapping[str, Any]
 
 
 class WorkflowOutputs(dict[str, Any]):
-    """``{node id: Result}`` for every SaveImage / PreviewImage node, in node order; ``files`` the PNGs written."""
+    """``{node id: Result}`` for every SaveImage / PreviewImage node, in node order; ``files`` the PNGs written,
+    ``images`` each node's IMAGE as ComfyUI holds it ([B, H, W, 3] float32, not clamped)."""
 
     def __init__(self, *args: Any, files: dict[str, list[Path]] | None = None, graph: Graph | None = None) -> None:
         super().__init__(*args)
         self.files = files or {}
         self.graph = graph or {}
+        self.images: dict[str, Any] = {}
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -94,6 +96,7 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     results = WorkflowOutputs(graph=graph)
     for node_id, (images, made) in saved.items():
         results[node_id] = _result(images, made, generation_params)
+        results.images[node_id] = images
     if output_dir is not None:
         for node_id, result in results.items():
             if graph[node_id]["class_type"] == "SaveImage":

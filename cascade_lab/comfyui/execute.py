@@ -209,6 +209,21 @@ class Executor:
         return (Latent(latent, "c", info=info),
                 Latent(torch.zeros(B, 4, (H // 8) * 2, (W // 8) * 2), "b", info=info))
 
+    def node_StableCascade_SuperResolutionControlnet(self, node_id: str, image: Tensor, vae: Vae) -> tuple[Any, ...]:
+        """The super-resolution ControlNet's input (the image's EfficientNet latent, as an IMAGE [B, h, w, 16])
+        and empty latents for twice the image's size."""
+        if vae.kind != "c":
+            raise ValueError("needs the VAE of a Stage C checkpoint (its EfficientNet encoder)")
+        B, H, W, _ = image.shape
+        x = image[..., :3].movedim(-1, 1).float()
+        h, w = H // 32 * 32, W // 32 * 32  # the encoder's input is cropped to a multiple of 32, centred
+        x = x[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
+        with torch.inference_mode():
+            features = vae.part("effnet").encode_image(x).float()
+        info = {"width": int(W) * 2, "height": int(H) * 2, "compression": 32, "batch_size": int(B)}
+        return (features.movedim(1, -1), Latent(torch.zeros(B, 16, H // 16, W // 16), "c", info=info),
+                Latent(torch.zeros(B, 4, H // 2, W // 2), "b", info=info))
+
     # -- sampling ----------------------------------------------------------------------------------------
     def node_KSampler(self, node_id: str, model: Model, seed: int, steps: int, cfg: float, sampler_name: str,
                       scheduler: str, positive: list[Cond], negative: list[Cond], latent_image: Latent,

@@ -211,7 +211,7 @@ def _result(images: Any, made: dict[str, Any] | None, params_of: Callable[[dict[
     from ..params import GenerationParams
     from ..results import Result, to_pil
 
-    pictures = to_pil(images.movedim(-1, 1), rounding="truncate")  # SaveImage: uint8 of clip(255·x)
+    pictures = to_pil(images[..., :3].movedim(-1, 1), rounding="truncate")  # SaveImage: uint8 of clip(255·x)
     if made and "latent" in made:
         latent_b = made["latent"]
         return Result(pictures, params_of(made), latent_b.info.get("latent_c"), latent_b.raw)

@@ -490,15 +490,16 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float
 
     ``text_encoder`` (a `cascade_lab.models.clip.TextEncoder` or its transformers CLIP-G model) receives the
     file's text-encoder LoRA the same way, at ``text_encoder_strength`` (default ``strength``; ComfyUI's
-    LoraLoader ``strength_clip``); without it that part is set aside with a warning. Every part is checked
-    before anything changes.
+    LoraLoader ``strength_clip``); without it that part is set aside with a warning (``text_encoder=False``:
+    the caller applies it with :func:`apply_text_encoder_lora`). Every part is checked before anything changes.
     """
     if not isinstance(lora, LoraWeights):
         lora = load_lora_file(lora)
     patches = lora.patches(model)  # raises before anything changes
-    text_model = getattr(text_encoder, "model", text_encoder) if text_encoder is not None else None
+    given = text_encoder is not None and text_encoder is not False
+    text_model = getattr(text_encoder, "model", text_encoder) if given else None
     te_patches = lora.text_encoder_patches(text_model) if text_model is not None else []
-    _warn_set_aside(lora, text_model is not None)
+    _warn_set_aside(lora, text_encoder is not None)
     handle = _attach(model, lora, strength, patches)
     handle._text_encoder_follows = text_encoder_strength is None
     if te_patches and text_model is not None:
@@ -509,6 +510,15 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | Path, strength: float
             handle.remove()
             raise
     return handle
+
+
+def apply_text_encoder_lora(text_encoder: Any, lora: LoraWeights | str | Path, strength: float = 1.0) -> LoraHandle:
+    """Merge only the text-encoder part of ``lora`` into CLIP-G (a `TextEncoder` or its transformers model), as
+    ComfyUI's LoraLoader patches its CLIP output apart from its MODEL output."""
+    if not isinstance(lora, LoraWeights):
+        lora = load_lora_file(lora)
+    text_model = getattr(text_encoder, "model", text_encoder)
+    return _attach(text_model, lora, strength, lora.text_encoder_patches(text_model))
 
 
 def _warn_set_aside(lora: LoraWeights, with_text_encoder: bool) -> None:

@@ -12,7 +12,13 @@ import torch
 from test_lora import TARGETS, assert_state_close, assert_state_equal, low_rank, run, tiny_model, write
 from torch import nn
 
-from cascade_lab.models.lora import active_loras, apply_lora, load_lora_file, lora_from_state_dict
+from cascade_lab.models.lora import (
+    active_loras,
+    apply_lora,
+    apply_text_encoder_lora,
+    load_lora_file,
+    lora_from_state_dict,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -307,3 +313,25 @@ def test_text_encoder_lora_for_another_clip_is_refused_before_anything_changes(t
         apply_lora(model, lora_from_state_dict(tensors), text_encoder=text)
     assert_state_equal(model, base)
     assert_state_equal(text.model, te_state)
+
+
+def test_comfyui_style_clip_side_alone(tmp_path):
+    """LoraLoader patches MODEL and CLIP apart: apply_lora(text_encoder=False) + apply_text_encoder_lora."""
+    text = tiny_text_encoder(tmp_path)
+    te_base = copy.deepcopy(text.model)
+    model = tiny_model()
+    stage_c_base = copy.deepcopy(model)
+    d, u = torch.randn(2, 32) * 0.1, torch.randn(64, 2) * 0.1
+    tensors = {"lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight": d,
+               "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_up.weight": u}
+    lora = lora_from_state_dict(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, lora, 0.5, text_encoder=False)  # nothing to merge in Stage C, no warning
+    assert_state_equal(model, stage_c_base.state_dict())
+    handle = apply_text_encoder_lora(text, lora, strength=1.2)
+    want = {k: v.clone() for k, v in te_base.state_dict().items()}
+    want["text_model.encoder.layers.1.mlp.fc1.weight"] += 1.2 * (u @ d)
+    assert_state_close(text.model, want)
+    handle.remove()
+    assert_state_equal(text.model, te_base.state_dict())

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set max_train_steps=100 (repeatable)")
     tr.add_argument("--quiet", action="store_true", help="no progress lines")
+    comfy = sub.add_parser("comfyui", help="run a ComfyUI workflow (UI or API .json, or a ComfyUI PNG)")
+    from .comfyui.cli import add_arguments
+
+    add_arguments(comfy)
     return parser
 
 
@@ -198,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args.config, args.overrides, quiet=args.quiet)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             parser.exit(2, f"cascade-lab train: error: {exc}\n")
+    if args.command == "comfyui":
+        from .comfyui import WorkflowError
+        from .comfyui.cli import run_command
+
+        try:
+            return run_command(args)
+        except (WorkflowError, ValueError, UnknownNameError, FileNotFoundError) as exc:
+            parser.exit(2, f"cascade-lab comfyui {args.action}: error: {exc}\n")
     if args.command == "plugins":
         print(listing.plugins_text())
     else:

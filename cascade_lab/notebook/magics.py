@@ -35,6 +35,8 @@ HELP = f"""\
                          _cascade_train_run, and as NAME with -o. --background returns at once (run.wait()).
                          Ctrl-C or %cascade cancel ends it after the current step with a resumable checkpoint
                          (--set resume=auto continues it). No generation runs while a training does.
+%cascade comfyui run FILE [--set NODE.INPUT=VALUE ...] [--models DIR] [-o DIR]
+                         run a ComfyUI workflow (.json or ComfyUI PNG), show each Save/Preview node's image
 %cascade inspect [NAME]  open the latent inspector on a Result (default: the last one)
 %cascade cancel          stop the running job before its next step (a training: after it, with a checkpoint)
 %cascade unload          drop the loaded models and free their memory
@@ -171,6 +173,10 @@ class CascadeMagics(Magics):
             self._train(args)
         elif command == "inspect":
             display(self._inspector(args))
+        elif command == "comfyui":
+            from ..comfyui.magic import comfyui_command
+
+            comfyui_command(self.shell, args)
         elif command == "cancel":
             training = get_session().training is not None
             if not get_session().cancel():

@@ -32,7 +32,7 @@ def kernel_name(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 def test_the_tutorial_notebooks_are_there() -> None:
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_latent_inspection.ipynb",
-                                           "03_sampler_plugin.ipynb"]
+                                           "03_sampler_plugin.ipynb", "05_comfyui_workflow.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

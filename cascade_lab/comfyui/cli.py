@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="change a node input first, e.g. --set 3.seed=5 --set 6.text='a fox' (repeatable)")
     run.add_argument("-o", "--output", required=True, help="folder for the SaveImage nodes' PNGs (ComfyUI's names, "
                      "<prefix>_00001_.png, numbered after the files already there)")
+    run.add_argument("--configs", default=None, metavar="JSON", help="a JSON file of model configs for sizes a file's "
+                     "header cannot name, e.g. {\"stage_c\": {...}, \"text_encoder\": {...}}")
+    run.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder (vocab.json + merges.txt)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -39,7 +42,14 @@ def run_command(args: Any) -> int:
         if not args.quiet and (event.step + 1 == event.steps or event.step % 5 == 0):
             print(f"stage {event.stage.upper()} step {event.step + 1}/{event.steps}", flush=True)
 
-    outputs = run(args.workflow, output_dir=args.output, callback=progress, **options)
+    configs = None
+    if args.configs:
+        import json
+        from pathlib import Path
+
+        configs = json.loads(Path(args.configs).read_text(encoding="utf-8"))
+    outputs = run(args.workflow, output_dir=args.output, callback=progress, configs=configs,
+                  tokenizer=args.tokenizer, **options)
     for node_id, files in outputs.files.items():
         for path in files:
             print(f"node {node_id}: {path}")

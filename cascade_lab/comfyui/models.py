@@ -13,10 +13,12 @@ DEFAULT_SHIFT = {"c": 2.0, "b": 1.0}
 
 
 class ModelFiles:
-    """Loads the parts of model files once per run (``configs``: sizes a header cannot name, per part)."""
+    """Loads the parts of model files once per run (``configs``: sizes a header cannot name, per part;
+    ``tokenizer``: a CLIP tokenizer folder, else it is looked for next to the file and in ComfyUI)."""
 
-    def __init__(self, configs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, configs: Mapping[str, Any] | None = None, tokenizer: Any = None, comfyui: Any = None) -> None:
         self.configs = dict(configs or {})
+        self.tokenizer, self.comfyui = tokenizer, comfyui
         self._cache: dict[tuple[str, str, tuple[tuple[str, float], ...]], Any] = {}
 
     def parts(self, path: Path) -> dict[str, Any]:
@@ -36,7 +38,8 @@ class ModelFiles:
         if part == "text_encoder":
             from ..models.clip import TextEncoder
 
-            return TextEncoder.from_file(path, config=self._clip_config("text_encoder"), dtype=torch.float32)
+            return TextEncoder.from_file(path, config=self._clip_config("text_encoder"), dtype=torch.float32,
+                                         tokenizer_path=self.tokenizer, comfyui=self.comfyui)
         if part == "image_encoder":
             from ..models.clip import ImageEncoder
 
@@ -52,12 +55,14 @@ class ModelFiles:
         return module
 
     def _clip_config(self, part: str) -> Any:
+        """A given config; a mapping changes the fields of CLIP-G text / CLIP-L vision (e.g. the sizes only)."""
         given = self.configs.get(part)
         if given is None or not isinstance(given, Mapping):
             return given
-        from transformers import CLIPTextConfig, CLIPVisionConfig
+        from ..models.clip import clip_g_text_config, clip_l_vision_config
 
-        return (CLIPTextConfig if part == "text_encoder" else CLIPVisionConfig)(**given)
+        base = clip_g_text_config() if part == "text_encoder" else clip_l_vision_config()
+        return type(base)(**{**base.to_dict(), **given})
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def models_and_inputs(models: Any, input_dir: Any) -> tuple[Any, Path | None]:
 
 def check(source: Source, *, models: str | os.PathLike[str] | None = None,
           set: Mapping[str, Any] | None = None, outputs: Mapping[str, Any] | None = None,
-          input_dir: str | os.PathLike[str] | None = None, extra_model_paths: Any = None) -> Graph:
+          input_dir: str | os.PathLike[str] | None = None, extra_model_paths: Any = None,
+          tokenizer: str | os.PathLike[str] | None = None) -> Graph:
     """The workflow's API graph after ``set``, checked as `run` checks it before loading anything; raises
     `WorkflowError` with every problem in one message."""
     graph, _ = read_workflow(source)
@@ -56,14 +57,15 @@ def check(source: Source, *, models: str | os.PathLike[str] | None = None,
     models, inputs = models_and_inputs(models, input_dir)
     order = check_graph(graph, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,
                         given=_given_ids(graph, outputs))
-    _check_tokenizers(graph, order, _given_ids(graph, outputs), models, extra_model_paths)
+    _check_tokenizers(graph, order, _given_ids(graph, outputs), models, extra_model_paths, tokenizer)
     return graph
 
 
 def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Mapping[str, Any] | None = None,
         outputs: Mapping[str, Any] | None = None, input_dir: str | os.PathLike[str] | None = None,
         output_dir: str | os.PathLike[str] | None = None, extra_model_paths: Any = None,
-        configs: Mapping[str, Any] | None = None, callback: Callable[[Any], Any] | None = None,
+        configs: Mapping[str, Any] | None = None, tokenizer: str | os.PathLike[str] | None = None,
+        callback: Callable[[Any], Any] | None = None,
         cancel: Callable[[], bool] | None = None) -> WorkflowOutputs:
     """Run a ComfyUI workflow (a .json in UI or API form, a ComfyUI PNG, or the loaded dict) on cascade_lab.
 
@@ -73,6 +75,8 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     instead of running the node, ``{"6": (cond [1, 77, C], pooled [1, C])}`` for a CLIPTextEncode (no tokenizer
     needed), ``{"49": latent}`` for a StableCascade_StageC_VAEEncode (its stage_c; stage_b follows), or a tuple of
     every output. ``configs``: model configs for sizes a file's header cannot name (``{"stage_c": {...}}``).
+    ``tokenizer``: a CLIP tokenizer folder (default: next to the checkpoint, the Hub cache, ComfyUI's
+    ``comfy/sd1_tokenizer``; `cascade_lab.comfyui.tokenizer.write_clip_tokenizer` makes one offline).
     ``output_dir``: SaveImage nodes write ``<prefix>_00001_.png`` there as ComfyUI (with the workflow and
     cascade_lab's parameters in the PNG); without it nothing is written. Everything is checked before any model
     loads. Returns ``{node id: Result}`` per SaveImage / PreviewImage node.
@@ -84,14 +88,14 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     given_ids = _given_ids(graph, outputs)
     order = check_graph(graph, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,
                         given=given_ids)
-    _check_tokenizers(graph, order, given_ids, models, extra_model_paths)
+    _check_tokenizers(graph, order, given_ids, models, extra_model_paths, tokenizer)
 
     from .execute import Executor, generation_params
     from .models import ModelFiles
 
     given = {node_id: _given_outputs(graph, node_id, value, inputs) for node_id, value in (outputs or {}).items()}
     executor = Executor(graph, order, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,
-                        files=ModelFiles(configs), given=given, callback=callback, cancel=cancel)
+                        files=ModelFiles(configs, tokenizer, models), given=given, callback=callback, cancel=cancel)
     saved = executor.run()
     results = WorkflowOutputs(graph=graph)
     for node_id, (images, made) in saved.items():
@@ -166,7 +170,7 @@ def _latent_info(graph: Graph, node_id: str, latent: Any, input_dir: Path | None
 
 
 def _check_tokenizers(graph: Graph, order: list[str], given: Mapping[str, Any], models: Any,
-                      extra_model_paths: Any) -> None:
+                      extra_model_paths: Any, tokenizer: Any = None) -> None:
     """A CLIPTextEncode needs a CLIP tokenizer for its file; checked before anything loads."""
     from ..weights import TokenizerNotFoundError, comfyui_model_path, find_tokenizer
     from .graph import MODEL_FILES
@@ -187,7 +191,7 @@ def _check_tokenizers(graph: Graph, order: list[str], given: Mapping[str, Any], 
             try:
                 path = comfyui_model_path(MODEL_FILES[kind][1], name, comfyui=models,
                                           extra_model_paths=extra_model_paths)
-                find_tokenizer(path, comfyui=models)
+                find_tokenizer(path, tokenizer, comfyui=models)
                 seen[name] = None
             except TokenizerNotFoundError as e:
                 seen[name] = str(e).splitlines()[0]

@@ -21,11 +21,9 @@ def _image_tensor(image: ImageLike) -> Any:
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {str(path)!r} does not exist; pass a path to an image file or a PIL image")
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        from .images import open_image
+
+        image = open_image(image).convert("RGB")
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -37,6 +35,37 @@ def _image_tensor(image: ImageLike) -> Any:
         tensor = image.float()
         return tensor[None] if tensor.dim() == 3 else tensor
     raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL image, an array or a tensor")
+
+
+def _check_lora_strength(path: str, strength: Any) -> None:
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"LoRA {path!r} strength={strength!r}: use a finite number (1.0 = as trained, 0 = off, "
+                         "negative inverts it)")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on, before anything loads: CUDA without a CUDA build or GPU, a GPU
+    index beyond the ones present, MPS off Apple silicon, or a name torch does not know."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: not a device name; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device!r}: {why} (torch {torch.__version__}); use device='cpu', or install a "
+                             "CUDA build of torch on a machine with an NVIDIA GPU")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: MPS (Apple silicon) is not available here; use device='cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: cascade_lab runs on cpu, cuda or mps")
 
 
 def _describe(image: ImageLike) -> str:
@@ -61,6 +90,8 @@ class Cascade:
         each new image size compiles; it pays off on GPUs for repeated generations, see benchmarks/RESULTS.md)."""
         if variant != "auto":
             get_variant(variant)  # unknown names fail here, listing the available ones
+        if device is not None:
+            check_device(device)
         if dtype in ("float16", "fp16", "half"):
             raise ValueError(f"dtype={dtype!r}: Stage C gives black/NaN images in float16; use 'bfloat16' or "
                              "'float32'")
@@ -129,6 +160,7 @@ class Cascade:
         from .models.lora import apply_lora, load_lora_file
 
         key = str(path)
+        _check_lora_strength(key, strength)
         if any(p == key for p, _, _ in self.loras):
             raise ValueError(f"LoRA {key!r} is already loaded; use unload_lora({key!r}) first or set_lora_strength")
         lora = load_lora_file(path)  # fails on a bad file before the model is touched
@@ -136,6 +168,7 @@ class Cascade:
         self.loras.append((key, float(strength), handle))
 
     def set_lora_strength(self, path: str | Path, strength: float) -> None:
+        _check_lora_strength(str(path), strength)
         for i, (p, _, handle) in enumerate(self.loras):
             if p == str(path):
                 handle.set_strength(strength)
@@ -186,6 +219,11 @@ class Cascade:
         weights = list(variation_weights) if variation_weights is not None else [1.0] * len(variations)
         if len(weights) != len(variations):
             raise ValueError(f"{len(variations)} variation image(s) but {len(weights)} weight(s); give one each")
+        import math
+
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"variation_weights {bad}: use finite numbers (1.0 each by default)")
         if compat == "comfyui":
             from .params import COMFYUI_DEFAULTS
 
@@ -262,6 +300,10 @@ class Cascade:
                                          if c.model is None or isinstance(c.model, (str, Path))])
         pipeline = self.pipeline
         params = self._native(params, warn=True)
+        from .weights.memory import check_generation_fits
+
+        check_generation_fits(pipeline.stages.stage_a, pipeline.stages.stage_b, params.width, params.height,
+                              params.batch_size, pipeline.device)
         clip_img = None
         if variations:
             encoder = pipeline.stages.image_encoder

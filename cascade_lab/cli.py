@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -18,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("variants", help="list weight variants")
     gen = sub.add_parser("generate", help="text to image (img2img with --image)")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", required=True, help="PNG file to write (batches get _0, _1, ...)")
+    gen.add_argument("-o", "--output", required=True, help="PNG file to write (batches get _0, _1, ...); an existing "
+                     "file is kept and the next free OUTPUT_00001.png written, unless --overwrite")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument("--negative", default="", help="negative prompt (replaces the unconditional caption)")
     gen.add_argument("--variant", default="auto", help="weight variant (see `cascade-lab variants`)")
     gen.add_argument("--seed", type=int, default=None)
@@ -85,7 +88,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def controls_from_args(args: argparse.Namespace) -> list[Any]:
     """--control / --controlnet / --mask / --upscale → `Control` records (checked; files must exist)."""
-    from pathlib import Path
 
     from .controls import Control, parse_boxes, parse_spec, parse_upscale
 
@@ -123,6 +125,9 @@ def controls_from_args(args: argparse.Namespace) -> list[Any]:
 
 def generate(args: argparse.Namespace) -> int:
     from .api import Cascade
+    from .results import SaveError, check_output_path
+
+    check_output_path(args.output)  # before any work: an unwritable path would lose the image
 
     width, height = parse_size(args.size) if args.size else (args.width, args.height)
     strength = args.strength if args.strength is not None else (0.8 if args.image and not args.denoise else 1.0)
@@ -134,12 +139,10 @@ def generate(args: argparse.Namespace) -> int:
                      if getattr(args, key) is not None}  # unset: GenerationParams' official defaults
     image = args.image
     if args.upscale is not None:  # the image is the control; the official SR settings under the flags given
-        from PIL import Image
-
         from .controls import upscale_options
+        from .images import image_size
 
-        with Image.open(args.image) as opened:
-            size = opened.size
+        size = image_size(args.image, "--image")
         given = {**stage_options, **{k: v for k, v in (("width", width), ("height", height)) if v is not None}}
         settings = upscale_options(size, {**options, **given})
         width, height = settings.pop("width"), settings.pop("height")
@@ -170,7 +173,17 @@ def generate(args: argparse.Namespace) -> int:
     )
     for bar in bars.values():
         bar.close()  # type: ignore[attr-defined]
-    for path in result.save(args.output):
+    try:
+        paths = result.save(args.output, overwrite=args.overwrite)
+    except SaveError as exc:  # keep the work: write it where it can go, say where
+        import tempfile
+
+        rescue = Path(tempfile.gettempdir()) / f"cascade_lab_{result.params.seed}.png"
+        saved = result.save(rescue)
+        print(f"cascade-lab generate: error: {exc}; wrote it to {', '.join(map(str, saved))} instead",
+              file=sys.stderr)
+        return 1
+    for path in paths:
         print(f"wrote {path} (seed {result.params.seed}, variant {result.params.variant})")
     return 0
 
@@ -195,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate(args)
         except (ValueError, UnknownNameError, FileNotFoundError, TypeError) as exc:
             parser.exit(2, f"cascade-lab generate: error: {exc}\n")
+        except RuntimeError as exc:
+            from .pipeline import NonFiniteLatent
+
+            if not isinstance(exc, NonFiniteLatent):
+                raise
+            parser.exit(1, f"cascade-lab generate: error: {exc}\n")
     if args.command == "train":
         from .training.cli_entry import run_train
 

@@ -188,10 +188,10 @@ def _per_image(value: str | tuple[str, ...], batch_size: int) -> list[str]:
 
 def read_png_params(path: str | Path) -> GenerationParams:
     """The parameters a cascade_lab PNG carries, ready to regenerate it."""
-    from PIL import Image
+    from .images import open_image
 
-    with Image.open(path) as image:
-        text = image.text.get(PNG_KEY) if hasattr(image, "text") else None  # type: ignore[attr-defined]
+    image = open_image(path, "PNG")
+    text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
     if text is None:
         raise ValueError(f"{path}: no {PNG_KEY!r} text chunk; only PNGs saved by cascade_lab carry parameters")
     data = json.loads(text)

@@ -61,6 +61,23 @@ class Lazy:
     config: Any = None
 
 
+class NonFiniteLatent(RuntimeError):
+    """Sampling produced NaN or inf: stopped at that step (the previews so far stay), naming stage, step, sampler."""
+
+    def __init__(self, stage: str, step: int, steps: int, sampler: str, *, result: bool = False) -> None:
+        what = "returned a result with" if result else f"reached NaN/inf values at step {step + 1}/{steps}, in"
+        super().__init__(f"{stage}: sampler {sampler!r} {what} NaN/inf values; sampling stopped there (the last "
+                         "good preview is kept). Usual causes: a very high CFG, a LoRA at an extreme strength, "
+                         "float16 on Stage C; try a lower cfg, another sampler, or dtype='float32'"
+                         if not result else f"{stage}: sampler {sampler!r} returned a result with NaN/inf values; "
+                         "check the sampler, or try another one")
+        self.stage, self.step, self.sampler = stage, step, sampler
+
+
+class SamplerFailed(RuntimeError):
+    """A third-party sampler raised; the message names it, the chained exception is its own traceback."""
+
+
 @dataclass
 class Stages:
     """The models of one variant (or `Lazy` loaders). Optional parts are needed only by the features that use them."""
@@ -231,8 +248,11 @@ class Pipeline:
         model inputs per step (the ControlNet features), to the cond and uncond rows alike."""
         sampler = plan.sampler
         steps = plan.steps
+        where = f"Stage {name.upper()}"
 
         def on_step(event: StepEvent) -> None:
+            if not (torch.isfinite(event.x).all() and torch.isfinite(event.x0).all()):
+                raise NonFiniteLatent(where, event.step, steps, sampler.name)
             if trajectory is not None:
                 trajectory.append(event.x0.detach().float().cpu())
             if callback is not None:
@@ -252,11 +272,23 @@ class Pipeline:
                                           step_t=step_t_lookup(plan.levels, plan.ts), extra_inputs=extra_inputs)
                 x, levels = plan.start_vp(), plan.levels
             # shift: the model's schedule, which SA-Solver's default SDE window is defined on (ComfyUI's model_sampling)
-            out = sampler.fn(denoiser, x.to(self.device), levels.to(self.device), noise=plan.noise,
-                             callback=on_step, cancel=cancel, shift=plan.shift)
+            try:
+                out = sampler.fn(denoiser, x.to(self.device), levels.to(self.device), noise=plan.noise,
+                                 callback=on_step, cancel=cancel, shift=plan.shift)
+            except (Cancelled, NonFiniteLatent, KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:
+                origin = getattr(sampler.fn, "__module__", "") or ""
+                if origin.startswith("cascade_lab."):
+                    raise
+                # a plugin's own code: say whose it is and keep its traceback (chained below)
+                raise SamplerFailed(f"sampler {sampler.name!r} (from {origin or 'a plugin'}) raised "
+                                    f"{type(exc).__name__} in {where}: {exc}; its traceback is above") from exc
         if not isinstance(out, Tensor):
             raise TypeError(f"sampler {sampler.name!r} returned {type(out).__name__}, not a latent tensor; a sampler "
                             "must return the stage's result [B, C, H, W]")
+        if not torch.isfinite(out).all():
+            raise NonFiniteLatent(where, steps, steps, sampler.name, result=True)
         return out.float().cpu()
 
     def control_features(self, controls: Sequence[ControlInput], batch: int) -> list[list[Tensor | None]]:

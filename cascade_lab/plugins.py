@@ -50,8 +50,14 @@ _registries: dict[str, Registry[Any]] | None = None
 _loaded = False
 
 
+_warned: set[tuple[str, str]] = set()  # (plugin, message) already shown: once per session, not at every rebuild
+
+
 def _fail(info: PluginInfo, message: str) -> None:
     info.errors.append(message)
+    if (info.name, message) in _warned:
+        return
+    _warned.add((info.name, message))
     warnings.warn(f"cascade_lab plugin {info.name!r}: {message}; skipped", PluginWarning, stacklevel=3)
 
 

@@ -12,18 +12,92 @@ from . import __version__
 from .params import PNG_KEY, GenerationParams
 
 
-def _png_info(params: GenerationParams, index: int | None = None) -> Any:
-    from PIL.PngImagePlugin import PngInfo
-
+def _png_texts(params: GenerationParams, index: int | None = None) -> dict[str, str]:
+    """The text chunks of a cascade_lab PNG: the parameters (JSON), the software, the prompt."""
     data = json.loads(params.to_json())
     data["version"] = __version__
     if index is not None:
         data["batch_index"] = index
+    return {PNG_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True), "Software": f"cascade_lab {__version__}",
+            "Description": params.prompts[index or 0]}
+
+
+def _png_info(params: GenerationParams, index: int | None = None) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
     info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(data, ensure_ascii=False, sort_keys=True))
-    info.add_text("Software", f"cascade_lab {__version__}")
-    info.add_text("Description", params.prompts[index or 0])
+    for key, text in _png_texts(params, index).items():
+        info.add_text(key, text)
     return info
+
+
+class SaveError(OSError):
+    """Writing an image failed; the message names the path, and the result is still in memory."""
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse an output path before any work: not a .png name, a folder that cannot be created or written (a
+    file in the way, /proc, read-only), each with what to do instead. Creates the folder when needed."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".png":
+        hint = f" (e.g. {path.with_suffix('.png').name})" if path.suffix else ""
+        raise ValueError(f"{str(path)!r}: cascade_lab writes PNG files (they carry the parameters); use a .png "
+                         f"name{hint}, and convert afterwards if you need {path.suffix or 'another format'}")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a file name inside it, e.g. {str(path / 'image.png')!r}")
+    folder = path.parent
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot save to {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot save to {str(path)!r}: the folder {str(folder)!r} cannot be created "
+                         f"({exc.strerror or exc}); choose a folder you can write") from None
+    import os
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cascade_lab_write_test", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot save to {str(path)!r}: the folder {str(folder)!r} is not writable "
+                         f"({exc.strerror or exc}); choose a folder you can write") from None
+    return path
+
+
+def output_paths(path: str | Path, count: int, *, overwrite: bool = False) -> list[Path]:
+    """The files a save of ``count`` images writes (``stem_<i>.png`` for a batch), checked with
+    `check_output_path`; when one exists and not ``overwrite``, the first free ``stem_00001.png``,
+    ``stem_00002.png``, ... (batches ``stem_00001_<i>.png``) is used instead."""
+    path = check_output_path(path)
+
+    def names(stem: str) -> list[Path]:
+        return [path.with_name(f"{stem}{path.suffix}")] if count == 1 else [
+            path.with_name(f"{stem}_{i}{path.suffix}") for i in range(count)]
+
+    targets = names(path.stem)
+    n = 0
+    while not overwrite and any(t.exists() for t in targets):
+        n += 1
+        targets = names(f"{path.stem}_{n:05d}")
+    return targets
+
+
+def carry_params(image: Any, params: GenerationParams, index: int | None = None) -> Any:
+    """Put the parameters on a PIL image: in ``image.info`` (kept by ``copy()``) and, for the image itself, as the
+    default text chunks of its PNG ``save()``, so ``result.images[0].save("x.png")`` keeps them too."""
+    image.info.update(_png_texts(params, index))
+    from PIL import Image
+
+    from ._pil_image import CascadeImage
+
+    if type(image) is Image.Image:
+        image.__class__ = CascadeImage  # same object layout: only `save` differs
+    return image
 
 
 def to_pil(images: Any, rounding: str = "round") -> list[Any]:
@@ -66,6 +140,10 @@ class Result:
     # the white-painted RGB + the mask, super_resolution the low-resolution RGB, not its EfficientNet features)
     control_images: list[Any] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for i, image in enumerate(self.images):
+            carry_params(image, self.params, i if len(self.images) > 1 else None)
+
     @property
     def image(self) -> Any:
         return self.images[0]
@@ -77,18 +155,23 @@ class Result:
         picture.save(buffer, format="PNG", pnginfo=_png_info(self.params, index))
         return buffer.getvalue()
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write PNGs with their parameters: ``path`` for one image, ``stem_<i>.png`` for a batch."""
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"{path}: cascade_lab writes PNG files (they carry the parameters); use a .png name")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        targets = [path] if len(self.images) == 1 else [
-            path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.images))]
+    def save(self, path: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Write PNGs with their parameters: ``path`` for one image, ``stem_<i>.png`` for a batch.
+
+        An existing file is never replaced unless ``overwrite``: the next free name ``stem_00001.png``,
+        ``stem_00002.png``, ... is taken instead, as ComfyUI and kohya number their outputs. Each file is written
+        to a temporary name first, so a failed write (disk full, permissions) leaves any previous file intact;
+        the error names the path and the result stays in memory to be saved elsewhere."""
+        targets = output_paths(path, len(self.images), overwrite=overwrite)
         for i, target in enumerate(targets):
             tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(self.png_bytes(i))
-            tmp.replace(target)  # never a half-written PNG under the real name
+            try:
+                tmp.write_bytes(self.png_bytes(i))
+                tmp.replace(target)  # never a half-written PNG under the real name
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise SaveError(f"could not write {target}: {exc.strerror or exc}; the result is still in memory: "
+                                "save it elsewhere with result.save('other/folder/name.png')") from exc
         return targets
 
     def _repr_png_(self) -> bytes:

@@ -223,7 +223,8 @@ def test_result_is_stored_and_shown_as_png_with_parameters(shell: Any, session: 
     result = shell.user_ns["out"]
     assert result.params.seed == 9 and result.params.prompt == "a {red} cube $" and len(result.images) == 2
     assert session.last_result is result and len(result.trajectory_c) == 2
-    previews, final = cap.outputs[:-1], cap.outputs[-1]
+    bars, previews, final = cap.outputs[0], cap.outputs[1:-1], cap.outputs[-1]
+    assert "application/vnd.jupyter.widget-view+json" in bars.data  # the progress rows come first, then the image
     assert previews and all("image/jpeg" in o.data for o in previews)
     png = final.data["image/png"]
     assert png.startswith(b"\x89PNG") and b"a {red} cube $" in png and b"cascade_lab" in png
@@ -240,8 +241,50 @@ def test_result_is_stored_and_shown_as_png_with_parameters(shell: Any, session: 
 def test_no_preview_shows_only_the_result(shell: Any) -> None:
     with capture_output() as cap:
         shell.run_cell_magic("cascade", "--no-preview -s 1", "x\n")
-    assert [list(o.data) for o in cap.outputs] == [["image/png", "text/plain"]]
-    assert not cap.outputs[0].update
+    assert [list(o.data) for o in cap.outputs][1:] == [["image/png", "text/plain"]]
+    assert not cap.outputs[1].update
+
+
+def widget_of(output: Any) -> Any:
+    import ipywidgets
+
+    model_id = output.data["application/vnd.jupyter.widget-view+json"]["model_id"]
+    return ipywidgets.widgets.widget._instances[model_id]
+
+
+def bar_values(box: Any) -> dict[str, tuple[int, int, str]]:
+    """{label: (value, max, bar_style)} of the progress rows."""
+    rows = {}
+    for line in box.children:
+        label, bar, _ = line.children
+        rows[label.value.rstrip(":")] = (bar.value, bar.max, bar.bar_style)
+    return rows
+
+
+def test_bars_end_at_100_percent_above_the_result(shell: Any) -> None:
+    """Issue 18: the saved widget state reaches 100 % for both stages, and the image sits below both bars."""
+    with capture_output() as cap:
+        shell.run_cell_magic("cascade", "-s 1 --steps-c 3 --steps-b 2", "x\n")
+    assert bar_values(widget_of(cap.outputs[0])) == {"Stage C": (3, 3, "success"), "Stage B": (2, 2, "success")}
+    assert "image/png" in cap.outputs[-1].data and all("image/png" not in o.data for o in cap.outputs[:-1])
+
+
+def test_text_bars_without_widgets_update_in_place_to_100_percent(shell: Any) -> None:
+    """Without ipywidgets the bars are one text display updated in place (no carriage-return stream stuck at
+    0 %); a cancelled job leaves its row where it stopped, marked."""
+    clock = [0.0]
+    bars = display_module.StageBars(clock=lambda: clock[0])
+    bars.widgets = None
+    with capture_output() as cap:
+        for _ in range(4):
+            clock[0] += 0.05
+            bars.step("c", 4)
+        bars.step("b", 3)
+        bars.close("cancelled")
+    texts = [o.data["text/plain"] for o in cap.outputs]
+    assert len({o.transient["display_id"] for o in cap.outputs}) == 1 and cap.outputs[-1].update
+    assert "Stage C: 100% |████████████████████| 4/4" in texts[-1]
+    assert "Stage B:  33% |" in texts[-1] and "1/3" in texts[-1] and texts[-1].endswith("· cancelled")
 
 
 def test_preview_updates_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +382,8 @@ def test_keyboard_interrupt_stops_cleanly_and_the_session_goes_on(shell: Any, se
                                 "memory freed, the session is ready for the next job")
     assert error.value.__context__ is None or error.value.__suppress_context__
     assert freed == [True] and not session.busy and "r" not in shell.user_ns
-    assert [list(o.data) for o in cap.outputs] == [["image/jpeg", "text/plain"]] * 2  # the previews stay
+    assert [list(o.data) for o in cap.outputs][1:] == [["image/jpeg", "text/plain"]] * 2  # the previews stay
+    assert bar_values(widget_of(cap.outputs[0])) == {"Stage C": (2, 4, "warning")}  # marked where it stopped
 
     monkeypatch.undo()
     monkeypatch.setattr(session_module, "_session", session)

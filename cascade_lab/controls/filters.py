@@ -131,13 +131,13 @@ def load_mask(spec: Any, size: tuple[int, int] | None = None) -> Tensor:
     floats cut at 0.5), or boxes (x0, y0, x1, y1) / [(x0, y0, x1, y1), ...] in pixels of ``size``, x1/y1 excluded.
     A mask of another size is resized with nearest neighbours (edges move by at most one source pixel).
     """
-    if isinstance(spec, (str, os.PathLike)):
-        from PIL import Image
+    from PIL import Image
 
-        with Image.open(spec) as img:
-            img.load()
-            mask = _mask_from_pil(img)
-    elif type(spec).__module__.startswith("PIL."):
+    if isinstance(spec, (str, os.PathLike)):
+        from ..images import open_image
+
+        mask = _mask_from_pil(open_image(spec, "mask"))
+    elif isinstance(spec, Image.Image):
         mask = _mask_from_pil(spec)
     elif isinstance(spec, np.ndarray):
         mask = _threshold(_as_bchw(torch.from_numpy(np.ascontiguousarray(spec))))

@@ -217,7 +217,7 @@ class ControlSection:
             return
         lines = [str(n.message) for n in notices]
         if control.kind == "super_resolution":
-            from .options import image_size
+            from ..images import image_size
 
             (w, h), size = image_size(control.image), self.size()
             if size != (2 * w, 2 * h):

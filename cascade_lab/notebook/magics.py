@@ -303,6 +303,7 @@ class CascadeMagics(Magics):
             raise UsageError(f"%%cascade: {session.running.label if session.running else 'a job'} is still "
                              "running; wait for it or %cascade cancel")
         from ..diffusion import Cancelled  # the job needs torch from here on
+        from ..pipeline import NonFiniteLatent
         from .display import LiveProgress
 
         options = dict(request.options)
@@ -310,7 +311,7 @@ class CascadeMagics(Magics):
         show = session.defaults.preview if request.preview is None else request.preview
         progress = LiveProgress(preview=(lambda x0: session.cascade(**where).preview(x0)) if show else None,
                                 interval=session.defaults.preview_interval)
-        stopped = None
+        stopped = failed = None
         try:
             result = session.generate(request.prompt, request.negative_prompt, callback=progress, **where, **options)
         except JobRunning as exc:
@@ -325,8 +326,13 @@ class CascadeMagics(Magics):
             if progress.last is not None:  # a failure inside sampling is a bug: keep its traceback
                 raise
             raise UsageError(f"%%cascade: {str(exc).strip(chr(39))}") from None
-        finally:
-            progress.close()
+        except NonFiniteLatent as exc:  # stopped at the step that broke; the previews shown so far stay
+            failed = str(exc)
+        finally:  # the bars keep their final state: done, or marked where the job stopped
+            progress.close(stopped or ("failed" if failed is not None or sys.exc_info()[0] is not None else None))
+        if failed is not None:
+            free_memory()
+            raise UsageError(f"%%cascade: {failed}")
         if stopped is not None:  # outside the except block: the traceback (and its tensors) is gone
             free_memory()
             kept = "; the last preview is kept" if progress.previews else ""
@@ -336,7 +342,16 @@ class CascadeMagics(Magics):
         if request.out:
             self.shell.user_ns[request.out] = result
         if request.save:
-            print("saved " + ", ".join(str(p) for p in result.save(request.save)))
+            from ..results import SaveError, output_paths
+
+            plain = output_paths(request.save, len(result.images), overwrite=True)
+            try:
+                paths = result.save(request.save, overwrite=request.overwrite)
+            except (SaveError, ValueError) as exc:  # the result is kept for another try
+                self.shell.user_ns["_cascade_unsaved"] = result
+                raise UsageError(f"%%cascade --save: {exc} (the result is kept as _cascade_unsaved)") from None
+            renamed = "" if paths == plain else f" ({plain[0]} exists; --overwrite replaces it)"
+            print("saved " + ", ".join(str(p) for p in paths) + renamed)
 
 
 def _widget(module: str, name: str) -> Any:

@@ -144,9 +144,12 @@ def weighted(text: str) -> tuple[str, float]:
     name, sep, tail = text.rpartition(":")
     if sep and name:
         try:
-            return name, float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(weight):
+            raise argparse.ArgumentTypeError(f"{text!r}: weight {tail} is not a finite number; use e.g. {name}:0.8")
+        return name, weight
     return text, 1.0
 
 
@@ -169,21 +172,6 @@ def upscale_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def image_size(value: Any) -> tuple[int, int]:
-    """(width, height) of a file, PIL image, HWC array or [.., H, W] tensor, without loading models."""
-    if isinstance(value, str):
-        from PIL import Image
-
-        with Image.open(value) as image:
-            return image.size
-    if hasattr(value, "size") and not callable(value.size):  # PIL
-        return tuple(value.size)  # type: ignore[return-value]
-    shape = tuple(value.shape)
-    if hasattr(value, "detach"):  # a tensor: [..., H, W]
-        return int(shape[-1]), int(shape[-2])
-    return int(shape[1]), int(shape[0])  # an array: [H, W(, C)]
-
-
 def mask_arg(spec: str, namespace: Mapping[str, Any]) -> Any:
     """``--mask``: boxes ``x0,y0,x1,y1[;...]``, else a notebook variable or a file."""
     from ..controls import parse_boxes
@@ -196,6 +184,9 @@ def lora_arg(text: str) -> tuple[str, float]:
     path, strength = weighted(text)
     if not path.lower().endswith(".safetensors"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a .safetensors file, optionally with :STRENGTH")
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"{text!r}: strength {strength} is not a finite number; use e.g. "
+                                         f"{path}:0.8 (1.0 = as trained)")
     return path, strength
 
 
@@ -250,7 +241,9 @@ def build_parser() -> MagicArgumentParser:
     add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
         help="LoRA file to apply, repeatable (strength default 1.0)")
     add("-o", "--out", metavar="NAME", help="store the Result in this notebook variable")
-    add("--save", metavar="FILE.png", help="also write PNG(s) carrying the parameters")
+    add("--save", metavar="FILE.png", help="also write PNG(s) carrying the parameters (an existing file is kept: "
+        "the next free FILE_00001.png is written, as ComfyUI numbers outputs)")
+    add("--overwrite", action="store_true", help="with --save: replace an existing file")
     add("--preview", dest="preview", action="store_true", default=None, help="live preview (default: on)")
     add("--no-preview", dest="preview", action="store_false", help="no live preview")
     add("--trajectory", dest="trajectory", action="store_true", default=None,
@@ -274,6 +267,7 @@ class CellRequest:
     out: str | None = None
     save: str | None = None
     preview: bool | None = None
+    overwrite: bool = False
 
 
 def split_body(cell: str) -> tuple[str, str | None]:
@@ -382,8 +376,15 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
                     raise UsageError(f"--{attr.replace('_', '-')} {name}: {str(exc).strip(chr(39))}") from None
     if args.out is not None and not args.out.isidentifier():
         raise UsageError(f"-o/--out {args.out!r}: not a valid Python variable name")
-    if args.save is not None and not args.save.lower().endswith(".png"):
-        raise UsageError(f"--save {args.save!r}: cascade_lab writes PNG files (they carry the parameters)")
+    if args.save is not None:  # before any work: a path that cannot be written would lose the image
+        from ..results import check_output_path
+
+        try:
+            check_output_path(args.save)
+        except ValueError as exc:
+            raise UsageError(f"--save {exc}") from None
+    elif args.overwrite:
+        raise UsageError("--overwrite is for --save FILE.png")
 
     opts: dict[str, Any] = {}
     if args.size is not None:
@@ -432,6 +433,7 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
                 raise UsageError(f"--control {kind}:{spec}: {exc}") from None
         if args.upscale is not None:
             from ..controls import upscale_options
+            from ..images import image_size
 
             if args.image is None:
                 raise UsageError("--upscale 2x needs --image IMAGE: the picture to upscale")
@@ -442,7 +444,7 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
             opts.pop("strength", None)
             controls.append(Control("super_resolution", image, 1.0, model=files[-1]).validate())
             try:
-                opts = upscale_options(image_size(image), opts)
+                opts = upscale_options(image_size(image, "--image"), opts)
             except ValueError as exc:
                 raise UsageError(f"--upscale: {exc}") from None
         opts["controls"] = controls
@@ -456,4 +458,4 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
         count = len(prompts) if isinstance(prompts, list) else 1
         raise UsageError(f"%%cascade: {len(negatives)} negative prompts for {count} prompt(s); give one negative "
                          f"prompt for all, or one per prompt separated by '{NEXT_SEPARATOR}'")
-    return CellRequest(prompts, negatives, opts, args.out, args.save, args.preview)
+    return CellRequest(prompts, negatives, opts, args.out, args.save, args.preview, args.overwrite)

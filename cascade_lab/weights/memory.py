@@ -11,9 +11,9 @@ Stage C's compute dtype (the pipeline runs them in it), once per control.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..registry import Variant
 from .controlnets import CONTROLNET_FILES
@@ -151,6 +151,56 @@ def controlnet_stage_c(control: str | os.PathLike[str]) -> str | None:
     widths = {t.shape[0] for k, t in read_header(control).tensors.items()
               if k.split(".")[-2:] == ["2", "weight"] and "projections." in k}
     return STAGE_C_WIDTH.get(widths.pop()) if len(widths) == 1 else None
+
+
+def _width(module: Any, path: Sequence[Any], fallback: int) -> int:
+    """The out_channels of the conv at ``path`` (attribute names and indexes) in a stage, or `fallback` when the
+    stage is not a loaded module (a `Lazy` loader keeps its config: its width is read from there)."""
+    config = getattr(module, "config", None)
+    if config is not None and not hasattr(module, "parameters"):
+        hidden = getattr(config, "c_hidden", None)
+        if isinstance(hidden, int):  # Stage A: its top level is c_hidden / 2**(levels - 1)
+            return hidden // 2 ** (int(getattr(config, "levels", 2)) - 1)
+        if isinstance(hidden, (list, tuple)) and hidden:
+            return int(hidden[0])
+        return fallback
+    node = module
+    try:
+        for step in path:
+            node = node[step] if isinstance(step, int) else getattr(node, step)
+        return int(node.out_channels)
+    except (AttributeError, IndexError, TypeError):
+        return fallback
+
+
+def activation_bytes(stage_a: Any, stage_b: Any, width: int, height: int, batch: int = 1) -> int:
+    """A lower bound of the memory a generation's decoding needs beyond the weights, at ``width`` x ``height``:
+
+    Stage A's top level runs at half the image resolution with c0 channels and ResBlocks that widen them 4x
+    (input, widened and output tensors live together: 6·c0 values per half-resolution pixel); Stage B's top
+    level likewise at 1/8 of it with its c_hidden[0]; and the image itself (float32 RGB, twice while it is
+    converted). Float32 values: Stage A and the decode run in float32. Official full-size: ~1.4 KB per pixel."""
+    c_a = _width(stage_a, ("in_block", 1), 192)  # official Stage A: 192 at H/2
+    c_b = _width(stage_b, ("embedding", 1), 320)  # official Stage B: 320 at H/8
+    per_pixel = 6 * c_a * 4 / 4 + 6 * c_b * 4 / 64 + 3 * 4 * 2
+    return int(batch * width * height * per_pixel)
+
+
+def check_generation_fits(stage_a: Any, stage_b: Any, width: int, height: int, batch: int,
+                          device: str | torch.device = "cpu", *, available: int | None = None) -> None:
+    """Refuse a size whose decoding cannot fit the free memory of ``device``, naming the largest size (same
+    aspect ratio, multiples of 128) and batch that would, before any sampling starts."""
+    need = activation_bytes(stage_a, stage_b, width, height, batch)
+    free = available_memory(device) if available is None else available
+    if free <= 0 or need <= free:
+        return
+    scale = (free / need) ** 0.5
+    w, h = (max(128, int(width * scale) // 128 * 128), max(128, int(height * scale) // 128 * 128))
+    fits_batch = batch > 1 and activation_bytes(stage_a, stage_b, width, height, 1) <= free
+    more = (f", or batch_size={max(1, int(free // activation_bytes(stage_a, stage_b, width, height, 1)))} at this "
+            "size") if fits_batch else ""
+    raise ValueError(f"{width}x{height} (batch {batch}) needs at least {need / GiB:.1f} GiB to decode, more than the "
+                     f"{free / GiB:.1f} GiB free on {device}; the largest size that fits is about {w}x{h}{more}")
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:

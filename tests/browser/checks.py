@@ -11,6 +11,8 @@ import base64
 import hashlib
 import io
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from cascade_lab import read_png_params
@@ -75,7 +77,10 @@ def check_cascade_cell(nb: Notebook) -> dict[str, Any]:
     assert final.startswith("png:") and final not in previews, f"the final image is {final}, not a new PNG"
     text = nb.output_text(1)
     assert re.search(r"seed 3 · demo · 128x128 · C \S+ 24 steps", text), f"no parameter caption in {text!r}"
-    params = read_png_params(io.BytesIO(_bytes(images.first.get_attribute("src") or "")))  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory() as folder:  # the PNG as a person saves it from the page
+        saved = Path(folder) / "result.png"
+        saved.write_bytes(_bytes(images.first.get_attribute("src") or ""))
+        params = read_png_params(saved)
     assert (params.prompt, params.seed, params.steps_c) == (PROMPT, 3, 24), f"the PNG carries {params}"
     nb.run(2)
     assert nb.output_text(2).strip() == "3 24 demo", nb.output_text(2)

@@ -154,6 +154,7 @@ class Notebook:
 
     def __init__(self, page: Any, lab: JupyterLab, name: str, cells: list[str], *, timeout_s: float = 90) -> None:
         self.page, self.lab, self.name, self.cells = page, lab, name, cells
+        self._counts: dict[int, int | None] = {}  # each cell's execution count before its latest run
         write_notebook(lab.root / name, cells)
         page.goto(lab.url(name))
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
@@ -187,20 +188,23 @@ class Notebook:
 
     def run(self, index: int, *, wait: bool = True, timeout_s: float = 120) -> None:
         """Run cell ``index`` as a person would (select it, Shift+Enter's command); wait for it to finish."""
+        self._counts[index] = self.page.evaluate(
+            "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i].model.executionCount", index)
         self.page.evaluate("""(i) => {
             const panel = window.jupyterapp.shell.currentWidget; panel.content.activeCellIndex = i;
-            panel.content.deselectAll(); return window.jupyterapp.commands.execute('notebook:run-cell');
+            panel.content.deselectAll();
+            window.jupyterapp.commands.execute('notebook:run-cell');  // not awaited: it resolves when the cell ends
         }""", index)
         if wait:
             self.wait_done(index, timeout_s)
 
     def wait_done(self, index: int, timeout_s: float = 120) -> None:
-        """Until cell ``index`` has an execution count (it ran) and the kernel is idle again."""
+        """Until cell ``index`` has a new execution count (it ran) and the kernel is idle again."""
         self.page.wait_for_function(
-            """(i) => { const w = window.jupyterapp.shell.currentWidget; const cell = w.content.widgets[i];
-                        const k = w.sessionContext.session.kernel;
-                        return cell.model.executionCount !== null && k.status === 'idle'; }""",
-            arg=index, timeout=timeout_s * 1000)
+            """([i, before]) => { const w = window.jupyterapp.shell.currentWidget; const cell = w.content.widgets[i];
+                const k = w.sessionContext.session.kernel; const count = cell.model.executionCount;
+                return count !== null && count !== before && k.status === 'idle'; }""",
+            arg=[index, self._counts.get(index)], timeout=timeout_s * 1000)
 
     def output(self, index: int) -> Any:
         """The output area of cell ``index`` (a Playwright locator)."""

@@ -156,7 +156,9 @@ class Cascade:
 
     # -- LoRA ----------------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0) -> None:
-        """Merge a Stage C LoRA (kohya ``lora_unet_*``, OneTrainer ``lora_prior_unet_*``, official ``weights.N``)."""
+        """Merge a Stage C LoRA (kohya ``lora_unet_*``, OneTrainer ``lora_prior_unet_*`` and its newer layouts,
+        ComfyUI, official ``weights.N``); a text-encoder part (``lora_te_*``) is merged into CLIP-G at the same
+        strength."""
         from .models.lora import apply_lora, load_lora_file
 
         key = str(path)
@@ -164,7 +166,9 @@ class Cascade:
         if any(p == key for p, _, _ in self.loras):
             raise ValueError(f"LoRA {key!r} is already loaded; use unload_lora({key!r}) first or set_lora_strength")
         lora = load_lora_file(path)  # fails on a bad file before the model is touched
-        handle = apply_lora(self.pipeline.stages.stage_c, lora, strength)
+        text_encoder = self.pipeline.stages.text_encoder  # a kohya/OneTrainer file's lora_te_* part goes to CLIP-G
+        loaded = text_encoder if hasattr(getattr(text_encoder, "model", None), "named_modules") else None
+        handle = apply_lora(self.pipeline.stages.stage_c, lora, strength, text_encoder=loaded)
         self.loras.append((key, float(strength), handle))
 
     def set_lora_strength(self, path: str | Path, strength: float) -> None:

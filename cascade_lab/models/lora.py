@@ -265,6 +265,9 @@ def load_lora_file(path: str | Path) -> LoraWeights:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     _refuse_pickle(path)
+    from ..weights.safetensors_io import read_header
+
+    read_header(path)  # an empty, truncated or corrupt file: one sentence naming it (WeightsFileError), as stages
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -90,6 +90,12 @@ def load_stage(
     cfg = _config(stage, src, config)
     plan = plan_official(src.header.keys(), stage, src.component.prefix)
     stored = _main_dtype(src.header, plan)
+    if dtype is None and stored is not None and stored not in ("float32", "bfloat16", "float16"):
+        import warnings
+
+        warnings.warn(f"{src.path} stores its {stage} weights as {stored}; loading them as float32 (pass dtype= "
+                      "to choose another)", stacklevel=2)
+        dtype = torch.float32
     target = dtype if dtype is not None else (getattr(torch, stored) if stored else None)
     if stage == "stage_c" and target == torch.float16:
         from ..models.stage_c import FP16_ERROR
@@ -100,6 +106,14 @@ def load_stage(
         model = cfg.build()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(src, plan, expected, built=f"{type(model).__name__} from {cfg!r}")
+    floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    ints = sorted(k for k, r in plan.items() if k in floats
+                  and not src.header.tensors[r.sources[0]].torch_dtype_name.startswith(("float", "bfloat")))
+    if ints:
+        kinds = sorted({src.header.tensors[plan[k].sources[0]].torch_dtype_name for k in ints})
+        raise TypeError(f"{src.path}: {len(ints)} {stage} weights are stored as {'/'.join(kinds)} (e.g. {ints[0]}), "
+                        "a quantized file without the scales to undo it; cascade_lab loads float32, bfloat16 or "
+                        "float16 files: use the official file or dequantize this one first")
     if stage == "effnet":
         check_effnet_constants(src.header, src.component.prefix)
     state = dict(read_tensors(src.header, plan, dtype=dtype, device=device, mmap=mmap))

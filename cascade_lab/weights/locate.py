@@ -103,6 +103,29 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+_HUB_PROBE: dict[str, str | None] = {}  # endpoint -> why it cannot be reached (None: reachable), once per process
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (one TCP connection to its endpoint, ``timeout``
+    seconds, remembered for the process), or None when it can. Without this a download retries for minutes."""
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if endpoint not in _HUB_PROBE:
+        import socket
+
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname or "huggingface.co", parts.port or (443 if parts.scheme != "http" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                _HUB_PROBE[endpoint] = None
+        except OSError as exc:
+            _HUB_PROBE[endpoint] = (f"{host}:{port} cannot be reached ({exc.strerror or exc}); no network? Set "
+                                    "HF_HUB_OFFLINE=1 to skip this check")
+    return _HUB_PROBE[endpoint]
+
+
 def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
 
@@ -194,7 +217,13 @@ def find_files(
         else:
             missing.append(search)
     offline = hf_offline()
+    unreachable = None
     if missing and download and not offline:
+        unreachable = hub_unreachable()
+    if unreachable is not None:  # one quick probe instead of minutes of retries per file
+        for search in missing:
+            search.looked.append(f"the Hub (not tried: {unreachable})")
+    elif missing and download and not offline:
         still = []
         for search in missing:
             try:
@@ -203,7 +232,7 @@ def find_files(
                 search.looked.append(f"download failed: {type(exc).__name__}: {exc}")
                 still.append(search)
         missing = still
-    missing += _missing_companions(list(wanted), v, found, cache, download and not offline)
+    missing += _missing_companions(list(wanted), v, found, cache, download and not offline and unreachable is None)
     if missing:
         raise WeightsNotFoundError(_message(title, fix, missing, offline, download, comfy))
     return {c: found[c] for c in wanted}
@@ -358,7 +387,9 @@ def _download_companions(f: VariantFile, patterns: list[str], cache: Path) -> An
 def _message(title: str, fix: str, missing: list[_Search], offline: bool, download: bool,
              comfy: ComfyUIFolders) -> str:
     why = ("HF_HUB_OFFLINE is set, so nothing was downloaded" if offline else
-           "downloading was turned off" if not download else "the download failed")
+           "downloading was turned off" if not download else
+           "the Hugging Face Hub cannot be reached" if any(p.startswith("the Hub (not tried") for s in missing
+                                                          for p in s.looked) else "the download failed")
     lines = [f"{title}: {len(missing)} file(s) not found ({why})."]
     for s in missing:
         lines.append(f"  {s.component}: {hub_path(s.file)} from {s.file.repo_id}")

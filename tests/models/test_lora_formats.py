@@ -335,3 +335,30 @@ def test_comfyui_style_clip_side_alone(tmp_path):
     assert_state_close(text.model, want)
     handle.remove()
     assert_state_equal(text.model, te_base.state_dict())
+
+
+def test_cascade_load_lora_merges_the_text_encoder_part(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`Cascade.load_lora` gives a kohya file's ``lora_te_*`` part to CLIP-G: the prompt's embedding changes by
+    the merged delta, and unloading brings the text encoder back bit for bit."""
+    from safetensors.torch import save_file
+
+    from cascade_lab import Cascade
+
+    cascade = Cascade("tiny")
+    text = cascade.pipeline.stages.text_encoder
+    fc1 = text.model.text_model.encoder.layers[0].mlp.fc1
+    before = fc1.weight.detach().clone()
+    base = text.encode(["a red circle"])[0].clone()
+    g = torch.Generator().manual_seed(1)
+    down, up = torch.randn(2, fc1.in_features, generator=g), torch.randn(fc1.out_features, 2, generator=g)
+    path = tmp_path / "te.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": up,
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(2.0)}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is set aside
+        cascade.load_lora(path, 0.5)
+    torch.testing.assert_close(fc1.weight, before + 0.5 * up @ down)
+    assert not torch.equal(text.encode(["a red circle"])[0], base)
+    cascade.unload_lora(path)
+    assert torch.equal(fc1.weight, before)

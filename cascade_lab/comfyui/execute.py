@@ -158,7 +158,10 @@ class Executor:
 
     def node_CLIPVisionEncode(self, node_id: str, clip_vision: ClipVision, image: Tensor, crop: str) -> Any:
         encoder = clip_vision.encoder()
-        return encoder.encode(image.permute(0, 3, 1, 2)).float().cpu()[:, 0]  # [B, 768]
+        pixels = image_nodes.clip_preprocess(image, encoder.size, crop=crop == "center")
+        with torch.inference_mode():
+            out = encoder.model(pixel_values=pixels.to(encoder.device, encoder.dtype))
+        return out.image_embeds.float().cpu()  # [B, 768]
 
     def node_unCLIPConditioning(self, node_id: str, conditioning: list[Cond], clip_vision_output: Tensor,
                                 strength: float, noise_augmentation: float) -> Any:
@@ -265,8 +268,14 @@ class Executor:
             plan = _window(plan, start, end, force_full_denoise)
         module = model.module()
         if stage == "c":
+            from .ragged import RaggedModel, pad_pair
+
             width = int(module.clip_img_mapper.in_features)
             cond, uncond = _stage_c_inputs(pos, B, width), _stage_c_inputs(neg, B, width)
+            keys = ("clip_text", "clip_img")
+            if not math.isclose(cfg, 1.0):  # (CFG 1 runs the positive only)
+                cond, uncond, ragged = pad_pair(cond, uncond, keys)  # e.g. unCLIP with two images: two forwards
+                module = RaggedModel(module, keys) if ragged else module
             controls = self._controls(pos, samples.shape)
             features = self.pipeline.control_features(controls, B) if controls else []
             extra = self.pipeline.control_inputs(controls, features)
@@ -289,14 +298,23 @@ class Executor:
         return Latent(out, "c", info=info)
 
     def _controls(self, cond: Cond, shape: Any) -> list[ControlInput]:
+        """The conditioning's ControlNets with their hints as ComfyUI prepares them for Stable Cascade: centre
+        crop and resize to the latent × 32 (bilinear; the super-resolution one × 1, nearest-exact), a 1-channel
+        ControlNet (canny) gets the channel mean."""
         inputs = []
         h, w = int(shape[-2]), int(shape[-1])
         for net, hint, strength, start, end in cond.controls:
             module = net.module()
-            image = image_nodes.upscale(hint.permute(0, 3, 1, 2), w * 32, h * 32, "bilinear", "center")
-            c_in = int(getattr(getattr(module, "config", None), "c_in", image.size(1)) or image.size(1))
-            image = image[:, :c_in] if c_in <= image.size(1) else image
-            inputs.append(ControlInput(module, image.float(), strength, start, end))
+            c_in = int(getattr(module, "c_in", hint.shape[-1]))
+            ratio, method = (1, "nearest-exact") if getattr(module, "bottleneck_mode", "") == "large" else (
+                32, "bilinear")
+            image = image_nodes.upscale(hint.movedim(-1, 1).float(), w * ratio, h * ratio, method, "center")
+            if c_in == 1 and image.size(1) > 1:
+                image = image.mean(1, keepdim=True)
+            if image.size(1) != c_in:
+                raise ValueError(f"the ControlNet {net.path.name} takes {c_in} channels, its image has "
+                                 f"{image.size(1)} (inpainting takes RGB + alpha: JoinImageWithAlpha)")
+            inputs.append(ControlInput(module, image, strength, start, end))
         return inputs
 
     def node_VAEDecode(self, node_id: str, samples: Latent, vae: Vae) -> Any:

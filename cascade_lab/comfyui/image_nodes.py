@@ -119,3 +119,26 @@ def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source
     region = out[:, y:y + h, x:x + w]
     out[:, y:y + h, x:x + w] = src[:, :h, :w] * m + region * (1 - m)
     return out
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(image: Tensor, size: int = 224, crop: bool = True) -> Tensor:
+    """CLIPVisionEncode's input: IMAGE [B, H, W, 3] → [B, 3, size, size]: the short side to ``size`` (bicubic,
+    antialiased, the long side rounded), centre crop (``crop``; else a plain resize), 8-bit rounding, CLIP's
+    mean / std."""
+    x = image[..., :3].movedim(-1, 1).float()
+    H, W = x.shape[-2:]
+    if crop:
+        scale = size / min(H, W)
+        x = F.interpolate(x, size=(round(scale * H), round(scale * W)), mode="bicubic", antialias=True)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    else:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    x = torch.clip(x * 255, 0, 255).round() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -46,7 +46,8 @@ class ModelFiles:
             return ImageEncoder.from_file(path, config=self._clip_config("image_encoder"), dtype=torch.float32)
         from ..weights import load_stage
 
-        module = load_stage(part, path, dtype=torch.float32, config=self.configs.get(part)).requires_grad_(False)
+        config = self.configs.get(f"{part}:{path.name}", self.configs.get(part))  # per file, else per part
+        module = load_stage(part, path, dtype=torch.float32, config=config).requires_grad_(False)
         if loras:
             from ..models.lora import apply_lora, load_lora_file
 

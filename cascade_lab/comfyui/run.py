@@ -74,7 +74,8 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     ``set``: ``{"3.seed": 5, "6.text": "a fox"}`` changes node inputs first. ``outputs``: node outputs given
     instead of running the node, ``{"6": (cond [1, 77, C], pooled [1, C])}`` for a CLIPTextEncode (no tokenizer
     needed), ``{"49": latent}`` for a StableCascade_StageC_VAEEncode (its stage_c; stage_b follows), or a tuple of
-    every output. ``configs``: model configs for sizes a file's header cannot name (``{"stage_c": {...}}``).
+    every output. ``configs``: model configs for sizes a file's header cannot name (``{"stage_c": {...}}``, or
+    per file ``{"controlnet:canny.safetensors": {...}}``).
     ``tokenizer``: a CLIP tokenizer folder (default: next to the checkpoint, the Hub cache, ComfyUI's
     ``comfy/sd1_tokenizer``; `cascade_lab.comfyui.tokenizer.write_clip_tokenizer` makes one offline).
     ``output_dir``: SaveImage nodes write ``<prefix>_00001_.png`` there as ComfyUI (with the workflow and

@@ -1,0 +1,165 @@
+"""ComfyUI's other official Stable Cascade examples (comfyanonymous/ComfyUI_examples, stable_cascade/: canny and
+inpainting ControlNets, image remixing with one and two images), their API prompt and UI workflow as the PNGs
+carry them (tests/comfyui/workflows/), run unchanged but for --set sizes on the tiny models under the examples'
+own file names: the reference's checkpoints, tiny random ControlNets, synthetic input images.
+
+There are no ComfyUI numbers for these; the tests check what each workflow's nodes must do: the edge preview,
+the ControlNet and the unCLIP images changing Stage C, the inpainting composite keeping the input outside the mask.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_dir
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from comfy_models import load  # noqa: E402
+
+from cascade_lab.comfyui import WorkflowError, read_workflow, run  # noqa: E402
+
+HERE = Path(__file__).parent / "workflows"
+SMALL = {"34.width": 256, "34.height": 256}  # the examples' 1024² → 256²: the same graph, 16× less work
+TINY_CNET = {"c_proj": 32, "proj_blocks": [0, 5], "bottleneck_mode": "simple"}  # feeds the tiny Stage C's blocks
+
+
+def bare(graph: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
+
+
+@pytest.mark.parametrize("name", ["canny_controlnet", "image_remixing", "image_remixing_multiple"])
+def test_the_ui_workflows_give_the_api_prompts_comfyui_queued(name: str) -> None:
+    ui, _ = read_workflow(HERE / f"{name}.workflow.json")
+    api, _ = read_workflow(HERE / f"{name}.api.json")
+    assert bare(ui) == bare(api)
+
+
+def test_a_group_node_workflow_says_how_to_run_it() -> None:
+    with pytest.raises(WorkflowError, match="group nodes \\(StableCascadeInpaintCnet\\)"):
+        read_workflow(HERE / "inpaint_controlnet.workflow.json")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ComfyUI install with the examples' file names: the tiny checkpoints, tiny ControlNets, input images."""
+    from safetensors.torch import save_file
+
+    from cascade_lab.models.controlnet import ControlNetConfig
+
+    root = tmp_path_factory.mktemp("comfy") / "ComfyUI"
+    models = reference_dir("comfyui", "models")
+    for kind, name, target in (("checkpoints", "stable_cascade_stage_c.safetensors", "stable_cascade_stage_c_tiny"),
+                               ("checkpoints", "stable_cascade_stage_b.safetensors", "stable_cascade_stage_b_tiny")):
+        (root / "models" / kind).mkdir(parents=True, exist_ok=True)
+        (root / "models" / kind / name).symlink_to(models / f"{target}.safetensors")
+    (root / "models" / "controlnet").mkdir(parents=True)
+    torch.manual_seed(0)
+    for name, c_in in (("stable_cascade_canny.safetensors", 1), ("stable_cascade_inpainting.safetensors", 4)):
+        net = ControlNetConfig(c_in=c_in, **TINY_CNET).build()  # type: ignore[arg-type]
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "models" / "controlnet" / name))
+    (root / "input").mkdir()
+    (root / "input" / "example.png").symlink_to(reference_dir("comfyui", "workflows", "input") / "example.png")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:128]
+    for name, colour in (("mountains.png", (40, 90, 200)), ("sunset.png", (230, 120, 30))):
+        pixels = (np.array(colour) * (0.5 + 0.5 * np.sin(xx / 9.0 + yy / 13.0))[..., None]).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "input" / name)
+    rgba = rng.integers(0, 255, (160, 240, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[40:100, 60:160, 3] = 0  # the hole to inpaint (LoadImage's mask = 1 − alpha)
+    Image.fromarray(rgba, "RGBA").save(root / "input" / "yosemite_inpaint_example.png")
+    return root
+
+
+def configs(**controlnets: int) -> dict[str, Any]:
+    tiny = json.loads((reference_dir("comfyui") / "config.json").read_text())["tiny"]
+    out = {part: tiny[part] for part in ("stage_c", "stage_b", "stage_a", "previewer")}
+    out["image_encoder"] = tiny["clip_vision"]
+    for name, c_in in (("stable_cascade_canny.safetensors", 1), ("stable_cascade_inpainting.safetensors", 4)):
+        out[f"controlnet:{name}"] = {"c_in": c_in, **TINY_CNET}
+    return out
+
+
+def texts() -> dict[str, Any]:
+    """The examples' prompts are the reference's: ComfyUI's stored CLIPTextEncode outputs stand in for CLIP."""
+    stored = load(reference_dir("comfyui", "workflows") / "text_to_image.result.safetensors")
+    return {"6": (stored["6.cond"], stored["6.pooled"]), "7": (stored["7.cond"], stored["7.pooled"])}
+
+
+def example(name: str, comfy: Path, **settings: Any) -> Any:
+    return run(HERE / f"{name}.api.json", models=comfy, outputs=texts(), configs=configs(), set={**SMALL, **settings})
+
+
+@pytest.mark.reference
+def test_canny_controlnet_example(comfy: Path) -> None:
+    out = example("canny_controlnet", comfy)
+    edges = out.images["52"]  # PreviewImage of the Canny node: 224² (ImageScale), one edge map in 3 channels
+    assert edges.shape == (1, 224, 224, 3) and set(edges.unique().tolist()) <= {0.0, 1.0} and edges.sum() > 0
+    assert torch.equal(edges[..., 0], edges[..., 2])
+    result = out["9"]
+    assert result.images[0].size == (256, 256) and result.params.seed == 784805947292946
+    off = example("canny_controlnet", comfy, **{"49.strength": 0.0})
+    assert not torch.allclose(result.latent_c, off["9"].latent_c), "the ControlNet must change Stage C"
+
+
+@pytest.mark.reference
+def test_inpainting_controlnet_example_from_its_api_prompt(comfy: Path) -> None:
+    out = example("inpaint_controlnet", comfy)
+    final, generated = out.images["9"], out.images["76"]  # the composite, and Stage A's image before it
+    assert final.shape == generated.shape == (1, 256, 256, 3)
+    with Image.open(comfy / "input" / "yosemite_inpaint_example.png") as png:
+        rgb = torch.from_numpy(np.asarray(png.convert("RGB")).astype(np.float32) / 255)
+    # ImageCompositeMasked(resize_source): the input, resized to 256², wherever the inverted mask shrunk by 8 px is 1
+    kept = final[0, 8:24, 8:24]
+    source = torch.nn.functional.interpolate(rgb.movedim(-1, 0)[None], size=(256, 256), mode="bilinear")[0]
+    torch.testing.assert_close(kept, source.movedim(0, -1)[8:24, 8:24], atol=1e-6, rtol=0)
+    assert not torch.allclose(kept, generated[0, 8:24, 8:24])
+    hole = final[0, 80:140, 100:150]  # well inside the hole (rows 40..100, cols 60..160 of 160×240 → ×1.6 / ×1.07)
+    torch.testing.assert_close(hole, generated[0, 80:140, 100:150])
+    off = example("inpaint_controlnet", comfy, **{"49.strength": 0.0})
+    assert out["76"].latent_c is not None, "the preview of VAEDecode's image is the generation's Result"
+    assert not torch.allclose(out["76"].latent_c, off["76"].latent_c), "the ControlNet must change Stage C"
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", ["image_remixing", "image_remixing_multiple"])
+def test_image_remixing_examples(name: str, comfy: Path) -> None:
+    out = example(name, comfy)
+    plain = example(name, comfy, **{"51.strength": 0.0, **({"53.strength": 0.0} if "multiple" in name else {})})
+    assert out["9"].images[0].size == (256, 256)
+    assert not torch.allclose(out["9"].latent_c, plain["9"].latent_c), "the CLIP vision embedding must count"
+
+
+def test_cond_and_uncond_of_different_lengths_run_as_separate_calls() -> None:
+    """Two unCLIP images on the positive side, none on the negative: the same numbers as two model calls."""
+    from cascade_lab.comfyui.ragged import RaggedModel, pad_pair
+
+    def model(x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_img: torch.Tensor,
+              cnet: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(clip_img.shape[1])
+        return x * r.view(-1, 1, 1, 1) + clip_img.sum((1, 2)).view(-1, 1, 1, 1) + clip_text.mean() + cnet[0]
+
+    calls: list[int] = []
+    torch.manual_seed(0)
+    cond = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.randn(2, 2, 8)}
+    uncond = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.zeros(2, 1, 8) + 0.5}
+    padded_c, padded_u, ragged = pad_pair(cond, uncond, ("clip_text", "clip_img"))
+    assert ragged and padded_u["clip_img"].shape == (2, 2, 8)
+    x, r, cnet = torch.randn(4, 3, 5, 5), torch.rand(4), [torch.randn(4, 3, 5, 5)]
+    batched = {k: torch.cat([padded_c[k], padded_u[k]]) for k in padded_c}
+    out = RaggedModel(model, ("clip_text", "clip_img"))(x, r, cnet=cnet, **batched)
+    assert calls == [2, 1]
+    calls.clear()
+    expected = torch.cat([model(x[:2], r[:2], cnet=[cnet[0][:2]], **cond), model(x[2:], r[2:], cnet=[cnet[0][2:]],
+                                                                                  **uncond)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert pad_pair(cond, cond, ("clip_text", "clip_img"))[2] is False  # equal lengths: one call as before

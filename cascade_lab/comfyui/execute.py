@@ -6,7 +6,6 @@ cascade_lab generation: a `Result` with its `GenerationParams`, latents and PNG 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,6 @@ from .workflow import Graph, WorkflowError, title
 
 Tensor = torch.Tensor
 STAGE_B_SCALE = torch.tensor(1 / 0.43)  # ComfyUI's Stage B latent format: model latent / float32(1/0.43)
-WEIGHTING = re.compile(r"(?<!\\)[()]|embedding:", re.IGNORECASE)
 
 
 class Executor:
@@ -134,14 +132,10 @@ class Executor:
 
     # -- conditioning ------------------------------------------------------------------------------------
     def node_CLIPTextEncode(self, node_id: str, text: str, clip: Clip) -> Any:
-        if WEIGHTING.search(text):
-            raise NotImplementedError(
-                f"the prompt {text!r} uses ComfyUI's (word:1.2) weighting or embedding: syntax, which cascade_lab "
-                "does not reproduce yet; write the prompt without them (escape literal brackets as \\( \\)) or give "
-                f"the conditioning with outputs={{'{node_id}': (cond, pooled)}}")
-        encoder = clip.encoder()
-        cond, pooled = encoder.encode([text])  # [1, 77, C], [1, 1, C]
-        return [Cond(cond.float().cpu(), pooled[:, 0].float().cpu(), prompt=text, source=node_id)]
+        from .prompt import encode
+
+        cond, pooled = encode(clip.encoder(), text)  # [1, 77·windows, C], [1, C], (word:1.2) weights applied
+        return [Cond(cond, pooled, prompt=text, source=node_id)]
 
     def node_ConditioningZeroOut(self, node_id: str, conditioning: list[Cond]) -> Any:
         return [c.with_(cond=torch.zeros_like(c.cond), pooled=torch.zeros_like(c.pooled), prompt="",

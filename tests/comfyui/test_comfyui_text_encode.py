@@ -10,6 +10,7 @@ folder); without any of them these tests skip (the tokenizer is an optional extr
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,58 @@ def test_text_to_image_runs_from_the_workflow_alone_on_the_command_line(comfy: P
         assert (pixels[rows, cols] - comfy_u8).abs().max() <= 1, window
     params = read_png_params(png)
     assert (params.prompt, params.seed, params.seed_b) == (PROMPT, 314307448448003, 183495397600639)
+
+
+def test_weighted_pieces_follow_comfyuis_syntax() -> None:
+    from cascade_lab.comfyui.prompt import weighted_pieces
+
+    assert weighted_pieces("a (red:1.3) fox") == [("a ", 1.0), ("red", 1.3), (" fox", 1.0)]
+    nested = weighted_pieces("((big)) cat")
+    assert [p for p, _ in nested] == ["big", " cat"] and nested[0][1] == pytest.approx(1.21)
+    assert weighted_pieces("(a (b:0.5) c:2)") == [("a ", 2.0), ("b", 0.5), (" c", 2.0)]
+    assert weighted_pieces(r"a \(literal\) bracket") == [("a (literal) bracket", 1.0)]
+    assert weighted_pieces("ratio (16:9 is wide:x)")[0] == ("ratio ", 1.0)  # not a number: the 1.1 stays
+    assert weighted_pieces("ratio (16:9 is wide:x)")[1][1] == pytest.approx(1.1)
+
+
+class _Words:
+    """A tokenizer stand-in: one id per character, with start/end as a CLIP tokenizer adds them."""
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [1, *[ord(c) for c in text], 2]}
+
+
+def test_windows_keep_short_pieces_whole_and_split_long_ones() -> None:
+    from cascade_lab.comfyui.prompt import windows
+
+    assert len(windows(_Words(), "x" * 70 + "(abcde:2)", 1, 2)) == 1  # 70 + 5 tokens: one window
+    rows = windows(_Words(), "x" * 72 + "(abcde:2)", 1, 2)  # 72 + 5 > 75: the short piece starts window 2
+    assert [len(r) for r in rows] == [77, 77]
+    assert rows[0][:2] == [(1, 1.0), (ord("x"), 1.0)] and rows[0][73:] == [(2, 1.0)] * 4
+    assert rows[1][:7] == [(1, 1.0)] + [(ord(c), 2.0) for c in "abcde"] + [(2, 1.0)]
+    long = windows(_Words(), "y" * 100, 1, 2)  # a long piece fills window 1 (75 tokens), then goes on
+    assert [t for t, _ in long[0]].count(ord("y")) == 75 and [t for t, _ in long[1]].count(ord("y")) == 25
+    with pytest.raises(NotImplementedError, match="embedding:NAME"):
+        windows(_Words(), "a cat, embedding:easynegative", 1, 2)
+
+
+@pytest.mark.reference
+def test_weights_move_tokens_away_from_the_empty_prompt(tmp_path: Path, bpe: Any) -> None:
+    from cascade_lab.comfyui.prompt import encode
+    from cascade_lab.models.clip import TextEncoder
+
+    tiny = json.loads((reference_dir("comfyui") / "config.json").read_text())["tiny"]
+    from cascade_lab.comfyui.models import ModelFiles
+
+    files = ModelFiles({"text_encoder": tiny["clip_g_model_config"]}, write_clip_tokenizer(tmp_path / "tok", bpe))
+    encoder = files.load(reference_dir("comfyui", "models") / "stable_cascade_stage_c_tiny.safetensors",
+                         "text_encoder")
+    assert isinstance(encoder, TextEncoder)
+    plain, pooled = encode(encoder, "a red fox")
+    same, _ = encoder.encode(["a red fox"])
+    torch.testing.assert_close(plain, same.float(), rtol=1e-6, atol=1e-6)  # unweighted: the plain encoding
+    weighted, weighted_pooled = encode(encoder, "a (red:1.5) fox")
+    empty, _ = encode(encoder, "")
+    assert torch.equal(weighted_pooled, pooled)  # weights act on the tokens only
+    torch.testing.assert_close(weighted[0, 2], (plain[0, 2] - empty[0, 2]) * 1.5 + empty[0, 2])  # "red"
+    torch.testing.assert_close(weighted[0, [0, 1, 3, 4]], plain[0, [0, 1, 3, 4]])

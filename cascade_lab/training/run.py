@@ -309,9 +309,17 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
                          "adaptive_loss": trainer.weighting.to_dict() if adaptive is not None else None}
             write_json(info_json, folder / "info.json")
 
-        run.last_checkpoint = Checkpoints(cfg.output_dir, cfg.keep_checkpoints).save(trainer.step, write)
-        run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
-        emit("checkpoint", {"folder": run.last_checkpoint, "file": run.output_file})
+        try:
+            run.last_checkpoint = Checkpoints(cfg.output_dir, cfg.keep_checkpoints).save(trainer.step, write)
+            run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
+        except OSError as exc:  # disk full, permissions: the previous files stay whole; training goes on
+            kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else ""
+            warnings.warn(f"step {trainer.step}: the checkpoint could not be written ({exc.strerror or exc}: "
+                          f"{exc.filename or cfg.output_dir}){kept}; training goes on with the weights in memory "
+                          "and tries again at the next checkpoint", RuntimeWarning, stacklevel=2)
+            emit("checkpoint_failed", {"step": trainer.step, "error": str(exc)})
+        else:
+            emit("checkpoint", {"folder": run.last_checkpoint, "file": run.output_file})
     dist.barrier(info)
 
 

@@ -163,3 +163,33 @@ def test_cond_and_uncond_of_different_lengths_run_as_separate_calls() -> None:
                                                                                   **uncond)])
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert pad_pair(cond, cond, ("clip_text", "clip_img"))[2] is False  # equal lengths: one call as before
+
+
+@pytest.mark.reference
+def test_a_lora_loader_merges_into_stage_c_and_is_recorded(comfy: Path) -> None:
+    """LoraLoaderModelOnly between the Stage C checkpoint and its KSampler (a kohya file in models/loras/)."""
+    from safetensors.torch import save_file
+
+    (comfy / "models" / "loras").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_clip_txt_mapper.lora_down.weight": torch.randn(4, 24, generator=g),
+               "lora_unet_clip_txt_mapper.lora_up.weight": torch.randn(40, 4, generator=g),
+               "lora_unet_clip_txt_mapper.alpha": torch.tensor(4.0)},
+              str(comfy / "models" / "loras" / "style.safetensors"))
+    graph = json.loads((reference_dir("comfyui", "workflows") / "text_to_image.api.json").read_text())
+    graph["60"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["41", 0], "lora_name": "style.safetensors",
+                                                                   "strength_model": 0.8}}
+    graph["3"]["inputs"]["model"] = ["60", 0]
+    for name in ("41", "42"):
+        graph[name]["inputs"]["ckpt_name"] = graph[name]["inputs"]["ckpt_name"].replace("_tiny", "")
+
+    def latent_c(strength: float | None) -> Any:
+        changed = {"34.width": 256, "34.height": 256} | ({} if strength is None else {"60.strength_model": strength})
+        source = graph if strength is not None else {**graph, "3": {**graph["3"], "inputs": {**graph["3"]["inputs"],
+                                                                                            "model": ["41", 0]}}}
+        return run(source, models=comfy, outputs=texts(), configs=configs(), set=changed)["9"]
+
+    with_lora, without, zero = latent_c(0.8), latent_c(None), latent_c(0.0)
+    assert not torch.allclose(with_lora.latent_c, without.latent_c)
+    torch.testing.assert_close(zero.latent_c, without.latent_c, rtol=0, atol=0)
+    assert with_lora.params.loras == ((str(comfy / "models" / "loras" / "style.safetensors"), 0.8),)

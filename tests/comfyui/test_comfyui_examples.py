@@ -193,3 +193,42 @@ def test_a_lora_loader_merges_into_stage_c_and_is_recorded(comfy: Path) -> None:
     assert not torch.allclose(with_lora.latent_c, without.latent_c)
     torch.testing.assert_close(zero.latent_c, without.latent_c, rtol=0, atol=0)
     assert with_lora.params.loras == ((str(comfy / "models" / "loras" / "style.safetensors"), 0.8),)
+
+
+def _stage_c_only(sampler_nodes: dict[str, Any]) -> dict[str, Any]:
+    """Stage C from the tiny checkpoint, sampled by the given nodes, previewed through its Previewer."""
+    return {
+        "41": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "stable_cascade_stage_c.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a", "clip": ["41", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "b", "clip": ["41", 1]}},
+        "34": {"class_type": "StableCascade_EmptyLatentImage", "inputs": {"width": 256, "height": 256,
+                                                                          "compression": 42, "batch_size": 2}},
+        **sampler_nodes,
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["90", 0], "vae": ["41", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def _advanced(latent: list[Any], start: int, end: int, noise: str, leftover: str) -> dict[str, Any]:
+    return {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["41", 0], "add_noise": noise, "noise_seed": 5, "steps": 12, "cfg": 4.0, "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["6", 0], "negative": ["7", 0], "latent_image": latent,
+        "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+
+
+@pytest.mark.reference
+def test_ksampler_advanced_in_two_passes_equals_one_ksampler(comfy: Path) -> None:
+    """A deterministic sampler split at step 5 (leftover noise kept, the second pass adds none) is the same run
+    as one KSampler; the Stage C latent previews through the checkpoint's Previewer."""
+    whole = _stage_c_only({"90": {"class_type": "KSampler", "inputs": {
+        "model": ["41", 0], "seed": 5, "steps": 12, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["34", 0], "denoise": 1.0}}})
+    split = _stage_c_only({"89": _advanced(["34", 0], 0, 5, "enable", "enable"),
+                           "90": _advanced(["89", 0], 5, 10000, "disable", "disable")})
+    one = run(whole, models=comfy, outputs=texts(), configs=configs())
+    two = run(split, models=comfy, outputs=texts(), configs=configs())
+    assert one.images["9"].shape == (2, 48, 48, 3)  # 6×6 latents, the Previewer's 8×
+    torch.testing.assert_close(two.images["9"], one.images["9"], rtol=1e-6, atol=1e-6)
+    stopped = run(_stage_c_only({"90": _advanced(["34", 0], 0, 5, "enable", "disable")}), models=comfy,
+                  outputs=texts(), configs=configs())  # ends at step 5 denoised (σ → 0), unlike the first pass
+    assert not torch.allclose(stopped.images["9"], one.images["9"])

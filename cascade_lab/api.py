@@ -415,9 +415,10 @@ class Cascade:
                             float(control.end), control.kind), keep, view
 
     def _controlnet(self, control: Any) -> Any:
-        """The ControlNet module of a control: given, or its file (given, or found like the stages: folders,
-        ComfyUI's models/controlnet, the Hub cache, a one-file download), checked against its kind and the loaded
-        Stage C (a file from its header alone) before anything loads or runs."""
+        """The ControlNet module of a control: given, the variant's own (``Stages.controlnets``, the demo's), or its
+        file (given, or found like the stages: folders, ComfyUI's models/controlnet, the Hub cache, a one-file
+        download), checked against its kind and the loaded Stage C (a file from its header alone) before anything
+        loads or runs."""
         import torch
 
         from .weights import load_stage
@@ -425,6 +426,9 @@ class Cascade:
 
         stage_c = self.pipeline.stages.stage_c
         model = control.model
+        own = getattr(self.pipeline.stages, "controlnets", None) or {}  # kind -> loader: the demo's ControlNets
+        if model is None and control.kind in own:
+            model = own[control.kind]()
         if isinstance(model, torch.nn.Module):
             check_controlnet(model, control.kind, stage_c)
             return model.eval().requires_grad_(False)

@@ -5,20 +5,24 @@ convolutional encoder in the EfficientNet encoder's role (RGB → 16×8×8, whit
 the Previewer (16×8×8 → 64 px) and a small CLIP text tower with a word-level tokenizer; no file is
 downloaded. Stage C and Stage B are the official classes predicting v instead of ε (`DemoStageC`,
 `DemoStageB`: same keys, ε still what `forward` returns); Stage C also sees two coordinate channels.
-`build_demo` loads the shipped weights from ``cascade_lab/demo/weights/`` (fp16 on disk).
+`build_demo` loads the shipped weights from ``cascade_lab/demo/weights/`` (fp16 on disk), with the demo's
+ControlNets (`DemoControlNet`: the official module behind a strided stem, ``controlnet_<kind>.safetensors``).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..models.controlnet import ControlNet
 from ..models.previewer import PreviewerConfig
 from ..models.stage_a import StageAConfig
 from ..models.stage_b import StageB, StageBConfig
@@ -118,21 +122,26 @@ class EncoderConfig:
         return DemoEncoder(**asdict(self))
 
 
+def downsampling(c_in: int, c_hidden: Sequence[int]) -> list[nn.Module]:
+    """Per width: a stride-2 4×4 conv, GroupNorm, GELU, a 3×3 conv, GELU (each halves the size)."""
+    layers: list[nn.Module] = []
+    for c in c_hidden:
+        layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU(),
+                   nn.Conv2d(c, c, kernel_size=3, padding=1), nn.GELU()]
+        c_in = c
+    return layers
+
+
 class DemoEncoder(nn.Module):
     """The EfficientNet encoder's role at demo size: RGB [B, 3, H, W] in [0, 1] → latent [B, 16, H/16, W/16]."""
 
     def __init__(self, *, c_hidden: Sequence[int] = (32, 64, 128), c_latent: int = 16):
         super().__init__()
         self.downscale = 2 ** (len(c_hidden) + 1)  # image pixels per latent pixel (the pipeline resizes by it)
-        layers: list[nn.Module] = [nn.AvgPool2d(2)]  # flat shapes need no full-resolution features
-        c_in = 3
-        for c in c_hidden:
-            layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU(),
-                       nn.Conv2d(c, c, kernel_size=3, padding=1), nn.GELU()]
-            c_in = c
-        self.backbone = nn.Sequential(*layers)
+        # flat shapes need no full-resolution features: a 2x average pool first
+        self.backbone = nn.Sequential(nn.AvgPool2d(2), *downsampling(3, c_hidden))
         # as the official mapper: whiten the latent so Stage C sees roughly unit variance
-        self.mapper = nn.Sequential(nn.Conv2d(c_in, c_latent, kernel_size=1, bias=False),
+        self.mapper = nn.Sequential(nn.Conv2d(c_hidden[-1], c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(c_latent, affine=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +156,92 @@ class DemoEncoder(nn.Module):
 
 COMPRESSION = float(EncoderConfig().downscale)  # image pixels per Stage C latent pixel: 128 px → 8×8
 NATIVE = {"width": SIZE, "height": SIZE, "compression": COMPRESSION}  # what `Cascade` generates with
+
+
+# ------------------------------------------------------------------------------------------------ ControlNets
+
+CONTROLNET_C_IN = {"canny": 1, "inpainting": 4}  # channels of the official filters' outputs (`controls.filters`)
+
+
+@dataclass
+class DemoControlNetConfig:
+    """A `DemoControlNet`: the control image's channels, the strided stem's widths, the Stage C calls it feeds.
+
+    Four stride-2 convs take the 128 px control image to the 8×8 latent grid (16×, as the encoder) before the
+    official 'simple' bottleneck. The official canny ControlNet's EfficientNetV2-S (stride 32) is 4000× the demo
+    Stage C's cost; 'simple' alone runs at stride 1, and bilinear resizing of its 128 px output to 8×8 blocks
+    keeps 1 pixel in 256, so thin edges fall between the samples. ``proj_blocks``: all 8 ResBlock calls of the
+    demo Stage C (2 per level, down then up), all 64 wide.
+    """
+
+    c_in: int = 1
+    c_hidden: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    c_proj: int = 64
+    proj_blocks: list[int] = field(default_factory=lambda: list(range(8)))
+
+    @classmethod
+    def of(cls, kind: str) -> DemoControlNetConfig:
+        if kind not in CONTROLNET_C_IN:
+            raise ValueError(f"demo ControlNet kind {kind!r}: use one of {', '.join(CONTROLNET_C_IN)}")
+        return cls(c_in=CONTROLNET_C_IN[kind])
+
+    def build(self) -> DemoControlNet:
+        return DemoControlNet(**asdict(self))
+
+
+class DemoControlNet(ControlNet):
+    """The official `ControlNet` ('simple' bottleneck, `projections`, zero-initialised last convs) behind a
+    strided stem: control [B, c_in, 128, 128] → features [B, 64, 8, 8] for each ResBlock call in proj_blocks."""
+
+    def __init__(self, *, c_in: int = 1, c_hidden: Sequence[int] = (16, 32, 64, 64), c_proj: int = 64,
+                 proj_blocks: Sequence[int] = tuple(range(8))):
+        # the official module at width c_hidden[-1]: its 'simple' backbone and projections run on the 8×8 grid
+        super().__init__(c_in=c_hidden[-1], c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode="simple")
+        self.c_in, self.c_hidden = c_in, list(c_hidden)  # `check_controlnet` compares c_in with the kind
+        # (B, c_in, 128, 128) -> (B, c_hidden[-1], 8, 8) -> the 'simple' bottleneck, same shape
+        self.backbone = nn.Sequential(*downsampling(c_in, c_hidden), *self.backbone)
+
+
+def controlnet_file(kind: str, folder: str | Path | None = None) -> Path:
+    return Path(folder or WEIGHTS) / f"controlnet_{kind}.safetensors"
+
+
+def save_controlnet(net: DemoControlNet, kind: str, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """``controlnet_<kind>.safetensors`` in `dtype`, its config in the metadata (`load_controlnet` reads it)."""
+    from safetensors.torch import save_file
+
+    path = controlnet_file(kind, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"c_in": net.c_in, "c_hidden": net.c_hidden, "c_proj": net.c_proj, "proj_blocks": net.proj_blocks}
+    tensors = {k: v.to(dtype).contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"cascade_lab.demo": f"controlnet_{kind}", "config": json.dumps(config)})
+    return path
+
+
+def load_controlnet(kind: str = "canny", path: str | Path | None = None) -> DemoControlNet:
+    """The demo's `kind` ControlNet (float32, eval, frozen) from `path` (default: the shipped file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else controlnet_file(kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo ControlNet {path} is missing; train it with "
+                                f"`python -m cascade_lab.demo.train_controlnet --kind {kind} --out {path.parent}`")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("cascade_lab.demo") != f"controlnet_{kind}":
+        raise ValueError(f"{path} is not a demo {kind} ControlNet (its metadata says "
+                         f"{metadata.get('cascade_lab.demo')!r}); give a file `save_controlnet` wrote")
+    net = DemoControlNetConfig(**json.loads(metadata["config"])).build()
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def shipped_controlnets(folder: str | Path | None = None) -> dict[str, Callable[[], DemoControlNet]]:
+    """kind → loader of each demo ControlNet file present in `folder`: what `Cascade` uses when a control of the
+    demo variant names no model (``Stages.controlnets``)."""
+    return {kind: partial(load_controlnet, kind, controlnet_file(kind, folder))
+            for kind in CONTROLNET_C_IN if controlnet_file(kind, folder).is_file()}
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -267,9 +362,11 @@ def build_demo(weights: str | Path | None = None, **_: Any) -> Any:
     """The trained demo cascade (`pipeline.Stages`, variant ``demo``) from the shipped weights (or `weights`)."""
     stages = load_weights(fresh_stages(), weights or WEIGHTS)
     stages.native = dict(NATIVE)  # `Cascade` generates at this size and compression
+    stages.controlnets = shipped_controlnets(weights or WEIGHTS)  # a control naming no model uses these
     return stages
 
 
-__all__ = ["COMPRESSION", "DemoConfig", "DemoEncoder", "DemoStageB", "DemoStageC", "EncoderConfig", "NATIVE",
-           "PARTS", "TextConfig", "WEIGHTS", "WordTokenizer", "build_demo", "eps_from_v", "fresh_stages",
-           "load_weights", "module_of", "save_weights", "with_coordinates"]
+__all__ = ["COMPRESSION", "CONTROLNET_C_IN", "DemoConfig", "DemoControlNet", "DemoControlNetConfig", "DemoEncoder",
+           "DemoStageB", "DemoStageC", "EncoderConfig", "NATIVE", "PARTS", "TextConfig", "WEIGHTS", "WordTokenizer",
+           "build_demo", "controlnet_file", "downsampling", "eps_from_v", "fresh_stages", "load_controlnet",
+           "load_weights", "module_of", "save_controlnet", "save_weights", "shipped_controlnets", "with_coordinates"]

@@ -109,9 +109,10 @@ def check(graph: Graph, *, comfyui: str | os.PathLike[str] | None = None,
 
 def _check_link(graph: Graph, where: str, inp: Input, value: list[Any]) -> list[str]:
     source = str(value[0])
+    if source == "?":  # the UI form names a link its links list does not hold, or one from a deleted node
+        return [f"{where}: broken link (link {value[2]}) to no node of the workflow; reconnect it in ComfyUI"]
     if source not in graph:
-        link = f" (link {value[2]})" if len(value) == 3 else ""
-        return [f"{where}: broken link{link}, node {source} does not exist; reconnect it in ComfyUI"]
+        return [f"{where}: broken link, node {source} does not exist; reconnect it in ComfyUI"]
     spec = NODES.get(graph[source]["class_type"])
     if spec is None:
         return []

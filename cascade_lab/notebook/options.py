@@ -139,7 +139,7 @@ def _registered(kind: str) -> Callable[[str], str]:
     return check
 
 
-def weighted(text: str) -> tuple[str, float]:
+def weighted(text: str, what: str = "weight") -> tuple[str, float]:
     """``NAME[:WEIGHT]`` → (name, weight); a tail that is not a number stays part of the name (``C:\\x``)."""
     name, sep, tail = text.rpartition(":")
     if sep and name:
@@ -148,7 +148,7 @@ def weighted(text: str) -> tuple[str, float]:
         except ValueError:
             return text, 1.0
         if not math.isfinite(weight):
-            raise argparse.ArgumentTypeError(f"{text!r}: weight {tail} is not a finite number; use e.g. {name}:0.8")
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} {tail} is not a finite number; use e.g. {name}:0.8")
         return name, weight
     return text, 1.0
 
@@ -181,12 +181,9 @@ def mask_arg(spec: str, namespace: Mapping[str, Any]) -> Any:
 
 
 def lora_arg(text: str) -> tuple[str, float]:
-    path, strength = weighted(text)
+    path, strength = weighted(text, "strength")
     if not path.lower().endswith(".safetensors"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a .safetensors file, optionally with :STRENGTH")
-    if not math.isfinite(strength):
-        raise argparse.ArgumentTypeError(f"{text!r}: strength {strength} is not a finite number; use e.g. "
-                                         f"{path}:0.8 (1.0 = as trained)")
     return path, strength
 
 

@@ -101,7 +101,10 @@ def _api(data: Mapping[str, Any], where: str) -> Graph:
 
 
 # -- the UI form --------------------------------------------------------------------------------------------
-def _links(ui: Mapping[str, Any]) -> dict[int, tuple[int, int, int, int, str]]:
+Link = tuple[str, int, str, int, str]  # (origin node, origin slot, target node, target slot, type)
+
+
+def _links(ui: Mapping[str, Any]) -> dict[str, Link]:
     """link id → (origin node, origin slot, target node, target slot, type); list rows or objects."""
     out = {}
     for link in ui.get("links") or []:
@@ -110,20 +113,22 @@ def _links(ui: Mapping[str, Any]) -> dict[int, tuple[int, int, int, int, str]]:
                    link.get("type", "*"))
         else:
             row = tuple(link[:6])
-        out[int(row[0])] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]), str(row[5]))
+        out[str(row[0])] = (str(row[1]), int(row[2]), str(row[3]), int(row[4]), str(row[5]))
     return out
 
 
 def ui_to_api(ui: Mapping[str, Any]) -> Graph:
     """ComfyUI's UI workflow → its API graph, as the frontend builds the prompt it queues."""
-    if ui.get("extra", {}).get("groupNodes") if isinstance(ui.get("extra"), Mapping) else False:
-        names = ", ".join(sorted(ui["extra"]["groupNodes"]))
-        raise WorkflowError(f"this workflow uses group nodes ({names}); in ComfyUI, right-click each group node → "
-                            "Convert to nodes, save, and run that file (or export it with Export (API))")
-    nodes = {int(n["id"]): n for n in ui.get("nodes", [])}
+    nodes = {str(n["id"]): n for n in ui.get("nodes", [])}
     links = _links(ui)
+    extra = ui.get("extra")
+    groups = extra.get("groupNodes") if isinstance(extra, Mapping) else None
+    if groups:
+        from .groups import expand_group_nodes
 
-    def source(link_id: int, want: str, seen: frozenset[int] = frozenset()) -> Any:
+        nodes, links = expand_group_nodes(nodes, links, groups)
+
+    def source(link_id: str, want: str, seen: frozenset[str] = frozenset()) -> Any:
         """[origin id, slot] for a link, through reroutes and bypassed nodes; a primitive's value; None if muted."""
         if link_id not in links:
             return ("broken", link_id)
@@ -135,7 +140,7 @@ def ui_to_api(ui: Mapping[str, Any]) -> Graph:
             return ("broken", link_id)
         if node.get("type") == "Reroute":
             upstream = [i.get("link") for i in node.get("inputs", []) if i.get("link") is not None]
-            return source(int(upstream[0]), want, seen | {origin}) if upstream else None
+            return source(str(upstream[0]), want, seen | {origin}) if upstream else None
         if node.get("type") == "PrimitiveNode":
             values = node.get("widgets_values") or [None]
             return ("value", values[0])
@@ -148,11 +153,11 @@ def ui_to_api(ui: Mapping[str, Any]) -> Graph:
             candidates = [(i, inp) for i, inp in enumerate(node.get("inputs") or []) if inp.get("link") is not None
                           and inp.get("type") == out_type]
             candidates.sort(key=lambda c: c[0] != slot)
-            return source(int(candidates[0][1]["link"]), want, seen | {origin}) if candidates else None
-        return [str(origin), slot]
+            return source(str(candidates[0][1]["link"]), want, seen | {origin}) if candidates else None
+        return [origin, slot]
 
     graph: Graph = {}
-    for node_id, node in sorted(nodes.items()):
+    for node_id, node in sorted(nodes.items(), key=lambda item: _order(item[0])):
         kind = node.get("type", "")
         if kind in VIRTUAL or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
@@ -170,17 +175,18 @@ def ui_to_api(ui: Mapping[str, Any]) -> Graph:
                 continue  # a widget shown as a socket, not connected: its widgets_values entry holds the value
             if inp.get("link") is None:
                 continue
-            got = source(int(inp["link"]), inp.get("type", "*"))
+            got = source(str(inp["link"]), inp.get("type", "*"))
             if got is None:
                 inputs.pop(name, None)  # fed by a muted node: ComfyUI sends nothing (a required one then fails)
             elif isinstance(got, tuple) and got[0] == "value":
                 inputs[name] = got[1]
             elif isinstance(got, tuple):
-                inputs[name] = ["?", -1, got[1]]  # a link id the workflow does not hold: reported by the checks
+                link = int(got[1]) if str(got[1]).isdigit() else got[1]
+                inputs[name] = ["?", -1, link]  # a link to no node of the workflow: reported by the checks
             else:
                 inputs[name] = got
         meta = {"title": node["title"]} if node.get("title") else {}
-        graph[str(node_id)] = {"class_type": kind, "inputs": inputs, "_meta": meta}
+        graph[node_id] = {"class_type": kind, "inputs": inputs, "_meta": meta}
     return graph
 
 

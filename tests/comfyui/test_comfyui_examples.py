@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from comfy_models import load  # noqa: E402
 
-from cascade_lab.comfyui import WorkflowError, read_workflow, run  # noqa: E402
+from cascade_lab.comfyui import read_workflow, run  # noqa: E402
 
 HERE = Path(__file__).parent / "workflows"
 SMALL = {"34.width": 256, "34.height": 256}  # the examples' 1024² → 256²: the same graph, 16× less work
@@ -41,9 +41,20 @@ def test_the_ui_workflows_give_the_api_prompts_comfyui_queued(name: str) -> None
     assert bare(ui) == bare(api)
 
 
-def test_a_group_node_workflow_says_how_to_run_it() -> None:
-    with pytest.raises(WorkflowError, match="group nodes \\(StableCascadeInpaintCnet\\)"):
-        read_workflow(HERE / "inpaint_controlnet.workflow.json")
+def test_a_group_node_expands_into_the_nodes_comfyui_queued() -> None:
+    """The inpainting example's group node (EmptyImage, ThresholdMask, InvertMask, ImageCompositeMasked, a Reroute
+    and JoinImageWithAlpha) becomes the nodes of the API prompt, with its widget values and links."""
+    ui, _ = read_workflow(HERE / "inpaint_controlnet.workflow.json")
+    api, _ = read_workflow(HERE / "inpaint_controlnet.api.json")
+    inner = {"68:0": "62", "68:1": "66", "68:2": "64", "68:3": "61", "68:5": "60"}  # the ids ComfyUI gave them
+
+    def renamed(value: Any) -> Any:
+        return [inner.get(value[0], value[0]), value[1]] if isinstance(value, list) else value
+
+    expanded = {inner.get(k, k): {"class_type": v["class_type"], "inputs": {name: renamed(x) for name, x in
+                                                                            v["inputs"].items()}}
+                for k, v in ui.items()}
+    assert expanded == bare(api)
 
 
 @pytest.fixture(scope="module")

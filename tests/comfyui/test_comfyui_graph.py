@@ -92,10 +92,10 @@ def test_reroutes_primitives_muted_and_bypassed_nodes_as_the_frontend_sends_them
     assert ui_to_api(_ui(nodes, objects)) == graph  # type: ignore[arg-type]
 
 
-def test_group_nodes_are_refused_with_what_to_do() -> None:
-    ui = _ui([], [])
-    ui["extra"] = {"groupNodes": {"my sampler": {}}}
-    with pytest.raises(WorkflowError, match="group nodes .*my sampler.*Convert to nodes"):
+def test_a_group_node_the_workflow_does_not_define_is_named() -> None:
+    ui = _ui([_node(5, "workflow/my sampler")], [])
+    ui["extra"] = {"groupNodes": {"other": {"nodes": [], "links": []}}}
+    with pytest.raises(WorkflowError, match="node 5 is the group node 'my sampler', which the workflow does not"):
         ui_to_api(ui)
 
 

@@ -40,7 +40,7 @@ def run_command(args: Any) -> int:
 
     def progress(event: Any) -> None:
         if not args.quiet and (event.step + 1 == event.steps or event.step % 5 == 0):
-            print(f"stage {event.stage.upper()} step {event.step + 1}/{event.steps}", flush=True)
+            print(f"node {event.node} (Stage {event.stage.upper()}) step {event.step + 1}/{event.steps}", flush=True)
 
     configs = None
     if args.configs:

@@ -278,7 +278,7 @@ class Executor:
             uncond = _stage_b_inputs(neg, B, samples.shape, like=cond["effnet"])
             extra = None
         out = self.pipeline.sample_stage(stage, module, torch.float32, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
-                                         callback=self.callback, cancel=self.cancel, trajectory=None,
+                                         callback=self._events(node_id), cancel=self.cancel, trajectory=None,
                                          extra_inputs=extra)
         info = {**latent.info, "node": node_id, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name,
                 "scheduler": scheduler_name, "denoise": denoise, "shift": model.shift, "model": model.path.name,
@@ -290,6 +290,18 @@ class Executor:
             info["latent_c"] = stage_c.samples if isinstance(stage_c, Latent) else None
             return Latent(out / STAGE_B_SCALE, "b", raw=out, info=info)
         return Latent(out, "c", info=info)
+
+    def _events(self, node_id: str) -> Callable[[Any], Any] | None:
+        """The caller's callback, each `PipelineEvent` labelled with the KSampler node it comes from (``.node``)."""
+        callback = self.callback
+        if callback is None:
+            return None
+
+        def labelled(event: Any) -> Any:
+            event.node = node_id
+            return callback(event)
+
+        return labelled
 
     def _controls(self, cond: Cond, shape: Any) -> list[ControlInput]:
         """The conditioning's ControlNets with their hints as ComfyUI prepares them for Stable Cascade: centre

@@ -19,6 +19,8 @@ PARSER.add_argument("--models", default=None, help="the ComfyUI install or its m
 PARSER.add_argument("--input", default=None, help="LoadImage's folder (default: the install's input/)")
 PARSER.add_argument("-o", "--output", default=None, help="folder for the SaveImage PNGs (default: none written)")
 PARSER.add_argument("--as", dest="name", default=None, help=f"also store the outputs as NAME (always: {RESULTS})")
+PARSER.add_argument("--configs", default=None, metavar="JSON", help="model configs for sizes a header cannot name")
+PARSER.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder (vocab.json + merges.txt)")
 
 USAGE = "%cascade comfyui run FILE [--set NODE.INPUT=VALUE ...] [--models DIR] [-o DIR] [--as NAME]"
 
@@ -35,12 +37,34 @@ def comfyui_command(shell: Any, args: list[str]) -> Any:
         options = PARSER.parse_args(args[1:])
     except SystemExit:
         raise UsageError(f"%cascade comfyui run: {PARSER.format_usage().strip()}") from None
+    from ..notebook.display import StageBars
+    from ..notebook.session import JobRunning, get_session
+
+    session = get_session()
+    bars = StageBars()
+
+    def progress(event: Any) -> None:  # one bar per KSampler node
+        bars.step(f"node {event.node} · Stage {event.stage.upper()}", event.steps)
+
     try:
         settings = dict(parse_setting(s) for s in options.settings)
-        outputs = run(options.workflow, models=options.models, set=settings, input_dir=options.input,
-                      output_dir=options.output)
-    except (WorkflowError, FileNotFoundError, ValueError) as exc:
+        configs = None
+        if options.configs:
+            import json
+            from pathlib import Path
+
+            configs = json.loads(Path(options.configs).read_text(encoding="utf-8"))
+        with session.job(f"ComfyUI workflow {options.workflow}"):
+            outputs = run(options.workflow, models=options.models, set=settings, input_dir=options.input,
+                          output_dir=options.output, configs=configs, tokenizer=options.tokenizer,
+                          callback=progress, cancel=session.token)
+    except (WorkflowError, FileNotFoundError, ValueError, JobRunning) as exc:
         raise UsageError(f"%cascade comfyui run: {exc}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "Cancelled":  # diffusion.Cancelled: stopped between two steps, on request
+            raise
+        print("cancelled: the workflow stopped between two steps; nothing was written")
+        return None
     shell.user_ns[RESULTS] = outputs
     if options.name:
         shell.user_ns[options.name] = outputs

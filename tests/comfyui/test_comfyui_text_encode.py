@@ -175,3 +175,29 @@ def test_weights_move_tokens_away_from_the_empty_prompt(tmp_path: Path, bpe: Any
     assert torch.equal(weighted_pooled, pooled)  # weights act on the tokens only
     torch.testing.assert_close(weighted[0, 2], (plain[0, 2] - empty[0, 2]) * 1.5 + empty[0, 2])  # "red"
     torch.testing.assert_close(weighted[0, [0, 1, 3, 4]], plain[0, [0, 1, 3, 4]])
+
+
+@pytest.mark.reference
+def test_the_magic_runs_the_example_with_progress_and_keeps_the_result(ip: Any, comfy: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from cascade_lab.notebook.display import StageBars
+    from cascade_lab.notebook.session import get_session
+
+    rows: dict[str, int] = {}
+    step = StageBars.step
+
+    def count(self: Any, stage: str, total: int) -> None:
+        rows[stage] = rows.get(stage, 0) + 1
+        step(self, stage, total)
+
+    monkeypatch.setattr(StageBars, "step", count)
+
+    (tmp_path / "tiny.json").write_text(json.dumps(configs()))
+    workflow = reference_dir("comfyui", "workflows") / "text_to_image.api.json"
+    ip.run_line_magic("load_ext", "cascade_lab")
+    ip.run_line_magic("cascade", f"comfyui run {workflow} --models {comfy} --configs {tmp_path / 'tiny.json'} "
+                                 "--set 34.width=256 34.height=256")
+    result = ip.user_ns["_comfyui"]["9"]
+    assert result.params.seed == 314307448448003 and result.images[0].size == (256, 256)
+    assert get_session().last_result is result  # what %cascade inspect opens
+    assert rows == {"node 3 · Stage C": 20, "node 33 · Stage B": 10}  # a progress row per KSampler, every step

@@ -91,8 +91,9 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
                         given=given_ids)
     _check_tokenizers(graph, order, given_ids, models, extra_model_paths, tokenizer)
 
-    from .execute import Executor, generation_params
+    from .execute import Executor
     from .models import ModelFiles
+    from .sampling import generation_params
 
     given = {node_id: _given_outputs(graph, node_id, value, inputs) for node_id, value in (outputs or {}).items()}
     executor = Executor(graph, order, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,

@@ -195,11 +195,12 @@ class Executor:
                                             compression: int) -> tuple[Any, ...]:
         if vae.kind != "c":
             raise ValueError("needs the VAE of a Stage C checkpoint (its EfficientNet encoder)")
+        from ..pipeline import comfy_resize
+
         B, H, W, _ = image.shape
         h, w = H // compression, W // compression
-        effnet = vae.part("effnet")
-        self.pipeline.stages = Stages(None, None, None, None, effnet=effnet)
-        latent = self.pipeline.encode_image_latent(image.permute(0, 3, 1, 2), (h, w), compat="comfyui")
+        # centre crop to the latent's aspect, bicubic to 32× it without antialias or clamping, then the encoder
+        latent = vae.encode(comfy_resize(image[..., :3].movedim(-1, 1).float(), w * 32, h * 32))
         info = {"width": int(W), "height": int(H), "compression": int(compression), "batch_size": int(B),
                 "init_image": self.images.get("in:" + node_id, {}).get("file")}
         return (Latent(latent, "c", info=info),
@@ -213,9 +214,7 @@ class Executor:
         B, H, W, _ = image.shape
         x = image[..., :3].movedim(-1, 1).float()
         h, w = H // 32 * 32, W // 32 * 32  # the encoder's input is cropped to a multiple of 32, centred
-        x = x[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
-        with torch.inference_mode():
-            features = vae.part("effnet").encode_image(x).float()
+        features = vae.encode(x[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w])
         info = {"width": int(W) * 2, "height": int(H) * 2, "compression": 32, "batch_size": int(B)}
         return (features.movedim(1, -1), Latent(torch.zeros(B, 16, H // 16, W // 16), "c", info=info),
                 Latent(torch.zeros(B, 4, H // 2, W // 2), "b", info=info))

@@ -102,6 +102,24 @@ class Vae:
     def part(self, name: str) -> Any:
         return self.files.load(self.path, name)
 
+    def encode(self, images: Any) -> Any:
+        """ComfyUI's encode of a Stage C checkpoint's VAE: RGB [B, 3, H, W] in [0, 1] (H, W multiples of 32) →
+        EfficientNet latent [B, 16, H/32, W/32], normalised with the mean / std the file stores (ComfyUI saves
+        them in float16, so they are ImageNet's rounded; a file without them: ImageNet's)."""
+        import torch
+
+        from ..models.effnet import IMAGENET_MEAN, IMAGENET_STD
+        from ..weights import effnet_normalization, read_header
+
+        effnet = self.part("effnet")
+        prefix = self.files.parts(self.path)["effnet"].prefix
+        stored = effnet_normalization(read_header(self.path), prefix)
+        mean = torch.tensor(stored.get("mean", IMAGENET_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(stored.get("std", IMAGENET_STD), dtype=torch.float32).view(1, 3, 1, 1)
+        x = (images.float().contiguous() * 2 - 1) * 0.5 + 0.5  # ComfyUI's VAE: to [-1, 1] and back
+        with torch.inference_mode():
+            return effnet((x - mean) / std).float()
+
 
 @dataclass(frozen=True)
 class ClipVision:

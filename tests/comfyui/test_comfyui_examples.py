@@ -243,3 +243,59 @@ def test_ksampler_advanced_in_two_passes_equals_one_ksampler(comfy: Path) -> Non
     stopped = run(_stage_c_only({"90": _advanced(["34", 0], 0, 5, "enable", "disable")}), models=comfy,
                   outputs=texts(), configs=configs())  # ends at step 5 denoised (σ → 0), unlike the first pass
     assert not torch.allclose(stopped.images["9"], one.images["9"])
+
+
+@pytest.mark.reference
+def test_stage_c_vae_encode_uses_the_checkpoints_float16_normalisation(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ComfyUI Stage C checkpoint with a full-size EfficientNet (the reference fixture's) and the float16
+    ImageNet mean/std ComfyUI saves: StableCascade_StageC_VAEEncode normalises with those stored values, as
+    ComfyUI does (the float32 constants move a latent by up to ~0.04)."""
+    from safetensors.torch import load_file, save_file
+
+    from cascade_lab.comfyui.execute import Executor
+    from cascade_lab.models.effnet import IMAGENET_MEAN, IMAGENET_STD
+    from cascade_lab.pipeline import comfy_resize
+    from cascade_lab.weights import load_stage
+
+    root = tmp_path / "ComfyUI"
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "input").mkdir()
+    (root / "input" / "example.png").symlink_to(reference_dir("comfyui", "workflows", "input") / "example.png")
+    effnet_file = reference_dir("fixtures", "effnet_encoder") / "weights.safetensors"
+    tiny_c = reference_dir("comfyui", "models") / "stable_cascade_stage_c_tiny.safetensors"
+    tensors = {k: v for k, v in load_file(str(tiny_c)).items() if not k.startswith("vae.encoder.")}
+    tensors |= {f"vae.encoder.{k}": v for k, v in load_file(str(effnet_file)).items()}
+    mean16, std16 = torch.tensor(IMAGENET_MEAN).half(), torch.tensor(IMAGENET_STD).half()
+    tensors["vae.encoder.mean"], tensors["vae.encoder.std"] = mean16, std16
+    save_file(tensors, str(root / "models" / "checkpoints" / "c.safetensors"))
+    graph = {
+        "41": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "c.safetensors"}},
+        "48": {"class_type": "LoadImage", "inputs": {"image": "example.png", "upload": "image"}},
+        "49": {"class_type": "StableCascade_StageC_VAEEncode", "inputs": {"image": ["48", 0], "vae": ["41", 2],
+                                                                          "compression": 32}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["49", 0], "vae": ["41", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    encoded: dict[str, Any] = {}
+    encode = Executor.node_StableCascade_StageC_VAEEncode
+
+    def keep(self: Any, node_id: str, **kwargs: Any) -> Any:
+        encoded[node_id] = encode(self, node_id, **kwargs)
+        return encoded[node_id]
+
+    monkeypatch.setattr(Executor, "node_StableCascade_StageC_VAEEncode", keep)
+    out = run(graph, models=root, configs=configs())
+    latent = encoded["49"][0].samples
+    assert latent.shape == (1, 16, 4, 6) and encoded["49"][1].samples.shape == (1, 4, 36, 50)
+    assert out.images["9"].shape == (1, 32, 48, 3)  # the Previewer's 8× of the 4×6 latent
+    with Image.open(reference_dir("comfyui", "workflows", "input") / "example.png") as png:
+        image = torch.from_numpy(np.asarray(png.convert("RGB")).astype(np.float32) / 255).movedim(-1, 0)[None]
+    x = comfy_resize(image, 192, 128)
+    effnet = load_stage("effnet", effnet_file, dtype=torch.float32)
+    x = (x * 2 - 1) * 0.5 + 0.5  # ComfyUI's VAE maps the image to [-1, 1] and its encoder maps it back
+    with torch.inference_mode():  # (this random encoder magnifies the last bit of its input, even its memory layout)
+        stored = effnet((x - mean16.float().view(1, 3, 1, 1)) / std16.float().view(1, 3, 1, 1))
+        imagenet = effnet.encode_image(x)
+    torch.testing.assert_close(latent, stored, rtol=1e-5, atol=1e-5 * stored.abs().max().item())
+    assert (latent - imagenet).abs().max() > 0.01 * stored.abs().max()  # float32 ImageNet constants: another latent

@@ -261,3 +261,25 @@ def test_every_node_has_a_runner() -> None:
     from cascade_lab.comfyui.execute import Executor
 
     assert [kind for kind in NODES if not hasattr(Executor, "node_" + kind)] == []
+
+
+@pytest.mark.reference
+def test_a_png_with_only_the_workflow_chunk_and_one_with_none(tmp_path: Path) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    ui = (workflows() / "image_to_image.workflow.json").read_text()
+    info = PngInfo()
+    info.add_text("workflow", ui)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ui_only.png", pnginfo=info)
+    graph, kept = read_workflow(tmp_path / "ui_only.png")
+    assert bare(graph) == bare(read_workflow(workflows() / "image_to_image.api.json")[0]) and kept is not None
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(WorkflowError, match="no ComfyUI workflow in this PNG"):
+        read_workflow(tmp_path / "plain.png")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(WorkflowError, match="not valid JSON"):
+        read_workflow(tmp_path / "broken.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(WorkflowError, match="neither ComfyUI's UI form"):
+        read_workflow(tmp_path / "other.json")

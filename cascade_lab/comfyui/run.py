@@ -90,6 +90,10 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     order = check_graph(graph, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,
                         given=given_ids)
     _check_tokenizers(graph, order, given_ids, models, extra_model_paths, tokenizer)
+    if output_dir is not None:  # a SaveImage prefix leading out of the output folder stops the run here
+        for node_id in order:
+            if graph[node_id]["class_type"] == "SaveImage":
+                _save_folder(Path(output_dir), str(graph[node_id]["inputs"].get("filename_prefix", "ComfyUI")))
 
     from .execute import Executor
     from .models import ModelFiles
@@ -107,7 +111,8 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
         for node_id, result in results.items():
             if graph[node_id]["class_type"] == "SaveImage":
                 prefix = str(graph[node_id]["inputs"].get("filename_prefix", "ComfyUI"))
-                results.files[node_id] = save_pngs(result, Path(output_dir), prefix, graph, ui)
+                results.files[node_id] = save_pngs(result, Path(output_dir), prefix, graph, ui,
+                                                   images=results.images[node_id])
     return results
 
 
@@ -226,22 +231,40 @@ def _result(images: Any, made: dict[str, Any] | None, params_of: Callable[[dict[
     return Result(pictures, params)
 
 
-def save_pngs(result: Any, folder: Path, prefix: str, graph: Graph, ui: Mapping[str, Any] | None) -> list[Path]:
-    """SaveImage's files: ``<prefix>_<counter:05>_.png`` after the highest counter already there, each carrying
-    ComfyUI's ``prompt`` / ``workflow`` chunks and cascade_lab's parameters."""
-    from ..results import _png_info
-
+def _save_folder(folder: Path, prefix: str) -> Path:
+    """The folder a SaveImage prefix writes into (it may name sub-folders, never a place outside ``folder``)."""
     prefix = prefix.replace("\\", "/")
     target = folder / os.path.dirname(prefix) if "/" in prefix else folder
-    stem = os.path.basename(prefix)
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise WorkflowError(f"SaveImage filename_prefix {prefix!r} points outside the output folder {folder}; "
+                            "nothing was loaded or written")
+    return target
+
+
+def save_pngs(result: Any, folder: Path, prefix: str, graph: Graph, ui: Mapping[str, Any] | None,
+              images: Any = None) -> list[Path]:
+    """SaveImage's files: ``<prefix>_<counter:05>_.png`` after the highest counter already there, each carrying
+    ComfyUI's ``prompt`` / ``workflow`` chunks and cascade_lab's parameters; RGBA when ``images`` (ComfyUI's IMAGE)
+    has an alpha channel. A prefix may name sub-folders, never a place outside ``folder``."""
+    from ..results import _png_info
+
+    target = _save_folder(folder, prefix)
+    stem = os.path.basename(prefix.replace("\\", "/"))
     target.mkdir(parents=True, exist_ok=True)
+    pictures = list(result.images)
+    if images is not None and images.shape[-1] == 4:  # JoinImageWithAlpha: saved with its alpha, as ComfyUI
+        import torch
+        from PIL import Image
+
+        pixels = (images.float() * 255).clamp(0, 255).to(torch.uint8).numpy()  # truncated, as SaveImage
+        pictures = [Image.fromarray(p, "RGBA") for p in pixels]
     pattern = re.compile(re.escape(stem) + r"_(\d{5})_\.png$")
     counter = max([int(m.group(1)) for p in target.iterdir() if (m := pattern.match(p.name))], default=0) + 1
     api = {k: {"inputs": v["inputs"], "class_type": v["class_type"], "_meta": v.get("_meta", {})}
            for k, v in graph.items()}
     written = []
-    for i, image in enumerate(result.images):
-        info = _png_info(result.params, i if len(result.images) > 1 else None)
+    for i, image in enumerate(pictures):
+        info = _png_info(result.params, i if len(pictures) > 1 else None)
         info.add_text("prompt", json.dumps(api))
         if ui is not None:
             info.add_text("workflow", json.dumps(ui))

@@ -82,3 +82,20 @@ def test_magic_runs_a_workflow_and_shows_each_output(ip: Any, tmp_path: Path,
         ip.run_line_magic("cascade", f"comfyui run {path} --input {inputs} --models {tmp_path} --set 9.width=1")
     with pytest.raises(UsageError, match="%cascade comfyui: write %cascade comfyui run FILE"):
         ip.run_line_magic("cascade", "comfyui go")
+
+
+def test_save_image_keeps_alpha_and_stays_in_the_output_folder(tmp_path: Path) -> None:
+    from cascade_lab.comfyui import WorkflowError, run
+
+    path, inputs = workflow(tmp_path)
+    graph = json.loads(path.read_text())
+    graph["4"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["2", 0], "alpha": ["1", 1]}}
+    graph["3"]["inputs"] = {"images": ["4", 0], "filename_prefix": "sub/rgba"}
+    out = run(graph, models=tmp_path, input_dir=inputs, output_dir=tmp_path / "out")
+    with Image.open(out.files["3"][0]) as png:
+        assert out.files["3"][0] == tmp_path / "out" / "sub" / "rgba_00001_.png"
+        assert png.mode == "RGBA" and np.asarray(png)[..., 3].min() == 255  # no alpha in the input: opaque
+    graph["3"]["inputs"]["filename_prefix"] = "../../escape"
+    with pytest.raises(WorkflowError, match="points outside the output folder"):
+        run(graph, models=tmp_path, input_dir=inputs, output_dir=tmp_path / "out")
+    assert not (tmp_path.parent / "escape_00001_.png").exists()

@@ -398,9 +398,9 @@ class Cascade:
             x = filters.canny(filters.resize_to(image, size))
         elif control.kind == "inpainting":
             original = filters.resize_to(image, size)
-            mask = filters.load_mask(control.mask, size)
+            mask = filters.grow_mask(filters.load_mask(control.mask, size), control.grow)
             filters.check_mask(mask)
-            x, keep = filters.inpainting(original, mask), (original, mask)
+            x, keep = filters.inpainting(original, mask), (original, filters.feather_mask(mask, control.feather))
         else:  # super_resolution: the low-resolution image's EfficientNet latent, 2× nearest
             effnet = self.pipeline.stages.effnet
             if effnet is None:
@@ -480,8 +480,9 @@ def load_stages(variant: Any, **locate_options: Any) -> Any:
                   variant=variant.name)
 
 
-def _control_record(control: Any) -> tuple[str, str, float, float, float, str, str]:
-    """What a PNG keeps of a `Control`: kind, image and mask descriptions, strength, start, end, model file."""
+def _control_record(control: Any) -> tuple[str, str, float, float, float, str, str, int, int]:
+    """What a PNG keeps of a `Control`: kind, image description, strength, start, end, mask description, model
+    file, mask grow and feather (pixels)."""
     from .controls import Control
 
     if not isinstance(control, Control):
@@ -492,22 +493,22 @@ def _control_record(control: Any) -> tuple[str, str, float, float, float, str, s
                                             else repr(list(control.mask)))
     model = control.model if isinstance(control.model, (str, Path)) else ""
     return (control.kind, _describe(control.image), float(control.strength), float(control.start),
-            float(control.end), str(mask), str(model))
+            float(control.end), str(mask), str(model), int(control.grow), int(control.feather))
 
 
-def _control_from_record(record: tuple[str, str, float, float, float, str, str]) -> Any:
+def _control_from_record(record: tuple[str, str, float, float, float, str, str, int, int]) -> Any:
     """A recorded control back as a `Control` (its image and mask must be files; a content hash is refused)."""
     import ast
 
     from .controls import Control
 
-    kind, image, strength, start, end, mask, model = record
+    kind, image, strength, start, end, mask, model, grow, feather = record
     for what, value in (("image", image), ("mask", mask)):
         if value.startswith("sha256:"):
             raise ValueError(f"the {kind} control's {what} was an in-memory image ({value}); pass controls=[...] "
                              "to run these parameters again")
     mask_value: Any = ast.literal_eval(mask) if mask.startswith("[") else (mask or None)
-    return Control(kind, image, strength, start, end, mask_value, model or None)
+    return Control(kind, image, strength, start, end, mask_value, model or None, grow=grow, feather=feather)
 
 
 def _at_most_one(cfg: Any) -> bool:

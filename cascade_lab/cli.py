@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet", action="append", default=[], metavar="FILE",
                      help="the ControlNet file of each --control (then --upscale), in the same order; none: found "
                           "like the stages")
+    gen.add_argument("--mask-grow", type=int, default=0, metavar="PX", help="grow the inpainting mask by PX pixels")
+    gen.add_argument("--mask-feather", type=int, default=0, metavar="PX",
+                     help="blur the mask's edge over PX pixels for the composite over the original")
     gen.add_argument("--upscale", default=None, metavar="2x",
                      help="upscale --image 2x with the super-resolution ControlNet at the official settings")
     gen.add_argument("--mask", default=None, help="inpainting mask: an image (white = regenerate) or boxes "
@@ -99,8 +102,10 @@ def controls_from_args(args: argparse.Namespace) -> list[Any]:
         if not Path(file).is_file():
             raise FileNotFoundError(f"--controlnet {file!r}: file not found")
     files: list[str | None] = list(args.controlnet) or [None] * n_controls
-    if args.mask is not None and not any(c.startswith("inpainting:") for c in args.control):
-        raise ValueError("--mask is for an inpainting control: add --control inpainting:IMAGE")
+    if (args.mask is not None or args.mask_grow or args.mask_feather) and not any(
+            c.startswith("inpainting:") for c in args.control):
+        raise ValueError("--mask / --mask-grow / --mask-feather are for an inpainting control: add --control "
+                         "inpainting:IMAGE")
     controls = []
     for spec, file in zip(args.control, files, strict=False):
         kind, image, strength = parse_spec(spec)
@@ -110,7 +115,9 @@ def controls_from_args(args: argparse.Namespace) -> list[Any]:
         if kind == "inpainting" and args.mask is not None:
             mask = parse_boxes(args.mask)
             mask = mask if mask is not None else args.mask
-        controls.append(Control(kind, image, strength, mask=mask, model=file).validate())
+        inpaint = kind == "inpainting"
+        controls.append(Control(kind, image, strength, mask=mask, model=file, grow=args.mask_grow if inpaint else 0,
+                                feather=args.mask_feather if inpaint else 0).validate())
     if args.upscale is not None:
         parse_upscale(args.upscale)
         if not args.image:

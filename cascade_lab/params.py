@@ -48,12 +48,15 @@ class GenerationParams:
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength)
     extras: dict[str, Any] = field(default_factory=dict)
     # ControlNets: (kind, image description, strength, start, end, mask description or "", model file or "")
-    controls: tuple[tuple[str, str, float, float, float, str, str], ...] = ()
+    controls: tuple[tuple[str, str, float, float, float, str, str, int, int], ...] = ()
     compat: str = "official"  # "comfyui": ComfyUI's seeding, latent sizes and model call (see COMFYUI_DEFAULTS)
     denoise: float = 1.0  # ComfyUI's partial schedule: the last `steps` of a schedule for steps/denoise steps
     seed_b: int | None = None  # Stage B's own seed under compat="comfyui" (ComfyUI's second KSampler); None: seed
 
     def __post_init__(self) -> None:
+        if any(len(c) == 7 for c in self.controls):  # records made before grow/feather: no grow, no feather
+            object.__setattr__(self, "controls", tuple((*c, 0, 0) if len(c) == 7 else tuple(c)
+                                                       for c in self.controls))
         for name in ("prompt", "negative_prompt", "cfg_c", "cfg_b"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -126,8 +129,8 @@ class GenerationParams:
                              "(official 42.67, ComfyUI 42) or a larger image")
         from .controls import Control
 
-        for kind, image, strength, start, end, mask, _ in self.controls:
-            Control(kind, image, strength, start, end, mask or None).validate()
+        for kind, image, strength, start, end, mask, _, grow, feather in self.controls:
+            Control(kind, image, strength, start, end, mask or None, grow=grow, feather=feather).validate()
         if self.compat not in COMPATS:
             raise ValueError(f"compat={self.compat!r}: use one of {', '.join(COMPATS)}")
         if not (isinstance(self.denoise, (int, float)) and 0 < self.denoise <= 1):
@@ -168,8 +171,10 @@ class GenerationParams:
             if key in data:
                 data[key] = tuple((str(a), float(b)) for a, b in data[key])
         if "controls" in data:
-            data["controls"] = tuple((str(k), str(i), float(s), float(a), float(b), str(m), str(f))
-                                     for k, i, s, a, b, m, f in data["controls"])
+            # (kind, image, strength, start, end, mask, model[, grow, feather]): PNGs before grow/feather have 7
+            data["controls"] = tuple((str(k), str(i), float(s), float(a), float(b), str(m), str(f), int(g), int(e))
+                                     for k, i, s, a, b, m, f, g, e in (list(c) + [0, 0][len(c) - 7:]
+                                                                       for c in data["controls"]))
         for key in ("cfg_c", "cfg_b"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(float(v) for v in data[key])

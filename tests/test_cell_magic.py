@@ -504,6 +504,10 @@ def test_control_options_build_controls(shell: Any, calls: list[dict[str, Any]],
                          "--control inpainting:photo --controlnet inpaint.safetensors --mask 8,8,40,40;0,0,4,4",
                          "a cat\n")
     canny, inpaint = calls[0]["controls"]
+    assert (inpaint.grow, inpaint.feather) == (0, 0)
+    shell.run_cell_magic("cascade", "--control inpainting:photo --mask 8,8,40,40 --mask-grow 4 --mask-feather 6",
+                         "a cat\n")
+    assert (calls[-1]["controls"][0].grow, calls[-1]["controls"][0].feather) == (4, 6)
     assert (canny.kind, canny.image, canny.strength, canny.model) == ("canny", "edges.png", 0.7, "canny.safetensors")
     assert inpaint.image is shell.user_ns["photo"] and inpaint.mask == [(8, 8, 40, 40), (0, 0, 4, 4)]
     for line, words in [
@@ -513,7 +517,8 @@ def test_control_options_build_controls(shell: Any, calls: list[dict[str, Any]],
         ("--control inpainting:edges.png --controlnet canny.safetensors", "needs --mask"),
         ("--control canny:edges.png --controlnet nope.safetensors", "--controlnet 'nope.safetensors': file not found"),
         ("--controlnet canny.safetensors", "0 control.* but 1 --controlnet"),
-        ("--mask 1,2,3,4", "--mask is for an inpainting control"),
+        ("--mask 1,2,3,4", "--mask / --mask-grow / --mask-feather are for an inpainting control"),
+        ("--control canny:edges.png --mask-feather 3", "are for an inpainting control"),
         ("--upscale 2x", "--upscale 2x needs --image"),
         ("--upscale 4x -i edges.png", "2x only"),
         ("--upscale 2x -i edges.png --strength 0.5", "drop --strength"),

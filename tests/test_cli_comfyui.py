@@ -69,7 +69,7 @@ def test_listings_group_by_family() -> None:
     (["--seed-b", "3"], "seed_b=3: Stage B's own seed exists under compat='comfyui' only"),
     (["--control", "depth:edges.png", "--controlnet", "c.safetensors"], "KIND one of canny, inpainting"),
     (["--control", "canny:edges.png", "--controlnet", "gone.safetensors"], "--controlnet 'gone.safetensors'"),
-    (["--mask", "1,2,3,4"], "--mask is for an inpainting control"),
+    (["--mask", "1,2,3,4"], "--mask / --mask-grow / --mask-feather are for an inpainting control"),
 ])  # fmt: skip
 def test_control_flags_are_checked_before_anything_loads(tmp_path: Path, argv: list[str], words: str) -> None:
     """Issue 16: `cascade-lab generate --control KIND:IMAGE[:STRENGTH] --controlnet FILE [--mask ...]`."""

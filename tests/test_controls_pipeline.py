@@ -3,6 +3,7 @@ Stage C, strength scales them, start/end switch them on the right steps, several
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -152,6 +153,38 @@ def test_inpainting_keeps_the_original_outside_the_mask(cascade: Cascade) -> Non
     outside[40:88, 40:88] = False
     torch.testing.assert_close(pixels[:, outside], original[0][:, outside], atol=0.5 / 255 + 1e-6, rtol=0)
     assert not torch.allclose(pixels[:, ~outside], original[0][:, ~outside], atol=0.05)
+
+
+def test_inpainting_mask_grows_for_the_controlnet_and_feathers_the_composite(monkeypatch: pytest.MonkeyPatch,
+                                                                            cascade: Cascade) -> None:
+    """``grow`` widens the mask the ControlNet sees (its 4th channel); ``feather`` only softens the composite:
+    far outside the grown mask the original stays exact, at its edge the two blend, and the record keeps both."""
+    import numpy as np
+
+    from cascade_lab.params import GenerationParams
+
+    original, net = torch.rand(1, 3, 128, 128), tiny_kind("inpainting")
+    seen = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: seen.append(x.clone()) or forward(x))
+    control = Control("inpainting", original, mask=[(48, 48, 80, 80)], model=net, grow=8, feather=6)
+    result = cascade.generate("x", width=128, height=128, steps_c=2, steps_b=1, seed=4, controls=[control])
+    mask = seen[0][0, 3]
+    assert mask[40:88, 40:88].eq(1).all() and mask.sum() == 48 * 48  # grown by 8 px on every side
+    pixels = torch.from_numpy(np.array(result.images[0])).permute(2, 0, 1).float() / 255
+    far = torch.ones(128, 128, dtype=torch.bool)
+    far[28:100, 28:100] = False  # beyond the grown box plus the feather's reach
+    torch.testing.assert_close(pixels[:, far], original[0][:, far], atol=0.5 / 255 + 1e-6, rtol=0)
+    assert result.params.controls[0][7:] == (8, 6)
+    back = GenerationParams.from_json(result.params.to_json())
+    assert back.controls == result.params.controls
+    with pytest.raises(ValueError, match="feather=-1"):
+        Control("inpainting", original, mask=[(0, 0, 8, 8)], feather=-1).validate()
+    with pytest.raises(ValueError, match="for the inpainting mask, not a canny control"):
+        Control("canny", original, grow=3).validate()
+    old = json.loads(result.params.to_json())  # a PNG written before grow/feather kept 7 fields per control
+    old["controls"] = [c[:7] for c in old["controls"]]
+    assert GenerationParams.from_json(json.dumps(old)).controls[0][7:] == (0, 0)
 
 
 def test_control_mistakes_are_refused_before_sampling(cascade: Cascade) -> None:

@@ -210,7 +210,7 @@ def test_inspector_shows_each_control_image_labelled_with_kind_and_strength() ->
     painted[:, 3] = 0
     painted[:, :, 4:12, 4:12] = 255  # white where the mask (channel 3) is 1
     result.control_images = [edges, painted]
-    result.params = SimpleNamespace(variant="tiny", controls=(("canny", "e.png", 0.8, 0.0, 0.5, "", ""),
+    result.params = SimpleNamespace(variant="tiny", controls=(("canny", "e.png", 0.8, 0.0, 0.5, "", "", 0, 0),
                                                               ("inpainting", "p.png", 1.0, 0.0, 1.0, "[]", "")))
     inspector = LatentInspector(result, preview=fake_preview)
     row = inspector.controls

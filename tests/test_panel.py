@@ -401,8 +401,8 @@ def test_generate_applies_the_uploaded_control_and_copies_its_flags(panel: Gener
     assert result is not None and panel.error is None, panel.error_box.value
     [control] = seen
     assert (control.kind, control.strength, control.start, control.end) == ("canny", 0.8, 0.0, 0.5)
-    [(kind, image, strength, start, end, mask, model)] = result.params.controls
-    assert (kind, strength, start, end, mask, model) == ("canny", 0.8, 0.0, 0.5, "", "")
+    [(kind, image, strength, start, end, mask, model, grow, feather)] = result.params.controls
+    assert (kind, strength, start, end, mask, model, grow, feather) == ("canny", 0.8, 0.0, 0.5, "", "", 0, 0)
     assert image == control.image and image.startswith(str(tmp_path / "uploads" / "control_"))  # the upload, saved
     assert result.control_images[0].shape == (1, 1, 128, 128)
     assert not torch_equal(plain.latent_c, result.latent_c)
@@ -435,7 +435,7 @@ def test_inpainting_mask_boxes_grow_and_controlnet_file_in_the_copied_cell(tmp_p
     [control] = parse_cell(line.removeprefix("%%cascade "), body + "\n", {}).options["controls"]
     assert (control.kind, control.image, control.strength, control.model) == ("inpainting", image, 0.5, net)
     assert control.mask == [(40, 40, 88, 88), (0, 0, 8, 8)]
-    params = params.replace(controls=(("inpainting", image, 1.0, 0.0, 1.0, mask, ""),))
+    params = params.replace(controls=(("inpainting", image, 1.0, 0.0, 1.0, mask, "", 0, 0),))
     assert f"--control 'inpainting:{image}:1' --mask {mask}" in cascade_cell(params)
 
 

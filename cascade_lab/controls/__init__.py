@@ -19,6 +19,8 @@ class Control:
     ControlNet's features; ``start``/``end`` are the fraction of the Stage C steps during which it applies (as
     ComfyUI's ControlNetApplyAdvanced). ``model``: the ControlNet file or module (default: found like the stages).
     ``image`` / ``mask``: a path, a PIL image, an array or a tensor, as `Cascade.generate`'s ``image``.
+    ``grow`` dilates the inpainting mask by that many pixels (negative erodes; ComfyUI's GrowMask) before the
+    ControlNet sees it; ``feather`` blurs its edge over that many pixels for the composite over the original.
     """
 
     kind: str
@@ -28,6 +30,8 @@ class Control:
     end: float = 1.0
     mask: Any = None
     model: Any = None
+    grow: int = 0
+    feather: int = 0
 
     def validate(self) -> Control:
         if self.kind not in KINDS:
@@ -41,6 +45,13 @@ class Control:
                              "of the Stage C steps)")
         if self.image is None:
             raise ValueError(f"control {self.kind!r} needs an image")
+        for name in ("grow", "feather"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (name == "feather" and value < 0):
+                raise ValueError(f"control {name}={value!r}: use a whole number of pixels"
+                                 + (" ≥ 0" if name == "feather" else " (negative shrinks the mask)"))
+        if (self.grow or self.feather) and self.kind != "inpainting":
+            raise ValueError(f"control grow/feather are for the inpainting mask, not a {self.kind} control")
         if self.kind == "inpainting" and self.mask is None:
             raise ValueError("control 'inpainting' needs a mask: an image (white = regenerate), a PIL image's alpha, "
                              "an array, or boxes [(x0, y0, x1, y1), ...]")

@@ -235,6 +235,10 @@ def build_parser() -> MagicArgumentParser:
         "ControlNet, at the official settings (Stage C DDPM, 20 steps, CFG 1); other options win")
     add("--mask", metavar="MASK", help="inpainting mask: an image file or variable (white = regenerate), a PIL "
         "image's alpha, an array, or boxes as x0,y0,x1,y1[;...]")
+    add("--mask-grow", type=int, default=0, metavar="PX", help="grow the inpainting mask by PX pixels (negative "
+        "shrinks it), as ComfyUI's GrowMask")
+    add("--mask-feather", type=int, default=0, metavar="PX", help="blur the mask's edge over PX pixels where the "
+        "result is composited over the original")
     add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
         help="LoRA file to apply, repeatable (strength default 1.0)")
     add("-o", "--out", metavar="NAME", help="store the Result in this notebook variable")
@@ -413,8 +417,10 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
     for file in args.controlnet:
         if not Path(file).expanduser().is_file():
             raise UsageError(f"--controlnet {file!r}: file not found")
-    if args.mask is not None and not any(kind == "inpainting" for kind, _, _ in args.control):
-        raise UsageError("--mask is for an inpainting control: add --control inpainting:IMAGE")
+    if (args.mask is not None or args.mask_grow or args.mask_feather) and not any(
+            kind == "inpainting" for kind, _, _ in args.control):
+        raise UsageError("--mask / --mask-grow / --mask-feather are for an inpainting control: add --control "
+                         "inpainting:IMAGE")
     if n_controls:
         from ..controls import Control
 
@@ -422,10 +428,12 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
         for (kind, spec, strength), file in zip(args.control, files, strict=False):
             if kind == "inpainting" and args.mask is None:
                 raise UsageError("--control inpainting needs --mask (white = regenerate, or boxes x0,y0,x1,y1)")
-            mask = mask_arg(args.mask, namespace) if kind == "inpainting" and args.mask is not None else None
+            inpaint = kind == "inpainting"
+            mask = mask_arg(args.mask, namespace) if inpaint and args.mask is not None else None
             try:
                 controls.append(Control(kind, resolve_image("--control", spec, namespace), strength, mask=mask,
-                                        model=file).validate())
+                                        model=file, grow=args.mask_grow if inpaint else 0,
+                                        feather=args.mask_feather if inpaint else 0).validate())
             except ValueError as exc:
                 raise UsageError(f"--control {kind}:{spec}: {exc}") from None
         if args.upscale is not None:

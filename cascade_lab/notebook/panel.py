@@ -91,12 +91,16 @@ def control_flags(params: GenerationParams) -> list[str]:
     every step."""
     words = [f"--control {shlex.quote(f'{kind}:{image}:{strength:g}')}"
              for kind, image, strength, *_ in params.controls]
-    masks = [mask for kind, _, _, _, _, mask, _ in params.controls if kind == "inpainting" and mask]
+    masks = [mask for kind, _, _, _, _, mask, *_ in params.controls if kind == "inpainting" and mask]
     if masks:
         boxes = masks[0].startswith("[")  # a recorded list of (x0, y0, x1, y1)
         text = ";".join(",".join(str(v) for v in box) for box in ast.literal_eval(masks[0])) if boxes else masks[0]
         words.append(f"--mask {shlex.quote(text)}")
-    files = [model for *_, model in params.controls]
+    files = [record[6] for record in params.controls]
+    for flag, index in (("--mask-grow", 7), ("--mask-feather", 8)):
+        value = next((r[index] for r in params.controls if r[0] == "inpainting" and r[index]), 0)
+        if value:
+            words.append(f"{flag} {value}")
     if files and all(files):
         words += [f"--controlnet {shlex.quote(file)}" for file in files]
     return words
@@ -448,7 +452,7 @@ class GenerationPanel:
         notes = [f"the cell applies the {kind} control on every step (no flag for its steps {start:g}–{end:g})"
                  for kind, _, _, start, end, *_ in controls if (start, end) != (0.0, 1.0)]
         notes += [f"the {kind} control's {what} was in memory ({value}): put its file or variable in the cell"
-                  for kind, image, _, _, _, mask, _ in controls
+                  for kind, image, _, _, _, mask, *_ in controls
                   for what, value in (("image", image), ("mask", mask)) if value.startswith("sha256:")]
         self.status.value = html.escape("; ".join(notes))
         return text

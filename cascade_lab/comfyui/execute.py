@@ -19,7 +19,8 @@ from . import image_nodes
 from .graph import MODEL_FILES, find_input, is_link
 from .models import DEFAULT_SHIFT, Clip, ClipVision, Cond, ControlNet, Latent, Model, ModelFiles, Vae
 from .nodes import NODES
-from .sampling import STAGE_B_SCALE, one_side, stage_b_inputs, stage_c_inputs, step_window
+from .sampling import STAGE_B_SCALE, stage_b_inputs, stage_c_inputs, step_window
+from .sides import SIDE, STEP, Entry, SeparateSides, check_coverage, needs_separate_calls
 from .workflow import Graph, WorkflowError, title
 
 Tensor = torch.Tensor
@@ -244,7 +245,9 @@ class Executor:
             raise ValueError(f"the latent is a Stage {latent.stage.upper()} latent but the model is Stage "
                              f"{stage.upper()}; connect the {'stage_c' if stage == 'c' else 'stage_b'} output of the "
                              "latent node")
-        pos, neg = one_side(positive, "positive"), one_side(negative, "negative")
+        if not positive or not negative:
+            raise ValueError("an empty conditioning (ConditioningCombine of nothing?) cannot guide sampling")
+        pos, neg = positive[0], negative[0]
         sampler, scheduler = get_sampler(sampler_name, "comfyui"), get_scheduler(scheduler_name, "comfyui")
         samples = latent.samples.float()
         B = samples.size(0)
@@ -260,21 +263,24 @@ class Executor:
             plan = step_window(plan, start, end, force_full_denoise)
         module = model.module()
         if stage == "c":
-            from .ragged import RaggedModel, pad_pair
-
             width = int(module.clip_img_mapper.in_features)
-            cond, uncond = stage_c_inputs(pos, B, width), stage_c_inputs(neg, B, width)
-            keys = ("clip_text", "clip_img")
-            if not math.isclose(cfg, 1.0):  # (CFG 1 runs the positive only)
-                cond, uncond, ragged = pad_pair(cond, uncond, keys)  # e.g. unCLIP with two images: two forwards
-                module = RaggedModel(module, keys) if ragged else module
+            sides = [[Entry(stage_c_inputs(c, B, width), *c.steps) for c in side] for side in (positive, negative)]
             controls = self._controls(pos, samples.shape)
             features = self.pipeline.control_features(controls, B) if controls else []
             extra = self.pipeline.control_inputs(controls, features)
         else:
-            cond = stage_b_inputs(pos, B, samples.shape)
-            uncond = stage_b_inputs(neg, B, samples.shape, like=cond["effnet"])
+            like = stage_b_inputs(pos, B, samples.shape)["effnet"]  # a side without a prior: zeros of its shape
+            sides = [[Entry(stage_b_inputs(c, B, samples.shape, like=like), *c.steps) for c in side]
+                     for side in (positive, negative)]
             extra = None
+        used = sides if not math.isclose(cfg, 1.0) else sides[:1]  # CFG 1 runs the positive only
+        if needs_separate_calls(used):  # several conditionings, step ranges, or sides of different shapes
+            check_coverage(used, ("positive", "negative"))
+            module = SeparateSides(module, sides)
+            cond, uncond = {SIDE: torch.zeros(B)}, {SIDE: torch.ones(B)}
+            extra = _with_step(extra)
+        else:
+            cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
         out = self.pipeline.sample_stage(stage, module, torch.float32, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
                                          callback=self._events(node_id), cancel=self.cancel, trajectory=None,
                                          extra_inputs=extra)
@@ -385,3 +391,12 @@ class Executor:
     def _made_by(self, node_id: str) -> dict[str, Any] | None:
         link = self.graph[node_id]["inputs"].get("images")
         return self.images.get(str(link[0])) if is_link(link) else None
+
+
+def _with_step(extra: Callable[[float], Any] | None) -> Callable[[float], Any]:
+    """The step's extra model inputs plus the step position t, which `SeparateSides` reads step ranges with."""
+
+    def at(t: float) -> dict[str, Any]:
+        return {**(extra(t) or {} if extra is not None else {}), STEP: t}
+
+    return at

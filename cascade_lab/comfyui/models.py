@@ -152,6 +152,12 @@ class Cond:
     source: str = ""  # the node id the text came from (for the result's parameters)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def steps(self) -> tuple[float, float]:
+        """The fraction of the steps it applies in (ConditioningSetTimestepRange; all by default)."""
+        start, end = self.extra.get("timestep_range", (0.0, 1.0))
+        return float(start), float(end)
+
     def with_(self, **changes: Any) -> Cond:
         from dataclasses import replace
 

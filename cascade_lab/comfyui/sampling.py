@@ -16,17 +16,6 @@ Tensor = torch.Tensor
 STAGE_B_SCALE = torch.tensor(1 / 0.43)  # ComfyUI's Stage B latent format: model latent / float32(1/0.43)
 
 
-def one_side(conditioning: list[Cond], name: str) -> Cond:
-    if len(conditioning) != 1:
-        raise NotImplementedError(f"the {name} conditioning combines {len(conditioning)} conditionings "
-                                  "(ConditioningCombine); cascade_lab samples with one per side so far")
-    cond = conditioning[0]
-    if "timestep_range" in cond.extra:
-        raise NotImplementedError(f"the {name} conditioning has a timestep range {cond.extra['timestep_range']} "
-                                  "(ConditioningSetTimestepRange); cascade_lab applies conditionings over all steps")
-    return cond
-
-
 def stage_c_inputs(cond: Cond, batch: int, clip_img_width: int) -> dict[str, Tensor]:
     """Stage C's inputs from one conditioning, repeated to the batch: CLIP-G tokens, pooled [B, 1, C] and the
     unCLIP image embeddings [B, n, 768] (ComfyUI's zeros [B, 1, 768] without)."""

@@ -150,30 +150,43 @@ def test_image_remixing_examples(name: str, comfy: Path) -> None:
     assert not torch.allclose(out["9"].latent_c, plain["9"].latent_c), "the CLIP vision embedding must count"
 
 
-def test_cond_and_uncond_of_different_lengths_run_as_separate_calls() -> None:
-    """Two unCLIP images on the positive side, none on the negative: the same numbers as two model calls."""
-    from cascade_lab.comfyui.ragged import RaggedModel, pad_pair
+def test_sides_run_as_separate_calls_averaging_their_active_conditionings() -> None:
+    """Two unCLIP images on the positive side, none on the negative; then two positive conditionings, one per half
+    of the steps, and two averaged: the numbers of the separate model calls."""
+    from cascade_lab.comfyui.sides import SIDE, STEP, Entry, SeparateSides, check_coverage, needs_separate_calls
+
+    calls: list[int] = []
 
     def model(x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_img: torch.Tensor,
               cnet: list[torch.Tensor]) -> torch.Tensor:
         calls.append(clip_img.shape[1])
         return x * r.view(-1, 1, 1, 1) + clip_img.sum((1, 2)).view(-1, 1, 1, 1) + clip_text.mean() + cnet[0]
 
-    calls: list[int] = []
     torch.manual_seed(0)
-    cond = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.randn(2, 2, 8)}
-    uncond = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.zeros(2, 1, 8) + 0.5}
-    padded_c, padded_u, ragged = pad_pair(cond, uncond, ("clip_text", "clip_img"))
-    assert ragged and padded_u["clip_img"].shape == (2, 2, 8)
+    a = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.randn(2, 2, 8)}
+    b = {"clip_text": torch.randn(1, 77, 4), "clip_img": torch.randn(1, 1, 8)}
+    neg = {"clip_text": torch.randn(2, 77, 4), "clip_img": torch.zeros(2, 1, 8) + 0.5}
     x, r, cnet = torch.randn(4, 3, 5, 5), torch.rand(4), [torch.randn(4, 3, 5, 5)]
-    batched = {k: torch.cat([padded_c[k], padded_u[k]]) for k in padded_c}
-    out = RaggedModel(model, ("clip_text", "clip_img"))(x, r, cnet=cnet, **batched)
+    side = torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+    def direct(inputs: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        given = {k: v.expand(2, *v.shape[1:]) for k, v in inputs.items()}
+        return model(x[rows], r[rows], cnet=[cnet[0][rows]], **given)
+
+    sides = [[Entry(a)], [Entry(neg)]]
+    assert needs_separate_calls(sides) and not needs_separate_calls([[Entry(a)], [Entry(a)]])
+    out = SeparateSides(model, sides)(x, r, cnet=cnet, **{SIDE: side, STEP: 0.7})
     assert calls == [2, 1]
-    calls.clear()
-    expected = torch.cat([model(x[:2], r[:2], cnet=[cnet[0][:2]], **cond), model(x[2:], r[2:], cnet=[cnet[0][2:]],
-                                                                                  **uncond)])
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    assert pad_pair(cond, cond, ("clip_text", "clip_img"))[2] is False  # equal lengths: one call as before
+    torch.testing.assert_close(out, torch.cat([direct(a, slice(0, 2)), direct(neg, slice(2, 4))]), rtol=0, atol=0)
+    halves = [[Entry(a, 0.0, 0.5), Entry(b, 0.5, 1.0)], [Entry(neg)]]
+    early = SeparateSides(model, halves)(x, r, cnet=cnet, **{SIDE: side, STEP: 0.9})  # 10 % of the steps done
+    late = SeparateSides(model, halves)(x, r, cnet=cnet, **{SIDE: side, STEP: 0.2})
+    torch.testing.assert_close(early[:2], direct(a, slice(0, 2)), rtol=0, atol=0)
+    torch.testing.assert_close(late[:2], direct(b, slice(0, 2)), rtol=0, atol=0)
+    both = SeparateSides(model, [[Entry(a), Entry(b)], [Entry(neg)]])(x, r, cnet=cnet, **{SIDE: side, STEP: 0.5})
+    torch.testing.assert_close(both[:2], (direct(a, slice(0, 2)) + direct(b, slice(0, 2))) / 2)
+    with pytest.raises(ValueError, match="positive conditioning's timestep ranges \\(0-0.5\\) leave the steps from"):
+        check_coverage([[Entry(a, 0.0, 0.5)], [Entry(neg)]], ("positive", "negative"))
 
 
 @pytest.mark.reference
@@ -299,3 +312,32 @@ def test_stage_c_vae_encode_uses_the_checkpoints_float16_normalisation(tmp_path:
         imagenet = effnet.encode_image(x)
     torch.testing.assert_close(latent, stored, rtol=1e-5, atol=1e-5 * stored.abs().max().item())
     assert (latent - imagenet).abs().max() > 0.01 * stored.abs().max()  # float32 ImageNet constants: another latent
+
+
+@pytest.mark.reference
+def test_combined_and_step_ranged_conditionings(comfy: Path) -> None:
+    """ConditioningCombine averages its conditionings' predictions (the same one twice: the plain run), and
+    ConditioningSetTimestepRange gives each its fraction of the steps."""
+    graph = json.loads((reference_dir("comfyui", "workflows") / "text_to_image.api.json").read_text())
+    for name in ("41", "42"):
+        graph[name]["inputs"]["ckpt_name"] = graph[name]["inputs"]["ckpt_name"].replace("_tiny", "")
+    small = {"34.width": 256, "34.height": 256}
+
+    def stage_c(positive: dict[str, Any]) -> torch.Tensor:
+        nodes = {**graph, **positive, "3": {**graph["3"], "inputs": {**graph["3"]["inputs"], "positive": ["70", 0]}}}
+        return run(nodes, models=comfy, outputs=texts(), configs=configs(), set=small)["9"].latent_c
+
+    plain = run(graph, models=comfy, outputs=texts(), configs=configs(), set=small)["9"].latent_c
+    twice = stage_c({"70": {"class_type": "ConditioningCombine",
+                            "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["6", 0]}}})
+    torch.testing.assert_close(twice, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+    ranged = {"71": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["6", 0], "start": 0.0,
+                                                                              "end": 0.5}},
+              "72": {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["7", 0], "start": 0.5,
+                                                                              "end": 1.0}},
+              "70": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["71", 0],
+                                                                     "conditioning_2": ["72", 0]}}}
+    scheduled = stage_c(ranged)
+    assert not torch.allclose(scheduled, plain, rtol=1e-3, atol=1e-3 * plain.abs().max().item())
+    with pytest.raises(Exception, match="leave the steps from 0.5 on without a conditioning"):
+        stage_c({**ranged, "70": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["71", 0]}}})

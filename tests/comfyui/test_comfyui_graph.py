@@ -283,3 +283,17 @@ def test_a_png_with_only_the_workflow_chunk_and_one_with_none(tmp_path: Path) ->
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(WorkflowError, match="neither ComfyUI's UI form"):
         read_workflow(tmp_path / "other.json")
+
+
+@pytest.mark.reference
+def test_reading_and_checking_a_workflow_imports_no_torch(tmp_path: Path) -> None:
+    """The checks run before any model loads, and cheaply: no torch, no transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cascade_lab.comfyui import WorkflowError, check\n"
+            f"try:\n    check({str(workflows() / 'image_to_image.workflow.json')!r}, models={str(tmp_path)!r})\n"
+            "except WorkflowError as e:\n    print('not found' in str(e))\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "False", "False"], out.stdout + out.stderr

@@ -2,14 +2,18 @@
 
 Generation is the user's path: `pipeline.Pipeline.run` with the official sampling defaults (Stage C 20 steps,
 CFG 4, shift 2; Stage B 10 steps, CFG 1.1) at the demo's native size, one seed per prompt.
+`evaluate_control` measures a demo ControlNet through ``Cascade("demo").generate(controls=...)``: the outline
+of a held-out scene at position P, a prompt naming another position Q; a hit is the shape drawn at P.
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
 from .checker import Check, check, hit_rates
-from .world import Scene, eval_scenes
+from .world import POSITIONS, Scene, eval_scenes, render
 
 
 def generate_scenes(stages: Any, scenes: list[Scene], *, seed: int = 0, **options: Any) -> list[Any]:
@@ -34,4 +38,36 @@ def evaluate(stages: Any, n: int = 64, *, seed: int = 0, **options: Any) -> tupl
     return hit_rates(checks), checks
 
 
-__all__ = ["evaluate", "generate_scenes"]
+def control_cases(n: int = 64, seed: int = 0) -> list[tuple[Scene, Any, str]]:
+    """(scene, its image as uint8 [H, W, 3], a prompt naming another position) for the first `n` held-out scenes;
+    the image's jitter and the other position are drawn from a seed per case."""
+    cases = []
+    for i, scene in enumerate(eval_scenes(n)):
+        rng = random.Random(seed * 1_000_003 + i)
+        image = render(scene, rng)
+        other = rng.choice([p for p in POSITIONS if p != scene.position])
+        cases.append((scene, image, replace(scene, position=other).caption))
+    return cases
+
+
+def evaluate_control(n: int = 64, *, kind: str = "canny", controlnet: Any = None, control: bool = True,
+                     seed: int = 0, cascade: Any = None, **options: Any) -> tuple[dict[str, float], list[Check]]:
+    """(hit rates, checks) of the `kind` ControlNet (default: the shipped one) on `control_cases`: each check
+    expects the scene the control image shows, so ``position`` counts the control beating the prompt. With
+    ``control=False`` the same prompts run without it (the baseline: the prompt's position wins).
+    ``position_and_shape`` is the issue's measure; ``cascade``: a ``Cascade("demo")`` to reuse."""
+    from ..api import Cascade
+    from ..controls import Control
+
+    cascade = cascade if cascade is not None else Cascade("demo", device="cpu")
+    checks = []
+    for i, (scene, image, prompt) in enumerate(control_cases(n, seed)):
+        controls = [Control(kind, image, model=controlnet)] if control else []
+        result = cascade.generate(prompt, seed=seed + i, controls=controls, **options)
+        checks.append(check(result.images[0], scene))
+    rates = hit_rates(checks)
+    rates["position_and_shape"] = sum(c.position and c.shape for c in checks) / max(1, len(checks))
+    return rates, checks
+
+
+__all__ = ["control_cases", "evaluate", "evaluate_control", "generate_scenes"]

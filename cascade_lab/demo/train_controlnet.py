@@ -1,0 +1,192 @@
+"""Train a demo ControlNet: ``python -m cascade_lab.demo.train_controlnet --out DIR [--quick] [--kind canny]``.
+
+Stage C, the text tower and the encoder stay frozen at the shipped demo weights (`models.build_demo`); only the
+`DemoControlNet` learns, with Stage C's own training step (`training.loop.Trainer`: GDF noising at the demo
+plan's ``noise_shift``, the ε target of the v-predicting `DemoStageC`, adaptive loss weights, cached latents and
+text, 10 % caption dropout), its features added to the frozen Stage C's ResBlocks as at inference. The control
+input is the real filter (`controls.filters.canny`) of the rendered training image.
+
+"Control beats text": for half of the samples the caption names another position than the one drawn
+(`MisleadingCaptions`), so the ControlNet learns to move the shape to its outline whatever the prompt says.
+The weights go to ``DIR/controlnet_<kind>.safetensors`` (fp16, what ``cascade_lab/demo/weights`` ships) and the
+numbers to ``DIR/controlnet_report.json`` (steps, seconds, final loss, hit rates with and without the control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .train import Plan, part_config, progress
+from .world import POSITIONS, parse_caption
+
+
+@dataclass(frozen=True)
+class ControlPlan:
+    """Steps, batch, images and the share of misleading captions of one ControlNet training."""
+
+    images: int = 3000
+    batch: int = 32
+    steps: int = 1500
+    lr: float = 1e-3
+    misleading: float = 0.5  # of the captions name another position than the image's
+    eval_cases: int = 64
+
+    @classmethod
+    def quick(cls) -> ControlPlan:
+        """A few dozen steps on a few hundred images (~30 s): the CI check that the recipe learns."""
+        return cls(images=256, batch=8, steps=40, lr=2e-3, eval_cases=8)
+
+
+def mislead(caption: str, draw: float, pick: int, rate: float) -> str:
+    """`caption` with its position replaced by another (the `pick`-th of the other eight) when `draw` < `rate`;
+    an empty caption (dropout) or one that is no demo scene stays as it is."""
+    scene = parse_caption(caption) if caption else None
+    if scene is None or draw >= rate:
+        return caption
+    others = [p for p in POSITIONS if p != scene.position]
+    return replace(scene, position=others[pick % len(others)]).caption
+
+
+def training_data(config: Any, misleading: float) -> Any:
+    """`TrainingData` of `config` whose captions `mislead` at rate `misleading` (seeded per sample, as dropout)."""
+    from ..training.data import TrainingData
+    from ..training.toml_config import dataset_config_for
+
+    class MisleadingCaptions(TrainingData):
+        def caption(self, index: int, epoch: int, rng: random.Random) -> str:
+            text = super().caption(index, epoch, rng)
+            draw, pick = rng.random(), rng.randrange(len(POSITIONS) - 1)  # always drawn: a fixed stream
+            return mislead(text, draw, pick, misleading)
+
+    return MisleadingCaptions(dataset_config_for(config), scale=config.scale_factor, seed=config.seed)
+
+
+def control_input(kind: str, image: Any) -> Any:
+    """The ControlNet input of a batch of images [B, 3, H, W] in [0, 1], made by the filter inference uses."""
+    from ..controls import filters
+
+    if kind != "canny":
+        raise ValueError(f"demo ControlNet training knows kind 'canny' only, not {kind!r}")
+    return filters.canny(image)  # (B, 1, H, W) in [0, 1]
+
+
+def make_trainer(config: Any, net: Any, data: Any, stages: Any, kind: str) -> Any:
+    """A `ControlNetTrainer` (the class is built here: importing this module imports no torch)."""
+    import torch
+
+    from ..training import distributed as dist
+    from ..training.loop import Trainer
+    from ..training.models import TrainingModels
+    from .parts import PartTrainer
+
+    class ControlNetTrainer(PartTrainer):
+        """Stage C's `Trainer` step with the ControlNet as the trained model and Stage C frozen behind it."""
+
+        def __init__(self) -> None:
+            # PartTrainer's models have no encoders; the latent and text caches need the frozen ones
+            models = TrainingModels(net, {"effnet": lambda: stages.effnet, "text_encoder": lambda: stages.text_encoder},
+                                    source="demo")
+            Trainer.__init__(self, config, models, data, dist.setup(config.device))
+            self.frozen = stages.stage_c.to(self.device).eval().requires_grad_(False)
+            self.controls: dict[int, torch.Tensor] = {}  # record index -> control input, uint8
+
+        def control(self, index: int) -> torch.Tensor:
+            if index not in self.controls:  # the filter once per image: (1, c_in, H, W) in [0, 1] -> uint8
+                x = control_input(kind, self.data.image(index)[None])[0]
+                self.controls[index] = x.mul(255).round().to(torch.uint8)
+            return self.controls[index].float() / 255
+
+        def inputs(self, counter: int) -> dict[str, torch.Tensor]:
+            batch = super().inputs(counter)  # Trainer's: latents, text, t, ε (captions misled)
+            indices, _, _ = self.local_batch(counter)
+            return {**batch, "control": torch.stack([self.control(i) for i in indices])}  # (B, c_in, H, W)
+
+        def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], t: torch.Tensor | None = None,
+                    epsilon: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+            dev = self.device
+            d = self.diffused(batch, t, epsilon)
+            cnet = model(batch["control"].to(dev))  # 8 entries of (B, 64, 8, 8)
+            clip_img = torch.zeros(d.noised.size(0), 1, self.frozen.clip_img_mapper.in_features, device=dev)
+            pred = self.frozen(d.noised, d.noise_cond, batch["clip_text"].to(dev), batch["clip_text_pooled"].to(dev),
+                               clip_img, cnet=cnet)
+            return self.loss_terms(pred, d)
+
+    return ControlNetTrainer()
+
+
+def train_controlnet(out: str | Path, plan: ControlPlan = ControlPlan(), *, kind: str = "canny",
+                     work: str | Path | None = None, seed: int = 0, threads: int | None = 1,
+                     log: Any = print) -> dict[str, Any]:
+    """Train the `kind` ControlNet on the shipped demo cascade, write it and its report to `out`, return the report.
+
+    One thread by default, as `train.train_demo` (small models on a busy 2-core machine)."""
+    import torch
+
+    from . import world
+    from .evaluate import evaluate_control
+    from .models import DemoControlNetConfig, build_demo, load_controlnet, save_controlnet
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    work = Path(work) if work is not None else out / "work"
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    world.write_dataset(work / "data", plan.images, seed=seed)
+    stages = build_demo()
+    config = part_config(work, f"controlnet_{kind}", plan.steps, plan.batch, plan.lr, seed, caption_dropout_rate=0.1,
+                         cache_latents=True, cache_text_encoder_outputs=True, adaptive_loss_weight=True,
+                         noise_shift=Plan().noise_shift)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DemoControlNetConfig.of(kind).build()
+    trainer = make_trainer(config, net, training_data(config, plan.misleading), stages, kind)
+    trainer.prepare_caches(list(range(len(trainer.data.records))))
+    prepared = time.perf_counter()
+    history = trainer.run(progress(f"controlnet_{kind}", plan.steps, log))
+    train_seconds = time.perf_counter() - prepared
+    path = save_controlnet(net, kind, out)
+    tail = [h["raw_loss"] for h in history[-20:]]
+    log(f"controlnet_{kind}: {plan.steps} steps in {train_seconds:.0f} s, final loss {sum(tail) / len(tail):.4f}")
+    stored = load_controlnet(kind, path)  # the fp16 file, as shipped
+    rates = {name: evaluate_control(plan.eval_cases, kind=kind, controlnet=stored, control=use, seed=seed)[0]
+             for name, use in (("with_control", True), ("without_control", False))}
+    report = {"kind": kind, "plan": asdict(plan), "seed": seed, "noise_shift": Plan().noise_shift,
+              "prepare_seconds": round(prepared - start, 1), "train_seconds": round(train_seconds, 1),
+              "first_losses": [round(h["raw_loss"], 5) for h in history[:5]],
+              "final_loss": round(sum(tail) / len(tail), 5), "eval_cases": plan.eval_cases, "hit_rates": rates,
+              "threads": torch.get_num_threads(), "file_bytes": path.stat().st_size}
+    report_path = out / "controlnet_report.json"
+    reports = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    reports[kind] = report
+    report_path.write_text(json.dumps(reports, indent=2) + "\n")
+    log(f"held-out hit rates ({plan.eval_cases} cases, prompt naming another position): "
+        + "; ".join(f"{name}: position+shape {r['position_and_shape']:.0%}" for name, r in rates.items()))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cascade_lab.demo.train_controlnet",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for controlnet_<kind>.safetensors and the report")
+    parser.add_argument("--kind", default="canny", choices=["canny"])
+    parser.add_argument("--quick", action="store_true", help="a few dozen steps (CI)")
+    parser.add_argument("--work", default=None, help="scratch folder (images, caches); default OUT/work")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    train_controlnet(args.out, ControlPlan.quick() if args.quick else ControlPlan(), kind=args.kind, work=args.work,
+                     seed=args.seed, threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

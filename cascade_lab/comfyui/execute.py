@@ -262,23 +262,35 @@ class Executor:
         if start > 0 or (end is not None and end < plan.steps):
             plan = step_window(plan, start, end, force_full_denoise)
         module = model.module()
+        shared = True  # every conditioning has the same ControlNets: they run once, for all rows
         if stage == "c":
             width = int(module.clip_img_mapper.in_features)
-            sides = [[Entry(stage_c_inputs(c, B, width), *c.steps) for c in side] for side in (positive, negative)]
-            controls = self._controls(pos, samples.shape)
-            features = self.pipeline.control_features(controls, B) if controls else []
-            extra = self.pipeline.control_inputs(controls, features)
+            extras: dict[tuple[int, ...], Any] = {}
+
+            def controlled(c: Cond) -> Any:
+                """``t -> {"cnet": ...}`` of the conditioning's ControlNets (each run once per set)."""
+                key = tuple(id(control) for control in c.controls)
+                if key not in extras:
+                    inputs = self._controls(c, samples.shape)
+                    features = self.pipeline.control_features(inputs, B) if inputs else []
+                    extras[key] = self.pipeline.control_inputs(inputs, features)
+                return extras[key]
+
+            sides = [[Entry(stage_c_inputs(c, B, width), *c.steps, extra=controlled(c)) for c in side]
+                     for side in (positive, negative)]
+            extra = controlled(pos)
+            shared = len({id(e.extra) for side in sides for e in side}) == 1
         else:
             like = stage_b_inputs(pos, B, samples.shape)["effnet"]  # a side without a prior: zeros of its shape
             sides = [[Entry(stage_b_inputs(c, B, samples.shape, like=like), *c.steps) for c in side]
                      for side in (positive, negative)]
             extra = None
         used = sides if not math.isclose(cfg, 1.0) else sides[:1]  # CFG 1 runs the positive only
-        if needs_separate_calls(used):  # several conditionings, step ranges, or sides of different shapes
-            check_coverage(used, ("positive", "negative"))
+        if needs_separate_calls(used) or not shared:  # several conditionings, step ranges, sides of different
+            check_coverage(used, ("positive", "negative"))  # shapes, or ControlNets on one side only
             module = SeparateSides(module, sides)
             cond, uncond = {SIDE: torch.zeros(B)}, {SIDE: torch.ones(B)}
-            extra = _with_step(extra)
+            extra = _with_step(None)
         else:
             cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
         out = self.pipeline.sample_stage(stage, module, torch.float32, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,

@@ -11,7 +11,7 @@ the step position ``t``, and makes the per-entry calls itself. Averaging ε or x
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +23,13 @@ SIDE, STEP = "_side", "_t"  # per-row side (0 positive, 1 negative) and the step
 
 @dataclass(frozen=True)
 class Entry:
-    """One conditioning of a side: its model inputs ([1 or B, ...] tensors) and the step fraction it applies in."""
+    """One conditioning of a side: its model inputs ([1 or B, ...] tensors), the step fraction it applies in, and
+    ``extra(t)``, inputs of its own per step (its ControlNets' features)."""
 
     inputs: Mapping[str, Any]
     start: float = 0.0
     end: float = 1.0
+    extra: Callable[[float], Mapping[str, Any]] | None = None
 
 
 def needs_separate_calls(sides: Sequence[Sequence[Entry]]) -> bool:
@@ -81,7 +83,9 @@ class SeparateSides:
             total = torch.zeros_like(x[rows])
             for entry in active:
                 given = {k: _expand(v, len(rows)) for k, v in entry.inputs.items()}
-                total += self.model(x[rows], r[rows], **given, **shared).to(x.dtype)
+                if entry.extra is not None:
+                    given.update(entry.extra(t) or {})
+                total += self.model(x[rows], r[rows], **{**shared, **given}).to(x.dtype)
             out[rows] = total / max(1, len(active))
         return out
 

@@ -120,6 +120,14 @@ def test_canny_controlnet_example(comfy: Path) -> None:
     assert result.images[0].size == (256, 256) and result.params.seed == 784805947292946
     off = example("canny_controlnet", comfy, **{"49.strength": 0.0})
     assert not torch.allclose(result.latent_c, off["9"].latent_c), "the ControlNet must change Stage C"
+    # ControlNetApply instead: the ControlNet on the positive side only (a separate call for the negative)
+    graph = json.loads((HERE / "canny_controlnet.api.json").read_text())
+    graph["49"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0], "control_net": ["47", 0],
+                                                               "image": ["51", 0], "strength": 1.0}}
+    graph["3"]["inputs"]["negative"] = ["7", 0]
+    positive_only = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
+    for other in (result.latent_c, off["9"].latent_c):
+        assert not torch.allclose(positive_only, other, rtol=1e-3, atol=1e-3 * other.abs().max().item())
 
 
 @pytest.mark.reference

@@ -1,6 +1,7 @@
 """Screenshots of the notebook front ends for the README: a %%cascade cell (running and done), the generation
 panel (a result, a wrong width), the latent inspector (trajectory, statistics) and the training panel (stopped),
-each at 1280×800 and 800×1000, written to docs/screenshots/<scene>_<width>x<height>.png.
+each at 1280×800 and 800×1000, written to docs/screenshots/<scene>_<width>x<height>.png, with a list of the
+widgets that overflow their output or cut their text (what to fix at a narrow width).
 
 It drives JupyterLab in headless Chromium with the browser suite's own harness and checks (tests/browser), so a
 screenshot is only taken of a state the suite accepts. Not part of the test run; needs what the browser tests
@@ -45,6 +46,29 @@ def show(nb: Notebook, index: int, *, offset: int = 0) -> None:
     }""", [index, offset])
     nb.page.mouse.move(1, 1)  # no hover highlight or tooltip in the picture
     nb.page.wait_for_timeout(400)
+
+
+# Every widget of the page's outputs that reaches past its output area's right edge, and every button, label or
+# checkbox whose text is cut (scrollWidth > clientWidth: an ellipsis or hidden overflow)
+OVERFLOW = """() => {
+  const found = [];
+  const name = e => {
+    const label = e.querySelector && e.querySelector(':scope > label');
+    return ((label && label.textContent) || e.getAttribute('title') || e.textContent || '').trim().slice(0, 40)
+      || e.className.split(' ').filter(c => c.startsWith('widget-'))[0] || e.tagName;
+  };
+  for (const out of document.querySelectorAll('.jp-OutputArea-output')) {
+    const edge = out.getBoundingClientRect().right;
+    for (const e of out.querySelectorAll('.jupyter-widgets, button, label')) {
+      const r = e.getBoundingClientRect();
+      if (!r.width || e.closest('.lm-mod-hidden')) continue;
+      if (r.right > edge + 1) found.push(`${name(e)}: ${Math.round(r.right - edge)} px past the right edge`);
+      else if (['BUTTON', 'LABEL'].includes(e.tagName) && e.scrollWidth > e.clientWidth + 1)
+        found.push(`${name(e)}: text cut (${e.scrollWidth} px wide in ${e.clientWidth} px)`);
+    }
+  }
+  return [...new Set(found)];
+}"""
 
 
 def cascade(lab: JupyterLab, page: Any, shoot: Callable[[str], None]) -> None:
@@ -129,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         path = args.out / f"{scene}_{width}x{height}.png"
                         page.screenshot(path=str(path))
                         print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+                        for problem in page.evaluate(OVERFLOW):
+                            print(f"    layout: {problem}")
 
                     SCENES[name](lab, page, shoot)
                     page.evaluate("() => window.jupyterapp.serviceManager.sessions.shutdownAll()")

@@ -69,12 +69,25 @@ def image_scale(image: Tensor, method: str, width: int, height: int, crop: str) 
 
 
 def canny(image: Tensor, low: float, high: float) -> Tensor:
-    """Canny edges of each image at its own size, thresholds in [0, 1] of the gradient as ComfyUI's node, edges
-    repeated to 3 channels. OpenCV's Canny (the ``controlnet`` extra), not kornia's: edge pixels may differ."""
+    """Canny edges of each image at its own size, thresholds in [0, 1] of the gradient, edges repeated to 3
+    channels: kornia's ``filters.canny`` as ComfyUI's node calls it when kornia is installed (the same pixels),
+    else OpenCV's Canny (the ``controlnet`` extra), whose edge pixels may differ, with a notice."""
+    try:
+        from kornia.filters import canny as kornia_canny
+    except ImportError:
+        kornia_canny = None
+    if kornia_canny is not None:
+        edges = kornia_canny(image[..., :3].movedim(-1, 1), low, high)[1]  # (magnitude, edges [B, 1, H, W])
+        return edges.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()
     try:
         import cv2
     except ImportError as err:
-        raise ImportError("the Canny node needs OpenCV: pip install 'cascade-lab[controlnet]'") from err
+        raise ImportError("the Canny node needs kornia (ComfyUI's edges: pip install kornia) or OpenCV: "
+                          "pip install 'cascade-lab[controlnet]'") from err
+    import warnings
+
+    warnings.warn("the Canny node runs OpenCV's Canny (kornia is not installed), whose edge pixels differ a little "
+                  "from ComfyUI's; pip install kornia for ComfyUI's", stacklevel=2)
     pixels = image.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     edges = np.stack([cv2.Canny(p, low * 255, high * 255) for p in pixels]).astype(np.float32) / 255.0
     return torch.from_numpy(edges)[..., None].expand(-1, -1, -1, 3).contiguous()

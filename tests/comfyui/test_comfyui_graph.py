@@ -297,3 +297,20 @@ def test_reading_and_checking_a_workflow_imports_no_torch(tmp_path: Path) -> Non
             "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["True", "False", "False"], out.stdout + out.stderr
+
+
+def test_canny_is_kornias_when_installed_else_opencvs_with_a_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import torch
+
+    from cascade_lab.comfyui.image_nodes import canny
+
+    image = torch.zeros(1, 40, 40, 3)
+    image[:, 10:30, 10:30] = 1.0  # a white square: edges along its border
+    monkeypatch.setitem(sys.modules, "kornia", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "kornia.filters", None)
+    with pytest.warns(UserWarning, match="OpenCV's Canny"):
+        edges = canny(image, 0.4, 0.8)
+    assert edges.shape == (1, 40, 40, 3) and set(edges.unique().tolist()) == {0.0, 1.0}
+    assert edges[0, 20, 20, 0] == 0 and edges[0, 10:30, 8:12].max() == 1

@@ -203,13 +203,13 @@ def test_panel_and_inspect_display_the_widgets_lazily(ip, session, monkeypatch) 
     with pytest.raises(UsageError, match="no result yet"):
         ip.run_line_magic("cascade", "inspect")
     ip.user_ns.update(res=result, other=3)
+    # returned, not displayed: a cell ending in the magic shows it, `p = %cascade panel` keeps it to drive
+    assert ip.run_line_magic("cascade", "panel") == "PANEL"
+    assert ip.run_line_magic("cascade", "inspect res") == "INSPECTOR"
+    session.results.append(result)
     with capture_output() as cap:
-        ip.run_line_magic("cascade", "panel")
-        ip.run_line_magic("cascade", "inspect res")
-        session.results.append(result)
-        ip.run_line_magic("cascade", "inspect")
-    assert made == ["panel", result, result]
-    assert [o.data["text/plain"] for o in cap.outputs] == ["'PANEL'", "'INSPECTOR'", "'INSPECTOR'"]
+        assert ip.run_line_magic("cascade", "inspect") == "INSPECTOR"
+    assert made == ["panel", result, result] and not cap.outputs  # shown once, as the cell's value
     with pytest.raises(UsageError, match="'nope' is not defined in the notebook"):
         ip.run_line_magic("cascade", "inspect nope")
     with pytest.raises(UsageError, match="'other' is a int, not a cascade_lab Result"):
@@ -372,7 +372,6 @@ def test_panel_train_displays_the_training_panel_lazily(ip, session, train_toml,
     import sys
     import types
 
-    from IPython.utils.capture import capture_output
 
     made: list[tuple[object, ...]] = []
 
@@ -384,15 +383,12 @@ def test_panel_train_displays_the_training_panel_lazily(ip, session, train_toml,
     module.TrainingPanel = make_panel  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cascade_lab.notebook.train_panel", module)
     ip.run_line_magic("load_ext", "cascade_lab")
-    with capture_output() as cap:
-        ip.run_line_magic("cascade", "panel train")
-        ip.run_line_magic("cascade", f"panel train {train_toml}")
-    assert made == [(), (str(train_toml),)] and len(cap.outputs) == 2
+    shown = [ip.run_line_magic("cascade", "panel train"), ip.run_line_magic("cascade", f"panel train {train_toml}")]
+    assert made == [(), (str(train_toml),)] and len(shown) == 2 and all(p is not None for p in shown)
     with pytest.raises(UsageError, match="%cascade panel train \\[CONFIG\\]"):
         ip.run_line_magic("cascade", "panel bogus")
     monkeypatch.undo()  # the real module from here on
     with pytest.raises(UsageError, match="%cascade panel train: training config 'nope.toml' does not exist"):
         ip.run_line_magic("cascade", "panel train nope.toml")
-    with capture_output() as cap:
-        ip.run_line_magic("cascade", f"panel train {train_toml}")
-    assert "application/vnd.jupyter.widget-view+json" in cap.outputs[0].data  # the form, filled from the TOML
+    panel = ip.run_line_magic("cascade", f"panel train {train_toml}")  # returned: the cell shows it, code drives it
+    assert "application/vnd.jupyter.widget-view+json" in panel._repr_mimebundle_()  # the form, from the TOML

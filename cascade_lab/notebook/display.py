@@ -50,6 +50,25 @@ def preview_jpeg(rgb: Any, *, min_side: int = 192, quality: int = 85) -> bytes:
     return buffer.getvalue()
 
 
+def guard_finite(widget: Any, on_error: Callable[[str], Any]) -> None:
+    """Keep a float widget finite: NaN or ±inf typed into it (which ipywidgets would send on as JSON it cannot
+    encode) puts the last good value back and reports ``"<label>: nan is not a number; kept <value>"``."""
+    import math
+
+    last = {"value": widget.value}
+
+    def check(change: dict[str, Any]) -> None:
+        new = change["new"]
+        if isinstance(new, float) and not math.isfinite(new):
+            label = widget.description or "value"
+            widget.value = last["value"]
+            on_error(f"{label}: {new} is not a number; kept {last['value']:g}")
+        else:
+            last["value"] = new
+
+    widget.observe(check, "value")
+
+
 class StageBars:
     """One progress row per stage, shown once in its own output above the preview/result and updated in place.
 

@@ -13,7 +13,6 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, observe
 
 from .options import NEGATIVE_SEPARATOR, NEXT_SEPARATOR, PARSER, parse_cell, parse_size, size_table
@@ -140,7 +139,7 @@ class CascadeMagics(Magics):
 
     @no_var_expand
     @line_cell_magic
-    def cascade(self, line: str, cell: str | None = None) -> None:
+    def cascade(self, line: str, cell: str | None = None) -> Any:
         self._from_session()  # a panel may have changed the defaults since: keep the traits current
         if cell is not None:
             return self._generate(line, cell)
@@ -149,7 +148,9 @@ class CascadeMagics(Magics):
     cascade.__doc__ = f"%cascade SUBCOMMAND | %%cascade [options] + prompt\n\n{HELP}\n\n{PARSER.format_help()}"
 
     # -- %cascade ----------------------------------------------------------------------------------------
-    def _command(self, line: str) -> None:
+    def _command(self, line: str) -> Any:
+        """Run a ``%cascade`` subcommand; panels and the inspector are returned (shown as the cell's value, and
+        ``p = %cascade panel`` keeps one to drive from code)."""
         try:
             words = shlex.split(line)
         except ValueError as exc:
@@ -168,11 +169,11 @@ class CascadeMagics(Magics):
         elif command == "config":
             self._config(args)
         elif command == "panel":
-            display(self._panel(args))
+            return self._panel(args)
         elif command == "train":
             self._train(args)
         elif command == "inspect":
-            display(self._inspector(args))
+            return self._inspector(args)
         elif command == "comfyui":
             from ..comfyui.magic import comfyui_command
 

@@ -25,7 +25,7 @@ import ipywidgets as widgets
 
 from ..params import GenerationParams
 from .control_section import ControlSection
-from .display import preview_jpeg
+from .display import guard_finite, preview_jpeg
 from .session import free_memory, get_session
 
 # Stable Cascade was trained around one megapixel; these are the commonly used aspect ratios
@@ -224,6 +224,9 @@ class GenerationPanel:
             self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
 
+        for box in (self.denoise, self.control.strength, *(self.stage[s][k] for s in "cb" for k in ("cfg", "shift"))):
+            guard_finite(box, self._show_error)
+
     def _on_preset(self, change: dict[str, Any]) -> None:
         if change["new"] is not None and (self.width.value, self.height.value) != change["new"]:
             self.width.value, self.height.value = change["new"]
@@ -404,6 +407,7 @@ class GenerationPanel:
         self.status.value = html.escape(message)
 
     def _show_error(self, message: str, details: str = "") -> None:
+        self.status.value = ""  # a new error never sits beside an old "done in 0.2 s"
         body = f"<b>{html.escape(message)}</b>"
         if details:
             body = f"<details><summary>{body}</summary><pre>{html.escape(details)}</pre></details>"

@@ -157,6 +157,11 @@ class TrainingPanel:
             self.error_box, self.plot, self.gallery,
         ])
 
+        from .display import guard_finite
+
+        for box in (self.learning_rate, self.alpha):
+            guard_finite(box, self._show_error)
+
     def _lora_fields(self) -> None:
         self.rank.disabled = self.alpha.disabled = self.mode.value != "lora"
 
@@ -328,6 +333,7 @@ class TrainingPanel:
         self.status.value = html.escape(message)
 
     def _show_error(self, message: str, details: str = "") -> None:
+        self.status.value = ""  # a new error never sits beside an old status
         body = f"<b>{html.escape(message)}</b>"
         if details:
             body = f"<details><summary>{body}</summary><pre>{html.escape(details)}</pre></details>"

@@ -485,6 +485,37 @@ def _(env: Env) -> None:
     assert "unrecognized arguments: --width 512" in env.magic("--size 256x256 --width 512")
 
 
+@case("panel-status-after-error", "panel", "Generate with width 100 after a finished job",
+      "the red error in the panel, and the old 'done in …' status cleared")
+def _(env: Env) -> None:
+    from cascade_lab.notebook.panel import GenerationPanel
+
+    panel = GenerationPanel()
+    panel.status.value = "done in 0.2 s"
+    panel.size.value, panel.width.value = None, 100
+    assert panel.generate() is False and env.runs == 0
+    assert panel.status.value == "" and "width=100" in panel.error_box.value and "#b00020" in panel.error_box.value
+
+
+@case("panel-nan-box", "panel", "NaN (or inf) typed into a number box (denoise, CFG, shift, strength)",
+      "the last good value comes back, with a message; no unencodable JSON")
+def _(env: Env) -> None:
+    from cascade_lab.notebook.panel import GenerationPanel
+
+    panel = GenerationPanel()
+    panel.denoise.value = math.nan
+    assert panel.denoise.value == 1.0 and "denoise: nan is not a number; kept 1" in panel.error_box.value
+    panel.stage["c"]["cfg"].value = math.nan
+    assert panel.stage["c"]["cfg"].value == 4.0 and "CFG: nan is not a number" in panel.error_box.value
+
+
+@case("panel-returned", "magic", "p = %cascade panel", "the panel is returned (the cell shows it; code can drive it)")
+def _(env: Env) -> None:
+    from cascade_lab.notebook.panel import GenerationPanel
+
+    assert isinstance(env.shell.run_line_magic("cascade", "panel"), GenerationPanel)
+
+
 # -- what a careful user tries next --------------------------------------------------------------------------
 
 

@@ -45,8 +45,9 @@ def bpe(request: pytest.FixtureRequest) -> Any:
     wheels = sorted(cache.glob("open_clip_torch-*.whl"))
     if not wheels:
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "open_clip_torch==3.3.0",
-                            "-d", str(cache)], check=True, timeout=120, capture_output=True)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "0",
+                            "--timeout", "15", "open_clip_torch==3.3.0", "-d", str(cache)], check=True, timeout=120,
+                           capture_output=True)
         except (subprocess.SubprocessError, OSError) as e:
             pytest.skip(f"no CLIP BPE file: open_clip_torch is not installed and could not be downloaded ({e})")
         wheels = sorted(cache.glob("open_clip_torch-*.whl"))

@@ -119,6 +119,8 @@ class Executor:
 
     def node_LoraLoader(self, node_id: str, model: Model, clip: Clip, lora_name: str, strength_model: float,
                         strength_clip: float) -> tuple[Any, ...]:
+        path = str(self.model_path("LoraLoader", lora_name))
+        clip = replace(clip, loras=(*clip.loras, (path, float(strength_clip)))) if strength_clip else clip
         return self.node_LoraLoaderModelOnly(node_id, model, lora_name, strength_model), clip
 
     def node_LoraLoaderModelOnly(self, node_id: str, model: Model, lora_name: str, strength_model: float) -> Any:

@@ -38,8 +38,14 @@ class ModelFiles:
         if part == "text_encoder":
             from ..models.clip import TextEncoder
 
-            return TextEncoder.from_file(path, config=self._clip_config("text_encoder"), dtype=torch.float32,
-                                         tokenizer_path=self.tokenizer, comfyui=self.comfyui)
+            encoder = TextEncoder.from_file(path, config=self._clip_config("text_encoder"), dtype=torch.float32,
+                                            tokenizer_path=self.tokenizer, comfyui=self.comfyui)
+            if loras:  # LoraLoader's strength_clip: the files' text-encoder parts, apart from the model's
+                from ..models.lora import apply_text_encoder_lora
+
+                for lora, strength in loras:
+                    apply_text_encoder_lora(encoder, lora, strength)
+            return encoder
         if part == "image_encoder":
             from ..models.clip import ImageEncoder
 
@@ -52,7 +58,8 @@ class ModelFiles:
             from ..models.lora import apply_lora, load_lora_file
 
             for lora, strength in loras:
-                apply_lora(module, load_lora_file(lora), strength)
+                # the text-encoder part goes to the CLIP output (Clip.loras), at LoraLoader's strength_clip
+                apply_lora(module, load_lora_file(lora), strength, text_encoder=False)
         return module
 
     def _clip_config(self, part: str) -> Any:
@@ -82,13 +89,14 @@ class Model:
 
 @dataclass(frozen=True)
 class Clip:
-    """CLIP: the CLIP-G text encoder of a file."""
+    """CLIP: the CLIP-G text encoder of a file, with the text-encoder parts of LoRAs merged into it."""
 
     files: ModelFiles
     path: Path
+    loras: tuple[tuple[str, float], ...] = ()  # (file, LoraLoader's strength_clip)
 
     def encoder(self) -> Any:
-        return self.files.load(self.path, "text_encoder")
+        return self.files.load(self.path, "text_encoder", self.loras)
 
 
 @dataclass(frozen=True)

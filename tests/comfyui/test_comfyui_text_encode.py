@@ -3,8 +3,9 @@ CLIPTextEncode nodes run on the tiny CLIP-G of the ComfyUI checkpoint and give C
 text-to-image example then runs from the workflow alone, also from the command line.
 
 The BPE file comes from the open_clip_torch wheel: an installed ``open_clip``, ``$CASCADE_LAB_CLIP_BPE`` (the
-.txt.gz or the wheel), or ``pip download --no-deps open_clip_torch`` into the pytest cache (else the temp
-folder); without any of them these tests skip (the tokenizer is an optional extra).
+.txt.gz or the wheel; `.ci/run` downloads the wheel once into .ci-cache/ and sets it), or ``pip download --no-deps
+open_clip_torch`` into the pytest cache (else the temp folder); without any of them these tests fail, saying how
+to provide the file (they never skip: CI always runs them).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def bpe(request: pytest.FixtureRequest) -> Any:
                             "--timeout", "15", "open_clip_torch==3.3.0", "-d", str(cache)], check=True, timeout=120,
                            capture_output=True)
         except (subprocess.SubprocessError, OSError) as e:
-            pytest.skip(f"no CLIP BPE file: open_clip_torch is not installed and could not be downloaded ({e})")
+            pytest.fail(f"no CLIP BPE file: open_clip_torch is not installed and could not be downloaded ({e}); "
+                        "run `pip download --no-deps open_clip_torch==3.3.0 -d DIR` where there is a network and "
+                        "set CASCADE_LAB_CLIP_BPE=DIR/open_clip_torch-3.3.0-py3-none-any.whl (as .ci/run does)")
         wheels = sorted(cache.glob("open_clip_torch-*.whl"))
     return wheels[-1]
 
@@ -176,6 +179,46 @@ def test_weights_move_tokens_away_from_the_empty_prompt(tmp_path: Path, bpe: Any
     assert torch.equal(weighted_pooled, pooled)  # weights act on the tokens only
     torch.testing.assert_close(weighted[0, 2], (plain[0, 2] - empty[0, 2]) * 1.5 + empty[0, 2])  # "red"
     torch.testing.assert_close(weighted[0, [0, 1, 3, 4]], plain[0, [0, 1, 3, 4]])
+
+
+@pytest.mark.reference
+def test_lora_loader_strength_clip_merges_the_text_encoder_part(comfy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoraLoader: strength_clip puts a kohya file's lora_te_* part into CLIP-G (0: the plain encoding)."""
+    from safetensors.torch import save_file
+
+    from cascade_lab.comfyui.execute import Executor
+    from cascade_lab.comfyui.models import ModelFiles
+    from cascade_lab.comfyui.prompt import encode
+    from cascade_lab.models.lora import apply_text_encoder_lora
+
+    tiny = json.loads((reference_dir("comfyui") / "config.json").read_text())["tiny"]["clip_g_model_config"]
+    (comfy / "models" / "loras").mkdir(exist_ok=True)
+    lora = comfy / "models" / "loras" / "te.safetensors"
+    g = torch.Generator().manual_seed(0)
+    width = int(tiny["hidden_size"])
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, width, generator=g),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight":
+                   torch.randn(int(tiny["intermediate_size"]), 4, generator=g)}, str(lora))
+    graph = json.loads((reference_dir("comfyui", "workflows") / "text_to_image.api.json").read_text())
+    graph["60"] = {"class_type": "LoraLoader", "inputs": {"model": ["41", 0], "clip": ["41", 1], "lora_name":
+                                                          "te.safetensors", "strength_model": 0.0,
+                                                          "strength_clip": 0.7}}
+    graph["6"]["inputs"]["clip"] = ["60", 1]
+    encoded: dict[str, Any] = {}
+    monkeypatch.setattr(Executor, "node_CLIPTextEncode", lambda self, node_id, text, clip: encoded.setdefault(
+        node_id, encode(clip.encoder(), text)) and [])
+    from cascade_lab.comfyui import check as check_graph
+
+    check_graph(graph, models=comfy)
+    files = ModelFiles(configs(), None, comfy)
+    Executor(graph, ["41", "60", "6", "7"], comfyui=comfy, extra_model_paths=None, input_dir=None, files=files,
+             given={}).run()
+    plain = ModelFiles(configs(), None, comfy).load(comfy / "models" / "checkpoints" /
+                                                    graph["41"]["inputs"]["ckpt_name"], "text_encoder")
+    assert torch.equal(encoded["7"][0], encode(plain, graph["7"]["inputs"]["text"])[0])  # the plain CLIP
+    assert not torch.allclose(encoded["6"][0], encode(plain, graph["6"]["inputs"]["text"])[0])
+    apply_text_encoder_lora(plain, lora, 0.7)
+    torch.testing.assert_close(encoded["6"][0], encode(plain, graph["6"]["inputs"]["text"])[0], rtol=0, atol=0)
 
 
 @pytest.mark.reference

@@ -209,6 +209,25 @@ def test_size_presets_and_seed_controls(panel: GenerationPanel) -> None:
     assert panel.seed.value != before
 
 
+def test_a_typed_seed_is_kept_and_large_step_counts_are_not_clamped(panel: GenerationPanel) -> None:
+    """Issues 18/20: typing a seed while "new seed each run" is ticked unticks it (the typed seed is used), the
+    steps sliders take 1000 steps, and a refused run leaves no old green bar or "done" status beside its error."""
+    panel.new_seed_each_run.value = True
+    panel.seed.value = 1234
+    assert panel.new_seed_each_run.value is False
+    panel.randomise.click()  # the dice button draws without unticking anything else
+    assert panel.seed.value != 1234
+    for stage in ("c", "b"):
+        panel.stage[stage]["steps"].value = 1000
+        assert panel.stage[stage]["steps"].value == 1000
+    assert panel.params().steps_c == 1000
+    panel.progress.value, panel.progress.max, panel.progress.bar_style = 5, 5, "success"
+    panel.status.value = "done in 0.2 s"
+    panel.width.value = 100
+    assert panel.generate() is False
+    assert (panel.progress.value, panel.progress.bar_style, panel.status.value) == (0, "", "")
+
+
 def test_copy_as_cascade_cell_round_trips_through_the_magic_parser(panel: GenerationPanel) -> None:
     panel.negative.value = "blurry\nlow quality"
     panel.stage["b"]["shift"].value = 1.5
@@ -222,6 +241,7 @@ def test_copy_as_cascade_cell_round_trips_through_the_magic_parser(panel: Genera
     copy_button.click()
     text = panel.copy_area.value
     assert panel.copy_area.layout.display is None and text == cascade_cell(result.params)
+    assert panel.status.value.startswith("done")  # copying keeps the status of the job
     line, body = text.split("\n", 1)
     assert line.startswith("%%cascade ")
     request = parse_cell(line[len("%%cascade "):], body + "\n", {})  # IPython ends a cell body with a newline

@@ -87,8 +87,9 @@ def histograms_figure(latent: Any, *, index: int = 0, bins: int = 40, title: str
             continue
         counts, edges = np.histogram(x[c].flatten().numpy(), bins=bins)
         ax.stairs(counts, edges, fill=True, color="tab:blue")  # one artist per channel, not one per bin
-        ax.set_title(f"ch {c}: μ {stats[c].mean:.2f} σ {stats[c].std:.2f}", fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.set_title(f"ch {c}: μ {stats[c].mean:.2f} σ {stats[c].std:.2f}", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.locator_params(axis="both", nbins=3)  # few ticks: readable when the figure is shown at 600 px
     fig.suptitle(title or f"value histograms per channel (image {index})")
     return fig
 
@@ -253,7 +254,8 @@ class LatentInspector:
         self.trajectory_image = widgets.Image(format="png")
         self.step.observe(lambda change: self.show_step(change["new"]), "value")
         self.folder = widgets.Text(str(export_folder), description="folder")
-        self.export_button = widgets.Button(description="Export PNG + SVG", icon="save")
+        self.export_button = widgets.Button(description="Export PNG + SVG", icon="save",
+                                            layout=widgets.Layout(width="auto"))
         self.export_status = widgets.HTML("")
         self.export_button.on_click(lambda _: self._export_clicked())
 

@@ -113,6 +113,9 @@ def png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+ROW = dict(flex_flow="row wrap", align_items="center")  # rows wrap at a narrow window instead of spilling
+
+
 def _slider(kind: type, value: float, low: float, high: float, step: float, label: str) -> Any:
     """A slider whose range always contains ``value`` (a default outside the usual range is kept, not clamped)."""
     return kind(value=value, min=min(low, value), max=max(high, value), step=step, description=label,
@@ -154,7 +157,7 @@ class GenerationPanel:
 
     # -- widgets ---------------------------------------------------------------------------------------
     def _build(self, variant: str, upload_folder: str) -> None:
-        p, wide = self.base, widgets.Layout(width="100%")
+        p, wide = self.base, widgets.Layout(width="99%")  # 100% plus the widget's border spills past the cell
         self.prompt = widgets.Textarea(p.prompt, placeholder="prompt", rows=2, layout=wide)
         self.negative = widgets.Textarea(p.negative_prompt, placeholder="negative prompt", rows=1, layout=wide)
         sizes = SIZE_PRESETS if (p.width, p.height) in SIZE_PRESETS else [*SIZE_PRESETS, (p.width, p.height)]
@@ -169,7 +172,9 @@ class GenerationPanel:
         self.height.observe(self._on_dimension, "value")
 
         self.stage: dict[str, dict[str, Any]] = {}
-        ranges = {"c": (100, 20.0, 10.0), "b": (50, 10.0, 10.0)}  # max steps, cfg, shift
+        # max steps (typed values above a slider's max are clamped by the browser: 1000 leaves room for any
+        # schedule; ComfyUI's KSampler allows 10000), cfg, shift
+        ranges = {"c": (1000, 20.0, 10.0), "b": (1000, 10.0, 10.0)}
         for s in ("c", "b"):
             max_steps, max_cfg, max_shift = ranges[s]
             self.stage[s] = {
@@ -182,9 +187,11 @@ class GenerationPanel:
         seed = p.seed if p.seed is not None else random.randrange(2**32)
         self.seed = widgets.IntText(seed, description="seed", layout=widgets.Layout(width="220px"))
         self.randomise = widgets.Button(icon="random", tooltip="draw a new random seed",
-                                        layout=widgets.Layout(width="40px"))
+                                        layout=widgets.Layout(width="auto", min_width="40px"))
         self.new_seed_each_run = widgets.Checkbox(p.seed is None, description="new seed each run", indent=False)
         self.randomise.on_click(lambda _: self.randomise_seed())
+        self._drawing_seed = False
+        self.seed.observe(self._on_seed_typed, "value")
         self.variant = widgets.Dropdown(options=[variant], value=variant, description="variant")
         self.compat = widgets.Dropdown(options=[("official", "official"), ("ComfyUI", "comfyui")], value=p.compat,
                                        description="compat", tooltip="comfyui: ComfyUI's seeding, sizes, CFG and "
@@ -193,7 +200,8 @@ class GenerationPanel:
                                                 layout=widgets.Layout(width="160px"))
         self.compat.observe(self._on_compat, "value")
         self.refresh = widgets.Button(icon="refresh", tooltip="reload the sampler, scheduler and variant lists "
-                                      "(plugins registered since)", layout=widgets.Layout(width="40px"))
+                                      "(plugins registered since)", layout=widgets.Layout(width="auto",
+                                                                                          min_width="40px"))
         self.refresh.on_click(lambda _: self.refresh_options())
 
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
@@ -216,11 +224,11 @@ class GenerationPanel:
 
         self.widget = widgets.VBox([
             self.prompt, self.negative,
-            widgets.HBox([self.size, self.width, self.height, self.batch_size]),
+            widgets.HBox([self.size, self.width, self.height, self.batch_size], layout=ROW),
             widgets.HBox([column("c", "Stage C (prior)"), column("b", "Stage B (decoder)")]),
-            widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant, self.refresh]),
-            widgets.HBox([self.compat, self.denoise]), self.control.widget,
-            widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
+            widgets.HBox([self.seed, self.randomise, self.new_seed_each_run, self.variant, self.refresh], layout=ROW),
+            widgets.HBox([self.compat, self.denoise], layout=ROW), self.control.widget,
+            widgets.HBox([self.generate_button, self.cancel_button, self.progress, self.status], layout=ROW),
             self.error_box, self.preview, self.copy_area, self.inspector_box, self.gallery,
         ])
 
@@ -298,8 +306,17 @@ class GenerationPanel:
         return params
 
     def randomise_seed(self) -> int:
-        self.seed.value = random.randrange(2**32)
+        self._drawing_seed = True
+        try:
+            self.seed.value = random.randrange(2**32)
+        finally:
+            self._drawing_seed = False
         return int(self.seed.value)
+
+    def _on_seed_typed(self, change: dict[str, Any]) -> None:
+        """A seed the user typed is the one they want: untick "new seed each run" instead of replacing it."""
+        if not self._drawing_seed and self.new_seed_each_run.value:
+            self.new_seed_each_run.value = False
 
     # -- running ---------------------------------------------------------------------------------------
     @property
@@ -407,7 +424,9 @@ class GenerationPanel:
         self.status.value = html.escape(message)
 
     def _show_error(self, message: str, details: str = "") -> None:
-        self.status.value = ""  # a new error never sits beside an old "done in 0.2 s"
+        self.status.value = ""  # a new error never sits beside an old "done in 0.2 s" or its green bar
+        if not self.running:
+            self.progress.value, self.progress.bar_style = 0, ""
         body = f"<b>{html.escape(message)}</b>"
         if details:
             body = f"<details><summary>{body}</summary><pre>{html.escape(details)}</pre></details>"
@@ -425,7 +444,7 @@ class GenerationPanel:
             f"shift {p.shift_b:g}, {html.escape(p.sampler_b)}/{html.escape(p.scheduler_b)}"
             + "".join(f"<br>ControlNet {html.escape(kind)}, strength {strength:g}, steps {start:g}–{end:g}"
                       for kind, _, strength, start, end, *_ in p.controls))
-        copy = widgets.Button(description="copy as %%cascade", icon="copy")
+        copy = widgets.Button(description="copy as %%cascade", icon="copy", layout=widgets.Layout(width="auto"))
         copy.on_click(lambda _: self.copy_cell(result))
         inspect = widgets.Button(description="inspect latents", icon="search")
         inspect.on_click(lambda _: self.inspect(result))
@@ -458,7 +477,8 @@ class GenerationPanel:
         notes += [f"the {kind} control's {what} was in memory ({value}): put its file or variable in the cell"
                   for kind, image, _, _, _, mask, *_ in controls
                   for what, value in (("image", image), ("mask", mask)) if value.startswith("sha256:")]
-        self.status.value = html.escape("; ".join(notes))
+        if notes:  # otherwise the status keeps saying how the job went
+            self.status.value = html.escape("; ".join(notes))
         return text
 
 

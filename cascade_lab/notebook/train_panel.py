@@ -103,7 +103,7 @@ class TrainingPanel:
 
     # -- widgets ---------------------------------------------------------------------------------------
     def _build(self) -> None:
-        c, wide = self.base, widgets.Layout(width="100%")
+        c, wide = self.base, widgets.Layout(width="99%")  # 100% plus the border spills past the cell
         data = c.train_data_dir or c.dataset_config or ""
         self.dataset = widgets.Text(data, description="dataset", layout=wide, **LABEL,
                                     placeholder="folder of images with caption files, or a kohya dataset TOML")
@@ -131,7 +131,7 @@ class TrainingPanel:
         self.val_every = widgets.BoundedIntText(c.val_every_n_steps, min=0, max=10**8, description="validate every",
                                                 tooltip="steps; 0: at the start and the end only", **LABEL)
         self.resume = widgets.Checkbox(bool(c.resume), description="resume from the latest checkpoint in output dir",
-                                       indent=False)
+                                       indent=False, layout=widgets.Layout(width="auto"))
         self.mode.observe(lambda _: self._lora_fields(), "value")
         self._lora_fields()
 
@@ -153,7 +153,8 @@ class TrainingPanel:
             self.dataset, row([self.mode, self.model]), row([self.steps, self.learning_rate]),
             row([self.batch_size, self.resolution]), row([self.rank, self.alpha]), self.output_dir,
             self.sample_prompts, row([self.sample_every, self.val_every]), self.resume,
-            row([self.start_button, self.stop_button, self.progress, self.status]), self.checkpoint,
+            row([self.start_button, self.stop_button, self.progress], layout=widgets.Layout(flex_flow="row wrap")),
+            self.status, self.checkpoint,
             self.error_box, self.plot, self.gallery,
         ])
 

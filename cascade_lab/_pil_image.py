@@ -7,7 +7,8 @@ from typing import Any
 
 from PIL import Image
 
-TEXT_KEYS = ("cascade_lab", "Software", "Description")  # the text chunks of a cascade_lab PNG (results._png_texts)
+# the text chunks of a cascade_lab PNG (results._png_texts): its parameters, and ComfyUI's graph of them
+TEXT_KEYS = ("cascade_lab", "Software", "Description", "prompt", "workflow")
 
 
 class CascadeImage(Image.Image):

@@ -192,13 +192,25 @@ def _per_image(value: str | tuple[str, ...], batch_size: int) -> list[str]:
 
 
 def read_png_params(path: str | Path) -> GenerationParams:
-    """The parameters a cascade_lab PNG carries, ready to regenerate it."""
+    """The parameters a PNG carries, ready to regenerate it: cascade_lab's own chunk, else those of a ComfyUI PNG's
+    graph (its ``prompt`` chunk, else its ``workflow`` chunk), read statically under ``compat="comfyui"``."""
     from .images import open_image
 
     image = open_image(path, "PNG")
-    text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+    texts = getattr(image, "text", {}) or {}
+    text = texts.get(PNG_KEY)
     if text is None:
-        raise ValueError(f"{path}: no {PNG_KEY!r} text chunk; only PNGs saved by cascade_lab carry parameters")
+        if "prompt" in texts or "workflow" in texts:
+            from .comfyui.export import params_from_graph
+            from .comfyui.workflow import WorkflowError, read_workflow
+
+            try:
+                graph, _ = read_workflow(path)
+                return params_from_graph(graph, size=image.size)
+            except WorkflowError as e:
+                raise ValueError(f"{path}: a ComfyUI PNG whose graph gives no parameters: {e}") from None
+        raise ValueError(f"{path}: no {PNG_KEY!r} text chunk and no ComfyUI 'prompt' / 'workflow' chunk; only PNGs "
+                         "saved by cascade_lab or ComfyUI carry parameters")
     data = json.loads(text)
     data.pop("version", None)
     data.pop("batch_index", None)  # a batch regenerates whole; the index says which image this one was

@@ -12,21 +12,27 @@ from . import __version__
 from .params import PNG_KEY, GenerationParams
 
 
-def _png_texts(params: GenerationParams, index: int | None = None) -> dict[str, str]:
-    """The text chunks of a cascade_lab PNG: the parameters (JSON), the software, the prompt."""
+def _png_texts(params: GenerationParams, index: int | None = None, *, comfyui: bool = True) -> dict[str, str]:
+    """The text chunks of a cascade_lab PNG: the parameters (JSON), the software, the prompt, and (``comfyui``)
+    ComfyUI's ``prompt`` / ``workflow`` chunks of the equivalent ComfyUI graph, so the file opens in ComfyUI."""
     data = json.loads(params.to_json())
     data["version"] = __version__
     if index is not None:
         data["batch_index"] = index
-    return {PNG_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True), "Software": f"cascade_lab {__version__}",
-            "Description": params.prompts[index or 0]}
+    texts = {PNG_KEY: json.dumps(data, ensure_ascii=False, sort_keys=True), "Software": f"cascade_lab {__version__}",
+             "Description": params.prompts[index or 0]}
+    if comfyui:
+        from .comfyui.export import png_chunks
+
+        texts.update(png_chunks(params, index))
+    return texts
 
 
-def _png_info(params: GenerationParams, index: int | None = None) -> Any:
+def _png_info(params: GenerationParams, index: int | None = None, *, comfyui: bool = True) -> Any:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key, text in _png_texts(params, index).items():
+    for key, text in _png_texts(params, index, comfyui=comfyui).items():
         info.add_text(key, text)
     return info
 

@@ -264,7 +264,7 @@ def save_pngs(result: Any, folder: Path, prefix: str, graph: Graph, ui: Mapping[
            for k, v in graph.items()}
     written = []
     for i, image in enumerate(pictures):
-        info = _png_info(result.params, i if len(pictures) > 1 else None)
+        info = _png_info(result.params, i if len(pictures) > 1 else None, comfyui=False)  # the workflow's own
         info.add_text("prompt", json.dumps(api))
         if ui is not None:
             info.add_text("workflow", json.dumps(ui))

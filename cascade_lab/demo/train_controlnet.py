@@ -6,8 +6,13 @@ plan's ``noise_shift``, the ε target of the v-predicting `DemoStageC`, adaptive
 text, 10 % caption dropout), its features added to the frozen Stage C's ResBlocks as at inference. The control
 input is the real filter (`controls.filters.canny`) of the rendered training image.
 
-"Control beats text": for half of the samples the caption names another position than the one drawn
+"Control beats text" (canny): for half of the samples the caption names another position than the one drawn
 (`MisleadingCaptions`), so the ControlNet learns to move the shape to its outline whatever the prompt says.
+Inpainting (``--kind inpainting``): one seeded rectangle per image is painted white and given as the mask
+(`filters.inpainting`), the caption stays true; it is measured on held-out shapes half hidden
+(`evaluate.evaluate_inpainting`). Not shipped: trained as the canny one (1500 steps, 12 min), it measured the same
+as no ControlNet at all (64 cases: everything right 97 % both, overlap with the original shape 0.907 both), since
+in this world the caption already fixes all that the mask hides but a few pixels of jitter and size.
 The weights go to ``DIR/controlnet_<kind>.safetensors`` (fp16, what ``cascade_lab/demo/weights`` ships) and the
 numbers to ``DIR/controlnet_report.json`` (steps, seconds, final loss, hit rates with and without the control).
 """
@@ -69,13 +74,27 @@ def training_data(config: Any, misleading: float) -> Any:
     return MisleadingCaptions(dataset_config_for(config), scale=config.scale_factor, seed=config.seed)
 
 
-def control_input(kind: str, image: Any) -> Any:
-    """The ControlNet input of a batch of images [B, 3, H, W] in [0, 1], made by the filter inference uses."""
+def training_mask(size: int, rng: random.Random) -> Any:
+    """An inpainting mask [1, 1, size, size] (1 = regenerate): one rectangle, each side 1/6 to 3/4 of the image."""
+    import torch
+
+    w, h = (rng.randint(size // 6, 3 * size // 4) for _ in range(2))
+    x, y = rng.randrange(size - w + 1), rng.randrange(size - h + 1)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., y:y + h, x:x + w] = 1.0
+    return mask
+
+
+def control_input(kind: str, image: Any, rng: random.Random) -> Any:
+    """The ControlNet input of images [B, 3, H, W] in [0, 1], made by the filter inference uses (inpainting: with
+    a `training_mask` drawn from `rng`)."""
     from ..controls import filters
 
-    if kind != "canny":
-        raise ValueError(f"demo ControlNet training knows kind 'canny' only, not {kind!r}")
-    return filters.canny(image)  # (B, 1, H, W) in [0, 1]
+    if kind == "canny":
+        return filters.canny(image)  # (B, 1, H, W) in [0, 1]
+    if kind == "inpainting":
+        return filters.inpainting(image, training_mask(image.shape[-1], rng))  # (B, 4, H, W)
+    raise ValueError(f"demo ControlNet training knows kinds canny and inpainting, not {kind!r}")
 
 
 def make_trainer(config: Any, net: Any, data: Any, stages: Any, kind: str) -> Any:
@@ -83,6 +102,7 @@ def make_trainer(config: Any, net: Any, data: Any, stages: Any, kind: str) -> An
     import torch
 
     from ..training import distributed as dist
+    from ..training.data import derive_seed
     from ..training.loop import Trainer
     from ..training.models import TrainingModels
     from .parts import PartTrainer
@@ -100,7 +120,8 @@ def make_trainer(config: Any, net: Any, data: Any, stages: Any, kind: str) -> An
 
         def control(self, index: int) -> torch.Tensor:
             if index not in self.controls:  # the filter once per image: (1, c_in, H, W) in [0, 1] -> uint8
-                x = control_input(kind, self.data.image(index)[None])[0]
+                rng = random.Random(derive_seed(config.seed, "control", index))
+                x = control_input(kind, self.data.image(index)[None], rng)[0]
                 self.controls[index] = x.mul(255).round().to(torch.uint8)
             return self.controls[index].float() / 255
 
@@ -131,7 +152,7 @@ def train_controlnet(out: str | Path, plan: ControlPlan = ControlPlan(), *, kind
     import torch
 
     from . import world
-    from .evaluate import evaluate_control
+    from .evaluate import evaluate_control, evaluate_inpainting
     from .models import DemoControlNetConfig, build_demo, load_controlnet, save_controlnet
 
     if threads:
@@ -148,7 +169,8 @@ def train_controlnet(out: str | Path, plan: ControlPlan = ControlPlan(), *, kind
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DemoControlNetConfig.of(kind).build()
-    trainer = make_trainer(config, net, training_data(config, plan.misleading), stages, kind)
+    misleading = plan.misleading if kind == "canny" else 0.0  # an inpainting prompt describes what to paint
+    trainer = make_trainer(config, net, training_data(config, misleading), stages, kind)
     trainer.prepare_caches(list(range(len(trainer.data.records))))
     prepared = time.perf_counter()
     history = trainer.run(progress(f"controlnet_{kind}", plan.steps, log))
@@ -157,7 +179,8 @@ def train_controlnet(out: str | Path, plan: ControlPlan = ControlPlan(), *, kind
     tail = [h["raw_loss"] for h in history[-20:]]
     log(f"controlnet_{kind}: {plan.steps} steps in {train_seconds:.0f} s, final loss {sum(tail) / len(tail):.4f}")
     stored = load_controlnet(kind, path)  # the fp16 file, as shipped
-    rates = {name: evaluate_control(plan.eval_cases, kind=kind, controlnet=stored, control=use, seed=seed)[0]
+    measure = evaluate_control if kind == "canny" else evaluate_inpainting
+    rates = {name: measure(plan.eval_cases, controlnet=stored, control=use, seed=seed)[0]
              for name, use in (("with_control", True), ("without_control", False))}
     report = {"kind": kind, "plan": asdict(plan), "seed": seed, "noise_shift": Plan().noise_shift,
               "prepare_seconds": round(prepared - start, 1), "train_seconds": round(train_seconds, 1),
@@ -168,8 +191,9 @@ def train_controlnet(out: str | Path, plan: ControlPlan = ControlPlan(), *, kind
     reports = json.loads(report_path.read_text()) if report_path.is_file() else {}
     reports[kind] = report
     report_path.write_text(json.dumps(reports, indent=2) + "\n")
-    log(f"held-out hit rates ({plan.eval_cases} cases, prompt naming another position): "
-        + "; ".join(f"{name}: position+shape {r['position_and_shape']:.0%}" for name, r in rates.items()))
+    key = "position_and_shape" if kind == "canny" else "all"
+    log(f"held-out hit rates over {plan.eval_cases} cases ({key}): "
+        + "; ".join(f"{name} {r[key]:.0%}" for name, r in rates.items()))
     return report
 
 
@@ -177,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cascade_lab.demo.train_controlnet",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for controlnet_<kind>.safetensors and the report")
-    parser.add_argument("--kind", default="canny", choices=["canny"])
+    parser.add_argument("--kind", default="canny", choices=["canny", "inpainting"])
     parser.add_argument("--quick", action="store_true", help="a few dozen steps (CI)")
     parser.add_argument("--work", default=None, help="scratch folder (images, caches); default OUT/work")
     parser.add_argument("--seed", type=int, default=0)

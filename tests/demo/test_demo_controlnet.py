@@ -143,3 +143,26 @@ def test_quick_command_writes_a_loadable_controlnet_and_its_report(tmp_path: Pat
     assert set(report["hit_rates"]) == {"with_control", "without_control"}
     assert report["hit_rates"]["without_control"]["position"] <= 0.25  # the prompt names another position
     load_controlnet("canny", out / "controlnet_canny.safetensors")
+
+
+def test_inpainting_training_input_and_cases() -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from cascade_lab.demo.evaluate import foreground, inpainting_cases
+    from cascade_lab.demo.train_controlnet import control_input
+
+    image = torch.rand(2, 3, 128, 128)
+    x = control_input("inpainting", image, random.Random(0))  # (B, 4, H, W): white where the mask is 1
+    mask = x[:, 3:]
+    assert x.shape == (2, 4, 128, 128) and 0 < float(mask.mean()) < 1
+    assert torch.equal(x[:, :3], torch.where(mask > 0.5, torch.ones_like(image), image))
+    with pytest.raises(ValueError, match="canny and inpainting"):
+        control_input("depth", image, random.Random(0))
+    for _, picture, (x0, y0, x1, y1) in inpainting_cases(16):
+        shape = foreground(picture)
+        hidden = shape[y0:y1, x0:x1].sum() / shape.sum()
+        assert 0.2 < hidden < 0.8, hidden  # half the box: a triangle keeps 3/4 of its area below its middle
+        assert np.asarray(picture).dtype == np.uint8

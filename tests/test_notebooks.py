@@ -1,5 +1,5 @@
-"""Every notebook in notebooks/ executes without an error on the tiny variant, in a kernel of this very
-interpreter (a kernelspec written to a temporary JUPYTER_PATH, so no installed `python3` kernel is used)."""
+"""Every notebook in notebooks/ executes without an error on an offline variant (tiny or demo), in a kernel of
+this very interpreter (a kernelspec written to a temporary JUPYTER_PATH, so no installed `python3` kernel is used)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def kernel_name(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 def test_the_tutorial_notebooks_are_there() -> None:
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_latent_inspection.ipynb",
-                                           "03_sampler_plugin.ipynb", "05_comfyui_workflow.ipynb"]
+                                           "03_sampler_plugin.ipynb", "04_controlnets.ipynb",
+                                           "05_comfyui_workflow.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -43,7 +44,9 @@ def test_notebook_is_stored_clean_with_a_tiny_parameters_cell(path: Path) -> Non
     assert all(not cell.outputs and cell.execution_count is None for cell in code), "commit notebooks without outputs"
     tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell, and only it, is tagged 'parameters'"
-    assert 'VARIANT = "tiny"' in tagged[0].source and "change ONLY" in tagged[0].source
+    # the offline variants: tiny (random weights, seconds) or demo (trained shapes, its own ControlNet)
+    assert ('VARIANT = "tiny"' in tagged[0].source or 'VARIANT = "demo"' in tagged[0].source) \
+        and "change ONLY" in tagged[0].source
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

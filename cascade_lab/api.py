@@ -426,9 +426,12 @@ class Cascade:
 
         stage_c = self.pipeline.stages.stage_c
         model = control.model
-        own = getattr(self.pipeline.stages, "controlnets", None) or {}  # kind -> loader: the demo's ControlNets
+        stages = self.pipeline.stages
+        own = getattr(stages, "controlnets", None) or {}  # kind -> loader: the demo's ControlNets
         if model is None and control.kind in own:
             model = own[control.kind]()
+        elif isinstance(model, (str, Path)) and hasattr(stages, "load_controlnet"):  # the demo's own file format
+            model = stages.load_controlnet(control.kind, model)
         if isinstance(model, torch.nn.Module):
             check_controlnet(model, control.kind, stage_c)
             return model.eval().requires_grad_(False)

@@ -363,6 +363,7 @@ def build_demo(weights: str | Path | None = None, **_: Any) -> Any:
     stages = load_weights(fresh_stages(), weights or WEIGHTS)
     stages.native = dict(NATIVE)  # `Cascade` generates at this size and compression
     stages.controlnets = shipped_controlnets(weights or WEIGHTS)  # a control naming no model uses these
+    stages.load_controlnet = load_controlnet  # (kind, path): a control naming a file (the official loader cannot)
     return stages
 
 

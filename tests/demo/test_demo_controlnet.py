@@ -49,6 +49,7 @@ def test_shipped_controlnet_is_found_and_checked() -> None:
         check_controlnet(net, "canny", "full")
     with pytest.raises(ValueError, match="is a canny ControlNet .* not inpainting"):
         check_controlnet(net, "inpainting", stages.stage_c)
+    assert stages.load_controlnet("canny", controlnet_file("canny")).c_in == 1  # a control naming the file
     report = json.loads((WEIGHTS / "controlnet_report.json").read_text())["canny"]
     assert report["hit_rates"]["with_control"]["position_and_shape"] >= FLOOR
 

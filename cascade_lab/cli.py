@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the Stage C and B networks (pays off on GPUs; see benchmarks/RESULTS.md)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr = sub.add_parser("train", help="fine-tune Stage C (LoRA or full) from a TOML config; works under torchrun")
+    tr = sub.add_parser("train", help="fine-tune Stage C (LoRA or full) from a TOML config or kohya's flags "
+                        "(`cascade-lab train --help`); works under torchrun")
     tr.add_argument("config", help="training TOML: cascade_lab.training.TrainConfig fields (+ dataset tables)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set max_train_steps=100 (repeatable)")
@@ -203,10 +204,21 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
     import warnings
 
     warnings.formatwarning = lambda message, category, *_a, **_k: f"{category.__name__}: {message}\n"
+    if raw[:1] == ["train"]:
+        from .training.kohya_args import is_kohya_command
+
+        if is_kohya_command(raw[1:]):  # kohya's flags as they are (--help shows them, grouped as kohya does)
+            from .training.cli_entry import run_kohya
+
+            try:
+                return run_kohya(raw[1:])
+            except (ValueError, FileNotFoundError, TypeError) as exc:
+                parser.exit(2, f"cascade-lab train: error: {exc}\n")
+    args = parser.parse_args(argv)
     from . import listing
     from .registry import UnknownNameError
 

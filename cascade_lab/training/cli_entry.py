@@ -14,7 +14,11 @@ def _is_main() -> bool:
 
 def print_progress(event: Any) -> None:
     """One line per logged step, validation, checkpoint and sample batch (the CLI and %cascade train)."""
-    if event.kind == "step":
+    if event.kind == "start":
+        d = event.data
+        print(f"{d['images']} images, {d['batches_per_epoch']} batches per epoch: {d['steps_per_epoch']} steps per "
+              f"epoch, {d['epochs']} epoch(s), {event.total_steps} steps", flush=True)
+    elif event.kind == "step":
         every = event.run.config.log_every_n_steps
         if every and (event.step % every == 0 or event.step == event.total_steps):
             d = event.data
@@ -31,7 +35,6 @@ def print_progress(event: Any) -> None:
 def run_train(config_path: str, overrides: list[str], quiet: bool = False) -> int:
     """Train as CONFIG says (``--set key=value`` overrides fields); exit 0 when finished or stopped."""
     from .config import TrainConfig, parse_value
-    from .run import train
 
     config = TrainConfig.from_toml(config_path)
     changes = {}
@@ -40,7 +43,40 @@ def run_train(config_path: str, overrides: list[str], quiet: bool = False) -> in
         if not sep:
             raise ValueError(f"--set {item!r}: write key=value, e.g. --set max_train_steps=100")
         changes[key.strip()] = parse_value(value.strip())
-    config = TrainConfig.coerce(config, **changes)
+    return _train(TrainConfig.coerce(config, **changes), quiet)
+
+
+def run_kohya(argv: list[str]) -> int:
+    """Train from kohya's command line (``stable_cascade_train_stage_c.py`` / ``..._c_network.py`` flags)."""
+    from .config import TrainConfig
+    from .kohya_args import parse_kohya
+
+    fields, notices, quiet = parse_kohya(argv)
+    if _is_main():
+        for notice in notices:
+            print(f"kohya flag: {notice}", file=sys.stderr, flush=True)
+    return _train(TrainConfig.from_dict(fields, source="command line"), quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cascade_lab.training`` (torchrun, ``accelerate launch -m``): a TOML or kohya's flags."""
+    from .config import ConfigError
+    from .kohya_args import is_kohya_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if is_kohya_command(argv) or not argv:
+            return run_kohya(argv)
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set" and i + 1 < len(argv)]
+        return run_train(argv[0], overrides, quiet="--quiet" in argv)
+    except (ConfigError, ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"cascade-lab train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _train(config: Any, quiet: bool) -> int:
+    from .run import train
+
     interrupted: list[bool] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -61,4 +97,4 @@ def run_train(config_path: str, overrides: list[str], quiet: bool = False) -> in
     return 0 if run.status in ("finished", "stopped") else 1
 
 
-__all__ = ["run_train"]
+__all__ = ["main", "print_progress", "run_kohya", "run_train"]

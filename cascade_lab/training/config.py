@@ -122,14 +122,18 @@ class TrainConfig:
     output_dir: str = "output"
     output_name: str | None = None  # default "cascade_lora" / "stage_c_finetune"
     save_every_n_steps: int | None = None
+    save_every_n_epochs: int | None = None  # also writes <name>-000001.safetensors per epoch (kohya naming)
+    save_last_n_epochs: int | None = None  # keep only this run's last N per-epoch files
     save_precision: str = "fp32"  # of the exported model file: "fp32" or "bf16"
     keep_checkpoints: int = 2  # resumable checkpoints kept under <output_dir>/checkpoints
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint folder
+    overwrite: bool = False  # start afresh in an output_dir holding a previous run (its checkpoints are deleted)
     log_every_n_steps: int = 10
 
     # -- sample prompts --------------------------------------------------------------------------------
     sample_prompts: str | list[str] | None = None  # a .txt/.toml/.json file or prompt lines (kohya grammar)
     sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None  # wins over sample_every_n_steps when both are set (kohya)
     sample_at_first: bool = False
     sample_full_images: bool = True  # also decode through Stage B/A when those stages are available
 
@@ -167,6 +171,14 @@ class TrainConfig:
                      "keep_checkpoints", "max_nan_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: use 1 or more")
+        for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_epochs",
+                     "sample_every_n_steps", "sample_every_n_epochs"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 0:
+                raise ConfigError(f"{name}={value}: use 1 or more (or leave it out)")
+        if self.resume and self.overwrite:
+            raise ConfigError(f"resume={self.resume!r} and overwrite=true: choose one (resume continues the "
+                              "previous run in output_dir, overwrite starts afresh and deletes its checkpoints)")
         if self.max_train_steps < 1 and not self.max_train_epochs:
             raise ConfigError(f"max_train_steps={self.max_train_steps}: use 1 or more")
         if not 0 <= self.caption_dropout_rate <= 1:

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..models.tiny import TINY_EFFNET_SEED, calibrated_random_effnet
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+
+# TrainConfig path field -> (component kind, kohya's flag)
+PATH_FIELDS = {"stage_c_path": ("stage_c", "stage_c_checkpoint_path"),
+               "effnet_path": ("effnet", "effnet_checkpoint_path"),
+               "previewer_path": ("previewer", "previewer_checkpoint_path"),
+               "text_encoder_path": ("text_encoder", "text_model_checkpoint_path")}  # fmt: skip
 
 
 def module_fingerprint(module: Any) -> str:
@@ -36,8 +43,12 @@ class TrainingModels:
     """Stage C plus lazily built frozen helpers; `fingerprint(name)` keys the caches."""
 
     def __init__(self, stage_c: nn.Module, factories: dict[str, Callable[[], Any]],
-                 fingerprints: dict[str, str] | None = None, source: str = "") -> None:
+                 fingerprints: dict[str, str] | None = None, source: str = "", downscale: int = 32,
+                 compression: float = 1024 / 24) -> None:
         self.stage_c, self.source = stage_c, source
+        # image pixels per latent pixel: EfficientNet's stride (32; the demo's encoder 16), and what Stage C
+        # generates with (42.67: 1024 px <-> 24x24; the demo 16: 128 px <-> 8x8)
+        self.downscale, self.compression = downscale, compression
         self._factories = factories
         self._built: dict[str, Any] = {}
         self._fingerprints = dict(fingerprints or {})
@@ -66,16 +77,83 @@ def _tiny_stages(seed: int) -> Any:
         return build_tiny(seed)
 
 
+def check_paths(config: TrainConfig) -> dict[str, Any]:
+    """Every explicit model path must exist, be non-empty and hold its component; returns what each holds.
+
+    Read from the safetensors header alone (`cascade_lab.weights.detect`), before any data or model is touched.
+    """
+    from ..weights.detect import LABELS, detect
+
+    found: dict[str, Any] = {}
+    for name, (kind, flag) in PATH_FIELDS.items():
+        value = getattr(config, name)
+        if not value:
+            continue
+        where = f"{name}={value!r} (kohya --{flag})"
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{where}: no such file or folder; give the path of the {LABELS[kind]} file")
+        if path.is_dir():
+            if not any(path.iterdir()):
+                raise ConfigError(f"{where}: the folder is empty; give the {LABELS[kind]} file or its folder")
+            if kind == "text_encoder" and not (path / "config.json").is_file() and not (
+                    path / "text_encoder" / "config.json").is_file():
+                raise ConfigError(f"{where}: no config.json in the folder; give a transformers CLIP-G folder or "
+                                  "a text-encoder .safetensors file")
+            continue  # a diffusers/transformers folder: its loader checks the keys
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{where}: the file is empty (0 bytes; an interrupted download?)")
+        try:
+            detection = detect(path)
+        except Exception as exc:  # not safetensors, truncated header, a pickle...
+            raise ConfigError(f"{where}: not a readable .safetensors file ({exc})") from None
+        if kind not in detection.components:
+            raise ConfigError(f"{where}: the file holds {detection.describe()}, not the {LABELS[kind]}; check "
+                              "which file goes to which flag")
+        found[name] = detection.components[kind]
+    return found
+
+
+def _variant_builder(name: str) -> Any:
+    """The build function of a variant that makes its models instead of reading files (demo), else None."""
+    if name == "tiny":
+        return None
+    try:
+        from ..plugins import get_variant
+
+        return getattr(get_variant(name), "build", None)
+    except Exception:  # an unknown name is reported by the weight loader with the list of variants
+        return None
+
+
 def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module | None = None,
                  text_encoder: Any = None, effnet: Any = None, device: torch.device | None = None) -> TrainingModels:
-    """The models of `config`; objects passed here win over the config's `model` and paths."""
+    """The models of `config`; objects passed here win over the config's `model` and paths.
+
+    Explicit paths win over `model`: each is checked first (`check_paths`), and a Stage C file of a shipped
+    size makes that size's variant the source of the parts given no path (kohya's command names no variant).
+    """
     factories: dict[str, Callable[[], Any]] = {}
     fingerprints: dict[str, str] = {}
-    source = config.model
-    if config.model == "tiny":
+    sizes: dict[str, Any] = {}
+    paths = check_paths(config)
+    model = config.model
+    if "stage_c_path" in paths and model == "tiny" and paths["stage_c_path"].variant in ("full", "lite"):
+        model = "full" if paths["stage_c_path"].variant == "full" else "lite"
+    builder = _variant_builder(model) if stages is None else None
+    if builder is not None:
+        stages = builder()
+    source = model
+    if model == "tiny":
         from ..models.stage_c import StageCConfig
 
-        if stage_c is None and stages is None:
+        if stage_c is None and stages is None and config.stage_c_path:
+            stage_c = _load_stage_c(config, device)
+        elif stage_c is None and stages is None and config.mode == "lora":
+            # a LoRA adapts the base it is used with: the tiny variant's Stage C (every layer non-zero). On the
+            # official init the output conv is zero, so every LoRA pair but clf's would get no gradient.
+            stage_c = _tiny_stages(0).stage_c
+        elif stage_c is None and stages is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 stage_c = StageCConfig.tiny().build()  # the official init: zero output conv
@@ -92,8 +170,12 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
             factories[name] = tiny(name)
         factories["effnet"] = calibrated_random_effnet
         fingerprints.update(effnet=f"tiny-effnet-{TINY_EFFNET_SEED}-v1", text_encoder="tiny-text-encoder-v1")
-    else:
-        factories.update(_file_factories(config))
+        explicit = {k: v for k, v in _file_factories(config, model).items() if _path_of(config, k)}
+        factories.update(explicit)
+        for name in explicit:
+            fingerprints.pop(name, None)
+    elif builder is None:
+        factories.update(_file_factories(config, model))
     if stages is not None:
         from ..pipeline import Lazy
 
@@ -104,30 +186,55 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
                 fingerprints.pop(name, None)
         stage_c = stage_c if stage_c is not None else stages.stage_c
         source = getattr(stages, "variant", "") or "stages"
+        native = getattr(stages, "native", None) or {}
+        downscale = getattr(getattr(stages, "effnet", None), "downscale", None)
+        if isinstance(downscale, int) and native.get("compression"):
+            sizes = {"downscale": downscale, "compression": float(native["compression"])}
     for name, value in (("text_encoder", text_encoder), ("effnet", effnet)):
         if value is not None:
             factories[name] = (lambda v: lambda: v)(value)
             fingerprints.pop(name, None)
     if stage_c is None:
         stage_c = _load_stage_c(config, device)
-    return TrainingModels(stage_c, factories, fingerprints, source)
+    return TrainingModels(stage_c, factories, fingerprints, source, **sizes)
 
 
-def _file_factories(config: TrainConfig) -> dict[str, Callable[[], Any]]:
-    """Loaders for the frozen parts of a real variant (or the explicit files); nothing is read yet."""
+def _path_of(config: TrainConfig, part: str) -> str | None:
+    return {"effnet": config.effnet_path, "previewer": config.previewer_path,
+            "text_encoder": config.text_encoder_path}.get(part)
+
+
+def _load_file(stage: str, path: str, **kwargs: Any) -> Any:
+    """load_stage, taking a file of no shipped size (a saved tiny model) as the tiny preset."""
     from ..weights import load_stage
+    from ..weights.safetensors_io import WeightsFileError
+
+    try:
+        return load_stage(stage, path, **kwargs)
+    except WeightsFileError as exc:
+        if "not a shipped variant" not in str(exc) and stage not in ("previewer", "stage_a"):
+            raise
+        try:
+            return load_stage(stage, path, config="tiny", **kwargs)
+        except Exception:
+            raise exc from None
+
+
+def _file_factories(config: TrainConfig, model: str) -> dict[str, Callable[[], Any]]:
+    """Loaders for the frozen parts of a real variant (or the explicit files); nothing is read yet."""
 
     def stage(name: str, path: str | None) -> Callable[[], Any]:
         def build() -> Any:
-            return load_stage(name, path or config.model, dtype=torch.float32).requires_grad_(False)
+            return _load_file(name, path or model, dtype=torch.float32).requires_grad_(False)
         return build
 
     def text() -> Any:
         from ..models.clip import TextEncoder
         from ..weights import locate
 
-        folder = config.text_encoder_path or str(locate(config.model, components=["text_encoder"])
-                                                 ["text_encoder"].folder)
+        if config.text_encoder_path and Path(config.text_encoder_path).is_file():
+            return TextEncoder.from_file(config.text_encoder_path)
+        folder = config.text_encoder_path or str(locate(model, components=["text_encoder"])["text_encoder"].folder)
         return TextEncoder.from_folder(folder)
 
     return {"effnet": stage("effnet", config.effnet_path), "previewer": stage("previewer", config.previewer_path),
@@ -139,8 +246,10 @@ def _load_stage_c(config: TrainConfig, device: torch.device | None) -> nn.Module
     from ..weights import load_stage
 
     dtype = torch.bfloat16 if config.mode == "lora" and config.mixed_precision == "bf16" else torch.float32
-    return load_stage("stage_c", config.stage_c_path or config.model, dtype=dtype, device=device or "cpu",
-                      mmap=False)
+    if config.stage_c_path:
+        return _load_file("stage_c", config.stage_c_path, dtype=dtype, device=device or "cpu", mmap=False)  # type: ignore[no-any-return]
+    return load_stage("stage_c", config.model, dtype=dtype, device=device or "cpu", mmap=False)
 
 
-__all__ = ["TrainingModels", "build_models", "calibrated_random_effnet", "module_fingerprint"]
+__all__ = ["PATH_FIELDS", "TrainingModels", "build_models", "calibrated_random_effnet", "check_paths",
+           "module_fingerprint"]

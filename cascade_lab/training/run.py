@@ -7,6 +7,7 @@ from ``cascade-lab train CONFIG`` and in every process of ``torchrun`` / ``accel
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
+from .outputs import claim_output_dir, epoch_file, prune_epoch_files
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,6 +61,9 @@ class TrainingRun:
     last_checkpoint: Path | None = None
     output_file: Path | None = None  # the exported LoRA / Stage C file
     metadata: dict[str, str] = field(default_factory=dict)
+    steps_per_epoch: int = 0  # optimizer steps per pass over the data (repeats included)
+    epoch: int = 0  # epochs completed
+    epoch_files: list[str] = field(default_factory=list)  # this run's <name>-000001.safetensors files, oldest first
     network: Any = None  # the LoRA network (detached from Stage C when the run ends)
     stage_c: Any = None
     error: BaseException | None = None
@@ -131,13 +136,23 @@ def scale_statement(config: TrainConfig) -> str:
             f"size of ~{round(res * 4 / 3)} px generations")
 
 
-def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, trainer: Trainer) -> dict[str, str]:
+def scale_factor(config: TrainConfig, models: Any) -> float:
+    """EfficientNet input pixels per bucket pixel: kohya 1; official the encoder's stride over Stage C's compression
+    (32 / 42.67 = 0.75 for the real models; 16 / 16 = 1 for the demo, which generates 128 px from 8x8)."""
+    if config.training_scale != "official" or models.downscale == 32:
+        return config.scale_factor
+    return float(models.downscale / models.compression)
+
+
+def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, trainer: Trainer,
+             downscale: int = 32) -> dict[str, str]:
     from .. import __version__
 
     buckets: dict[str, int] = {}
     for rec in data.records:
-        key = f"{rec.bucket[0] // 32}x{rec.bucket[1] // 32}"
+        key = f"{rec.bucket[0] // downscale}x{rec.bucket[1] // downscale}"  # latent (w, h)
         buckets[key] = buckets.get(key, 0) + 1
+    res = data.config.datasets[0].resolution  # the resolution trained (a dataset TOML's own wins)
     meta = {
         "cascade_lab.version": __version__, "cascade_lab.mode": config.mode,
         "cascade_lab.training_scale": scale_statement(config), "cascade_lab.latent_buckets": json.dumps(buckets),
@@ -145,7 +160,15 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "cascade_lab.noise_shift": str(config.noise_shift),
         "cascade_lab.world_size": str(info.world_size), "cascade_lab.model": config.model,
         "cascade_lab.dataset_notes": json.dumps(data.config.notes), "ss_num_train_images": str(len(data.records)),
+        "ss_resolution": f"({res[0]}, {res[1]})", "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "ss_num_batches_per_epoch": str(data.batches_per_epoch()), "ss_max_train_steps": str(trainer.total_steps),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_num_epochs": str(math.ceil(trainer.total_steps * config.gradient_accumulation_steps
+                                       / data.batches_per_epoch())),
     }  # fmt: skip
+    if downscale != 32:
+        meta["cascade_lab.training_scale"] = (f"{config.training_scale}: buckets of {res[0]}x{res[1]} px, an encoder "
+                                              f"of stride {downscale}: latents {json.dumps(buckets)}")
     if trainer.network is not None:
         meta["cascade_lab.network_target"] = config.network_target
     return meta
@@ -168,12 +191,18 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             callback(TrainingEvent(kind, run.step, run.total_steps, data, run))
 
     try:
-        data = TrainingData(dataset_config_for(cfg), scale=cfg.scale_factor, seed=cfg.seed,
+        claim_output_dir(cfg)
+        models = build_models(cfg, device=info.device, **objects)  # checks every given path first
+        data = TrainingData(dataset_config_for(cfg), scale=scale_factor(cfg, models), seed=cfg.seed,
                             world_size=info.world_size)
-        models = build_models(cfg, device=info.device, **objects)
         trainer = Trainer(cfg, models, data, info)
         run.network, run.stage_c, run.total_steps = trainer.network, trainer.stage_c, trainer.total_steps
-        run.metadata = describe(cfg, data, info, trainer)
+        batches = data.batches_per_epoch()
+        run.steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+        run.metadata = describe(cfg, data, info, trainer, models.downscale)
+        emit("start", {"images": len(data.records), "batches_per_epoch": batches,
+                       "steps_per_epoch": run.steps_per_epoch, "epochs": math.ceil(trainer.total_steps /
+                                                                                    run.steps_per_epoch)})
         trainer.prepare_caches(list(range(len(data.records))))
         torch.manual_seed(cfg.seed + info.rank)  # the stream Stage C's dropout draws from (set after any builds)
         folder = resume_folder(cfg)
@@ -181,11 +210,14 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             _resume(run, trainer, folder)
         prompts = _prompts(cfg)
         run.status = "running"
-        if trainer.step == 0:
+        run.epoch = trainer.counter // batches
+        if trainer.step == 0 and dist.broadcast_object(info, run.stop_requested or (stop is not None and stop())):
+            run.status = "stopped"  # stopped during set-up: nothing trained, so no (empty) step-0 checkpoint
+        elif trainer.step == 0:
             _validate(run, trainer, emit)
             if prompts and cfg.sample_at_first:
                 _sample(run, trainer, models, prompts, emit)
-        while trainer.step < trainer.total_steps:
+        while trainer.step < trainer.total_steps and run.status == "running":
             wanted = run.stop_requested or (stop is not None and stop())
             if dist.broadcast_object(info, wanted):
                 _checkpoint(run, trainer, emit)
@@ -196,18 +228,24 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             if info.is_main:
                 run.losses.append(log)
             emit("step", log)
-            step = trainer.step
-            if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0 and step < trainer.total_steps:
+            step, last = trainer.step, trainer.step >= trainer.total_steps
+            epoch_end = trainer.counter // batches > run.epoch
+            run.epoch = trainer.counter // batches
+            if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0 and not last:
                 _validate(run, trainer, emit)
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < trainer.total_steps:
-                _checkpoint(run, trainer, emit)
-            if prompts and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+            save_epoch = bool(epoch_end and cfg.save_every_n_epochs and run.epoch % cfg.save_every_n_epochs == 0)
+            if not last and (save_epoch or cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0):
+                _checkpoint(run, trainer, emit, epoch=run.epoch if save_epoch else None)
+            if prompts and cfg.sample_every_n_epochs:  # epochs win over steps (kohya)
+                if epoch_end and run.epoch % cfg.sample_every_n_epochs == 0:
+                    _sample(run, trainer, models, prompts, emit, epoch=run.epoch)
+            elif prompts and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                 _sample(run, trainer, models, prompts, emit)
-        else:
+        if run.status == "running":
             _validate(run, trainer, emit)
             _checkpoint(run, trainer, emit)
             run.status = "finished"
-        if info.is_main:
+        if info.is_main and run.step > 0:  # a run stopped before its first step leaves the folder free
             write_json(_summary(run), Path(cfg.output_dir) / "run.json")
         emit("end", {"status": run.status})
     except NonFiniteLoss as exc:
@@ -242,7 +280,8 @@ def _validate(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
         emit("val", result)
 
 
-def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any], emit: Any) -> None:
+def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any], emit: Any,
+            epoch: int | None = None) -> None:
     if not trainer.info.is_main:
         return
     from .sampling import render_samples
@@ -250,7 +289,8 @@ def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any],
     cfg = trainer.config
     images = render_samples(prompts, trainer.stage_c, models, step=trainer.step, seed=cfg.seed,
                             device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
-                            full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample", name=cfg.name)
+                            full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample", name=cfg.name,
+                            epoch=epoch)
     run.samples.extend(images)
     emit("sample", {"images": images})
 
@@ -276,8 +316,10 @@ def _export_metadata(run: TrainingRun, trainer: Trainer) -> dict[str, str]:
             "modelspec.prediction_type": "epsilon", **extra}
 
 
-def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
-    """Every process hands in its RNG state; the main one writes the checkpoint and the exported file."""
+def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None) -> None:
+    """Every process hands in its RNG state; the main one writes the checkpoint and the exported file.
+
+    At an epoch save the model also goes to kohya's ``<name>-<epoch:06d>.safetensors``."""
     cfg, info = trainer.config, trainer.info
     if trainer.nan_streak:  # the weights are those of the last good step; its checkpoint already holds them
         if info.is_main:
@@ -289,7 +331,10 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
         name = f"{cfg.name}.safetensors"
         full_fp32 = trainer.network is None and cfg.save_precision == "fp32"
         trainable_file = name if full_fp32 else "trainable.safetensors"
-        meta = _export_metadata(run, trainer)
+        meta = _export_metadata(run, trainer) | {"ss_epoch": str(run.epoch)}
+        epoch_files = list(run.epoch_files)
+        if epoch is not None:
+            epoch_files.append(epoch_file(cfg, epoch).name)
         tensors = export_tensors(trainer)
 
         def write(folder: Path) -> None:
@@ -302,7 +347,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
                 "nan_streak": trainer.nan_streak, "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(), "adaptive": adaptive, "rng": rngs,
                 "world_size": info.world_size, "config": cfg.to_json(), "trainable_file": trainable_file,
-                "losses": run.losses, "val_losses": run.val_losses,
+                "losses": run.losses, "val_losses": run.val_losses, "epoch_files": epoch_files,
             }  # fmt: skip
             write_torch(state, folder / "state.pt")
             info_json = {"step": trainer.step, "metadata": meta, "val_losses": run.val_losses[-5:],
@@ -311,7 +356,11 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
 
         try:
             run.last_checkpoint = Checkpoints(cfg.output_dir, cfg.keep_checkpoints).save(trainer.step, write)
-            run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
+            if epoch is not None:
+                run.output_file = write_safetensors(tensors, epoch_file(cfg, epoch), meta)
+                run.epoch_files = prune_epoch_files(cfg, epoch_files)
+            else:
+                run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
         except OSError as exc:  # disk full, permissions: the previous files stay whole; training goes on
             kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else ""
             warnings.warn(f"step {trainer.step}: the checkpoint could not be written ({exc.strerror or exc}: "
@@ -340,6 +389,7 @@ def _resume(run: TrainingRun, trainer: Trainer, folder: Path) -> None:
         warnings.warn(f"{folder} was saved by {len(rngs)} process(es), this run has {trainer.info.world_size}: "
                       "dropout randomness starts fresh (data order and noise continue exactly)", stacklevel=3)
     run.losses, run.val_losses = list(state["losses"]), list(state["val_losses"])
+    run.epoch_files = list(state.get("epoch_files", []))
     run.step, run.last_checkpoint = trainer.step, folder
 
 

@@ -79,6 +79,8 @@ def parse_prompt_line(line: str, where: str = "prompt") -> SamplePrompt | None:
                 values["steps"] = min(1000, max(1, int(value)))
             else:
                 warnings.warn(f"{where}: --{key} ({_UNUSED[key]}) has no effect on training previews", stacklevel=3)
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"{where}: --{key} {value!r} is not a number") from None
     return SamplePrompt(**values)
@@ -164,8 +166,11 @@ class _Placed:
 
 
 def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, step: int, seed: int,
-                   device: Any, autocast_bf16: bool, full: bool, out_dir: Path | None, name: str) -> list[SampleImage]:
-    """Sample every prompt with the current Stage C (eval mode, global RNG untouched), save PNGs."""
+                   device: Any, autocast_bf16: bool, full: bool, out_dir: Path | None, name: str,
+                   epoch: int | None = None) -> list[SampleImage]:
+    """Sample every prompt with the current Stage C (eval mode, global RNG untouched), save PNGs.
+
+    Files are named as kohya names them: ``<name>_<e000001 at an epoch end | 000123>_<index:02d>_<seed>.png``."""
     import torch
 
     from ..params import GenerationParams
@@ -204,7 +209,8 @@ def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, st
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample in results:
-            stem = out_dir / f"{name}_{step:06d}_{sample.index:02d}_{sample.seed}"
+            when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+            stem = out_dir / f"{name}_{when}_{sample.index:02d}_{sample.seed}"
             sample.preview.save(stem.with_name(stem.name + "_preview.png"))
             sample.paths.append(stem.with_name(stem.name + "_preview.png"))
             if sample.image is not None:

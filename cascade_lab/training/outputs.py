@@ -1,0 +1,64 @@
+"""One output folder holds one run: a folder with a previous run is refused unless the user resumes or overwrites.
+
+kohya names the exported model ``<name>-000001.safetensors`` after epoch 1 and ``<name>.safetensors`` at the
+end; `save_last_n_epochs` deletes only per-epoch files this run (or the run it resumes) wrote, which the
+checkpoints list, so files of another run in the same folder are never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+
+def previous_run(config: TrainConfig) -> list[str]:
+    """What in `config.output_dir` belongs to an earlier run (empty: the folder is free)."""
+    from .checkpoint import COMPLETE
+
+    out = Path(config.output_dir)
+    found = []
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any((p / COMPLETE).is_file() for p in checkpoints.glob("step-*")):
+        found.append(str(checkpoints))
+    if (out / "run.json").is_file():
+        found.append(str(out / "run.json"))
+    if (out / f"{config.name}.safetensors").is_file():
+        found.append(str(out / f"{config.name}.safetensors"))
+    return found
+
+
+def claim_output_dir(config: TrainConfig) -> None:
+    """Refuse an output folder holding a previous run unless resume or overwrite is set; overwrite clears it."""
+    if config.resume:
+        return
+    found = previous_run(config)
+    if not found:
+        return
+    if not config.overwrite:
+        raise ConfigError(
+            f"output_dir {config.output_dir!r} holds a previous run ({', '.join(found)}); its model and "
+            "checkpoints would be mixed with this run's. Use another output_dir, resume it (resume = \"auto\", "
+            "kohya: --resume), or start afresh with overwrite = true (--overwrite), which deletes its checkpoints")
+    out = Path(config.output_dir)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "run.json").unlink(missing_ok=True)
+
+
+def epoch_file(config: TrainConfig, epoch: int) -> Path:
+    """kohya's per-epoch model name: ``<output_dir>/<name>-000001.safetensors``."""
+    return Path(config.output_dir) / f"{config.name}-{epoch:06d}.safetensors"
+
+
+def prune_epoch_files(config: TrainConfig, written: list[str]) -> list[str]:
+    """Delete this run's per-epoch files beyond the last `save_last_n_epochs`; returns the ones kept."""
+    keep = config.save_last_n_epochs
+    if not keep or len(written) <= keep:
+        return written
+    for name in written[:-keep]:
+        (Path(config.output_dir) / name).unlink(missing_ok=True)
+    return written[-keep:]
+
+
+__all__ = ["claim_output_dir", "epoch_file", "previous_run", "prune_epoch_files"]

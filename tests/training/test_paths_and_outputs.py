@@ -1,0 +1,87 @@
+"""Issue 19 points 2-4: every given path is used or refused; one output folder holds one run; epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from training_helpers import tiny_run
+
+from cascade_lab.training import ConfigError, TrainConfig, train
+from cascade_lab.training.models import check_paths
+
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def previewer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from safetensors.torch import save_file
+
+    from cascade_lab.models.tiny import build_tiny
+
+    path = tmp_path_factory.mktemp("files") / "previewer.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny(0).previewer.state_dict().items()}, str(path))
+    return path
+
+
+def test_missing_empty_and_wrong_component_paths_are_refused_before_training(tmp_path, previewer_file) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ConfigError, match=r"stage_c_path=.*nope.safetensors.*kohya --stage_c_checkpoint_path.*no such"):
+        check_paths(TrainConfig(train_data_dir="d", stage_c_path=str(missing)))
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"effnet_path=.*the file is empty"):
+        check_paths(TrainConfig(train_data_dir="d", effnet_path=str(empty)))
+    with pytest.raises(ConfigError, match=r"effnet_path=.*holds latent previewer.*not the EfficientNet encoder"):
+        check_paths(TrainConfig(train_data_dir="d", effnet_path=str(previewer_file)))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match=r"text_encoder_path=.*the folder is empty"):
+        check_paths(TrainConfig(train_data_dir="d", text_encoder_path=str(tmp_path / "folder")))
+    assert check_paths(TrainConfig(train_data_dir="d", previewer_path=str(previewer_file)))["previewer_path"].kind \
+        == "previewer"
+
+
+def test_a_missing_path_fails_the_run_whatever_model_says(shapes_dir, shared_cache, tmp_path) -> None:
+    """The trial run: model left at "tiny", a checkpoint path that does not exist, rc 0 and an all-zero LoRA."""
+    with pytest.raises(ConfigError, match="no such file"):
+        train(**tiny_run(shapes_dir, shared_cache, tmp_path / "out", max_train_steps=1,
+                         stage_c_path=str(tmp_path / "stage_c_bf16.safetensors")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_with_a_previous_run_is_refused_unless_resume_or_overwrite(shapes_dir, shared_cache,
+                                                                                    tmp_path) -> None:
+    out = tmp_path / "out"
+    first = train(**tiny_run(shapes_dir, shared_cache, out, mode="full", max_train_steps=2, save_every_n_steps=1,
+                             keep_checkpoints=5))
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] != []
+    with pytest.raises(ConfigError, match=r"holds a previous run .*resume.*overwrite"):
+        train(**tiny_run(shapes_dir, shared_cache, out, mode="full", max_train_steps=2))
+    resumed = train(**tiny_run(shapes_dir, shared_cache, out, mode="full", max_train_steps=3, resume="auto"))
+    assert resumed.losses[:2] == first.losses and resumed.step == 3
+    fresh = train(**tiny_run(shapes_dir, shared_cache, out, mode="full", max_train_steps=1, overwrite=True))
+    assert fresh.status == "finished"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]  # none of the old run
+
+
+def test_epochs_kohya_names_and_save_last_n_epochs_prune_only_this_run(shapes_dir, shared_cache, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    stranger = out / "testv1-000001.safetensors.bak"
+    stranger.write_text("another run's file")
+    other = out / "other-000001.safetensors"
+    other.write_text("another run's file")
+    # 12 shapes, batch 4: 3 steps per epoch; 4 epochs, saved every epoch, the last 2 per-epoch files kept
+    run = train(**tiny_run(shapes_dir, shared_cache, out, mode="lora", train_batch_size=4, max_train_epochs=4,
+                           save_every_n_epochs=1, save_last_n_epochs=2, output_name="testv1"))
+    assert run.steps_per_epoch == 3 and run.total_steps == 12 and run.epoch == 4
+    assert sorted(p.name for p in out.glob("testv1*.safetensors")) == [
+        "testv1-000002.safetensors", "testv1-000003.safetensors", "testv1.safetensors"]
+    assert stranger.exists() and other.exists()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "testv1-000003.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_epoch"] == "3" and meta["ss_num_batches_per_epoch"] == "3" and meta["ss_num_epochs"] == "4"
+    assert meta["ss_resolution"] == "(128, 128)" and meta["ss_network_module"] == "networks.lora"

@@ -54,7 +54,8 @@ class Control:
             raise ValueError(f"control grow/feather are for the inpainting mask, not a {self.kind} control")
         if self.kind == "inpainting" and self.mask is None:
             raise ValueError("control 'inpainting' needs a mask: an image (white = regenerate), a PIL image's alpha, "
-                             "an array, or boxes [(x0, y0, x1, y1), ...]")
+                             "an array, or boxes [(x0, y0, x1, y1), ...] (the official notebook's automatic saliency "
+                             "mask needs a MicroResNet whose weights are not published)")
         return self
 
     def active(self, t: float) -> bool:

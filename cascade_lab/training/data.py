@@ -104,11 +104,16 @@ def _read_caption(image: Path, subset: SubsetSpec) -> str | None:
 
 
 def _image_size(path: Path) -> Size:
+    """The image's (w, h) after EXIF rotation; a file PIL cannot decode is a ConfigError naming it."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img) or img
-        return img.size
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated or corrupt file fails here, before any training
+            img = ImageOps.exif_transpose(img) or img
+            return img.size
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ConfigError(f"{path}: not a readable image ({exc}); remove or replace the file") from None
 
 
 def find_images(folder: Path) -> list[Path]:

@@ -145,7 +145,17 @@ def _build(values: dict[str, Any], where: str) -> tuple[DatasetSpec, dict[str, A
     if spec.bucket_reso_steps % 32:
         raise ConfigError(f"{where}: bucket_reso_steps={spec.bucket_reso_steps}: use a multiple of 32 "
                           "(EfficientNet reduces by 32)")
+    _positive(spec.batch_size, "batch_size", where)
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        _positive(getattr(spec, name), name, where)
+    if min(spec.resolution) < 32:
+        raise ConfigError(f"{where}: resolution={values['resolution']!r}: use at least 32 px (one latent pixel)")
     return spec, values
+
+
+def _positive(value: Any, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {name}={value!r}: use a whole number of 1 or more")
 
 
 def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec:
@@ -162,6 +172,12 @@ def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec
             setattr(subset, f.name, values[f.name])
     if not path.is_dir():
         raise ConfigError(f"{where}: image_dir {str(path)!r} is not a folder")
+    _positive(subset.num_repeats, "num_repeats", where)
+    if not 0 <= subset.caption_dropout_rate <= 1:
+        raise ConfigError(f"{where}: caption_dropout_rate={subset.caption_dropout_rate!r}: use a probability in "
+                          "[0, 1]")
+    if subset.keep_tokens < 0:
+        raise ConfigError(f"{where}: keep_tokens={subset.keep_tokens!r}: use 0 or more")
     return subset
 
 

@@ -480,6 +480,22 @@ def _(env: Env) -> None:
     assert read_png_params(env.tmp / "pil.png").seed == 8
 
 
+@case("progress-bars-finish", "magic", "a %%cascade cell, then the notebook saved (or a terminal without widgets)",
+      "each stage's bar ends at 100 % (text bars updated in place, no stuck 0 %), above the final image")
+def _(env: Env) -> None:
+    with capture_output() as cap:
+        env.shell.run_cell_magic("cascade", "-s 2 --steps-c 3 --steps-b 2", "x\n")
+    box = widget_of(cap.outputs[0])
+    values = [(line.children[1].value, line.children[1].max) for line in box.children]
+    assert values == [(3, 3), (2, 2)] and "image/png" in cap.outputs[-1].data
+
+
+def widget_of(output: Any) -> Any:
+    import ipywidgets
+
+    return ipywidgets.widgets.widget._instances[output.data["application/vnd.jupyter.widget-view+json"]["model_id"]]
+
+
 @case("magic-size-and-width", "magic", "%%cascade --size 256x256 --width 512", "refused: --width is not an option")
 def _(env: Env) -> None:
     assert "unrecognized arguments: --width 512" in env.magic("--size 256x256 --width 512")

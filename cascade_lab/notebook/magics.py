@@ -155,6 +155,8 @@ class CascadeMagics(Magics):
             words = shlex.split(line)
         except ValueError as exc:
             raise UsageError(f"%cascade: {exc}") from None
+        if words and words[0].split("=")[0] == "--from":  # %cascade --from FILE.png [options]: no body needed
+            return self._generate(line, "")
         command, args = (words[0], words[1:]) if words else ("help", [])
         from .. import listing
 

@@ -241,6 +241,8 @@ def build_parser() -> MagicArgumentParser:
         "result is composited over the original")
     add("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:STRENGTH]",
         help="LoRA file to apply, repeatable (strength default 1.0)")
+    add("--from", dest="from_png", metavar="FILE.png", help="regenerate from the parameters a PNG carries "
+        "(cascade_lab's, or a ComfyUI PNG's graph); the cell's options and a non-empty body override them")
     add("-o", "--out", metavar="NAME", help="store the Result in this notebook variable")
     add("--save", metavar="FILE.png", help="also write PNG(s) carrying the parameters (an existing file is kept: "
         "the next free FILE_00001.png is written, as ComfyUI numbers outputs)")
@@ -333,6 +335,62 @@ def resolve_image(option: str, spec: str, namespace: Mapping[str, Any]) -> Any:
     return value
 
 
+# the `GenerationParams` fields `--from` hands to `Session.generate` as they are
+FROM_FIELDS = ("width", "height", "seed", "steps_c", "steps_b", "cfg_c", "cfg_b", "shift_c", "shift_b", "sampler_c",
+               "sampler_b", "scheduler_c", "scheduler_b", "cfg_rho", "compression", "compat", "denoise", "seed_b")
+
+
+def read_from(path: str) -> Any:
+    """``--from FILE.png``: the `GenerationParams` the PNG carries (cascade_lab's chunk or a ComfyUI graph)."""
+    from ..params import read_png_params
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"--from {path!r}: file not found")
+    try:
+        return read_png_params(file)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--from {exc}") from None
+
+
+def _sections(value: str | tuple[str, ...]) -> str:
+    return value if isinstance(value, str) else f"\n{NEXT_SEPARATOR}\n".join(value)
+
+
+def _input_file(description: str, png: Path, what: str) -> str:
+    """A recorded input image or LoRA as a file on this machine: its path, else its name next to the PNG."""
+    for candidate in (Path(description).expanduser(), png.parent / Path(description).name):
+        if description and candidate.is_file():
+            return str(candidate)
+    raise UsageError(f"--from {png}: its generation used {what} {description!r}, which is not on this machine; "
+                     f"give it in the cell ({'--lora FILE' if what == 'the LoRA' else '--image FILE'}) or put it "
+                     "next to the PNG")
+
+
+def from_options(params: Any, png: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """`Session.generate` options that regenerate ``params``; inputs the cell ``given`` replaces are not looked
+    for."""
+    opts: dict[str, Any] = {name: getattr(params, name) for name in FROM_FIELDS}
+    if isinstance(params.prompt, str):
+        opts["batch_size"] = params.batch_size
+    if not params.variant.startswith("comfyui"):  # a runner result names its file, not a variant
+        opts["variant"] = params.variant
+    if params.init_image is not None:
+        if "image" not in given:
+            opts["image"] = _input_file(params.init_image, png, "the input image")
+        if params.compat != "comfyui" or params.strength < 1:  # ComfyUI's partial schedule is its denoise
+            opts["strength"] = params.strength
+    if params.variations and "variations" not in given:
+        opts["variations"] = [_input_file(image, png, "the variation image") for image, _ in params.variations]
+        opts["variation_weights"] = [weight for _, weight in params.variations]
+    if params.controls and "controls" not in given:
+        kinds = ", ".join(c[0] for c in params.controls)
+        raise UsageError(f"--from {png}: its generation used ControlNets ({kinds}); give them in the cell with "
+                         "--control KIND:IMAGE[:STRENGTH] (and --mask for inpainting)")
+    opts["loras"] = [(_input_file(file, png, "the LoRA"), strength) for file, strength in params.loras]
+    return opts
+
+
 def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellRequest:
     """Options from the magic line, prompt (and negative) from the body → a `CellRequest`."""
     try:
@@ -341,6 +399,12 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
         raise UsageError(f"%%cascade options: {exc}") from None
     args = PARSER.parse_args(argv)
     prompt, negative = split_body(cell)
+    source = read_from(args.from_png) if args.from_png else None
+    if source is not None:  # an empty body regenerates the PNG's prompt (and negative, unless one is given)
+        if not prompt.strip():
+            prompt = _sections(source.prompt)
+        if negative is None and args.negative is None:
+            negative = _sections(source.negative_prompt)
     if args.expand:
         prompt = expand(prompt, namespace)
         negative = None if negative is None else expand(negative, namespace)
@@ -457,6 +521,13 @@ def parse_cell(line: str, cell: str, namespace: Mapping[str, Any]) -> CellReques
         if not Path(path).expanduser().is_file():
             raise UsageError(f"--lora {path!r}: file not found")
     opts["loras"] = list(args.lora)  # per cell: a cell without --lora runs without any
+    if source is not None:
+        base = from_options(source, Path(args.from_png), given=opts)
+        if not args.lora:
+            opts.pop("loras")
+        if args.image is not None and args.strength is None and source.init_image is not None:
+            opts.pop("strength", None)  # the PNG's img2img schedule, not the cell's default 0.8
+        opts = {**base, **opts}
     negative = negative if negative is not None else args.negative or ""
     negatives = split_prompts(negative)  # one per image, or one for all
     if isinstance(negatives, list) and (not isinstance(prompts, list) or len(negatives) != len(prompts)):

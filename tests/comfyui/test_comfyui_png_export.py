@@ -106,6 +106,12 @@ def test_img2img_and_a_canny_controlnet_map_to_their_nodes() -> None:
     assert graph["3"]["inputs"]["positive"] == ["103", 0] and graph["3"]["inputs"]["negative"] == ["103", 1]
     assert graph["36"]["inputs"]["conditioning"] == ["6", 0]  # Stage B sees the text, not the ControlNet
     assert strip(ui_to_api(ui_workflow(graph, notes))) == strip(graph)
+    remix = api_prompt(GenerationParams("", seed=1, variations=(("/in/a.png", 1.0), ("/in/b.png", 0.5))))[0]
+    assert remix["41"]["class_type"] == "unCLIPCheckpointLoader" and remix["6"]["inputs"]["text"] == ""
+    assert remix["85"]["inputs"] == {"conditioning": ["82", 0], "clip_vision_output": ["84", 0], "strength": 0.5,
+                                     "noise_augmentation": 0.0}
+    assert remix["84"]["inputs"]["clip_vision"] == ["41", 3] and remix["3"]["inputs"]["positive"] == ["85", 0]
+    assert strip(ui_to_api(ui_workflow(remix))) == strip(remix)
 
 
 def test_a_comfyui_png_reads_back_into_parameters() -> None:

@@ -153,8 +153,8 @@ class TrainingPanel:
             self.dataset, row([self.mode, self.model]), row([self.steps, self.learning_rate]),
             row([self.batch_size, self.resolution]), row([self.rank, self.alpha]), self.output_dir,
             self.sample_prompts, row([self.sample_every, self.val_every]), self.resume,
-            row([self.start_button, self.stop_button, self.progress], layout=widgets.Layout(flex_flow="row wrap")),
-            self.status, self.checkpoint,
+            row([self.start_button, self.stop_button, self.progress, self.status],  # the status wraps below
+                layout=widgets.Layout(flex_flow="row wrap", align_items="center")), self.checkpoint,
             self.error_box, self.plot, self.gallery,
         ])
 

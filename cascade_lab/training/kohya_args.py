@@ -289,6 +289,9 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
                        "cascade_lab ignores it")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if any(u.endswith(".toml") and not u.startswith("-") for u in unknown):
+        raise ConfigError("a training TOML goes alone: `cascade-lab train CONFIG.toml --set key=value` (e.g. --set "
+                          "overwrite=true); kohya's flags go without a TOML (the dataset TOML is --dataset_config)")
     if unknown:
         raise _unknown_error(parser, unknown)
     given = _given(argv)

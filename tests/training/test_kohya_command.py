@@ -153,3 +153,29 @@ def test_unknown_and_refused_flags_name_the_fix() -> None:
         parse_kohya([*base, "--mixed_precision", "fp16"], environ={})
     with pytest.raises(ConfigError, match="--train_text_encoder: text-encoder training is not supported"):
         parse_kohya([*base, "--train_text_encoder"], environ={})
+
+
+def test_the_lora_script_flags_train_a_kohya_lora(ckpts, kohya_files, tmp_path, capsys, one_thread) -> None:
+    from cascade_lab.cli import main
+
+    out = tmp_path / "lora"
+    argv = ["stable_cascade_train_c_network.py", "--network_module", "networks.lora", "--network_dim", "2",
+            "--network_alpha", "2", "--network_args", "target=attention", "--learning_rate", "1e-3",
+            "--max_train_steps", "2", "--output_dir", str(out), "--output_name", "mylora", "--seed", "0",
+            "--stage_c_checkpoint_path", str(ckpts / "stage_c_bf16.safetensors"),
+            "--effnet_checkpoint_path", str(ckpts / "effnet_encoder.safetensors"),
+            "--dataset_config", str(kohya_files[0]), "--quiet"]
+    assert main(["train", *argv]) == 0
+    assert "no --save_model_as: kohya's LoRA script stops at its first save" in capsys.readouterr().err
+    with safe_open(str(out / "mylora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "2" and meta["ss_steps"] == "2"
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and any("_attn_to_q." in k for k in keys)
+
+
+def test_python_m_entry_shows_kohyas_groups() -> None:
+    done = subprocess.run([sys.executable, "-m", "cascade_lab.training", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    for group in ("Stable Cascade models", "dataset (kohya", "training (kohya", "optimizer (kohya", "LoRA (kohya"):
+        assert group in done.stdout

@@ -85,3 +85,22 @@ def test_epochs_kohya_names_and_save_last_n_epochs_prune_only_this_run(shapes_di
         meta = f.metadata()
     assert meta["ss_epoch"] == "3" and meta["ss_num_batches_per_epoch"] == "3" and meta["ss_num_epochs"] == "4"
     assert meta["ss_resolution"] == "(128, 128)" and meta["ss_network_module"] == "networks.lora"
+
+
+def test_an_explicit_stage_c_file_wins_over_model(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from cascade_lab.models.stage_c import StageCConfig
+    from cascade_lab.training.models import build_models
+
+    torch.manual_seed(5)
+    mine = StageCConfig.tiny().build()
+    with torch.no_grad():
+        mine.clf[1].weight.normal_()
+    path = tmp_path / "stage_c.safetensors"
+    save_file({k: v.contiguous() for k, v in mine.state_dict().items()}, str(path))
+    for mode in ("lora", "full"):
+        models = build_models(TrainConfig(train_data_dir="d", model="tiny", mode=mode, stage_c_path=str(path)))
+        loaded = models.stage_c.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in mine.state_dict().items())

@@ -36,6 +36,31 @@ RESUME_KEYS = ("mode", "model", "network_dim", "network_alpha", "network_target"
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
 
 
+# kohya's names for the same settings (a TOML may use either)
+KOHYA_NAMES = {"stage_c_checkpoint_path": "stage_c_path", "effnet_checkpoint_path": "effnet_path",
+               "previewer_checkpoint_path": "previewer_path", "text_model_checkpoint_path": "text_encoder_path",
+               "dataset_repeats": "num_repeats"}  # fmt: skip
+
+
+def kohya_names(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with kohya's names renamed to TrainConfig's and kohya's no-effect options dropped with a warning."""
+    import warnings
+
+    from .kohya_args import NO_EFFECT
+
+    out = {}
+    for key, value in data.items():
+        if key in KOHYA_NAMES:
+            if KOHYA_NAMES[key] in data:
+                raise ConfigError(f"{source}: {key!r} and {KOHYA_NAMES[key]!r} name the same setting; keep one")
+            out[KOHYA_NAMES[key]] = value
+        elif key in NO_EFFECT and key not in {f.name for f in fields(TrainConfig)}:
+            warnings.warn(f"{source}: {key!r} ignored: {NO_EFFECT[key].replace('%%', '%')}", stacklevel=3)
+        else:
+            out[key] = value
+    return out
+
+
 class ConfigError(ValueError):
     """A setting that cannot work, named with its value and what to use instead."""
 
@@ -205,7 +230,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping; unknown keys raise with the closest known names."""
-        data = dict(data)
+        data = kohya_names(dict(data), source)
         inline = {k: data.pop(k) for k in DATASET_TABLES if k in data}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -238,6 +263,7 @@ class TrainConfig:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        data = kohya_names(data, str(path))
         for key in ("train_data_dir", "dataset_config", "output_dir", "cache_dir", "stage_c_path", "effnet_path",
                     "previewer_path", "text_encoder_path", "sample_prompts"):
             value = data.get(key)

@@ -104,3 +104,18 @@ def test_an_explicit_stage_c_file_wins_over_model(tmp_path) -> None:
         models = build_models(TrainConfig(train_data_dir="d", model="tiny", mode=mode, stage_c_path=str(path)))
         loaded = models.stage_c.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in mine.state_dict().items())
+
+
+def test_kohya_names_work_as_toml_keys(tmp_path) -> None:
+    """The trial run: seven of the command's options were unknown TOML keys (effnet_checkpoint_path hinted
+    "keep_checkpoints")."""
+    toml = tmp_path / "train.toml"
+    toml.write_text('stage_c_checkpoint_path = "ckpts/stage_c_bf16.safetensors"\n'
+                    'effnet_checkpoint_path = "ckpts/effnet_encoder.safetensors"\n'
+                    'previewer_checkpoint_path = "ckpts/previewer.safetensors"\nsave_every_n_epochs = 1\n'
+                    'sample_every_n_epochs = 1\nmax_data_loader_n_workers = 2\npersistent_data_loader_workers = true\n'
+                    'train_data_dir = "data"\n')
+    with pytest.warns(UserWarning, match="'persistent_data_loader_workers' ignored: there are no DataLoader"):
+        config = TrainConfig.from_toml(toml)
+    assert config.effnet_path == str(tmp_path / "ckpts" / "effnet_encoder.safetensors")
+    assert config.stage_c_path and config.previewer_path and config.save_every_n_epochs == 1

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,6 +167,13 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_num_epochs": str(math.ceil(trainer.total_steps * config.gradient_accumulation_steps
                                        / data.batches_per_epoch())),
+        "ss_session_id": str(secrets.randbits(31)), "ss_training_started_at": str(time.time()),
+        "ss_batch_size_per_device": str(data.config.datasets[0].batch_size),
+        "ss_total_batch_size": str(data.global_batch_size(0) * config.gradient_accumulation_steps),
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.config.datasets[0].enable_bucket),
+        "ss_sd_model_name": Path(config.stage_c_path).name if config.stage_c_path else config.model,
     }  # fmt: skip
     if downscale != 32:
         meta["cascade_lab.training_scale"] = (f"{config.training_scale}: buckets of {res[0]}x{res[1]} px, an encoder "
@@ -306,14 +315,16 @@ def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
 def _export_metadata(run: TrainingRun, trainer: Trainer) -> dict[str, str]:
     from .lora_train import lora_metadata
 
-    extra = dict(run.metadata, **{"ss_steps": str(trainer.step), "cascade_lab.step": str(trainer.step)})
+    extra = dict(run.metadata, **{"ss_steps": str(trainer.step), "cascade_lab.step": str(trainer.step),
+                                  "ss_training_finished_at": str(time.time())})
     if trainer.network is not None:
         return lora_metadata(trainer.config, trainer.network, extra)
     res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade",
             "modelspec.implementation": "https://github.com/Stability-AI/StableCascade",
             "modelspec.title": trainer.config.name, "modelspec.resolution": f"{res}x{res}",
-            "modelspec.prediction_type": "epsilon", **extra}
+            "modelspec.prediction_type": "epsilon",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
 
 
 def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None) -> None:

@@ -85,6 +85,10 @@ def check_outputs(out: Path) -> None:
         meta, keys = f.metadata(), list(f.keys())
         dtype = f.get_tensor(keys[0]).dtype
     assert meta["modelspec.architecture"] == "stable-cascade" and meta["ss_epoch"] == "1"
+    for key in ("modelspec.date", "ss_session_id", "ss_training_started_at", "ss_num_batches_per_epoch",
+                "ss_num_epochs", "ss_max_train_steps", "ss_total_batch_size", "ss_sd_model_name"):
+        assert key in meta, key
+    assert meta["ss_sd_model_name"] == "stage_c_bf16.safetensors" and meta["ss_num_epochs"] == "2"
     assert str(dtype) == "torch.bfloat16" and any(k.endswith("in_proj_weight") for k in keys)  # official layout
     samples = sorted(p.name for p in (out / "sample").glob("*.png"))
     assert len([s for s in samples if "e000001" in s]) >= 1 and len([s for s in samples if "e000002" in s]) >= 1

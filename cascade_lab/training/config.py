@@ -46,7 +46,7 @@ def kohya_names(data: dict[str, Any], source: str) -> dict[str, Any]:
     """`data` with kohya's names renamed to TrainConfig's and kohya's no-effect options dropped with a warning."""
     import warnings
 
-    from .kohya_args import NO_EFFECT
+    from .kohya_flags import NO_EFFECT
 
     out = {}
     for key, value in data.items():

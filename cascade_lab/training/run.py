@@ -6,11 +6,8 @@ from ``cascade-lab train CONFIG`` and in every process of ``torchrun`` / ``accel
 
 from __future__ import annotations
 
-import json
 import math
-import secrets
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
+from .metadata import describe, export_metadata, scale_factor, scale_statement
 from .outputs import claim_output_dir, epoch_file, prune_epoch_files
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -125,62 +123,6 @@ def _guarded(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         _execute(run, callback, stop, objects)
     except BaseException:  # kept in run.error for the caller
         pass
-
-
-def scale_statement(config: TrainConfig) -> str:
-    """How bucket pixels become latents in this run, in words (stored in every output's metadata)."""
-    res = config.resolution if isinstance(config.resolution, int) else max(config.resolution)
-    if config.training_scale == "official":
-        px = int(res * 0.75) // 32 * 32
-        return (f"official: a {res} px bucket is encoded at {px} px -> {px // 32}x{px // 32} latents, the latent "
-                f"size Stage C generates for {res} px images (official trainer: 768 px crops -> 24x24)")
-    return (f"kohya: EfficientNet sees the bucket as is, {res} px -> {res // 32}x{res // 32} latents, the latent "
-            f"size of ~{round(res * 4 / 3)} px generations")
-
-
-def scale_factor(config: TrainConfig, models: Any) -> float:
-    """EfficientNet input pixels per bucket pixel: kohya 1; official the encoder's stride over Stage C's compression
-    (32 / 42.67 = 0.75 for the real models; 16 / 16 = 1 for the demo, which generates 128 px from 8x8)."""
-    if config.training_scale != "official" or models.downscale == 32:
-        return config.scale_factor
-    return float(models.downscale / models.compression)
-
-
-def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, trainer: Trainer,
-             downscale: int = 32) -> dict[str, str]:
-    from .. import __version__
-
-    buckets: dict[str, int] = {}
-    for rec in data.records:
-        key = f"{rec.bucket[0] // downscale}x{rec.bucket[1] // downscale}"  # latent (w, h)
-        buckets[key] = buckets.get(key, 0) + 1
-    res = data.config.datasets[0].resolution  # the resolution trained (a dataset TOML's own wins)
-    meta = {
-        "cascade_lab.version": __version__, "cascade_lab.mode": config.mode,
-        "cascade_lab.training_scale": scale_statement(config), "cascade_lab.latent_buckets": json.dumps(buckets),
-        "cascade_lab.loss_weight": "adaptive" if config.adaptive_loss_weight else "p2",
-        "cascade_lab.noise_shift": str(config.noise_shift),
-        "cascade_lab.world_size": str(info.world_size), "cascade_lab.model": config.model,
-        "cascade_lab.dataset_notes": json.dumps(data.config.notes), "ss_num_train_images": str(len(data.records)),
-        "ss_resolution": f"({res[0]}, {res[1]})", "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "ss_num_batches_per_epoch": str(data.batches_per_epoch()), "ss_max_train_steps": str(trainer.total_steps),
-        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_num_epochs": str(math.ceil(trainer.total_steps * config.gradient_accumulation_steps
-                                       / data.batches_per_epoch())),
-        "ss_session_id": str(secrets.randbits(31)), "ss_training_started_at": str(time.time()),
-        "ss_batch_size_per_device": str(data.config.datasets[0].batch_size),
-        "ss_total_batch_size": str(data.global_batch_size(0) * config.gradient_accumulation_steps),
-        "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_max_grad_norm": str(config.max_grad_norm),
-        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.config.datasets[0].enable_bucket),
-        "ss_sd_model_name": Path(config.stage_c_path).name if config.stage_c_path else config.model,
-    }  # fmt: skip
-    if downscale != 32:
-        meta["cascade_lab.training_scale"] = (f"{config.training_scale}: buckets of {res[0]}x{res[1]} px, an encoder "
-                                              f"of stride {downscale}: latents {json.dumps(buckets)}")
-    if trainer.network is not None:
-        meta["cascade_lab.network_target"] = config.network_target
-    return meta
 
 
 def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]) -> None:
@@ -312,21 +254,6 @@ def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     return official_state_dict(trainer.stage_c, dtype)
 
 
-def _export_metadata(run: TrainingRun, trainer: Trainer) -> dict[str, str]:
-    from .lora_train import lora_metadata
-
-    extra = dict(run.metadata, **{"ss_steps": str(trainer.step), "cascade_lab.step": str(trainer.step),
-                                  "ss_training_finished_at": str(time.time())})
-    if trainer.network is not None:
-        return lora_metadata(trainer.config, trainer.network, extra)
-    res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
-    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade",
-            "modelspec.implementation": "https://github.com/Stability-AI/StableCascade",
-            "modelspec.title": trainer.config.name, "modelspec.resolution": f"{res}x{res}",
-            "modelspec.prediction_type": "epsilon",
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
-
-
 def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None) -> None:
     """Every process hands in its RNG state; the main one writes the checkpoint and the exported file.
 
@@ -342,7 +269,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
         name = f"{cfg.name}.safetensors"
         full_fp32 = trainer.network is None and cfg.save_precision == "fp32"
         trainable_file = name if full_fp32 else "trainable.safetensors"
-        meta = _export_metadata(run, trainer) | {"ss_epoch": str(run.epoch)}
+        meta = export_metadata(run.metadata, trainer) | {"ss_epoch": str(run.epoch)}
         epoch_files = list(run.epoch_files)
         if epoch is not None:
             epoch_files.append(epoch_file(cfg, epoch).name)

@@ -1,0 +1,211 @@
+"""kohya's Stage C flags in kohya's groups (``add_*_arguments`` of its ``stable-cascade`` branch), with kohya's
+defaults, and what cascade_lab does with those it does not honour. No torch import here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SCRIPTS = {"stable_cascade_train_stage_c.py": "full", "stable_cascade_train_c_network.py": "lora"}
+
+# flags kohya accepts that change nothing here: flag -> what cascade_lab does instead
+NO_EFFECT = {
+    "max_data_loader_n_workers": "cascade_lab reads cached latents and text in the training process; there are no "
+                                 "DataLoader workers to start",
+    "persistent_data_loader_workers": "there are no DataLoader workers to keep alive (latents and text are cached)",
+    "xformers": "attention runs through PyTorch's scaled_dot_product_attention, dropout only while training",
+    "sdpa": "attention always runs through PyTorch's scaled_dot_product_attention (kohya's --sdpa also drops out "
+            "10 %% of attention at sampling; cascade_lab only while training)",
+    "mem_eff_attn": "attention always runs through PyTorch's scaled_dot_product_attention",
+    "no_half_vae": "EfficientNet always runs in float32",
+    "lowram": "models are loaded memory-lean (meta device, read straight into place) anyway",
+    "highvram": "latents are cached on disk and in memory anyway",
+    "cache_latents": "latents are always cached (to <output_dir>/cache) unless random_crop/color_aug need otherwise",
+    "cache_latents_to_disk": "latents are always cached to disk (<output_dir>/cache)",
+    "cache_text_encoder_outputs": "text embeddings are always cached unless shuffle_caption needs otherwise",
+    "cache_text_encoder_outputs_to_disk": "text embeddings are always cached to disk (<output_dir>/cache)",
+    "vae_batch_size": "EfficientNet encodes 8 images at a time while caching",
+    "save_state": "every checkpoint under <output_dir>/checkpoints is resumable (optimizer, scheduler, RNG, adaptive "
+                  "loss buckets)",
+    "save_text_model": "kohya's training scripts ignore it too; no text model is written",
+    "max_token_length": "long prompts are encoded in 77-token windows",
+    "sample_sampler": "previews use Stable Cascade's own sampler (DDPM, shift 2, CFG rescale 0.7), as kohya's do",
+    "logging_dir": "losses are written to <output_dir>/run.json and every checkpoint's info.json",
+    "log_with": "losses are written to <output_dir>/run.json", "log_prefix": "no trackers are used",
+    "log_tracker_name": "no trackers are used", "wandb_run_name": "no trackers are used",
+    "wandb_api_key": "no trackers are used", "ddp_timeout": "torch.distributed's default timeout is used",
+    "noise_offset": "no effect on Stable Cascade (kohya's README: SDXL noise options are ignored)",
+    "multires_noise_iterations": "no effect on Stable Cascade",
+    "multires_noise_discount": "no effect on Stable Cascade",
+    "adaptive_noise_scale": "no effect on Stable Cascade", "ip_noise_gamma": "no effect on Stable Cascade",
+    "zero_terminal_snr": "no effect on Stable Cascade", "min_snr_gamma": "no effect on Stable Cascade (kohya too)",
+    "v_parameterization": "Stage C predicts noise (epsilon); kohya ignores it too",
+    "clip_skip": "Stage C takes the text model's last hidden state; kohya ignores it too",
+    "min_timestep": "no effect on Stable Cascade's continuous t", "max_timestep": "no effect on Stable Cascade's t",
+    "save_n_epoch_ratio": "use --save_every_n_epochs", "save_last_n_epochs_state": "use --save_last_n_epochs",
+    "vae": "Stable Cascade has no VAE; the EfficientNet file is --effnet_checkpoint_path",
+    "training_comment": "not stored", "no_metadata": "metadata is always written (kohya ss_* and modelspec keys)",
+    "network_dropout": "LoRA dropout is not implemented", "scale_weight_norms": "not implemented; no max-norm",
+    "lr_scheduler_num_cycles": "cosine schedules run one cycle", "lr_scheduler_power": "linear decay is used",
+    "full_bf16": "Stage C keeps float32 master weights under bf16 autocast (more memory than kohya's --full_bf16, "
+                 "no bf16 rounding of the updates)",
+    "fp8_base": "the frozen base stays in the --mixed_precision dtype",
+    "dataset_class": "datasets are kohya dataset TOMLs or folders",
+    "console_log_level": "Python's warnings are used", "console_log_file": "Python's warnings are used",
+    "console_log_simple": "Python's warnings are used", "metadata_title": "modelspec.title is --output_name",
+    "metadata_author": "not stored", "metadata_description": "not stored", "metadata_license": "not stored",
+    "metadata_tags": "not stored", "tokenizer_cache_dir": "the tokenizer comes with the text encoder",
+    "use_safetensors": "always safetensors", "caption_tag_dropout_rate": "tag dropout is not implemented",
+    "token_warmup_min": "token warm-up is not implemented", "token_warmup_step": "token warm-up is not implemented",
+    "face_crop_aug_range": "face crops are not implemented",
+}  # fmt: skip
+REFUSED = {
+    "in_json": "fine-tune style metadata JSON datasets are not supported; use --dataset_config or --train_data_dir "
+               "with caption files",
+    "train_text_encoder": "text-encoder training is not supported (kohya's README calls it untested)",
+    "learning_rate_te1": "text-encoder training is not supported",
+    "network_train_text_encoder_only": "text-encoder LoRA is not supported; cascade_lab trains Stage C",
+    "network_weights": "starting from a LoRA file is not supported; resume a cascade_lab checkpoint with --resume",
+    "dim_from_weights": "starting from a LoRA file is not supported",
+    "base_weights": "merging base LoRAs is not supported", "base_weights_multiplier": "merging is not supported",
+    "full_fp16": "Stage C overflows in float16 (official readme); use --mixed_precision bf16",
+    "reg_data_dir": "regularisation images are not supported",
+    "config_file": "give the flags, or a cascade_lab training TOML as `cascade-lab train CONFIG.toml`",
+    "output_config": "the settings of a run are stored in its checkpoints (state.pt) and run.json",
+}  # fmt: skip
+
+
+def _flag(group: Any, name: str, **kwargs: Any) -> None:
+    group.add_argument(f"--{name}", dest=name, default=kwargs.pop("default", None), **kwargs)
+
+
+def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
+    """kohya's flags in kohya's groups, with kohya's defaults; cascade_lab's own last."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] | {prog} [SCRIPT.py] --kohya_flag ...",
+        description="Fine-tune Stage C from a cascade_lab TOML (`cascade_lab.training.TrainConfig` fields) or from "
+                    "kohya sd-scripts' command line,\npasted as is: `stable_cascade_train_stage_c.py` flags "
+                    "(a full fine-tune) or `stable_cascade_train_c_network.py` flags (LoRA,\nwhen --network_module "
+                    "is given). Flags that change nothing here print one notice each (docs/training.md).")
+    flag = _flag
+    g = parser.add_argument_group("Stable Cascade models (kohya stable_cascade_utils)")
+    flag(g, "stage_c_checkpoint_path", metavar="FILE", help="Stage C .safetensors (kohya: required)")
+    flag(g, "effnet_checkpoint_path", metavar="FILE", help="EfficientNet encoder .safetensors (kohya: required)")
+    flag(g, "text_model_checkpoint_path", metavar="PATH", help="CLIP-G text model file or transformers folder")
+    flag(g, "save_text_model", action="store_true", help="no effect (kohya's training scripts ignore it too)")
+    flag(g, "previewer_checkpoint_path", metavar="FILE", help="previewer .safetensors (for sample images)")
+    flag(g, "adaptive_loss_weight", action="store_true", help="adaptive loss weights (default: P2)")
+
+    g = parser.add_argument_group("dataset (kohya train_util.add_dataset_arguments)")
+    flag(g, "train_data_dir", metavar="DIR", help="folder of images with caption files (or <repeats>_<name> folders)")
+    flag(g, "dataset_config", metavar="TOML", help="kohya dataset TOML ([general], [[datasets]], subsets)")
+    flag(g, "in_json", metavar="JSON", help="refused: metadata JSON datasets")
+    flag(g, "reg_data_dir", metavar="DIR", help="refused: regularisation images")
+    flag(g, "resolution", metavar="W[,H]", help="bucket area side in pixels (kohya: required without a TOML)")
+    flag(g, "caption_extension", default=".caption", help="caption file extension (kohya default .caption)")
+    flag(g, "dataset_repeats", type=int, default=1, help="repeats of every image per epoch")
+    flag(g, "shuffle_caption", action="store_true")
+    flag(g, "keep_tokens", type=int, default=0)
+    flag(g, "caption_dropout_rate", type=float, default=0.0, help="kohya default 0 (official trainer: 0.05)")
+    flag(g, "flip_aug", action="store_true")
+    flag(g, "color_aug", action="store_true", help="refused: not implemented")
+    flag(g, "random_crop", action="store_true")
+    flag(g, "enable_bucket", action="store_true")
+    flag(g, "min_bucket_reso", type=int, default=256)
+    flag(g, "max_bucket_reso", type=int, default=1024)
+    flag(g, "bucket_reso_steps", type=int, default=64, help="a multiple of 32")
+    flag(g, "bucket_no_upscale", action="store_true")
+    flag(g, "cache_latents", action="store_true", help="always on (to <output_dir>/cache)")
+    flag(g, "cache_latents_to_disk", action="store_true", help="always on")
+    flag(g, "vae_batch_size", type=int, default=1)
+    flag(g, "max_token_length", type=int, help="no effect: 77-token windows")
+    for name in ("caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
+                 "dataset_class"):
+        flag(g, name, help=argparse.SUPPRESS)
+
+    g = parser.add_argument_group("training (kohya train_util.add_training_arguments)")
+    flag(g, "output_dir", metavar="DIR", help="where models, checkpoints and samples go")
+    flag(g, "output_name", metavar="NAME", help="model file name: NAME-000001.safetensors per epoch, NAME.safetensors")
+    flag(g, "save_precision", choices=["float", "fp16", "bf16"], help="dtype of the saved model (default: float)")
+    flag(g, "save_every_n_epochs", type=int, metavar="N")
+    flag(g, "save_every_n_steps", type=int, metavar="N")
+    flag(g, "save_last_n_epochs", type=int, metavar="N", help="keep only the last N per-epoch files of this run")
+    flag(g, "save_state", action="store_true", help="always on: every checkpoint is resumable")
+    flag(g, "resume", metavar="DIR", help="a cascade_lab checkpoint folder or output folder, or 'auto'")
+    flag(g, "train_batch_size", type=int, default=1)
+    flag(g, "max_train_steps", type=int, default=1600)
+    flag(g, "max_train_epochs", type=int, metavar="N", help="wins over --max_train_steps")
+    flag(g, "max_data_loader_n_workers", type=int, default=8, help="no effect (no DataLoader workers)")
+    flag(g, "persistent_data_loader_workers", action="store_true", help="no effect")
+    flag(g, "seed", type=int, help="default: a random seed, printed")
+    flag(g, "gradient_checkpointing", action="store_true")
+    flag(g, "gradient_accumulation_steps", type=int, default=1)
+    flag(g, "mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="fp16 is refused for Stage C")
+    flag(g, "full_bf16", action="store_true", help="fp32 master weights under bf16 autocast instead")
+    flag(g, "full_fp16", action="store_true", help="refused")
+    flag(g, "fp8_base", action="store_true", help="no effect")
+    for name in ("xformers", "sdpa", "mem_eff_attn", "lowram", "highvram", "v_parameterization", "zero_terminal_snr"):
+        flag(g, name, action="store_true", help="no effect")
+    for name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key",
+                 "vae", "console_log_level", "console_log_file", "metadata_title", "metadata_author",
+                 "metadata_description", "metadata_license", "metadata_tags", "tokenizer_cache_dir", "config_file"):
+        flag(g, name, help=argparse.SUPPRESS)
+    for name in ("ddp_timeout", "clip_skip", "min_timestep", "max_timestep", "multires_noise_iterations",
+                 "save_n_epoch_ratio", "save_last_n_epochs_state"):
+        flag(g, name, type=int, help=argparse.SUPPRESS)
+    for name in ("noise_offset", "multires_noise_discount", "adaptive_noise_scale", "ip_noise_gamma",
+                 "min_snr_gamma"):
+        flag(g, name, type=float, help=argparse.SUPPRESS)
+    for name in ("console_log_simple", "output_config", "use_safetensors", "train_text_encoder"):
+        flag(g, name, action="store_true", help=argparse.SUPPRESS)
+    flag(g, "learning_rate_te1", type=float, help=argparse.SUPPRESS)
+
+    g = parser.add_argument_group("sample images (kohya train_util.add_training_arguments)")
+    flag(g, "sample_prompts", metavar="FILE", help=".txt/.toml/.json prompt file (kohya grammar)")
+    flag(g, "sample_every_n_steps", type=int, metavar="N")
+    flag(g, "sample_every_n_epochs", type=int, metavar="N", help="wins over --sample_every_n_steps")
+    flag(g, "sample_at_first", action="store_true")
+    flag(g, "sample_sampler", help="no effect: Stable Cascade's DDPM sampler")
+
+    g = parser.add_argument_group("optimizer (kohya train_util.add_optimizer_arguments)")
+    flag(g, "optimizer_type", default="", help="AdamW (default) or Adafactor")
+    flag(g, "optimizer_args", nargs="*", default=[], metavar="KEY=VALUE")
+    flag(g, "learning_rate", type=float, default=2e-6, help="kohya default 2e-6 (its README uses 1e-4)")
+    flag(g, "max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    flag(g, "lr_scheduler", default="constant")
+    flag(g, "lr_warmup_steps", type=int, default=0)
+    flag(g, "lr_scheduler_num_cycles", type=int, help=argparse.SUPPRESS)
+    flag(g, "lr_scheduler_power", type=float, help=argparse.SUPPRESS)
+
+    g = parser.add_argument_group("LoRA (kohya stable_cascade_train_c_network.py)")
+    flag(g, "network_module", help="networks.lora: train a LoRA (else a full fine-tune)")
+    flag(g, "network_dim", type=int, help="rank (default 4)")
+    flag(g, "network_alpha", type=float, default=1.0, help="alpha (default 1; 0 means alpha = rank)")
+    flag(g, "network_args", nargs="*", default=[], metavar="KEY=VALUE", help="target=attention|all_linear")
+    flag(g, "network_train_unet_only", action="store_true", help="always: only Stage C gets a LoRA")
+    flag(g, "network_train_text_encoder_only", action="store_true", help="refused")
+    flag(g, "network_weights", help="refused")
+    flag(g, "network_dropout", type=float, help="no effect")
+    flag(g, "unet_lr", type=float, help="LoRA learning rate (wins over --learning_rate)")
+    flag(g, "text_encoder_lr", type=float, help="no effect: no text-encoder LoRA")
+    flag(g, "save_model_as", choices=["safetensors", "ckpt", "pt"], help="always safetensors")
+    flag(g, "training_comment", help=argparse.SUPPRESS)
+    flag(g, "no_metadata", action="store_true", help=argparse.SUPPRESS)
+    flag(g, "scale_weight_norms", type=float, help=argparse.SUPPRESS)
+    flag(g, "dim_from_weights", action="store_true", help=argparse.SUPPRESS)
+    flag(g, "base_weights", nargs="*", help=argparse.SUPPRESS)
+    flag(g, "base_weights_multiplier", nargs="*", help=argparse.SUPPRESS)
+
+    g = parser.add_argument_group("cascade_lab")
+    flag(g, "overwrite", action="store_true", help="start afresh in an output folder holding a previous run")
+    flag(g, "model", help="a variant (lite_bf16, tiny, demo, ...) for the parts given no path")
+    flag(g, "training_scale", choices=["kohya", "official"], default="kohya",
+         help="kohya: EfficientNet sees the bucket as is (1024 px -> 32x32); official: 0.75x (-> 24x24)")
+    flag(g, "device", help="default: cuda of this process's local rank, else cpu")
+    flag(g, "quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+__all__ = ["NO_EFFECT", "REFUSED", "SCRIPTS", "build_parser"]

@@ -55,7 +55,7 @@ def kohya_names(data: dict[str, Any], source: str) -> dict[str, Any]:
                 raise ConfigError(f"{source}: {key!r} and {KOHYA_NAMES[key]!r} name the same setting; keep one")
             out[KOHYA_NAMES[key]] = value
         elif key in NO_EFFECT and key not in {f.name for f in fields(TrainConfig)}:
-            warnings.warn(f"{source}: {key!r} ignored: {NO_EFFECT[key].replace('%%', '%')}", stacklevel=3)
+            warnings.warn(f"{source}: {key!r} ignored: {NO_EFFECT[key]}", stacklevel=3)
         else:
             out[key] = value
     return out

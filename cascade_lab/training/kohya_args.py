@@ -106,10 +106,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         if name in REFUSED:
             raise ConfigError(f"--{name}: {REFUSED[name]}")
     for name in dict.fromkeys(given):
-        if name in NO_EFFECT and name not in ("save_text_model",):
-            notices.append(f"--{name}: {NO_EFFECT[name].replace('%%', '%')}")
-    if "save_text_model" in given:
-        notices.append(f"--save_text_model: {NO_EFFECT['save_text_model']}")
+        if name in NO_EFFECT:
+            notices.append(f"--{name}: {NO_EFFECT[name]}")
     if args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
         notices.append("--persistent_data_loader_workers with --max_data_loader_n_workers 0: kohya's DataLoader stops "
                        "with \"persistent_workers option needs num_workers > 0\"; cascade_lab has no workers and runs")

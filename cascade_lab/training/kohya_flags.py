@@ -16,7 +16,7 @@ NO_EFFECT = {
     "persistent_data_loader_workers": "there are no DataLoader workers to keep alive (latents and text are cached)",
     "xformers": "attention runs through PyTorch's scaled_dot_product_attention, dropout only while training",
     "sdpa": "attention always runs through PyTorch's scaled_dot_product_attention (kohya's --sdpa also drops out "
-            "10 %% of attention at sampling; cascade_lab only while training)",
+            "10 % of attention at sampling; cascade_lab only while training)",
     "mem_eff_attn": "attention always runs through PyTorch's scaled_dot_product_attention",
     "no_half_vae": "EfficientNet always runs in float32",
     "lowram": "models are loaded memory-lean (meta device, read straight into place) anyway",

@@ -31,8 +31,9 @@ class Executor:
 
     def __init__(self, graph: Graph, order: list[str], *, comfyui: Any, extra_model_paths: Any, input_dir: Any,
                  files: ModelFiles, given: Mapping[str, Any], callback: Callable[[Any], Any] | None = None,
-                 cancel: Callable[[], bool] | None = None) -> None:
+                 cancel: Callable[[], bool] | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.graph, self.order, self.files = graph, order, files
+        self.dtype = dtype  # the diffusion models' compute dtype (ComfyUI's --bf16-unet: bfloat16)
         self.comfyui, self.extra_model_paths, self.input_dir = comfyui, extra_model_paths, input_dir
         self.given = given
         self.values: dict[str, tuple[Any, ...]] = {}
@@ -295,7 +296,7 @@ class Executor:
             extra = _with_step(None)
         else:
             cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
-        out = self.pipeline.sample_stage(stage, module, torch.float32, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
+        out = self.pipeline.sample_stage(stage, module, self.dtype, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
                                          callback=self._events(node_id), cancel=self.cancel, trajectory=None,
                                          extra_inputs=extra)
         info = {**latent.info, "node": node_id, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name,

@@ -66,7 +66,7 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
         output_dir: str | os.PathLike[str] | None = None, extra_model_paths: Any = None,
         configs: Mapping[str, Any] | None = None, tokenizer: str | os.PathLike[str] | None = None,
         callback: Callable[[Any], Any] | None = None,
-        cancel: Callable[[], bool] | None = None) -> WorkflowOutputs:
+        cancel: Callable[[], bool] | None = None, dtype: str = "float32") -> WorkflowOutputs:
     """Run a ComfyUI workflow (a .json in UI or API form, a ComfyUI PNG, or the loaded dict) on cascade_lab.
 
     ``models``: the ComfyUI install (or its ``models/``) whose folders and extra_model_paths.yaml name the files
@@ -78,6 +78,7 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     per file ``{"controlnet:canny.safetensors": {...}}``).
     ``tokenizer``: a CLIP tokenizer folder (default: next to the checkpoint, the Hub cache, ComfyUI's
     ``comfy/sd1_tokenizer``; `cascade_lab.comfyui.tokenizer.write_clip_tokenizer` makes one offline).
+    ``dtype``: the Stage C / Stage B compute dtype, "float32" or "bfloat16" (ComfyUI's ``--bf16-unet``).
     ``output_dir``: SaveImage nodes write ``<prefix>_00001_.png`` there as ComfyUI (with the workflow and
     cascade_lab's parameters in the PNG); without it nothing is written. Everything is checked before any model
     loads. Returns ``{node id: Result}`` per SaveImage / PreviewImage node.
@@ -95,13 +96,19 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
             if graph[node_id]["class_type"] == "SaveImage":
                 _save_folder(Path(output_dir), str(graph[node_id]["inputs"].get("filename_prefix", "ComfyUI")))
 
+    dtypes = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    if dtype not in dtypes:
+        raise WorkflowError(f"dtype={dtype!r}: use 'float32' or 'bfloat16' (ComfyUI's --bf16-unet)")
+    import torch
+
     from .execute import Executor
     from .models import ModelFiles
     from .sampling import generation_params
 
     given = {node_id: _given_outputs(graph, node_id, value, inputs) for node_id, value in (outputs or {}).items()}
     executor = Executor(graph, order, comfyui=models, extra_model_paths=extra_model_paths, input_dir=inputs,
-                        files=ModelFiles(configs, tokenizer, models), given=given, callback=callback, cancel=cancel)
+                        files=ModelFiles(configs, tokenizer, models), given=given, callback=callback, cancel=cancel,
+                        dtype=getattr(torch, dtypes[dtype]))
     saved = executor.run()
     results = WorkflowOutputs(graph=graph)
     for node_id, (images, made) in saved.items():

@@ -125,6 +125,23 @@ def test_a_comfyui_png_reads_back_into_parameters() -> None:
     params.validate()
 
 
+def test_the_workflow_chunk_alone_reads_back_the_same(tmp_path: Path) -> None:
+    """A PNG with only the UI form (the prompt chunk stripped) gives the parameters the API form gives."""
+    from PIL.PngImagePlugin import PngInfo
+
+    ui = (reference_dir("comfyui", "workflows") / "text_to_image.workflow.json").read_text()
+    api = (reference_dir("comfyui", "workflows") / "text_to_image.api.json").read_text()
+    for name, key, text in (("ui.png", "workflow", ui), ("api.png", "prompt", api)):
+        info = PngInfo()
+        info.add_text(key, text)
+        Image.new("RGB", (1024, 1024)).save(tmp_path / name, pnginfo=info)
+    from_ui, from_api = read_png_params(tmp_path / "ui.png"), read_png_params(tmp_path / "api.png")
+    assert from_ui == from_api
+    assert (from_api.width, from_api.height, from_api.seed, from_api.seed_b) == (1024, 1024, 314307448448003,
+                                                                                 183495397600639)
+    assert from_api.prompt == POSITIVE and from_api.compression == 42.0 and from_api.denoise == 1.0
+
+
 def test_a_png_with_neither_chunk_says_so(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no 'cascade_lab' text chunk and no ComfyUI"):

@@ -315,6 +315,9 @@ class TrainingPanel:
         if run.status == "finished":
             self.progress.bar_style = "success"
             message = f"finished at {where} in {time.monotonic() - self._started_at:.0f} s; model {run.output_file}"
+        elif run.status == "stopped" and run.last_checkpoint is None:  # stopped before any step: nothing to keep
+            self.progress.bar_style = "warning"
+            message = f"stopped at {where}: no step was taken, so no checkpoint was written (Start begins anew)"
         elif run.status == "stopped":
             self.progress.bar_style = "warning"
             self.resume.value = True  # the next Start continues from the checkpoint

@@ -65,6 +65,8 @@ def test_a_comfyui_generation_runs_again_from_its_png(tmp_path: Path) -> None:
     given = {"6": texts[POSITIVE], "7": texts[NEGATIVE]}  # no CLIP tokenizer here: the stored encodings
     check(saved["prompt"], models=comfy, outputs=given)
     again = run(saved["prompt"], models=comfy, configs=tiny_configs(), outputs=given)["9"]
+    official = api_prompt(GenerationParams(POSITIVE, NEGATIVE, seed=11, loras=(), shift_b=1.5))[0]
+    check(official, models=comfy, outputs=given)  # the nearest nodes of the official sampler are valid too
     torch.testing.assert_close(again.latent_c, out.latent_c, rtol=0, atol=0)
     with Image.open(png) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(again.image))

@@ -414,9 +414,9 @@ class Pipeline:
         return out
 
 
-def comfy_resize(images: Tensor, width: int, height: int) -> Tensor:
-    """ComfyUI's common_upscale(…, "bicubic", crop="center"): crop the too-long side to the target aspect
-    (offset round((old − old·ratio)/2)), then bicubic interpolation without antialias or clamping."""
+def comfy_center_crop(images: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's common_upscale crop="center": [..., H, W] with the too-long side cut to the aspect of
+    width x height (offset round((old − old·ratio)/2) on each side)."""
     old_h, old_w = images.shape[-2:]
     old_aspect, new_aspect = old_w / old_h, width / height
     x = y = 0
@@ -424,8 +424,14 @@ def comfy_resize(images: Tensor, width: int, height: int) -> Tensor:
         x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
     elif old_aspect < new_aspect:
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    cropped = images.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
-    return torch.nn.functional.interpolate(cropped, size=(height, width), mode="bicubic")
+    return images.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+
+
+def comfy_resize(images: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's common_upscale(…, "bicubic", crop="center"): `comfy_center_crop`, then bicubic interpolation
+    without antialias or clamping."""
+    return torch.nn.functional.interpolate(comfy_center_crop(images, width, height), size=(height, width),
+                                           mode="bicubic")
 
 
 @dataclass

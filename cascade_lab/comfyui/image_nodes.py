@@ -35,14 +35,9 @@ def empty_image(width: int, height: int, batch_size: int, color: int) -> Tensor:
 def upscale(images: Tensor, width: int, height: int, method: str, crop: str) -> Tensor:
     """[B, C, H, W] → [B, C, height, width]: ComfyUI's common_upscale (centre crop to the aspect, then resize)."""
     if crop == "center":
-        old_h, old_w = images.shape[-2:]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        images = images.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+        from ..pipeline import comfy_center_crop
+
+        images = comfy_center_crop(images, width, height)
     if method == "lanczos":
         from PIL import Image
 

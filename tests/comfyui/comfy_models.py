@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import torch
 from conftest import reference_dir
 
@@ -61,6 +62,20 @@ def use_reference_sigma_tables() -> None:
     for shift in (1, 2):
         entries = cascade_sigmas(float(shift))._entries
         entries.update(dict(enumerate(tables[f"shift{shift}.model_sampling.sigmas"].unbind())))
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """The reference README's tolerance: atol = 1e-4 · absmax(expected), rtol 1e-4."""
+    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference_tables():  # type: ignore[no-untyped-def]
+    """The reference machine's σ tables for one test module (import it with autouse where needed)."""
+    use_reference_sigma_tables()
+    yield
+    forget_reference_sigma_tables()
 
 
 def forget_reference_sigma_tables() -> None:

@@ -20,7 +20,7 @@ import torch
 from conftest import reference_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_models import forget_reference_sigma_tables, load, use_reference_sigma_tables  # noqa: E402
+from comfy_models import assert_rel, load, reference_tables  # noqa: E402,F401
 
 from cascade_lab.comfyui import read_workflow, run  # noqa: E402
 from cascade_lab.params import read_png_params  # noqa: E402
@@ -29,16 +29,8 @@ STAGE_B_OUT = torch.tensor(1 / 0.43)  # ComfyUI's Stage B latent = the model's /
 CHECKPOINTS = ("stable_cascade_stage_c_tiny.safetensors", "stable_cascade_stage_b_tiny.safetensors")
 
 
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4,
-                               msg=lambda m: f"{what}: {m}")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def reference_tables():  # type: ignore[no-untyped-def]
-    use_reference_sigma_tables()
-    yield
-    forget_reference_sigma_tables()
+pytestmark = pytest.mark.usefixtures("reference_tables")  # the reference σ tables for every test here
 
 
 def comfyui_tree(root: Path) -> Path:

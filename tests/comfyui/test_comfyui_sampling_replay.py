@@ -19,7 +19,7 @@ import torch
 from conftest import reference_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_models import comfy_pipeline, forget_reference_sigma_tables, load, use_reference_sigma_tables  # noqa: E402,E501
+from comfy_models import assert_rel, comfy_pipeline, load, reference_tables  # noqa: E402,F401
 
 from cascade_lab.diffusion.noise import ComfyNoise  # noqa: E402
 from cascade_lab.pipeline import plan_stage  # noqa: E402
@@ -29,11 +29,6 @@ CASES = ("c_euler_ancestral_simple_1024", "c_euler_ancestral_simple_832x1216_b2"
          "c_dpmpp_2m_karras", "c_dpmpp_2m_sde_exponential", "c_lcm_sgm_uniform", "c_ddim_ddim_uniform",
          "c_heun_beta", "c_uni_pc_simple", "c_img2img_denoise0.6", "b_euler_ancestral_simple")
 
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """README tolerance: atol = 1e-4 · absmax(expected), rtol 1e-4."""
-    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4,
-                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +41,7 @@ def conditioning() -> dict[str, torch.Tensor]:
     return load(reference_dir("comfyui", "sampling") / "conditioning.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_tables():  # type: ignore[no-untyped-def]
-    use_reference_sigma_tables()
-    yield
-    forget_reference_sigma_tables()
+pytestmark = pytest.mark.usefixtures("reference_tables")  # the reference σ tables for every test here
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,14 @@ import torch
 from conftest import reference_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_models import load  # noqa: E402
-from test_comfyui_runner import assert_rel, comfyui_tree, reference_tables, tiny_configs  # noqa: E402,F401
+from comfy_models import assert_rel, load, reference_tables  # noqa: E402,F401
+from test_comfyui_runner import comfyui_tree, tiny_configs  # noqa: E402
 
 from cascade_lab import cli, read_png_params  # noqa: E402
 from cascade_lab.comfyui import run  # noqa: E402
 from cascade_lab.comfyui.tokenizer import write_clip_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("reference_tables")  # the reference σ tables for every test here
 
 PROMPT = "evening sunset scenery blue sky nature, glass bottle with a fizzy ice cold freezing rainbow liquid in it"
 

@@ -17,7 +17,7 @@ import torch
 from conftest import reference_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_models import comfy_pipeline, forget_reference_sigma_tables, load, use_reference_sigma_tables  # noqa: E402,E501
+from comfy_models import assert_rel, comfy_pipeline, load, reference_tables  # noqa: E402,F401
 
 from cascade_lab.params import COMFYUI_DEFAULTS, GenerationParams  # noqa: E402
 from cascade_lab.pipeline import comfy_resize  # noqa: E402
@@ -28,16 +28,8 @@ NEGATIVE = "text, watermark"
 STAGE_B_OUT = torch.tensor(1 / 0.43)  # ComfyUI's Stage B latent format divides the model's latent by this
 
 
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4,
-                               msg=lambda m: f"{what}: {m}")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def reference_tables():  # type: ignore[no-untyped-def]
-    use_reference_sigma_tables()
-    yield
-    forget_reference_sigma_tables()
+pytestmark = pytest.mark.usefixtures("reference_tables")  # the reference σ tables for every test here
 
 
 def workflow(name: str):  # type: ignore[no-untyped-def]

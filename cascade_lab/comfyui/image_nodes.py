@@ -70,8 +70,8 @@ def canny(image: Tensor, low: float, high: float) -> Tensor:
     try:
         from kornia.filters import canny as kornia_canny
     except ImportError:
-        kornia_canny = None
-    if kornia_canny is not None:
+        pass  # OpenCV below
+    else:
         edges = kornia_canny(image[..., :3].movedim(-1, 1), low, high)[1]  # (magnitude, edges [B, 1, H, W])
         return edges.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()
     try:
@@ -84,8 +84,8 @@ def canny(image: Tensor, low: float, high: float) -> Tensor:
     warnings.warn("the Canny node runs OpenCV's Canny (kornia is not installed), whose edge pixels differ a little "
                   "from ComfyUI's; pip install kornia for ComfyUI's", stacklevel=2)
     pixels = image.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
-    edges = np.stack([cv2.Canny(p, low * 255, high * 255) for p in pixels]).astype(np.float32) / 255.0
-    return torch.from_numpy(edges)[..., None].expand(-1, -1, -1, 3).contiguous()
+    found = np.stack([cv2.Canny(p, low * 255, high * 255) for p in pixels]).astype(np.float32) / 255.0
+    return torch.from_numpy(found)[..., None].expand(-1, -1, -1, 3).contiguous()
 
 
 def join_alpha(image: Tensor, alpha: Tensor) -> Tensor:

@@ -11,20 +11,29 @@ from PIL import Image
 TEXT_KEYS = ("cascade_lab", "Software", "Description", "prompt", "workflow")
 
 
+def carried_pnginfo(image: Any) -> Any:
+    """The PNG text chunks an image carries in its ``info`` (`results.carry_params`), or None when it carries none."""
+    if not isinstance(image.info.get(TEXT_KEYS[0]), str):
+        return None
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key in TEXT_KEYS:
+        if isinstance(image.info.get(key), str):
+            info.add_text(key, image.info[key])
+    return info
+
+
 class CascadeImage(Image.Image):
     """`PIL.Image.Image` whose PNG ``save`` writes the parameters in its ``info`` unless ``pnginfo`` is given."""
 
     def save(self, fp: Any, format: str | None = None, **params: Any) -> None:  # noqa: A002 (PIL's name)
         name = str(fp) if isinstance(fp, (str, Path)) else str(getattr(fp, "name", ""))
         png = (format or "").upper() == "PNG" or (format is None and name.lower().endswith(".png"))
-        if png and "pnginfo" not in params and TEXT_KEYS[0] in self.info:
-            from PIL.PngImagePlugin import PngInfo
-
-            info = PngInfo()
-            for key in TEXT_KEYS:
-                if isinstance(self.info.get(key), str):
-                    info.add_text(key, self.info[key])
-            params["pnginfo"] = info
+        if png and "pnginfo" not in params:
+            info = carried_pnginfo(self)
+            if info is not None:
+                params["pnginfo"] = info
         super().save(fp, format, **params)
 
     def __getstate__(self) -> Any:

@@ -148,7 +148,7 @@ class Result:
 
     def __post_init__(self) -> None:
         for i, image in enumerate(self.images):
-            carry_params(image, self.params, i if len(self.images) > 1 else None)
+            carry_params(image, self.params, i)  # the chunks `png_bytes(i)` and `save` write
 
     @property
     def image(self) -> Any:
@@ -156,9 +156,13 @@ class Result:
 
     def png_bytes(self, index: int | None = None) -> bytes:
         """One image (or the grid of all) as PNG bytes with the parameters in a text chunk."""
+        from ._pil_image import carried_pnginfo
+
         buffer = io.BytesIO()
         picture = grid(self.images) if index is None else self.images[index]
-        picture.save(buffer, format="PNG", pnginfo=_png_info(self.params, index))
+        # a result image carries its chunks since the Result was made: written as they are, not built again
+        info = carried_pnginfo(picture) if index is not None else None
+        picture.save(buffer, format="PNG", pnginfo=info if info is not None else _png_info(self.params, index))
         return buffer.getvalue()
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> list[Path]:

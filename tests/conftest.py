@@ -94,3 +94,10 @@ def _hub_reachable_in_tests(monkeypatch: pytest.MonkeyPatch, request: pytest.Fix
 
         locate_module = importlib.import_module("cascade_lab.weights.locate")  # the package exports a function of it
         monkeypatch.setattr(locate_module, "hub_unreachable", lambda timeout=3.0: None)
+
+
+def widget_of(output: Any) -> Any:
+    """The ipywidgets instance a captured display output shows (its widget-view model id)."""
+    import ipywidgets
+
+    return ipywidgets.widgets.widget._instances[output.data["application/vnd.jupyter.widget-view+json"]["model_id"]]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import widget_of
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 from PIL import Image
@@ -490,12 +491,6 @@ def _(env: Env) -> None:
     assert values == [(3, 3), (2, 2)] and "image/png" in cap.outputs[-1].data
 
 
-def widget_of(output: Any) -> Any:
-    import ipywidgets
-
-    return ipywidgets.widgets.widget._instances[output.data["application/vnd.jupyter.widget-view+json"]["model_id"]]
-
-
 @case("magic-size-and-width", "magic", "%%cascade --size 256x256 --width 512", "refused: --width is not an option")
 def _(env: Env) -> None:
     assert "unrecognized arguments: --width 512" in env.magic("--size 256x256 --width 512")
@@ -620,7 +615,7 @@ def env(tiny: Cascade, ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("row", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input(row: Case, env: Env, request: pytest.FixtureRequest) -> None:
+def test_bad_input(row: Case, env: Env) -> None:
     row.check(env)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import widget_of
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 from PIL import Image
@@ -243,13 +244,6 @@ def test_no_preview_shows_only_the_result(shell: Any) -> None:
         shell.run_cell_magic("cascade", "--no-preview -s 1", "x\n")
     assert [list(o.data) for o in cap.outputs][1:] == [["image/png", "text/plain"]]
     assert not cap.outputs[1].update
-
-
-def widget_of(output: Any) -> Any:
-    import ipywidgets
-
-    model_id = output.data["application/vnd.jupyter.widget-view+json"]["model_id"]
-    return ipywidgets.widgets.widget._instances[model_id]
 
 
 def bar_values(box: Any) -> dict[str, tuple[int, int, str]]:

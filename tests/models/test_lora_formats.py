@@ -9,7 +9,16 @@ import warnings
 
 import pytest
 import torch
-from test_lora import TARGETS, assert_state_close, assert_state_equal, low_rank, run, tiny_model, write
+from test_lora import (
+    TARGETS,
+    assert_state_close,
+    assert_state_equal,
+    expected_weights,
+    low_rank,
+    run,
+    tiny_model,
+    write,
+)
 from torch import nn
 
 from cascade_lab.models.lora import (
@@ -58,15 +67,6 @@ def onetrainer_dict(pairs, layout: str, alpha: float) -> dict[str, torch.Tensor]
     return out
 
 
-def expected(base, pairs, strength, scale):
-    want = {k: v.clone() for k, v in base.state_dict().items()}
-    for layer, (down, up) in pairs.items():
-        param, rows = TARGETS[layer]
-        view = want[param] if rows is None else want[param][rows]
-        view += strength * scale * (up.flatten(1) @ down.flatten(1)).reshape(view.shape)
-    return want
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_onetrainer_layouts_merge_w_plus_strength_scale_up_down(tmp_path, layout):
     model = tiny_model()
@@ -76,7 +76,7 @@ def test_onetrainer_layouts_merge_w_plus_strength_scale_up_down(tmp_path, layout
     assert len(lora.modules) == len(TARGETS)
     assert lora.format == {"kohya_in_proj": "kohya", "comfy": "comfyui"}.get(layout, "onetrainer")
     handle = apply_lora(model, lora, strength=0.7)
-    assert_state_close(model, expected(base, pairs, 0.7, 0.5))  # alpha / rank = 2 / 4, folded or stored
+    assert_state_close(model, expected_weights(base, pairs, 0.7, 0.5))  # alpha / rank = 2 / 4, folded or stored
     assert sorted(handle.params) == sorted({param for param, _ in TARGETS.values()})
 
 
@@ -147,11 +147,11 @@ def test_grouped_depthwise_convs_run_as_onetrainer_computes_them():
         warnings.simplefilter("error")  # nothing is set aside
         handle = apply_lora(model, lora, strength=0.6)
     # plain layers are merged, the depthwise weights stay as they were
-    assert_state_close(model, expected(base, pairs, 0.6, 0.5))
+    assert_state_close(model, expected_weights(base, pairs, 0.6, 0.5))
     assert not any(p.endswith("depthwise.weight") for p in handle.params)
     # each depthwise conv now gives OneTrainer's output
     reference = copy.deepcopy(base)
-    for k, v in expected(base, pairs, 0.6, 0.5).items():
+    for k, v in expected_weights(base, pairs, 0.6, 0.5).items():
         reference.state_dict()[k].copy_(v)
     for path, (d, u) in convs.items():
         parent, name = path.rsplit(".", 1)

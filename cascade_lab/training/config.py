@@ -119,7 +119,7 @@ class TrainConfig:
     optimizer_type: str = "adamw"  # "adamw" (official: wd 0.01) or "adafactor" (kohya README)
     optimizer_args: list[str] = field(default_factory=list)  # kohya "key=value", e.g. "relative_step=False"
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int | float = 0  # steps, or a fraction in [0, 1) of the run's steps (newer kohya)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no" (fp32) or "bf16" autocast; fp16 is refused for Stage C
@@ -206,6 +206,11 @@ class TrainConfig:
                               "previous run in output_dir, overwrite starts afresh and deletes its checkpoints)")
         if self.max_train_steps < 1 and not self.max_train_epochs:
             raise ConfigError(f"max_train_steps={self.max_train_steps}: use 1 or more")
+        warmup = self.lr_warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not math.isfinite(warmup) or warmup < 0 \
+                or (isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer()):
+            raise ConfigError(f"lr_warmup_steps={warmup!r}: use a whole number of optimizer steps (e.g. 100) or a "
+                              "fraction of the run in [0, 1) (e.g. 0.05 for the first 5 %)")
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):

@@ -76,6 +76,18 @@ REFUSED = {
 }  # fmt: skip
 
 
+def int_or_float(text: str) -> int | float:
+    """kohya's ``int_or_float``: "100" is steps, "0.05" a fraction of the run."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps (e.g. 100) or a fraction "
+                                             "(e.g. 0.05)") from None
+
+
 def _flag(group: Any, name: str, **kwargs: Any) -> None:
     group.add_argument(f"--{name}", dest=name, default=kwargs.pop("default", None), **kwargs)
 
@@ -175,7 +187,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "learning_rate", type=float, default=2e-6, help="kohya default 2e-6 (its README uses 1e-4)")
     flag(g, "max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     flag(g, "lr_scheduler", default="constant")
-    flag(g, "lr_warmup_steps", type=int, default=0)
+    flag(g, "lr_warmup_steps", type=int_or_float, default=0,
+         help="optimizer steps, or a fraction of the run below 1 (e.g. 0.05)")
     flag(g, "lr_scheduler_num_cycles", type=int, help=argparse.SUPPRESS)
     flag(g, "lr_scheduler_power", type=float, help=argparse.SUPPRESS)
 

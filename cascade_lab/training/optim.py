@@ -162,10 +162,17 @@ class _OptimizerOwnSteps:
         return None
 
 
-def build_scheduler(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+def warmup_steps(warmup: int | float, total: int) -> int:
+    """Warm-up in optimizer steps: a whole number as is, a fraction in [0, 1) of the run's steps (newer kohya)."""
+    if isinstance(warmup, float) and not warmup.is_integer():
+        return int(warmup * total)  # kohya: int(ratio * max_train_steps)
+    return int(warmup)
+
+
+def build_scheduler(optimizer: Any, name: str, warmup: int | float, total: int) -> Any:
     if any(group["lr"] is None for group in optimizer.param_groups):
         return _OptimizerOwnSteps()
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup, total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps(warmup, total), total))
 
 
-__all__ = ["Adafactor", "build_optimizer", "build_scheduler", "lr_lambda", "parse_optimizer_args"]
+__all__ = ["Adafactor", "build_optimizer", "build_scheduler", "lr_lambda", "parse_optimizer_args", "warmup_steps"]

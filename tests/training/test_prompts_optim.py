@@ -98,3 +98,29 @@ def test_schedules() -> None:
     cosine = lr_lambda("cosine_with_warmup", 10, 110)
     assert cosine(10) == 1.0 and math.isclose(cosine(60), 0.5) and cosine(110) < 1e-9
     assert lr_lambda("linear", 0, 100)(50) == 0.5
+
+
+def test_warmup_as_a_fraction_of_the_run() -> None:
+    """Newer kohya takes `--lr_warmup_steps 0.05` as 5 % of the optimizer steps; whole numbers stay steps."""
+    from cascade_lab.training.config import TrainConfig
+    from cascade_lab.training.kohya_args import parse_kohya
+    from cascade_lab.training.optim import build_scheduler, warmup_steps
+
+    settings, _, _ = parse_kohya(["--model", "tiny", "--train_data_dir", "d", "--output_dir", "o",
+                                  "--lr_warmup_steps", "0.05", "--lr_scheduler", "constant_with_warmup"])
+    assert settings["lr_warmup_steps"] == 0.05
+    assert warmup_steps(0.05, 200) == 10 and warmup_steps(30, 200) == 30 and warmup_steps(30.0, 200) == 30
+    opt = build_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1.0, [])
+    sched = build_scheduler(opt, "constant_with_warmup", 0.05, 200)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[9] == pytest.approx(10 / 11) and lrs[10] == lrs[11] == 1.0
+    TrainConfig(train_data_dir="d", lr_warmup_steps=0.05).validate()
+    for bad in (-1, 1.5, float("nan"), "10"):
+        with pytest.raises(ConfigError, match="lr_warmup_steps="):
+            TrainConfig(train_data_dir="d", lr_warmup_steps=bad).validate()  # type: ignore[arg-type]
+    with pytest.raises(SystemExit):
+        parse_kohya(["--model", "tiny", "--train_data_dir", "d", "--lr_warmup_steps", "ten"])

@@ -64,14 +64,16 @@ class ControlNetShape:
     c_in: int
     c_proj: int
     proj_blocks: tuple[int, ...]
+    demo: bool = False  # the demo variant's own ControlNet (cascade_lab.demo), which fits only the demo Stage C
 
 
 def controlnet_shape(source: Any, kind: str, proj_blocks: Sequence[int] | None = None) -> ControlNetShape:
     """The shape of a ControlNet module, or of a file read from its header only (``proj_blocks`` is not
     stored in a file: the shipped blocks are assumed when the number of projections matches them)."""
     if hasattr(source, "c_proj") and hasattr(source, "proj_blocks"):  # a ControlNet module
-        return ControlNetShape("the ControlNet module", int(source.c_in), int(source.c_proj),
-                               tuple(int(b) for b in source.proj_blocks))
+        demo = type(source).__name__ == "DemoControlNet"
+        return ControlNetShape("the demo ControlNet module" if demo else "the ControlNet module", int(source.c_in),
+                               int(source.c_proj), tuple(int(b) for b in source.proj_blocks), demo)
     from .convert import plan_official
     from .loader import WrongStageError
 
@@ -94,7 +96,8 @@ def controlnet_shape(source: Any, kind: str, proj_blocks: Sequence[int] | None =
             raise ValueError(f"{name} has {len(outs)} projections, not the {len(shipped)} of the shipped "
                              "ControlNets; pass proj_blocks= (the Stage C ResBlock calls it feeds)")
         proj_blocks = shipped
-    return ControlNetShape(name, comp.width or 0, outs[0][1] if outs else 0, tuple(proj_blocks))
+    demo = header.metadata.get("cascade_lab.demo", "").startswith("controlnet_")
+    return ControlNetShape(name, comp.width or 0, outs[0][1] if outs else 0, tuple(proj_blocks), demo)
 
 
 def stage_c_widths(stage_c: Any) -> tuple[str, list[int]]:
@@ -147,12 +150,16 @@ def check_controlnet(source: Any, kind: str, stage_c: Any, *,
                          + f"give the {kind} file ({hub_path(CONTROLNET_FILES[kind])})")
     size, widths = stage_c_widths(stage_c)
     built_for = STAGE_C_WIDTH.get(net.c_proj)
-    fix = (f"; use variant {_variants_of(built_for)} ({STAGE_C_SIZES[built_for]}) with it"
-           if built_for and built_for != size else "; it was built for another Stage C")
+    if net.demo:
+        fix = "; it is the demo variant's own ControlNet: use it with variant 'demo' (Cascade('demo'))"
+    elif built_for and built_for != size:
+        fix = f"; use variant {_variants_of(built_for)} ({STAGE_C_SIZES[built_for]}) with it"
+    else:
+        fix = "; give a ControlNet trained for this Stage C"
     wrong = sorted({widths[b] for b in net.proj_blocks if b < len(widths) and widths[b] != net.c_proj})
     if wrong:
         target = f"{STAGE_C_SIZES[built_for]} (c_proj {net.c_proj})" if built_for else \
-            f"a Stage C {net.c_proj} wide (c_proj {net.c_proj})"
+            f"a Stage C {net.c_proj} wide"
         raise ValueError(f"{net.name} was built for {target} but the loaded Stage C ({size}) is "
                          f"{'/'.join(map(str, wrong))} wide{fix}")
     beyond = [b for b in net.proj_blocks if b >= len(widths)]

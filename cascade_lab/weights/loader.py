@@ -86,7 +86,12 @@ def load_stage(
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    src = open_source(stage, _resolve(stage, source, comfyui, dtype), dtype=dtype)
+    resolved = _resolve(stage, source, comfyui, dtype)
+    if stage == "controlnet" and config is None:
+        demo = _demo_controlnet(resolved, dtype, device)
+        if demo is not None:
+            return demo
+    src = open_source(stage, resolved, dtype=dtype)
     cfg = _config(stage, src, config)
     plan = plan_official(src.header.keys(), stage, src.component.prefix)
     stored = _main_dtype(src.header, plan)
@@ -126,6 +131,25 @@ def load_stage(
                            f"{src.path}: {', '.join(left[:10])}; non-persistent buffers must be created "
                            f"in a way that survives meta construction")
     return model.eval()
+
+
+def _demo_controlnet(path: Path, dtype: torch.dtype | None, device: torch.device | str) -> nn.Module | None:
+    """The demo variant's ControlNet when `path` is one of its files (its metadata names it), else None."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            kind = (f.metadata() or {}).get("cascade_lab.demo", "")
+    except Exception:  # not safetensors: open_source reports it
+        return None
+    if not kind.startswith("controlnet_"):
+        return None
+    from ..demo.models import load_controlnet
+
+    net = load_controlnet(kind.removeprefix("controlnet_"), path)
+    return net.to(device=device, dtype=dtype) if dtype is not None else net.to(device)
 
 
 def effnet_normalization(header: Header, prefix: str = "") -> dict[str, tuple[float, ...]]:

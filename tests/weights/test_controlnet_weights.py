@@ -142,7 +142,7 @@ def test_blocks_beyond_the_stage_c_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as e:
         check_controlnet(path, "canny", "lite")
     assert str(e.value) == (f"ControlNet {str(path)!r} feeds Stage C ResBlock calls [51, 55, 59, 63], but the "
-                            "loaded Stage C (lite) has only 32; it was built for another Stage C")
+                            "loaded Stage C (lite) has only 32; give a ControlNet trained for this Stage C")
     assert check_controlnet(path, "canny", "lite", proj_blocks=[0, 31]).proj_blocks == (0, 31)
 
 
@@ -206,3 +206,18 @@ def test_memory_estimate_of_kinds_uses_the_official_sizes() -> None:
     assert choose_variant("cuda:0", available=fits, swap=False, variants=[BF16_VARIANT], dtypes=BF16).variant == "bf16"
     assert choose_variant("cuda:0", available=fits, swap=False, variants=[BF16_VARIANT], dtypes=BF16,
                           controls=("canny", "super_resolution")).variant is None
+
+
+def test_the_demo_controlnet_loads_by_file_and_names_its_variant_when_it_does_not_fit() -> None:
+    """load_stage("controlnet", <demo file>) gives the demo's module (its stem is not the official one); on another
+    Stage C the refusal says it is the demo's own ControlNet and which variant takes it."""
+    from cascade_lab.demo.models import DemoControlNet, controlnet_file
+    from cascade_lab.models.stage_c import StageCConfig
+    from cascade_lab.weights import load_stage
+
+    path = controlnet_file("canny")
+    net = load_stage("controlnet", path)
+    assert isinstance(net, DemoControlNet) and not net.training
+    for source in (path, net):
+        with pytest.raises(ValueError, match=r"demo variant's own ControlNet: use it with variant 'demo'"):
+            check_controlnet(source, "canny", StageCConfig.tiny().build())

@@ -186,6 +186,22 @@ class _Patch:
     branch: bool = False  # a grouped conv's LoRA (OneTrainer): an extra conv added to the output, not merged
 
 
+def lora_file_stage(path: str | Path) -> str:
+    """"b" for a Stage B LoRA file, else "c", from its header alone (metadata or Stage B-only layer names); a file
+    that cannot be read counts as Stage C (the loader reports it when it is used)."""
+    try:
+        from ..weights.safetensors_io import read_header
+
+        header = read_header(path)
+    except Exception:
+        return "c"
+    declared = str(header.metadata.get("cascade_lab.stage", "")).strip().lower()
+    if declared in ("b", "c"):
+        return declared
+    names = (_split_key(k) for k in header.tensors)
+    return "b" if any(n and _STAGE_B_ONLY.fullmatch(_layer_name(n[0])) for n in names) else "c"
+
+
 def model_stage(model: nn.Module) -> str | None:
     """"b" for a Stage B, "c" for a Stage C (by their conditioning mappers), else None."""
     if hasattr(model, "effnet_mapper"):

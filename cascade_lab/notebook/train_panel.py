@@ -80,8 +80,9 @@ class TrainingPanel:
     The form starts from ``config`` (a TrainConfig, dict or TOML path) with ``settings`` (any TrainConfig
     fields, e.g. ``cache_dir`` or ``training_scale``, also those the form does not show) on top. ``stages``,
     ``stage_c``, ``stage_b``, ``text_encoder`` and ``effnet`` are handed to `training.train`. The stage choice
-    (C or B) hides what applies to Stage C only (the training scale) and shows what a Stage B run does. The plot is redrawn at most
-    every ``plot_interval`` seconds (a drawing takes ~0.15 s of the run's thread) and once at the end. Display
+    (C or B) hides what applies to Stage C only (the training scale) and shows what a Stage B run does. The
+    plot is redrawn at most every ``plot_interval`` seconds (a drawing takes ~0.15 s of the run's thread) and
+    once at the end. Display
     it as the last expression of a cell; `start`, `stop` and `wait` drive it from code, `run` is the newest run.
     """
 

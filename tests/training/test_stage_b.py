@@ -1,8 +1,8 @@
 """Issue 19 point 6: Stage B LoRA and full fine-tunes with the official train_b recipe, on the tiny models.
 
 Measured on the shapes at 128 px (Stage A latents 32x32, EfficientNet 2x2-3x3, validation 4x4), seed 0:
-LoRA (all_linear, rank 4, alpha 4, lr 1e-2, 30 steps) val loss 2.240 -> 1.035 (0.46x); full fine-tune from the official
-init (lr 3e-3, 30 steps) 1.015 -> 0.720 (0.71x). The asserts keep a margin: < 0.7x and < 0.85x.
+LoRA (all_linear, rank 4, alpha 4, lr 1e-2, 30 steps) val loss 2.240 -> 1.035 (0.46x); full fine-tune from the
+official init (lr 3e-3, 30 steps) 1.015 -> 0.720 (0.71x). The asserts keep a margin: < 0.7x and < 0.85x.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def test_bad_stage_b_paths_are_refused_before_training(shapes_dir, shared_cache,
 
     save_file({k: v.contiguous() for k, v in StageAConfig.tiny().build().state_dict().items()}, str(stage_a))
     for changes, message in (
-        ({"stage_b_path": str(tmp_path / "nope.safetensors")}, r"stage_b_path=.*kohya --stage_b_checkpoint_path.*no such"),
+        ({"stage_b_path": str(tmp_path / "nope.safetensors")},
+         r"stage_b_path=.*kohya --stage_b_checkpoint_path.*no such"),
         ({"stage_b_path": str(empty)}, r"stage_b_path=.*the file is empty"),
         ({"stage_b_path": str(stage_a)}, r"stage_b_path=.*holds Stage A.*not the Stage B"),
         ({"stage_a_path": str(tmp_path / "nope.safetensors")}, r"stage_a_path=.*no such file"),

@@ -93,6 +93,14 @@ def test_stage_b_lora_learns_and_loads_on_stage_b_only(lora_run, tmp_path) -> No
     trained = {p.param for p in lora.patches(plain_b) if p.module.up.abs().max() > 0}
     assert changed == trained and len(trained) > 0.8 * len(modules)  # pixels_mapper sees zeros: no gradient
 
+    # a generation's ComfyUI workflow puts it on the Stage B model, and reading the workflow back keeps it
+    from cascade_lab.comfyui.export import api_prompt, params_from_graph
+    from cascade_lab.params import GenerationParams
+
+    graph, _ = api_prompt(GenerationParams("a red circle", loras=((str(lora_run.output_file), 0.7),)))
+    assert graph["60"]["class_type"] == "LoraLoaderModelOnly" and graph["60"]["inputs"]["model"] == ["42", 0]
+    assert params_from_graph(graph).loras == (("stage_b_lora.safetensors", 0.7),)
+
     # the wrong stage is refused with a message naming both
     with pytest.raises(LoraError, match="is a Stage B LoRA .* applied to Stage C. Load it on Stage B"):
         apply_lora(cascade.pipeline.stages.stage_c, lora)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,10 @@ def load_state(folder: Path, config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"{folder}: unknown checkpoint format {state.get('format')!r}")
     saved = json.loads(state["config"])
     current = config.to_dict()
-    differ = [f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+    # a setting added after the checkpoint was written had its default then (e.g. stage = "c")
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    differ = [f"{k}: {saved[k]!r} → {current.get(k)!r}" for k in RESUME_KEYS if saved[k] != current.get(k)]
     if differ:
         raise ConfigError(f"{folder} was made with other settings, so it cannot be resumed: {'; '.join(differ)}. "
                           "Use the original settings or start a new output_dir.")

@@ -170,6 +170,10 @@ class TrainConfig:
     sample_full_images: bool = True  # also decode through Stage B/A when those stages are available
 
     # ---------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, str):
+            self.stage = self.stage.strip().lower()  # "B" and "b" name the same stage
+
     @property
     def name(self) -> str:
         if self.output_name:
@@ -189,8 +193,6 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {', '.join(options)}")
 
-        if str(self.stage).lower() in ("c", "b") and self.stage not in STAGES:
-            self.stage = str(self.stage).lower()
         choice("stage", STAGES)
         choice("mode", MODES)
         choice("training_scale", SCALES)

@@ -203,3 +203,17 @@ def test_kohya_style_flags_and_toml_name_the_stage(tmp_path: Path) -> None:
     config = TrainConfig.from_toml(toml)
     assert config.stage == "b" and config.stage_b_path == str(tmp_path / "models" / "stage_b_lite.safetensors")
     assert config.name == "stage_b_lora"
+
+
+def test_a_checkpoint_from_before_the_stage_setting_resumes_as_stage_c(tmp_path: Path) -> None:
+    import json
+
+    from cascade_lab.training import TrainConfig
+    from cascade_lab.training.checkpoint import STATE_FORMAT, load_state
+
+    old = TrainConfig(train_data_dir="d").to_dict()
+    del old["stage"], old["stage_b_path"], old["stage_a_path"]
+    torch.save({"format": STATE_FORMAT, "config": json.dumps(old)}, str(tmp_path / "state.pt"))
+    assert load_state(tmp_path, TrainConfig(train_data_dir="d"))["format"] == STATE_FORMAT
+    with pytest.raises(ConfigError, match="stage: 'c' → 'b'"):
+        load_state(tmp_path, TrainConfig(train_data_dir="d", stage="b"))

@@ -179,7 +179,8 @@ class Trainer:
             encoded = encode_effnet(self.models.get("effnet"), images[kept], size, self.device) if kept else None
             effnets = [encoded[kept.index(j)] if encoded is not None and j in kept else None
                        for j in range(len(indices))]
-        shape = (16, size[0] // 32, size[1] // 32)
+        stride = self.models.downscale  # EfficientNet's (32; the demo's encoder 16)
+        shape = (self.model.effnet_mapper[0].in_channels, size[0] // stride, size[1] // stride)  # type: ignore
         effnet = torch.stack([e if k and e is not None else torch.zeros(shape)
                               for e, k in zip(effnets, keep, strict=True)])
         return {"latents": targets, "effnet": effnet}

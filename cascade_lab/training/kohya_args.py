@@ -158,7 +158,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         notices.append(f"--save_model_as {args.save_model_as}: cascade_lab writes .safetensors only")
     if network and not args.network_train_unet_only:
         notices.append("no --network_train_unet_only: kohya also trains a text-encoder LoRA (it stays zero with "
-                       "cached text outputs); cascade_lab trains the Stage C LoRA only")
+                       f"cached text outputs); cascade_lab trains the Stage {stage.upper()} LoRA only")
     if args.text_encoder_lr is not None:
         notices.append("--text_encoder_lr: no effect, there is no text-encoder LoRA")
     if args.mixed_precision == "fp16":

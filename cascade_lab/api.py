@@ -68,6 +68,22 @@ def check_device(device: str) -> None:
         raise ValueError(f"device={device!r}: cascade_lab runs on cpu, cuda or mps")
 
 
+def _is_lazy(part: Any) -> bool:
+    from .pipeline import Lazy
+
+    return isinstance(part, Lazy)
+
+
+def _fits(lora: Any, model: Any) -> bool:
+    from .models.lora import LoraError
+
+    try:
+        lora.patches(model)
+    except LoraError:
+        return False
+    return True
+
+
 def _describe(image: ImageLike) -> str:
     """A short stable description of an input image for the PNG metadata: its path, else a content hash."""
     if isinstance(image, (str, Path)):
@@ -156,19 +172,34 @@ class Cascade:
 
     # -- LoRA ----------------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0) -> None:
-        """Merge a Stage C LoRA (kohya ``lora_unet_*``, OneTrainer ``lora_prior_unet_*`` and its newer layouts,
-        ComfyUI, official ``weights.N``); a text-encoder part (``lora_te_*``) is merged into CLIP-G at the same
-        strength."""
-        from .models.lora import apply_lora, load_lora_file
+        """Merge a LoRA: Stage C (kohya ``lora_unet_*``, OneTrainer ``lora_prior_unet_*`` and its newer layouts,
+        ComfyUI, official ``weights.N``; a text-encoder part ``lora_te_*`` is merged into CLIP-G at the same
+        strength) or Stage B (cascade_lab's Stage B training, or any ``lora_unet_*`` file over Stage B's layers),
+        routed by the file's ``cascade_lab.stage`` header, else by which stage has the layers it names."""
+        from .models.lora import LoraError, apply_lora, load_lora_file
 
         key = str(path)
         _check_lora_strength(key, strength)
         if any(p == key for p, _, _ in self.loras):
             raise ValueError(f"LoRA {key!r} is already loaded; use unload_lora({key!r}) first or set_lora_strength")
         lora = load_lora_file(path)  # fails on a bad file before the model is touched
-        text_encoder = self.pipeline.stages.text_encoder  # a kohya/OneTrainer file's lora_te_* part goes to CLIP-G
-        loaded = text_encoder if hasattr(getattr(text_encoder, "model", None), "named_modules") else None
-        handle = apply_lora(self.pipeline.stages.stage_c, lora, strength, text_encoder=loaded)
+        stages = self.pipeline.stages
+        stage = lora.stage
+        if stage is None:  # layers both stages have and no header: the stage whose layers and shapes fit
+            try:
+                lora.patches(stages.stage_c)
+                stage = "c"
+            except LoraError:
+                stage = "b" if not _is_lazy(stages.stage_b) and _fits(lora, stages.stage_b) else "c"
+        if stage == "b":
+            if _is_lazy(stages.stage_b):
+                raise ValueError(f"LoRA {key!r} is a Stage B LoRA, but this cascade loads Stage B per use (CPU stage "
+                                 "swapping); use offload=True or a device with room for Stage B to keep it loaded")
+            handle = apply_lora(stages.stage_b, lora, strength)
+        else:
+            text_encoder = stages.text_encoder  # a kohya/OneTrainer file's lora_te_* part goes to CLIP-G
+            loaded = text_encoder if hasattr(getattr(text_encoder, "model", None), "named_modules") else None
+            handle = apply_lora(stages.stage_c, lora, strength, text_encoder=loaded)
         self.loras.append((key, float(strength), handle))
 
     def set_lora_strength(self, path: str | Path, strength: float) -> None:
@@ -333,7 +364,8 @@ class Cascade:
 
     # -- training --------------------------------------------------------------------------------------
     def train(self, config: Any = None, **kwargs: Any) -> Any:
-        """Fine-tune this cascade's Stage C: `cascade_lab.training.train` on the loaded stages; a `TrainingRun`.
+        """Fine-tune this cascade's Stage C (or its Stage B with ``stage="b"``): `cascade_lab.training.train` on the
+        loaded stages; a `TrainingRun`.
 
         ``mode="lora"`` (the default) leaves Stage C's weights as they were: the LoRA is ``run.output_file``
         (apply it with `load_lora`) and ``run.network``. ``mode="full"`` trains Stage C in place, in float32,
@@ -356,17 +388,20 @@ class Cascade:
                    if k in kwargs}
         callback = options.pop("callback", None)
         pipeline = self.pipeline
-        stage_c = pipeline.stages.stage_c
+        cfg = TrainConfig.coerce(config, **kwargs)
+        trained = pipeline.stages.stage_b if cfg.stage == "b" else pipeline.stages.stage_c
         kwargs.setdefault("model", self.variant_name)  # the run's metadata names what was trained
         kwargs.setdefault("device", str(pipeline.device))
-        if next(stage_c.parameters()).dtype == torch.bfloat16:
+        if not _is_lazy(trained) and next(trained.parameters()).dtype == torch.bfloat16:
             kwargs.setdefault("mixed_precision", "bf16")  # a LoRA on a bf16 base computes under bf16 autocast
         cfg = TrainConfig.coerce(config, **kwargs)
 
         def restore() -> None:
-            stage_c.eval().requires_grad_(False)  # no dropout in generations, no gradients kept
+            if _is_lazy(trained):
+                return
+            trained.eval().requires_grad_(False)  # no dropout in generations, no gradients kept
             if pipeline.offload and pipeline.device.type != "cpu":
-                stage_c.to("cpu")
+                trained.to("cpu")
 
         def on_event(event: Any) -> None:
             if event.kind == "end":  # also ends a background run, in its thread

@@ -177,6 +177,26 @@ def test_a_failure_inside_the_run_lands_in_the_panel(session, cache, tmp_path) -
     assert not panel.start_button.disabled and panel.stop_button.disabled
 
 
+def test_a_stage_b_run_from_the_panel_hides_stage_c_settings_and_samples_through_stage_b(session, dataset, cache,  # type: ignore[no-untyped-def]
+                                                                                       tmp_path) -> None:
+    panel = make_panel(session, dataset, cache, tmp_path / "out", max_train_steps=2, val_every_n_steps=0,
+                       sample_prompts=["a red disc --w 128 --h 128 --s 1"], sample_every_n_steps=2)
+    assert panel.stage.value == "c" and panel.training_scale.layout.display is None
+    assert panel.stage_note.layout.display == "none"
+    panel.stage.value = "b"  # Stage B: no training scale (it trains on the image itself), the recipe shown
+    assert panel.training_scale.layout.display == "none" and panel.stage_note.layout.display is None
+    assert panel.config().stage == "b"
+    panel.start_button.click()
+    run = panel.wait(TIMEOUT)
+    assert panel.error is None and panel.display_error is None, panel.error_box.value
+    assert run.status == "finished" and run.step == 2 and run.stage_b is run.model and run.stage_c is None
+    assert run.output_file.name == "stage_b_lora.safetensors" and run.metadata["cascade_lab.stage"] == "b"
+    [sample] = run.samples  # C (frozen) -> the trained B -> A, at the prompt's size
+    assert sample.image is not None and sample.image.size == (128, 128) and len(panel.gallery.children) == 1
+    assert any(p.name.endswith("_00_" + str(sample.seed) + ".png") for p in sample.paths)
+    assert "finished at step 2/2" in panel.status.value
+
+
 def test_a_generation_holding_the_session_refuses_a_training(session, dataset, cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
     panel = make_panel(session, dataset, cache, tmp_path / "out")
     with session.job("generate 'a cat'"):

@@ -125,8 +125,6 @@ class Executor:
         return self.node_LoraLoaderModelOnly(node_id, model, lora_name, strength_model), clip
 
     def node_LoraLoaderModelOnly(self, node_id: str, model: Model, lora_name: str, strength_model: float) -> Any:
-        if model.stage != "c":
-            raise ValueError("cascade_lab applies LoRAs to Stage C; this model is Stage B")
         path = str(self.model_path("LoraLoader", lora_name))
         return replace(model, loras=(*model.loras, (path, float(strength_model))))
 

@@ -87,9 +87,13 @@ def api_prompt(params: GenerationParams, index: int | None = None) -> tuple[Grap
                     ckpt_name=_stage_ckpt(params, "c"))
     node("42", "CheckpointLoaderSimple", ckpt_name=_stage_ckpt(params, "b"))
     model_c, model_b = ["41", 0], ["42", 0]
+    from ..models.lora import lora_file_stage
+
     for i, (lora, strength) in enumerate(params.loras):
-        model_c = node(str(60 + i), "LoraLoaderModelOnly", model=model_c, lora_name=_name(lora, "lora.safetensors"),
-                       strength_model=float(strength))
+        on_b = lora_file_stage(lora) == "b"  # a Stage B LoRA goes on the Stage B model
+        loaded = node(str(60 + i), "LoraLoaderModelOnly", model=model_b if on_b else model_c,
+                      lora_name=_name(lora, "lora.safetensors"), strength_model=float(strength))
+        model_b, model_c = (loaded, model_c) if on_b else (model_b, loaded)
     if params.shift_c != 2.0:
         model_c = node("70", "ModelSamplingStableCascade", model=model_c, shift=float(params.shift_c))
     if params.shift_b != 1.0:
@@ -292,7 +296,8 @@ def params_from_graph(graph: Mapping[str, Any], size: tuple[int, int] | None = N
             load = upstream(li.get("image"), ("LoadImage",), ("image",))
             init_image = str(load["inputs"]["image"]) if load else "image"
     ckpt_c, shift_c, loras = model_chain(c.get("model"))
-    ckpt_b, shift_b, _ = model_chain(b.get("model"))
+    ckpt_b, shift_b, loras_b = model_chain(b.get("model"))
+    loras += loras_b  # Stage B LoRAs: Cascade.load_lora puts each on its stage by the file's header
 
     def seed(inputs: Mapping[str, Any]) -> int | None:
         value = inputs.get("seed", inputs.get("noise_seed"))

@@ -1,4 +1,9 @@
-"""LoRA for Stage C and its CLIP-G: read kohya, OneTrainer, ComfyUI and official files; merge, unmerge exactly.
+"""LoRA for Stage C and its CLIP-G, and for Stage B: read kohya, OneTrainer, ComfyUI and official files; merge,
+unmerge exactly.
+
+A file is for Stage B when its header says so (``cascade_lab.stage`` = ``b``, written by cascade_lab's Stage B
+training) or when it names layers only Stage B has (``effnet_mapper``, ``pixels_mapper``, ``clip_mapper``);
+applying it to the other stage is refused with a message naming both (`LoraWeights.stage`).
 
 Formats (spec/training.md §3, spec/stable-cascade.md §7):
 
@@ -58,13 +63,13 @@ _STAGE_C_NAME = re.compile(  # every layer name a Stage C LoRA may target, dots 
     r"|clip_(?:txt|txt_pooled|img)_mapper|embedding_1|clf_1|(?:down_downscalers|up_upscalers)_\d+_1(?:_blocks_\d+)?"
     r"|(?:down|up)_repeat_mappers_\d+_\d+"
 )
+_STAGE_B_ONLY = re.compile(r"(?:effnet|pixels)_mapper_[02]|clip_mapper")  # Stage B layers Stage C does not have
 _LOOKS_LIKE = (  # key fragments -> what the file is probably for
     (("lora_te1_", "lora_te2_", "conditioner_embedders"), "SDXL"),
     (("input_blocks", "middle_block", "output_blocks"), "Stable Diffusion 1.x/2.x or SDXL (LDM U-Net names)"),
     (("_attentions_", ".attentions.", "transformer_blocks", "mid_block"), "a Stable Diffusion/SDXL diffusers U-Net"),
     (("double_blocks", "single_blocks"), "Flux"),
     (("joint_blocks",), "SD3"),
-    (("effnet_mapper", "pixels_mapper", "clip_mapper"), "Stable Cascade Stage B (apply it to the Stage B model)"),
     (("hada_", "lokr_", "dora_scale", "lora_mid"), "a LyCORIS LoHa/LoKr/DoRA network, which cascade_lab cannot merge"),
 )
 _EXAMPLE = (
@@ -115,19 +120,49 @@ class LoraWeights:
             f"{len(self.text_encoder_modules)} text-encoder modules, {len(self.embeddings)} token-embedding tensors)"
         )
 
+    @property
+    def stage(self) -> str | None:
+        """"b" or "c": the stage this LoRA is for, from the header (``cascade_lab.stage``) or from layers only one
+        stage has (official files and text-encoder parts are Stage C's); None when the layers fit both."""
+        declared = self.metadata.get("cascade_lab.stage", "").strip().lower()
+        if declared in ("b", "c"):
+            return declared
+        names = [_layer_name(m.name) for m in self.modules]
+        if any(_STAGE_B_ONLY.fullmatch(n) for n in names):
+            return "b"
+        if self.format == "official" or self.text_encoder_modules or self.embeddings or any(
+                n.startswith(("clip_txt", "clip_img")) for n in names):
+            return "c"
+        return None
+
+    def check_stage(self, model: nn.Module) -> None:
+        """Raise LoraError when this LoRA is for the other stage than `model` (Stage B or Stage C)."""
+        have, want = model_stage(model), self.stage
+        if have is not None and want is not None and have != want:
+            why = "its header says so" if self.metadata.get("cascade_lab.stage") else "its layers say so"
+            raise LoraError(
+                f"{self.source} is a Stage {want.upper()} LoRA ({why}) but was applied to Stage {have.upper()}. "
+                f"Load it on Stage {want.upper()}: Cascade.load_lora routes it by itself; in ComfyUI connect the "
+                f"LoraLoader to the Stage {want.upper()} model."
+            )
+
     def patches(self, model: nn.Module) -> list[_Patch]:
         """Resolve every module to a parameter (and row range) of model; raise LoraError on misfits."""
+        self.check_stage(model)
         if self.format == "official":
             return _official_patches(self, model)
         table = stage_c_lora_targets(model)
         missing = [m.name for m in self.modules if _layer_name(m.name) not in table]
+        what = f"Stage {(model_stage(model) or 'c').upper()}"
         if missing:
+            sizes = ("the full 3.6B model has 8+24 blocks per level, the lite 1B 4+12" if what == "Stage C" else
+                     "the full 1.5B Stage B has 2+6+28+6 blocks down, the lite 700M 2+4+14+4")
             raise LoraError(
-                f"{self.source}: {len(missing)} of {len(self.modules)} LoRA modules name layers this Stage C does "
-                f"not have, e.g. {missing[:4]}. The file was probably made for a bigger Stage C (the full 3.6B model "
-                "has 8+24 blocks per level, the lite 1B 4+12) or another model."
+                f"{self.source}: {len(missing)} of {len(self.modules)} LoRA modules name layers this {what} does "
+                f"not have, e.g. {missing[:4]}. The file was probably made for a bigger {what} ({sizes}) or "
+                "another model."
             )
-        return [_fit(m, *table[_layer_name(m.name)], model, self.source) for m in self.modules]
+        return [_fit(m, *table[_layer_name(m.name)], model, self.source, what) for m in self.modules]
 
     def text_encoder_patches(self, text_model: nn.Module) -> list[_Patch]:
         """Resolve the text-encoder modules to parameters of a transformers CLIP text model (CLIP-G)."""
@@ -149,6 +184,31 @@ class _Patch:
     rows: slice | None
     module: LoraModule
     branch: bool = False  # a grouped conv's LoRA (OneTrainer): an extra conv added to the output, not merged
+
+
+def lora_file_stage(path: str | Path) -> str:
+    """"b" for a Stage B LoRA file, else "c", from its header alone (metadata or Stage B-only layer names); a file
+    that cannot be read counts as Stage C (the loader reports it when it is used)."""
+    try:
+        from ..weights.safetensors_io import read_header
+
+        header = read_header(path)
+    except Exception:
+        return "c"
+    declared = str(header.metadata.get("cascade_lab.stage", "")).strip().lower()
+    if declared in ("b", "c"):
+        return declared
+    names = (_split_key(k) for k in header.tensors)
+    return "b" if any(n and _STAGE_B_ONLY.fullmatch(_layer_name(n[0])) for n in names) else "c"
+
+
+def model_stage(model: nn.Module) -> str | None:
+    """"b" for a Stage B, "c" for a Stage C (by their conditioning mappers), else None."""
+    if hasattr(model, "effnet_mapper"):
+        return "b"
+    if hasattr(model, "clip_txt_mapper"):
+        return "c"
+    return None
 
 
 def _layer_name(name: str) -> str:
@@ -228,7 +288,9 @@ def _fit(m: LoraModule, param: str, rows: slice | None, model: nn.Module, source
     if isinstance(conv, nn.Conv2d) and conv.groups > 1 and _is_branch(m, conv):
         return _Patch(param, rows, m, branch=True)
     hint = ("The LoRA was made for a Stage C of another width (lite 1536 channels, full 2048) or another model."
-            if what == "Stage C" else "The LoRA was made for another text encoder (SDXL's CLIP-L is 768 wide).")
+            if what == "Stage C" else "The LoRA was made for a Stage B of another width (lite 1152 channels at the "
+            "deep levels, full 1280) or another model." if what == "Stage B" else
+            "The LoRA was made for another text encoder (SDXL's CLIP-L is 768 wide).")
     raise LoraError(
         f"{source}: {m.name} has lora_down {list(m.down.shape)} and lora_up {list(m.up.shape)}, but {what}'s "
         f"{target} is {[n_out, *shape[1:]]} (it needs lora_down [rank, {n_in}] and lora_up [{n_out}, rank]). {hint}"
@@ -258,7 +320,8 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def load_lora_file(path: str | Path) -> LoraWeights:
-    """Read a Stage C LoRA .safetensors file (kohya, OneTrainer, ComfyUI or official; detected from the keys)."""
+    """Read a Stage C or Stage B LoRA .safetensors file (kohya, OneTrainer, ComfyUI or official; detected from the
+    keys; `LoraWeights.stage` says which stage it is for)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -287,7 +350,8 @@ def _unknown_keys_error(source: str, unknown: list[str], n_total: int) -> LoraEr
     if not guess and not any("lora" in k.lower() or "alpha" in k for k in unknown):
         looks = " They look like plain model weights (a checkpoint), not a LoRA."
     return LoraError(
-        f"{source}: {len(unknown)} of {n_total} tensors are not part of a Stage C LoRA, e.g. {unknown[:5]}.{looks} "
+        f"{source}: {len(unknown)} of {n_total} tensors are not part of a Stage C or Stage B LoRA, e.g. "
+        f"{unknown[:5]}.{looks} "
         + _EXAMPLE
     )
 
@@ -309,7 +373,8 @@ def lora_from_state_dict(
         elif key.startswith(_TE_PREFIXES) and split:
             text_encoder[key] = tensor
             te_groups.setdefault(split[0], {})[split[1]] = tensor
-        elif split and _STAGE_C_NAME.fullmatch(_layer_name(split[0])):
+        elif split and (_STAGE_C_NAME.fullmatch(_layer_name(split[0])) or _STAGE_B_ONLY.fullmatch(
+                _layer_name(split[0]))):
             groups.setdefault(split[0], {})[split[1]] = tensor
             formats.append(next((f for p, f in _UNET_PREFIXES.items() if key.startswith(p)), "onetrainer"))
         else:

@@ -29,7 +29,7 @@ HELP = f"""\
 %cascade panel train [CONFIG]
                          open the training panel (its form filled from a training TOML when given)
 %cascade train CONFIG [--set KEY=VALUE ...] [--background] [-o NAME]
-                         fine-tune Stage C as the training TOML says (--set overrides its fields), printing
+                         fine-tune Stage C (or B) as the training TOML says (--set overrides its fields), printing
                          progress; the run (a TrainingRun: losses, samples, output_file) is stored as
                          _cascade_train_run, and as NAME with -o. --background returns at once (run.wait()).
                          Ctrl-C or %cascade cancel ends it after the current step with a resumable checkpoint
@@ -72,7 +72,8 @@ TRAIT_FIELDS = {"default_variant": "variant", "default_device": "device", "defau
 _D = Defaults()
 TRAIN_RUN = "_cascade_train_run"  # where %cascade train always leaves its run in the notebook
 
-TRAIN_PARSER = MagicArgumentParser(prog="%cascade train", description="Fine-tune Stage C from a training TOML.")
+TRAIN_PARSER = MagicArgumentParser(prog="%cascade train",
+                                   description="Fine-tune Stage C (or Stage B: stage = 'b') from a training TOML.")
 TRAIN_PARSER.allow_abbrev = False
 TRAIN_PARSER.add_argument("config", help="a TOML file of TrainConfig fields (plus optional dataset tables)")
 TRAIN_PARSER.add_argument("--set", dest="changes", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

@@ -247,7 +247,7 @@ class Session:
         from ..training import TrainConfig
         from ..training import train as run_training
 
-        models = {k: kwargs.pop(k) for k in ("stages", "stage_c", "text_encoder", "effnet") if k in kwargs}
+        models = {k: kwargs.pop(k) for k in ("stages", "stage_c", "stage_b", "text_encoder", "effnet") if k in kwargs}
         cfg = TrainConfig.coerce(config, **kwargs).validate()
         started, box = threading.Event(), {}  # box: the run, or what stopped it from starting
 

@@ -1,4 +1,4 @@
-"""`TrainingPanel`: fine-tune Stage C from an ipywidgets form, with a live loss plot and sample images.
+"""`TrainingPanel`: fine-tune Stage C or Stage B from an ipywidgets form, with a live loss plot and sample images.
 
 Start checks the form into a `TrainConfig` (a mistake goes to the panel's error box) and starts the run as a
 job of the kernel's shared `Session` (`Session.train`, in the background): no generation can overlap it, and
@@ -27,7 +27,7 @@ from ..training import TrainConfig
 from .panel import png_bytes
 from .session import get_session
 
-MODEL_KEYS = ("stages", "stage_c", "text_encoder", "effnet")  # objects passed through to `training.train`
+MODEL_KEYS = ("stages", "stage_c", "stage_b", "text_encoder", "effnet")  # objects passed through to `training.train`
 EMA_BETA = 0.9
 LABEL = {"style": {"description_width": "110px"}}
 
@@ -79,8 +79,10 @@ class TrainingPanel:
 
     The form starts from ``config`` (a TrainConfig, dict or TOML path) with ``settings`` (any TrainConfig
     fields, e.g. ``cache_dir`` or ``training_scale``, also those the form does not show) on top. ``stages``,
-    ``stage_c``, ``text_encoder`` and ``effnet`` are handed to `training.train`. The plot is redrawn at most
-    every ``plot_interval`` seconds (a drawing takes ~0.15 s of the run's thread) and once at the end. Display
+    ``stage_c``, ``stage_b``, ``text_encoder`` and ``effnet`` are handed to `training.train`. The stage choice
+    (C or B) hides what applies to Stage C only (the training scale) and shows what a Stage B run does. The
+    plot is redrawn at most every ``plot_interval`` seconds (a drawing takes ~0.15 s of the run's thread) and
+    once at the end. Display
     it as the last expression of a cell; `start`, `stop` and `wait` drive it from code, `run` is the newest run.
     """
 
@@ -107,7 +109,17 @@ class TrainingPanel:
         data = c.train_data_dir or c.dataset_config or ""
         self.dataset = widgets.Text(data, description="dataset", layout=wide, **LABEL,
                                     placeholder="folder of images with caption files, or a kohya dataset TOML")
+        self.stage = widgets.Dropdown(options=[("Stage C (prior)", "c"), ("Stage B (decoder)", "b")], value=c.stage,
+                                      description="stage", **LABEL)
         self.mode = widgets.Dropdown(options=["lora", "full"], value=c.mode, description="mode", **LABEL)
+        self.training_scale = widgets.Dropdown(options=["official", "kohya"], value=c.training_scale,
+                                               description="training scale", **LABEL,
+                                               tooltip="official: a 1024 px bucket -> 24x24 latents (0.75x); "
+                                                       "kohya: EfficientNet sees the bucket as is (32x32)")
+        self.stage_note = widgets.HTML(
+            "<small>Stage B (official train_b recipe): target the Stage A latent of each image, condition its "
+            "EfficientNet latent at a random 0.5-1x size (10 % dropped) and the pooled caption; samples go "
+            "through the frozen Stage C, then the trained Stage B and Stage A.</small>", layout=wide)
         from ..plugins import registries
 
         models = [n for n in registries()["variant"].names() if n != "auto"]
@@ -134,6 +146,8 @@ class TrainingPanel:
                                        indent=False, layout=widgets.Layout(width="auto"))
         self.mode.observe(lambda _: self._lora_fields(), "value")
         self._lora_fields()
+        self.stage.observe(lambda _: self._stage_fields(), "value")
+        self._stage_fields()
 
         self.start_button = widgets.Button(description="Start", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True,
@@ -150,7 +164,8 @@ class TrainingPanel:
 
         row = widgets.HBox
         self.widget = widgets.VBox([
-            self.dataset, row([self.mode, self.model]), row([self.steps, self.learning_rate]),
+            self.dataset, row([self.stage, self.training_scale]), self.stage_note, row([self.mode, self.model]),
+            row([self.steps, self.learning_rate]),
             row([self.batch_size, self.resolution]), row([self.rank, self.alpha]), self.output_dir,
             self.sample_prompts, row([self.sample_every, self.val_every]), self.resume,
             row([self.start_button, self.stop_button, self.progress, self.status],  # the status wraps below
@@ -166,6 +181,12 @@ class TrainingPanel:
     def _lora_fields(self) -> None:
         self.rank.disabled = self.alpha.disabled = self.mode.value != "lora"
 
+    def _stage_fields(self) -> None:
+        """Stage B: hide the Stage C training scale (Stage B trains on the image itself), show the recipe note."""
+        b = self.stage.value == "b"
+        self.training_scale.layout.display = "none" if b else None
+        self.stage_note.layout.display = None if b else "none"
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
 
@@ -174,6 +195,7 @@ class TrainingPanel:
         """The form as a checked `TrainConfig` (raises ValueError / ConfigError naming a wrong value)."""
         base = self.base
         values: dict[str, Any] = {
+            "stage": self.stage.value, "training_scale": self.training_scale.value,
             "mode": self.mode.value, "model": self.model.value, "max_train_steps": self.steps.value,
             "learning_rate": self.learning_rate.value, "train_batch_size": self.batch_size.value,
             "network_dim": self.rank.value, "network_alpha": self.alpha.value, "output_dir": self.output_dir.value,

@@ -1,4 +1,5 @@
-"""Fine-tuning Stage C: kohya datasets, cached latents/text, LoRA or full training, samples, checkpoints.
+"""Fine-tuning Stage C (or Stage B, ``stage="b"``): kohya datasets, cached latents/text, LoRA or full training,
+samples, checkpoints.
 
 Public surface: `TrainConfig` (all settings, from kwargs or a TOML file), `train(config, callback=, stop=)`
 returning a `TrainingRun` (losses, validation losses, samples, checkpoint and output file, ``stop()``),

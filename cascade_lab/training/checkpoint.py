@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,12 @@ def write_json(data: Any, path: Path) -> Path:
     return atomic_write(Path(path), write)
 
 
-def official_state_dict(stage_c: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Stage C's weights under the official checkpoint keys, floating-point tensors cast to `dtype`."""
-    state = stage_c.state_dict()
+def official_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A stage's weights (Stage C or B) under the official checkpoint keys, floating-point tensors cast to `dtype`."""
+    state = model.state_dict()
     odd = [k for k in state if "parametrizations" in k]
     if odd:
-        raise RuntimeError(f"Stage C still carries LoRA parametrizations ({odd[:2]}); detach the network first")
+        raise RuntimeError(f"the model still carries LoRA parametrizations ({odd[:2]}); detach the network first")
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
 
 
@@ -160,7 +161,10 @@ def load_state(folder: Path, config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"{folder}: unknown checkpoint format {state.get('format')!r}")
     saved = json.loads(state["config"])
     current = config.to_dict()
-    differ = [f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+    # a setting added after the checkpoint was written had its default then (e.g. stage = "c")
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    differ = [f"{k}: {saved[k]!r} → {current.get(k)!r}" for k in RESUME_KEYS if saved[k] != current.get(k)]
     if differ:
         raise ConfigError(f"{folder} was made with other settings, so it cannot be resumed: {'; '.join(differ)}. "
                           "Use the original settings or start a new output_dir.")

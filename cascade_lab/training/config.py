@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 MODES = ("lora", "full")
+STAGES = ("c", "b")
 SCALES = ("official", "kohya")
 OPTIMIZERS = ("adamw", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear")
@@ -32,13 +33,14 @@ SAVE_PRECISIONS = ("fp32", "bf16")
 DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside the training TOML
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
-RESUME_KEYS = ("mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
+RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
 
 
 # kohya's names for the same settings (a TOML may use either)
 KOHYA_NAMES = {"stage_c_checkpoint_path": "stage_c_path", "effnet_checkpoint_path": "effnet_path",
                "previewer_checkpoint_path": "previewer_path", "text_model_checkpoint_path": "text_encoder_path",
+               "stage_b_checkpoint_path": "stage_b_path", "stage_a_checkpoint_path": "stage_a_path",
                "dataset_repeats": "num_repeats"}  # fmt: skip
 
 
@@ -75,9 +77,14 @@ class TrainConfig:
     """
 
     # -- what is trained -------------------------------------------------------------------------------
-    mode: str = "lora"  # "lora" (a kohya LoRA file) or "full" (Stage C in the official key layout)
+    # "c": Stage C (the prior, kohya's scripts); "b": Stage B (the decoder) with the official train_b recipe:
+    # EfficientNet latents of the image as condition, Stage A latents of the image as target
+    stage: str = "c"
+    mode: str = "lora"  # "lora" (a kohya LoRA file) or "full" (the trained stage in the official key layout)
     model: str = "tiny"  # "tiny" (random tiny models, seeded) or a variant name: lite, lite_bf16, full, bf16
     stage_c_path: str | None = None  # explicit files override the variant's (kohya --stage_c_checkpoint_path)
+    stage_b_path: str | None = None  # Stage B file: the model trained with stage="b", else the one samples use
+    stage_a_path: str | None = None  # Stage A file: Stage B's target encoder, and the decoder of samples
     effnet_path: str | None = None
     previewer_path: str | None = None
     text_encoder_path: str | None = None  # a transformers folder of CLIP-G (config.json + weights)
@@ -163,9 +170,17 @@ class TrainConfig:
     sample_full_images: bool = True  # also decode through Stage B/A when those stages are available
 
     # ---------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, str):
+            self.stage = self.stage.strip().lower()  # "B" and "b" name the same stage
+
     @property
     def name(self) -> str:
-        return self.output_name or ("cascade_lora" if self.mode == "lora" else "stage_c_finetune")
+        if self.output_name:
+            return self.output_name
+        if self.stage == "b":
+            return "stage_b_lora" if self.mode == "lora" else "stage_b_finetune"
+        return "cascade_lora" if self.mode == "lora" else "stage_c_finetune"
 
     @property
     def scale_factor(self) -> float:
@@ -178,14 +193,16 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {', '.join(options)}")
 
+        choice("stage", STAGES)
         choice("mode", MODES)
         choice("training_scale", SCALES)
         choice("lr_scheduler", LR_SCHEDULERS)
         choice("network_target", NETWORK_TARGETS)
         choice("save_precision", SAVE_PRECISIONS)
         if self.mixed_precision in ("fp16", "float16"):
-            raise ConfigError("mixed_precision='fp16': Stage C overflows in float16 (black/NaN images, official "
-                              "readme); use 'bf16' or 'no' (fp32)")
+            raise ConfigError(f"mixed_precision='fp16': Stage {self.stage.upper()} is not trained in float16 (Stage C "
+                              "overflows: black/NaN images, official readme; the official Stage B trainer uses "
+                              "bf16); use 'bf16' or 'no' (fp32)")
         choice("mixed_precision", PRECISIONS)
         if self.optimizer_type.lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer_type={self.optimizer_type!r}: use 'AdamW' or 'Adafactor'")
@@ -270,7 +287,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         data = kohya_names(data, str(path))
         for key in ("train_data_dir", "dataset_config", "output_dir", "cache_dir", "stage_c_path", "effnet_path",
-                    "previewer_path", "text_encoder_path", "sample_prompts"):
+                    "previewer_path", "text_encoder_path", "stage_b_path", "stage_a_path", "sample_prompts"):
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute() and value != "auto":
                 data[key] = str((path.parent / value).resolve())

@@ -127,7 +127,13 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if network and args.network_module != "networks.lora":
         raise ConfigError(f"--network_module {args.network_module}: cascade_lab trains networks.lora (kohya's LoRA) "
                           "only")
-    if not args.stage_c_checkpoint_path and not args.model:
+    stage = str(args.stage).lower()
+    if stage == "b":
+        for name, what in (("stage_b_checkpoint_path", "the Stage B to train"),
+                           ("stage_a_checkpoint_path", "Stage A, the target encoder")):
+            if not getattr(args, name) and not args.model:
+                raise ConfigError(f"--stage b needs --{name} ({what}), or name a cascade_lab variant with --model")
+    elif not args.stage_c_checkpoint_path and not args.model:
         raise ConfigError("--stage_c_checkpoint_path is required (kohya), or name a cascade_lab variant with --model")
     if not args.effnet_checkpoint_path and not args.model:
         raise ConfigError("--effnet_checkpoint_path is required (kohya), or name a cascade_lab variant with --model")
@@ -152,7 +158,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         notices.append(f"--save_model_as {args.save_model_as}: cascade_lab writes .safetensors only")
     if network and not args.network_train_unet_only:
         notices.append("no --network_train_unet_only: kohya also trains a text-encoder LoRA (it stays zero with "
-                       "cached text outputs); cascade_lab trains the Stage C LoRA only")
+                       f"cached text outputs); cascade_lab trains the Stage {stage.upper()} LoRA only")
     if args.text_encoder_lr is not None:
         notices.append("--text_encoder_lr: no effect, there is no text-encoder LoRA")
     if args.mixed_precision == "fp16":
@@ -179,6 +185,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     random_crop = args.random_crop or "random_crop" in dataset_flags or "color_aug" in dataset_flags
     shuffle = args.shuffle_caption or "shuffle_caption" in dataset_flags
     fields: dict[str, Any] = {
+        "stage": stage, "stage_b_path": args.stage_b_checkpoint_path, "stage_a_path": args.stage_a_checkpoint_path,
         "mode": "lora" if network else "full", "stage_c_path": args.stage_c_checkpoint_path,
         "effnet_path": args.effnet_checkpoint_path, "previewer_path": args.previewer_checkpoint_path,
         "text_encoder_path": args.text_model_checkpoint_path, "seed": seed, "device": args.device,
@@ -207,8 +214,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         fields["resolution"] = resolution
     if args.model:
         fields["model"] = args.model
-    elif args.stage_c_checkpoint_path:
-        fields["model"] = "tiny"  # a placeholder: the Stage C file decides the size (models.build_models)
+    elif args.stage_c_checkpoint_path or args.stage_b_checkpoint_path:
+        fields["model"] = "tiny"  # a placeholder: the trained stage's file decides the size (models.build_models)
     if (args.sample_every_n_epochs or args.sample_every_n_steps or args.sample_at_first) and not args.sample_prompts:
         notices.append("a --sample_every_* flag without --sample_prompts: no samples (as in kohya)")
     return fields, notices, bool(args.quiet)

@@ -97,7 +97,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] | {prog} [SCRIPT.py] --kohya_flag ...",
-        description="Fine-tune Stage C from a cascade_lab TOML (`cascade_lab.training.TrainConfig` fields) or from "
+        description="Fine-tune Stage C (or Stage B: --stage b) from a cascade_lab TOML (`cascade_lab.training."
+                    "TrainConfig` fields) or from "
                     "kohya sd-scripts' command line,\npasted as is: `stable_cascade_train_stage_c.py` flags "
                     "(a full fine-tune) or `stable_cascade_train_c_network.py` flags (LoRA,\nwhen --network_module "
                     "is given). Flags that change nothing here print one notice each (docs/training.md).")
@@ -213,6 +214,12 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("cascade_lab")
     flag(g, "overwrite", action="store_true", help="start afresh in an output folder holding a previous run")
+    flag(g, "stage", choices=["c", "b", "C", "B"], default="c",
+         help="c: Stage C (kohya's scripts); b: Stage B with the official train_b recipe (kohya has none)")
+    flag(g, "stage_b_checkpoint_path", metavar="FILE",
+         help="Stage B .safetensors (the trained model with --stage b; else for sample images)")
+    flag(g, "stage_a_checkpoint_path", metavar="FILE",
+         help="Stage A .safetensors (the target encoder with --stage b; the decoder of sample images)")
     flag(g, "model", help="a variant (lite_bf16, tiny, demo, ...) for the parts given no path")
     flag(g, "training_scale", choices=["kohya", "official"], default="kohya",
          help="kohya: EfficientNet sees the bucket as is (1024 px -> 32x32); official: 0.75x (-> 24x24)")

@@ -1,5 +1,7 @@
 """The training loop: GDF noising, ε target, P2 or adaptive weights, accumulation, clipping, NaN guard.
 
+Stage C (the default) or Stage B (``stage="b"``, the official train_b recipe: `training.stage_b`).
+
 One optimizer step = `gradient_accumulation_steps` global batches. Sample j of global batch k gets its
 t and ε from a seed derived from (seed, k, j), and its caption dropout / flip from another; so the data,
 the noise and therefore the losses do not depend on how many processes share the batch, and a resumed
@@ -24,6 +26,7 @@ from .cache import LatentCache, TextCache, check_cache_options, encode_images, e
 from .config import TrainConfig
 from .data import TrainingData, derive_seed
 from .models import TrainingModels
+from .stage_b import StageBCache, batch_factor, effnet_size, encode_effnet, encode_stage_a, keeps_effnet, pyramid_noise
 
 Tensor = torch.Tensor
 
@@ -47,14 +50,21 @@ class Trainer:
     def __init__(self, config: TrainConfig, models: TrainingModels, data: TrainingData, info: dist.DistInfo) -> None:
         self.config, self.models, self.data, self.info = config, models, data, info
         self.device = info.device
-        self.stage_c = models.stage_c
+        self.stage = config.stage
+        self.model = models.model  # the trained network: Stage C, or Stage B
         self.network: Any = None
         check_cache_options(config, data)
         self._setup_model()
         self.weighting: Any = AdaptiveLossWeight() if config.adaptive_loss_weight else P2LossWeight()
         cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
-        self.latents = LatentCache(cache_dir, data, lambda: models.get("effnet"), lambda: models.fingerprint("effnet"),
-                                   self.device) if config.cache_latents else None
+        self.latents: Any = None
+        if config.cache_latents and self.stage == "b":
+            self.latents = StageBCache(cache_dir, data, lambda: models.get("effnet"), lambda: models.get("stage_a"),
+                                       lambda: (models.fingerprint("effnet"), models.fingerprint("stage_a")),
+                                       self.device)
+        elif config.cache_latents:
+            self.latents = LatentCache(cache_dir, data, lambda: models.get("effnet"),
+                                       lambda: models.fingerprint("effnet"), self.device)
         self.texts = TextCache(cache_dir, lambda: models.get("text_encoder"),
                                lambda: models.fingerprint("text_encoder"),
                                self.device) if config.cache_text_encoder_outputs else None
@@ -68,7 +78,7 @@ class Trainer:
         from .lora_train import LoraNetwork
         from .optim import build_optimizer, build_scheduler
 
-        config, model = self.config, self.stage_c
+        config, model = self.config, self.model
         if config.mode == "full":
             model.to(self.device, torch.float32).requires_grad_(True)  # fp32 master weights
             params = list(model.parameters())
@@ -114,7 +124,7 @@ class Trainer:
         return batch[start:start + per_rank], list(range(start, start + per_rank)), epoch
 
     def inputs(self, counter: int) -> dict[str, Tensor]:
-        """Latents, text states, t and ε of this process's slice of global batch `counter`."""
+        """Latents (the targets' x0), conditions, t and ε of this process's slice of global batch `counter`."""
         indices, positions, epoch = self.local_batch(counter)
         captions, flips, rngs = [], [], []
         for index, pos in zip(indices, positions, strict=True):
@@ -122,23 +132,58 @@ class Trainer:
             captions.append(self.data.caption(index, epoch, rng))
             flips.append(self.data.flip(index, rng))
             rngs.append(rng)
-        if self.latents is not None:
-            latents = torch.stack([self.latents.get(i, f) for i, f in zip(indices, flips, strict=True)])
+        if self.stage == "b":
+            batch = self._stage_b_images(indices, flips, rngs, counter, positions)
+        elif self.latents is not None:
+            batch = {"latents": torch.stack([self.latents.get(i, f) for i, f in zip(indices, flips, strict=True)])}
         else:
             images = torch.stack([self.data.image(i, flip=f, rng=r) for i, f, r in zip(indices, flips, rngs,
                                                                                         strict=True)])
-            latents = encode_images(self.models.get("effnet"), images, self.device)
-        if self.texts is not None:
-            clip_text, pooled = self.texts.get(captions)
-        else:
-            clip_text, pooled = encode_text(self.models.get("text_encoder"), captions, self.device)
+            batch = {"latents": encode_images(self.models.get("effnet"), images, self.device)}
+        batch["clip_text"], batch["clip_text_pooled"] = self._text(captions)
+        latents = batch["latents"]
         ts, eps = [], []
         for pos in positions:  # per-sample noise: independent of the batch split
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "noise", counter, pos))
             ts.append(train_t(1, generator=generator))
-            eps.append(torch.randn(latents.shape[1:], generator=generator))
-        return {"latents": latents, "clip_text": clip_text, "clip_text_pooled": pooled, "t": torch.cat(ts),
-                "epsilon": torch.stack(eps)}
+            eps.append(self._noise(latents.shape[1:], generator))
+        batch["t"], batch["epsilon"] = torch.cat(ts), torch.stack(eps)
+        return batch
+
+    def _noise(self, shape: Any, generator: torch.Generator) -> Tensor:
+        """ε of one sample: N(0, 1), made pyramid noise for Stage B (official train_b)."""
+        epsilon = torch.randn(shape, generator=generator)
+        return pyramid_noise(epsilon, generator) if self.stage == "b" else epsilon
+
+    def _text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        if self.texts is not None:
+            return self.texts.get(captions)  # type: ignore[no-any-return]
+        return encode_text(self.models.get("text_encoder"), captions, self.device)
+
+    def _stage_b_images(self, indices: list[int], flips: list[bool], rngs: list[Any], counter: int | None,
+                        positions: list[int]) -> dict[str, Tensor]:
+        """Stage A latents (target) and EfficientNet latents (condition) of a one-bucket batch: at the batch's
+        effnet factor with the 10 % dropout (training), or of the whole image (`counter` None: validation)."""
+        bucket = self.data.records[indices[0]].bucket
+        seed = self.config.seed
+        size = effnet_size(bucket, 1.0 if counter is None else batch_factor(seed, counter))
+        keep = [counter is None or keeps_effnet(seed, counter, pos) for pos in positions]
+        if self.latents is not None:
+            targets = torch.stack([self.latents.target(i, f) for i, f in zip(indices, flips, strict=True)])
+            effnets = [self.latents.effnet(i, size, f) for i, f in zip(indices, flips, strict=True)]
+        else:
+            images = torch.stack([self.data.image(i, flip=f, rng=r) for i, f, r in zip(indices, flips, rngs,
+                                                                                        strict=True)])
+            targets = encode_stage_a(self.models.get("stage_a"), images, self.device)
+            kept = [j for j, k in enumerate(keep) if k]
+            encoded = encode_effnet(self.models.get("effnet"), images[kept], size, self.device) if kept else None
+            effnets = [encoded[kept.index(j)] if encoded is not None and j in kept else None
+                       for j in range(len(indices))]
+        stride = self.models.downscale  # EfficientNet's (32; the demo's encoder 16)
+        shape = (self.model.effnet_mapper[0].in_channels, size[0] // stride, size[1] // stride)  # type: ignore
+        effnet = torch.stack([e if k and e is not None else torch.zeros(shape)
+                              for e, k in zip(effnets, keep, strict=True)])
+        return {"latents": targets, "effnet": effnet}
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
@@ -160,10 +205,13 @@ class Trainer:
         dev = self.device
         d = self.diffused(batch, t, epsilon)
         n = d.noised.size(0)
-        clip_img = torch.zeros(n, 1, self.stage_c.clip_img_mapper.in_features, device=dev)  # type: ignore
         with self._autocast():
-            pred = model(d.noised, d.noise_cond, batch["clip_text"].to(dev), batch["clip_text_pooled"].to(dev),
-                         clip_img)
+            if self.stage == "b":  # official train_b: generator(noised, noise_cond, effnet=..., clip=pooled text)
+                pred = model(d.noised, d.noise_cond, batch["effnet"].to(dev), batch["clip_text_pooled"].to(dev))
+            else:
+                clip_img = torch.zeros(n, 1, self.model.clip_img_mapper.in_features, device=dev)  # type: ignore
+                pred = model(d.noised, d.noise_cond, batch["clip_text"].to(dev), batch["clip_text_pooled"].to(dev),
+                             clip_img)
         return self.loss_terms(pred, d)
 
     # -- one optimizer step ----------------------------------------------------------------------------
@@ -222,7 +270,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Raw MSE at fixed t with fixed noise on the first `val_items` images (real captions, eval mode)."""
-        model = self.stage_c
+        model = self.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         per_t: dict[float, list[float]] = {t: [] for t in self.config.val_timesteps}
@@ -232,18 +280,18 @@ class Trainer:
                 groups.setdefault(self.data.records[i].bucket, []).append(i)
             for indices in groups.values():
                 captions = [self.data.caption_text(i) for i in indices]
-                if self.latents is not None:
-                    latents = torch.stack([self.latents.get(i) for i in indices])
+                if self.stage == "b":
+                    batch = self._stage_b_images(indices, [False] * len(indices), [None] * len(indices), None,
+                                                 list(range(len(indices))))
+                elif self.latents is not None:
+                    batch = {"latents": torch.stack([self.latents.get(i) for i in indices])}
                 else:
-                    latents = encode_images(self.models.get("effnet"), torch.stack([self.data.image(i)
-                                                                                    for i in indices]), self.device)
-                if self.texts is not None:
-                    clip_text, pooled = self.texts.get(captions)
-                else:
-                    clip_text, pooled = encode_text(self.models.get("text_encoder"), captions, self.device)
-                batch = {"latents": latents, "clip_text": clip_text, "clip_text_pooled": pooled}
+                    batch = {"latents": encode_images(self.models.get("effnet"), torch.stack(
+                        [self.data.image(i) for i in indices]), self.device)}
+                batch["clip_text"], batch["clip_text_pooled"] = self._text(captions)
+                latents = batch["latents"]
                 for k, t in enumerate(self.config.val_timesteps):
-                    eps = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                    eps = torch.stack([self._noise(latents.shape[1:], torch.Generator().manual_seed(
                         derive_seed(self.config.val_seed, "val", i, k))) for i in indices])
                     raw, _, _ = self.forward(model, batch, t=torch.full((len(indices),), float(t)), epsilon=eps)
                     per_t[t].extend(raw.cpu().tolist())
@@ -254,17 +302,24 @@ class Trainer:
         return {"step": self.step, "val_loss": sum(means.values()) / len(means), "per_t": means}
 
     # -- state -----------------------------------------------------------------------------------------
+    @property
+    def stage_c(self) -> nn.Module:
+        """The trained Stage C (Stage C runs only)."""
+        if self.stage != "c":
+            raise AttributeError("this run trains Stage B (trainer.model); its Stage C is frozen (models.stage_c)")
+        return self.model
+
     def trainable_state(self) -> dict[str, Tensor]:
-        """The trained tensors in fp32 (LoRA pairs by kohya name, or Stage C's official keys)."""
+        """The trained tensors in fp32 (LoRA pairs by kohya name, or the stage's official keys)."""
         if self.network is not None:
             return dict(self.network.kohya_state_dict(torch.float32))
-        return {k: v.detach().float().cpu() for k, v in self.stage_c.state_dict().items()}
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
 
     def load_trainable_state(self, tensors: dict[str, Tensor]) -> None:
         if self.network is not None:
             self.network.load_kohya_state_dict(tensors)
         else:
-            self.stage_c.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+            self.model.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
 
     def rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state()}

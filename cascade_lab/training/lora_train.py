@@ -1,4 +1,4 @@
-"""Trainable LoRA for Stage C, saved in kohya's layout (``lora_unet_*``) that ComfyUI and kohya load.
+"""Trainable LoRA for Stage C or Stage B, saved in kohya's layout (``lora_unet_*``) that ComfyUI and kohya load.
 
 Each target weight W gets ``W + (alpha / rank) · up @ down`` through a torch parametrization, as the
 official trainer does, so the packed attention ``in_proj_weight`` [3c, c] takes three pairs (``to_q``,
@@ -81,7 +81,7 @@ class _AddDelta(nn.Module):
 
 
 class LoraNetwork(nn.Module):
-    """The LoRA pairs of one run, by kohya name; `attach` puts them on a Stage C, `detach` takes them off."""
+    """The LoRA pairs of one run, by kohya name; `attach` puts them on a Stage C or B, `detach` takes them off."""
 
     def __init__(self, targets: list[LoraTarget], rank: int, alpha: float | None, *, seed: int = 0) -> None:
         super().__init__()

@@ -30,7 +30,10 @@ def scale_statement(config: TrainConfig) -> str:
 
 def scale_factor(config: TrainConfig, models: Any) -> float:
     """EfficientNet input pixels per bucket pixel: kohya 1; official the encoder's stride over Stage C's compression
-    (32 / 42.67 = 0.75 for the real models; 16 / 16 = 1 for the demo, which generates 128 px from 8x8)."""
+    (32 / 42.67 = 0.75 for the real models; 16 / 16 = 1 for the demo, which generates 128 px from 8x8).
+    Stage B trains on the image itself (its Stage A latent), so its buckets are image pixels: 1."""
+    if config.stage == "b":
+        return 1.0
     if config.training_scale != "official" or models.downscale == 32:
         return config.scale_factor
     return float(models.downscale / models.compression)
@@ -46,7 +49,7 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         buckets[key] = buckets.get(key, 0) + 1
     res = data.config.datasets[0].resolution  # the resolution trained (a dataset TOML's own wins)
     meta = {
-        "cascade_lab.version": __version__, "cascade_lab.mode": config.mode,
+        "cascade_lab.version": __version__, "cascade_lab.stage": config.stage, "cascade_lab.mode": config.mode,
         "cascade_lab.training_scale": scale_statement(config), "cascade_lab.latent_buckets": json.dumps(buckets),
         "cascade_lab.loss_weight": "adaptive" if config.adaptive_loss_weight else "p2",
         "cascade_lab.noise_shift": str(config.noise_shift),
@@ -65,7 +68,20 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.config.datasets[0].enable_bucket),
         "ss_sd_model_name": Path(config.stage_c_path).name if config.stage_c_path else config.model,
     }  # fmt: skip
-    if downscale != 32:
+    if config.stage == "b":
+        from .stage_b import EFFNET_FACTOR, EFFNET_KEEP
+
+        targets: dict[str, int] = {}
+        for rec in data.records:
+            key = f"{rec.bucket[0] // 4}x{rec.bucket[1] // 4}"  # Stage A latent (w, h)
+            targets[key] = targets.get(key, 0) + 1
+        meta["cascade_lab.training_scale"] = (
+            f"stage B (official train_b): buckets of {res[0]}x{res[1]} image px, target the Stage A latent "
+            f"(1/4), condition EfficientNet latents of the image resized by a factor in [{EFFNET_FACTOR[0]}, "
+            f"{EFFNET_FACTOR[1]}) per batch (kept with p={EFFNET_KEEP}), pyramid noise")
+        meta["cascade_lab.latent_buckets"] = json.dumps(targets)
+        meta["ss_sd_model_name"] = Path(config.stage_b_path).name if config.stage_b_path else config.model
+    elif downscale != 32:
         meta["cascade_lab.training_scale"] = (f"{config.training_scale}: buckets of {res[0]}x{res[1]} px, an encoder "
                                               f"of stride {downscale}: latents {json.dumps(buckets)}")
     if trainer.network is not None:

@@ -1,6 +1,7 @@
-"""The models a run needs: Stage C (trained), and EfficientNet, text encoder, previewer, Stage B/A (frozen).
+"""The models a run needs: the trained stage (Stage C, or Stage B with ``stage="b"``) and the frozen helpers
+(EfficientNet, text encoder, previewer, Stage A, and Stage B or C).
 
-Only Stage C is built up front; the others are built on first use, so a run whose latents and text
+Only the trained stage is built up front; the others are built on first use, so a run whose latents and text
 embeddings are all cached never builds the encoders. ``model="tiny"`` gives seeded tiny models; a variant
 name or explicit files load the real ones; objects may also be handed in directly.
 """
@@ -22,7 +23,9 @@ from .config import ConfigError, TrainConfig
 PATH_FIELDS = {"stage_c_path": ("stage_c", "stage_c_checkpoint_path"),
                "effnet_path": ("effnet", "effnet_checkpoint_path"),
                "previewer_path": ("previewer", "previewer_checkpoint_path"),
-               "text_encoder_path": ("text_encoder", "text_model_checkpoint_path")}  # fmt: skip
+               "text_encoder_path": ("text_encoder", "text_model_checkpoint_path"),
+               "stage_b_path": ("stage_b", "stage_b_checkpoint_path"),
+               "stage_a_path": ("stage_a", "stage_a_checkpoint_path")}  # fmt: skip
 
 
 def module_fingerprint(module: Any) -> str:
@@ -40,12 +43,16 @@ def module_fingerprint(module: Any) -> str:
 
 
 class TrainingModels:
-    """Stage C plus lazily built frozen helpers; `fingerprint(name)` keys the caches."""
+    """The trained stage plus lazily built frozen helpers; `fingerprint(name)` keys the caches.
 
-    def __init__(self, stage_c: nn.Module, factories: dict[str, Callable[[], Any]],
+    ``model`` is the trained network: Stage C when ``stage == "c"``, Stage B when ``stage == "b"`` (then
+    ``stage_c`` is the frozen Stage C the samples start from, built on first use).
+    """
+
+    def __init__(self, model: nn.Module, factories: dict[str, Callable[[], Any]],
                  fingerprints: dict[str, str] | None = None, source: str = "", downscale: int = 32,
-                 compression: float = 1024 / 24) -> None:
-        self.stage_c, self.source = stage_c, source
+                 compression: float = 1024 / 24, stage: str = "c") -> None:
+        self.model, self.source, self.stage = model, source, stage
         # image pixels per latent pixel: EfficientNet's stride (32; the demo's encoder 16), and what Stage C
         # generates with (42.67: 1024 px <-> 24x24; the demo 16: 128 px <-> 8x8)
         self.downscale, self.compression = downscale, compression
@@ -53,11 +60,22 @@ class TrainingModels:
         self._built: dict[str, Any] = {}
         self._fingerprints = dict(fingerprints or {})
 
+    @property
+    def trained_name(self) -> str:
+        return f"stage_{self.stage}"
+
+    @property
+    def stage_c(self) -> Any:
+        """Stage C: the trained model, or (Stage B runs) the frozen one the samples use."""
+        return self.get("stage_c")
+
     def has(self, name: str) -> bool:
-        return name in self._built or name in self._factories
+        return name == self.trained_name or name in self._built or name in self._factories
 
     def get(self, name: str) -> Any:
-        """The helper model `name` (effnet, text_encoder, previewer, stage_b, stage_a), built on first use."""
+        """The model `name` (effnet, text_encoder, previewer, stage_c, stage_b, stage_a), built on first use."""
+        if name == self.trained_name:
+            return self.model
         if name not in self._built:
             if name not in self._factories:
                 raise ValueError(f"this run has no {name} model; pass one or use a variant that has it")
@@ -127,36 +145,37 @@ def _variant_builder(name: str) -> Any:
 
 
 def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module | None = None,
-                 text_encoder: Any = None, effnet: Any = None, device: torch.device | None = None) -> TrainingModels:
+                 text_encoder: Any = None, effnet: Any = None, device: torch.device | None = None,
+                 stage_b: nn.Module | None = None) -> TrainingModels:
     """The models of `config`; objects passed here win over the config's `model` and paths.
 
-    Explicit paths win over `model`: each is checked first (`check_paths`), and a Stage C file of a shipped
-    size makes that size's variant the source of the parts given no path (kohya's command names no variant).
+    Explicit paths win over `model`: each is checked first (`check_paths`), and a file of a shipped size for
+    the trained stage (Stage C, or Stage B with ``stage="b"``) makes that size's variant the source of the
+    parts given no path (kohya's command names no variant).
     """
     factories: dict[str, Callable[[], Any]] = {}
     fingerprints: dict[str, str] = {}
     sizes: dict[str, Any] = {}
     paths = check_paths(config)
+    trained_name = f"stage_{config.stage}"
+    trained: nn.Module | None = stage_b if config.stage == "b" else stage_c
     model = config.model
-    if "stage_c_path" in paths and model == "tiny" and paths["stage_c_path"].variant in ("full", "lite"):
-        model = "full" if paths["stage_c_path"].variant == "full" else "lite"
+    own_path = f"{trained_name}_path"
+    if own_path in paths and model == "tiny" and paths[own_path].variant in ("full", "lite"):
+        model = "full" if paths[own_path].variant == "full" else "lite"
     builder = _variant_builder(model) if stages is None else None
     if builder is not None:
         stages = builder()
     source = model
     if model == "tiny":
-        from ..models.stage_c import StageCConfig
-
-        if stage_c is None and stages is None and config.stage_c_path:
-            stage_c = _load_stage_c(config, device)
-        elif stage_c is None and stages is None and config.mode == "lora":
-            # a LoRA adapts the base it is used with: the tiny variant's Stage C (every layer non-zero). On the
+        if trained is None and stages is None and getattr(config, own_path):
+            trained = _load_trained(config, device)
+        elif trained is None and stages is None and config.mode == "lora":
+            # a LoRA adapts the base it is used with: the tiny variant's model (every layer non-zero). On the
             # official init the output conv is zero, so every LoRA pair but clf's would get no gradient.
-            stage_c = _tiny_stages(0).stage_c
-        elif stage_c is None and stages is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                stage_c = StageCConfig.tiny().build()  # the official init: zero output conv
+            trained = getattr(_tiny_stages(0), trained_name)
+        elif trained is None and stages is None:
+            trained = _official_init(config)
         cache: dict[str, Any] = {}
 
         def tiny(name: str) -> Callable[[], Any]:
@@ -166,10 +185,12 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
                 return getattr(cache["stages"], name)
             return build
 
-        for name in ("text_encoder", "previewer", "stage_b", "stage_a"):
-            factories[name] = tiny(name)
+        for name in ("text_encoder", "previewer", "stage_c", "stage_b", "stage_a"):
+            if name != trained_name:
+                factories[name] = tiny(name)
         factories["effnet"] = calibrated_random_effnet
-        fingerprints.update(effnet=f"tiny-effnet-{TINY_EFFNET_SEED}-v1", text_encoder="tiny-text-encoder-v1")
+        fingerprints.update(effnet=f"tiny-effnet-{TINY_EFFNET_SEED}-v1", text_encoder="tiny-text-encoder-v1",
+                            stage_a="tiny-stage-a-0-v1")
         explicit = {k: v for k, v in _file_factories(config, model).items() if _path_of(config, k)}
         factories.update(explicit)
         for name in explicit:
@@ -179,28 +200,48 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
     if stages is not None:
         from ..pipeline import Lazy
 
-        for name in ("text_encoder", "previewer", "stage_b", "stage_a", "effnet"):
+        for name in ("text_encoder", "previewer", "stage_c", "stage_b", "stage_a", "effnet"):
             value = getattr(stages, name, None)
-            if value is not None:
+            if value is not None and name != trained_name:
                 factories[name] = value.load if isinstance(value, Lazy) else (lambda v: lambda: v)(value)
                 fingerprints.pop(name, None)
-        stage_c = stage_c if stage_c is not None else stages.stage_c
+        if trained is None:
+            trained = getattr(stages, trained_name)
+            if isinstance(trained, Lazy):
+                raise ValueError(f"this variant's {trained_name} is loaded per use (a Lazy stage, CPU stage "
+                                 "swapping), so it cannot be trained in place; pass the loaded model instead")
         source = getattr(stages, "variant", "") or "stages"
         native = getattr(stages, "native", None) or {}
         downscale = getattr(getattr(stages, "effnet", None), "downscale", None)
         if isinstance(downscale, int) and native.get("compression"):
             sizes = {"downscale": downscale, "compression": float(native["compression"])}
+    if config.stage == "b" and stage_c is not None:
+        factories["stage_c"] = (lambda v: lambda: v)(stage_c)  # the frozen Stage C of the samples
     for name, value in (("text_encoder", text_encoder), ("effnet", effnet)):
         if value is not None:
             factories[name] = (lambda v: lambda: v)(value)
             fingerprints.pop(name, None)
-    if stage_c is None:
-        stage_c = _load_stage_c(config, device)
-    return TrainingModels(stage_c, factories, fingerprints, source, **sizes)
+    if trained is None:
+        trained = _load_trained(config, device)
+    if config.stage == "b" and not hasattr(trained, "effnet_mapper"):
+        raise ConfigError(f"stage='b' trains Stage B, but the model given as Stage B is a {type(trained).__name__}; "
+                          "pass the Stage B model (stage_b=...) or a Stage B file (stage_b_path)")
+    return TrainingModels(trained, factories, fingerprints, source, stage=config.stage, **sizes)
+
+
+def _official_init(config: TrainConfig) -> nn.Module:
+    """The tiny model of the trained stage with the official initialisation (zero output conv), seeded."""
+    from ..models.stage_b import StageBConfig
+    from ..models.stage_c import StageCConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return (StageBConfig.tiny() if config.stage == "b" else StageCConfig.tiny()).build()
 
 
 def _path_of(config: TrainConfig, part: str) -> str | None:
-    return {"effnet": config.effnet_path, "previewer": config.previewer_path,
+    return {"effnet": config.effnet_path, "previewer": config.previewer_path, "stage_c": config.stage_c_path,
+            "stage_b": config.stage_b_path, "stage_a": config.stage_a_path,
             "text_encoder": config.text_encoder_path}.get(part)
 
 
@@ -238,17 +279,21 @@ def _file_factories(config: TrainConfig, model: str) -> dict[str, Callable[[], A
         return TextEncoder.from_folder(folder)
 
     return {"effnet": stage("effnet", config.effnet_path), "previewer": stage("previewer", config.previewer_path),
-            "stage_b": stage("stage_b", None), "stage_a": stage("stage_a", None), "text_encoder": text}
+            "stage_c": stage("stage_c", config.stage_c_path), "stage_b": stage("stage_b", config.stage_b_path),
+            "stage_a": stage("stage_a", config.stage_a_path), "text_encoder": text}
 
 
-def _load_stage_c(config: TrainConfig, device: torch.device | None) -> nn.Module:
-    """Full fine-tunes keep fp32 master weights; a LoRA's frozen base is held in the compute dtype."""
+def _load_trained(config: TrainConfig, device: torch.device | None) -> nn.Module:
+    """The trained stage from its file or the variant. Full fine-tunes keep fp32 master weights; a LoRA's frozen
+    base is held in the compute dtype."""
     from ..weights import load_stage
 
     dtype = torch.bfloat16 if config.mode == "lora" and config.mixed_precision == "bf16" else torch.float32
-    if config.stage_c_path:
-        return _load_file("stage_c", config.stage_c_path, dtype=dtype, device=device or "cpu", mmap=False)  # type: ignore[no-any-return]
-    return load_stage("stage_c", config.model, dtype=dtype, device=device or "cpu", mmap=False)
+    name = f"stage_{config.stage}"
+    path = config.stage_b_path if config.stage == "b" else config.stage_c_path
+    if path:
+        return _load_file(name, path, dtype=dtype, device=device or "cpu", mmap=False)  # type: ignore[no-any-return]
+    return load_stage(name, config.model, dtype=dtype, device=device or "cpu", mmap=False)  # type: ignore[no-any-return]
 
 
 __all__ = ["PATH_FIELDS", "TrainingModels", "build_models", "calibrated_random_effnet", "check_paths",

@@ -59,13 +59,15 @@ class TrainingRun:
     val_losses: list[dict[str, Any]] = field(default_factory=list)  # step, val_loss, per_t
     samples: list[Any] = field(default_factory=list)  # sampling.SampleImage
     last_checkpoint: Path | None = None
-    output_file: Path | None = None  # the exported LoRA / Stage C file
+    output_file: Path | None = None  # the exported LoRA / Stage C (or Stage B) file
     metadata: dict[str, str] = field(default_factory=dict)
     steps_per_epoch: int = 0  # optimizer steps per pass over the data (repeats included)
     epoch: int = 0  # epochs completed
     epoch_files: list[str] = field(default_factory=list)  # this run's <name>-000001.safetensors files, oldest first
-    network: Any = None  # the LoRA network (detached from Stage C when the run ends)
-    stage_c: Any = None
+    network: Any = None  # the LoRA network (detached from the trained model when the run ends)
+    model: Any = None  # the trained network (Stage C, or Stage B with stage="b")
+    stage_c: Any = None  # the trained Stage C (Stage C runs)
+    stage_b: Any = None  # the trained Stage B (Stage B runs)
     error: BaseException | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -96,19 +98,22 @@ class TrainingRun:
 def train(config: TrainConfig | dict[str, Any] | str | Path | None = None, *,
           callback: Callable[[TrainingEvent], Any] | None = None, stop: Callable[[], bool] | None = None,
           stages: Any = None, stage_c: Any = None, text_encoder: Any = None, effnet: Any = None,
-          background: bool = False, **kwargs: Any) -> TrainingRun:
-    """Train Stage C (LoRA or full) as `config` says (a TrainConfig, dict, TOML path; kwargs override fields).
+          stage_b: Any = None, background: bool = False, **kwargs: Any) -> TrainingRun:
+    """Train Stage C, or Stage B with ``stage="b"`` (LoRA or full), as `config` says (a TrainConfig, dict, TOML
+    path; kwargs override fields).
 
     `stop()` is polled between steps; `callback(TrainingEvent)` runs on the main process. Models may be
-    passed as a `pipeline.Stages` or one by one; a passed Stage C is trained in place by a full fine-tune and
-    gets its own weights back after a LoRA run (the LoRA is in the output file and ``run.network``).
+    passed as a `pipeline.Stages` or one by one; a passed trained stage is trained in place by a full fine-tune
+    and gets its own weights back after a LoRA run (the LoRA is in the output file and ``run.network``); in a
+    Stage B run a passed ``stage_c`` is the frozen Stage C of the samples.
     With ``background=True`` the run starts in a thread and is returned at once (``run.wait()``,
     ``run.stop()``). A run that ends on repeated NaNs returns with status "nan"; other errors raise
     (in background mode they are kept in ``run.error``).
     """
     cfg = TrainConfig.coerce(config, **kwargs).validate()
     run = TrainingRun(cfg)
-    objects = {"stages": stages, "stage_c": stage_c, "text_encoder": text_encoder, "effnet": effnet}
+    objects = {"stages": stages, "stage_c": stage_c, "text_encoder": text_encoder, "effnet": effnet,
+               "stage_b": stage_b}
     if background:
         run._thread = threading.Thread(target=_guarded, args=(run, callback, stop, objects), daemon=True,
                                        name=f"cascade_lab train {cfg.name}")
@@ -147,7 +152,11 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         data = TrainingData(dataset_config_for(cfg), scale=scale_factor(cfg, models), seed=cfg.seed,
                             world_size=info.world_size)
         trainer = Trainer(cfg, models, data, info)
-        run.network, run.stage_c, run.total_steps = trainer.network, trainer.stage_c, trainer.total_steps
+        run.network, run.model, run.total_steps = trainer.network, trainer.model, trainer.total_steps
+        if cfg.stage == "b":
+            run.stage_b = trainer.model
+        else:
+            run.stage_c = trainer.model
         batches = data.batches_per_epoch()
         run.steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
         run.metadata = describe(cfg, data, info, trainer, models.downscale)
@@ -212,7 +221,7 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         raise
     finally:
         if trainer is not None and trainer.network is not None:
-            trainer.network.detach()  # the caller's Stage C gets its own weights back
+            trainer.network.detach()  # the caller's model gets its own weights back
         dist.teardown(info)
 
 
@@ -238,7 +247,7 @@ def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any],
     from .sampling import render_samples
 
     cfg = trainer.config
-    images = render_samples(prompts, trainer.stage_c, models, step=trainer.step, seed=cfg.seed,
+    images = render_samples(prompts, trainer.model, models, stage=cfg.stage, step=trainer.step, seed=cfg.seed,
                             device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
                             full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample", name=cfg.name,
                             epoch=epoch)
@@ -247,11 +256,12 @@ def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any],
 
 
 def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """The model file's tensors: kohya LoRA pairs, or Stage C under the official keys, in save_precision."""
+    """The model file's tensors: kohya LoRA pairs, or the trained stage under the official keys (the official
+    single-file layout of Stage C or Stage B), in save_precision."""
     dtype = SAVE_DTYPES[trainer.config.save_precision]
     if trainer.network is not None:
         return dict(trainer.network.kohya_state_dict(dtype))
-    return official_state_dict(trainer.stage_c, dtype)
+    return official_state_dict(trainer.model, dtype)
 
 
 def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None) -> None:

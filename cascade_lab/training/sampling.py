@@ -6,7 +6,8 @@ option), ``--w``/``--h`` size, ``--d`` seed, ``--l`` CFG scale, ``--s`` steps (1
 hold a ``[prompt]`` table of defaults with ``[[prompt.subset]]`` entries; ``.json`` files a list of objects
 (keys ``prompt``, ``negative_prompt``, ``width``, ``height``, ``seed``, ``scale``, ``sample_steps``).
 Stage C samples with the official settings (DDPM, shift 2, CFG rescale 0.7); the Previewer image is always
-made, and the full Stage B → A image when those stages exist.
+made, and the full Stage B → A image when those stages exist. In a Stage B run the run's frozen Stage C makes
+the latent and the trained Stage B decodes it (C → B → A, always the full image).
 """
 
 from __future__ import annotations
@@ -165,10 +166,12 @@ class _Placed:
         return getattr(self._model, name)
 
 
-def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, step: int, seed: int,
+def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, step: int, seed: int,
                    device: Any, autocast_bf16: bool, full: bool, out_dir: Path | None, name: str,
-                   epoch: int | None = None) -> list[SampleImage]:
-    """Sample every prompt with the current Stage C (eval mode, global RNG untouched), save PNGs.
+                   epoch: int | None = None, stage: str = "c") -> list[SampleImage]:
+    """Sample every prompt with the trained model as it is now (eval mode, global RNG untouched), save PNGs.
+
+    ``stage="c"``: `trained` is Stage C; ``"b"``: `trained` is Stage B, after the run's frozen Stage C.
 
     Files are named as kohya names them: ``<name>_<e000001 at an epoch end | 000123>_<index:02d>_<seed>.png``."""
     import torch
@@ -178,13 +181,19 @@ def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, st
     from ..results import to_pil
     from .data import derive_seed
 
-    full = full and models.has("stage_b") and models.has("stage_a")
-    stages = Stages(stage_c=_Placed(stage_c), stage_b=models.get("stage_b") if full else None,
-                    stage_a=models.get("stage_a") if full else None, text_encoder=models.get("text_encoder"),
-                    previewer=models.get("previewer"), variant="training")
+    stage_c: Any
+    stage_b: Any
+    if stage == "b":
+        full = True
+        stage_c, stage_b = models.stage_c, _Placed(trained)
+    else:
+        full = full and models.has("stage_b") and models.has("stage_a")
+        stage_c, stage_b = _Placed(trained), models.get("stage_b") if full else None
+    stages = Stages(stage_c=stage_c, stage_b=stage_b, stage_a=models.get("stage_a") if full else None,
+                    text_encoder=models.get("text_encoder"), previewer=models.get("previewer"), variant="training")
     pipeline = Pipeline(stages, device=device)
-    modes = [(m, m.training) for m in stage_c.modules()]
-    stage_c.eval()
+    modes = [(m, m.training) for m in trained.modules()]
+    trained.eval()
     results = []
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16)
     try:
@@ -200,7 +209,7 @@ def render_samples(prompts: list[SamplePrompt], stage_c: Any, models: Any, *, st
                     out = pipeline.run(params)
                     latent_c, image = out.latent_c, to_pil(out.images)[0]
                 else:
-                    latent_c = _stage_c_only(pipeline, params, stage_c)
+                    latent_c = _stage_c_only(pipeline, params, trained)
                 preview = to_pil(pipeline.preview_c(latent_c))[0]
                 results.append(SampleImage(step, index, prompt, sample_seed, preview, image))
     finally:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from training_helpers import stage_c_inputs, tiny_run
+from training_helpers import comfyui_lora_names, stage_c_inputs, tiny_run
 
 from cascade_lab.models.lora import apply_lora, load_lora_file, stage_c_lora_targets
 from cascade_lab.models.stage_c import StageC, StageCConfig
@@ -16,19 +16,6 @@ from cascade_lab.training.lora_train import LoraNetwork, lora_targets
 
 pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def comfyui_lora_names(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """ComfyUI's rules (spec/training.md §3.3): in_proj split into to_q/k/v, then lora_unet_ + path with _."""
-    weights: dict[str, tuple[int, ...]] = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("in_proj_weight"):
-            c = value.shape[0] // 3
-            for letter in "qkv":
-                weights[f"{key[:-len('in_proj_weight')]}to_{letter}"] = (c, value.shape[1])
-        elif key.endswith(".weight"):
-            weights[key[:-len(".weight")]] = tuple(value.shape)
-    return {"lora_unet_" + path.replace(".", "_"): shape for path, shape in weights.items()}
 
 
 def perturbed_base() -> StageC:

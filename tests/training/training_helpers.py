@@ -55,3 +55,16 @@ def stage_c_inputs(batch: int = 2, size: int = 4, seed: int = 0) -> dict:
             "clip_text": torch.randn(batch, 77, 24, generator=g), "clip_text_pooled": torch.randn(batch, 1, 24,
                                                                                                  generator=g),
             "clip_img": torch.zeros(batch, 1, 12)}
+
+
+def comfyui_lora_names(model) -> dict[str, tuple[int, ...]]:
+    """ComfyUI's rules (spec/training.md §3.3): in_proj split into to_q/k/v, then lora_unet_ + path with _."""
+    weights: dict[str, tuple[int, ...]] = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("in_proj_weight"):
+            c = value.shape[0] // 3
+            for letter in "qkv":
+                weights[f"{key[:-len('in_proj_weight')]}to_{letter}"] = (c, value.shape[1])
+        elif key.endswith(".weight"):
+            weights[key[:-len(".weight")]] = tuple(value.shape)
+    return {"lora_unet_" + path.replace(".", "_"): shape for path, shape in weights.items()}

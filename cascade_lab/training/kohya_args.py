@@ -215,10 +215,10 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
 
 
 def is_kohya_command(argv: Sequence[str]) -> bool:
-    """True unless the arguments are cascade_lab's TOML form (``CONFIG.toml [--set K=V] [--quiet]``)."""
+    """True unless the arguments are cascade_lab's TOML form (``CONFIG.toml [--set K=V] [--strategy S] [--quiet]``)."""
     if not argv:
         return False
-    own = {"--set", "--quiet"}
+    own = {"--set", "--quiet", "--strategy"}
     first = argv[0]
     if first.startswith("-"):
         return first not in own  # --help too: the kohya parser's help shows both forms

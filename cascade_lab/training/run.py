@@ -33,6 +33,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
+from .memory_plan import check_fit
 from .metadata import describe, export_metadata, scale_factor, scale_statement
 from .outputs import claim_output_dir, epoch_file, prune_epoch_files
 
@@ -148,6 +149,7 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         models = build_models(cfg, device=info.device, **objects)  # checks every given path first
         data = TrainingData(dataset_config_for(cfg), scale=scale_factor(cfg, models), seed=cfg.seed,
                             world_size=info.world_size)
+        check_fit(cfg, models.stage_c, info.device, info.world_size, info.strategy)  # CUDA: refuse what cannot fit
         trainer = Trainer(cfg, models, data, info)
         run.network, run.stage_c, run.total_steps = trainer.network, trainer.stage_c, trainer.total_steps
         batches = data.batches_per_epoch()

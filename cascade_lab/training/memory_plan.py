@@ -134,7 +134,8 @@ def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, An
 def saved_activation_bytes(variant: Any, *, mixed_precision: str = "bf16", latent: tuple[int, int] = (24, 24),
                            gradient_checkpointing: bool = True) -> int:
     """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION)."""
-    return _saved_bytes(stage_c_config(variant), mixed_precision == "bf16", tuple(latent), gradient_checkpointing)
+    return _saved_bytes(stage_c_config(variant), mixed_precision == "bf16", (latent[0], latent[1]),
+                        gradient_checkpointing)
 
 
 def _count_saved(config: Any, bf16: bool, latent: tuple[int, int], checkpointing: bool) -> int:

@@ -14,6 +14,8 @@ scheduler, adaptive buckets) and ``info.json``; the folder is published only whe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,25 @@ def shard(model: nn.Module, device: torch.device, world_size: int, mixed_precisi
     for group in block_groups(model):
         fully_shard(group, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """The whole model unsharded on every process (sampling calls Stage C's parts directly, past FSDP's hooks).
+
+    Costs one whole copy of the weights in the compute dtype while it lasts; every process must enter it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP2's default: the root keeps its own
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -123,5 +144,5 @@ def read_full_model(folder: Path) -> dict[str, Tensor]:
     return model
 
 
-__all__ = ["SHARDS", "block_groups", "full", "full_state_dict", "is_sharded", "like", "load_shards",
+__all__ = ["SHARDS", "block_groups", "full", "full_state_dict", "gathered", "is_sharded", "like", "load_shards",
            "read_full_model", "save_shards", "shard"]

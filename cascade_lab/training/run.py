@@ -6,6 +6,7 @@ from ``cascade-lab train CONFIG`` and in every process of ``torchrun`` / ``accel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import threading
@@ -241,13 +242,15 @@ def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any],
     main = trainer.info.is_main
     if not main and not trainer.sharded:  # a sharded Stage C samples on every process, the main one saves
         return
+    from .fsdp import gathered
     from .sampling import render_samples
 
     cfg = trainer.config
-    images = render_samples(prompts, trainer.stage_c, models, step=trainer.step, seed=cfg.seed,
-                            device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
-                            full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample" if main else None,
-                            name=cfg.name, epoch=epoch)
+    with gathered(trainer.stage_c) if trainer.sharded else contextlib.nullcontext():
+        images = render_samples(prompts, trainer.stage_c, models, step=trainer.step, seed=cfg.seed,
+                                device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
+                                full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample" if main else None,
+                                name=cfg.name, epoch=epoch)
     if main:
         run.samples.extend(images)
         emit("sample", {"images": images})

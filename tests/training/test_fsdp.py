@@ -109,3 +109,22 @@ def test_half_written_checkpoint_is_refused(shapes_dir, shared_cache, tmp_path) 
     assert exit_info.value.code == 2 and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ConfigError, match="not a complete"):
         train(**settings(shapes_dir, shared_cache, tmp_path / "out", resume=str(folder)))
+
+
+def test_fsdp_bf16_with_checkpointing_validation_and_samples(shapes_dir, shared_cache, tmp_path) -> None:
+    """bf16 mixed precision (bf16 all-gathers, fp32 reduce-scatter and masters), gradient checkpointing through
+    the sharded blocks, AdamW on the shards, collective validation and sampling, a bf16 export."""
+    out = tmp_path / "bf16"
+    config = tiny_run(shapes_dir, shared_cache, out, mode="full", max_train_steps=2, train_batch_size=4,
+                      mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16", strategy="fsdp",
+                      sample_prompts=["a red circle --w 128 --h 128 --s 2"], sample_every_n_steps=2)
+    proc, elapsed = torchrun(config, out)
+    print(f"torchrun FSDP bf16, 2 processes x batch 4, 2 steps with samples: {elapsed:.1f} s")
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and len(run["losses"]) == 2
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in run["losses"])
+    assert [v["step"] for v in run["val_losses"]] == [0, 2] and run["samples"] and all(
+        Path(p).is_file() for p in run["samples"][0])
+    weights = load_file(str(out / "stage_c_finetune.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())

@@ -111,14 +111,23 @@ def save_shards(folder: Path, model: nn.Module, optimizer: Any) -> None:
 
 
 def load_shards(folder: Path, model: nn.Module, optimizer: Any) -> None:
-    """Read the model and optimizer shards (resharded by DCP when the process count changed; a collective)."""
+    """Read the model and optimizer shards into `model` (sharded or not: DCP reshards for any process count;
+    a collective when a process group is up)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))  # tensors filled in place, other values replaced in `state`
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=str(folder))  # tensors filled in place, other values replaced in `state`
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    with warnings.catch_warnings():  # DCP: "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def read_full_model(folder: Path) -> dict[str, Tensor]:
@@ -138,8 +147,7 @@ def read_full_model(folder: Path) -> dict[str, Tensor]:
             model[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not model:
         raise ConfigError(f"{folder}: the shards hold no model tensors")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _one_process_is_meant():
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
 

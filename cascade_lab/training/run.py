@@ -361,17 +361,15 @@ def _resume(run: TrainingRun, trainer: Trainer, folder: Path) -> None:
 
     state = load_state(folder, trainer.config)
     info = trainer.info
-    saved = f"{state['world_size']} process(es) with strategy {state.get('strategy', 'ddp/single')!r}"
-    if bool(state.get("strategy") == "fsdp") != trainer.sharded or (trainer.sharded and
-                                                                     state["world_size"] != info.world_size):
-        raise ConfigError(f"{folder} was saved by {saved}; this run has {info.world_size} process(es) with "
-                          f"strategy {info.strategy!r}. A sharded (FSDP) checkpoint resumes on the same number of "
-                          "processes with strategy='fsdp', other checkpoints without it; convert a sharded one "
-                          "with `cascade-lab train export` to start a new run from its weights")
-    if trainer.sharded:
+    if state.get("strategy") == "fsdp":  # DCP reshards for any process count and strategy
         from .fsdp import SHARDS, load_shards
 
         load_shards(folder / SHARDS, trainer.stage_c, trainer.optimizer)
+    elif trainer.sharded:
+        raise ConfigError(f"{folder} was saved by {state['world_size']} process(es) without FSDP; this run has "
+                          f"{info.world_size} processes with strategy='fsdp', which resumes only sharded "
+                          "checkpoints. Resume it with strategy='ddp' (or on one process), or start a new run from "
+                          "its model file (stage_c_path)")
     else:
         trainer.load_trainable_state(load_file(str(folder / state["trainable_file"])))
         trainer.optimizer.load_state_dict(state["optimizer"])

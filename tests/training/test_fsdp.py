@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from training_helpers import tiny_run
 
-from cascade_lab.training import ConfigError, train
+from cascade_lab.training import ConfigError, TrainConfig, train
 from cascade_lab.training.export import export_checkpoint
 
 pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
@@ -151,3 +152,38 @@ def test_half_written_checkpoint_is_refused(shapes_dir, shared_cache, tmp_path) 
     assert exit_info.value.code == 2 and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ConfigError, match="not a complete"):
         train(**settings(shapes_dir, shared_cache, tmp_path / "out", resume=str(folder)))
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, shapes_dir, shared_cache, tmp_path) -> None:
+    """2 processes x batch 4 stopped at step 2, continued by 1 process x batch 8 (the same global batch): DCP
+    reads the shards into the whole model and optimizer, so steps 3-4 match to float32 rounding."""
+    shutil.copytree(fsdp_runs / "two" / STEP2, tmp_path / STEP2)
+    with pytest.warns(UserWarning, match="saved by 2 process"):
+        one = train(**settings(shapes_dir, shared_cache, tmp_path, train_batch_size=8, resume="auto"))
+    two = json.loads((fsdp_runs / "two" / "run.json").read_text())
+    assert one.status == "finished" and [r["step"] for r in one.losses] == [1, 2, 3, 4]
+    for a, b in zip(one.losses[2:], two["losses"][2:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                    rel=1e-4)
+    expected = load_file(str(fsdp_runs / "two" / EXPORT))
+    for key, value in load_file(str(one.output_file)).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_strategy_from_the_config_and_from_accelerate_launch() -> None:
+    from cascade_lab.training.distributed import resolve_strategy
+
+    assert resolve_strategy("auto", "full", 2, {}) == "ddp"
+    assert resolve_strategy("fsdp", "full", 2, {}) == "fsdp"
+    assert resolve_strategy("auto", "full", 2, {"ACCELERATE_USE_FSDP": "true"}) == "fsdp"  # accelerate --use_fsdp
+    assert resolve_strategy("auto", "lora", 2, {"ACCELERATE_USE_FSDP": "false"}) == "ddp"
+    with pytest.raises(ConfigError, match="strategy='ddp' but accelerate launch --use_fsdp"):
+        resolve_strategy("ddp", "full", 2, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ConfigError, match="mode='lora' is not supported.*use strategy='ddp'"):
+        resolve_strategy("auto", "lora", 2, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.warns(UserWarning, match="one process: nothing to shard over"):
+        assert resolve_strategy("fsdp", "full", 1, {}) == "single"
+    with pytest.raises(ConfigError, match="strategy='sharded': use one of auto, ddp, fsdp"):
+        TrainConfig(train_data_dir="x", strategy="sharded").validate()
+    with pytest.raises(ConfigError, match="mode='lora' is not supported"):
+        TrainConfig(train_data_dir="x", strategy="fsdp").validate()  # mode defaults to lora

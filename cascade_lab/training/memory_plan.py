@@ -1,7 +1,8 @@
 """Does a Stage C fine-tune fit: the memory per GPU by variant, GPU count, strategy, optimizer and precision.
 
 Weights, gradients and optimizer states are exact byte counts of the model's own tensors (built as fake
-tensors: no memory, no file). Activations are a stated estimate: the bytes autograd saves for backward in
+tensors: no memory, no file); FSDP's shards are counted as 1/N of them (its padding of each parameter to
+whole rows per GPU is left out). Activations are a stated estimate: the bytes autograd saves for backward in
 one forward pass of the real architecture, counted with saved-tensor hooks on fake tensors, times
 ACTIVATION_CALIBRATION, the measured CPU peak over that count (docs/training.md: a 50 M-parameter Stage C
 at 24x24 latents, batches 1 and 2, with and without checkpointing, peaks at 1.00-1.10x the count). The

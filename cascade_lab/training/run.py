@@ -340,13 +340,21 @@ def _write_shards(run: TrainingRun, trainer: Trainer, store: Checkpoints, emit: 
     from .fsdp import SHARDS, save_shards
 
     info = trainer.info
-    staged: Path | None = dist.broadcast_object(info, store.staging(trainer.step) if info.is_main else None)
-    assert staged is not None
+    staged: Path | str | None = None
+    if info.is_main:
+        try:
+            staged = store.staging(trainer.step)
+        except OSError as exc:
+            staged = f"{exc.strerror or exc}: {exc.filename or store.root}"  # told to every process
+    staged = dist.broadcast_object(info, staged)
     try:
+        if not isinstance(staged, Path):
+            raise OSError(staged)
         save_shards(staged / SHARDS, trainer.stage_c, trainer.optimizer)
     except (OSError, CheckpointException) as exc:  # every process gets DCP's error; training goes on
         if info.is_main:
-            shutil.rmtree(staged, ignore_errors=True)
+            if isinstance(staged, Path):
+                shutil.rmtree(staged, ignore_errors=True)
             kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else ""
             warnings.warn(f"step {trainer.step}: the sharded checkpoint could not be written ({exc}){kept}; "
                           "training goes on and tries again at the next checkpoint", RuntimeWarning, stacklevel=3)

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the Stage C and B networks (pays off on GPUs; see benchmarks/RESULTS.md)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     tr = sub.add_parser("train", help="fine-tune Stage C (LoRA or full) from a TOML config or kohya's flags "
-                        "(`cascade-lab train --help`); works under torchrun")
+                        "(`cascade-lab train --help`); works under torchrun",
+                        epilog="also: `cascade-lab train export CHECKPOINT -o FILE` (a sharded FSDP checkpoint → "
+                        "the single file) and `cascade-lab train plan` (memory per GPU; --help for each)")
     tr.add_argument("config", help="training TOML: cascade_lab.training.TrainConfig fields (+ dataset tables)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set max_train_steps=100 (repeatable)")

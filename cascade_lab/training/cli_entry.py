@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from .kohya_args import is_kohya_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["export"], ["plan"]) and not os.path.isfile(argv[0]):
+        return run_tool(argv[0], argv[1:])
     try:
         if is_kohya_command(argv) or not argv:
             return run_kohya(argv)

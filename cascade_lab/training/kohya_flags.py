@@ -84,7 +84,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     """kohya's flags in kohya's groups, with kohya's defaults; cascade_lab's own last."""
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] | {prog} [SCRIPT.py] --kohya_flag ...",
+        usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] [--strategy ddp|fsdp] | {prog} [SCRIPT.py] --kohya_flag ..."
+              f"\n       {prog} export CHECKPOINT -o FILE | {prog} plan [--variant full lite] [--gpus 1 2 4 8] ...",
         description="Fine-tune Stage C from a cascade_lab TOML (`cascade_lab.training.TrainConfig` fields) or from "
                     "kohya sd-scripts' command line,\npasted as is: `stable_cascade_train_stage_c.py` flags "
                     "(a full fine-tune) or `stable_cascade_train_c_network.py` flags (LoRA,\nwhen --network_module "

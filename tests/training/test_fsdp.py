@@ -67,6 +67,12 @@ def bf16_settings(shapes_dir, cache, out):
                     sample_full_images=False)
 
 
+def adamw_settings(shapes_dir, cache, out, **changes):
+    """AdamW (the default optimizer) on the shards, with gradient checkpointing through the sharded blocks."""
+    return tiny_run(shapes_dir, cache, out, mode="full", max_train_steps=3, gradient_checkpointing=True,
+                    lr_scheduler="linear", max_grad_norm=0.05) | changes
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
     """In one torchrun launch: an uninterrupted 4-step FSDP run ("two"); its step-2 checkpoint copied to
@@ -76,8 +82,12 @@ def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
     resumed = write_toml(settings(shapes_dir, shared_cache, root / "resumed", train_batch_size=4, resume="auto"),
                          root / "resumed.toml")
     bf16 = write_toml(bf16_settings(shapes_dir, shared_cache, root / "bf16"), root / "bf16.toml")
-    elapsed = torchrun(two, "--copy", str(root / "two" / STEP2), str(root / "resumed" / STEP2), resumed, bf16)
-    print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples: {elapsed:.1f} s")
+    adamw = write_toml(adamw_settings(shapes_dir, shared_cache, root / "adamw", train_batch_size=4),
+                       root / "adamw.toml")
+    elapsed = torchrun(two, "--copy", str(root / "two" / STEP2), str(root / "resumed" / STEP2), resumed, bf16,
+                       adamw)
+    print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples, AdamW 3 steps: "
+          f"{elapsed:.1f} s")
     return root
 
 
@@ -96,6 +106,18 @@ def test_fsdp_gives_the_losses_of_one_process_with_the_doubled_batch(fsdp_runs, 
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="not a sharded checkpoint.*model file is"):  # it has its file already
         export_checkpoint(one.last_checkpoint, tmp_path / "x.safetensors")
+
+
+def test_fsdp_with_adamw_and_checkpointing_matches_one_process(fsdp_runs, shapes_dir, shared_cache,
+                                                                 tmp_path) -> None:
+    one = train(**adamw_settings(shapes_dir, shared_cache, tmp_path, train_batch_size=8))
+    two = json.loads((fsdp_runs / "adamw" / "run.json").read_text())
+    for a, b in zip(one.losses, two["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                    rel=1e-4)
+    expected = load_file(str(one.output_file))
+    for key, value in load_file(str(fsdp_runs / "adamw" / EXPORT)).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
 
 
 def test_resume_from_the_sharded_checkpoint_is_bit_identical(fsdp_runs) -> None:

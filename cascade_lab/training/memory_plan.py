@@ -95,26 +95,27 @@ def _fake_model(config: Any, dtype: Any) -> Any:
 _CACHE: dict[tuple[Any, ...], Any] = {}  # counting builds a fake model: once per config and setting
 
 
-def _cached(*key: Any) -> Any:
-    def wrap(compute: Any) -> Any:
-        if key not in _CACHE:
-            _CACHE[key] = compute()
-        return _CACHE[key]
-    return wrap
+def _memo(key: tuple[Any, ...], compute: Any) -> Any:
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
 
 
 def _shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
-    return _cached("shapes", repr(config), lora_rank, lora_target)(lambda: _count_shapes(config, lora_rank,
-                                                                                         lora_target))
+    return _memo(("shapes", repr(config), lora_rank, lora_target),
+                 lambda: _count_shapes(config, lora_rank, lora_target))
 
 
 def _saved_bytes(config: Any, bf16: bool, latent: tuple[int, int], checkpointing: bool) -> int:
-    return _cached("saved", repr(config), bf16, latent, checkpointing)(lambda: _count_saved(config, bf16, latent,
-                                                                                            checkpointing))
+    return int(_memo(("saved", repr(config), bf16, latent, checkpointing),
+                     lambda: _count_saved(config, bf16, latent, checkpointing)))
 
 
 def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
-    """Parameter shapes of Stage C (and of a LoRA on it), FSDP group sizes; fake tensors, no memory."""
+    """Parameter shapes of Stage C (and of a LoRA on it), FSDP group sizes; fake tensors, no memory.
+
+    FakeTensorMode (torch's shape-only tensors, what torch.compile traces with; it has no public name) rather
+    than the meta device, on which Stage C's forward cannot run (its autocast check needs a real device type)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 

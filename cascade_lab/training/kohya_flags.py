@@ -205,6 +205,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "training_scale", choices=["kohya", "official"], default="kohya",
          help="kohya: EfficientNet sees the bucket as is (1024 px -> 32x32); official: 0.75x (-> 24x24)")
     flag(g, "device", help="default: cuda of this process's local rank, else cpu")
+    flag(g, "strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+         help="several processes: ddp, or fsdp (sharded, full fine-tunes); auto: fsdp under accelerate --use_fsdp")
     flag(g, "quiet", action="store_true", help="no progress lines")
     return parser
 

@@ -194,6 +194,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process(fsdp_runs, shapes_dir, shar
 
 def test_strategy_from_the_config_and_from_accelerate_launch() -> None:
     from cascade_lab.training.distributed import resolve_strategy
+    from cascade_lab.training.kohya_args import parse_kohya
 
     assert resolve_strategy("auto", "full", 2, {}) == "ddp"
     assert resolve_strategy("fsdp", "full", 2, {}) == "fsdp"
@@ -205,6 +206,10 @@ def test_strategy_from_the_config_and_from_accelerate_launch() -> None:
         resolve_strategy("auto", "lora", 2, {"ACCELERATE_USE_FSDP": "true"})
     with pytest.warns(UserWarning, match="one process: nothing to shard over"):
         assert resolve_strategy("fsdp", "full", 1, {}) == "single"
+    fields, _, _ = parse_kohya(["stable_cascade_train_stage_c.py", "--model", "tiny", "--train_data_dir", "x",
+                                "--output_dir", "out",
+                                "--strategy", "fsdp"], {})
+    assert fields["strategy"] == "fsdp" and fields["mode"] == "full"  # kohya's command line with ours
     with pytest.raises(ConfigError, match="strategy='sharded': use one of auto, ddp, fsdp"):
         TrainConfig(train_data_dir="x", strategy="sharded").validate()
     with pytest.raises(ConfigError, match="mode='lora' is not supported"):

@@ -207,8 +207,7 @@ def test_strategy_from_the_config_and_from_accelerate_launch() -> None:
     with pytest.warns(UserWarning, match="one process: nothing to shard over"):
         assert resolve_strategy("fsdp", "full", 1, {}) == "single"
     fields, _, _ = parse_kohya(["stable_cascade_train_stage_c.py", "--model", "tiny", "--train_data_dir", "x",
-                                "--output_dir", "out",
-                                "--strategy", "fsdp"], {})
+                                "--output_dir", "out", "--strategy", "fsdp"], {})
     assert fields["strategy"] == "fsdp" and fields["mode"] == "full"  # kohya's command line with ours
     with pytest.raises(ConfigError, match="strategy='sharded': use one of auto, ddp, fsdp"):
         TrainConfig(train_data_dir="x", strategy="sharded").validate()

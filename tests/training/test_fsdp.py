@@ -84,10 +84,14 @@ def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
     bf16 = write_toml(bf16_settings(shapes_dir, shared_cache, root / "bf16"), root / "bf16.toml")
     adamw = write_toml(adamw_settings(shapes_dir, shared_cache, root / "adamw", train_batch_size=4),
                        root / "adamw.toml")
+    blocked = write_toml(tiny_run(shapes_dir, shared_cache, root / "blocked", mode="full", max_train_steps=1,
+                                  train_batch_size=4), root / "blocked.toml")
+    (root / "blocked").mkdir()
+    (root / "blocked" / "checkpoints").write_text("a file where the checkpoints folder goes")
     elapsed = torchrun(two, "--copy", str(root / "two" / STEP2), str(root / "resumed" / STEP2), resumed, bf16,
-                       adamw)
-    print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples, AdamW 3 steps: "
-          f"{elapsed:.1f} s")
+                       adamw, blocked)
+    print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples, AdamW 3 steps, "
+          f"1 step that cannot save: {elapsed:.1f} s")
     return root
 
 
@@ -158,6 +162,14 @@ def test_fsdp_bf16_with_checkpointing_validation_and_samples(fsdp_runs) -> None:
     weights = load_file(str(out / EXPORT))
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_process_waiting(fsdp_runs) -> None:
+    """The staging folder cannot be made (a file holds its parent's name): every process hears of it, the run
+    finishes (the launch returned) and nothing claims a checkpoint."""
+    run = json.loads((fsdp_runs / "blocked" / "run.json").read_text())
+    assert run["status"] == "finished" and run["step"] == 1 and run["last_checkpoint"] is None
+    assert (fsdp_runs / "blocked" / "checkpoints").is_file()
 
 
 def test_half_written_checkpoint_is_refused(shapes_dir, shared_cache, tmp_path) -> None:

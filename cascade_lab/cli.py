@@ -69,11 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the Stage C and B networks (pays off on GPUs; see benchmarks/RESULTS.md)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     tr = sub.add_parser("train", help="fine-tune Stage C or Stage B (LoRA or full) from a TOML config or kohya's "
-                        "flags (`cascade-lab train --help`); works under torchrun")
+                        "flags (`cascade-lab train --help`); works under torchrun",
+                        epilog="also: `cascade-lab train export CHECKPOINT -o FILE` (a sharded FSDP checkpoint → "
+                        "the single file) and `cascade-lab train plan` (memory per GPU; --help for each)")
     tr.add_argument("config", help="training TOML: cascade_lab.training.TrainConfig fields (+ dataset tables)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set max_train_steps=100 (repeatable)")
     tr.add_argument("--quiet", action="store_true", help="no progress lines")
+    tr.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default=None,
+                    help="several processes: ddp, or fsdp (FSDP2, sharded; full fine-tunes); same as --set strategy=")
     comfy = sub.add_parser("comfyui", help="run a ComfyUI workflow (UI or API .json, or a ComfyUI PNG)")
     from .comfyui.cli import add_arguments
 
@@ -208,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = lambda message, category, *_a, **_k: f"{category.__name__}: {message}\n"
+    if raw[:1] == ["train"] and raw[1:2] in (["export"], ["plan"]) and not Path(raw[1]).is_file():
+        from .training.cli_entry import run_tool
+
+        return run_tool(raw[1], raw[2:])
     if raw[:1] == ["train"]:
         from .training.kohya_args import is_kohya_command
 
@@ -237,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .training.cli_entry import run_train
 
         try:
-            return run_train(args.config, args.overrides, quiet=args.quiet)
+            strategy = [f"strategy={args.strategy}"] if args.strategy else []
+            return run_train(args.config, args.overrides + strategy, quiet=args.quiet)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             parser.exit(2, f"cascade-lab train: error: {exc}\n")
     if args.command == "comfyui":

@@ -23,6 +23,7 @@ from .config import RESUME_KEYS, ConfigError, TrainConfig
 Tensor = torch.Tensor
 STATE_FORMAT = "cascade_lab-train-state-1"
 COMPLETE = "COMPLETE"
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # save_precision → the exported file's dtype
 
 
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None) -> None:
@@ -70,13 +71,18 @@ def write_json(data: Any, path: Path) -> Path:
     return atomic_write(Path(path), write)
 
 
+def cast_floats(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """CPU copies of `state`, floating-point tensors cast to `dtype`."""
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+
 def official_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     """A stage's weights (Stage C or B) under the official checkpoint keys, floating-point tensors cast to `dtype`."""
     state = model.state_dict()
     odd = [k for k in state if "parametrizations" in k]
     if odd:
         raise RuntimeError(f"the model still carries LoRA parametrizations ({odd[:2]}); detach the network first")
-    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    return cast_floats(state, dtype)
 
 
 class Checkpoints:
@@ -89,12 +95,18 @@ class Checkpoints:
     def folder(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Assemble a checkpoint with write(folder) in a temporary folder, then publish it atomically."""
-        final = self.folder(step)
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+    def staging(self, step: int) -> Path:
+        """A fresh temporary folder for checkpoint `step` (not yet a checkpoint: it has no COMPLETE)."""
+        tmp = self.root / f".{self.folder(step).name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        return tmp
+
+    def save(self, step: int, write: Callable[[Path], None], staged: Path | None = None) -> Path:
+        """Assemble a checkpoint with write(folder) in a temporary folder (or `staged`, which other processes
+        already wrote into), then publish it atomically."""
+        final = self.folder(step)
+        tmp = staged if staged is not None else self.staging(step)
         try:
             write(tmp)
             (tmp / COMPLETE).write_text(str(step))
@@ -171,5 +183,5 @@ def load_state(folder: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
-__all__ = ["Checkpoints", "atomic_write", "load_state", "official_state_dict", "resume_folder", "write_json",
-           "write_safetensors", "write_torch"]
+__all__ = ["COMPLETE", "SAVE_DTYPES", "Checkpoints", "atomic_write", "cast_floats", "load_state", "official_state_dict",
+           "resume_folder", "write_json", "write_safetensors", "write_torch"]

@@ -64,14 +64,52 @@ def main(argv: list[str] | None = None) -> int:
     from .kohya_args import is_kohya_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["export"], ["plan"]) and not os.path.isfile(argv[0]):
+        return run_tool(argv[0], argv[1:])
     try:
         if is_kohya_command(argv) or not argv:
             return run_kohya(argv)
         overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set" and i + 1 < len(argv)]
+        overrides += [f"strategy={argv[i + 1]}" for i, a in enumerate(argv) if a == "--strategy" and i + 1 < len(argv)]
         return run_train(argv[0], overrides, quiet="--quiet" in argv)
     except (ConfigError, ValueError, FileNotFoundError, TypeError) as exc:
         print(f"cascade-lab train: error: {exc}", file=sys.stderr, flush=True)
         return 2
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    """``cascade-lab train export CHECKPOINT -o FILE`` and ``cascade-lab train plan [...]``."""
+    import argparse
+
+    from .config import ConfigError
+
+    parser = argparse.ArgumentParser(prog=f"cascade-lab train {name}")
+    if name == "export":
+        parser.description = ("write the single-file Stage C (official keys) of a sharded FSDP checkpoint, without "
+                              "a process group or GPU")
+        parser.add_argument("checkpoint", help="a checkpoint folder (checkpoints/step-*) or an output folder "
+                            "(its latest checkpoint)")
+        parser.add_argument("-o", "--output", default=None, help="the .safetensors file (default: inside the "
+                            "checkpoint folder, named as the run names its export)")
+        parser.add_argument("--save-precision", choices=["fp32", "bf16"], default=None,
+                            help="default: the run's save_precision")
+    else:
+        from .memory_plan import add_plan_arguments
+
+        parser.description = "does a Stage C fine-tune fit: memory per GPU by variant, GPU count and strategy"
+        add_plan_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        if name == "export":
+            from .export import export_checkpoint
+
+            print(export_checkpoint(args.checkpoint, args.output, args.save_precision), flush=True)
+            return 0
+        from .memory_plan import run_plan
+
+        return run_plan(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        parser.exit(2, f"cascade-lab train {name}: error: {exc}\n")
 
 
 def _train(config: Any, quiet: bool) -> int:
@@ -97,4 +135,4 @@ def _train(config: Any, quiet: bool) -> int:
     return 0 if run.status in ("finished", "stopped") else 1
 
 
-__all__ = ["main", "print_progress", "run_kohya", "run_train"]
+__all__ = ["main", "print_progress", "run_kohya", "run_tool", "run_train"]

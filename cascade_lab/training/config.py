@@ -30,6 +30,10 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warm
 NETWORK_TARGETS = ("attention", "all_linear")
 PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("auto", "ddp", "fsdp")
+LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: the LoRA attaches to Stage C through torch "
+             "parametrizations, which cascade_lab does not shard, and its gradients and optimizer states are a few "
+             "MB, so DDP costs no more memory; use strategy='ddp' (or 'auto') for a LoRA, 'fsdp' for mode='full'")
 DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside the training TOML
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
@@ -138,6 +142,10 @@ class TrainConfig:
     noise_shift: float = 1.0
     dropout: bool | None = None  # Stage C's own dropout while training; None: on for full, off for LoRA
     max_nan_steps: int = 5  # consecutive non-finite steps that stop the run
+    # several processes (torchrun / accelerate launch): "ddp" (every process holds the whole model and optimizer),
+    # "fsdp" (FSDP2: parameters, gradients and optimizer states sharded over the processes; full fine-tunes),
+    # "auto": fsdp under `accelerate launch --use_fsdp`, else ddp. One process trains alone in every case.
+    strategy: str = "auto"
 
     # -- validation ------------------------------------------------------------------------------------
     val_every_n_steps: int = 50  # 0: only at the start and the end
@@ -199,6 +207,9 @@ class TrainConfig:
         choice("lr_scheduler", LR_SCHEDULERS)
         choice("network_target", NETWORK_TARGETS)
         choice("save_precision", SAVE_PRECISIONS)
+        choice("strategy", STRATEGIES)
+        if self.strategy == "fsdp" and self.mode == "lora":
+            raise ConfigError(LORA_FSDP)
         if self.mixed_precision in ("fp16", "float16"):
             raise ConfigError(f"mixed_precision='fp16': Stage {self.stage.upper()} is not trained in float16 (Stage C "
                               "overflows: black/NaN images, official readme; the official Stage B trainer uses "

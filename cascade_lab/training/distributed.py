@@ -3,7 +3,8 @@
 Each process takes its slice of every global batch (rank r: items r·b … r·b + b − 1), so N processes
 with batch b compute what one process computes with batch N·b: DDP averages the gradients, the logged
 losses are averaged, and the adaptive loss buckets see the whole global batch on every rank.
-Backend: NCCL on CUDA, gloo on CPU.
+Backend: NCCL on CUDA, gloo on CPU. The strategy is DDP (every process holds the whole model) or FSDP2
+(fsdp.py: parameters, gradients and optimizer states sharded); one process trains alone either way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this run created the process group and destroys it at the end
+    strategy: str = "single"  # "single" (one process), "ddp" or "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +56,33 @@ def setup(device: str | None = None) -> DistInfo:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world, local, dev, owns)
+
+
+def accelerate_fsdp(environ: dict[str, str] | None = None) -> bool:
+    """Whether ``accelerate launch --use_fsdp`` started this process (it exports ACCELERATE_USE_FSDP=true)."""
+    env = os.environ if environ is None else environ
+    return env.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("true", "1", "yes")
+
+
+def resolve_strategy(strategy: str, mode: str, world_size: int, environ: dict[str, str] | None = None) -> str:
+    """"single", "ddp" or "fsdp" for a run of `world_size` processes whose config says `strategy`."""
+    import warnings
+
+    from .config import LORA_FSDP, ConfigError
+
+    if accelerate_fsdp(environ):
+        if strategy == "ddp":
+            raise ConfigError("strategy='ddp' but accelerate launch --use_fsdp asked for FSDP: drop --use_fsdp "
+                              "or set strategy='fsdp' (or 'auto')")
+        strategy = "fsdp"
+    if strategy == "fsdp" and mode == "lora":
+        raise ConfigError(LORA_FSDP)
+    if world_size == 1:
+        if strategy == "fsdp":
+            warnings.warn("strategy='fsdp' with one process: nothing to shard over, so it trains as one process "
+                          "(checkpoints and the exported file in the one-process layout)", stacklevel=2)
+        return "single"
+    return "fsdp" if strategy == "fsdp" else "ddp"
 
 
 def teardown(info: DistInfo) -> None:
@@ -119,5 +148,5 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model  # type: ignore
 
 
-__all__ = ["DistInfo", "barrier", "broadcast_object", "gather", "gather_objects", "mean", "setup", "teardown",
-           "unwrap", "wrap"]
+__all__ = ["DistInfo", "accelerate_fsdp", "barrier", "broadcast_object", "gather", "gather_objects", "mean",
+           "resolve_strategy", "setup", "teardown", "unwrap", "wrap"]

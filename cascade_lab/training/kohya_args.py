@@ -189,6 +189,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "mode": "lora" if network else "full", "stage_c_path": args.stage_c_checkpoint_path,
         "effnet_path": args.effnet_checkpoint_path, "previewer_path": args.previewer_checkpoint_path,
         "text_encoder_path": args.text_model_checkpoint_path, "seed": seed, "device": args.device,
+        "strategy": args.strategy,
         "train_data_dir": None if args.dataset_config else args.train_data_dir, "dataset_config": args.dataset_config,
         "caption_extension": args.caption_extension, "num_repeats": args.dataset_repeats,
         "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
@@ -222,10 +223,10 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
 
 
 def is_kohya_command(argv: Sequence[str]) -> bool:
-    """True unless the arguments are cascade_lab's TOML form (``CONFIG.toml [--set K=V] [--quiet]``)."""
+    """True unless the arguments are cascade_lab's TOML form (``CONFIG.toml [--set K=V] [--strategy S] [--quiet]``)."""
     if not argv:
         return False
-    own = {"--set", "--quiet"}
+    own = {"--set", "--quiet", "--strategy"}
     first = argv[0]
     if first.startswith("-"):
         return first not in own  # --help too: the kohya parser's help shows both forms

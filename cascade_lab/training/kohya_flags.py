@@ -96,7 +96,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     """kohya's flags in kohya's groups, with kohya's defaults; cascade_lab's own last."""
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] | {prog} [SCRIPT.py] --kohya_flag ...",
+        usage=f"{prog} CONFIG.toml [--set KEY=VALUE ...] [--strategy ddp|fsdp] | {prog} [SCRIPT.py] --kohya_flag ..."
+              f"\n       {prog} export CHECKPOINT -o FILE | {prog} plan [--variant full lite] [--gpus 1 2 4 8] ...",
         description="Fine-tune Stage C (or Stage B: --stage b) from a cascade_lab TOML (`cascade_lab.training."
                     "TrainConfig` fields) or from "
                     "kohya sd-scripts' command line,\npasted as is: `stable_cascade_train_stage_c.py` flags "
@@ -224,6 +225,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "training_scale", choices=["kohya", "official"], default="kohya",
          help="kohya: EfficientNet sees the bucket as is (1024 px -> 32x32); official: 0.75x (-> 24x24)")
     flag(g, "device", help="default: cuda of this process's local rank, else cpu")
+    flag(g, "strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+         help="several processes: ddp, or fsdp (sharded, full fine-tunes); auto: fsdp under accelerate --use_fsdp")
     flag(g, "quiet", action="store_true", help="no progress lines")
     return parser
 

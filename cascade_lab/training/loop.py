@@ -92,11 +92,22 @@ class Trainer:
             model.enable_gradient_checkpointing(True)  # type: ignore[operator]
         dropout = config.dropout if config.dropout is not None else config.mode == "full"
         set_dropout(model, dropout)
+        if self.sharded:  # FSDP2: the parameters become DTensor shards, so collect them after sharding
+            from .fsdp import shard
+
+            shard(model, self.device, self.info.world_size, config.mixed_precision)
+            params, self.ddp_model = list(model.parameters()), model
+        else:
+            self.ddp_model = dist.wrap(model, self.info)
         self.params = params
-        self.ddp_model = dist.wrap(model, self.info)
         self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
                                          self._total_steps())
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: Stage C's parameters, gradients and optimizer states are split over the processes."""
+        return self.info.strategy == "fsdp"
 
     def _total_steps(self) -> int:
         c = self.config
@@ -225,7 +236,7 @@ class Trainer:
             raw, weight, d = self.forward(self.ddp_model, batch)
             loss = (raw * weight).mean()
             sync = contextlib.nullcontext()
-            if self.info.active and micro < accum - 1:
+            if self.info.strategy == "ddp" and micro < accum - 1:
                 sync = self.ddp_model.no_sync()  # type: ignore[operator]
             with sync:
                 (loss / accum).backward()
@@ -240,7 +251,8 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            grad_norm = float(norm.full_tensor() if self.sharded else norm)  # type: ignore[attr-defined]
             finite = math.isfinite(grad_norm)
         lr = float(self.optimizer.param_groups[0]["lr"] or 0.0)
         if finite:

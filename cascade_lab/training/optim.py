@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, parse_value
+from .fsdp import full, is_sharded, like
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -29,6 +30,9 @@ class Adafactor(torch.optim.Optimizer):
     With ``relative_step`` the step size is min(1e-2, 1/√t) (1e-6·t with ``warmup_init``) and ``lr`` is
     ignored; with ``scale_parameter`` it is multiplied by max(eps2, RMS(p)). Updates are clipped to RMS
     ``clip_threshold``; ``beta1`` adds a first moment; weight decay is decoupled (p ← p − lr·wd·p).
+    FSDP shards (DTensor parameters): each update is computed from the whole gradient (all-gathered, one
+    parameter at a time), so the factored moments are those of the whole matrix; they are small and kept
+    whole on every process, while the first moment is sharded like the parameter.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
@@ -52,7 +56,7 @@ class Adafactor(torch.optim.Optimizer):
         if group["relative_step"]:
             lr = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr = lr * max(group["eps"][1], float(_rms(p.detach().float())))
+            lr = lr * max(group["eps"][1], float(_rms(full(p.detach()).float())))
         return float(lr)
 
     @torch.no_grad()
@@ -62,7 +66,8 @@ class Adafactor(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.float()
+                sharded = is_sharded(p)
+                grad = full(p.grad).float()
                 state = self.state[p]
                 factored = grad.dim() >= 2
                 if not state:
@@ -72,8 +77,8 @@ class Adafactor(torch.optim.Optimizer):
                         state["col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], device=grad.device)
                     else:
                         state["sq"] = torch.zeros_like(grad)
-                    if group["beta1"] is not None:
-                        state["avg"] = torch.zeros_like(grad)
+                    if group["beta1"] is not None:  # shaped (and sharded) like the parameter
+                        state["avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 lr = self._step_size(group, state, p)
                 beta2 = 1.0 - state["step"] ** group["decay_rate"]
@@ -88,6 +93,8 @@ class Adafactor(torch.optim.Optimizer):
                     state["sq"].mul_(beta2).add_(sq_grad, alpha=1 - beta2)
                     update = state["sq"].rsqrt() * grad
                 update.div_(max(1.0, float(_rms(update)) / group["clip_threshold"])).mul_(lr)
+                if sharded:
+                    update = like(update, p)
                 if group["beta1"] is not None:
                     state["avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
                     update = state["avg"]

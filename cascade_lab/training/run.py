@@ -6,11 +6,13 @@ from ``cascade-lab train CONFIG`` and in every process of ``torchrun`` / ``accel
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import (
+    SAVE_DTYPES,
     STATE_FORMAT,
     Checkpoints,
+    cast_floats,
     load_state,
     official_state_dict,
     resume_folder,
@@ -27,13 +31,12 @@ from .checkpoint import (
     write_safetensors,
     write_torch,
 )
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
+from .memory_plan import check_fit
 from .metadata import describe, export_metadata, scale_factor, scale_statement
 from .outputs import claim_output_dir, epoch_file, prune_epoch_files
-
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -147,10 +150,13 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             callback(TrainingEvent(kind, run.step, run.total_steps, data, run))
 
     try:
+        info = replace(info, strategy=dist.resolve_strategy(cfg.strategy, cfg.mode, info.world_size))
         claim_output_dir(cfg)
         models = build_models(cfg, device=info.device, **objects)  # checks every given path first
         data = TrainingData(dataset_config_for(cfg), scale=scale_factor(cfg, models), seed=cfg.seed,
                             world_size=info.world_size)
+        if cfg.stage == "c":  # the planner knows the Stage C sizes; CUDA: refuse what cannot fit
+            check_fit(cfg, models.model, info.device, info.world_size, info.strategy)
         trainer = Trainer(cfg, models, data, info)
         run.network, run.model, run.total_steps = trainer.network, trainer.model, trainer.total_steps
         if cfg.stage == "b":
@@ -234,33 +240,44 @@ def _prompts(cfg: TrainConfig) -> list[Any]:
 
 
 def _validate(run: TrainingRun, trainer: Trainer, emit: Any) -> None:
-    if trainer.info.is_main:
+    if trainer.info.is_main or trainer.sharded:  # a sharded Stage C's forward is a collective
         result = trainer.validate()
-        run.val_losses.append(result)
-        emit("val", result)
+        if trainer.info.is_main:
+            run.val_losses.append(result)
+            emit("val", result)
 
 
 def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any], emit: Any,
             epoch: int | None = None) -> None:
-    if not trainer.info.is_main:
+    main = trainer.info.is_main
+    if not main and not trainer.sharded:  # a sharded Stage C samples on every process, the main one saves
         return
+    from .fsdp import gathered
     from .sampling import render_samples
 
     cfg = trainer.config
-    images = render_samples(prompts, trainer.model, models, stage=cfg.stage, step=trainer.step, seed=cfg.seed,
-                            device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
-                            full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample", name=cfg.name,
-                            epoch=epoch)
-    run.samples.extend(images)
-    emit("sample", {"images": images})
+    with gathered(trainer.model) if trainer.sharded else contextlib.nullcontext():
+        images = render_samples(prompts, trainer.model, models, stage=cfg.stage, step=trainer.step, seed=cfg.seed,
+                                device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
+                                full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample" if main else None,
+                                name=cfg.name, epoch=epoch)
+    if main:
+        run.samples.extend(images)
+        emit("sample", {"images": images})
 
 
 def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The model file's tensors: kohya LoRA pairs, or the trained stage under the official keys (the official
-    single-file layout of Stage C or Stage B), in save_precision."""
+    single-file layout of Stage C or Stage B), in save_precision.
+
+    FSDP: gathered to the main process's CPU (a collective; the other processes get an empty dict)."""
     dtype = SAVE_DTYPES[trainer.config.save_precision]
     if trainer.network is not None:
         return dict(trainer.network.kohya_state_dict(dtype))
+    if trainer.sharded:
+        from .fsdp import full_state_dict
+
+        return cast_floats(full_state_dict(trainer.model), dtype)
     return official_state_dict(trainer.model, dtype)
 
 
@@ -275,26 +292,33 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
                           stacklevel=2)
         return
     rngs = dist.gather_objects(info, trainer.rng_state())
+    tensors = export_tensors(trainer) if info.is_main or trainer.sharded else {}
+    store = Checkpoints(cfg.output_dir, cfg.keep_checkpoints)
+    staged = _write_shards(run, trainer, store, emit) if trainer.sharded else None
+    if trainer.sharded and staged is None:
+        return
     if info.is_main:
         name = f"{cfg.name}.safetensors"
-        full_fp32 = trainer.network is None and cfg.save_precision == "fp32"
+        full_fp32 = trainer.network is None and cfg.save_precision == "fp32" and not trainer.sharded
         trainable_file = name if full_fp32 else "trainable.safetensors"
         meta = export_metadata(run.metadata, trainer) | {"ss_epoch": str(run.epoch)}
         epoch_files = list(run.epoch_files)
         if epoch is not None:
             epoch_files.append(epoch_file(cfg, epoch).name)
-        tensors = export_tensors(trainer)
 
         def write(folder: Path) -> None:
-            write_safetensors(tensors, folder / name, meta)
-            if not full_fp32:
+            if not trainer.sharded:  # a sharded checkpoint holds shards/; `cascade-lab train export` makes the file
+                write_safetensors(tensors, folder / name, meta)
+            if not full_fp32 and not trainer.sharded:
                 write_safetensors(trainer.trainable_state(), folder / trainable_file)
             adaptive = trainer.weighting.state_dict() if hasattr(trainer.weighting, "state_dict") else None
             state = {
                 "format": STATE_FORMAT, "step": trainer.step, "counter": trainer.counter,
-                "nan_streak": trainer.nan_streak, "optimizer": trainer.optimizer.state_dict(),
+                "nan_streak": trainer.nan_streak,
+                "optimizer": None if trainer.sharded else trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(), "adaptive": adaptive, "rng": rngs,
-                "world_size": info.world_size, "config": cfg.to_json(), "trainable_file": trainable_file,
+                "world_size": info.world_size, "strategy": info.strategy, "config": cfg.to_json(),
+                "trainable_file": None if trainer.sharded else trainable_file, "export_name": name,
                 "losses": run.losses, "val_losses": run.val_losses, "epoch_files": epoch_files,
             }  # fmt: skip
             write_torch(state, folder / "state.pt")
@@ -303,7 +327,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
             write_json(info_json, folder / "info.json")
 
         try:
-            run.last_checkpoint = Checkpoints(cfg.output_dir, cfg.keep_checkpoints).save(trainer.step, write)
+            run.last_checkpoint = store.save(trainer.step, write, staged=staged)
             if epoch is not None:
                 run.output_file = write_safetensors(tensors, epoch_file(cfg, epoch), meta)
                 run.epoch_files = prune_epoch_files(cfg, epoch_files)
@@ -320,12 +344,54 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
     dist.barrier(info)
 
 
+def _write_shards(run: TrainingRun, trainer: Trainer, store: Checkpoints, emit: Any) -> Path | None:
+    """Every process writes its shard into the main process's staging folder; None when that failed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .fsdp import SHARDS, save_shards
+
+    info = trainer.info
+    staged: Path | str | None = None
+    if info.is_main:
+        try:
+            staged = store.staging(trainer.step)
+        except OSError as exc:
+            staged = f"{exc.strerror or exc}: {exc.filename or store.root}"  # told to every process
+    staged = dist.broadcast_object(info, staged)
+    try:
+        if not isinstance(staged, Path):
+            raise OSError(staged)
+        save_shards(staged / SHARDS, trainer.model, trainer.optimizer)
+    except (OSError, CheckpointException) as exc:  # every process gets DCP's error; training goes on
+        if info.is_main:
+            if isinstance(staged, Path):
+                shutil.rmtree(staged, ignore_errors=True)
+            kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else ""
+            warnings.warn(f"step {trainer.step}: the sharded checkpoint could not be written ({exc}){kept}; "
+                          "training goes on and tries again at the next checkpoint", RuntimeWarning, stacklevel=3)
+            emit("checkpoint_failed", {"step": trainer.step, "error": str(exc)})
+        dist.barrier(info)
+        return None
+    return staged
+
+
 def _resume(run: TrainingRun, trainer: Trainer, folder: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_state(folder, trainer.config)
-    trainer.load_trainable_state(load_file(str(folder / state["trainable_file"])))
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    info = trainer.info
+    if state.get("strategy") == "fsdp":  # DCP reshards for any process count and strategy
+        from .fsdp import SHARDS, load_shards
+
+        load_shards(folder / SHARDS, trainer.model, trainer.optimizer)
+    elif trainer.sharded:
+        raise ConfigError(f"{folder} was saved by {state['world_size']} process(es) without FSDP; this run has "
+                          f"{info.world_size} processes with strategy='fsdp', which resumes only sharded "
+                          "checkpoints. Resume it with strategy='ddp' (or on one process), or start a new run from "
+                          "its model file (stage_c_path)")
+    else:
+        trainer.load_trainable_state(load_file(str(folder / state["trainable_file"])))
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state["adaptive"] is not None:
         trainer.weighting.load_state_dict(state["adaptive"])

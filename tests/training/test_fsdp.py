@@ -73,6 +73,11 @@ def adamw_settings(shapes_dir, cache, out, **changes):
                     lr_scheduler="linear", max_grad_norm=0.05) | changes
 
 
+def stage_b_settings(shapes_dir, cache, out, **changes):
+    """A full fine-tune of Stage B (its down/up blocks sharded the same way), AdamW."""
+    return tiny_run(shapes_dir, cache, out, mode="full", stage="b", max_train_steps=3, max_grad_norm=0.05) | changes
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
     """In one torchrun launch: an uninterrupted 4-step FSDP run ("two"); its step-2 checkpoint copied to
@@ -86,12 +91,14 @@ def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
                        root / "adamw.toml")
     blocked = write_toml(tiny_run(shapes_dir, shared_cache, root / "blocked", mode="full", max_train_steps=1,
                                   train_batch_size=4), root / "blocked.toml")
+    stage_b = write_toml(stage_b_settings(shapes_dir, shared_cache, root / "stage_b", train_batch_size=4),
+                         root / "stage_b.toml")
     (root / "blocked").mkdir()
     (root / "blocked" / "checkpoints").write_text("a file where the checkpoints folder goes")
     elapsed = torchrun(two, "--copy", str(root / "two" / STEP2), str(root / "resumed" / STEP2), resumed, bf16,
-                       adamw, blocked)
+                       adamw, blocked, stage_b)
     print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples, AdamW 3 steps, "
-          f"1 step that cannot save: {elapsed:.1f} s")
+          f"1 step that cannot save, Stage B 3 steps: {elapsed:.1f} s")
     return root
 
 
@@ -121,6 +128,20 @@ def test_fsdp_with_adamw_and_checkpointing_matches_one_process(fsdp_runs, shapes
                                                                                                     rel=1e-4)
     expected = load_file(str(one.output_file))
     for key, value in load_file(str(fsdp_runs / "adamw" / EXPORT)).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_trains_stage_b_as_one_process_with_the_doubled_batch(fsdp_runs, shapes_dir, shared_cache,
+                                                                    tmp_path) -> None:
+    one = train(**stage_b_settings(shapes_dir, shared_cache, tmp_path, train_batch_size=8))
+    two = json.loads((fsdp_runs / "stage_b" / "run.json").read_text())
+    assert two["metadata"]["cascade_lab.strategy"] == "fsdp"
+    for a, b in zip(one.losses, two["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    expected = load_file(str(one.output_file))
+    exported = load_file(str(fsdp_runs / "stage_b" / "stage_b_finetune.safetensors"))
+    assert exported.keys() == expected.keys()
+    for key, value in exported.items():
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
 
 

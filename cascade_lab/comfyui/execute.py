@@ -368,6 +368,12 @@ class Executor:
         self.images[node_id] = {"file": str(path)}
         return image_nodes.load_image(path)
 
+    def node_LoadImageMask(self, node_id: str, image: str, channel: str, upload: Any = None) -> Any:
+        path = find_input(image, self.input_dir)
+        if path is None:
+            raise FileNotFoundError(f"input image {image!r} not found in {self.input_dir}")
+        return image_nodes.load_image_mask(path, channel)
+
     def node_EmptyImage(self, node_id: str, width: int, height: int, batch_size: int, color: int) -> Any:
         return image_nodes.empty_image(width, height, batch_size, color)
 

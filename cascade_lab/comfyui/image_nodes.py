@@ -13,18 +13,43 @@ Tensor = torch.Tensor
 
 
 def load_image(path: Path) -> tuple[Tensor, Tensor]:
-    """LoadImage: EXIF orientation applied, RGB / 255 → [1, H, W, 3]; the mask is 1 − alpha ([1, 64, 64] zeros
-    without an alpha channel)."""
+    """LoadImage: EXIF orientation applied, a 32-bit integer image ('I', 16-bit PNGs) scaled by 1/255 first as
+    ComfyUI does, RGB / 255 → [1, H, W, 3]; the mask is 1 − alpha (a palette's transparency too; [1, 64, 64]
+    zeros without either). The first frame of an animated file."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
+        if img.mode == "I":
+            img = img.point(lambda v: v * (1 / 255))
         image = torch.from_numpy(np.asarray(img.convert("RGB")).astype(np.float32) / 255.0)[None]
         if "A" in img.getbands():
             mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A")).astype(np.float32) / 255.0)[None]
+        elif img.mode == "P" and "transparency" in img.info:
+            alpha = np.asarray(img.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+            mask = 1.0 - torch.from_numpy(alpha)[None]
         else:
             mask = torch.zeros(1, 64, 64)
     return image, mask
+
+
+def load_image_mask(path: Path, channel: str) -> Tensor:
+    """LoadImageMask: one channel of the image as RGBA (EXIF orientation applied, an 'I' image scaled by 1/255
+    first) / 255 → [1, H, W]; the alpha channel inverted (1 − alpha: transparent = masked), as ComfyUI computes it.
+    An image without alpha has alpha 255 everywhere, so its 'alpha' mask is all 0."""
+    from PIL import Image, ImageOps
+
+    band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}.get(channel)
+    if band is None:
+        raise ValueError(f"channel {channel!r}: use one of alpha, red, green, blue")
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.getbands() != ("R", "G", "B", "A"):
+            if img.mode == "I":
+                img = img.point(lambda v: v * (1 / 255))
+            img = img.convert("RGBA")
+        mask = torch.from_numpy(np.asarray(img.getchannel(band)).astype(np.float32) / 255.0)
+    return (1.0 - mask if band == "A" else mask)[None]
 
 
 def empty_image(width: int, height: int, batch_size: int, color: int) -> Tensor:
@@ -43,7 +68,7 @@ def upscale(images: Tensor, width: int, height: int, method: str, crop: str) -> 
 
         out = []
         for image in images:
-            array = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+            array = image.mul(255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # truncated
             pil = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
             resized = np.asarray(pil.resize((width, height), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
             out.append(torch.from_numpy(resized).reshape(height, width, -1).permute(2, 0, 1))
@@ -89,11 +114,12 @@ def canny(image: Tensor, low: float, high: float) -> Tensor:
 
 
 def join_alpha(image: Tensor, alpha: Tensor) -> Tensor:
-    """JoinImageWithAlpha: RGBA with alpha = 1 − mask, the mask resized to the image."""
-    B, H, W = image.shape[:3]
+    """JoinImageWithAlpha: RGBA with alpha = 1 − mask, the mask resized to the image (bilinear); as many images
+    as the shorter of the two batches (ComfyUI pairs them up, it does not repeat a single mask)."""
+    H, W = image.shape[1:3]
+    batch = min(image.size(0), alpha.reshape(-1, *alpha.shape[-2:]).size(0))
     mask = F.interpolate(alpha.reshape(-1, 1, *alpha.shape[-2:]), size=(H, W), mode="bilinear").squeeze(1)
-    mask = mask.expand(B, -1, -1) if mask.size(0) == 1 else mask
-    return torch.cat([image[..., :3], (1.0 - mask)[..., None]], dim=-1)
+    return torch.cat([image[:batch, ..., :3], (1.0 - mask[:batch])[..., None]], dim=-1)
 
 
 def grow_mask(mask: Tensor, expand: int, tapered_corners: bool) -> Tensor:

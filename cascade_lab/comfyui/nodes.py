@@ -20,6 +20,7 @@ SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "ddim_
               "kl_optimal")
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp", "lanczos")
 CROP_METHODS = ("disabled", "center")
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ NODES: dict[str, Node] = {
     "VAEDecode": Node((_i("samples", "LATENT"), _i("vae", "VAE")), (("IMAGE", "IMAGE"),)),
     # images and masks
     "LoadImage": Node((_combo("image"),), (("IMAGE", "IMAGE"), ("MASK", "MASK")), extra_widgets=("upload",)),
+    "LoadImageMask": Node((_combo("image"), _combo("channel", MASK_CHANNELS)), (("MASK", "MASK"),),
+                          extra_widgets=("upload",)),
     "EmptyImage": Node((_i("width", "INT", 512), _i("height", "INT", 512), _i("batch_size", "INT", 1),
                         _i("color", "INT", 0)), (("IMAGE", "IMAGE"),)),
     "ImageScale": Node((_i("image", "IMAGE"), _combo("upscale_method", UPSCALE_METHODS), _i("width", "INT", 512),

@@ -398,6 +398,10 @@ class Executor:
 
     def node_ImageCompositeMasked(self, node_id: str, destination: Tensor, source: Tensor, x: int, y: int,
                                   resize_source: bool, mask: Tensor | None = None) -> Any:
+        link = self.graph[node_id]["inputs"].get("destination")
+        made = self.images.get(str(link[0])) if is_link(link) else None
+        if made is not None and "latent" in made:  # a generation pasted over (inpainting): still that generation
+            self.images[node_id] = made
         return image_nodes.composite(destination, source, int(x), int(y), bool(resize_source), mask)
 
     # -- outputs -----------------------------------------------------------------------------------------

@@ -171,8 +171,8 @@ class Executor:
                              strength: float) -> Any:
         if strength == 0:
             return conditioning
-        return [c.with_(controls=(*c.controls, (control_net, image, float(strength), 0.0, 1.0)))
-                for c in conditioning]
+        return [c.with_(controls=(*c.controls, (control_net, image, float(strength), 0.0, 1.0)),
+                        extra={**c.extra, "control_to_uncond": True}) for c in conditioning]
 
     def node_ControlNetApplyAdvanced(self, node_id: str, positive: list[Cond], negative: list[Cond],
                                      control_net: ControlNet, image: Tensor, strength: float, start_percent: float,
@@ -180,8 +180,8 @@ class Executor:
         if strength == 0:
             return positive, negative
         control = (control_net, image, float(strength), float(start_percent), float(end_percent))
-        return ([c.with_(controls=(*c.controls, control)) for c in positive],
-                [c.with_(controls=(*c.controls, control)) for c in negative])
+        return ([c.with_(controls=(*c.controls, control), extra={**c.extra, "control_to_uncond": False})
+                 for c in positive], [c.with_(controls=(*c.controls, control)) for c in negative])
 
     def node_StableCascade_StageB_Conditioning(self, node_id: str, conditioning: list[Cond], stage_c: Latent) -> Any:
         return [c.with_(prior=stage_c.samples, extra={**c.extra, "stage_c": stage_c}) for c in conditioning]
@@ -250,6 +250,7 @@ class Executor:
                              "latent node")
         if not positive or not negative:
             raise ValueError("an empty conditioning (ConditioningCombine of nothing?) cannot guide sampling")
+        negative = _controls_to_uncond(positive, negative)
         pos, neg = positive[0], negative[0]
         sampler, scheduler = get_sampler(sampler_name, "comfyui"), get_scheduler(scheduler_name, "comfyui")
         samples = latent.samples.float()
@@ -416,6 +417,19 @@ class Executor:
     def _made_by(self, node_id: str) -> dict[str, Any] | None:
         link = self.graph[node_id]["inputs"].get("images")
         return self.images.get(str(link[0])) if is_link(link) else None
+
+
+def _controls_to_uncond(positive: list[Cond], negative: list[Cond]) -> list[Cond]:
+    """ComfyUI's ControlNetApply (not the Advanced node) marks its ControlNets for the negative side too: when no
+    negative conditioning has a ControlNet, the k-th such positive conditioning's ControlNets go to negative entry
+    k mod n (a later one replacing an earlier), as ComfyUI's sampler fills them in."""
+    if any(c.controls for c in negative) or not negative:
+        return negative
+    marked = [c for c in positive if c.controls and c.extra.get("control_to_uncond")]
+    filled = list(negative)
+    for k, c in enumerate(marked):
+        filled[k % len(negative)] = negative[k % len(negative)].with_(controls=c.controls)
+    return filled
 
 
 def _with_step(extra: Callable[[float], Any] | None) -> Callable[[float], Any]:

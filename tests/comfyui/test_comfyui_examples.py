@@ -120,14 +120,21 @@ def test_canny_controlnet_example(comfy: Path) -> None:
     assert result.images[0].size == (256, 256) and result.params.seed == 784805947292946
     off = example("canny_controlnet", comfy, **{"49.strength": 0.0})
     assert not torch.allclose(result.latent_c, off["9"].latent_c), "the ControlNet must change Stage C"
-    # ControlNetApply instead: the ControlNet on the positive side only (a separate call for the negative)
+    # ControlNetApply instead, on the positive only: ComfyUI's sampler gives its ControlNet to a negative that has
+    # none, so it is the ControlNetApplyAdvanced run (ComfyUI's numbers: test_comfyui_conditioning_reference.py)
     graph = json.loads((HERE / "canny_controlnet.api.json").read_text())
     graph["49"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0], "control_net": ["47", 0],
                                                                "image": ["51", 0], "strength": 1.0}}
     graph["3"]["inputs"]["negative"] = ["7", 0]
-    positive_only = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
+    applied = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
+    torch.testing.assert_close(applied, result.latent_c, rtol=1e-5, atol=1e-5 * result.latent_c.abs().max().item())
+    # with a ControlNet of its own on the negative (strength 0.5 there), each side keeps its own
+    graph["48"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["7", 0], "control_net": ["47", 0],
+                                                               "image": ["51", 0], "strength": 0.5}}
+    graph["3"]["inputs"]["negative"] = ["48", 0]
+    apart = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
     for other in (result.latent_c, off["9"].latent_c):
-        assert not torch.allclose(positive_only, other, rtol=1e-3, atol=1e-3 * other.abs().max().item())
+        assert not torch.allclose(apart, other, rtol=1e-3, atol=1e-3 * other.abs().max().item())
 
 
 @pytest.mark.reference

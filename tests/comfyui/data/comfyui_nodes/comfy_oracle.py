@@ -36,6 +36,8 @@ def boot_comfyui(tree: str = "/tmp/comfy") -> None:
         def exec_module(self, module):  # type: ignore[no-untyped-def]
             pass
 
+    # torchvision's CPU-less wheel cannot register its C++ ops' fake kernels; its models need none of them
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     try:
         import torchvision  # noqa: F401 - a stub in the oracle venv: give its modules a file name for inspect
         for name, module in list(sys.modules.items()):

@@ -267,10 +267,36 @@ def test_ksampler_advanced_in_two_passes_equals_one_ksampler(comfy: Path) -> Non
     one = run(whole, models=comfy, outputs=texts(), configs=configs())
     two = run(split, models=comfy, outputs=texts(), configs=configs())
     assert one.images["9"].shape == (2, 48, 48, 3)  # 6×6 latents, the Previewer's 8×
+    assert one["9"].params.variant == "comfyui:stable_cascade_stage_c.safetensors"  # the model that made it
     torch.testing.assert_close(two.images["9"], one.images["9"], rtol=1e-6, atol=1e-6)
     stopped = run(_stage_c_only({"90": _advanced(["34", 0], 0, 5, "enable", "disable")}), models=comfy,
                   outputs=texts(), configs=configs())  # ends at step 5 denoised (σ → 0), unlike the first pass
     assert not torch.allclose(stopped.images["9"], one.images["9"])
+
+
+@pytest.mark.reference
+def test_a_unet_loader_and_a_vae_loader_run_the_separate_files(comfy: Path) -> None:
+    """UNETLoader (models/diffusion_models/) with the Stage C alone in the official layout and VAELoader with the
+    Previewer alone give the checkpoint's latents and preview; the Result's variant names the UNET file."""
+    official = reference_dir("comfyui", "models", "official")
+    for folder, name, file in (("diffusion_models", "sc_c.safetensors", "stage_c.safetensors"),
+                               ("vae", "sc_previewer.safetensors", "previewer.safetensors")):
+        (comfy / "models" / folder).mkdir(exist_ok=True)
+        if not (comfy / "models" / folder / name).exists():
+            (comfy / "models" / folder / name).symlink_to(official / file)
+    ksampler = {"90": {"class_type": "KSampler", "inputs": {
+        "model": ["41", 0], "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["34", 0], "denoise": 1.0}}}
+    whole = run(_stage_c_only(ksampler), models=comfy, outputs=texts(), configs=configs())
+    graph = _stage_c_only(ksampler)
+    graph["41"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "sc_c.safetensors", "weight_dtype": "default"}}
+    graph["43"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sc_previewer.safetensors"}}
+    graph["8"]["inputs"]["vae"] = ["43", 0]
+    for node in ("6", "7"):
+        graph[node]["inputs"].pop("clip")  # given: no text encoder file needed
+    parts = run(graph, models=comfy, outputs=texts(), configs=configs())
+    torch.testing.assert_close(parts.images["9"], whole.images["9"], rtol=1e-5, atol=1e-5)
+    assert parts["9"].params.variant == "comfyui:sc_c.safetensors"
 
 
 @pytest.mark.reference

@@ -88,6 +88,7 @@ def test_a_load_image_mask_workflow_runs_and_a_missing_file_stops_it_first(tmp_p
     rgba = out.images["4"]
     same(rgba[..., :3], expected["LoadImage.rgb.png.image"], "the image")
     same(rgba[..., 3], 1 - expected["LoadImageMask.rgba.png.alpha"], "the alpha")
+    assert out["4"].params.variant == "comfyui"  # no model made it
     graph["2"]["inputs"]["image"] = "gone.png"
     with pytest.raises(WorkflowError, match="node 2 .*input image 'gone.png' not found") as err:
         run(graph, input_dir=DATA, output_dir=tmp_path / "none")

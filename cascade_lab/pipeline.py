@@ -242,10 +242,12 @@ class Pipeline:
     def sample_stage(self, name: str, model: Any, dtype: torch.dtype, plan: StagePlan, cond: dict[str, Any],
                      uncond: dict[str, Any], *, cfg: float | tuple[float, float], cfg_rho: float,
                      callback: Callable[[PipelineEvent], Any] | None, cancel: Callable[[], bool] | None,
-                     trajectory: list[Tensor] | None, extra_inputs: Callable[[float], Any] | None = None) -> Tensor:
+                     trajectory: list[Tensor] | None, extra_inputs: Callable[[float], Any] | None = None,
+                     step_t: Callable[[Tensor], float] | None = None) -> Tensor:
         """One stage's sampling; returns the stage's result (CPU float32): the last step's x0 for the logSNR
         family (official), the final x for the σ family (ComfyUI's KSampler output). ``extra_inputs(t)`` adds
-        model inputs per step (the ControlNet features), to the cond and uncond rows alike."""
+        model inputs per step (the ControlNet features), to the cond and uncond rows alike; t is the step position
+        (1 → 0), or what ``step_t(level)`` makes of the noise level (σ or logSNR) evaluated."""
         sampler = plan.sampler
         steps = plan.steps
         where = f"Stage {name.upper()}"
@@ -265,11 +267,13 @@ class Pipeline:
             guidance = None if not isinstance(cfg, tuple) and math.isclose(cfg, 1.0) else cfg
             if sampler.space == "sigma":
                 denoiser: Any = SigmaDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                              step_t=step_t_lookup(plan.sigmas, plan.ts), extra_inputs=extra_inputs)
+                                              step_t=step_t or step_t_lookup(plan.sigmas, plan.ts),
+                                              extra_inputs=extra_inputs)
                 x, levels = plan.start_ve(), plan.sigmas
             else:
                 denoiser = GuidedDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                          step_t=step_t_lookup(plan.levels, plan.ts), extra_inputs=extra_inputs)
+                                          step_t=step_t or step_t_lookup(plan.levels, plan.ts),
+                                          extra_inputs=extra_inputs)
                 x, levels = plan.start_vp(), plan.levels
             # shift: the model's schedule, which SA-Solver's default SDE window is defined on (ComfyUI's model_sampling)
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,7 @@ class Executor:
         if start > 0 or (end is not None and end < plan.steps):
             plan = step_window(plan, start, end, force_full_denoise)
         module = model.module()
+        shift = model.shift
         shared = True  # every conditioning has the same ControlNets: they run once, for all rows
         if stage == "c":
             width = int(module.clip_img_mapper.in_features)
@@ -275,7 +276,7 @@ class Executor:
                 """``t -> {"cnet": ...}`` of the conditioning's ControlNets (each run once per set)."""
                 key = tuple(id(control) for control in c.controls)
                 if key not in extras:
-                    inputs = self._controls(c, samples.shape)
+                    inputs = self._controls(c, samples.shape, shift)
                     features = self.pipeline.control_features(inputs, B) if inputs else []
                     extras[key] = self.pipeline.control_inputs(inputs, features)
                 return extras[key]
@@ -292,14 +293,18 @@ class Executor:
         used = sides if not math.isclose(cfg, 1.0) else sides[:1]  # CFG 1 runs the positive only
         if needs_separate_calls(used) or not shared:  # several conditionings, step ranges, sides of different
             check_coverage(used, ("positive", "negative"))  # shapes, or ControlNets on one side only
-            module = SeparateSides(module, sides)
+            module = SeparateSides(module, sides, active=lambda t, start, end: in_sigma_range(t, start, end, shift))
             cond, uncond = {SIDE: torch.zeros(B)}, {SIDE: torch.ones(B)}
             extra = _with_step(None)
         else:
             cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
+        # ranges (ControlNets, ConditioningSetTimestepRange) compare the step's σ with the model's σ at 1 − percent,
+        # as ComfyUI: the extra inputs and the separate sides get the σ being evaluated as their "t"
+        to_sigma = (lambda level: float(level)) if sampler.space == "sigma" else (
+            lambda level: float(torch.exp(-torch.as_tensor(level, dtype=torch.float32) / 2)))
         out = self.pipeline.sample_stage(stage, module, self.dtype, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
                                          callback=self._events(node_id), cancel=self.cancel, trajectory=None,
-                                         extra_inputs=extra)
+                                         extra_inputs=extra, step_t=to_sigma)
         info = {**latent.info, "node": node_id, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name,
                 "scheduler": scheduler_name, "denoise": denoise, "shift": model.shift, "model": model.path.name,
                 "loras": model.loras, "prompt": pos.prompt, "negative": neg.prompt,
@@ -323,11 +328,11 @@ class Executor:
 
         return labelled
 
-    def _controls(self, cond: Cond, shape: Any) -> list[ControlInput]:
+    def _controls(self, cond: Cond, shape: Any, shift: float = 2.0) -> list[ControlInput]:
         """The conditioning's ControlNets with their hints as ComfyUI prepares them for Stable Cascade: centre
         crop and resize to the latent × 32 (bilinear; the super-resolution one × 1, nearest-exact), a 1-channel
         ControlNet (canny) gets the channel mean."""
-        inputs = []
+        inputs: list[ControlInput] = []
         h, w = int(shape[-2]), int(shape[-1])
         for net, hint, strength, start, end in cond.controls:
             module = net.module()
@@ -340,7 +345,7 @@ class Executor:
             if image.size(1) != c_in:
                 raise ValueError(f"the ControlNet {net.path.name} takes {c_in} channels, its image has "
                                  f"{image.size(1)} (inpainting takes RGB + alpha: JoinImageWithAlpha)")
-            inputs.append(ControlInput(module, image, strength, start, end))
+            inputs.append(SigmaRangeControl(module, image, strength, start, end, shift=shift))
         return inputs
 
     def node_VAEDecode(self, node_id: str, samples: Latent, vae: Vae) -> Any:
@@ -399,7 +404,7 @@ class Executor:
 
     def node_ImageCompositeMasked(self, node_id: str, destination: Tensor, source: Tensor, x: int, y: int,
                                   resize_source: bool, mask: Tensor | None = None) -> Any:
-        link = self.graph[node_id]["inputs"].get("destination")
+        link = self.graph.get(node_id, {}).get("inputs", {}).get("destination")
         made = self.images.get(str(link[0])) if is_link(link) else None
         if made is not None and "latent" in made:  # a generation pasted over (inpainting): still that generation
             self.images[node_id] = made
@@ -417,6 +422,35 @@ class Executor:
     def _made_by(self, node_id: str) -> dict[str, Any] | None:
         link = self.graph[node_id]["inputs"].get("images")
         return self.images.get(str(link[0])) if is_link(link) else None
+
+
+def percent_sigma(percent: float, shift: float) -> float:
+    """ComfyUI's percent_to_sigma of Stable Cascade's schedule: the model's σ at timestep 1 − percent (float32),
+    every σ for 0 and none for 1."""
+    from ..diffusion.sigma_schedules import cascade_sigma
+
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    return float(cascade_sigma(torch.tensor(1.0 - percent), shift))
+
+
+def in_sigma_range(sigma: float, start: float, end: float, shift: float) -> bool:
+    """Whether a step at ``sigma`` lies in the [start, end] percent range as ComfyUI decides it (ControlNet step
+    ranges, ConditioningSetTimestepRange): σ(1 − start) ≥ σ ≥ σ(1 − end) on the model's schedule, which on a
+    schedule other than 'simple' is not the fraction of the steps."""
+    return not (sigma > percent_sigma(start, shift) or sigma < percent_sigma(end, shift))
+
+
+@dataclass(frozen=True)
+class SigmaRangeControl(ControlInput):
+    """A ControlNet whose step range is ComfyUI's σ range; `active` is given the step's σ."""
+
+    shift: float = 2.0
+
+    def active(self, t: float) -> bool:
+        return in_sigma_range(t, self.start, self.end, self.shift)
 
 
 def _controls_to_uncond(positive: list[Cond], negative: list[Cond]) -> list[Cond]:

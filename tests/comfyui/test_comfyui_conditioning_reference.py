@@ -102,8 +102,8 @@ def traced(monkeypatch: pytest.MonkeyPatch, graph: dict[str, Any], root: Path) -
         monkeypatch.setattr(Executor, f"node_{kind}", keep)
     controls = Executor._controls
 
-    def hints(self: Any, cond: Any, shape: Any) -> Any:
-        made = controls(self, cond, shape)
+    def hints(self: Any, cond: Any, shape: Any, shift: float) -> Any:
+        made = controls(self, cond, shape, shift)
         seen["hints"] += [c.image for c in made]
         return made
 
@@ -175,3 +175,26 @@ def test_super_resolution_controlnet_node(monkeypatch: pytest.MonkeyPatch, tree:
     assert_rel(features, expected["sr.controlnet_input"], "controlnet_input")
     torch.testing.assert_close(stage_c.samples, expected["sr.stage_c"], rtol=0, atol=0)
     torch.testing.assert_close(stage_b.samples, expected["sr.stage_b"], rtol=0, atol=0)
+
+
+def test_step_ranges_are_comfyuis_sigma_thresholds(monkeypatch: pytest.MonkeyPatch, tree: Path,
+                                                   expected: dict[str, torch.Tensor]) -> None:
+    """ControlNetApplyAdvanced 20 %..60 % and ConditioningSetTimestepRange 0..30 % / 30 %..100 % on 6 karras steps:
+    ComfyUI applies a range where the step's σ lies between the model's σ at 1 − start and 1 − end, which on
+    karras' σ is not the fraction of the steps."""
+    graph = base(sampler(8, 6, 4.0, "euler", "karras", ["49", 0], ["49", 1]), 320, 256, 32)
+    graph["47"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "controlnet_c1.safetensors"}}
+    graph["49"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["47", 0], "image": ["50", 0], "strength": 1.0,
+        "start_percent": 0.2, "end_percent": 0.6}}
+    seen = traced(monkeypatch, graph, tree)
+    assert_rel(seen["3"].samples, expected["cnet1.karras.latent"], "Stage C latent, ControlNet range")
+    graph = base(sampler(9, 6, 4.0, "euler", "karras", ["72", 0], ["7", 0]), 256, 256, 42)
+    graph["70"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["6", 0], "start": 0.0,
+                                                                            "end": 0.3}}
+    graph["71"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["7", 0], "start": 0.3,
+                                                                            "end": 1.0}}
+    graph["72"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["70", 0],
+                                                                   "conditioning_2": ["71", 0]}}
+    seen = traced(monkeypatch, graph, tree)
+    assert_rel(seen["3"].samples, expected["range.karras.latent"], "Stage C latent, conditioning ranges")

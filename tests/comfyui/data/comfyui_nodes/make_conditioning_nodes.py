@@ -83,6 +83,14 @@ def main() -> None:
     pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, cnets[1], image, 0.8, 0.1, 0.7)
     out["cnet1.latent"] = sample(pos, neg, 5, 4, 4.0, "euler_ancestral", "simple", 320, 256, 32)
     out["cnet1.hint"] = hints[1][..., ::3, ::3]  # every third pixel: enough to check the crop and resize
+    # the step range on a schedule whose σ are not evenly spaced in the model's timesteps: ComfyUI compares each
+    # σ with the model's σ at 1 − percent, which is not the fraction of the steps
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, cnets[1], image, 1.0, 0.2, 0.6)
+    out["cnet1.karras.latent"] = sample(pos, neg, 8, 6, 4.0, "euler", "karras", 320, 256, 32)
+    early = nodes.ConditioningSetTimestepRange().set_range(positive, 0.0, 0.3)[0]
+    late = nodes.ConditioningSetTimestepRange().set_range(negative, 0.3, 1.0)[0]
+    both = nodes.ConditioningCombine().combine(early, late)[0]
+    out["range.karras.latent"] = sample(both, negative, 9, 6, 4.0, "euler", "karras", 256, 256, 42)
     mask = nodes.LoadImageMask().load_image("rgba.png", "alpha")[0]
     rgba = nodes_compositing.JoinImageWithAlpha.execute(image, mask)[0]
     pos = nodes.ControlNetApply().apply_controlnet(positive, cnets[4], rgba, 1.0)[0]

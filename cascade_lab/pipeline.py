@@ -111,6 +111,19 @@ class ControlInput:
         return in_step_range(t, self.start, self.end)
 
 
+@dataclass(frozen=True)
+class SigmaRangeControl(ControlInput):
+    """A ControlNet whose [start, end] range is ComfyUI's (``compat="comfyui"``, the ComfyUI runner): `active` is
+    given the step's σ and compares it with the model's σ at 1 − start and 1 − end (Stage C's ``shift``)."""
+
+    shift: float = 2.0
+
+    def active(self, t: float) -> bool:
+        from .diffusion.sigma_schedules import in_sigma_range
+
+        return in_sigma_range(t, self.start, self.end, self.shift)
+
+
 @dataclass
 class PipelineEvent:
     """One sampler step of one stage, for progress bars and previews."""
@@ -389,12 +402,21 @@ class Pipeline:
         plan_c = plan_stage(samplers[0], schedulers[0], params.steps_c, params.shift_c, params.denoise,
                             params.strength if latent is not None else 1.0, noise, "c", (B, 16, h, w), latent,
                             compat)
+        step_t = None
+        if compat == "comfyui" and controls:  # ComfyUI's step ranges: σ thresholds, not the fraction of the steps
+            from dataclasses import fields
+
+            from .diffusion.sigma_schedules import level_to_sigma
+
+            controls = [SigmaRangeControl(**{f.name: getattr(c, f.name) for f in fields(ControlInput)},
+                                          shift=params.shift_c) for c in controls]
+            step_t = level_to_sigma(plan_c.sampler.space)
         features = self.control_features(controls, B) if controls else []
         latent_c = self.sample_stage(
             "c", self.stages.stage_c, self.dtype_c, plan_c, cond, uncond, cfg=params.cfg_c,
             cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_c if keep_trajectory else None,
-            extra_inputs=self.control_inputs(controls, features))
+            extra_inputs=self.control_inputs(controls, features), step_t=step_t)
         del features
         timings["stage_c"] = time.perf_counter() - t0
 
@@ -524,4 +546,4 @@ def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float,
 
 
 __all__ = ["CancelToken", "Cancelled", "ControlInput", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput",
-           "StagePlan", "Stages", "plan_stage", "release_freed_memory"]
+           "SigmaRangeControl", "StagePlan", "Stages", "plan_stage", "release_freed_memory"]

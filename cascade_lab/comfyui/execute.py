@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..pipeline import ControlInput, Pipeline, Stages, plan_stage
+from ..diffusion.sigma_schedules import in_sigma_range, level_to_sigma
+from ..pipeline import ControlInput, Pipeline, SigmaRangeControl, Stages, plan_stage
 from ..plugins import get_sampler, get_scheduler
 from . import image_nodes
 from .graph import MODEL_FILES, find_input, is_link
@@ -300,8 +301,7 @@ class Executor:
             cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
         # ranges (ControlNets, ConditioningSetTimestepRange) compare the step's σ with the model's σ at 1 − percent,
         # as ComfyUI: the extra inputs and the separate sides get the σ being evaluated as their "t"
-        to_sigma = (lambda level: float(level)) if sampler.space == "sigma" else (
-            lambda level: float(torch.exp(-torch.as_tensor(level, dtype=torch.float32) / 2)))
+        to_sigma = level_to_sigma(sampler.space)
         out = self.pipeline.sample_stage(stage, module, self.dtype, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
                                          callback=self._events(node_id), cancel=self.cancel, trajectory=None,
                                          extra_inputs=extra, step_t=to_sigma)
@@ -422,35 +422,6 @@ class Executor:
     def _made_by(self, node_id: str) -> dict[str, Any] | None:
         link = self.graph[node_id]["inputs"].get("images")
         return self.images.get(str(link[0])) if is_link(link) else None
-
-
-def percent_sigma(percent: float, shift: float) -> float:
-    """ComfyUI's percent_to_sigma of Stable Cascade's schedule: the model's σ at timestep 1 − percent (float32),
-    every σ for 0 and none for 1."""
-    from ..diffusion.sigma_schedules import cascade_sigma
-
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    return float(cascade_sigma(torch.tensor(1.0 - percent), shift))
-
-
-def in_sigma_range(sigma: float, start: float, end: float, shift: float) -> bool:
-    """Whether a step at ``sigma`` lies in the [start, end] percent range as ComfyUI decides it (ControlNet step
-    ranges, ConditioningSetTimestepRange): σ(1 − start) ≥ σ ≥ σ(1 − end) on the model's schedule, which on a
-    schedule other than 'simple' is not the fraction of the steps."""
-    return not (sigma > percent_sigma(start, shift) or sigma < percent_sigma(end, shift))
-
-
-@dataclass(frozen=True)
-class SigmaRangeControl(ControlInput):
-    """A ControlNet whose step range is ComfyUI's σ range; `active` is given the step's σ."""
-
-    shift: float = 2.0
-
-    def active(self, t: float) -> bool:
-        return in_sigma_range(t, self.start, self.end, self.shift)
 
 
 def _controls_to_uncond(positive: list[Cond], negative: list[Cond]) -> list[Cond]:

@@ -72,9 +72,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Cascade, dict
     return root, cascade, nets, {"6": texts[POSITIVE], "7": texts[NEGATIVE]}
 
 
-def generate(setup: Any, control: Control, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+def generate(setup: Any, control: Control, tmp_path: Path, **settings: Any) -> tuple[Any, dict[str, Any]]:
     root, cascade, _, _ = setup
-    result = cascade.generate(POSITIVE, NEGATIVE, controls=[control], **SETTINGS)
+    result = cascade.generate(POSITIVE, NEGATIVE, controls=[control], **{**SETTINGS, **settings})
     [png] = result.save(tmp_path / "gen.png")
     return result, chunks(png)
 
@@ -118,8 +118,11 @@ def test_a_canny_generation_runs_again_from_its_png(setup: Any, tmp_path: Path) 
     from cascade_lab.comfyui.image_nodes import canny as comfy_canny
 
     root, _, nets, texts = setup
-    control = Control("canny", str(root / "input" / "photo.png"), strength=0.8, start=0.1, model=nets["canny"])
-    result, saved = generate(setup, control, tmp_path)
+    control = Control("canny", str(root / "input" / "photo.png"), strength=0.8, start=0.2, end=0.6,
+                      model=nets["canny"])
+    # on 5 karras steps ComfyUI's σ range (its start / end percent) is not the fraction of the steps: under
+    # compat="comfyui" cascade_lab applies the range as ComfyUI does
+    result, saved = generate(setup, control, tmp_path, scheduler_c="karras", steps_c=5)
     graph = saved["prompt"]
     assert graph["104"]["inputs"]["width"] == 224 and graph["104"]["inputs"]["upscale_method"] == "bilinear"
     assert (graph["102"]["inputs"]["low_threshold"], graph["102"]["inputs"]["high_threshold"]) == (0.25, 0.51)

@@ -74,8 +74,55 @@ def upscale(images: Tensor, width: int, height: int, method: str, crop: str) -> 
             out.append(torch.from_numpy(resized).reshape(height, width, -1).permute(2, 0, 1))
         return torch.stack(out)
     if method == "bislerp":
-        method = "bilinear"  # ComfyUI's slerp-based resize; bilinear is the nearest torch mode
+        return bislerp(images, width, height)
     return F.interpolate(images, size=(height, width), mode=method)
+
+
+def _sample_points(old: int, new: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where bilinear resizing (half-pixel centres, edges clamped) samples an axis of ``old`` pixels for ``new``:
+    the left neighbour, the right one (the last pixel at the edge) and the weight of the right one."""
+    position = F.interpolate(torch.arange(old, dtype=torch.float32).view(1, 1, 1, -1), size=(1, new),
+                             mode="bilinear").flatten()
+    right = torch.arange(old, dtype=torch.float32) + 1
+    right[-1] -= 1
+    right_at = F.interpolate(right.view(1, 1, 1, -1), size=(1, new), mode="bilinear").flatten()
+    return position.long(), right_at.long(), position - position.floor()
+
+
+def _slerp_rows(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """Spherical interpolation of the channel vectors a, b [N, C] by w [N, 1], the length interpolated linearly
+    (ComfyUI's bislerp): a itself when they point the same way, linear when they are opposite."""
+    norm_a, norm_b = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    unit_a = torch.where(norm_a == 0, torch.zeros_like(a), a / norm_a)
+    unit_b = torch.where(norm_b == 0, torch.zeros_like(b), b / norm_b)
+    cos = (unit_a * unit_b).sum(-1)
+    angle = torch.acos(cos)
+    sin = torch.sin(angle)
+    w1 = w.squeeze(1)
+    out = ((torch.sin((1.0 - w1) * angle) / sin).unsqueeze(1) * unit_a
+           + (torch.sin(w1 * angle) / sin).unsqueeze(1) * unit_b)
+    out = out * (norm_a * (1.0 - w) + norm_b * w)
+    same, opposite = cos > 1 - 1e-5, cos < 1e-5 - 1
+    out[same] = a[same]
+    out[opposite] = (a * (1.0 - w) + b * w)[opposite]
+    return out
+
+
+def bislerp(images: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's "bislerp" resize of [B, C, H, W]: along the width, then the height, each output pixel the
+    spherical interpolation of its two bilinear neighbours' channel vectors."""
+    dtype = images.dtype
+    x = images.float()
+    B, C, H, W = x.shape
+    left, right, w = _sample_points(W, width)
+    a = x[..., left].movedim(1, -1).reshape(-1, C)
+    b = x[..., right].movedim(1, -1).reshape(-1, C)
+    x = _slerp_rows(a, b, w.view(1, 1, -1).expand(B, H, -1).reshape(-1, 1)).view(B, H, width, C).movedim(-1, 1)
+    top, bottom, w = _sample_points(H, height)
+    a = x[:, :, top].movedim(1, -1).reshape(-1, C)
+    b = x[:, :, bottom].movedim(1, -1).reshape(-1, C)
+    x = _slerp_rows(a, b, w.view(1, -1, 1).expand(B, -1, width).reshape(-1, 1)).view(B, height, width, C)
+    return x.movedim(-1, 1).to(dtype)
 
 
 def image_scale(image: Tensor, method: str, width: int, height: int, crop: str) -> Tensor:

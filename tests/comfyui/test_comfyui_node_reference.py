@@ -65,7 +65,7 @@ def test_image_nodes_as_comfyui(nodes: Executor, expected: dict[str, torch.Tenso
              expected[f"ImageCompositeMasked.{key}"], f"ImageCompositeMasked {key}")
     same(nodes.node_JoinImageWithAlpha("1", destination, small), expected["JoinImageWithAlpha"], "JoinImageWithAlpha")
     picture = expected["picture"]
-    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos", "bislerp"):
         for w, h, crop in ((20, 12, "disabled"), (8, 8, "center"), (0, 5, "disabled")):
             same(nodes.node_ImageScale("1", picture, method, w, h, crop),
                  expected[f"ImageScale.{method}.{w}x{h}.{crop}"],

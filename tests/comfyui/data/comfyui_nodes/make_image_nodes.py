@@ -74,7 +74,7 @@ def main() -> None:
     out["JoinImageWithAlpha"] = nodes_compositing.JoinImageWithAlpha.execute(destination.clone(), small.clone())[0]
     picture = torch.rand(1, 9, 14, 3, generator=g)
     out["picture"] = picture
-    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos", "bislerp"):
         for w, h, crop in ((20, 12, "disabled"), (8, 8, "center"), (0, 5, "disabled")):
             out[f"ImageScale.{method}.{w}x{h}.{crop}"] = nodes.ImageScale().upscale(picture.clone(), method, w, h,
                                                                                    crop)[0]

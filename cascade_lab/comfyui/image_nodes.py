@@ -13,24 +13,33 @@ Tensor = torch.Tensor
 
 
 def load_image(path: Path) -> tuple[Tensor, Tensor]:
-    """LoadImage: EXIF orientation applied, a 32-bit integer image ('I', 16-bit PNGs) scaled by 1/255 first as
-    ComfyUI does, RGB / 255 → [1, H, W, 3]; the mask is 1 − alpha (a palette's transparency too; [1, 64, 64]
-    zeros without either). The first frame of an animated file."""
-    from PIL import Image, ImageOps
+    """LoadImage: every frame of the file as a batch (frames of another size than the first skipped; an MPO's
+    first only), each with its EXIF orientation applied, a 32-bit integer frame ('I', 16-bit PNGs) scaled by
+    1/255 first as ComfyUI does, RGB / 255 → [B, H, W, 3]; the mask is 1 − alpha (a palette's transparency too;
+    [1, 64, 64] zeros for a frame without either)."""
+    from PIL import Image, ImageOps, ImageSequence
 
+    images, masks = [], []
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "I":
-            img = img.point(lambda v: v * (1 / 255))
-        image = torch.from_numpy(np.asarray(img.convert("RGB")).astype(np.float32) / 255.0)[None]
-        if "A" in img.getbands():
-            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A")).astype(np.float32) / 255.0)[None]
-        elif img.mode == "P" and "transparency" in img.info:
-            alpha = np.asarray(img.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
-            mask = 1.0 - torch.from_numpy(alpha)[None]
-        else:
-            mask = torch.zeros(1, 64, 64)
-    return image, mask
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda v: v * (1 / 255))
+            rgb = frame.convert("RGB")
+            if images and rgb.size != (images[0].shape[1], images[0].shape[0]):
+                continue
+            images.append(torch.from_numpy(np.asarray(rgb).astype(np.float32) / 255.0))
+            if "A" in frame.getbands():
+                alpha = np.asarray(frame.getchannel("A")).astype(np.float32) / 255.0
+                masks.append(1.0 - torch.from_numpy(alpha))
+            elif frame.mode == "P" and "transparency" in frame.info:
+                alpha = np.asarray(frame.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+                masks.append(1.0 - torch.from_numpy(alpha))
+            else:
+                masks.append(torch.zeros(64, 64))
+            if img.format == "MPO":
+                break
+    return torch.stack(images), torch.stack(masks)
 
 
 def load_image_mask(path: Path, channel: str) -> Tensor:
@@ -183,6 +192,8 @@ def grow_mask(mask: Tensor, expand: int, tapered_corners: bool) -> Tensor:
 def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source: bool,
               mask: Tensor | None) -> Tensor:
     """ImageCompositeMasked: ``source`` pasted at (x, y) over ``destination`` through ``mask`` (default all)."""
+    if source.shape[-1] > destination.shape[-1]:  # an RGBA source over an RGB image: its colour only
+        source = source[..., :destination.shape[-1]]
     out = destination.clone()
     src = source
     if resize_source:

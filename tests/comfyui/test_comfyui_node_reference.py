@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from cascade_lab.comfyui.execute import Executor
 
 DATA = Path(__file__).parent / "data" / "comfyui_nodes"
-FILES = ("rgba.png", "rgb.png", "gray.png", "palette.png", "gray16.png", "exif.png")
+FILES = ("rgba.png", "rgb.png", "gray.png", "palette.png", "gray16.png", "exif.png", "anim.png")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def same(actual: Any, wanted: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("name", FILES)
 def test_load_image_mask_and_load_image_as_comfyui(name: str, nodes: Executor,
                                                    expected: dict[str, torch.Tensor]) -> None:
-    """Every channel of RGBA, RGB, grayscale, palette-with-transparency, 16-bit and EXIF-rotated PNGs."""
+    """Every channel of RGBA, RGB, grayscale, palette-with-transparency, 16-bit, EXIF-rotated and animated PNGs
+    (LoadImage: every frame, a batch; LoadImageMask: the first)."""
     for channel in ("alpha", "red", "green", "blue"):
         same(nodes.node_LoadImageMask("1", name, channel), expected[f"LoadImageMask.{name}.{channel}"],
              f"LoadImageMask {name} {channel}")
@@ -63,6 +64,8 @@ def test_image_nodes_as_comfyui(nodes: Executor, expected: dict[str, torch.Tenso
                                    ("resized", (0, 0, True, small))):
         same(nodes.node_ImageCompositeMasked("1", destination, source, x, y, resize, m),
              expected[f"ImageCompositeMasked.{key}"], f"ImageCompositeMasked {key}")
+    same(nodes.node_ImageCompositeMasked("1", destination, expected["source_rgba"], 2, 1, False, small),
+         expected["ImageCompositeMasked.rgba_source"], "ImageCompositeMasked RGBA source")
     same(nodes.node_JoinImageWithAlpha("1", destination, small), expected["JoinImageWithAlpha"], "JoinImageWithAlpha")
     picture = expected["picture"]
     for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos", "bislerp"):

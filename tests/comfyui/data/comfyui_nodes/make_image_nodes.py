@@ -30,9 +30,11 @@ def write_inputs() -> None:
     exif = rotated.getexif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     rotated.save(HERE / "exif.png", exif=exif)
+    frames = [Image.fromarray(rgba, "RGBA"), Image.fromarray(255 - rgba, "RGBA")]
+    frames[0].save(HERE / "anim.png", save_all=True, append_images=frames[1:])  # an animated PNG, 2 frames
 
 
-FILES = ("rgba.png", "rgb.png", "gray.png", "palette.png", "gray16.png", "exif.png")
+FILES = ("rgba.png", "rgb.png", "gray.png", "palette.png", "gray16.png", "exif.png", "anim.png")
 
 
 def main() -> None:
@@ -71,6 +73,10 @@ def main() -> None:
         x, y, resize, m = args
         out[f"ImageCompositeMasked.{key}"] = nodes_mask.ImageCompositeMasked.execute(
             destination.clone(), source.clone(), x, y, resize, m)[0]
+    with_alpha = torch.cat([source, torch.rand(1, 6, 5, 1, generator=g)], dim=-1)
+    out["source_rgba"] = with_alpha
+    out["ImageCompositeMasked.rgba_source"] = nodes_mask.ImageCompositeMasked.execute(
+        destination.clone(), with_alpha.clone(), 2, 1, False, small)[0]
     out["JoinImageWithAlpha"] = nodes_compositing.JoinImageWithAlpha.execute(destination.clone(), small.clone())[0]
     picture = torch.rand(1, 9, 14, 3, generator=g)
     out["picture"] = picture

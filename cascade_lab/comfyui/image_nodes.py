@@ -19,7 +19,8 @@ def load_image(path: Path) -> tuple[Tensor, Tensor]:
     [1, 64, 64] zeros for a frame without either)."""
     from PIL import Image, ImageOps, ImageSequence
 
-    images, masks = [], []
+    images: list[Tensor] = []
+    masks: list[Tensor] = []
     with Image.open(path) as img:
         for frame in ImageSequence.Iterator(img):
             frame = ImageOps.exif_transpose(frame)

@@ -128,13 +128,25 @@ def test_canny_controlnet_example(comfy: Path) -> None:
     graph["3"]["inputs"]["negative"] = ["7", 0]
     applied = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
     torch.testing.assert_close(applied, result.latent_c, rtol=1e-5, atol=1e-5 * result.latent_c.abs().max().item())
-    # with a ControlNet of its own on the negative (strength 0.5 there), each side keeps its own
-    graph["48"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["7", 0], "control_net": ["47", 0],
-                                                               "image": ["51", 0], "strength": 0.5}}
-    graph["3"]["inputs"]["negative"] = ["48", 0]
-    apart = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
-    for other in (result.latent_c, off["9"].latent_c):
-        assert not torch.allclose(apart, other, rtol=1e-3, atol=1e-3 * other.abs().max().item())
+
+
+def test_control_net_apply_fills_a_negative_without_controlnets_only() -> None:
+    """ComfyUI's sampler: the k-th positive conditioning marked by ControlNetApply lends its ControlNets to
+    negative entry k mod n, unless some negative has ControlNets of its own; ControlNetApplyAdvanced's never."""
+    from cascade_lab.comfyui.execute import _controls_to_uncond
+    from cascade_lab.comfyui.models import Cond
+
+    plain = Cond(torch.zeros(1, 77, 4), torch.zeros(1, 4))
+    a, b = ("net a", None, 1.0, 0.0, 1.0), ("net b", None, 0.5, 0.0, 1.0)
+    marked = [plain.with_(controls=(a,), extra={"control_to_uncond": True}),
+              plain.with_(controls=(b,), extra={"control_to_uncond": True})]
+    filled = _controls_to_uncond(marked, [plain, plain.with_(prompt="n2")])
+    assert [c.controls for c in filled] == [(a,), (b,)] and filled[1].prompt == "n2"
+    assert [c.controls for c in _controls_to_uncond(marked, [plain])] == [(b,)]  # a later one replaces
+    own = [plain.with_(controls=(b,))]
+    assert _controls_to_uncond(marked, own) == own
+    advanced = [plain.with_(controls=(a,), extra={"control_to_uncond": False})]
+    assert _controls_to_uncond(advanced, [plain]) == [plain]
 
 
 @pytest.mark.reference

@@ -195,6 +195,19 @@ def _controls(params: GenerationParams, node: Any, positive: list[Any], negative
             if feather:
                 notes.append(f"inpainting: the mask's {feather}-pixel feather (a Gaussian blur) for the composite "
                              "over the original has no core ComfyUI node; the hard mask composites here")
+        elif kind == "super_resolution":  # the half-size image's EfficientNet latent, as ComfyUI's SR node makes it
+            half = (params.width // 2, params.height // 2)
+            small = node(str(base + 4), "ImageScale", image=picture, upscale_method="bilinear", width=half[0],
+                         height=half[1], crop="disabled")
+            picture = [node(str(base + 5), "StableCascade_SuperResolutionControlnet", image=small,
+                            vae=["41", 2])[0], 0]
+            if int(params.compression) != 32:
+                notes.append("super_resolution: ComfyUI's StableCascade_SuperResolutionControlnet also makes the "
+                             "latents of its examples at compression 32; this graph keeps compression "
+                             f"{int(params.compression)} (StableCascade_EmptyLatentImage)")
+            if facts is not None and facts[0] != half:
+                notes.append(f"super_resolution: the image is {facts[0][0]}x{facts[0][1]}; cascade_lab resizes it "
+                             f"to {half[0]}x{half[1]} antialiased, ImageScale without antialiasing")
         else:
             notes.append(f"ControlNet {kind!r}: its input image is given as it is")
         out = node(str(base + 3), "ControlNetApplyAdvanced", positive=positive, negative=negative,

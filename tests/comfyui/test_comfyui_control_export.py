@@ -168,3 +168,24 @@ def test_what_the_inpainting_graph_cannot_hold_is_noted() -> None:
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
             for k, v in ui_to_api(ui_workflow(graph, notes)).items()} == strip
+
+
+def test_a_super_resolution_control_exports_comfyuis_sr_node() -> None:
+    """The SR ControlNet's input is the half-size image's EfficientNet latent: ImageScale to half the size, then
+    StableCascade_SuperResolutionControlnet's controlnet_input (on the Stage C checkpoint's VAE), not the picture."""
+    from cascade_lab.comfyui.export import api_prompt
+    from cascade_lab.comfyui.graph import check as check_graph
+    from cascade_lab.params import GenerationParams
+
+    params = GenerationParams("a fox", width=512, height=384, seed=1, compat="comfyui", compression=32.0,
+                              controls=(("super_resolution", "/in/low.png", 1.0, 0.0, 1.0, "", "", 0, 0),))
+    graph, notes = api_prompt(params)
+    assert graph["100"]["inputs"]["control_net_name"] == "stable_cascade_super_resolution.safetensors"
+    assert graph["104"]["inputs"]["width"] == 256 and graph["104"]["inputs"]["height"] == 192
+    assert graph["105"]["class_type"] == "StableCascade_SuperResolutionControlnet"
+    assert graph["105"]["inputs"] == {"image": ["104", 0], "vae": ["41", 2]}
+    assert graph["103"]["inputs"]["image"] == ["105", 0] and not any("super_resolution" in n for n in notes)
+    with pytest.raises(Exception, match="not found") as err:  # only the files are missing: links and types check
+        check_graph(graph)
+    assert "wrong input type" not in str(err.value) and "broken link" not in str(err.value)
+    assert any("compression 42" in n for n in api_prompt(params.replace(compression=42.0))[1])

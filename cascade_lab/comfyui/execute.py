@@ -402,6 +402,19 @@ class Executor:
     def node_ThresholdMask(self, node_id: str, mask: Tensor, value: float) -> Any:
         return (mask > value).float()
 
+    def node_MaskToImage(self, node_id: str, mask: Tensor) -> Any:
+        return mask.reshape(-1, 1, *mask.shape[-2:]).movedim(1, -1).expand(-1, -1, -1, 3)
+
+    def node_ImageToMask(self, node_id: str, image: Tensor, channel: str) -> Any:
+        index = ("red", "green", "blue", "alpha").index(channel)
+        if index >= image.shape[-1]:
+            raise ValueError(f"channel {channel!r}: the image has {image.shape[-1]} channels (no alpha; "
+                             "JoinImageWithAlpha adds one)")
+        return image[..., index]
+
+    def node_ImageBlur(self, node_id: str, image: Tensor, blur_radius: int, sigma: float) -> Any:
+        return image_nodes.blur(image, int(blur_radius), float(sigma))
+
     def node_ImageCompositeMasked(self, node_id: str, destination: Tensor, source: Tensor, x: int, y: int,
                                   resize_source: bool, mask: Tensor | None = None) -> Any:
         link = self.graph.get(node_id, {}).get("inputs", {}).get("destination")

@@ -189,12 +189,9 @@ def _controls(params: GenerationParams, node: Any, positive: list[Any], negative
                 notes.append(f"canny: the control image is {facts[0][0]}x{facts[0][1]}; cascade_lab first resizes "
                              f"it to {size[0]}x{size[1]} (antialiased), this graph goes to 224×224 directly")
         elif kind == "inpainting":
-            picture, original, keep = _inpainting(params, node, base, picture, image, mask, int(grow), facts,
-                                                  notes)
+            picture, original, keep = _inpainting(params, node, base, picture, image, mask, int(grow),
+                                                  int(feather), facts, notes)
             composites.append((original, keep))
-            if feather:
-                notes.append(f"inpainting: the mask's {feather}-pixel feather (a Gaussian blur) for the composite "
-                             "over the original has no core ComfyUI node; the hard mask composites here")
         elif kind == "super_resolution":  # the half-size image's EfficientNet latent, as ComfyUI's SR node makes it
             half = (params.width // 2, params.height // 2)
             small = node(str(base + 4), "ImageScale", image=picture, upscale_method="bilinear", width=half[0],
@@ -218,12 +215,14 @@ def _controls(params: GenerationParams, node: Any, positive: list[Any], negative
 
 
 def _inpainting(params: GenerationParams, node: Any, base: int, loaded: list[Any], image: str, mask: str,
-                grow: int, facts: tuple[tuple[int, int], bool] | None,
+                grow: int, feather: int, facts: tuple[tuple[int, int], bool] | None,
                 notes: list[str]) -> tuple[list[Any], list[Any], list[Any]]:
     """The official InpaintFilter as ComfyUI nodes, as ComfyUI's inpainting example builds it: the image at the
     generation size (ImageScale), the mask cut at 0.5 (ThresholdMask) and grown (GrowMask, square), the masked
     pixels white (EmptyImage + ImageCompositeMasked), the mask as the fourth channel (InvertMask +
-    JoinImageWithAlpha). Returns the ControlNet's image, the scaled original and where to keep it (1 − mask)."""
+    JoinImageWithAlpha); a feather for the composite over the original as MaskToImage → ImageBlur (radius
+    feather, σ half of it) → ImageToMask. Returns the ControlNet's image, the scaled original and where to keep
+    it (1 − mask)."""
     width, height = params.width, params.height
     scaled = node(str(base + 4), "ImageScale", image=loaded, upscale_method="bilinear", width=width, height=height,
                   crop="disabled")
@@ -256,7 +255,17 @@ def _inpainting(params: GenerationParams, node: Any, base: int, loaded: list[Any
                    resize_source=False, mask=hard)
     inverted = node(str(base + 10), "InvertMask", mask=hard)
     joined = node(str(base + 2), "JoinImageWithAlpha", image=painted, alpha=inverted)
-    return joined, scaled, inverted
+    if not feather:
+        return joined, scaled, inverted
+    radius = min(feather, 31)  # ImageBlur's largest radius
+    if radius != feather:
+        notes.append(f"inpainting: a {feather}-pixel feather; ImageBlur blurs 31 pixels at most")
+    notes.append("inpainting: where the feathered mask reaches the image border it differs a little (ImageBlur "
+                 "reflects the border, cascade_lab repeats it)")
+    as_image = node(str(base + 11), "MaskToImage", mask=hard)
+    blurred = node(str(base + 12), "ImageBlur", image=as_image, blur_radius=radius, sigma=0.5 * feather / radius)
+    soft = node(str(base + 13), "ImageToMask", image=blurred, channel="red")
+    return joined, scaled, node(str(base + 14), "InvertMask", mask=soft)
 
 
 def ui_workflow(graph: Graph, notes: Sequence[str] = ()) -> dict[str, Any]:

@@ -214,6 +214,21 @@ def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source
     return out
 
 
+def blur(image: Tensor, radius: int, sigma: float) -> Tensor:
+    """ImageBlur: a (2·radius + 1)² Gaussian whose σ is in units of the radius (its taps at −1 … 1), edges
+    reflected, each channel alone; radius 0 leaves the image as it is."""
+    if radius <= 0:
+        return image
+    taps = torch.linspace(-1, 1, 2 * radius + 1)
+    yy, xx = torch.meshgrid(taps, taps, indexing="ij")
+    kernel = torch.exp(-(xx * xx + yy * yy) / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    C = image.shape[-1]
+    x = F.pad(image.movedim(-1, 1).float(), (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(x, kernel.expand(C, 1, -1, -1), groups=C)
+    return out.movedim(1, -1)
+
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

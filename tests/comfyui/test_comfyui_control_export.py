@@ -82,7 +82,7 @@ def generate(setup: Any, control: Control, tmp_path: Path, **settings: Any) -> t
 def test_an_inpainting_generation_runs_again_from_its_png(setup: Any, tmp_path: Path) -> None:
     root, _, nets, texts = setup
     control = Control("inpainting", str(root / "input" / "photo.png"), strength=0.9, end=0.8,
-                      mask=str(root / "input" / "hole.png"), model=nets["inpainting"], grow=3)
+                      mask=str(root / "input" / "hole.png"), model=nets["inpainting"], grow=3, feather=4)
     result, saved = generate(setup, control, tmp_path)
     graph = saved["prompt"]
     kinds = {v["class_type"] for v in graph.values()}
@@ -93,6 +93,8 @@ def test_an_inpainting_generation_runs_again_from_its_png(setup: Any, tmp_path: 
     assert graph["100"]["inputs"]["control_net_name"] == "stable_cascade_inpainting.safetensors"
     assert graph["105"]["inputs"] == {"image": "hole.png", "channel": "red", "upload": "image"}
     assert graph["107"]["inputs"]["expand"] == 3 and graph["9"]["inputs"]["images"] == ["1000", 0]
+    assert graph["112"]["inputs"] | {"image": None} == {"image": None, "blur_radius": 4, "sigma": 0.5}  # feather
+    assert graph["1000"]["inputs"]["mask"] == ["114", 0] and graph["103"]["inputs"]["image"] == ["102", 0]
     notes = next(n for n in saved["workflow"]["nodes"] if n["type"] == "Note")["widgets_values"][0]
     assert "luma" in notes and "ControlNet input size" not in notes
     check(graph, models=root, outputs=texts)  # the runner's pre-load check
@@ -152,7 +154,7 @@ def test_a_canny_generation_runs_again_from_its_png(setup: Any, tmp_path: Path) 
 
 
 def test_what_the_inpainting_graph_cannot_hold_is_noted() -> None:
-    """Boxes as the mask, a feathered composite and ComfyUI's own ControlNet input size: a Note each; the graph
+    """Boxes as the mask, a feather at the border and ComfyUI's own ControlNet input size: a Note each; the graph
     takes the LoadImage's mask (paint it in ComfyUI) and converts to the UI form and back."""
     from cascade_lab.comfyui import ui_to_api
     from cascade_lab.comfyui.export import api_prompt, ui_workflow
@@ -162,9 +164,10 @@ def test_what_the_inpainting_graph_cannot_hold_is_noted() -> None:
         ("inpainting", "/in/photo.png", 1.0, 0.0, 1.0, "[(10, 10, 50, 60)]", "", 0, 4),))
     graph, notes = api_prompt(params)
     assert graph["106"]["inputs"]["mask"] == ["101", 1] and "107" not in graph  # no grow: no GrowMask
-    assert graph["1000"]["inputs"]["mask"] == ["110", 0] and graph["110"]["class_type"] == "InvertMask"
+    assert graph["1000"]["inputs"]["mask"] == ["114", 0] and graph["114"]["class_type"] == "InvertMask"
+    assert graph["102"]["inputs"]["alpha"] == ["110", 0]  # the ControlNet sees the hard mask, not the feather
     text = "\n".join(notes)
-    assert "the mask was boxes" in text and "4-pixel feather" in text and "latent × 32 (768x768)" in text
+    assert "the mask was boxes" in text and "reflects the border" in text and "latent × 32 (768x768)" in text
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
             for k, v in ui_to_api(ui_workflow(graph, notes)).items()} == strip

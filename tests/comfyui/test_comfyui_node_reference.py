@@ -56,6 +56,12 @@ def test_mask_nodes_as_comfyui(nodes: Executor, expected: dict[str, torch.Tensor
              f"GrowMask {expand} tapered={tapered}")
     same(nodes.node_ThresholdMask("1", mask, 0.3), expected["ThresholdMask.0.3"], "ThresholdMask")
     same(nodes.node_InvertMask("1", mask), expected["InvertMask"], "InvertMask")
+    as_image = nodes.node_MaskToImage("1", mask)
+    same(as_image, expected["MaskToImage"], "MaskToImage")
+    for radius, sigma in ((3, 0.5), (2, 1.0)):
+        same(nodes.node_ImageBlur("1", as_image, radius, sigma), expected[f"ImageBlur.{radius}.{sigma}"],
+             f"ImageBlur {radius} {sigma}")
+    same(nodes.node_ImageToMask("1", expected["picture"], "green"), expected["ImageToMask.green"], "ImageToMask")
 
 
 def test_image_nodes_as_comfyui(nodes: Executor, expected: dict[str, torch.Tensor]) -> None:

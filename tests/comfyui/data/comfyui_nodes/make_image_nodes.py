@@ -84,6 +84,14 @@ def main() -> None:
         for w, h, crop in ((20, 12, "disabled"), (8, 8, "center"), (0, 5, "disabled")):
             out[f"ImageScale.{method}.{w}x{h}.{crop}"] = nodes.ImageScale().upscale(picture.clone(), method, w, h,
                                                                                    crop)[0]
+    from comfy_extras import nodes_post_processing
+
+    as_image = nodes_mask.MaskToImage.execute(mask.clone())[0]
+    out["MaskToImage"] = as_image
+    for radius, sigma in ((3, 0.5), (2, 1.0)):
+        blurred = nodes_post_processing.Blur.execute(as_image.clone(), radius, sigma)[0]
+        out[f"ImageBlur.{radius}.{sigma}"] = blurred
+    out["ImageToMask.green"] = nodes_mask.ImageToMask.execute(picture.clone(), "green")[0]
     out["EmptyImage"] = nodes.EmptyImage().generate(6, 4, 2, 0x3A7FC0)[0]
     save_file({k: v.contiguous().float() for k, v in out.items()}, str(HERE / "image_nodes.safetensors"))
     print(len(out), "tensors")

@@ -111,6 +111,19 @@ class ControlInput:
         return in_step_range(t, self.start, self.end)
 
 
+@dataclass(frozen=True)
+class SigmaRangeControl(ControlInput):
+    """A ControlNet whose [start, end] range is ComfyUI's (``compat="comfyui"``, the ComfyUI runner): `active` is
+    given the step's σ and compares it with the model's σ at 1 − start and 1 − end (Stage C's ``shift``)."""
+
+    shift: float = 2.0
+
+    def active(self, t: float) -> bool:
+        from .diffusion.sigma_schedules import in_sigma_range
+
+        return in_sigma_range(t, self.start, self.end, self.shift)
+
+
 @dataclass
 class PipelineEvent:
     """One sampler step of one stage, for progress bars and previews."""
@@ -242,10 +255,12 @@ class Pipeline:
     def sample_stage(self, name: str, model: Any, dtype: torch.dtype, plan: StagePlan, cond: dict[str, Any],
                      uncond: dict[str, Any], *, cfg: float | tuple[float, float], cfg_rho: float,
                      callback: Callable[[PipelineEvent], Any] | None, cancel: Callable[[], bool] | None,
-                     trajectory: list[Tensor] | None, extra_inputs: Callable[[float], Any] | None = None) -> Tensor:
+                     trajectory: list[Tensor] | None, extra_inputs: Callable[[float], Any] | None = None,
+                     step_t: Callable[[Tensor], float] | None = None) -> Tensor:
         """One stage's sampling; returns the stage's result (CPU float32): the last step's x0 for the logSNR
         family (official), the final x for the σ family (ComfyUI's KSampler output). ``extra_inputs(t)`` adds
-        model inputs per step (the ControlNet features), to the cond and uncond rows alike."""
+        model inputs per step (the ControlNet features), to the cond and uncond rows alike; t is the step position
+        (1 → 0), or what ``step_t(level)`` makes of the noise level (σ or logSNR) evaluated."""
         sampler = plan.sampler
         steps = plan.steps
         where = f"Stage {name.upper()}"
@@ -265,11 +280,13 @@ class Pipeline:
             guidance = None if not isinstance(cfg, tuple) and math.isclose(cfg, 1.0) else cfg
             if sampler.space == "sigma":
                 denoiser: Any = SigmaDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                              step_t=step_t_lookup(plan.sigmas, plan.ts), extra_inputs=extra_inputs)
+                                              step_t=step_t or step_t_lookup(plan.sigmas, plan.ts),
+                                              extra_inputs=extra_inputs)
                 x, levels = plan.start_ve(), plan.sigmas
             else:
                 denoiser = GuidedDenoiser(model, cast, cast_u, cfg=guidance, cfg_rho=cfg_rho,
-                                          step_t=step_t_lookup(plan.levels, plan.ts), extra_inputs=extra_inputs)
+                                          step_t=step_t or step_t_lookup(plan.levels, plan.ts),
+                                          extra_inputs=extra_inputs)
                 x, levels = plan.start_vp(), plan.levels
             # shift: the model's schedule, which SA-Solver's default SDE window is defined on (ComfyUI's model_sampling)
             try:
@@ -385,12 +402,21 @@ class Pipeline:
         plan_c = plan_stage(samplers[0], schedulers[0], params.steps_c, params.shift_c, params.denoise,
                             params.strength if latent is not None else 1.0, noise, "c", (B, 16, h, w), latent,
                             compat)
+        step_t = None
+        if compat == "comfyui" and controls:  # ComfyUI's step ranges: σ thresholds, not the fraction of the steps
+            from dataclasses import fields
+
+            from .diffusion.sigma_schedules import level_to_sigma
+
+            controls = [SigmaRangeControl(**{f.name: getattr(c, f.name) for f in fields(ControlInput)},
+                                          shift=params.shift_c) for c in controls]
+            step_t = level_to_sigma(plan_c.sampler.space)
         features = self.control_features(controls, B) if controls else []
         latent_c = self.sample_stage(
             "c", self.stages.stage_c, self.dtype_c, plan_c, cond, uncond, cfg=params.cfg_c,
             cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_c if keep_trajectory else None,
-            extra_inputs=self.control_inputs(controls, features))
+            extra_inputs=self.control_inputs(controls, features), step_t=step_t)
         del features
         timings["stage_c"] = time.perf_counter() - t0
 
@@ -520,4 +546,4 @@ def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float,
 
 
 __all__ = ["CancelToken", "Cancelled", "ControlInput", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput",
-           "StagePlan", "Stages", "plan_stage", "release_freed_memory"]
+           "SigmaRangeControl", "StagePlan", "Stages", "plan_stage", "release_freed_memory"]

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..pipeline import ControlInput, Pipeline, Stages, plan_stage
+from ..diffusion.sigma_schedules import in_sigma_range, level_to_sigma
+from ..pipeline import ControlInput, Pipeline, SigmaRangeControl, Stages, plan_stage
 from ..plugins import get_sampler, get_scheduler
 from . import image_nodes
 from .graph import MODEL_FILES, find_input, is_link
@@ -169,8 +170,8 @@ class Executor:
                              strength: float) -> Any:
         if strength == 0:
             return conditioning
-        return [c.with_(controls=(*c.controls, (control_net, image, float(strength), 0.0, 1.0)))
-                for c in conditioning]
+        return [c.with_(controls=(*c.controls, (control_net, image, float(strength), 0.0, 1.0)),
+                        extra={**c.extra, "control_to_uncond": True}) for c in conditioning]
 
     def node_ControlNetApplyAdvanced(self, node_id: str, positive: list[Cond], negative: list[Cond],
                                      control_net: ControlNet, image: Tensor, strength: float, start_percent: float,
@@ -178,8 +179,8 @@ class Executor:
         if strength == 0:
             return positive, negative
         control = (control_net, image, float(strength), float(start_percent), float(end_percent))
-        return ([c.with_(controls=(*c.controls, control)) for c in positive],
-                [c.with_(controls=(*c.controls, control)) for c in negative])
+        return ([c.with_(controls=(*c.controls, control), extra={**c.extra, "control_to_uncond": False})
+                 for c in positive], [c.with_(controls=(*c.controls, control)) for c in negative])
 
     def node_StableCascade_StageB_Conditioning(self, node_id: str, conditioning: list[Cond], stage_c: Latent) -> Any:
         return [c.with_(prior=stage_c.samples, extra={**c.extra, "stage_c": stage_c}) for c in conditioning]
@@ -248,6 +249,7 @@ class Executor:
                              "latent node")
         if not positive or not negative:
             raise ValueError("an empty conditioning (ConditioningCombine of nothing?) cannot guide sampling")
+        negative = _controls_to_uncond(positive, negative)
         pos, neg = positive[0], negative[0]
         sampler, scheduler = get_sampler(sampler_name, "comfyui"), get_scheduler(scheduler_name, "comfyui")
         samples = latent.samples.float()
@@ -263,6 +265,7 @@ class Executor:
         if start > 0 or (end is not None and end < plan.steps):
             plan = step_window(plan, start, end, force_full_denoise)
         module = model.module()
+        shift = model.shift
         shared = True  # every conditioning has the same ControlNets: they run once, for all rows
         if stage == "c":
             width = int(module.clip_img_mapper.in_features)
@@ -272,7 +275,7 @@ class Executor:
                 """``t -> {"cnet": ...}`` of the conditioning's ControlNets (each run once per set)."""
                 key = tuple(id(control) for control in c.controls)
                 if key not in extras:
-                    inputs = self._controls(c, samples.shape)
+                    inputs = self._controls(c, samples.shape, shift)
                     features = self.pipeline.control_features(inputs, B) if inputs else []
                     extras[key] = self.pipeline.control_inputs(inputs, features)
                 return extras[key]
@@ -289,14 +292,17 @@ class Executor:
         used = sides if not math.isclose(cfg, 1.0) else sides[:1]  # CFG 1 runs the positive only
         if needs_separate_calls(used) or not shared:  # several conditionings, step ranges, sides of different
             check_coverage(used, ("positive", "negative"))  # shapes, or ControlNets on one side only
-            module = SeparateSides(module, sides)
+            module = SeparateSides(module, sides, active=lambda t, start, end: in_sigma_range(t, start, end, shift))
             cond, uncond = {SIDE: torch.zeros(B)}, {SIDE: torch.ones(B)}
             extra = _with_step(None)
         else:
             cond, uncond = dict(sides[0][0].inputs), dict(sides[1][0].inputs)
+        # ranges (ControlNets, ConditioningSetTimestepRange) compare the step's σ with the model's σ at 1 − percent,
+        # as ComfyUI: the extra inputs and the separate sides get the σ being evaluated as their "t"
+        to_sigma = level_to_sigma(sampler.space)
         out = self.pipeline.sample_stage(stage, module, self.dtype, plan, cond, uncond, cfg=cfg, cfg_rho=0.0,
                                          callback=self._events(node_id), cancel=self.cancel, trajectory=None,
-                                         extra_inputs=extra)
+                                         extra_inputs=extra, step_t=to_sigma)
         info = {**latent.info, "node": node_id, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler_name,
                 "scheduler": scheduler_name, "denoise": denoise, "shift": model.shift, "model": model.path.name,
                 "loras": model.loras, "prompt": pos.prompt, "negative": neg.prompt,
@@ -320,11 +326,11 @@ class Executor:
 
         return labelled
 
-    def _controls(self, cond: Cond, shape: Any) -> list[ControlInput]:
+    def _controls(self, cond: Cond, shape: Any, shift: float = 2.0) -> list[ControlInput]:
         """The conditioning's ControlNets with their hints as ComfyUI prepares them for Stable Cascade: centre
         crop and resize to the latent × 32 (bilinear; the super-resolution one × 1, nearest-exact), a 1-channel
         ControlNet (canny) gets the channel mean."""
-        inputs = []
+        inputs: list[ControlInput] = []
         h, w = int(shape[-2]), int(shape[-1])
         for net, hint, strength, start, end in cond.controls:
             module = net.module()
@@ -337,7 +343,7 @@ class Executor:
             if image.size(1) != c_in:
                 raise ValueError(f"the ControlNet {net.path.name} takes {c_in} channels, its image has "
                                  f"{image.size(1)} (inpainting takes RGB + alpha: JoinImageWithAlpha)")
-            inputs.append(ControlInput(module, image, strength, start, end))
+            inputs.append(SigmaRangeControl(module, image, strength, start, end, shift=shift))
         return inputs
 
     def node_VAEDecode(self, node_id: str, samples: Latent, vae: Vae) -> Any:
@@ -366,6 +372,12 @@ class Executor:
         self.images[node_id] = {"file": str(path)}
         return image_nodes.load_image(path)
 
+    def node_LoadImageMask(self, node_id: str, image: str, channel: str, upload: Any = None) -> Any:
+        path = find_input(image, self.input_dir)
+        if path is None:
+            raise FileNotFoundError(f"input image {image!r} not found in {self.input_dir}")
+        return image_nodes.load_image_mask(path, channel)
+
     def node_EmptyImage(self, node_id: str, width: int, height: int, batch_size: int, color: int) -> Any:
         return image_nodes.empty_image(width, height, batch_size, color)
 
@@ -388,8 +400,25 @@ class Executor:
     def node_ThresholdMask(self, node_id: str, mask: Tensor, value: float) -> Any:
         return (mask > value).float()
 
+    def node_MaskToImage(self, node_id: str, mask: Tensor) -> Any:
+        return mask.reshape(-1, 1, *mask.shape[-2:]).movedim(1, -1).expand(-1, -1, -1, 3)
+
+    def node_ImageToMask(self, node_id: str, image: Tensor, channel: str) -> Any:
+        index = ("red", "green", "blue", "alpha").index(channel)
+        if index >= image.shape[-1]:
+            raise ValueError(f"channel {channel!r}: the image has {image.shape[-1]} channels (no alpha; "
+                             "JoinImageWithAlpha adds one)")
+        return image[..., index]
+
+    def node_ImageBlur(self, node_id: str, image: Tensor, blur_radius: int, sigma: float) -> Any:
+        return image_nodes.blur(image, int(blur_radius), float(sigma))
+
     def node_ImageCompositeMasked(self, node_id: str, destination: Tensor, source: Tensor, x: int, y: int,
                                   resize_source: bool, mask: Tensor | None = None) -> Any:
+        link = self.graph.get(node_id, {}).get("inputs", {}).get("destination")
+        made = self.images.get(str(link[0])) if is_link(link) else None
+        if made is not None and "latent" in made:  # a generation pasted over (inpainting): still that generation
+            self.images[node_id] = made
         return image_nodes.composite(destination, source, int(x), int(y), bool(resize_source), mask)
 
     # -- outputs -----------------------------------------------------------------------------------------
@@ -404,6 +433,19 @@ class Executor:
     def _made_by(self, node_id: str) -> dict[str, Any] | None:
         link = self.graph[node_id]["inputs"].get("images")
         return self.images.get(str(link[0])) if is_link(link) else None
+
+
+def _controls_to_uncond(positive: list[Cond], negative: list[Cond]) -> list[Cond]:
+    """ComfyUI's ControlNetApply (not the Advanced node) marks its ControlNets for the negative side too: when no
+    negative conditioning has a ControlNet, the k-th such positive conditioning's ControlNets go to negative entry
+    k mod n (a later one replacing an earlier), as ComfyUI's sampler fills them in."""
+    if any(c.controls for c in negative) or not negative:
+        return negative
+    marked = [c for c in positive if c.controls and c.extra.get("control_to_uncond")]
+    filled = list(negative)
+    for k, c in enumerate(marked):
+        filled[k % len(negative)] = negative[k % len(negative)].with_(controls=c.controls)
+    return filled
 
 
 def _with_step(extra: Callable[[float], Any] | None) -> Callable[[float], Any]:

@@ -109,7 +109,7 @@ def api_prompt(params: GenerationParams, index: int | None = None) -> tuple[Grap
         positive = node(str(82 + 3 * k), "unCLIPConditioning", conditioning=positive, clip_vision_output=seen,
                         strength=float(weight), noise_augmentation=0.0)
     stage_b_positive = positive
-    positive, negative = _controls(params, node, positive, negative, notes)
+    positive, negative, composites = _controls(params, node, positive, negative, notes)
     compression = int(params.compression)  # floor: 42.67 → 42, the same Stage C latent for sizes up to 1024+
     if params.init_image is not None:
         loaded = node("48", "LoadImage", image=_name(params.init_image, "image.png"), upload="image")
@@ -133,32 +133,143 @@ def api_prompt(params: GenerationParams, index: int | None = None) -> tuple[Grap
                      scheduler=scheduler, denoise=1.0, model=model_b, positive=cond_b, negative=["7", 0],
                      latent_image=[latent[0], 1])
     decoded = node("8", "VAEDecode", samples=sampled_b, vae=["42", 2])
+    for k, (original, keep) in enumerate(composites):  # inpainting: the original back outside the mask
+        decoded = node(str(1000 + k), "ImageCompositeMasked", destination=decoded, source=original, x=0, y=0,
+                       resize_source=False, mask=keep)
     node("9", "SaveImage", filename_prefix="cascade_lab", images=decoded)
     return g, notes
 
 
+CONTROLNET_FILES = {"canny": "stable_cascade_canny.safetensors", "inpainting": "stable_cascade_inpainting.safetensors",
+                    "super_resolution": "stable_cascade_super_resolution.safetensors"}  # ComfyUI examples' names
+# the official CannyFilter's cv2.Canny(uint8, 100, 200) thresholds in the Canny node's units. OpenCV's magnitude is
+# the L1 norm of the unnormalised 3×3 Sobel on the 0-255 image: a step of height d (in [0, 1]) gives 1020·d. The
+# node's (kornia's) is the L2 norm of the unnormalised Sobel on the [0, 1] image after its 5×5 σ 1 Gaussian blur:
+# the same step gives 2.59·d. So 100 → 100 · 2.59 / 1020 = 0.254 and 200 → 0.508 (on the node's 0.01 grid).
+CANNY_LOW, CANNY_HIGH = 0.25, 0.51
+CANNY_SIZE = 224  # the official filter finds the edges at 224×224
+
+
+def _file_facts(path: str) -> tuple[tuple[int, int], bool] | None:
+    """(size, has transparent pixels) of an image file, None when it is not there to look at."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+            transparent = alpha and img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+            return img.size, bool(transparent)
+    except (OSError, ValueError):
+        return None
+
+
 def _controls(params: GenerationParams, node: Any, positive: list[Any], negative: list[Any],
-              notes: list[str]) -> tuple[list[Any], list[Any]]:
-    """Each ControlNet as ControlNetLoader + LoadImage (+ Canny) + ControlNetApplyAdvanced on both sides."""
+              notes: list[str]) -> tuple[list[Any], list[Any], list[tuple[list[Any], list[Any]]]]:
+    """Each ControlNet as ControlNetLoader + its input image as the official filter makes it + ControlNetApplyAdvanced
+    on both sides; for inpainting also the (original image, mask) to composite the result over."""
+    size = (params.width, params.height)
+    latent = (params.width // int(params.compression), params.height // int(params.compression))
+    composites: list[tuple[list[Any], list[Any]]] = []
+    if params.controls and (latent[0] * 32, latent[1] * 32) != size:
+        notes.append(f"ControlNet input size: cascade_lab gives the ControlNet the {size[0]}x{size[1]} image, "
+                     f"ComfyUI resizes it to the latent × 32 ({latent[0] * 32}x{latent[1] * 32}); compression 32 "
+                     "with sizes that are multiples of 32 make them the same")
     for k, (kind, image, strength, start, end, mask, model, grow, feather) in enumerate(params.controls):
-        base = 100 + 10 * k
-        loader = node(str(base), "ControlNetLoader", control_net_name=_name(model, f"{kind}.safetensors"))
+        base = 100 + 20 * k
+        loader = node(str(base), "ControlNetLoader",
+                      control_net_name=_name(model, CONTROLNET_FILES.get(kind, f"{kind}.safetensors")))
         picture = node(str(base + 1), "LoadImage", image=_name(image, "control.png"), upload="image")
+        facts = _file_facts(image) if image and not image.startswith("sha256:") else None
         if kind == "canny":
-            picture = node(str(base + 2), "Canny", image=picture, low_threshold=0.4, high_threshold=0.8)
-            notes.append("canny: the official CannyFilter is OpenCV's Canny; ComfyUI's Canny node is kornia's "
-                         "(thresholds 0.4 / 0.8 here)")
+            small = node(str(base + 4), "ImageScale", image=picture, upscale_method="bilinear", width=CANNY_SIZE,
+                         height=CANNY_SIZE, crop="disabled")
+            picture = node(str(base + 2), "Canny", image=small, low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
+            notes.append("canny: the official CannyFilter is OpenCV's Canny (100 / 200 on the 224×224 image: no "
+                         "blur, the strongest colour channel's L1 gradient); ComfyUI's Canny node is kornia's "
+                         f"(Gaussian-blurred luma, L2 gradient), here at the thresholds that pass the same step edges "
+                         f"({CANNY_LOW} / {CANNY_HIGH}): its edges lie on or next to the official ones, and it misses "
+                         "some (colour edges of near-equal luma, weak ramps), so the image differs")
+            if facts is not None and facts[0] != size:
+                notes.append(f"canny: the control image is {facts[0][0]}x{facts[0][1]}; cascade_lab first resizes "
+                             f"it to {size[0]}x{size[1]} (antialiased), this graph goes to 224×224 directly")
         elif kind == "inpainting":
-            notes.append("inpainting: ComfyUI's example masks the image with ImageCompositeMasked before the "
-                         f"ControlNet; the mask ({mask or 'none'}), grow {grow} and feather {feather} are not "
-                         "in this graph")
-        elif kind != "identity":
+            picture, original, keep = _inpainting(params, node, base, picture, image, mask, int(grow),
+                                                  int(feather), facts, notes)
+            composites.append((original, keep))
+        elif kind == "super_resolution":  # the half-size image's EfficientNet latent, as ComfyUI's SR node makes it
+            half = (params.width // 2, params.height // 2)
+            small = node(str(base + 4), "ImageScale", image=picture, upscale_method="bilinear", width=half[0],
+                         height=half[1], crop="disabled")
+            picture = [node(str(base + 5), "StableCascade_SuperResolutionControlnet", image=small,
+                            vae=["41", 2])[0], 0]
+            if int(params.compression) != 32:
+                notes.append("super_resolution: ComfyUI's StableCascade_SuperResolutionControlnet also makes the "
+                             "latents of its examples at compression 32; this graph keeps compression "
+                             f"{int(params.compression)} (StableCascade_EmptyLatentImage)")
+            if facts is not None and facts[0] != half:
+                notes.append(f"super_resolution: the image is {facts[0][0]}x{facts[0][1]}; cascade_lab resizes it "
+                             f"to {half[0]}x{half[1]} antialiased, ImageScale without antialiasing")
+        else:
             notes.append(f"ControlNet {kind!r}: its input image is given as it is")
         out = node(str(base + 3), "ControlNetApplyAdvanced", positive=positive, negative=negative,
                    control_net=loader, image=picture, strength=float(strength), start_percent=float(start),
                    end_percent=float(end))
         positive, negative = [out[0], 0], [out[0], 1]
-    return positive, negative
+    return positive, negative, composites
+
+
+def _inpainting(params: GenerationParams, node: Any, base: int, loaded: list[Any], image: str, mask: str,
+                grow: int, feather: int, facts: tuple[tuple[int, int], bool] | None,
+                notes: list[str]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The official InpaintFilter as ComfyUI nodes, as ComfyUI's inpainting example builds it: the image at the
+    generation size (ImageScale), the mask cut at 0.5 (ThresholdMask) and grown (GrowMask, square), the masked
+    pixels white (EmptyImage + ImageCompositeMasked), the mask as the fourth channel (InvertMask +
+    JoinImageWithAlpha); a feather for the composite over the original as MaskToImage → ImageBlur (radius
+    feather, σ half of it) → ImageToMask. Returns the ControlNet's image, the scaled original and where to keep
+    it (1 − mask)."""
+    width, height = params.width, params.height
+    scaled = node(str(base + 4), "ImageScale", image=loaded, upscale_method="bilinear", width=width, height=height,
+                  crop="disabled")
+    if facts is not None and facts[0] != (width, height):
+        notes.append(f"inpainting: the image is {facts[0][0]}x{facts[0][1]}; cascade_lab resizes it to "
+                     f"{width}x{height} antialiased, ImageScale without antialiasing")
+    if not mask or mask.startswith(("sha256:", "[")):
+        what = "boxes" if mask.startswith("[") else "an in-memory mask" if mask else "no mask"
+        notes.append(f"inpainting: the mask was {what}; this graph takes the LoadImage's mask (its transparent "
+                     "pixels): paint it in ComfyUI's mask editor")
+        source = [loaded[0], 1]
+    elif mask == image:
+        source = [loaded[0], 1]  # an RGBA image's own transparency, as ComfyUI's example
+    else:
+        mask_facts = _file_facts(mask)
+        channel = "alpha" if mask_facts is not None and mask_facts[1] else "red"
+        if channel == "red":
+            notes.append("inpainting: cascade_lab reads a mask image's luma (white = regenerate); ComfyUI's "
+                         "LoadImageMask has no luma, its red channel is the same for a grey mask")
+        if mask_facts is not None and mask_facts[0] != (width, height):
+            notes.append(f"inpainting: the mask is {mask_facts[0][0]}x{mask_facts[0][1]}; cascade_lab resizes it "
+                         "to the image with nearest neighbours, ComfyUI's nodes bilinearly")
+        source = node(str(base + 5), "LoadImageMask", image=_name(mask, "mask.png"), channel=channel,
+                      upload="image")
+    hard = node(str(base + 6), "ThresholdMask", mask=source, value=0.5)
+    if grow:
+        hard = node(str(base + 7), "GrowMask", mask=hard, expand=grow, tapered_corners=False)
+    white = node(str(base + 8), "EmptyImage", width=width, height=height, batch_size=1, color=0xFFFFFF)
+    painted = node(str(base + 9), "ImageCompositeMasked", destination=scaled, source=white, x=0, y=0,
+                   resize_source=False, mask=hard)
+    inverted = node(str(base + 10), "InvertMask", mask=hard)
+    joined = node(str(base + 2), "JoinImageWithAlpha", image=painted, alpha=inverted)
+    if not feather:
+        return joined, scaled, inverted
+    radius = min(feather, 31)  # ImageBlur's largest radius
+    if radius != feather:
+        notes.append(f"inpainting: a {feather}-pixel feather; ImageBlur blurs 31 pixels at most")
+    notes.append("inpainting: where the feathered mask reaches the image border it differs a little (ImageBlur "
+                 "reflects the border, cascade_lab repeats it)")
+    as_image = node(str(base + 11), "MaskToImage", mask=hard)
+    blurred = node(str(base + 12), "ImageBlur", image=as_image, blur_radius=radius, sigma=0.5 * feather / radius)
+    soft = node(str(base + 13), "ImageToMask", image=blurred, channel="red")
+    return joined, scaled, node(str(base + 14), "InvertMask", mask=soft)
 
 
 def ui_workflow(graph: Graph, notes: Sequence[str] = ()) -> dict[str, Any]:

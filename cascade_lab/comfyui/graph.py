@@ -153,7 +153,7 @@ def _check_files(graph: Graph, node_id: str, comfyui: Any, extra_model_paths: An
             comfyui_model_path(MODEL_FILES[kind][1], name, comfyui=comfyui, extra_model_paths=extra_model_paths)
         except WeightsNotFoundError as e:
             return [f"node {title(graph, node_id)}: " + str(e).replace("\n", "\n    ")]
-    if kind == "LoadImage":
+    if kind in ("LoadImage", "LoadImageMask"):
         name = node["inputs"].get("image")
         if isinstance(name, str) and find_input(name, input_dir) is None:
             folder = Path(input_dir) if input_dir is not None else None

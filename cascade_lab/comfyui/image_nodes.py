@@ -13,18 +13,53 @@ Tensor = torch.Tensor
 
 
 def load_image(path: Path) -> tuple[Tensor, Tensor]:
-    """LoadImage: EXIF orientation applied, RGB / 255 → [1, H, W, 3]; the mask is 1 − alpha ([1, 64, 64] zeros
-    without an alpha channel)."""
+    """LoadImage: every frame of the file as a batch (frames of another size than the first skipped; an MPO's
+    first only), each with its EXIF orientation applied, a 32-bit integer frame ('I', 16-bit PNGs) scaled by
+    1/255 first as ComfyUI does, RGB / 255 → [B, H, W, 3]; the mask is 1 − alpha (a palette's transparency too;
+    [1, 64, 64] zeros for a frame without either)."""
+    from PIL import Image, ImageOps, ImageSequence
+
+    images: list[Tensor] = []
+    masks: list[Tensor] = []
+    with Image.open(path) as img:
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda v: v * (1 / 255))
+            rgb = frame.convert("RGB")
+            if images and rgb.size != (images[0].shape[1], images[0].shape[0]):
+                continue
+            images.append(torch.from_numpy(np.asarray(rgb).astype(np.float32) / 255.0))
+            if "A" in frame.getbands():
+                alpha = np.asarray(frame.getchannel("A")).astype(np.float32) / 255.0
+                masks.append(1.0 - torch.from_numpy(alpha))
+            elif frame.mode == "P" and "transparency" in frame.info:
+                alpha = np.asarray(frame.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+                masks.append(1.0 - torch.from_numpy(alpha))
+            else:
+                masks.append(torch.zeros(64, 64))
+            if img.format == "MPO":
+                break
+    return torch.stack(images), torch.stack(masks)
+
+
+def load_image_mask(path: Path, channel: str) -> Tensor:
+    """LoadImageMask: one channel of the image as RGBA (EXIF orientation applied, an 'I' image scaled by 1/255
+    first) / 255 → [1, H, W]; the alpha channel inverted (1 − alpha: transparent = masked), as ComfyUI computes it.
+    An image without alpha has alpha 255 everywhere, so its 'alpha' mask is all 0."""
     from PIL import Image, ImageOps
 
+    band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}.get(channel)
+    if band is None:
+        raise ValueError(f"channel {channel!r}: use one of alpha, red, green, blue")
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        image = torch.from_numpy(np.asarray(img.convert("RGB")).astype(np.float32) / 255.0)[None]
-        if "A" in img.getbands():
-            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A")).astype(np.float32) / 255.0)[None]
-        else:
-            mask = torch.zeros(1, 64, 64)
-    return image, mask
+        if img.getbands() != ("R", "G", "B", "A"):
+            if img.mode == "I":
+                img = img.point(lambda v: v * (1 / 255))
+            img = img.convert("RGBA")
+        mask = torch.from_numpy(np.asarray(img.getchannel(band)).astype(np.float32) / 255.0)
+    return (1.0 - mask if band == "A" else mask)[None]
 
 
 def empty_image(width: int, height: int, batch_size: int, color: int) -> Tensor:
@@ -43,14 +78,61 @@ def upscale(images: Tensor, width: int, height: int, method: str, crop: str) -> 
 
         out = []
         for image in images:
-            array = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+            array = image.mul(255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # truncated
             pil = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
             resized = np.asarray(pil.resize((width, height), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
             out.append(torch.from_numpy(resized).reshape(height, width, -1).permute(2, 0, 1))
         return torch.stack(out)
     if method == "bislerp":
-        method = "bilinear"  # ComfyUI's slerp-based resize; bilinear is the nearest torch mode
+        return bislerp(images, width, height)
     return F.interpolate(images, size=(height, width), mode=method)
+
+
+def _sample_points(old: int, new: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where bilinear resizing (half-pixel centres, edges clamped) samples an axis of ``old`` pixels for ``new``:
+    the left neighbour, the right one (the last pixel at the edge) and the weight of the right one."""
+    position = F.interpolate(torch.arange(old, dtype=torch.float32).view(1, 1, 1, -1), size=(1, new),
+                             mode="bilinear").flatten()
+    right = torch.arange(old, dtype=torch.float32) + 1
+    right[-1] -= 1
+    right_at = F.interpolate(right.view(1, 1, 1, -1), size=(1, new), mode="bilinear").flatten()
+    return position.long(), right_at.long(), position - position.floor()
+
+
+def _slerp_rows(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """Spherical interpolation of the channel vectors a, b [N, C] by w [N, 1], the length interpolated linearly
+    (ComfyUI's bislerp): a itself when they point the same way, linear when they are opposite."""
+    norm_a, norm_b = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    unit_a = torch.where(norm_a == 0, torch.zeros_like(a), a / norm_a)
+    unit_b = torch.where(norm_b == 0, torch.zeros_like(b), b / norm_b)
+    cos = (unit_a * unit_b).sum(-1)
+    angle = torch.acos(cos)
+    sin = torch.sin(angle)
+    w1 = w.squeeze(1)
+    out = ((torch.sin((1.0 - w1) * angle) / sin).unsqueeze(1) * unit_a
+           + (torch.sin(w1 * angle) / sin).unsqueeze(1) * unit_b)
+    out = out * (norm_a * (1.0 - w) + norm_b * w)
+    same, opposite = cos > 1 - 1e-5, cos < 1e-5 - 1
+    out[same] = a[same]
+    out[opposite] = (a * (1.0 - w) + b * w)[opposite]
+    return out
+
+
+def bislerp(images: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's "bislerp" resize of [B, C, H, W]: along the width, then the height, each output pixel the
+    spherical interpolation of its two bilinear neighbours' channel vectors."""
+    dtype = images.dtype
+    x = images.float()
+    B, C, H, W = x.shape
+    left, right, w = _sample_points(W, width)
+    a = x[..., left].movedim(1, -1).reshape(-1, C)
+    b = x[..., right].movedim(1, -1).reshape(-1, C)
+    x = _slerp_rows(a, b, w.view(1, 1, -1).expand(B, H, -1).reshape(-1, 1)).view(B, H, width, C).movedim(-1, 1)
+    top, bottom, w = _sample_points(H, height)
+    a = x[:, :, top].movedim(1, -1).reshape(-1, C)
+    b = x[:, :, bottom].movedim(1, -1).reshape(-1, C)
+    x = _slerp_rows(a, b, w.view(1, -1, 1).expand(B, -1, width).reshape(-1, 1)).view(B, height, width, C)
+    return x.movedim(-1, 1).to(dtype)
 
 
 def image_scale(image: Tensor, method: str, width: int, height: int, crop: str) -> Tensor:
@@ -89,11 +171,12 @@ def canny(image: Tensor, low: float, high: float) -> Tensor:
 
 
 def join_alpha(image: Tensor, alpha: Tensor) -> Tensor:
-    """JoinImageWithAlpha: RGBA with alpha = 1 − mask, the mask resized to the image."""
-    B, H, W = image.shape[:3]
+    """JoinImageWithAlpha: RGBA with alpha = 1 − mask, the mask resized to the image (bilinear); as many images
+    as the shorter of the two batches (ComfyUI pairs them up, it does not repeat a single mask)."""
+    H, W = image.shape[1:3]
+    batch = min(image.size(0), alpha.reshape(-1, *alpha.shape[-2:]).size(0))
     mask = F.interpolate(alpha.reshape(-1, 1, *alpha.shape[-2:]), size=(H, W), mode="bilinear").squeeze(1)
-    mask = mask.expand(B, -1, -1) if mask.size(0) == 1 else mask
-    return torch.cat([image[..., :3], (1.0 - mask)[..., None]], dim=-1)
+    return torch.cat([image[:batch, ..., :3], (1.0 - mask[:batch])[..., None]], dim=-1)
 
 
 def grow_mask(mask: Tensor, expand: int, tapered_corners: bool) -> Tensor:
@@ -110,6 +193,8 @@ def grow_mask(mask: Tensor, expand: int, tapered_corners: bool) -> Tensor:
 def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source: bool,
               mask: Tensor | None) -> Tensor:
     """ImageCompositeMasked: ``source`` pasted at (x, y) over ``destination`` through ``mask`` (default all)."""
+    if source.shape[-1] > destination.shape[-1]:  # an RGBA source over an RGB image: its colour only
+        source = source[..., :destination.shape[-1]]
     out = destination.clone()
     src = source
     if resize_source:
@@ -127,6 +212,21 @@ def composite(destination: Tensor, source: Tensor, x: int, y: int, resize_source
     region = out[:, y:y + h, x:x + w]
     out[:, y:y + h, x:x + w] = src[:, :h, :w] * m + region * (1 - m)
     return out
+
+
+def blur(image: Tensor, radius: int, sigma: float) -> Tensor:
+    """ImageBlur: a (2·radius + 1)² Gaussian whose σ is in units of the radius (its taps at −1 … 1), edges
+    reflected, each channel alone; radius 0 leaves the image as it is."""
+    if radius <= 0:
+        return image
+    taps = torch.linspace(-1, 1, 2 * radius + 1)
+    yy, xx = torch.meshgrid(taps, taps, indexing="ij")
+    kernel = torch.exp(-(xx * xx + yy * yy) / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    C = image.shape[-1]
+    x = F.pad(image.movedim(-1, 1).float(), (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(x, kernel.expand(C, 1, -1, -1), groups=C)
+    return out.movedim(1, -1)
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -20,6 +20,7 @@ SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "ddim_
               "kl_optimal")
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp", "lanczos")
 CROP_METHODS = ("disabled", "center")
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ NODES: dict[str, Node] = {
     "VAEDecode": Node((_i("samples", "LATENT"), _i("vae", "VAE")), (("IMAGE", "IMAGE"),)),
     # images and masks
     "LoadImage": Node((_combo("image"),), (("IMAGE", "IMAGE"), ("MASK", "MASK")), extra_widgets=("upload",)),
+    "LoadImageMask": Node((_combo("image"), _combo("channel", MASK_CHANNELS)), (("MASK", "MASK"),),
+                          extra_widgets=("upload",)),
     "EmptyImage": Node((_i("width", "INT", 512), _i("height", "INT", 512), _i("batch_size", "INT", 1),
                         _i("color", "INT", 0)), (("IMAGE", "IMAGE"),)),
     "ImageScale": Node((_i("image", "IMAGE"), _combo("upscale_method", UPSCALE_METHODS), _i("width", "INT", 512),
@@ -127,6 +130,11 @@ NODES: dict[str, Node] = {
                      (("MASK", "MASK"),)),
     "InvertMask": Node((_i("mask", "MASK"),), (("MASK", "MASK"),)),
     "ThresholdMask": Node((_i("mask", "MASK"), _i("value", "FLOAT", 0.5)), (("MASK", "MASK"),)),
+    "MaskToImage": Node((_i("mask", "MASK"),), (("IMAGE", "IMAGE"),)),
+    "ImageToMask": Node((_i("image", "IMAGE"), _combo("channel", ("red", "green", "blue", "alpha"))),
+                        (("MASK", "MASK"),)),
+    "ImageBlur": Node((_i("image", "IMAGE"), _i("blur_radius", "INT", 1), _i("sigma", "FLOAT", 1.0)),
+                      (("IMAGE", "IMAGE"),)),
     "ImageCompositeMasked": Node((_i("destination", "IMAGE"), _i("source", "IMAGE"), _i("x", "INT", 0),
                                   _i("y", "INT", 0), _i("resize_source", "BOOLEAN", False),
                                   _i("mask", "MASK", optional=True)), (("IMAGE", "IMAGE"),)),

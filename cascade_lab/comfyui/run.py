@@ -112,7 +112,7 @@ def run(source: Source, *, models: str | os.PathLike[str] | None = None, set: Ma
     saved = executor.run()
     results = WorkflowOutputs(graph=graph)
     for node_id, (images, made) in saved.items():
-        results[node_id] = _result(images, made, generation_params)
+        results[node_id] = _result(images, made, generation_params, _model_file(graph, node_id))
         results.images[node_id] = images
     if output_dir is not None:
         for node_id, result in results.items():
@@ -223,9 +223,28 @@ def _through_loras(graph: Graph, node_id: str) -> str:
     return node_id
 
 
-def _result(images: Any, made: dict[str, Any] | None, params_of: Callable[[dict[str, Any]], Any]) -> Any:
+def _model_file(graph: Graph, node_id: str) -> str | None:
+    """The file name of the diffusion model nearest upstream of a node (a checkpoint or UNET loader), if any."""
+    from collections import deque
+
+    seen, queue = {node_id}, deque([node_id])
+    while queue:
+        node = graph[queue.popleft()]
+        if node["class_type"] in ("CheckpointLoaderSimple", "unCLIPCheckpointLoader", "UNETLoader"):
+            name = node["inputs"].get("unet_name" if node["class_type"] == "UNETLoader" else "ckpt_name")
+            return os.path.basename(str(name).replace("\\", "/")) if name else None
+        for value in node["inputs"].values():
+            if is_link(value) and str(value[0]) in graph and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                queue.append(str(value[0]))
+    return None
+
+
+def _result(images: Any, made: dict[str, Any] | None, params_of: Callable[[dict[str, Any]], Any],
+            model: str | None = None) -> Any:
     """A cascade_lab `Result` for one output node: with the generation's parameters and latents when the images
-    come straight from a Stage C → Stage B → Stage A chain."""
+    come straight from a Stage C → Stage B → Stage A chain; otherwise the variant names the nearest model file
+    upstream (``comfyui:<file>``; plain ``comfyui`` when no model made the images)."""
     from ..params import GenerationParams
     from ..results import Result, to_pil
 
@@ -234,7 +253,7 @@ def _result(images: Any, made: dict[str, Any] | None, params_of: Callable[[dict[
         latent_b = made["latent"]
         return Result(pictures, params_of(made), latent_b.info.get("latent_c"), latent_b.raw)
     params = GenerationParams("", width=images.shape[2], height=images.shape[1], batch_size=images.shape[0],
-                              compat="comfyui", variant="comfyui")
+                              compat="comfyui", variant=f"comfyui:{model}" if model else "comfyui")
     return Result(pictures, params)
 
 

@@ -57,7 +57,8 @@ def step_window(plan: Any, start: int, end: int | None, force_full_denoise: bool
 
 
 def generation_params(decode: dict[str, Any]) -> GenerationParams:
-    """The cascade_lab parameters of a Stage C → Stage B → Stage A chain (what `read_png_params` gives back)."""
+    """The cascade_lab parameters of a Stage C → Stage B → Stage A chain (what `read_png_params` gives back); the
+    variant is ``comfyui:<the Stage C checkpoint or UNET file>``, both stages' files in ``comfyui_checkpoints``."""
     b = decode["latent"].info
     c = b.get("stage_c", {})
     return GenerationParams(
@@ -70,4 +71,5 @@ def generation_params(decode: dict[str, Any]) -> GenerationParams:
         compression=float(c.get("compression", 42)), variant="comfyui:" + str(c.get("model", "")),
         init_image=c.get("init_image"), loras=tuple(c.get("loras", ())), compat="comfyui",
         denoise=float(c.get("denoise", 1.0)), seed_b=b.get("seed"),
-        extras={"comfyui_nodes": {"stage_c": c.get("node"), "stage_b": b.get("node"), "decode": decode["decode"]}})
+        extras={"comfyui_nodes": {"stage_c": c.get("node"), "stage_b": b.get("node"), "decode": decode["decode"]},
+                "comfyui_checkpoints": {"c": str(c.get("model", "")), "b": str(b.get("model", ""))}})

@@ -60,10 +60,12 @@ def check_coverage(sides: Sequence[Sequence[Entry]], names: Sequence[str]) -> No
 class SeparateSides:
     """A stage model called per conditioning entry; rows are told apart by the `SIDE` input."""
 
-    def __init__(self, model: Any, sides: Sequence[Sequence[Entry]]) -> None:
+    def __init__(self, model: Any, sides: Sequence[Sequence[Entry]],
+                 active: Callable[[float, float, float], bool] | None = None) -> None:
+        """``active(t, start, end)``: whether an entry applies at the step's t (default: t the step position)."""
         from ..controls import in_step_range
 
-        self.model, self.sides, self.active = model, [list(s) for s in sides], in_step_range
+        self.model, self.sides, self.active = model, [list(s) for s in sides], active or in_step_range
 
     def to(self, *args: Any, **kwargs: Any) -> SeparateSides:
         self.model.to(*args, **kwargs)

@@ -16,11 +16,12 @@ class Control:
 
     ``kind``: ``canny`` (edges of ``image``), ``inpainting`` (``image`` with ``mask``: regenerate where the mask is
     1), ``super_resolution`` (``image`` is the low-resolution picture to upscale 2×). ``strength`` scales the
-    ControlNet's features; ``start``/``end`` are the fraction of the Stage C steps during which it applies (as
-    ComfyUI's ControlNetApplyAdvanced). ``model``: the ControlNet file or module (default: found like the stages).
-    ``image`` / ``mask``: a path, a PIL image, an array or a tensor, as `Cascade.generate`'s ``image``.
-    ``grow`` dilates the inpainting mask by that many pixels (negative erodes; ComfyUI's GrowMask) before the
-    ControlNet sees it; ``feather`` blurs its edge over that many pixels for the composite over the original.
+    ControlNet's features; ``start``/``end`` are the fraction of the Stage C steps during which it applies (under
+    ``compat="comfyui"`` ComfyUI's ControlNetApplyAdvanced range: the steps whose σ lies between the model's σ at
+    1 − start and 1 − end, the same on the 'simple' scheduler). ``model``: the ControlNet file or module (default:
+    found like the stages). ``image`` / ``mask``: a path, a PIL image, an array or a tensor, as `Cascade.generate`'s
+    ``image``. ``grow`` dilates the inpainting mask by that many pixels (negative erodes; ComfyUI's GrowMask) before
+    the ControlNet sees it; ``feather`` blurs its edge over that many pixels for the composite over the original.
     """
 
     kind: str
@@ -65,7 +66,8 @@ class Control:
 
 def in_step_range(t: float, start: float, end: float) -> bool:
     """Whether step position t (1 at the first step, → 0 at the last) lies in the [start, end] fraction of the
-    schedule already behind, as ComfyUI's ControlNetApplyAdvanced percent range."""
+    schedule already behind (ComfyUI's percent range on its 'simple' scheduler; ComfyUI itself compares σ:
+    `cascade_lab.diffusion.sigma_schedules.in_sigma_range`)."""
     done = 1.0 - t
     return start - 1e-9 <= done <= end + 1e-9
 

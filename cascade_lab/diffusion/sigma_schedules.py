@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,6 +89,30 @@ def comfy_timestep(sigma: Tensor) -> Tensor:
     s, min_var = _s_and_min_var()
     s, min_var = s.to(var.device), min_var.to(var.device)
     return (((var * min_var) ** 0.5).acos() / (torch.pi * 0.5)) * (1 + s) - s
+
+
+def percent_sigma(percent: float, shift: float) -> float:
+    """ComfyUI's percent_to_sigma on Stable Cascade's schedule: the model's σ at timestep 1 − percent (float32),
+    above every σ for 0 and below every σ for 1."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    return float(cascade_sigma(torch.tensor(1.0 - percent), shift))
+
+
+def in_sigma_range(sigma: float, start: float, end: float, shift: float) -> bool:
+    """Whether a step at ``sigma`` lies in the [start, end] percent range as ComfyUI decides it (ControlNet step
+    ranges, ConditioningSetTimestepRange): σ(1 − start) ≥ σ ≥ σ(1 − end) on the model's schedule at ``shift``,
+    which on a schedule other than 'simple' is not the fraction of the steps."""
+    return not (sigma > percent_sigma(start, shift) or sigma < percent_sigma(end, shift))
+
+
+def level_to_sigma(space: str) -> Callable[[Any], float]:
+    """``level -> σ`` for a sampler's space ("sigma": σ itself; else logSNR), the step's "t" for σ ranges."""
+    if space == "sigma":
+        return lambda level: float(level)
+    return lambda level: float(torch.exp(-torch.as_tensor(level, dtype=torch.float32) / 2))
 
 
 @lru_cache(maxsize=8)

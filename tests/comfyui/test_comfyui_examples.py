@@ -120,14 +120,33 @@ def test_canny_controlnet_example(comfy: Path) -> None:
     assert result.images[0].size == (256, 256) and result.params.seed == 784805947292946
     off = example("canny_controlnet", comfy, **{"49.strength": 0.0})
     assert not torch.allclose(result.latent_c, off["9"].latent_c), "the ControlNet must change Stage C"
-    # ControlNetApply instead: the ControlNet on the positive side only (a separate call for the negative)
+    # ControlNetApply instead, on the positive only: ComfyUI's sampler gives its ControlNet to a negative that has
+    # none, so it is the ControlNetApplyAdvanced run (ComfyUI's numbers: test_comfyui_conditioning_reference.py)
     graph = json.loads((HERE / "canny_controlnet.api.json").read_text())
     graph["49"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0], "control_net": ["47", 0],
                                                                "image": ["51", 0], "strength": 1.0}}
     graph["3"]["inputs"]["negative"] = ["7", 0]
-    positive_only = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
-    for other in (result.latent_c, off["9"].latent_c):
-        assert not torch.allclose(positive_only, other, rtol=1e-3, atol=1e-3 * other.abs().max().item())
+    applied = run(graph, models=comfy, outputs=texts(), configs=configs(), set=SMALL)["9"].latent_c
+    torch.testing.assert_close(applied, result.latent_c, rtol=1e-5, atol=1e-5 * result.latent_c.abs().max().item())
+
+
+def test_control_net_apply_fills_a_negative_without_controlnets_only() -> None:
+    """ComfyUI's sampler: the k-th positive conditioning marked by ControlNetApply lends its ControlNets to
+    negative entry k mod n, unless some negative has ControlNets of its own; ControlNetApplyAdvanced's never."""
+    from cascade_lab.comfyui.execute import _controls_to_uncond
+    from cascade_lab.comfyui.models import Cond
+
+    plain = Cond(torch.zeros(1, 77, 4), torch.zeros(1, 4))
+    a, b = ("net a", None, 1.0, 0.0, 1.0), ("net b", None, 0.5, 0.0, 1.0)
+    marked = [plain.with_(controls=(a,), extra={"control_to_uncond": True}),
+              plain.with_(controls=(b,), extra={"control_to_uncond": True})]
+    filled = _controls_to_uncond(marked, [plain, plain.with_(prompt="n2")])
+    assert [c.controls for c in filled] == [(a,), (b,)] and filled[1].prompt == "n2"
+    assert [c.controls for c in _controls_to_uncond(marked, [plain])] == [(b,)]  # a later one replaces
+    own = [plain.with_(controls=(b,))]
+    assert _controls_to_uncond(marked, own) == own
+    advanced = [plain.with_(controls=(a,), extra={"control_to_uncond": False})]
+    assert _controls_to_uncond(advanced, [plain]) == [plain]
 
 
 @pytest.mark.reference
@@ -260,10 +279,36 @@ def test_ksampler_advanced_in_two_passes_equals_one_ksampler(comfy: Path) -> Non
     one = run(whole, models=comfy, outputs=texts(), configs=configs())
     two = run(split, models=comfy, outputs=texts(), configs=configs())
     assert one.images["9"].shape == (2, 48, 48, 3)  # 6×6 latents, the Previewer's 8×
+    assert one["9"].params.variant == "comfyui:stable_cascade_stage_c.safetensors"  # the model that made it
     torch.testing.assert_close(two.images["9"], one.images["9"], rtol=1e-6, atol=1e-6)
     stopped = run(_stage_c_only({"90": _advanced(["34", 0], 0, 5, "enable", "disable")}), models=comfy,
                   outputs=texts(), configs=configs())  # ends at step 5 denoised (σ → 0), unlike the first pass
     assert not torch.allclose(stopped.images["9"], one.images["9"])
+
+
+@pytest.mark.reference
+def test_a_unet_loader_and_a_vae_loader_run_the_separate_files(comfy: Path) -> None:
+    """UNETLoader (models/diffusion_models/) with the Stage C alone in the official layout and VAELoader with the
+    Previewer alone give the checkpoint's latents and preview; the Result's variant names the UNET file."""
+    official = reference_dir("comfyui", "models", "official")
+    for folder, name, file in (("diffusion_models", "sc_c.safetensors", "stage_c.safetensors"),
+                               ("vae", "sc_previewer.safetensors", "previewer.safetensors")):
+        (comfy / "models" / folder).mkdir(exist_ok=True)
+        if not (comfy / "models" / folder / name).exists():
+            (comfy / "models" / folder / name).symlink_to(official / file)
+    ksampler = {"90": {"class_type": "KSampler", "inputs": {
+        "model": ["41", 0], "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["34", 0], "denoise": 1.0}}}
+    whole = run(_stage_c_only(ksampler), models=comfy, outputs=texts(), configs=configs())
+    graph = _stage_c_only(ksampler)
+    graph["41"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "sc_c.safetensors", "weight_dtype": "default"}}
+    graph["43"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sc_previewer.safetensors"}}
+    graph["8"]["inputs"]["vae"] = ["43", 0]
+    for node in ("6", "7"):
+        graph[node]["inputs"].pop("clip")  # given: no text encoder file needed
+    parts = run(graph, models=comfy, outputs=texts(), configs=configs())
+    torch.testing.assert_close(parts.images["9"], whole.images["9"], rtol=1e-5, atol=1e-5)
+    assert parts["9"].params.variant == "comfyui:sc_c.safetensors"
 
 
 @pytest.mark.reference

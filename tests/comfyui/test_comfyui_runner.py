@@ -86,6 +86,13 @@ def test_text_to_image_from_the_ui_workflow(tmp_path: Path) -> None:
         314307448448003, 183495397600639, 20, 10, 4.0, 1.1)
     assert (params.width, params.height, params.compression, params.compat) == (1024, 1024, 42.0, "comfyui")
     assert params.negative_prompt == "text, watermark"
+    # which ComfyUI files made it: the variant (inspector, gallery, PNG) and the graph a save of it exports
+    assert params.variant == "comfyui:stable_cascade_stage_c_tiny.safetensors"
+    assert params.extras["comfyui_checkpoints"] == dict(zip("cb", CHECKPOINTS, strict=True))
+    from cascade_lab.comfyui.export import api_prompt
+
+    exported = api_prompt(result.params)[0]
+    assert (exported["41"]["inputs"]["ckpt_name"], exported["42"]["inputs"]["ckpt_name"]) == CHECKPOINTS
 
 
 @pytest.mark.reference

@@ -91,7 +91,18 @@ class _LayerBranch:
         self.pair, self.scale, self.conv = pair, scale, conv
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return output + _low_rank(inputs[0], self.pair, self.scale, self.conv)
+        x = inputs[0]
+        if self.conv or not output.is_contiguous():
+            return output + _low_rank(x, self.pair, self.scale, self.conv)
+        down: Tensor = self.pair.lora_down
+        up: Tensor = self.pair.lora_up
+        if not torch.is_autocast_enabled(x.device.type) and down.dtype != x.dtype:
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        h = F.linear(x, down)  # [..., rank]
+        # output + scale · h @ up^T as one matmul that accumulates into the layer's output (no separate add pass)
+        n_out = output.shape[-1]
+        return torch.addmm(output.reshape(-1, n_out), h.reshape(-1, h.shape[-1]), up.t(),
+                           alpha=self.scale).view(output.shape)
 
 
 class _InProjBranch:

@@ -299,8 +299,8 @@ def compare(args: argparse.Namespace) -> None:
         rounds = [med(x[f"{key}_times" if key == "cpu" else "step_times"]) /
                   med(y[f"{key}_times" if key == "cpu" else "step_times"])
                   for x, y in zip(records["cascade_lab"], records["kohya"], strict=True)]
-        print(f"| {label} (median) | {a[key]:.3f} | {b[key]:.3f} | **{a[key] / b[key]:.2f}** "
-              f"(per round: {', '.join(f'{r:.2f}' for r in rounds)}) |")
+        print(f"| {label} (median) | {a[key]:.3f} | {b[key]:.3f} | **{med(rounds):.2f}** (median of the rounds' "
+              f"ratios: {', '.join(f'{r:.2f}' for r in rounds)}) |")
     for key, label in (("peak_steps", "peak RSS, steps"), ("peak_process", "peak RSS, process")):
         print(f"| {label} MiB | {a[key] / 2**20:.0f} | {b[key] / 2**20:.0f} | **{a[key] / b[key]:.2f}** |")
     if args.json:

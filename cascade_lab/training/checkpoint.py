@@ -72,9 +72,9 @@ def write_json(data: Any, path: Path) -> Path:
 def official_state_dict(stage_c: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     """Stage C's weights under the official checkpoint keys, floating-point tensors cast to `dtype`."""
     state = stage_c.state_dict()
-    odd = [k for k in state if "parametrizations" in k]
+    odd = [k for k in state if "parametrizations" in k or k.startswith("lora_network.")]
     if odd:
-        raise RuntimeError(f"Stage C still carries LoRA parametrizations ({odd[:2]}); detach the network first")
+        raise RuntimeError(f"Stage C still carries a LoRA network ({odd[:2]}); detach the network first")
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
 
 

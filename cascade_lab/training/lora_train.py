@@ -73,6 +73,9 @@ class LoraPair(nn.Module):
         self.lora_up = nn.Parameter(torch.zeros(n_out, rank))
 
 
+NETWORK_ATTR = "lora_network"  # the attached network's name among the model's submodules
+
+
 def _low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool) -> Tensor:
     """scale · up(down(x)) in x's dtype (autocast casts as it does for the layer itself)."""
     down: Tensor = pair.lora_down
@@ -157,9 +160,17 @@ class LoraNetwork(nn.Module):
         return cast(LoraPair, self.pairs[name])
 
     def attach(self, model: nn.Module) -> LoraNetwork:
-        """Add the low-rank branches to `model` (its weights stay untouched)."""
+        """Add the low-rank branches to `model` (its weights stay untouched).
+
+        While attached, the network is also `model`'s submodule ``lora_network``, so whatever wraps the model
+        (DistributedDataParallel) sees the pairs among its parameters and synchronises their gradients.
+        """
         if self._attached:
             raise RuntimeError("this LoRA network is already attached; detach it first")
+        if NETWORK_ATTR in model._modules:
+            raise RuntimeError("the model already carries a LoRA network; detach that one first")
+        model.add_module(NETWORK_ATTR, self)
+        self._attached.append(functools.partial(delattr, model, NETWORK_ATTR))
         in_proj: dict[str, list[tuple[int, int, LoraPair]]] = {}
         for name, t in self.targets.items():
             module = model.get_submodule(t.module)
@@ -236,4 +247,4 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
     return meta
 
 
-__all__ = ["LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]
+__all__ = ["NETWORK_ATTR", "LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]

@@ -6,7 +6,7 @@ command line: cascade_lab reads it with `cascade_lab.training.kohya_args.parse_k
 its source in its own venv. Each measurement is a fresh process; the contenders alternate (A, B, A, B ...).
 
     python benchmarks/training_vs_kohya.py prepare --dir /tmp/tvk      # checkpoint, EffNet, text encoder, data
-    python benchmarks/training_vs_kohya.py compare --dir /tmp/tvk --mode lora --precision fp32 \\
+    python benchmarks/training_vs_kohya.py compare --dir /tmp/tvk --mode lora --precision no \\
         --kohya-python /tmp/kohya_venv/bin/python --kohya-src /tmp/kohya_sc
 
 kohya builds Stage C, EfficientNet and the text model with fixed constructors (the 3.6 B StageC(), torchvision's
@@ -15,8 +15,9 @@ only those constructions: StageC's defaults become the mid-size config, the Effi
 download (the weights come from the file as before), the text model config gets the small layer count. Everything
 else is kohya's training code run unchanged (``runpy`` of its script with its own argv).
 
-Measured in each process: the time between consecutive optimizer steps (a global optimizer step post-hook;
-warm-up steps dropped, median of the rest) and peak RSS (VmHWM): "steps" is the peak of the measured steps alone
+Measured in each process: the wall-clock and process CPU time between consecutive optimizer steps (a global
+optimizer step post-hook; warm-up steps dropped, median of the rest; with 1 thread the CPU time hardly moves
+when other jobs load the machine) and peak RSS (VmHWM): "steps" is the peak of the measured steps alone
 (VmHWM reset through /proc/self/clear_refs after the warm-up), "process" the peak of the whole process up to the
 last step (loading, caching and the steps).
 """
@@ -124,7 +125,10 @@ def prepare(folder: Path, wheel: str | None) -> None:
     from cascade_lab.models.tiny import calibrated_random_effnet
 
     sys.path.insert(0, str(HERE))
+    from _twins import STAGE_C_MID as TWINS_MID
     from _twins import randomize
+
+    assert STAGE_C_MID == TWINS_MID, "keep STAGE_C_MID equal to _twins.STAGE_C_MID (kohya's child cannot import it)"
 
     folder.mkdir(parents=True, exist_ok=True)
     stage_c = randomize(StageC(**STAGE_C_MID), seed=0)

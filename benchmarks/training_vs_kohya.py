@@ -269,6 +269,9 @@ def run_one(who: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         raise SystemExit(f"{who} wrote no result (exit {proc.returncode}); see {out / 'log.txt'}:\n"
                          + (proc.stdout + proc.stderr)[-3000:])
     result = json.loads(result_file.read_text())
+    for item in out.iterdir():  # the trained files and checkpoints (GBs for a full fine-tune): only timing is kept
+        if item.name not in ("log.txt", "result.json"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
     result.update(wall=wall, load_before=load_before, load_after=_loadavg(), exit=proc.returncode)
     return result
 

@@ -172,10 +172,23 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = Linear(embed_dim, embed_dim)
 
+    # training LoRA (cascade_lab.training.lora_train): fn(x, start, stop) -> the extra output of in_proj rows
+    # [start, stop) or None; not a module, so the state dict keeps the official keys
+    in_proj_adapter: Any = None
+
+    def in_proj(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """x @ in_proj rows [start, stop) + bias (plus the adapter's branch when one is set)."""
+        out = F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
+        if self.in_proj_adapter is not None:
+            extra = self.in_proj_adapter(x, start, stop)
+            if extra is not None:
+                out = out + extra
+        return out
+
     def cond_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the conditioning tokens cond [B, S, c]: 2 x (B, S, c)."""
         c = self.embed_dim
-        k_c, v_c = F.linear(cond, self.in_proj_weight[c:], self.in_proj_bias[c:]).chunk(2, dim=-1)
+        k_c, v_c = self.in_proj(cond, c, 3 * c).chunk(2, dim=-1)
         return k_c, v_c
 
     def forward(self, x: Tensor, cond: Tensor | None, self_attn: bool = True,
@@ -185,16 +198,15 @@ class MultiheadAttention(nn.Module):
         cond_kv: ``self.cond_kv(cond)`` computed beforehand (it depends on the conditioning only).
         """
         (B, N, c), nh = x.shape, self.num_heads
-        w, b = self.in_proj_weight, self.in_proj_bias
         if cond_kv is None:
             assert cond is not None, "MultiheadAttention needs cond or cond_kv"
             cond_kv = self.cond_kv(cond)
         k_c, v_c = cond_kv  # 2 x (B, S, c)
         if self_attn:
-            q, k_x, v_x = F.linear(x, w, b).chunk(3, dim=-1)  # 3 x (B, N, c)
+            q, k_x, v_x = self.in_proj(x, 0, 3 * c).chunk(3, dim=-1)  # 3 x (B, N, c)
             k, v = torch.cat([k_x, k_c], dim=1), torch.cat([v_x, v_c], dim=1)  # (B, N+S, c)
         else:
-            q, k, v = F.linear(x, w[:c], b[:c]), k_c, v_c  # (B, N, c), 2 x (B, S, c)
+            q, k, v = self.in_proj(x, 0, c), k_c, v_c  # (B, N, c), 2 x (B, S, c)
         q = q.view(B, N, nh, c // nh).transpose(1, 2)  # (B, nh, N, hs)
         k = k.reshape(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)
         v = v.reshape(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)

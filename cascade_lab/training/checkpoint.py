@@ -79,9 +79,9 @@ def cast_floats(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tenso
 def official_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     """A stage's weights (Stage C or B) under the official checkpoint keys, floating-point tensors cast to `dtype`."""
     state = model.state_dict()
-    odd = [k for k in state if "parametrizations" in k]
+    odd = [k for k in state if "parametrizations" in k or k.startswith("lora_network.")]
     if odd:
-        raise RuntimeError(f"the model still carries LoRA parametrizations ({odd[:2]}); detach the network first")
+        raise RuntimeError(f"the model still carries a LoRA network ({odd[:2]}); detach the network first")
     return cast_floats(state, dtype)
 
 

@@ -31,9 +31,10 @@ NETWORK_TARGETS = ("attention", "all_linear")
 PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp")
-LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: the LoRA attaches to Stage C through torch "
-             "parametrizations, which cascade_lab does not shard, and its gradients and optimizer states are a few "
-             "MB, so DDP costs no more memory; use strategy='ddp' (or 'auto') for a LoRA, 'fsdp' for mode='full'")
+LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: a LoRA's low-rank branches sit beside frozen "
+             "layers that cascade_lab does not shard, and its gradients and optimizer states are a few MB (the "
+             "frozen base is held in the compute dtype), so DDP costs little more memory; use strategy='ddp' (or "
+             "'auto') for a LoRA, 'fsdp' for mode='full'")
 DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside the training TOML
 
 # Settings whose change makes an old checkpoint meaningless for resuming.

@@ -133,6 +133,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "bucket_no_upscale", action="store_true")
     flag(g, "cache_latents", action="store_true", help="always on (to <output_dir>/cache)")
     flag(g, "cache_latents_to_disk", action="store_true", help="always on")
+    # kohya's Stable Cascade scripts add these through sdxl_train_util.add_sdxl_training_arguments
+    flag(g, "cache_text_encoder_outputs", action="store_true", help="always on (unless shuffle_caption)")
+    flag(g, "cache_text_encoder_outputs_to_disk", action="store_true", help="always on")
     flag(g, "vae_batch_size", type=int, default=1)
     flag(g, "max_token_length", type=int, help="no effect: 77-token windows")
     for name in ("caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",

@@ -1,8 +1,12 @@
 """Trainable LoRA for Stage C or Stage B, saved in kohya's layout (``lora_unet_*``) that ComfyUI and kohya load.
 
-Each target weight W gets ``W + (alpha / rank) · up @ down`` through a torch parametrization, as the
-official trainer does, so the packed attention ``in_proj_weight`` [3c, c] takes three pairs (``to_q``,
-``to_k``, ``to_v``, its row blocks) exactly as ComfyUI splits it when it loads a Stage C checkpoint.
+Each target computes ``W x + (alpha / rank) · up(down(x))`` — what ComfyUI's merged ``W + (alpha / rank) ·
+up @ down`` gives — as a low-rank branch beside the frozen layer (a forward hook on a Linear or 1x1 Conv2d;
+for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
+``to_q``, ``to_k``, ``to_v`` on its row blocks, exactly as ComfyUI splits it when it loads a Stage C
+checkpoint). The branch never forms a [out, in] weight: no merged copy per layer per step and no gradient of
+the frozen weights (a weight parametrization costs both: a full fine-tune's weight-gradient matmuls and a
+saved weight copy per layer).
 ``down`` starts Kaiming-uniform and ``up`` at zero (kohya), so an attached network leaves the outputs as
 they were. Targets: ``attention`` (to_q/k/v and out_proj of every attention) or ``all_linear`` (every
 Linear and every non-grouped 1x1 Conv2d, kohya's Stage C set).
@@ -10,13 +14,15 @@ Linear and every non-grouped 1x1 Conv2d, kohya's Stage C set).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 Tensor = torch.Tensor
 
@@ -67,17 +73,66 @@ class LoraPair(nn.Module):
         self.lora_up = nn.Parameter(torch.zeros(n_out, rank))
 
 
-class _AddDelta(nn.Module):
-    """The parametrization W → W + scale · cat(up_i @ down_i) (row blocks for a packed in_proj)."""
+NETWORK_ATTR = "lora_network"  # the attached network's name among the model's submodules
 
-    def __init__(self, pairs: list[LoraPair], scale: float) -> None:
-        super().__init__()
-        self.pairs, self.scale = nn.ModuleList(pairs), scale
-        self._pairs = pairs
 
-    def forward(self, weight: Tensor) -> Tensor:
-        delta = torch.cat([p.lora_up @ p.lora_down for p in self._pairs]) * self.scale  # [out, in]
-        return weight + delta.reshape(weight.shape).to(weight.dtype)
+def _low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool) -> Tensor:
+    """scale · up(down(x)) in x's dtype (autocast casts as it does for the layer itself)."""
+    down: Tensor = pair.lora_down
+    up: Tensor = pair.lora_up
+    if not torch.is_autocast_enabled(x.device.type) and down.dtype != x.dtype:
+        down, up = down.to(x.dtype), up.to(x.dtype)
+    if conv:  # 1x1 conv on [B, C, H, W]
+        return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None] * scale)
+    return F.linear(F.linear(x, down), up * scale)
+
+
+class _LayerBranch:
+    """Forward hook: the layer's output plus the low-rank branch of its input."""
+
+    def __init__(self, pair: LoraPair, scale: float, conv: bool) -> None:
+        self.pair, self.scale, self.conv = pair, scale, conv
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = inputs[0]
+        if self.conv or not output.is_contiguous():
+            return output + _low_rank(x, self.pair, self.scale, self.conv)
+        down: Tensor = self.pair.lora_down
+        up: Tensor = self.pair.lora_up
+        if not torch.is_autocast_enabled(x.device.type) and down.dtype != x.dtype:
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        h = F.linear(x, down)  # [..., rank]
+        # output + scale · h @ up^T as one matmul that accumulates into the layer's output (no separate add pass)
+        n_out = output.shape[-1]
+        return torch.addmm(output.reshape(-1, n_out), h.reshape(-1, h.shape[-1]), up.t(),
+                           alpha=self.scale).view(output.shape)
+
+
+class _InProjBranch:
+    """``MultiheadAttention.in_proj_adapter``: the low-rank output of rows [start, stop) of the packed in_proj."""
+
+    def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float) -> None:
+        self.blocks, self.scale = sorted(blocks, key=lambda b: b[0]), scale  # (first row, last row + 1, pair)
+
+    def __call__(self, x: Tensor, start: int, stop: int) -> Tensor | None:
+        parts = []
+        for first, end, pair in self.blocks:
+            if end <= start or first >= stop:
+                continue
+            if first < start or end > stop:
+                raise ValueError(f"LoRA rows {first}:{end} straddle the projection rows {start}:{stop}")
+            parts.append((first, end, _low_rank(x, pair, self.scale, False)))
+        if not parts:
+            return None
+        pos, out = start, []
+        for first, end, part in parts:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
+            if first > pos:
+                out.append(part.new_zeros(*part.shape[:-1], first - pos))
+            out.append(part)
+            pos = end
+        if pos < stop:
+            out.append(out[-1].new_zeros(*out[-1].shape[:-1], stop - pos))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
 class LoraNetwork(nn.Module):
@@ -90,7 +145,7 @@ class LoraNetwork(nn.Module):
         self.alpha = float(alpha) if alpha else float(rank)  # kohya: 0 or None means alpha = rank
         generator = torch.Generator().manual_seed(seed)
         self.pairs = nn.ModuleDict({t.name: LoraPair(t.n_in, t.n_out, rank, generator) for t in targets})
-        self._attached: list[tuple[nn.Module, str, list[str]]] = []
+        self._attached: list[Callable[[], Any]] = []
 
     @classmethod
     def for_model(cls, model: nn.Module, *, rank: int = 4, alpha: float | None = 1.0, target: str = "attention",
@@ -105,28 +160,41 @@ class LoraNetwork(nn.Module):
         return cast(LoraPair, self.pairs[name])
 
     def attach(self, model: nn.Module) -> LoraNetwork:
-        """Register the parametrizations on `model` (its base weights stay untouched underneath)."""
+        """Add the low-rank branches to `model` (its weights stay untouched).
+
+        While attached, the network is also `model`'s submodule ``lora_network``, so whatever wraps the model
+        (DistributedDataParallel) sees the pairs among its parameters and synchronises their gradients.
+        """
         if self._attached:
             raise RuntimeError("this LoRA network is already attached; detach it first")
-        groups: dict[tuple[str, str], list[LoraPair]] = {}
+        if NETWORK_ATTR in model._modules:
+            raise RuntimeError("the model already carries a LoRA network; detach that one first")
+        model.add_module(NETWORK_ATTR, self)
+        self._attached.append(functools.partial(delattr, model, NETWORK_ATTR))
+        in_proj: dict[str, list[tuple[int, int, LoraPair]]] = {}
         for name, t in self.targets.items():
-            groups.setdefault((t.module, t.param), []).append(self.pair(name))
-        for (path, param), pairs in groups.items():
+            module = model.get_submodule(t.module)
+            pair = self.pair(name)
+            pair.to(getattr(module, t.param).device)
+            if t.param == "in_proj_weight":
+                assert t.rows is not None
+                in_proj.setdefault(t.module, []).append((t.rows[0], t.rows[1], pair))
+            else:
+                handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv))
+                self._attached.append(handle.remove)
+        for path, blocks in in_proj.items():
             module = model.get_submodule(path)
-            weight = getattr(module, param)
-            for pair in pairs:
-                pair.to(weight.device)
-            order = list(module._parameters)
-            parametrize.register_parametrization(module, param, _AddDelta(pairs, self.scale))
-            self._attached.append((module, param, order))
+            if not hasattr(module, "in_proj_adapter"):
+                raise TypeError(f"{path}: {type(module).__name__} has no in_proj_adapter; LoRA on a packed "
+                                "in_proj needs cascade_lab's MultiheadAttention")
+            setattr(module, "in_proj_adapter", _InProjBranch(blocks, self.scale))  # noqa: B010 (not a module attr)
+            self._attached.append(functools.partial(setattr, module, "in_proj_adapter", None))
         return self
 
     def detach(self) -> None:
-        """Remove the parametrizations: the model's weights are its original tensors again, bit for bit."""
-        for module, param, order in reversed(self._attached):
-            parametrize.remove_parametrizations(module, param, leave_parametrized=False)
-            if set(order) == set(module._parameters):  # put the parameter back in its place: same key order
-                module._parameters = type(module._parameters)((k, module._parameters[k]) for k in order)
+        """Remove the branches: the model computes exactly as before `attach`."""
+        for undo in reversed(self._attached):
+            undo()
         self._attached = []
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -179,4 +247,4 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
     return meta
 
 
-__all__ = ["LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]
+__all__ = ["NETWORK_ATTR", "LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]

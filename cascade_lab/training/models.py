@@ -42,6 +42,45 @@ def module_fingerprint(module: Any) -> str:
     return digest.hexdigest()[:24]
 
 
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A content hash of a model file (or a transformers folder) read without building the model.
+
+    Per weight file: its size and modification time, its safetensors header (names, dtypes, shapes) and 4096
+    strided 64-byte samples of the data; small side files (config, tokenizer) whole. So a run whose caches are
+    warm never loads the encoders just to name them (their caches are keyed by this instead of
+    `module_fingerprint`). A copy of the file (new time) gets new cache entries; only a file rewritten in place
+    with its old size and time restored would go unnoticed.
+    """
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    weights = sorted(folder.rglob("*.safetensors")) if path.is_dir() else [path]
+    digest = hashlib.sha256(b"file-fingerprint-v1")
+    for file in weights:
+        stat = file.stat()
+        size = stat.st_size
+        digest.update(f"{file.relative_to(folder)}:{size}:{stat.st_mtime_ns}:".encode())
+        with file.open("rb") as f:
+            head = f.read(8)
+            digest.update(head)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(f.read(min(header_len, 100_000_000)))
+            stride = max(64, size // 4096)
+            for offset in range(0, size, stride):
+                f.seek(offset)
+                digest.update(f.read(64))
+    side = [folder / n for n in TOKENIZER_FILES] + ([folder / "tokenizer" / n for n in TOKENIZER_FILES]
+                                                    if path.is_dir() else [])
+    for file in side:
+        if file.is_file() and file.stat().st_size < 64_000_000:
+            digest.update(f"{file.relative_to(folder)}:".encode())
+            digest.update(file.read_bytes())
+    return "file-" + digest.hexdigest()[:24]
+
+
 class TrainingModels:
     """The trained stage plus lazily built frozen helpers; `fingerprint(name)` keys the caches.
 
@@ -197,6 +236,10 @@ def build_models(config: TrainConfig, *, stages: Any = None, stage_c: nn.Module 
             fingerprints.pop(name, None)
     elif builder is None:
         factories.update(_file_factories(config, model))
+    for name in ("effnet", "text_encoder"):  # explicit files: cache keys from the files, the models built on demand
+        given = _path_of(config, name)
+        if given and Path(given).expanduser().exists():
+            fingerprints[name] = file_fingerprint(given)
     if stages is not None:
         from ..pipeline import Lazy
 
@@ -297,4 +340,4 @@ def _load_trained(config: TrainConfig, device: torch.device | None) -> nn.Module
 
 
 __all__ = ["PATH_FIELDS", "TrainingModels", "build_models", "calibrated_random_effnet", "check_paths",
-           "module_fingerprint"]
+           "file_fingerprint", "module_fingerprint"]

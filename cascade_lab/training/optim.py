@@ -122,6 +122,12 @@ def parse_optimizer_args(args: Sequence[str] | dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def _all_on_cpu(params: Sequence[Any]) -> bool:
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return bool(tensors) and all(isinstance(t, Tensor) and t.device.type == "cpu" and t.is_floating_point()
+                                 for t in tensors)
+
+
 def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[str] | dict[str, Any]) -> Any:
     """AdamW (official: torch defaults, weight decay 0.01) or Adafactor with kohya's arguments."""
     kwargs = parse_optimizer_args(args)
@@ -129,6 +135,10 @@ def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[
     try:
         if kind == "adamw":
             kwargs.setdefault("weight_decay", 0.01)
+            if "fused" not in kwargs and "foreach" not in kwargs and _all_on_cpu(params):
+                # torch's CPU default is one parameter at a time through ~10 ops with temporaries; the fused
+                # kernel does the same update in one pass (the step took ~15 % of a full fine-tune step)
+                kwargs["fused"] = True
             return torch.optim.AdamW(params, lr=lr, **kwargs)
         if kind == "adafactor":
             relative = kwargs.get("relative_step", True)

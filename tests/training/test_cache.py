@@ -106,3 +106,36 @@ def test_options_a_cache_cannot_honour_are_refused(tmp_path: Path, changes: dict
     check_cache_options(off, data)  # without caches both are fine
     check_cache_options(TrainConfig(train_data_dir="x", caption_dropout_rate=0.3), _data(
         make_shapes_dataset(tmp_path / "imgs"), caption_dropout_rate=0.3)[1])  # dropout: "" is cached too
+
+
+def test_explicit_encoder_files_key_the_cache_without_loading_the_encoder(tmp_path: Path) -> None:
+    """With an EfficientNet file, latents are keyed by the file: a warm cache never builds the encoder."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from cascade_lab.models.effnet import EfficientNetEncoder
+    from cascade_lab.training.models import build_models, file_fingerprint
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in EfficientNetEncoder().state_dict().items()}
+    effnet_file = tmp_path / "effnet.safetensors"
+    save_file(state, str(effnet_file))
+    images = make_shapes_dataset(tmp_path / "imgs", size=64)
+    config, data = _data(images, resolution=64, effnet_path=str(effnet_file))
+    counts = []
+    for _ in range(2):
+        models = build_models(config)
+        assert models.fingerprint("effnet") == file_fingerprint(effnet_file) and "effnet" not in models._built
+        cache = LatentCache(tmp_path / "cache", data, lambda m=models: m.get("effnet"),
+                            lambda m=models: m.fingerprint("effnet"), torch.device("cpu"))
+        counts.append(cache.prepare(range(len(data.records))))
+        assert ("effnet" in models._built) == (counts[-1] > 0)
+    assert counts == [12, 0]
+    copy = tmp_path / "copy" / "effnet.safetensors"
+    copy.parent.mkdir()
+    shutil.copy2(effnet_file, copy)  # same bytes and time: same key
+    assert file_fingerprint(copy) == file_fingerprint(effnet_file)
+    first = next(iter(state))
+    save_file({**state, first: state[first] + 1}, str(copy))  # other weights: another key
+    assert file_fingerprint(copy) != file_fingerprint(effnet_file)

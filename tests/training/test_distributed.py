@@ -19,8 +19,9 @@ pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, on
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_two_processes_match_one_with_the_doubled_batch(shapes_dir, shared_cache, tmp_path) -> None:
-    common = {"mode": "full", "max_train_steps": 6, "adaptive_loss_weight": True, "gradient_accumulation_steps": 2}
+@pytest.mark.parametrize("mode", ["full", "lora"])  # lora: the pairs' gradients are synchronised too
+def test_two_processes_match_one_with_the_doubled_batch(shapes_dir, shared_cache, tmp_path, mode) -> None:
+    common = {"mode": mode, "max_train_steps": 6, "adaptive_loss_weight": True, "gradient_accumulation_steps": 2}
     one = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "one", train_batch_size=8, **common))
 
     config = tmp_path / "train.toml"
@@ -42,6 +43,6 @@ def test_two_processes_match_one_with_the_doubled_batch(shapes_dir, shared_cache
     for a, b in zip(one.losses, two["losses"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["raw_loss"] == pytest.approx(b["raw_loss"],
                                                                                                    rel=1e-5)
-    w_one, w_two = load_file(str(one.output_file)), load_file(str(tmp_path / "two" / "stage_c_finetune.safetensors"))
+    w_one, w_two = load_file(str(one.output_file)), load_file(str(tmp_path / "two" / one.output_file.name))
     for key, value in w_one.items():
         torch.testing.assert_close(w_two[key], value, rtol=1e-4, atol=1e-6)

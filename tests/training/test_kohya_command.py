@@ -146,6 +146,18 @@ def test_kohya_defaults_and_meanings() -> None:
     assert full["mode"] == "full" and full["seed"] == 3
 
 
+def test_the_caching_flags_of_kohyas_sdxl_group_are_accepted() -> None:
+    """kohya's Stable Cascade scripts take --cache_text_encoder_outputs(_to_disk) from add_sdxl_training_arguments."""
+    argv = ["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
+            "--train_data_dir", "d", "--seed", "0", "--cache_latents", "--cache_latents_to_disk",
+            "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"]
+    fields, notices, _ = parse_kohya(argv, environ={})
+    assert fields["cache_latents"] and fields["cache_text_encoder_outputs"]
+    assert any(n.startswith("--cache_text_encoder_outputs_to_disk: text embeddings are always cached") for n in notices)
+    shuffled, _, _ = parse_kohya([*argv, "--shuffle_caption"], environ={})
+    assert not shuffled["cache_text_encoder_outputs"]
+
+
 def test_unknown_and_refused_flags_name_the_fix() -> None:
     from cascade_lab.training.config import ConfigError
 

@@ -98,12 +98,13 @@ def test_network_starts_as_the_identity_and_detaches_exactly() -> None:
     with torch.no_grad():
         plain = base(**inputs)
         network.attach(base)
+        assert {id(p) for p in network.parameters()} <= {id(p) for p in base.parameters()}  # DDP syncs them
         assert torch.equal(base(**inputs), plain)  # lora_up starts at zero
         for pair in network.pairs.values():
             pair.lora_up.normal_()
         assert not torch.allclose(base(**inputs), plain)
         network.detach()
-        assert torch.equal(base(**inputs), plain)
+        assert torch.equal(base(**inputs), plain) and not set(network.parameters()) & set(base.parameters())
     state = network.kohya_state_dict(torch.bfloat16)
     assert state["lora_unet_clf_1.lora_down.weight"].shape == (2, 32, 1, 1)
     assert state["lora_unet_clf_1.alpha"].dtype == torch.bfloat16

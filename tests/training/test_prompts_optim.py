@@ -91,6 +91,23 @@ def test_adamw_defaults_to_the_official_weight_decay() -> None:
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
+def test_adamw_on_the_cpu_is_the_fused_kernel_with_the_same_update() -> None:
+    """CPU AdamW runs torch's fused kernel (one pass) unless fused/foreach is chosen; the update is AdamW's."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(64, 32), [torch.randn(64, 32) for _ in range(3)]
+    params = {}
+    for args in ([], ["fused=False"]):
+        p = torch.nn.Parameter(start.clone())
+        opt = build_optimizer("AdamW", [p], 1e-2, args)
+        assert opt.param_groups[0]["fused"] is (not args)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        params[bool(args)] = p.detach()
+    torch.testing.assert_close(params[False], params[True], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(params[False], start)
+
+
 def test_schedules() -> None:
     assert [lr_lambda("constant", 10, 100)(s) for s in (0, 50)] == [1.0, 1.0]
     warm = lr_lambda("constant_with_warmup", 4, 100)

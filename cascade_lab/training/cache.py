@@ -74,26 +74,35 @@ def _read(path: Path) -> dict[str, Tensor] | None:
         return None
 
 
-class LatentCache:
-    """EfficientNet latents [16, h, w] per training image (and its mirror image when flip_aug is on)."""
+class ImageCache:
+    """Encoder outputs per training image, one file each under `folder` (keyed by the image file's bytes, its
+    bucket and the encoders' fingerprints) and in memory; subclasses say what an entry holds."""
 
-    def __init__(self, folder: Path | None, data: TrainingData, effnet: Callable[[], Any],
-                 fingerprint: Callable[[], str], device: torch.device) -> None:
-        self.folder, self.data, self._effnet, self._fingerprint, self.device = folder, data, effnet, fingerprint, device
+    def __init__(self, folder: Path | None, data: TrainingData, device: torch.device) -> None:
+        self.folder, self.data, self.device = folder, data, device
         self._digests: dict[int, str] = {}
         self._memory: dict[str, dict[str, Tensor]] = {}
-        self.encoded = 0  # images run through EfficientNet by this object (tests count cache misses)
+        self.encoded = 0  # images run through the encoders by this object (tests count cache misses)
+
+    def digest(self, index: int) -> str:
+        if index not in self._digests:
+            self._digests[index] = file_digest(self.data.records[index].path)
+        return self._digests[index]
 
     def key(self, index: int) -> str:
-        rec = self.data.records[index]
-        if index not in self._digests:
-            self._digests[index] = file_digest(rec.path)
-        return _key({"v": CACHE_VERSION, "kind": "latent", "file": self._digests[index], "bucket": rec.bucket,
-                     "crop": "center", "resize": "lanczos-cover", "encoder": self._fingerprint(), "dtype": "float32"})
+        raise NotImplementedError
 
     def _path(self, key: str) -> Path:
-        assert self.folder is not None
-        return self.folder / "latents" / key[:2] / f"{key}.safetensors"
+        raise NotImplementedError
+
+    def _complete(self, index: int, entry: dict[str, Tensor]) -> bool:
+        raise NotImplementedError
+
+    def _encode_group(self, indices: list[int]) -> None:
+        raise NotImplementedError
+
+    def _needs_flip(self, index: int) -> bool:
+        return self.data.subsets[self.data.records[index].subset].flip_aug
 
     def prepare(self, indices: Iterable[int]) -> int:
         """Encode and store every listed image not cached yet; returns how many were encoded."""
@@ -103,21 +112,38 @@ class LatentCache:
             if key in self._memory:
                 continue
             stored = _read(self._path(key)) if self.folder is not None else None
-            if stored is not None and (not self._needs_flip(index) or "latents_flipped" in stored):
+            if stored is not None and self._complete(index, stored):
                 self._memory[key] = stored
             else:
                 todo.append(index)
         for start in range(0, len(todo), 8):
-            chunk = todo[start:start + 8]
             by_bucket: dict[tuple[int, int], list[int]] = {}
-            for index in chunk:
+            for index in todo[start:start + 8]:
                 by_bucket.setdefault(self.data.records[index].bucket, []).append(index)
             for group in by_bucket.values():
                 self._encode_group(group)
         return len(todo)
 
-    def _needs_flip(self, index: int) -> bool:
-        return self.data.subsets[self.data.records[index].subset].flip_aug
+
+class LatentCache(ImageCache):
+    """EfficientNet latents [16, h, w] per training image (and its mirror image when flip_aug is on)."""
+
+    def __init__(self, folder: Path | None, data: TrainingData, effnet: Callable[[], Any],
+                 fingerprint: Callable[[], str], device: torch.device) -> None:
+        super().__init__(folder, data, device)
+        self._effnet, self._fingerprint = effnet, fingerprint
+
+    def key(self, index: int) -> str:
+        rec = self.data.records[index]
+        return _key({"v": CACHE_VERSION, "kind": "latent", "file": self.digest(index), "bucket": rec.bucket,
+                     "crop": "center", "resize": "lanczos-cover", "encoder": self._fingerprint(), "dtype": "float32"})
+
+    def _path(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / "latents" / key[:2] / f"{key}.safetensors"
+
+    def _complete(self, index: int, entry: dict[str, Tensor]) -> bool:
+        return not self._needs_flip(index) or "latents_flipped" in entry
 
     def _encode_group(self, indices: list[int]) -> None:
         images = torch.stack([self.data.image(i) for i in indices])  # [n, 3, h, w]

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import CACHE_VERSION, _key, _read, _write, file_digest
+from .cache import CACHE_VERSION, ImageCache, _key, _write
 from .data import TrainingData, derive_seed
 
 Tensor = torch.Tensor
@@ -110,24 +110,19 @@ def _effnet_key(size: Size, flip: bool) -> str:
     return f"effnet_{size[0]}x{size[1]}" + ("_flipped" if flip else "")
 
 
-class StageBCache:
+class StageBCache(ImageCache):
     """Per training image: its Stage A latent and its EfficientNet latents at every size the factor can give
     (and the same of its mirror image when flip_aug is on). Misses are encoded on first use."""
 
     def __init__(self, folder: Path | None, data: TrainingData, effnet: Callable[[], Any],
                  stage_a: Callable[[], Any], fingerprints: Callable[[], tuple[str, str]], device: torch.device) -> None:
-        self.folder, self.data, self.device = folder, data, device
+        super().__init__(folder, data, device)
         self._effnet, self._stage_a, self._fingerprints = effnet, stage_a, fingerprints
-        self._digests: dict[int, str] = {}
-        self._memory: dict[str, dict[str, Tensor]] = {}
-        self.encoded = 0  # images run through the encoders by this object (tests count cache misses)
 
     def key(self, index: int) -> str:
         rec = self.data.records[index]
-        if index not in self._digests:
-            self._digests[index] = file_digest(rec.path)
         effnet_fp, stage_a_fp = self._fingerprints()
-        return _key({"v": CACHE_VERSION, "kind": "stage_b", "file": self._digests[index], "bucket": rec.bucket,
+        return _key({"v": CACHE_VERSION, "kind": "stage_b", "file": self.digest(index), "bucket": rec.bucket,
                      "crop": "center", "resize": "lanczos-cover", "effnet": effnet_fp, "stage_a": stage_a_fp,
                      "effnet_resize": "nearest", "factor": list(EFFNET_FACTOR), "dtype": "float32"})
 
@@ -135,34 +130,11 @@ class StageBCache:
         assert self.folder is not None
         return self.folder / "stage_b" / key[:2] / f"{key}.safetensors"
 
-    def _needs_flip(self, index: int) -> bool:
-        return self.data.subsets[self.data.records[index].subset].flip_aug
-
     def _complete(self, index: int, entry: dict[str, Tensor]) -> bool:
         flips = (False, True) if self._needs_flip(index) else (False,)
         sizes = effnet_sizes(self.data.records[index].bucket)
         return all(("stage_a_flipped" if f else "stage_a") in entry and all(_effnet_key(s, f) in entry
                                                                              for s in sizes) for f in flips)
-
-    def prepare(self, indices: Iterable[int]) -> int:
-        """Encode and store every listed image not cached yet; returns how many were encoded."""
-        todo = []
-        for index in sorted(set(indices)):
-            key = self.key(index)
-            if key in self._memory:
-                continue
-            stored = _read(self._path(key)) if self.folder is not None else None
-            if stored is not None and self._complete(index, stored):
-                self._memory[key] = stored
-            else:
-                todo.append(index)
-        for start in range(0, len(todo), 8):
-            by_bucket: dict[tuple[int, int], list[int]] = {}
-            for index in todo[start:start + 8]:
-                by_bucket.setdefault(self.data.records[index].bucket, []).append(index)
-            for group in by_bucket.values():
-                self._encode_group(group)
-        return len(todo)
 
     def _encode_group(self, indices: list[int]) -> None:
         images = torch.stack([self.data.image(i) for i in indices])  # [n, 3, h, w], one bucket

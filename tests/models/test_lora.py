@@ -291,10 +291,16 @@ def test_sdxl_lora_is_refused_naming_keys_and_model(tmp_path):
         load_lora_file(write(tmp_path, tensors))
 
 
-def test_stage_b_lora_and_a_checkpoint_are_refused_with_a_hint():
-    tensors = {"lora_unet_effnet_mapper_0.lora_down.weight": torch.zeros(4, 16)}
-    with pytest.raises(LoraError, match="Stage B"):
-        lora_from_state_dict(tensors)
+def test_a_stage_b_lora_on_stage_c_and_a_checkpoint_are_refused_with_a_hint():
+    """Stage B LoRAs load (on Stage B: tests/training/test_stage_b_training.py); on Stage C the refusal names both."""
+    tensors = {"lora_unet_effnet_mapper_0.lora_down.weight": torch.zeros(4, 16),
+               "lora_unet_effnet_mapper_0.lora_up.weight": torch.zeros(32, 4)}
+    lora = lora_from_state_dict(tensors)
+    assert lora.stage == "b"
+    model = tiny_model()
+    with pytest.raises(LoraError, match="Stage B.*Stage C|Stage C.*Stage B"):
+        apply_lora(model, lora)
+    assert active_loras(model) == []
     with pytest.raises(LoraError, match="plain model weights"):
         lora_from_state_dict(tiny_model().state_dict())
 

@@ -71,17 +71,17 @@ def _sum_of_squares(x: Tensor) -> Tensor:
     """Sum of x² over dim 1 of x [B, N, C] -> (B, C), in row chunks of ~256 KB where x is large.
 
     Squaring a whole [B, N, C] map allocates and writes a copy as large as it (Stage B's widest level:
-    40 MB, ~6x the time of the reduction); chunk by chunk the squares stay in cache.
+    40 MB, ~6x the time of the reduction); chunk by chunk the squares stay in cache (CPU only).
     """
     B, N, C = x.shape
     rows = max(16, 2**16 // max(C, 1))
-    if N <= 4 * rows:
+    if N <= 4 * rows or x.device.type != "cpu":  # on a GPU the chunks would cost a launch each
         return x.square().sum(dim=1)
     chunks = x.split(rows, dim=1)
-    out = chunks[0].square().sum(dim=1)
+    out = chunks[0].square().sum(dim=1, dtype=torch.float32)  # partial sums in float32, as one sum keeps them
     for chunk in chunks[1:]:
-        out += chunk.square().sum(dim=1)
-    return out
+        out += chunk.square().sum(dim=1, dtype=torch.float32)
+    return out.to(x.dtype)
 
 
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:

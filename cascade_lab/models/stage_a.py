@@ -66,7 +66,7 @@ class StageAResBlock(nn.Module):
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and type(self.channelwise[1]) is nn.GELU:
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and type(self.channelwise[1]) is nn.GELU:
             return self._forward_folded(x)
         g = self.gammas
         h = self._norm(x, self.norm1) * (1 + g[0]) + g[1]
@@ -76,7 +76,7 @@ class StageAResBlock(nn.Module):
         return x + h * g[5]
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference forward with the scalar gammas folded into the conv and linear weights.
+        """Inference forward (float32) with the scalar gammas folded into the conv and linear weights.
 
         dwconv(pad(a·h + b))·g = conv(pad(h); w·a·g, (bias + b·Σw)·g), replication padding commuting with
         the affine, and MLP(a·h + b)·g likewise (first weight ·a, bias + b·ΣW; last weight and bias ·g): the
@@ -251,7 +251,8 @@ class StageA(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Stage B latent (B, c_latent, h, w) -> RGB (B, 3, 4h, 4w) in about [0, 1] (callers clamp)."""
         x = x * self.scale_factor
-        if not torch.is_grad_enabled():  # NHWC memory: the ResBlocks' LayerNorms and MLPs then copy nothing
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:  # NHWC memory: the ResBlocks' folded
+            # inference forward then copies nothing
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.up_blocks(x)  # (B, c0, 2h, 2w)
         return self.out_block(x).contiguous()  # (B, 3, 4h, 4w)

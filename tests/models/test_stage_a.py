@@ -137,6 +137,7 @@ def test_quantized_path_trains_encoder_straight_through_and_codebook_via_loss(ti
 def test_inference_decode_folds_the_gammas_with_the_same_numbers(monkeypatch):
     """decode under inference_mode (gammas folded into the weights, NHWC, fused matmuls) equals the module
     path autograd runs, to float32 rounding, with gammas far from their zero init."""
+    from cascade_lab.models import stage_a
     from cascade_lab.models.stage_a import StageAResBlock
 
     torch.manual_seed(0)
@@ -146,6 +147,7 @@ def test_inference_decode_folds_the_gammas_with_the_same_numbers(monkeypatch):
             if isinstance(module, StageAResBlock):
                 module.gammas.normal_(0, 0.5)
     folded = []
+    monkeypatch.setattr(stage_a, "_MLP_ROWS", 7)  # several row blocks and a remainder
     original = StageAResBlock._forward_folded
     monkeypatch.setattr(StageAResBlock, "_forward_folded", lambda self, x: folded.append(1) or original(self, x))
     z = torch.randn(2, model.c_latent, 9, 10)

@@ -66,7 +66,7 @@ class StageAResBlock(nn.Module):
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.dtype == torch.float32 and type(self.channelwise[1]) is nn.GELU:
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and self._foldable():
             return self._forward_folded(x)
         g = self.gammas
         h = self._norm(x, self.norm1) * (1 + g[0]) + g[1]
@@ -74,6 +74,12 @@ class StageAResBlock(nn.Module):
         h = self._norm(x, self.norm2) * (1 + g[3]) + g[4]
         h = self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # MLP in (B, H, W, C)
         return x + h * g[5]
+
+    def _foldable(self) -> bool:
+        """The plain layers `_forward_folded` reads the weights of (no LoRA wrapper, hook or replaced module)."""
+        layers: list[nn.Module] = [*self.depthwise, *self.channelwise]
+        kinds = [nn.ReplicationPad2d, nn.Conv2d, nn.Linear, nn.GELU, nn.Linear]
+        return [type(m) for m in layers] == kinds and not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """Inference forward (float32) with the scalar gammas folded into the conv and linear weights.

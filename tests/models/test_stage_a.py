@@ -160,3 +160,11 @@ def test_inference_decode_folds_the_gammas_with_the_same_numbers(monkeypatch):
     assert len(folded) == count and slow.requires_grad  # autograd runs the module path
     assert fast.is_contiguous() and fast.shape == slow.shape == (2, 3, 36, 40)
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    # a hooked layer (a LoRA wrapper, a probe) keeps its block on the module path, where the hook sees it run
+    block = next(m for m in model.up_blocks if isinstance(m, StageAResBlock))
+    seen = []
+    block.channelwise[0].register_forward_hook(lambda *args: seen.append(1))
+    with torch.inference_mode():
+        hooked = model.decode(z)
+    assert seen == [1]
+    torch.testing.assert_close(hooked, fast, atol=1e-5, rtol=1e-5)

@@ -131,3 +131,40 @@ def test_quantized_path_trains_encoder_straight_through_and_codebook_via_loss(ti
     torch.testing.assert_close(loss, 1.25 * ((qe - x_bn) * model.scale_factor).pow(2).mean())
     loss.backward()
     assert model.vquantizer.codebook.weight.grad is not None
+
+
+
+def test_inference_decode_folds_the_gammas_with_the_same_numbers(monkeypatch):
+    """decode under inference_mode (gammas folded into the weights, NHWC, fused matmuls) equals the module
+    path autograd runs, to float32 rounding, with gammas far from their zero init."""
+    from cascade_lab.models import stage_a
+    from cascade_lab.models.stage_a import StageAResBlock
+
+    torch.manual_seed(0)
+    model = StageAConfig.tiny().build().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, StageAResBlock):
+                module.gammas.normal_(0, 0.5)
+    folded = []
+    monkeypatch.setattr(stage_a, "_MLP_ROWS", 7)  # several row blocks and a remainder
+    original = StageAResBlock._forward_folded
+    monkeypatch.setattr(StageAResBlock, "_forward_folded", lambda self, x: folded.append(1) or original(self, x))
+    z = torch.randn(2, model.c_latent, 9, 10)
+    with torch.inference_mode():
+        fast = model.decode(z)
+    assert folded, "the inference path did not run"
+    count = len(folded)
+    with torch.enable_grad():
+        slow = model.decode(z)
+    assert len(folded) == count and slow.requires_grad  # autograd runs the module path
+    assert fast.is_contiguous() and fast.shape == slow.shape == (2, 3, 36, 40)
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    # a hooked layer (a LoRA wrapper, a probe) keeps its block on the module path, where the hook sees it run
+    block = next(m for m in model.up_blocks if isinstance(m, StageAResBlock))
+    seen = []
+    block.channelwise[0].register_forward_hook(lambda *args: seen.append(1))
+    with torch.inference_mode():
+        hooked = model.decode(z)
+    assert seen == [1]
+    torch.testing.assert_close(hooked, fast, atol=1e-5, rtol=1e-5)

@@ -95,6 +95,22 @@ def test_grn_inference_path_matches_the_autograd_path():
     torch.testing.assert_close(slow.detach(), reference.detach(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grn_chunked_sum_of_squares_on_a_wide_map(dtype):
+    """Stage B's widest maps are summed in row chunks (no squared copy): float32 partial sums, one result."""
+    from cascade_lab.models.common import _sum_of_squares
+
+    x = torch.randn(2, 1000, 320).to(dtype)  # 1000 rows > 4 chunks of 204 rows: the chunked path
+    with torch.inference_mode():
+        chunked = _sum_of_squares(x)
+    assert chunked.dtype == dtype
+    expected = x.square().sum(dim=1)
+    if dtype == torch.float32:
+        torch.testing.assert_close(chunked, expected, atol=0, rtol=2e-6)
+    else:  # float32 accumulation in both: the same bfloat16 values
+        torch.testing.assert_close(chunked.float(), expected.float(), atol=0, rtol=8e-3)
+
+
 @pytest.mark.reference
 def test_compile_denoiser_keeps_the_output():
     model, io, _ = fixture_model("stage_c_tiny", StageC)

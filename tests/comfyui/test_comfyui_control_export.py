@@ -192,3 +192,48 @@ def test_a_super_resolution_control_exports_comfyuis_sr_node() -> None:
         check_graph(graph)
     assert "wrong input type" not in str(err.value) and "broken link" not in str(err.value)
     assert any("compression 42" in n for n in api_prompt(params.replace(compression=42.0))[1])
+
+
+def test_a_super_resolution_generation_runs_again_from_its_png(setup: Any, tmp_path: Path) -> None:
+    """Run end to end: the Stage C checkpoint's VAE holds a real-size (random, calibrated) EfficientNet, the SR
+    ControlNet is the 'large' bottleneck kind ComfyUI recognises. With the low image at half the size (no
+    downscale in either) the exported graph gives the cascade_lab Stage C latent to the rounding of the
+    ImageNet mean / std that ComfyUI's VAE file stores in float16 (measured 9e-5 of the largest value)."""
+    from safetensors.torch import load_file, save_file
+
+    from cascade_lab.models.tiny import calibrated_random_effnet
+    from cascade_lab.weights import load_stage
+
+    shared_root, _, nets, texts = setup
+    root = comfy_names_tree(tmp_path / "ComfyUI")
+    (root / "models" / "controlnet").mkdir()
+    ckpt = root / "models" / "checkpoints" / "stable_cascade_stage_c.safetensors"
+    state = {k: v for k, v in load_file(str(ckpt.resolve())).items()
+             if not k.startswith("vae.encoder.") or k in ("vae.encoder.mean", "vae.encoder.std")}
+    state |= {f"vae.encoder.{k}": v.half() if v.is_floating_point() else v
+              for k, v in calibrated_random_effnet().state_dict().items()}
+    ckpt.unlink()
+    save_file(state, str(ckpt))
+    sr = {"c_in": 16, **TINY_CNET, "bottleneck_mode": "large"}
+    torch.manual_seed(1)
+    net = ControlNetConfig(**sr).build()  # type: ignore[arg-type]
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(root / "models" / "controlnet" / "stable_cascade_super_resolution.safetensors"))
+    cascade = Cascade("tiny")
+    cascade._pipeline, cascade.variant_name = comfy_pipeline({POSITIVE: texts["6"], NEGATIVE: texts["7"]}), "tiny"
+    cascade.pipeline.stages.effnet = load_stage("effnet", ckpt, dtype=torch.float32)
+    low = shared_root / "input" / "photo.png"  # 256², half of the 512² generated
+    control = Control("super_resolution", str(low), model=net.eval().requires_grad_(False))
+    result = cascade.generate(POSITIVE, NEGATIVE, controls=[control], **{**SETTINGS, "width": 512, "height": 512})
+    [png] = result.save(tmp_path / "gen.png")
+    graph = chunks(png)["prompt"]
+    assert graph["105"]["class_type"] == "StableCascade_SuperResolutionControlnet"
+    (root / "input").mkdir()
+    (root / "input" / "photo.png").symlink_to(low)
+    check(graph, models=root, outputs=texts)
+    full = {**tiny_configs(), **configs(), "controlnet:stable_cascade_super_resolution.safetensors": sr}
+    again = run(graph, models=root, outputs=texts, configs=full)
+    expected = result.latent_c
+    torch.testing.assert_close(again["9"].latent_c, expected, rtol=0, atol=3e-4 * expected.abs().max().item())

@@ -56,7 +56,7 @@ class PartTrainer(Trainer):
     """`Trainer` with another model and loss; `run()` steps it to the configured number of steps."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, data: TrainingData) -> None:
-        # Trainer calls the trained model `stage_c`; here it is whichever part this class trains
+        # Trainer's `model` is the trained network; here it is whichever part this class trains
         super().__init__(config, TrainingModels(model, {}, source="demo"), data, dist.setup(config.device))
 
     def run(self, log: Callable[[dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
@@ -65,7 +65,7 @@ class PartTrainer(Trainer):
             history.append(self.train_step())
             if log is not None:
                 log(history[-1])
-        self.stage_c.eval().requires_grad_(False)
+        self.model.eval().requires_grad_(False)
         return history
 
     def images(self, counter: int) -> tuple[Tensor, list[str], list[random.Random]]:
@@ -91,7 +91,7 @@ class StageATrainer(PartTrainer):
             crops.append(image[:, y:y + CROP, x:x + CROP])
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "latent-noise", counter, pos))
             std = LATENT_NOISE * rng.random() if pos % 2 else 0.0  # every other sample decodes a clean latent
-            stage_a = cast(StageA, self.stage_c)  # the latent of a crop: Stage A's channels at its downscale
+            stage_a = cast(StageA, self.model)  # the latent of a crop: Stage A's channels at its downscale
             shape = (stage_a.c_latent, CROP // stage_a.downscale, CROP // stage_a.downscale)
             noise.append(std * torch.randn(shape, generator=generator))
         return {"images": torch.stack(crops), "noise": torch.stack(noise)}

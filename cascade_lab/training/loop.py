@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ class Trainer:
 
     @property
     def sharded(self) -> bool:
-        """FSDP: Stage C's parameters, gradients and optimizer states are split over the processes."""
+        """FSDP: the trained stage's parameters, gradients and optimizer states are split over the processes."""
         return self.info.strategy == "fsdp"
 
     def _total_steps(self) -> int:
@@ -143,14 +144,7 @@ class Trainer:
             captions.append(self.data.caption(index, epoch, rng))
             flips.append(self.data.flip(index, rng))
             rngs.append(rng)
-        if self.stage == "b":
-            batch = self._stage_b_images(indices, flips, rngs, counter, positions)
-        elif self.latents is not None:
-            batch = {"latents": torch.stack([self.latents.get(i, f) for i, f in zip(indices, flips, strict=True)])}
-        else:
-            images = torch.stack([self.data.image(i, flip=f, rng=r) for i, f, r in zip(indices, flips, rngs,
-                                                                                        strict=True)])
-            batch = {"latents": encode_images(self.models.get("effnet"), images, self.device)}
+        batch = self._images(indices, flips, rngs, counter, positions)
         batch["clip_text"], batch["clip_text_pooled"] = self._text(captions)
         latents = batch["latents"]
         ts, eps = [], []
@@ -171,6 +165,18 @@ class Trainer:
             return self.texts.get(captions)  # type: ignore[no-any-return]
         return encode_text(self.models.get("text_encoder"), captions, self.device)
 
+    def _images(self, indices: list[int], flips: list[bool], rngs: list[Any], counter: int | None,
+                positions: list[int]) -> dict[str, Tensor]:
+        """The image side of a one-bucket batch: Stage C's EfficientNet latents, or Stage B's target and condition
+        (`counter` None: validation)."""
+        if self.stage == "b":
+            return self._stage_b_images(indices, flips, rngs, counter, positions)
+        if self.latents is not None:
+            return {"latents": torch.stack([self.latents.get(i, f) for i, f in zip(indices, flips, strict=True)])}
+        images = torch.stack([self.data.image(i, flip=f, rng=r) for i, f, r in zip(indices, flips, rngs,
+                                                                                    strict=True)])
+        return {"latents": encode_images(self.models.get("effnet"), images, self.device)}
+
     def _stage_b_images(self, indices: list[int], flips: list[bool], rngs: list[Any], counter: int | None,
                         positions: list[int]) -> dict[str, Tensor]:
         """Stage A latents (target) and EfficientNet latents (condition) of a one-bucket batch: at the batch's
@@ -187,9 +193,9 @@ class Trainer:
                                                                                         strict=True)])
             targets = encode_stage_a(self.models.get("stage_a"), images, self.device)
             kept = [j for j, k in enumerate(keep) if k]
-            encoded = encode_effnet(self.models.get("effnet"), images[kept], size, self.device) if kept else None
-            effnets = [encoded[kept.index(j)] if encoded is not None and j in kept else None
-                       for j in range(len(indices))]
+            encoded: Iterator[Tensor] = iter(encode_effnet(self.models.get("effnet"), images[kept], size, self.device)
+                                             if kept else [])
+            effnets = [next(encoded) if k else None for k in keep]
         stride = self.models.downscale  # EfficientNet's (32; the demo's encoder 16)
         shape = (self.model.effnet_mapper[0].in_channels, size[0] // stride, size[1] // stride)  # type: ignore
         effnet = torch.stack([e if k and e is not None else torch.zeros(shape)
@@ -292,14 +298,8 @@ class Trainer:
                 groups.setdefault(self.data.records[i].bucket, []).append(i)
             for indices in groups.values():
                 captions = [self.data.caption_text(i) for i in indices]
-                if self.stage == "b":
-                    batch = self._stage_b_images(indices, [False] * len(indices), [None] * len(indices), None,
-                                                 list(range(len(indices))))
-                elif self.latents is not None:
-                    batch = {"latents": torch.stack([self.latents.get(i) for i in indices])}
-                else:
-                    batch = {"latents": encode_images(self.models.get("effnet"), torch.stack(
-                        [self.data.image(i) for i in indices]), self.device)}
+                batch = self._images(indices, [False] * len(indices), [None] * len(indices), None,
+                                     list(range(len(indices))))
                 batch["clip_text"], batch["clip_text_pooled"] = self._text(captions)
                 latents = batch["latents"]
                 for k, t in enumerate(self.config.val_timesteps):
@@ -314,13 +314,6 @@ class Trainer:
         return {"step": self.step, "val_loss": sum(means.values()) / len(means), "per_t": means}
 
     # -- state -----------------------------------------------------------------------------------------
-    @property
-    def stage_c(self) -> nn.Module:
-        """The trained Stage C (Stage C runs only)."""
-        if self.stage != "c":
-            raise AttributeError("this run trains Stage B (trainer.model); its Stage C is frozen (models.stage_c)")
-        return self.model
-
     def trainable_state(self) -> dict[str, Tensor]:
         """The trained tensors in fp32 (LoRA pairs by kohya name, or the stage's official keys)."""
         if self.network is not None:

@@ -84,6 +84,76 @@ def _sum_of_squares(x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def _sum_of_products(a: Tensor, b: Tensor) -> Tensor:
+    """Sum of a * b over dim 1 of [B, N, C] tensors -> (B, C) in float32 (or float64), in row chunks that stay
+    in cache on CPU."""
+    B, N, C = a.shape
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype != acc:  # bf16 / fp16: reduced in float32 inside the sum, rounded once; a float32 sum would copy
+        return torch.mul(a, b).sum(dim=1).to(acc)
+    rows = max(16, 2**16 // max(C, 1))
+    if N <= 4 * rows or a.device.type != "cpu":
+        return torch.mul(a, b).sum(dim=1, dtype=acc)
+    out = a.new_zeros(B, C, dtype=acc)
+    for a_chunk, b_chunk in zip(a.split(rows, dim=1), b.split(rows, dim=1), strict=True):
+        out += torch.mul(a_chunk, b_chunk).sum(dim=1, dtype=acc)
+    return out
+
+
+class _GeluGRN(torch.autograd.Function):
+    """GRN(GELU(u)) for NHWC u [B, H, W, C] with a hand-written backward (training).
+
+    Autograd's graph of the two takes ~10 passes over the 4c-wide activations in its backward (norm, div,
+    masked_fill, three products, sums, GELU's); the gradient written out takes four. With x = GELU(u),
+    G = ‖x‖ over H, W, m = mean_c G + 1e-6, N = G / m, a = 1 + γ N and y = β + x a:
+      ∂L/∂x = g a + x t,  t = ∂L/∂G / G (0 where G = 0, as torch.norm's gradient),
+      ∂L/∂G_k = γ_k s_k / m - Σ_c γ_c s_c G_c / (C m²),  s = Σ_hw g x,
+      ∂L/∂γ = Σ_b N s,  ∂L/∂β = Σ_b,hw g.
+    Per-channel sums and scales are float32; y and the gradients are computed in u's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        B, H, W, C = u.shape
+        x = F.gelu(u)
+        x3 = x.reshape(B, H * W, C)
+        gx = _sum_of_products(x3, x3).sqrt()  # (B, C) float32
+        m = gx.mean(dim=-1, keepdim=True) + 1e-6  # (B, 1)
+        a = gamma.to(gx.dtype).view(1, C) * (gx / m) + 1  # (B, C)
+        # in x's dtype: mixing a float32 scale into bf16 maps makes ATen copy them to float32 and back (3x slower)
+        y = torch.addcmul(beta.to(x.dtype).view(1, 1, 1, C), x, a.to(x.dtype).view(B, 1, 1, C))
+        ctx.save_for_backward(u, x, gamma, gx, m, a)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        u, x, gamma, gx, m, a = ctx.saved_tensors
+        B, H, W, C = u.shape
+        need_u, need_gamma, need_beta = ctx.needs_input_grad
+        g = g.contiguous()
+        g3, x3 = g.view(B, H * W, C), x.reshape(B, H * W, C)
+        s = _sum_of_products(g3, x3)  # (B, C) float32
+        grad_gamma = grad_beta = grad_u = None
+        if need_gamma:
+            grad_gamma = (s * (gx / m)).sum(dim=0).to(gamma.dtype).view(gamma.shape)
+        if need_beta:
+            grad_beta = g3.sum(dim=(0, 1), dtype=s.dtype).to(gamma.dtype).view(gamma.shape)
+        if need_u:
+            dn = gamma.to(s.dtype).view(1, C) * s  # ∂L/∂N (B, C)
+            dg = dn / m - (dn * gx).sum(dim=-1, keepdim=True) / (C * m * m)  # ∂L/∂G
+            t = torch.where(gx > 0, dg / gx.clamp_min(torch.finfo(gx.dtype).tiny), 0.0)
+            dx = torch.mul(g, a.to(g.dtype).view(B, 1, 1, C))
+            dx.addcmul_(x, t.to(g.dtype).view(B, 1, 1, C))
+            grad_u = torch.ops.aten.gelu_backward(dx, u)
+        return grad_u, grad_gamma, grad_beta
+
+
+def gelu_grn(u: Tensor, grn: GlobalResponseNorm) -> Tensor:
+    """GRN(GELU(u)) for NHWC u with the hand-written backward of `_GeluGRN` (same values as the two modules)."""
+    return cast(Tensor, _GeluGRN.apply(u, grn.gamma, grn.beta))
+
+
 def _channel_mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
     # keys channelwise.{0, 2, 4}: Linear -> GELU -> GRN -> Dropout -> Linear
     return nn.Sequential(
@@ -121,6 +191,14 @@ def channel_mlp(mlp: nn.Sequential, h: Tensor) -> Tensor:
     if type(first) is Linear and type(gelu) is nn.GELU and gelu.approximate == "none" and not first._forward_hooks:
         fused = _fused_linear_gelu(h, first)
     if fused is None:
+        grn = mlp[2]
+        if (torch.is_grad_enabled() and type(gelu) is nn.GELU and gelu.approximate == "none"
+                and type(grn) is GlobalResponseNorm and not gelu._forward_hooks and not grn._forward_hooks
+                and not gelu._forward_pre_hooks and not grn._forward_pre_hooks and h.dim() == 4):
+            out = gelu_grn(first(h), grn)
+            for layer in list(mlp)[3:]:
+                out = layer(out)
+            return out
         return mlp(h)  # type: ignore[no-any-return]
     grn, dropout, last = mlp[2], mlp[3], mlp[4]
     if (type(grn) is GlobalResponseNorm and type(last) is Linear and not last._forward_hooks
@@ -195,7 +273,10 @@ class MultiheadAttention(nn.Module):
 
     def in_proj(self, x: Tensor, start: int, stop: int) -> Tensor:
         """x @ in_proj rows [start, stop) + bias (plus the adapter's branch when one is set)."""
-        out = F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
+        if start == 0 and stop == self.in_proj_weight.shape[0]:  # whole: a slice's backward zero-fills a copy
+            out = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        else:
+            out = F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
         if self.in_proj_adapter is not None:
             extra = self.in_proj_adapter(x, start, stop)
             if extra is not None:

@@ -27,6 +27,7 @@ from .cache import LatentCache, TextCache, check_cache_options, encode_images, e
 from .config import TrainConfig
 from .data import TrainingData, derive_seed
 from .models import TrainingModels
+from .optim import clip_grad_norm, optimizer_step
 from .stage_b import StageBCache, batch_factor, effnet_size, encode_effnet, encode_stage_a, keeps_effnet, pyramid_noise
 
 Tensor = torch.Tensor
@@ -257,12 +258,12 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            norm = clip_grad_norm(self.optimizer, self.params, max_norm)
             grad_norm = float(norm.full_tensor() if self.sharded else norm)  # type: ignore[attr-defined]
             finite = math.isfinite(grad_norm)
         lr = float(self.optimizer.param_groups[0]["lr"] or 0.0)
         if finite:
-            self.optimizer.step()
+            optimizer_step(self.optimizer)
             self.scheduler.step()
             self.nan_streak = 0
         else:

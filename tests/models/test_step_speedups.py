@@ -224,3 +224,101 @@ def test_release_freed_memory_where_it_can(monkeypatch):
     assert isinstance(release_freed_memory(), bool)  # glibc: whether pages went back; elsewhere False
     monkeypatch.setattr(sys, "platform", "darwin")
     assert release_freed_memory() is False
+
+
+def _gelu_grn_reference(u: torch.Tensor, grn: GlobalResponseNorm) -> torch.Tensor:
+    """The official modules' arithmetic (nn.GELU, then GRN with torch.norm), differentiated by autograd."""
+    x = torch.nn.functional.gelu(u)
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    return grn.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + grn.beta + x
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24), (2, 40, 40, 64)])  # the second sums in row chunks
+def test_gelu_grn_training_path_has_the_official_values_and_gradients(shape):
+    """Training runs GELU + GRN as one function with a hand-written backward: values and gradients of u, gamma
+    and beta are those of autograd through the official modules (float64 exactly, float32 to rounding),
+    including a channel that GELU zeroes everywhere (norm 0: torch.norm's gradient there is 0)."""
+    from cascade_lab.models.common import _GeluGRN, gelu_grn
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        grn = GlobalResponseNorm(shape[-1]).to(dtype)
+        with torch.no_grad():
+            grn.gamma.normal_(0, 0.5), grn.beta.normal_(0, 0.1)
+        u = torch.randn(shape, dtype=dtype)
+        u[..., 0] = -40.0  # GELU(-40) == 0: a dead channel
+        u.requires_grad_(True)
+        g = torch.randn(shape, dtype=dtype)
+        ref = _gelu_grn_reference(u, grn)
+        ref_grads = torch.autograd.grad(ref, [u, grn.gamma, grn.beta], g)
+        out = gelu_grn(u, grn)
+        grads = torch.autograd.grad(out, [u, grn.gamma, grn.beta], g)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+        assert float(grads[0][..., 0].abs().max()) == 0.0
+    small = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(1, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(1, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GeluGRN.apply, (small, gamma, beta))
+
+
+def test_gelu_grn_in_bf16_under_autocast_and_frozen_parameters():
+    """A bf16 LoRA (bf16 weights) and an autocast full fine-tune (fp32 gamma/beta, bf16 activations): outputs
+    and gradients in the activations' dtype, within bf16 rounding of the float32 reference; frozen gamma/beta
+    get no gradient."""
+    from cascade_lab.models.common import gelu_grn
+
+    torch.manual_seed(1)
+    grn = GlobalResponseNorm(48)
+    with torch.no_grad():
+        grn.gamma.normal_(0, 0.5), grn.beta.normal_(0, 0.1)
+    u32 = torch.randn(2, 6, 6, 48, requires_grad=True)
+    g32 = torch.randn(2, 6, 6, 48)
+    ref = _gelu_grn_reference(u32, grn)
+    ref_du, ref_dgamma = torch.autograd.grad(ref, [u32, grn.gamma], g32)
+    u = u32.detach().bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gelu_grn(u, grn)
+    du, dgamma = torch.autograd.grad(out, [u, grn.gamma], g32.bfloat16())
+    assert out.dtype == du.dtype == torch.bfloat16 and dgamma.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(du.float(), ref_du, rtol=5e-2, atol=5e-2 * float(ref_du.abs().max()))
+    torch.testing.assert_close(dgamma, ref_dgamma, rtol=5e-2, atol=5e-2 * float(ref_dgamma.abs().max()))
+    frozen = GlobalResponseNorm(48).bfloat16().requires_grad_(False)
+    out = gelu_grn(u, frozen)
+    (du,) = torch.autograd.grad(out.sum(), [u])
+    assert du.dtype == torch.bfloat16 and frozen.gamma.grad is None
+
+
+@pytest.mark.reference
+def test_stage_c_training_step_through_the_fused_gelu_grn_matches_the_modules(monkeypatch):
+    """A whole Stage C forward and backward with grad enabled takes the fused GELU + GRN in every block; its
+    loss and every parameter gradient equal those of the plain modules (official arithmetic)."""
+    import cascade_lab.models.common as common
+
+    model, io, _ = fixture_model("stage_c_tiny", StageC)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, GlobalResponseNorm):
+                module.gamma.normal_(0, 0.5), module.beta.normal_(0, 0.1)
+    inputs = {k: io[k] for k in STAGE_C_INPUTS}
+    used = count_calls(monkeypatch, common._GeluGRN, "apply")
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(common, "gelu_grn", _gelu_grn_reference)
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    blocks = sum(isinstance(m, GlobalResponseNorm) for m in model.modules())
+    assert len(used) == blocks > 0
+    (loss_f, grads_f), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
+    assert grads_f.keys() == grads_r.keys() and any(".gamma" in n for n in grads_f)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-4,
+                                   atol=1e-5 * float(grads_r[name].abs().max()) + 1e-12, msg=name)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from cascade_lab.training.config import ConfigError
-from cascade_lab.training.optim import Adafactor, build_optimizer, lr_lambda, parse_optimizer_args
+from cascade_lab.training.optim import (
+    Adafactor,
+    build_optimizer,
+    clip_grad_norm,
+    lr_lambda,
+    optimizer_step,
+    parse_optimizer_args,
+)
 from cascade_lab.training.sampling import SamplePrompt, load_prompts, parse_prompt_line
 
 
@@ -106,6 +113,49 @@ def test_adamw_on_the_cpu_is_the_fused_kernel_with_the_same_update() -> None:
         params[bool(args)] = p.detach()
     torch.testing.assert_close(params[False], params[True], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(params[False], start)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3, math.inf])
+def test_clipping_folded_into_the_fused_step_gives_torchs_clip_and_norm(max_norm: float) -> None:
+    """The fused AdamW takes the clip factor as its grad scale (no pass over the gradients); the norm returned,
+    the updates and the gradients left for nobody match clip_grad_norm_ + the unfused step; the scale is
+    dropped after each step, also after a step skipped for a non-finite norm."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (8, 8, 3, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * 3 for s in shapes] for _ in range(3)]
+    results = {}
+    for args in ([], ["fused=False"]):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        params.append(torch.nn.Parameter(torch.zeros(4)))  # no gradient: left out of the norm, not updated
+        opt = build_optimizer("AdamW", params, 1e-2, args)
+        norms = []
+        for step in grads:
+            for p, g in zip(params[:-1], step, strict=True):
+                p.grad = g.clone()
+            norm = clip_grad_norm(opt, params, max_norm)
+            assert (getattr(opt, "grad_scale", None) is not None) == (not args and math.isfinite(max_norm))
+            norms.append(float(norm))
+            optimizer_step(opt)
+            assert getattr(opt, "grad_scale", None) is None
+            opt.zero_grad(set_to_none=True)
+        results[bool(args)] = ([p.detach().clone() for p in params], norms)
+    (fused, fused_norms), (plain, plain_norms) = results[False], results[True]
+    assert fused_norms == pytest.approx(plain_norms, rel=1e-6)
+    if max_norm == 0.5:
+        assert min(plain_norms) > 0.5  # the clip is active
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a non-finite gradient: the caller skips the step; the next clip replaces the stale scale
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer("AdamW", [p], 1e-2, [])
+    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    assert not math.isfinite(float(clip_grad_norm(opt, [p], 1.0)))
+    p.grad = torch.tensor([0.1, 0.0, 0.0])
+    assert float(clip_grad_norm(opt, [p], 1.0)) == pytest.approx(0.1)
+    assert float(opt.grad_scale) == 1.0
+    optimizer_step(opt)
+    assert torch.isfinite(p).all() and p[0] < 1
 
 
 def test_schedules() -> None:

@@ -22,7 +22,8 @@ import sys
 MID = {"c_cond": 512, "c_hidden": [512, 512], "nhead": [8, 8], "blocks": [[2, 4], [4, 2]], "dropout": [0.0, 0.0]}
 # Stage B: the real layout (4 levels CT CT CTA CTA, up-path repeats) at a fifth of the widths
 MID_B = {"c_cond": 256, "c_hidden": [64, 128, 256, 256], "nhead": [-1, -1, 4, 4],
-         "blocks": [[1, 2, 4, 2], [2, 4, 2, 1]], "block_repeat": [[1, 1, 1, 1], [3, 3, 2, 2]], "c_clip": 1280, "dropout": [0.0, 0.0, 0.0, 0.0]}
+         "blocks": [[1, 2, 4, 2], [2, 4, 2, 1]], "block_repeat": [[1, 1, 1, 1], [3, 3, 2, 2]], "c_clip": 1280,
+         "dropout": [0.0, 0.0, 0.0, 0.0]}
 
 
 def _build(config: dict) -> object:

@@ -22,6 +22,8 @@ from cascade_lab.training.memory_plan import (
 )
 from cascade_lab.training.optim import build_optimizer
 
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, one_thread
+
 
 def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -228,3 +230,25 @@ def test_plan_command_for_stage_b(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "plan", "--help"])
     assert "--stage {c,b}" in capsys.readouterr().out
+
+
+def test_stage_b_latent_size_is_the_trainers(shapes_dir, tmp_path, one_thread) -> None:
+    """The planner's Stage B input size is what the trainer feeds Stage B: a 96x128 px bucket → Stage A latents
+    [4, 32, 24] (plan (w, h) = (24, 32))."""
+    from training_helpers import tiny_run
+
+    from cascade_lab.training import distributed as dist
+    from cascade_lab.training.data import TrainingData
+    from cascade_lab.training.loop import Trainer
+    from cascade_lab.training.metadata import scale_factor
+    from cascade_lab.training.models import build_models
+    from cascade_lab.training.toml_config import dataset_config_for
+
+    config = TrainConfig(**tiny_run(shapes_dir, tmp_path / "cache", tmp_path / "out", stage="b", mode="lora",
+                                    resolution=[96, 128], train_batch_size=2, enable_bucket=False,
+                                    cache_latents=False)).validate()
+    models = build_models(config)
+    data = TrainingData(dataset_config_for(config), scale=scale_factor(config, models), seed=0)
+    latents = Trainer(config, models, data, dist.setup("cpu")).inputs(0)["latents"]
+    w, h = plan_memory("tiny", stage="b", mode="lora", resolution=(96, 128)).latent
+    assert tuple(latents.shape[1:]) == (4, h, w) == (4, 32, 24)

@@ -6,10 +6,11 @@ tensors: no memory, no file); FSDP's shards are counted as 1/N of them (its padd
 whole rows per GPU is left out). Activations are a stated estimate: the bytes autograd saves for backward in
 one forward pass of the real architecture, counted with saved-tensor hooks on fake tensors, times
 ACTIVATION_CALIBRATION, the measured CPU peak over that count (benchmarks/RESULTS.md "Training memory": small
-Stage C and Stage B models, with and without checkpointing, peak at 1.00-1.10x the count). The attention
+Stage C and Stage B models, with and without checkpointing, peak at 1.01-1.13x the count). The attention
 probability maps are left out: CUDA's fused attention kernels keep only per-row statistics. With bf16 mixed
 precision the count runs under autocast with CUDA's float32 rule for the norms (their outputs, so the residual
-stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32 masters; a LoRA's bf16 base).
+stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32 masters; a LoRA's bf16 base);
+autocast's bf16 casts of the weights are counted under "transient", not as activations.
 
 Frozen helper models a run leaves on the GPU during its steps are counted whole ("frozen", in the dtype the
 run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,

@@ -7,8 +7,9 @@ trimmed first, so the peak is the step's own. Linux only.
 
     .venv/bin/python benchmarks/activation_memory.py            # the 50 M "mid" Stage C, batch 1 and 2
     .venv/bin/python benchmarks/activation_memory.py --lite     # also the 1.03 B lite at batch 1 (minutes)
-    .venv/bin/python benchmarks/activation_memory.py --stage-b  # a 13 M Stage B (the real level layout and
+    .venv/bin/python benchmarks/activation_memory.py --stage-b  # a 15 M Stage B (the real level layout and
                                                                 # repeats) at 512 px: 128x128 Stage A latents
+    .venv/bin/python benchmarks/activation_memory.py --stage-b --bf16  # the same under bf16 autocast
 """
 
 from __future__ import annotations
@@ -43,13 +44,32 @@ def _inputs(config: dict, batch: int, side: int) -> tuple:
             torch.randn(batch, 1, 1280), torch.zeros(batch, 1, 768))
 
 
-def measure(config: dict, batch: int, checkpointing: bool, side: int) -> float:
-    """Peak bytes above the resident set of one forward+backward (runs in this process)."""
+def measure(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool = False) -> float:
+    """Peak bytes above the resident set of one forward+backward (runs in this process); `bf16`: the forward under
+    CPU autocast with the planner's CUDA rule for the norms, as the trainer runs it (fp32 weights)."""
     import ctypes
     import gc
     import re
 
     import torch
+
+    def forward_backward() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(*args).float().pow(2).mean()
+        loss.backward()
+
+    if bf16:  # CUDA's autocast rule for the norms (float32), as the planner counts; patched for the whole process
+        # so that checkpointing's recomputation in backward follows it too
+        functional = torch.nn.functional
+        layer_norm = functional.layer_norm
+
+        def float_layer_norm(x: torch.Tensor, *rest: object, **kwargs: object) -> torch.Tensor:
+            if torch.is_autocast_enabled("cpu"):
+                x = x.float()
+                rest = tuple(r.float() if isinstance(r, torch.Tensor) else r for r in rest)
+            return layer_norm(x, *rest, **kwargs)  # type: ignore[arg-type]
+
+        functional.layer_norm = float_layer_norm  # type: ignore[assignment]
 
     def status(key: str) -> int:
         text = open("/proc/self/status").read()
@@ -61,33 +81,39 @@ def measure(config: dict, batch: int, checkpointing: bool, side: int) -> float:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     args = _inputs(config, batch, side)
-    model(*args).pow(2).mean().backward()
+    forward_backward()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    model(*args).pow(2).mean().backward()
+    forward_backward()
     return float(status("VmHWM") - before)
 
 
-def counted(config: dict, batch: int, checkpointing: bool, side: int) -> float:
+def counted(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool = False) -> float:
+    """The planner's count; with `bf16` plus autocast's bf16 weight copies (2 bytes a parameter: the planner's
+    "transient" of a bf16 DDP run), which the measured peak holds too."""
     from cascade_lab.training.memory_plan import saved_activation_bytes
 
     stage = "b" if "block_repeat" in config else "c"
-    return batch * saved_activation_bytes(_build(config), stage=stage, mixed_precision="no", latent=(side, side),
-                                          gradient_checkpointing=checkpointing)
+    model = _build(config)
+    copies = 2 * sum(p.numel() for p in model.build().parameters()) if bf16 else 0  # type: ignore[attr-defined]
+    return copies + batch * saved_activation_bytes(model, stage=stage, mixed_precision="bf16" if bf16 else "no",
+                                                   latent=(side, side), gradient_checkpointing=checkpointing)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lite", action="store_true")
     parser.add_argument("--stage-b", action="store_true", help="the Stage B cases only")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights; the counted side adds "
+                        "autocast's weight copies)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         case = json.loads(args.child)
-        print(measure(case["config"], case["batch"], case["ckpt"], case["side"]))
+        print(measure(case["config"], case["batch"], case["ckpt"], case["side"], case.get("bf16", False)))
         return
     cases = [("mid", MID, b, c, 24) for c in (False, True) for b in (1, 2)]
     if args.stage_b:
@@ -100,10 +126,10 @@ def main() -> None:
     print("| model | latent | checkpointing | batch | counted GiB | measured peak GiB | measured / counted |")
     print("|---|---|---|---|---|---|---|")
     for name, config, batch, ckpt, side in cases:
-        case = {"config": config, "batch": batch, "ckpt": ckpt, "side": side}
+        case = {"config": config, "batch": batch, "ckpt": ckpt, "side": side, "bf16": args.bf16}
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env, check=True,
                              capture_output=True, text=True).stdout
-        peak, count = float(out.strip().splitlines()[-1]), counted(config, batch, ckpt, side)
+        peak, count = float(out.strip().splitlines()[-1]), counted(config, batch, ckpt, side, args.bf16)
         print(f"| {name} | {side}x{side} | {'on' if ckpt else 'off'} | {batch} | {count / 2**30:.3f} | "
               f"{peak / 2**30:.3f} | {peak / count:.2f} |", flush=True)
 

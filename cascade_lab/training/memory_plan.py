@@ -5,12 +5,13 @@ Weights, gradients and optimizer states are exact byte counts of the model's own
 tensors: no memory, no file); FSDP's shards are counted as 1/N of them (its padding of each parameter to
 whole rows per GPU is left out). Activations are a stated estimate: the bytes autograd saves for backward in
 one forward pass of the real architecture, counted with saved-tensor hooks on fake tensors, times
-ACTIVATION_CALIBRATION, the measured CPU peak over that count (benchmarks/RESULTS.md "Training memory": small
-Stage C and Stage B models, with and without checkpointing, peak at 1.01-1.13x the count). The attention
-probability maps are left out: CUDA's fused attention kernels keep only per-row statistics. With bf16 mixed
-precision the count runs under autocast with CUDA's float32 rule for the norms (their outputs, so the residual
-stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32 masters; a LoRA's bf16 base);
-autocast's bf16 casts of the weights are counted under "transient", not as activations.
+ACTIVATION_CALIBRATION, the largest measured CPU peak over that count (benchmarks/RESULTS.md "Training memory":
+small Stage C and Stage B models, with and without checkpointing, fp32 and bf16 autocast, peak at 0.99-1.15x
+the count). The attention probability maps are left out: CUDA's fused attention kernels keep only per-row
+statistics. With bf16 mixed precision the count runs under autocast with CUDA's float32 rule for the norms
+(their outputs, so the residual stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32
+masters; a LoRA's bf16 base); autocast's bf16 casts of the weights are counted under "transient", not as
+activations.
 
 Frozen helper models a run leaves on the GPU during its steps are counted whole ("frozen", in the dtype the
 run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 GiB = 1024**3
-# measured CPU peak / counted saved bytes, rounded up: 1.01-1.05 without checkpointing, 1.10-1.13 with
+# measured CPU peak / counted saved bytes: fp32 1.01-1.05 without checkpointing, 1.10-1.13 with; bf16 autocast
+# 1.13-1.15 without, 0.99-1.03 with (benchmarks/RESULTS.md)
 ACTIVATION_CALIBRATION = 1.15
 CUDA_OVERHEAD = GiB  # CUDA context, kernels and allocator slack (a margin, not a measurement)
 STAGES = ("c", "b")

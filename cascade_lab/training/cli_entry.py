@@ -96,7 +96,8 @@ def run_tool(name: str, argv: list[str]) -> int:
     else:
         from .memory_plan import add_plan_arguments
 
-        parser.description = "does a Stage C fine-tune fit: memory per GPU by variant, GPU count and strategy"
+        parser.description = ("does a Stage C (--stage c) or Stage B (--stage b) fine-tune fit: memory per GPU by "
+                              "variant, GPU count and strategy")
         add_plan_arguments(parser)
     args = parser.parse_args(argv)
     try:

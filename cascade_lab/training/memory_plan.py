@@ -1,26 +1,40 @@
-"""Does a Stage C fine-tune fit: the memory per GPU by variant, GPU count, strategy, optimizer and precision.
+"""Does a Stage C or Stage B fine-tune fit: the memory per GPU by variant, GPU count, strategy, optimizer and
+precision.
 
 Weights, gradients and optimizer states are exact byte counts of the model's own tensors (built as fake
 tensors: no memory, no file); FSDP's shards are counted as 1/N of them (its padding of each parameter to
 whole rows per GPU is left out). Activations are a stated estimate: the bytes autograd saves for backward in
 one forward pass of the real architecture, counted with saved-tensor hooks on fake tensors, times
-ACTIVATION_CALIBRATION, the measured CPU peak over that count (docs/training.md: a 50 M-parameter Stage C
-at 24x24 latents, batches 1 and 2, with and without checkpointing, peaks at 1.00-1.10x the count). The
-attention probability maps are left out: CUDA's fused attention kernels keep only per-row statistics.
+ACTIVATION_CALIBRATION, the largest measured CPU peak over that count (benchmarks/RESULTS.md "Training memory":
+small Stage C and Stage B models, with and without checkpointing, fp32 and bf16 autocast, peak at 0.99-1.15x
+the count). The attention probability maps are left out: CUDA's fused attention kernels keep only per-row
+statistics. With bf16 mixed precision the count runs under autocast with CUDA's float32 rule for the norms
+(their outputs, so the residual stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32
+masters; a LoRA's bf16 base); autocast's bf16 casts of the weights are counted under "transient", not as
+activations.
+
+Frozen helper models a run leaves on the GPU during its steps are counted whole ("frozen", in the dtype the
+run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,
+and Stage A for Stage B) when the latents are not cached, and with sample images everything the samples load
+(text encoder, previewer, and the other diffusion stage and Stage A in fp32; the pipeline keeps them there).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 GiB = 1024**3
-ACTIVATION_CALIBRATION = 1.1  # measured peak / counted saved bytes, rounded up (1.01 without, 1.10 with checkpointing)
+# measured CPU peak / counted saved bytes: fp32 1.01-1.05 without checkpointing, 1.10-1.13 with; bf16 autocast
+# 1.13-1.15 without, 0.99-1.03 with (benchmarks/RESULTS.md)
+ACTIVATION_CALIBRATION = 1.15
 CUDA_OVERHEAD = GiB  # CUDA context, kernels and allocator slack (a margin, not a measurement)
-TEXT_ENCODER = 694_000_000  # CLIP-G text tower parameters (bf16) when its outputs are not cached
-VARIANTS = ("full", "lite")  # the 3.6 B and the 1.03 B Stage C
+STAGES = ("c", "b")
+VARIANTS = ("full", "lite")  # Stage C 3.6 B / 1.03 B; Stage B 1.56 B / 0.70 B
+VARIANT_NAMES = ("full", "bf16", "lite", "lite_bf16", "tiny")  # what `variant` accepts (bf16 files: same model)
+SIZES = {"c": {"full": "3.6 B", "lite": "1.03 B"}, "b": {"full": "1.56 B", "lite": "700 M"}}
 GPU_COUNTS = (1, 2, 4, 8)
 GPU_MEMORY = (24, 40, 80)
 
@@ -38,20 +52,23 @@ class MemoryPlan:
     mixed_precision: str
     gradient_checkpointing: bool
     batch_size: int
-    latent: tuple[int, int]
-    params: int  # Stage C parameters
-    trainable: int  # trained parameters (all of Stage C, or the LoRA's)
+    latent: tuple[int, int]  # (w, h) of the trained stage's input: Stage C latent, or Stage B's Stage A latent
+    params: int  # parameters of the trained stage
+    trainable: int  # trained parameters (all of the stage, or the LoRA's)
     weights: int
     gradients: int  # including DDP's gradient buckets
     optimizer_states: int
     transient: int  # FSDP's all-gathered blocks, autocast weight copies, Adafactor's whole-gradient buffers
     activations: int
     overhead: int
+    stage: str = "c"
+    frozen: int = 0  # frozen helper models left on the GPU (text encoder, encoders, the samples' stages)
+    helpers: tuple[str, ...] = ()  # their names
 
     @property
     def static(self) -> int:
         """Everything but the activations: what no batch size or checkpointing can lower."""
-        return self.weights + self.gradients + self.optimizer_states + self.transient + self.overhead
+        return self.weights + self.gradients + self.optimizer_states + self.transient + self.frozen + self.overhead
 
     @property
     def total(self) -> int:
@@ -63,21 +80,49 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GiB:.1f}" for name in
-                          ("weights", "gradients", "optimizer_states", "transient", "activations", "overhead"))
-        return (f"{self.variant} {self.mode}, {self.strategy} on {self.gpus} GPU(s): {self.total / GiB:.1f} GiB "
-                f"per GPU ({parts} GiB)")
+                          ("weights", "gradients", "optimizer_states", "transient", "frozen", "activations",
+                           "overhead"))
+        return (f"Stage {self.stage.upper()} {self.variant} {self.mode}, {self.strategy} on {self.gpus} GPU(s): "
+                f"{self.total / GiB:.1f} GiB per GPU ({parts} GiB)")
+
+
+def _check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: use 'c' (Stage C, the prior) or 'b' (Stage B, the decoder)")
+    return stage
+
+
+def stage_config(variant: Any, stage: str = "c") -> Any:
+    """StageCConfig (stage "c") or StageBConfig (stage "b") of a variant name (full / bf16 / lite / lite_bf16 /
+    tiny), or the config itself."""
+    from ..models.stage_b import StageBConfig
+    from ..models.stage_c import StageCConfig
+
+    cls = StageBConfig if _check_stage(stage) == "b" else StageCConfig
+    if isinstance(variant, (StageBConfig, StageCConfig)):
+        if not isinstance(variant, cls):
+            raise ValueError(f"variant is a {type(variant).__name__} but stage={stage!r}: pass a {cls.__name__} "
+                             f"or stage={'b' if isinstance(variant, StageBConfig) else 'c'!r}")
+        return variant
+    name = _size_name(variant)
+    if name is None:
+        sizes = SIZES[stage]
+        raise ValueError(f"variant={variant!r}: use one of {', '.join(VARIANT_NAMES)} (Stage {stage.upper()}: "
+                         f"'full'/'bf16' {sizes['full']}, 'lite'/'lite_bf16' {sizes['lite']}, 'tiny') or a "
+                         f"{cls.__name__}")
+    return getattr(cls, name)()
+
+
+def _size_name(variant: Any) -> str | None:
+    """full / lite / tiny of a variant name (the bf16 files hold the same models), None if unknown."""
+    if not isinstance(variant, str) or variant not in VARIANT_NAMES:
+        return None
+    return {"bf16": "full", "lite_bf16": "lite"}.get(variant, variant)
 
 
 def stage_c_config(variant: Any) -> Any:
     """StageCConfig of a variant name (full / bf16 / lite / lite_bf16 / tiny) or the config itself."""
-    from ..models.stage_c import StageCConfig
-
-    if isinstance(variant, StageCConfig):
-        return variant
-    name = {"bf16": "full", "lite_bf16": "lite"}.get(str(variant), str(variant))
-    if name not in ("full", "lite", "tiny"):
-        raise ValueError(f"variant={variant!r}: use 'full' (3.6 B), 'lite' (1.03 B) or 'tiny'")
-    return getattr(StageCConfig, name)()
+    return stage_config(variant, "c")
 
 
 def _fake_model(config: Any, dtype: Any) -> Any:
@@ -106,16 +151,16 @@ def _shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
                  lambda: _count_shapes(config, lora_rank, lora_target))
 
 
-def _saved_bytes(config: Any, bf16: bool, latent: tuple[int, int], checkpointing: bool) -> int:
-    return int(_memo(("saved", repr(config), bf16, latent, checkpointing),
-                     lambda: _count_saved(config, bf16, latent, checkpointing)))
+def _saved_bytes(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool) -> int:
+    return int(_memo(("saved", repr(config), precision, latent, checkpointing),
+                     lambda: _count_saved(config, precision, latent, checkpointing)))
 
 
 def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
-    """Parameter shapes of Stage C (and of a LoRA on it), FSDP group sizes; fake tensors, no memory.
+    """Parameter shapes of the stage (and of a LoRA on it), FSDP group sizes; fake tensors, no memory.
 
     FakeTensorMode (torch's shape-only tensors, what torch.compile traces with; it has no public name) rather
-    than the meta device, on which Stage C's forward cannot run (its autocast check needs a real device type)."""
+    than the meta device, on which the stages' forward cannot run (the autocast check needs a real device type)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -133,63 +178,135 @@ def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, An
     return {"shapes": shapes, "lora": lora, "max_group": max(groups), "root": total - sum(groups)}
 
 
-def saved_activation_bytes(variant: Any, *, mixed_precision: str = "bf16", latent: tuple[int, int] = (24, 24),
-                           gradient_checkpointing: bool = True) -> int:
-    """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION)."""
-    return _saved_bytes(stage_c_config(variant), mixed_precision == "bf16", (latent[0], latent[1]),
+def _precision(mixed_precision: str, mode: str) -> str:
+    """How the run holds and computes the stage: "no" (fp32), "bf16" (fp32 masters under autocast) or
+    "bf16_base" (a LoRA's frozen base in bf16, under autocast)."""
+    if mixed_precision != "bf16":
+        return "no"
+    return "bf16_base" if mode == "lora" else "bf16"
+
+
+def saved_activation_bytes(variant: Any, *, stage: str = "c", mixed_precision: str = "bf16", mode: str = "full",
+                           latent: tuple[int, int] = (24, 24), gradient_checkpointing: bool = True) -> int:
+    """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION); `latent` is the
+    (w, h) of the stage's input (Stage B: the Stage A latent, image / 4)."""
+    return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode), (latent[0], latent[1]),
                         gradient_checkpointing)
 
 
-def _count_saved(config: Any, bf16: bool, latent: tuple[int, int], checkpointing: bool) -> int:
+def _cuda_autocast_norms() -> Any:
+    """A torch-function mode giving CPU autocast CUDA's rule for the norms: layer_norm / group_norm run in (and
+    return) float32, as on a GPU; CPU autocast leaves them in the input's dtype. The counted stream dtypes then
+    are a GPU's."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    F = torch.nn.functional
+    fp32_ops = {F.layer_norm, F.group_norm, torch.layer_norm, torch.group_norm}
+
+    def cast(value: Any) -> Any:
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    class Norms(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func in fp32_ops and torch.is_autocast_enabled("cpu"):
+                args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    return Norms()
+
+
+_VIEWS = {"SliceBackward0", "ViewBackward0", "TBackward0", "PermuteBackward0", "TransposeBackward0",
+          "UnsafeViewBackward0", "AsStridedBackward0", "ExpandBackward0", "SelectBackward0", "UnsqueezeBackward0",
+          "SqueezeBackward0", "SqueezeBackward1", "ReshapeAliasBackward0"}
+
+
+def _weight_copy(t: Any) -> bool:
+    """Whether `t` is autocast's cast of a parameter (or of a view of one): counted with the weights (the
+    bf16 copies under "transient"), not as an activation."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    node = fn.next_functions[0][0] if fn.next_functions else None
+    while node is not None and type(node).__name__ in _VIEWS:
+        node = node.next_functions[0][0] if node.next_functions else None
+    return node is not None and type(node).__name__ == "AccumulateGrad"
+
+
+def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool) -> int:
     """Bytes saved for backward by one sample's forward (attention maps left out, see the module doc).
 
-    With checkpointing: what is saved outside the blocks, every block's inputs, and the largest block's
-    own activations (recomputed one block at a time in backward)."""
+    With checkpointing: what is saved outside the blocks, every block call's inputs, and the largest block
+    call's own activations (recomputed one block at a time in backward; Stage B runs some blocks several
+    times, each call is its own unit)."""
+    import contextlib
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    saved: dict[int, tuple[Any, int]] = {}  # id → (block or None, bytes); the tensors are kept alive below
+    from ..models.common import AttnBlock
+    from ..models.stage_b import StageBConfig
+
+    saved: dict[int, tuple[Any, int]] = {}  # id → (block call or None, bytes); the tensors are kept alive below
     inputs: dict[int, int] = {}
     alive: list[Any] = []
     current: list[Any] = [None]
-    tokens = 77 + 2 * config.c_clip_seq + latent[0] * latent[1]
+    calls = [0]
+    maps: set[tuple[int, int]] = set()  # (queries, keys) of every attention call: its probability map's last dims
 
     def pack(t: Any) -> Any:
         base = t._base if t._base is not None else t
-        attention_map = base.dim() == 4 and base.shape[-1] == tokens
-        if not isinstance(base, torch.nn.Parameter) and not attention_map and id(base) not in saved:
+        attention_map = base.dim() == 4 and tuple(base.shape[-2:]) in maps
+        if (not isinstance(base, torch.nn.Parameter) and not attention_map and not _weight_copy(base)
+                and id(base) not in saved):
             alive.append(base)
             saved[id(base)] = (current[0], base.numel() * base.element_size())
         return t
 
+    weights = torch.bfloat16 if precision == "bf16_base" else torch.float32
+    autocast = precision != "no"
     with FakeTensorMode():
-        model = _fake_model(config, torch.bfloat16 if bf16 else torch.float32)
+        model = _fake_model(config, weights)
         model.train()
-        for index, unit in enumerate(u for level in [*model.down_blocks, *model.up_blocks] for u in level):
-            def enter(module: Any, args: Any, index: int = index) -> None:
-                current[0] = index
+        for unit in (u for level in [*model.down_blocks, *model.up_blocks] for u in level):
+            def enter(module: Any, args: Any) -> None:
+                current[0] = calls[0] = calls[0] + 1
                 for a in args:
                     if isinstance(a, torch.Tensor) and id(a) not in inputs:
                         alive.append(a)
                         inputs[id(a)] = a.numel() * a.element_size()
+                if isinstance(module, AttnBlock):
+                    n = args[0].shape[-2] * args[0].shape[-1]
+                    maps.add((n, n + args[1].shape[1] if module.self_attn else args[1].shape[1]))
 
             def leave(module: Any, args: Any, out: Any) -> None:
                 current[0] = None
 
             unit.register_forward_pre_hook(enter)
             unit.register_forward_hook(leave)
-        x = torch.randn(1, config.c_in, latent[1], latent[0])
-        conditioning = (torch.randn(1, 77, config.c_clip_text), torch.randn(1, 1, config.c_clip_text_pooled),
-                        torch.zeros(1, 1, config.c_clip_img))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        w, h = latent
+        if isinstance(config, StageBConfig):  # Stage A latent; EfficientNet of the whole image; pooled text
+            x = torch.randn(1, config.c_in, h, w)
+            conditioning: tuple[Any, ...] = (torch.randn(1, config.c_effnet, max(1, h * 4 // 32),
+                                                         max(1, w * 4 // 32)), torch.randn(1, 1, config.c_clip))
+        else:
+            x = torch.randn(1, config.c_in, h, w)
+            conditioning = (torch.randn(1, 77, config.c_clip_text), torch.randn(1, 1, config.c_clip_text_pooled),
+                            torch.zeros(1, 1, config.c_clip_img))
+        mixed = contextlib.ExitStack()
+        if autocast:
+            mixed.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            mixed.enter_context(_cuda_autocast_norms())
+        with mixed, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.rand(1), *conditioning)
-    per_block: dict[Any, int] = {}
-    for block, size in saved.values():
-        per_block[block] = per_block.get(block, 0) + size
+    per_call: dict[Any, int] = {}
+    for call, size in saved.values():
+        per_call[call] = per_call.get(call, 0) + size
     if not checkpointing:
-        return sum(per_block.values())
-    largest = max((v for k, v in per_block.items() if k is not None), default=0)
-    return per_block.get(None, 0) + sum(inputs.values()) + largest
+        return sum(per_call.values())
+    largest = max((v for k, v in per_call.items() if k is not None), default=0)
+    return per_call.get(None, 0) + sum(inputs.values()) + largest
 
 
 def _adafactor_bytes(shapes: list[tuple[int, ...]], beta1: bool) -> tuple[int, int]:
@@ -203,30 +320,89 @@ def _adafactor_bytes(shapes: list[tuple[int, ...]], beta1: bool) -> tuple[int, i
     return 4 * factored, 4 * sum(math.prod(s) for s in shapes) if beta1 else 0
 
 
-def plan_memory(variant: Any = "full", *, mode: str = "full", gpus: int = 1, gpu_memory_gb: float = 24,
-                strategy: str = "ddp", optimizer: str = "adamw", optimizer_args: Any = (),
+def latent_size(stage: str, resolution: int | tuple[int, int], training_scale: str = "official") -> tuple[int, int]:
+    """(w, h) of the trained stage's input for a bucket of `resolution` image pixels (an int: a square).
+
+    Stage C: the EfficientNet latent of the bucket at the training scale (1024 px official → 24x24, kohya
+    32x32). Stage B: its buckets are image pixels (multiples of 32) and it denoises their Stage A latent, a
+    quarter of each side (1024 px → 256x256)."""
+    side = (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    if _check_stage(stage) == "b":
+        return (max(32, side[0] // 32 * 32) // 4, max(32, side[1] // 32 * 32) // 4)
+    scale = 0.75 if training_scale == "official" else 1.0
+    return (max(1, round(side[0] * scale / 32)), max(1, round(side[1] * scale / 32)))
+
+
+def frozen_helpers(stage: str, variant: Any, *, text_encoder_cached: bool = True, latents_cached: bool = True,
+                   samples: bool = False, sample_full_images: bool = True) -> dict[str, int]:
+    """Bytes of each frozen model a run keeps on the GPU during its steps, in the dtype the run loads it in.
+
+    Once used, they stay on the device (the encoders after encoding, the samples' stages after the first
+    sample image: the pipeline does not offload). Only known for the real sizes: a tiny or custom model's
+    helpers are tiny models, not counted."""
+    from ..builtins.variants import (
+        EFFNET,
+        PREVIEWER,
+        STAGE_A,
+        STAGE_B_FULL,
+        STAGE_B_LITE,
+        STAGE_C_FULL,
+        STAGE_C_LITE,
+        TEXT_ENCODER,
+    )
+
+    size = _size_name(variant)
+    if size not in VARIANTS:
+        return {}
+    out: dict[str, int] = {}
+    if not text_encoder_cached or samples:
+        out["text_encoder"] = 2 * TEXT_ENCODER  # bf16, as stored
+    if not latents_cached:
+        out["effnet"] = 4 * EFFNET
+        if stage == "b":
+            out["stage_a"] = 4 * STAGE_A  # the target: Stage A's encoder (the whole model is loaded)
+    if samples:
+        out["previewer"] = 4 * PREVIEWER
+        if stage == "b":  # C → B → A: the frozen Stage C makes the latent (fp32 in the pipeline)
+            out["stage_c"] = 4 * (STAGE_C_FULL if size == "full" else STAGE_C_LITE)
+            out["stage_a"] = 4 * STAGE_A
+        elif sample_full_images:
+            out["stage_b"] = 4 * (STAGE_B_FULL if size == "full" else STAGE_B_LITE)
+            out["stage_a"] = 4 * STAGE_A
+    return out
+
+
+def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", gpus: int = 1,
+                gpu_memory_gb: float = 24, strategy: str = "ddp", optimizer: str = "adamw", optimizer_args: Any = (),
                 mixed_precision: str = "bf16", gradient_checkpointing: bool = True, batch_size: int = 1,
                 resolution: int | tuple[int, int] = 1024, training_scale: str = "official", network_dim: int = 4,
-                network_target: str = "attention", text_encoder_cached: bool = True) -> MemoryPlan:
-    """The per-GPU memory of a Stage C fine-tune (variant "full", "lite", "tiny" or a StageCConfig).
+                network_target: str = "attention", text_encoder_cached: bool = True, latents_cached: bool = True,
+                samples: bool = False, sample_full_images: bool = True) -> MemoryPlan:
+    """The per-GPU memory of a Stage C (``stage="c"``) or Stage B (``stage="b"``) fine-tune.
 
-    `batch_size` is per GPU; `resolution` the bucket side in image pixels (1024 at the official scale is a
-    24x24 latent); strategy "ddp" (every GPU holds everything) or "fsdp" (sharded over `gpus`)."""
+    `variant`: "full"/"bf16" (Stage C 3.6 B, Stage B 1.56 B), "lite"/"lite_bf16" (1.03 B, 700 M), "tiny", or a
+    StageCConfig / StageBConfig. `batch_size` is per GPU; `resolution` the bucket side in image pixels (1024 px:
+    Stage C 24x24 latents at the official scale, Stage B 256x256 Stage A latents); strategy "ddp" (every GPU
+    holds everything) or "fsdp" (sharded over `gpus`). `text_encoder_cached`, `latents_cached` and `samples`
+    say which frozen models stay on the GPU (`frozen_helpers`)."""
     from .optim import parse_optimizer_args
 
+    _check_stage(stage)
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy={strategy!r}: use 'ddp' or 'fsdp'")
     if mode not in ("full", "lora"):
         raise ValueError(f"mode={mode!r}: use 'full' or 'lora'")
     if optimizer.lower() not in ("adamw", "adafactor"):
         raise ValueError(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
+    if mixed_precision not in ("bf16", "no"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}: use 'bf16' or 'no'")
     if gpus < 1 or batch_size < 1:
         raise ValueError(f"gpus={gpus}, batch_size={batch_size}: use 1 or more")
     if strategy == "fsdp" and mode == "lora":
         from .config import LORA_FSDP
 
         raise ValueError(LORA_FSDP)
-    config = stage_c_config(variant)
+    config = stage_config(variant, stage)
     info = _shapes(config, network_dim, network_target)
     shapes: list[tuple[int, ...]] = info["shapes"]
     params = sum(math.prod(s) for s in shapes)
@@ -255,23 +431,24 @@ def plan_memory(variant: Any = "full", *, mode: str = "full", gpus: int = 1, gpu
             transient += 3 * 4 * max(math.prod(s) for s in shapes)  # whole gradient, parameter, update of one tensor
     elif bf16 and mode == "full":
         transient += 2 * params  # autocast's bf16 copies of the fp32 weights, kept through backward
-    if not text_encoder_cached:
-        transient += 2 * TEXT_ENCODER
-    side = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    scale = 0.75 if training_scale == "official" else 1.0
-    latent = (max(1, round(side[0] * scale / 32)), max(1, round(side[1] * scale / 32)))
-    per_sample = _saved_bytes(config, bf16, latent, gradient_checkpointing)
+    helpers = frozen_helpers(stage, variant, text_encoder_cached=text_encoder_cached, latents_cached=latents_cached,
+                             samples=samples, sample_full_images=sample_full_images)
+    latent = latent_size(stage, resolution, training_scale)
+    per_sample = _saved_bytes(config, _precision(mixed_precision, mode), latent, gradient_checkpointing)
     activations = math.ceil(per_sample * ACTIVATION_CALIBRATION * batch_size)
     return MemoryPlan(variant if isinstance(variant, str) else "custom", mode, strategy, gpus, gpu_memory_gb,
                       optimizer.lower(), mixed_precision, gradient_checkpointing, batch_size, latent, params,
-                      trainable, weights, gradients, states, transient, activations, CUDA_OVERHEAD)
+                      trainable, weights, gradients, states, transient, activations, CUDA_OVERHEAD, stage,
+                      sum(helpers.values()), tuple(helpers))
 
 
 def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...] = GPU_COUNTS,
                gpu_memory: tuple[float, ...] = GPU_MEMORY, strategies: tuple[str, ...] = ("ddp", "fsdp"),
                **settings: Any) -> str:
-    """A plain-text table: one row per variant × strategy × GPU count, GiB per GPU and fits on each size."""
-    head = ["variant", "mode", "strategy", "GPUs", "weights", "grads", "optim", "transient", "activ.", "total"]
+    """A plain-text table: one row per variant × strategy × GPU count, GiB per GPU and fits on each size
+    (`settings`: plan_memory's keywords, ``stage`` among them)."""
+    head = ["variant", "mode", "strategy", "GPUs", "weights", "grads", "optim", "transient", "frozen", "activ.",
+            "total"]
     head += [f"{m:g} GB" for m in gpu_memory]
     rows = [head]
     for variant in variants:
@@ -283,21 +460,28 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
                     continue  # one process trains alone: the DDP row
                 plan = plan_memory(variant, gpus=n, strategy=strategy, gpu_memory_gb=gpu_memory[0], **settings)
                 gib = [f"{v / GiB:.1f}" for v in (plan.weights, plan.gradients, plan.optimizer_states,
-                                                  plan.transient, plan.activations, plan.total)]
+                                                  plan.transient, plan.frozen, plan.activations, plan.total)]
                 fits = ["yes" if plan.total <= m * GiB else "no" for m in gpu_memory]
                 rows.append([variant, plan.mode, strategy if n > 1 else "1 GPU", str(n), *gib, *fits])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     p = plan_memory(variants[0], **settings)
-    note = (f"GiB per GPU; {p.optimizer}, mixed_precision={p.mixed_precision}, gradient checkpointing "
-            f"{'on' if p.gradient_checkpointing else 'off'}, batch {p.batch_size} per GPU at {p.latent[0]}x"
-            f"{p.latent[1]} latents; activations are an estimate (x{ACTIVATION_CALIBRATION} the counted saved "
-            f"tensors), overhead {CUDA_OVERHEAD / GiB:.0f} GiB included in total")
+    what = (f"Stage C, {p.latent[0]}x{p.latent[1]} latents" if p.stage == "c" else
+            f"Stage B, {p.latent[0]}x{p.latent[1]} Stage A latents ({p.latent[0] * 4}x{p.latent[1] * 4} px)")
+    frozen = f"frozen: {', '.join(p.helpers)}" if p.helpers else "no frozen model on the GPU (cached encoders)"
+    note = (f"GiB per GPU; {what}; {p.optimizer}, mixed_precision={p.mixed_precision}, gradient checkpointing "
+            f"{'on' if p.gradient_checkpointing else 'off'}, batch {p.batch_size} per GPU; {frozen}; activations "
+            f"are an estimate (x{ACTIVATION_CALIBRATION} the counted saved tensors), overhead "
+            f"{CUDA_OVERHEAD / GiB:.0f} GiB included in total")
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], note])
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=["full", "lite", "tiny"])
+    parser.add_argument("--stage", default="c", choices=list(STAGES),
+                        help="c: Stage C (the prior, default); b: Stage B (the decoder)")
+    parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANT_NAMES),
+                        help="full/bf16: Stage C 3.6 B or Stage B 1.56 B; lite/lite_bf16: 1.03 B or 700 M; tiny "
+                        "(default: full lite)")
     parser.add_argument("--mode", default="full", choices=["full", "lora"])
     parser.add_argument("--gpus", nargs="+", type=int, default=list(GPU_COUNTS))
     parser.add_argument("--gpu-memory", nargs="+", type=float, default=list(GPU_MEMORY), metavar="GB")
@@ -307,26 +491,61 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--batch-size", type=int, default=1, help="per GPU")
-    parser.add_argument("--resolution", type=int, default=1024, help="bucket side in pixels")
-    parser.add_argument("--training-scale", default="official", choices=["official", "kohya"])
+    parser.add_argument("--resolution", type=int, default=1024,
+                        help="bucket side in image pixels (Stage C: 1024 -> 24x24 latents at the official scale; "
+                        "Stage B: 1024 -> 256x256 Stage A latents)")
+    parser.add_argument("--training-scale", default="official", choices=["official", "kohya"],
+                        help="Stage C only (Stage B trains on the image's own Stage A latent)")
     parser.add_argument("--network-dim", type=int, default=4)
     parser.add_argument("--network-target", default="attention", choices=["attention", "all_linear"])
+    parser.add_argument("--no-cache-text-encoder-outputs", dest="text_encoder_cached", action="store_false",
+                        help="the text encoder stays on the GPU (bf16)")
+    parser.add_argument("--no-cache-latents", dest="latents_cached", action="store_false",
+                        help="the image encoders stay on the GPU (EfficientNet; Stage A for Stage B)")
+    parser.add_argument("--samples", action="store_true",
+                        help="sample images during the run: their frozen models stay on the GPU (Stage B runs: "
+                        "the Stage C of the same size in fp32)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    settings = {f: getattr(args, f) for f in ("mode", "optimizer", "optimizer_args", "mixed_precision",
+    settings = {f: getattr(args, f) for f in ("stage", "mode", "optimizer", "optimizer_args", "mixed_precision",
                                               "gradient_checkpointing", "batch_size", "resolution",
-                                              "training_scale", "network_dim", "network_target")}
+                                              "training_scale", "network_dim", "network_target",
+                                              "text_encoder_cached", "latents_cached", "samples")}
     print(plan_table(tuple(args.variant), tuple(args.gpus), tuple(args.gpu_memory), tuple(args.strategy),
                      **settings), flush=True)
     return 0
 
 
+def known_variant(model: Any, stage: str) -> str | None:
+    """full / lite / tiny of a built Stage C or Stage B by its parameter count (None: another size)."""
+    count = sum(p.numel() for p in model.parameters())
+    known = {sum(math.prod(s) for s in _shapes(stage_config(v, stage), 4, "attention")["shapes"]): v
+             for v in ("full", "lite", "tiny")}
+    return known.get(count)
+
+
+def run_settings(config: Any, world_size: int, strategy: str) -> dict[str, Any]:
+    """plan_memory's keywords for a TrainConfig on `world_size` processes (all but the variant and GPU size)."""
+    sampling = bool(config.sample_prompts) and bool(config.sample_every_n_steps or config.sample_every_n_epochs
+                                                    or config.sample_at_first)
+    return {"stage": config.stage, "mode": config.mode, "gpus": world_size,
+            "strategy": "fsdp" if strategy == "fsdp" else "ddp", "optimizer": config.optimizer_type,
+            "optimizer_args": config.optimizer_args, "mixed_precision": config.mixed_precision,
+            "gradient_checkpointing": config.gradient_checkpointing, "batch_size": config.train_batch_size,
+            "resolution": config.resolution if isinstance(config.resolution, int) else tuple(config.resolution),
+            "training_scale": config.training_scale, "network_dim": config.network_dim,
+            "network_target": config.network_target, "text_encoder_cached": config.cache_text_encoder_outputs,
+            "latents_cached": config.cache_latents, "samples": sampling,
+            "sample_full_images": config.sample_full_images}
+
+
 def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: str,
               gpu_memory_gb: float | None = None) -> MemoryPlan | None:
-    """At training start on CUDA: refuse when even the weights, gradients and optimizer states cannot fit the
-    GPU (its memory, or `gpu_memory_gb`), warn when the estimate with activations does not; None (no check)
-    off CUDA or for a model that is not the full, lite or tiny Stage C."""
+    """At training start on CUDA: refuse when even the weights, gradients, optimizer states and frozen models
+    cannot fit the GPU (its memory, or `gpu_memory_gb`), warn when the estimate with activations does not; None
+    (no check) off CUDA or for a model that is not the full, lite or tiny size of the trained stage
+    (``config.stage``: Stage C or Stage B)."""
     import warnings
 
     import torch
@@ -335,23 +554,15 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
 
     if device.type != "cuda":
         return None
-    count = sum(p.numel() for p in model.parameters())
-    known = {sum(math.prod(s) for s in _shapes(stage_c_config(v), 4, "attention")["shapes"]): v
-             for v in ("full", "lite", "tiny")}
-    if count not in known:
+    variant = known_variant(model, config.stage)
+    if variant is None:
         return None
     memory = gpu_memory_gb or torch.cuda.get_device_properties(device).total_memory / GiB
-    plan = plan_memory(known[count], mode=config.mode, gpus=world_size, gpu_memory_gb=memory,
-                       strategy="fsdp" if strategy == "fsdp" else "ddp", optimizer=config.optimizer_type,
-                       optimizer_args=config.optimizer_args, mixed_precision=config.mixed_precision,
-                       gradient_checkpointing=config.gradient_checkpointing, batch_size=config.train_batch_size,
-                       resolution=config.resolution if isinstance(config.resolution, int) else tuple(
-                           config.resolution), training_scale=config.training_scale,
-                       network_dim=config.network_dim, network_target=config.network_target,
-                       text_encoder_cached=config.cache_text_encoder_outputs)
+    settings = run_settings(config, world_size, strategy)
+    plan = plan_memory(variant, gpu_memory_gb=memory, **settings)
     if plan.fits:
         return plan
-    advice = "; ".join(_advice(plan))
+    advice = "; ".join(_advice(plan, variant, settings))
     if plan.static > memory * GiB:
         raise ConfigError(f"this run cannot fit the GPU's {memory:.0f} GiB: {plan.describe()}; before any "
                           f"activations it needs {plan.static / GiB:.1f} GiB. {advice}")
@@ -360,26 +571,29 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
     return plan
 
 
-def _advice(plan: MemoryPlan) -> list[str]:
+def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[str]:
     out = []
-    settings = {f.name: getattr(plan, f.name) for f in fields(plan)}
-    if plan.mode == "full" and plan.variant != "custom":
+    if plan.mode == "full":
         for n in (2, 4, 8, 16):
-            fsdp = plan_memory(plan.variant, mode="full", gpus=n,
-                               gpu_memory_gb=plan.gpu_memory_gb, strategy="fsdp", optimizer=plan.optimizer,
-                               mixed_precision=plan.mixed_precision,
-                               gradient_checkpointing=plan.gradient_checkpointing, batch_size=plan.batch_size)
+            fsdp = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb, **{**settings, "gpus": n,
+                                                                               "strategy": "fsdp"})
             if fsdp.fits:
                 out.append(f"strategy='fsdp' on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
                 break
-    if not settings["gradient_checkpointing"]:
+    if not plan.gradient_checkpointing:
         out.append("gradient_checkpointing=true cuts the activations")
-    if settings["batch_size"] > 1:
+    if plan.batch_size > 1:
         out.append("a smaller train_batch_size with gradient_accumulation_steps keeps the global batch")
     if plan.mode == "full":
         out.append("mode='lora' trains a small network on the frozen model")
+    if "stage_c" in plan.helpers or "stage_b" in plan.helpers:
+        out.append(f"the sample images keep {', '.join(plan.helpers)} on the GPU "
+                   f"({plan.frozen / GiB:.1f} GiB): sample less, or not at all")
+    elif plan.helpers:
+        out.append(f"cache_latents / cache_text_encoder_outputs keep {', '.join(plan.helpers)} "
+                   f"({plan.frozen / GiB:.1f} GiB) off the GPU")
     return out or ["use a larger GPU"]
 
 
-__all__ = ["ACTIVATION_CALIBRATION", "MemoryPlan", "check_fit", "plan_memory", "plan_table",
-           "saved_activation_bytes"]
+__all__ = ["ACTIVATION_CALIBRATION", "MemoryPlan", "check_fit", "frozen_helpers", "latent_size", "plan_memory",
+           "plan_table", "saved_activation_bytes", "stage_config"]

@@ -155,8 +155,8 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
         models = build_models(cfg, device=info.device, **objects)  # checks every given path first
         data = TrainingData(dataset_config_for(cfg), scale=scale_factor(cfg, models), seed=cfg.seed,
                             world_size=info.world_size)
-        if cfg.stage == "c":  # the planner knows the Stage C sizes; CUDA: refuse what cannot fit
-            check_fit(cfg, models.model, info.device, info.world_size, info.strategy)
+        # CUDA: refuse what cannot fit (the planner knows the Stage C and Stage B sizes)
+        check_fit(cfg, models.model, info.device, info.world_size, info.strategy)
         trainer = Trainer(cfg, models, data, info)
         run.network, run.model, run.total_steps = trainer.network, trainer.model, trainer.total_steps
         if cfg.stage == "b":

@@ -7,11 +7,22 @@ import math
 import pytest
 import torch
 
+from cascade_lab.models.stage_b import StageBConfig
 from cascade_lab.models.stage_c import StageCConfig
 from cascade_lab.training import ConfigError, TrainConfig, plan_memory
 from cascade_lab.training.lora_train import LoraNetwork
-from cascade_lab.training.memory_plan import GiB, check_fit, plan_table
+from cascade_lab.training.memory_plan import (
+    ACTIVATION_CALIBRATION,
+    GiB,
+    check_fit,
+    frozen_helpers,
+    latent_size,
+    plan_table,
+    saved_activation_bytes,
+)
 from cascade_lab.training.optim import build_optimizer
+
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, one_thread
 
 
 def nbytes(tensors) -> int:
@@ -96,3 +107,150 @@ def test_plan_command_prints_the_table(capsys) -> None:
     assert all(r[-2:] == ["yes", "yes"] for r in rows)  # a 0.3 M-parameter model fits anywhere
     assert "24 GB" in out and "estimate" in out
     assert plan_table(("tiny",), (2,), (24,), ("fsdp",)).count("\n") == 3
+
+
+# -- Stage B ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "optimizer", "args"), [("full", "adamw", []),
+                                                         ("full", "adafactor", ["relative_step=False"]),
+                                                         ("lora", "adamw", []),
+                                                         ("lora", "adafactor", ["relative_step=False", "beta1=0.9"])])
+def test_stage_b_bytes_are_the_real_tensors(mode, optimizer, args) -> None:
+    model = StageBConfig.tiny().build()
+    if mode == "full":
+        params = list(model.parameters())
+    else:
+        params = list(LoraNetwork.for_model(model, rank=4, target="all_linear").parameters())
+    opt = build_optimizer(optimizer, params, 1e-3, args)
+    one_step(params, opt)
+    settings = {"stage": "b", "mode": mode, "optimizer": optimizer, "optimizer_args": args,
+                "mixed_precision": "no", "network_dim": 4, "network_target": "all_linear"}
+    plan = plan_memory("tiny", **settings)
+    assert plan.stage == "b" and plan.params == sum(p.numel() for p in model.parameters())
+    assert plan.trainable == sum(p.numel() for p in params)
+    base = 0 if mode == "full" else nbytes(model.parameters())
+    assert plan.weights == base + nbytes(params) and plan.gradients == nbytes(p.grad for p in params)
+    assert plan.optimizer_states == state_bytes(opt) > 0
+    ddp = plan_memory("tiny", gpus=2, **settings)
+    assert ddp.gradients == 2 * plan.gradients  # DDP's buckets hold a second copy
+    if mode == "full":
+        fsdp = plan_memory("tiny", gpus=2, strategy="fsdp", **settings)
+        assert fsdp.weights == math.ceil(plan.weights / 2) and fsdp.gradients == math.ceil(plan.gradients / 2)
+
+
+def test_stage_b_sizes_latents_and_frozen_models() -> None:
+    full = plan_memory("full", stage="b", resolution=64)  # small: the activation count of the real size is slow
+    assert full.params == 1_562_941_136  # spec manifest (the lite's 699_471_248: the start-of-run check below)
+    # the trainer's rule: buckets in image pixels (multiples of 32), Stage A latents a quarter of each side
+    assert latent_size("b", 1024) == (256, 256) and latent_size("b", (768, 1000)) == (192, 248)
+    assert latent_size("c", 1024) == (24, 24) and full.latent == (16, 16)
+    tiny = plan_memory("tiny", stage="b", resolution=128)
+    bigger = plan_memory("tiny", stage="b", resolution=256)
+    assert tiny.latent == (32, 32) and 3.5 * tiny.activations < bigger.activations < 4.5 * tiny.activations
+    assert plan_memory("tiny", stage="b", batch_size=3, resolution=128).activations == pytest.approx(
+        3 * tiny.activations, abs=3)
+    # what stays on the GPU: encoders when latents are not cached, the frozen Stage C (fp32) of the samples
+    assert frozen_helpers("b", "lite") == {} and frozen_helpers("b", "tiny", samples=True) == {}
+    assert set(frozen_helpers("b", "full", latents_cached=False)) == {"effnet", "stage_a"}
+    sampled = frozen_helpers("b", "lite", samples=True)
+    assert set(sampled) == {"text_encoder", "previewer", "stage_c", "stage_a"}
+    assert sampled["stage_c"] == 4 * 1_030_785_040
+    assert frozen_helpers("b", "full", samples=True)["stage_c"] == 4 * 3_589_103_632  # the fp32 Stage C: 13.4 GiB
+    sampling = plan_memory("bf16", stage="b", samples=True, resolution=64)
+    assert sampling.frozen == sum(frozen_helpers("b", "full", samples=True).values()) > 14 * GiB
+    assert sampling.static - full.static == sampling.frozen and "stage_c" in sampling.helpers
+    with pytest.raises(ValueError, match=r"variant='huge'.*full, bf16, lite, lite_bf16, tiny"):
+        plan_memory("huge", stage="b")
+    with pytest.raises(ValueError, match=r"stage='a'.*'c'.*'b'"):
+        plan_memory("tiny", stage="a")
+    with pytest.raises(ValueError, match="StageCConfig but stage='b'"):
+        plan_memory(StageCConfig.tiny(), stage="b")
+
+
+def _measured_peak(case: dict) -> float:
+    """The benchmark's measurement (benchmarks/activation_memory.py) in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "activation_memory.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script), "--child", json.dumps(case)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("checkpointing", "side", "band"), [(False, 64, (1.0, ACTIVATION_CALIBRATION)),
+                                                             (True, 96, (1.0, 1.25))])
+def test_stage_b_activation_count_matches_a_real_cpu_peak(checkpointing, side, band) -> None:
+    """A 15 M Stage B with the real level layout and repeats, fp32, one forward+backward: the measured peak over
+    the count. With checkpointing a fixed ~6 MiB (the recomputed block's backward) weighs more at this small
+    size: 1.16 at 96x96, 1.13 at 128x128 (benchmarks/RESULTS.md), so its band is wider here."""
+    config = {"c_cond": 256, "c_hidden": [64, 128, 256, 256], "nhead": [-1, -1, 4, 4],
+              "blocks": [[1, 2, 4, 2], [2, 4, 2, 1]], "block_repeat": [[1, 1, 1, 1], [3, 3, 2, 2]], "c_clip": 1280,
+              "dropout": [0.0, 0.0, 0.0, 0.0]}
+    peak = _measured_peak({"config": config, "batch": 1, "ckpt": checkpointing, "side": side})
+    counted = saved_activation_bytes(StageBConfig(**config), stage="b", mixed_precision="no", latent=(side, side),
+                                     gradient_checkpointing=checkpointing)
+    assert band[0] <= peak / counted <= band[1], (peak / 2**20, counted / 2**20)
+
+
+def test_stage_b_training_start_checks_its_plan() -> None:
+    with torch.device("meta"):
+        lite = StageBConfig.lite().build()
+    config = TrainConfig(stage="b", mode="full", model="lite", train_data_dir="x", mixed_precision="bf16",
+                         gradient_checkpointing=True)
+    cuda = torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"cannot fit .*Stage B lite full.* strategy='fsdp' on 2 GPUs"):
+        check_fit(config, lite, cuda, 1, "single", gpu_memory_gb=10)
+    plan = check_fit(config, lite, cuda, 2, "fsdp", gpu_memory_gb=10)
+    assert plan.fits and plan.params == 699_471_248 and plan.latent == (256, 256)  # spec manifest; 1024 px
+    sampling = TrainConfig(stage="b", mode="full", model="lite", train_data_dir="x", sample_prompts=["a cat"],
+                           sample_every_n_steps=100)
+    with pytest.raises(ConfigError, match=r"stage_c.*sample less"):  # the samples' fp32 Stage C lite: 3.8 GiB
+        check_fit(sampling, lite, cuda, 2, "fsdp", gpu_memory_gb=10)
+    assert check_fit(config, lite, torch.device("cpu"), 1, "single") is None
+
+
+def test_plan_command_for_stage_b(capsys) -> None:
+    from cascade_lab.cli import main
+
+    assert main(["train", "plan", "--stage", "b", "--variant", "tiny", "--gpus", "1", "2", "--gpu-memory", "24",
+                 "--mode", "lora", "--resolution", "256"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert [r[:4] for r in rows] == [["tiny", "lora", "1", "GPU"], ["tiny", "lora", "ddp", "2"]]
+    assert "Stage B, 64x64 Stage A latents (256x256 px)" in out and "frozen" in out.splitlines()[0]
+    for bad, named in ((["--stage", "a"], "invalid choice: 'a' (choose from 'c', 'b')"),
+                       (["--stage", "b", "--variant", "huge"], "invalid choice: 'huge'")):
+        with pytest.raises(SystemExit):
+            main(["train", "plan", *bad])
+        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "plan", "--help"])
+    assert "--stage {c,b}" in capsys.readouterr().out
+
+
+def test_stage_b_latent_size_is_the_trainers(shapes_dir, tmp_path, one_thread) -> None:
+    """The planner's Stage B input size is what the trainer feeds Stage B: a 96x128 px bucket → Stage A latents
+    [4, 32, 24] (plan (w, h) = (24, 32))."""
+    from training_helpers import tiny_run
+
+    from cascade_lab.training import distributed as dist
+    from cascade_lab.training.data import TrainingData
+    from cascade_lab.training.loop import Trainer
+    from cascade_lab.training.metadata import scale_factor
+    from cascade_lab.training.models import build_models
+    from cascade_lab.training.toml_config import dataset_config_for
+
+    config = TrainConfig(**tiny_run(shapes_dir, tmp_path / "cache", tmp_path / "out", stage="b", mode="lora",
+                                    resolution=[96, 128], train_batch_size=2, enable_bucket=False,
+                                    cache_latents=False)).validate()
+    models = build_models(config)
+    data = TrainingData(dataset_config_for(config), scale=scale_factor(config, models), seed=0)
+    latents = Trainer(config, models, data, dist.setup("cpu")).inputs(0)["latents"]
+    w, h = plan_memory("tiny", stage="b", mode="lora", resolution=(96, 128)).latent
+    assert tuple(latents.shape[1:]) == (4, h, w) == (4, 32, 24)

@@ -87,8 +87,98 @@ def _low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool) -> Tensor:
     return F.linear(F.linear(x, down), up * scale)
 
 
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _FrozenLinearLora(torch.autograd.Function):
+    """y = x W^T + b + scale · Σ_k (x D_k^T) U_k^T into output columns [c_k, c_k + out_k) for 2-D x [M, in]
+    (the pairs in column order).
+
+    The frozen layer (W [out, in], b) gets no gradient; the pairs (D_k [r, in], U_k [out_k, r]) do. Each pass
+    over a large tensor is one GEMM: the branch accumulates into the layer's output in place together with the
+    bias (forward) and into x's gradient (backward), one matmul gives all pairs' h = x [D_1; D_2; ...]^T and their down
+    gradients, and the thin products are taken in the layouts BLAS runs fastest (a [r, M] @ [M, n] product
+    transposed rather than [n, M] @ [M, r]). Saves x and h only (W is the layer's own tensor).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                cols: tuple[int, ...], *pairs: Tensor) -> Tensor:
+        downs, ups = pairs[0::2], pairs[1::2]
+        down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
+        y = torch.mm(x, weight.t())  # [M, out]; the bias comes with the branch (addmm's bias is a pass of its own)
+        h = torch.mm(x, down.t())  # [M, K r]
+        r, n_out = downs[0].shape[0], y.shape[1]
+        ones = x.new_ones(x.shape[0], 1)
+        pos = 0
+        for k, (start, up) in enumerate(zip(cols, ups, strict=True)):
+            stop = start + up.shape[0]
+            if bias is not None and start > pos:  # columns without a pair (an in_proj with only some of q, k, v)
+                y[:, pos:start].add_(bias[pos:start])
+            out = y if start == 0 and stop == n_out else y[:, start:stop]
+            h_k = h[:, k * r:(k + 1) * r]
+            if bias is None:
+                out.addmm_(h_k, up.t(), alpha=scale)
+            else:  # [h, 1] @ [scale U, b]^T: the bias added in the same pass
+                out.addmm_(torch.cat([h_k, ones], dim=1), torch.cat([up * scale, bias[start:stop, None]], dim=1).t())
+            pos = stop
+        if bias is not None and pos < n_out:
+            y[:, pos:].add_(bias[pos:])
+        ctx.save_for_backward(x, weight, h, down, *ups)
+        ctx.scale, ctx.cols, ctx.rank = scale, cols, r
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, h, down, *ups = ctx.saved_tensors
+        scale, cols, r = ctx.scale, ctx.cols, ctx.rank
+        whole = len(ups) == 1 and ups[0].shape[0] == grad.shape[1]
+        blocks = [grad if whole else grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
+        g_h = torch.cat([torch.mm(g, up) for g, up in zip(blocks, ups, strict=True)], dim=1)  # [M, K r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight)  # [M, in]
+            grad_x.addmm_(g_h, down, alpha=scale)
+        grad_down = torch.mm(g_h.t(), x).mul_(scale)  # [K r, in]
+        grads: list[Tensor | None] = [grad_x, None, None, None, None]
+        for k, g in enumerate(blocks):
+            grads.append(grad_down[k * r:(k + 1) * r])
+            grads.append(torch.mm(h[:, k * r:(k + 1) * r].t(), g).mul_(scale).t())  # [out_k, r]
+        return tuple(grads)
+
+
+def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                 blocks: list[tuple[int, LoraPair]]) -> Tensor | None:
+    """x [..., in] through the frozen (weight, bias) plus the pairs on their output columns, or None where the
+    fused function does not apply (the weight or bias is trained, or an unusual dtype): use the autograd path."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # autocast runs linear in its dtype (float64 it leaves alone)
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype == torch.float64 or weight.dtype == torch.float64:
+            return None
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return None  # the plain path raises linear's own dtype error
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[-1] != weight.shape[1]:
+        return None
+    pairs: list[Tensor] = []
+    for _, pair in blocks:  # cast as autocast would (a ToCopy the gradient flows back through to the fp32 pair)
+        pairs += [cast(Tensor, _cast(pair.lora_down, dtype)), cast(Tensor, _cast(pair.lora_up, dtype))]
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = cast(Tensor, _cast(x, dtype)).reshape(-1, n_in)
+    with torch.autocast(dev, enabled=False):
+        y = _FrozenLinearLora.apply(x2, _cast(weight, dtype), _cast(bias, dtype), scale,
+                                    tuple(start for start, _ in blocks), *pairs)
+    return cast(Tensor, y).view(*lead, weight.shape[0])
+
+
 class _LayerBranch:
-    """Forward hook: the layer's output plus the low-rank branch of its input."""
+    """Forward hook: the layer's output plus the low-rank branch of its input (1x1 convs, and the fallback of
+    `_LoraLinearForward`)."""
 
     def __init__(self, pair: LoraPair, scale: float, conv: bool) -> None:
         self.pair, self.scale, self.conv = pair, scale, conv
@@ -108,31 +198,60 @@ class _LayerBranch:
                            alpha=self.scale).view(output.shape)
 
 
+class _LoraLinearForward:
+    """An ``nn.Linear``'s forward while attached (set on the instance; `detach` deletes it): the frozen layer and
+    its pair as one `_FrozenLinearLora`, or the layer plus `_LayerBranch` where that does not apply."""
+
+    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float) -> None:
+        self.module, self.pair, self.scale = module, pair, scale
+        self.branch = _LayerBranch(pair, scale, False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        y = _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
+        if y is None:
+            y = self.branch(m, (x,), nn.Linear.forward(m, x))
+        return y
+
+
 class _InProjBranch:
-    """``MultiheadAttention.in_proj_adapter``: the low-rank output of rows [start, stop) of the packed in_proj."""
+    """``MultiheadAttention.in_proj_adapter``: rows [start, stop) of the packed in_proj with their pairs' branches."""
 
     def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float) -> None:
         self.blocks, self.scale = sorted(blocks, key=lambda b: b[0]), scale  # (first row, last row + 1, pair)
 
-    def __call__(self, x: Tensor, start: int, stop: int) -> Tensor | None:
-        parts = []
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
+        inside = []
         for first, end, pair in self.blocks:
             if end <= start or first >= stop:
                 continue
             if first < start or end > stop:
                 raise ValueError(f"LoRA rows {first}:{end} straddle the projection rows {start}:{stop}")
-            parts.append((first, end, _low_rank(x, pair, self.scale, False)))
-        if not parts:
-            return None
-        pos, out = start, []
-        for first, end, part in parts:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
+            inside.append((first, end, pair))
+        w, b = weight[start:stop], None if bias is None else bias[start:stop]
+        if not inside:
+            return F.linear(x, w, b)
+        # one fused function: h of all pairs in one matmul, each branch accumulated into its rows' columns
+        fused = _lora_linear(x, w, b, self.scale, [(first - start, pair) for first, _, pair in inside])
+        if fused is not None:
+            return fused
+        parts, pos = [], start
+        for first, end, pair in inside:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
+            part = _low_rank(x, pair, self.scale, False)
             if first > pos:
-                out.append(part.new_zeros(*part.shape[:-1], first - pos))
-            out.append(part)
+                parts.append(part.new_zeros(*part.shape[:-1], first - pos))
+            parts.append(part)
             pos = end
         if pos < stop:
-            out.append(out[-1].new_zeros(*out[-1].shape[:-1], stop - pos))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+            parts.append(parts[-1].new_zeros(*parts[-1].shape[:-1], stop - pos))
+        return F.linear(x, w, b) + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+
+
+def _restore_forward(module: nn.Module, previous: Any) -> None:
+    if previous is None:
+        del module.forward
+    else:
+        module.forward = previous
 
 
 class LoraNetwork(nn.Module):
@@ -179,6 +298,10 @@ class LoraNetwork(nn.Module):
             if t.param == "in_proj_weight":
                 assert t.rows is not None
                 in_proj.setdefault(t.module, []).append((t.rows[0], t.rows[1], pair))
+            elif not t.conv and isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+                previous = module.__dict__.get("forward")
+                module.forward = _LoraLinearForward(module, pair, self.scale)  # type: ignore[method-assign, assignment]
+                self._attached.append(functools.partial(_restore_forward, module, previous))
             else:
                 handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv))
                 self._attached.append(handle.remove)

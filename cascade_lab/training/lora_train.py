@@ -99,7 +99,8 @@ class _FrozenLinearLora(torch.autograd.Function):
     over a large tensor is one GEMM: the branch accumulates into the layer's output in place together with the
     bias (forward) and into x's gradient (backward), one matmul gives all pairs' h = x [D_1; D_2; ...]^T and their down
     gradients, and the thin products are taken in the layouts BLAS runs fastest (a [r, M] @ [M, n] product
-    transposed rather than [n, M] @ [M, r]). Saves x and h only (W is the layer's own tensor).
+    transposed rather than [n, M] @ [M, r]); the scale multiplies the thin [M, r] factors only. Saves x and
+    scale · h only (W is the layer's own tensor).
     """
 
     @staticmethod
@@ -107,45 +108,56 @@ class _FrozenLinearLora(torch.autograd.Function):
                 cols: tuple[int, ...], *pairs: Tensor) -> Tensor:
         downs, ups = pairs[0::2], pairs[1::2]
         down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
-        y = torch.mm(x, weight.t())  # [M, out]; the bias comes with the branch (addmm's bias is a pass of its own)
-        h = torch.mm(x, down.t())  # [M, K r]
-        r, n_out = downs[0].shape[0], y.shape[1]
-        ones = x.new_ones(x.shape[0], 1)
+        r, n_rows, n_out = downs[0].shape[0], x.shape[0], weight.shape[0]
+        hs = torch.mm(x, down.t()).mul_(scale)  # scale · h [M, K r]
+        # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
+        # into the output is a pass of its own; with few rows the fewer ops win
+        fold = bias is not None and n_rows >= _FOLD_BIAS_ROWS
+        y = torch.mm(x, weight.t()) if fold or bias is None else torch.addmm(bias, x, weight.t())  # [M, out]
+        ones = x.new_ones(n_rows, 1) if fold else None
         pos = 0
         for k, (start, up) in enumerate(zip(cols, ups, strict=True)):
             stop = start + up.shape[0]
-            if bias is not None and start > pos:  # columns without a pair (an in_proj with only some of q, k, v)
-                y[:, pos:start].add_(bias[pos:start])
             out = y if start == 0 and stop == n_out else y[:, start:stop]
-            h_k = h[:, k * r:(k + 1) * r]
-            if bias is None:
-                out.addmm_(h_k, up.t(), alpha=scale)
-            else:  # [h, 1] @ [scale U, b]^T: the bias added in the same pass
-                out.addmm_(torch.cat([h_k, ones], dim=1), torch.cat([up * scale, bias[start:stop, None]], dim=1).t())
+            hs_k = hs if len(ups) == 1 else hs[:, k * r:(k + 1) * r]
+            if fold:
+                assert bias is not None and ones is not None
+                if start > pos:  # columns without a pair (an in_proj with only some of q, k, v)
+                    y[:, pos:start].add_(bias[pos:start])
+                out.addmm_(torch.cat([hs_k, ones], dim=1), torch.cat([up, bias[start:stop, None]], dim=1).t())
+            else:
+                out.addmm_(hs_k, up.t())
             pos = stop
-        if bias is not None and pos < n_out:
+        if fold and pos < n_out:
+            assert bias is not None
             y[:, pos:].add_(bias[pos:])
-        ctx.save_for_backward(x, weight, h, down, *ups)
+        ctx.save_for_backward(x, weight, hs, down, *ups)
         ctx.scale, ctx.cols, ctx.rank = scale, cols, r
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, h, down, *ups = ctx.saved_tensors
+        x, weight, hs, down, *ups = ctx.saved_tensors
         scale, cols, r = ctx.scale, ctx.cols, ctx.rank
-        whole = len(ups) == 1 and ups[0].shape[0] == grad.shape[1]
-        blocks = [grad if whole else grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
-        g_h = torch.cat([torch.mm(g, up) for g, up in zip(blocks, ups, strict=True)], dim=1)  # [M, K r]
+        if len(ups) == 1 and ups[0].shape[0] == grad.shape[1]:
+            blocks = [grad]
+            g_hs = torch.mm(grad, ups[0]).mul_(scale)  # scale · g U [M, r]
+        else:
+            blocks = [grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
+            g_hs = torch.cat([torch.mm(g, up) for g, up in zip(blocks, ups, strict=True)], dim=1).mul_(scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad, weight)  # [M, in]
-            grad_x.addmm_(g_h, down, alpha=scale)
-        grad_down = torch.mm(g_h.t(), x).mul_(scale)  # [K r, in]
+            grad_x.addmm_(g_hs, down)
+        grad_down = torch.mm(g_hs.t(), x)  # [K r, in]
         grads: list[Tensor | None] = [grad_x, None, None, None, None]
         for k, g in enumerate(blocks):
-            grads.append(grad_down[k * r:(k + 1) * r])
-            grads.append(torch.mm(h[:, k * r:(k + 1) * r].t(), g).mul_(scale).t())  # [out_k, r]
+            hs_k = hs if len(blocks) == 1 else hs[:, k * r:(k + 1) * r]
+            grads += [grad_down if len(blocks) == 1 else grad_down[k * r:(k + 1) * r], torch.mm(hs_k.t(), g).t()]
         return tuple(grads)
+
+
+_FOLD_BIAS_ROWS = 128  # rows from which `_FrozenLinearLora` adds the bias inside the branch's matmul
 
 
 def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
@@ -170,9 +182,12 @@ def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
         pairs += [cast(Tensor, _cast(pair.lora_down, dtype)), cast(Tensor, _cast(pair.lora_up, dtype))]
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = cast(Tensor, _cast(x, dtype)).reshape(-1, n_in)
-    with torch.autocast(dev, enabled=False):
-        y = _FrozenLinearLora.apply(x2, _cast(weight, dtype), _cast(bias, dtype), scale,
-                                    tuple(start for start, _ in blocks), *pairs)
+    args = (x2, _cast(weight, dtype), _cast(bias, dtype), scale, tuple(start for start, _ in blocks), *pairs)
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            y = _FrozenLinearLora.apply(*args)
+    else:
+        y = _FrozenLinearLora.apply(*args)
     return cast(Tensor, y).view(*lead, weight.shape[0])
 
 

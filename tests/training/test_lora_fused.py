@@ -11,10 +11,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cascade_lab.models.common import MultiheadAttention
+from cascade_lab.training import lora_train
 from cascade_lab.training.lora_train import LoraNetwork, lora_targets
 
 Tensor = torch.Tensor
 C, OUT = 24, 40  # widths; rank 4
+
+
+@pytest.fixture(autouse=True, params=["bias in the branch", "bias by addmm"])
+def fold_bias(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways the function adds the bias (in the branch's matmul from some rows on, else by addmm)."""
+    monkeypatch.setattr(lora_train, "_FOLD_BIAS_ROWS", 1 if request.param == "bias in the branch" else 10**9)
 
 
 class Tiny(nn.Module):

@@ -139,21 +139,22 @@ class _FrozenLinearLora(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, hs, down, *ups = ctx.saved_tensors
         scale, cols, r = ctx.scale, ctx.cols, ctx.rank
-        if len(ups) == 1 and ups[0].shape[0] == grad.shape[1]:
-            blocks = [grad]
-            g_hs = torch.mm(grad, ups[0]).mul_(scale)  # scale · g U [M, r]
-        else:
-            blocks = [grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
-            g_hs = torch.cat([torch.mm(g, up) for g, up in zip(blocks, ups, strict=True)], dim=1).mul_(scale)
+        whole = len(ups) == 1 and ups[0].shape[0] == grad.shape[1]
+        blocks = [grad] if whole else [grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
+        g_h, grad_ups = [], []
+        for k, (g, up) in enumerate(zip(blocks, ups, strict=True)):
+            # g U and the up gradient one after the other, while this block of the output gradient is in cache
+            g_h.append(torch.mm(g, up))  # [M, r]
+            grad_ups.append(torch.mm((hs if whole else hs[:, k * r:(k + 1) * r]).t(), g).t())  # [out_k, r]
+        g_hs = (g_h[0] if len(g_h) == 1 else torch.cat(g_h, dim=1)).mul_(scale)  # scale · g U [M, K r]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad, weight)  # [M, in]
             grad_x.addmm_(g_hs, down)
         grad_down = torch.mm(g_hs.t(), x)  # [K r, in]
         grads: list[Tensor | None] = [grad_x, None, None, None, None]
-        for k, g in enumerate(blocks):
-            hs_k = hs if len(blocks) == 1 else hs[:, k * r:(k + 1) * r]
-            grads += [grad_down if len(blocks) == 1 else grad_down[k * r:(k + 1) * r], torch.mm(hs_k.t(), g).t()]
+        for k, grad_up in enumerate(grad_ups):
+            grads += [grad_down if len(blocks) == 1 else grad_down[k * r:(k + 1) * r], grad_up]
         return tuple(grads)
 
 

@@ -63,7 +63,8 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor, blocks: list[tuple[int, T
 
 def check(got: Tensor, want: Tensor, tol: float = 1e-6) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
-    err = (got.double() - want.double()).abs().max() / want.double().abs().max()
+    diff, size = (got.double() - want.double()).abs().max(), want.double().abs().max()
+    err = diff / size if size > 0 else diff  # an all-zero gradient (zero inputs) must come out zero
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
@@ -209,3 +210,45 @@ def test_detach_restores_the_forward() -> None:
     assert torch.equal(plain[1], F.linear(x, model.attn.in_proj_weight, model.attn.in_proj_bias))
     assert not torch.allclose(with_lora[0], plain[0]) and not torch.allclose(with_lora[1], plain[1])
     assert set(model.state_dict()) == set(Tiny().state_dict())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_whole_stage_c_gradients_match_the_hook_path(checkpointing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny Stage C with an all_linear LoRA: every pair's gradient as with the function switched off."""
+    from training_helpers import stage_c_inputs
+
+    from cascade_lab.models.stage_c import StageCConfig
+
+    torch.manual_seed(3)
+    model = StageCConfig.tiny().build().requires_grad_(False).train()
+    with torch.no_grad():
+        model.clf[1].weight.normal_(0, 0.05)
+    model.enable_gradient_checkpointing(checkpointing)
+    network = LoraNetwork.for_model(model, rank=4, alpha=1, target="all_linear").attach(model)
+    with torch.no_grad():
+        for pair in network.pairs.values():
+            pair.lora_up.normal_(0, 0.1)
+    inputs = stage_c_inputs()
+
+    def grads() -> tuple[Tensor, dict[str, Tensor]]:
+        network.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+
+    calls = [0]
+    real = lora_train._FrozenLinearLora.apply
+
+    def counted(*args: object) -> Tensor:
+        calls[0] += 1
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    fused_out, fused = grads()
+    assert calls[0] > len(network.targets) // 2  # the Linears and the in_proj went through the function
+    monkeypatch.setattr(lora_train, "_lora_linear", lambda *a: None)  # every layer on the hook / autograd path
+    plain_out, plain = grads()
+    check(fused_out, plain_out)
+    assert set(fused) == set(plain) and len(fused) >= len(network.pairs)  # clip_img's pair: zero inputs, still a grad
+    for name, g in plain.items():
+        check(fused[name], g, 2e-6)

@@ -201,7 +201,8 @@ class MultiheadAttention(nn.Module):
     def in_proj(self, x: Tensor, start: int, stop: int) -> Tensor:
         """x @ in_proj rows [start, stop) + bias (through the adapter when one is set)."""
         if self.in_proj_adapter is not None:
-            return self.in_proj_adapter(x, self.in_proj_weight, self.in_proj_bias, start, stop)  # type: ignore[no-any-return]
+            out: Tensor = self.in_proj_adapter(x, self.in_proj_weight, self.in_proj_bias, start, stop)
+            return out
         return F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
 
     def cond_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,11 @@
 """Trainable LoRA for Stage C or Stage B, saved in kohya's layout (``lora_unet_*``) that ComfyUI and kohya load.
 
 Each target computes ``W x + (alpha / rank) · up(down(x))`` — what ComfyUI's merged ``W + (alpha / rank) ·
-up @ down`` gives — as a low-rank branch beside the frozen layer (a forward hook on a Linear or 1x1 Conv2d;
-for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
+up @ down`` gives — as a low-rank branch beside the frozen layer (a Linear's forward replaced on the instance
+by `_FrozenLinearLora`, the frozen matmul and the branch as one autograd function; a forward hook on a 1x1
+Conv2d; for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
 ``to_q``, ``to_k``, ``to_v`` on its row blocks, exactly as ComfyUI splits it when it loads a Stage C
-checkpoint). The branch never forms a [out, in] weight: no merged copy per layer per step and no gradient of
+checkpoint, through the same function). Module types and state-dict keys stay as they are. The branch never forms a [out, in] weight: no merged copy per layer per step and no gradient of
 the frozen weights (a weight parametrization costs both: a full fine-tune's weight-gradient matmuls and a
 saved weight copy per layer).
 ``down`` starts Kaiming-uniform and ``up`` at zero (kohya), so an attached network leaves the outputs as

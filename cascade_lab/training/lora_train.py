@@ -5,9 +5,9 @@ up @ down`` gives — as a low-rank branch beside the frozen layer (a Linear's f
 by `_FrozenLinearLora`, the frozen matmul and the branch as one autograd function; a forward hook on a 1x1
 Conv2d; for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
 ``to_q``, ``to_k``, ``to_v`` on its row blocks, exactly as ComfyUI splits it when it loads a Stage C
-checkpoint, through the same function). Module types and state-dict keys stay as they are. The branch never forms a [out, in] weight: no merged copy per layer per step and no gradient of
-the frozen weights (a weight parametrization costs both: a full fine-tune's weight-gradient matmuls and a
-saved weight copy per layer).
+checkpoint, through the same function). Module types and state-dict keys stay as they are. The branch never
+forms a [out, in] weight: no merged copy per layer per step and no gradient of the frozen weights (a weight
+parametrization costs both: a full fine-tune's weight-gradient matmuls and a saved weight copy per layer).
 ``down`` starts Kaiming-uniform and ``up`` at zero (kohya), so an attached network leaves the outputs as
 they were. Targets: ``attention`` (to_q/k/v and out_proj of every attention) or ``all_linear`` (every
 Linear and every non-grouped 1x1 Conv2d, kohya's Stage C set).

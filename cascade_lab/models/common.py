@@ -184,24 +184,28 @@ def _fused_linear_gelu(h: Tensor, linear: nn.Linear) -> Tensor | None:
     return out
 
 
+def _plain(layer: nn.Module) -> bool:
+    """No forward hooks and no forward set on the instance (a training LoRA's): its class forward computes it."""
+    return not layer._forward_hooks and not layer._forward_pre_hooks and "forward" not in layer.__dict__
+
+
 def channel_mlp(mlp: nn.Sequential, h: Tensor) -> Tensor:
     """Run a `_channel_mlp` on NHWC h [..., c_in] -> [..., c]; the first Linear + GELU fused where it can be."""
     first, gelu = mlp[0], mlp[1]
     fused = None
-    if type(first) is Linear and type(gelu) is nn.GELU and gelu.approximate == "none" and not first._forward_hooks:
+    if type(first) is Linear and type(gelu) is nn.GELU and gelu.approximate == "none" and _plain(first):
         fused = _fused_linear_gelu(h, first)
     if fused is None:
         grn = mlp[2]
         if (torch.is_grad_enabled() and type(gelu) is nn.GELU and gelu.approximate == "none"
-                and type(grn) is GlobalResponseNorm and not gelu._forward_hooks and not grn._forward_hooks
-                and not gelu._forward_pre_hooks and not grn._forward_pre_hooks and h.dim() == 4):
+                and type(grn) is GlobalResponseNorm and _plain(gelu) and _plain(grn) and h.dim() == 4):
             out = gelu_grn(first(h), grn)
             for layer in list(mlp)[3:]:
                 out = layer(out)
             return out
         return mlp(h)  # type: ignore[no-any-return]
     grn, dropout, last = mlp[2], mlp[3], mlp[4]
-    if (type(grn) is GlobalResponseNorm and type(last) is Linear and not last._forward_hooks
+    if (type(grn) is GlobalResponseNorm and type(last) is Linear and _plain(last)
             and not grn._forward_hooks and (not dropout.training or dropout.p == 0)
             and fused.dim() == 4 and fused.shape[1] * fused.shape[2] > 2 * last.out_features):
         return _grn_into_linear(grn, last, fused)
@@ -267,21 +271,18 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = Linear(embed_dim, embed_dim)
 
-    # training LoRA (cascade_lab.training.lora_train): fn(x, start, stop) -> the extra output of in_proj rows
-    # [start, stop) or None; not a module, so the state dict keeps the official keys
+    # training LoRA (cascade_lab.training.lora_train): fn(x, in_proj_weight, in_proj_bias, start, stop) -> the
+    # projection of rows [start, stop) with the LoRA's branch; not a module, so the state dict keeps the official keys
     in_proj_adapter: Any = None
 
     def in_proj(self, x: Tensor, start: int, stop: int) -> Tensor:
-        """x @ in_proj rows [start, stop) + bias (plus the adapter's branch when one is set)."""
-        if start == 0 and stop == self.in_proj_weight.shape[0]:  # whole: a slice's backward zero-fills a copy
-            out = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        else:
-            out = F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
+        """x @ in_proj rows [start, stop) + bias (through the adapter when one is set)."""
         if self.in_proj_adapter is not None:
-            extra = self.in_proj_adapter(x, start, stop)
-            if extra is not None:
-                out = out + extra
-        return out
+            out: Tensor = self.in_proj_adapter(x, self.in_proj_weight, self.in_proj_bias, start, stop)
+            return out
+        if start == 0 and stop == self.in_proj_weight.shape[0]:  # whole: a slice's backward zero-fills a copy
+            return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
 
     def cond_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the conditioning tokens cond [B, S, c]: 2 x (B, S, c)."""

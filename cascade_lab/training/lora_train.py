@@ -1,12 +1,13 @@
 """Trainable LoRA for Stage C or Stage B, saved in kohya's layout (``lora_unet_*``) that ComfyUI and kohya load.
 
 Each target computes ``W x + (alpha / rank) · up(down(x))`` — what ComfyUI's merged ``W + (alpha / rank) ·
-up @ down`` gives — as a low-rank branch beside the frozen layer (a forward hook on a Linear or 1x1 Conv2d;
-for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
+up @ down`` gives — as a low-rank branch beside the frozen layer (a Linear's forward replaced on the instance
+by `_FrozenLinearLora`, the frozen matmul and the branch as one autograd function; a forward hook on a 1x1
+Conv2d; for the packed attention ``in_proj_weight`` [3c, c] the attention's ``in_proj_adapter``, three pairs
 ``to_q``, ``to_k``, ``to_v`` on its row blocks, exactly as ComfyUI splits it when it loads a Stage C
-checkpoint). The branch never forms a [out, in] weight: no merged copy per layer per step and no gradient of
-the frozen weights (a weight parametrization costs both: a full fine-tune's weight-gradient matmuls and a
-saved weight copy per layer).
+checkpoint, through the same function). Module types and state-dict keys stay as they are. The branch never
+forms a [out, in] weight: no merged copy per layer per step and no gradient of the frozen weights (a weight
+parametrization costs both: a full fine-tune's weight-gradient matmuls and a saved weight copy per layer).
 ``down`` starts Kaiming-uniform and ``up`` at zero (kohya), so an attached network leaves the outputs as
 they were. Targets: ``attention`` (to_q/k/v and out_proj of every attention) or ``all_linear`` (every
 Linear and every non-grouped 1x1 Conv2d, kohya's Stage C set).
@@ -87,8 +88,114 @@ def _low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool) -> Tensor:
     return F.linear(F.linear(x, down), up * scale)
 
 
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _FrozenLinearLora(torch.autograd.Function):
+    """y = x W^T + b + scale · Σ_k (x D_k^T) U_k^T into output columns [c_k, c_k + out_k) for 2-D x [M, in]
+    (the pairs in column order).
+
+    The frozen layer (W [out, in], b) gets no gradient; the pairs (D_k [r, in], U_k [out_k, r]) do. Each pass
+    over a large tensor is one GEMM: the branch accumulates into the layer's output in place together with the
+    bias (forward) and into x's gradient (backward), one matmul gives all pairs' h = x [D_1; D_2; ...]^T and their down
+    gradients, and the thin products are taken in the layouts BLAS runs fastest (a [r, M] @ [M, n] product
+    transposed rather than [n, M] @ [M, r]); the scale multiplies the thin [M, r] factors only. Saves x and
+    scale · h only (W is the layer's own tensor).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                cols: tuple[int, ...], *pairs: Tensor) -> Tensor:
+        downs, ups = pairs[0::2], pairs[1::2]
+        down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
+        r, n_rows, n_out = downs[0].shape[0], x.shape[0], weight.shape[0]
+        hs = torch.mm(x, down.t()).mul_(scale)  # scale · h [M, K r]
+        # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
+        # into the output is a pass of its own; with few rows the fewer ops win
+        fold = bias is not None and n_rows >= _FOLD_BIAS_ROWS
+        y = torch.mm(x, weight.t()) if fold or bias is None else torch.addmm(bias, x, weight.t())  # [M, out]
+        ones = x.new_ones(n_rows, 1) if fold else None
+        pos = 0
+        for k, (start, up) in enumerate(zip(cols, ups, strict=True)):
+            stop = start + up.shape[0]
+            out = y if start == 0 and stop == n_out else y[:, start:stop]
+            hs_k = hs if len(ups) == 1 else hs[:, k * r:(k + 1) * r]
+            if fold:
+                assert bias is not None and ones is not None
+                if start > pos:  # columns without a pair (an in_proj with only some of q, k, v)
+                    y[:, pos:start].add_(bias[pos:start])
+                out.addmm_(torch.cat([hs_k, ones], dim=1), torch.cat([up, bias[start:stop, None]], dim=1).t())
+            else:
+                out.addmm_(hs_k, up.t())
+            pos = stop
+        if fold and pos < n_out:
+            assert bias is not None
+            y[:, pos:].add_(bias[pos:])
+        ctx.save_for_backward(x, weight, hs, down, *ups)
+        ctx.scale, ctx.cols, ctx.rank = scale, cols, r
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, hs, down, *ups = ctx.saved_tensors
+        scale, cols, r = ctx.scale, ctx.cols, ctx.rank
+        whole = len(ups) == 1 and ups[0].shape[0] == grad.shape[1]
+        blocks = [grad] if whole else [grad[:, s:s + up.shape[0]] for s, up in zip(cols, ups, strict=True)]
+        g_h, grad_ups = [], []
+        for k, (g, up) in enumerate(zip(blocks, ups, strict=True)):
+            # g U and the up gradient one after the other, while this block of the output gradient is in cache
+            g_h.append(torch.mm(g, up))  # [M, r]
+            grad_ups.append(torch.mm((hs if whole else hs[:, k * r:(k + 1) * r]).t(), g).t())  # [out_k, r]
+        g_hs = (g_h[0] if len(g_h) == 1 else torch.cat(g_h, dim=1)).mul_(scale)  # scale · g U [M, K r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight)  # [M, in]
+            grad_x.addmm_(g_hs, down)
+        grad_down = torch.mm(g_hs.t(), x)  # [K r, in]
+        grads: list[Tensor | None] = [grad_x, None, None, None, None]
+        for k, grad_up in enumerate(grad_ups):
+            grads += [grad_down if len(blocks) == 1 else grad_down[k * r:(k + 1) * r], grad_up]
+        return tuple(grads)
+
+
+_FOLD_BIAS_ROWS = 128  # rows from which `_FrozenLinearLora` adds the bias inside the branch's matmul
+
+
+def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                 blocks: list[tuple[int, LoraPair]]) -> Tensor | None:
+    """x [..., in] through the frozen (weight, bias) plus the pairs on their output columns, or None where the
+    fused function does not apply (the weight or bias is trained, or an unusual dtype): use the autograd path."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # autocast runs linear in its dtype (float64 it leaves alone)
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype == torch.float64 or weight.dtype == torch.float64:
+            return None
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return None  # the plain path raises linear's own dtype error
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[-1] != weight.shape[1]:
+        return None
+    pairs: list[Tensor] = []
+    for _, pair in blocks:  # cast as autocast would (a ToCopy the gradient flows back through to the fp32 pair)
+        pairs += [cast(Tensor, _cast(pair.lora_down, dtype)), cast(Tensor, _cast(pair.lora_up, dtype))]
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = cast(Tensor, _cast(x, dtype)).reshape(-1, n_in)
+    args = (x2, _cast(weight, dtype), _cast(bias, dtype), scale, tuple(start for start, _ in blocks), *pairs)
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            y = _FrozenLinearLora.apply(*args)
+    else:
+        y = _FrozenLinearLora.apply(*args)
+    return cast(Tensor, y).view(*lead, weight.shape[0])
+
+
 class _LayerBranch:
-    """Forward hook: the layer's output plus the low-rank branch of its input."""
+    """Forward hook: the layer's output plus the low-rank branch of its input (1x1 convs, and the fallback of
+    `_LoraLinearForward`)."""
 
     def __init__(self, pair: LoraPair, scale: float, conv: bool) -> None:
         self.pair, self.scale, self.conv = pair, scale, conv
@@ -108,31 +215,60 @@ class _LayerBranch:
                            alpha=self.scale).view(output.shape)
 
 
+class _LoraLinearForward:
+    """An ``nn.Linear``'s forward while attached (set on the instance; `detach` deletes it): the frozen layer and
+    its pair as one `_FrozenLinearLora`, or the layer plus `_LayerBranch` where that does not apply."""
+
+    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float) -> None:
+        self.module, self.pair, self.scale = module, pair, scale
+        self.branch = _LayerBranch(pair, scale, False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        y = _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
+        if y is None:
+            y = self.branch(m, (x,), nn.Linear.forward(m, x))
+        return y
+
+
 class _InProjBranch:
-    """``MultiheadAttention.in_proj_adapter``: the low-rank output of rows [start, stop) of the packed in_proj."""
+    """``MultiheadAttention.in_proj_adapter``: rows [start, stop) of the packed in_proj with their pairs' branches."""
 
     def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float) -> None:
         self.blocks, self.scale = sorted(blocks, key=lambda b: b[0]), scale  # (first row, last row + 1, pair)
 
-    def __call__(self, x: Tensor, start: int, stop: int) -> Tensor | None:
-        parts = []
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
+        inside = []
         for first, end, pair in self.blocks:
             if end <= start or first >= stop:
                 continue
             if first < start or end > stop:
                 raise ValueError(f"LoRA rows {first}:{end} straddle the projection rows {start}:{stop}")
-            parts.append((first, end, _low_rank(x, pair, self.scale, False)))
-        if not parts:
-            return None
-        pos, out = start, []
-        for first, end, part in parts:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
+            inside.append((first, end, pair))
+        w, b = weight[start:stop], None if bias is None else bias[start:stop]
+        if not inside:
+            return F.linear(x, w, b)
+        # one fused function: h of all pairs in one matmul, each branch accumulated into its rows' columns
+        fused = _lora_linear(x, w, b, self.scale, [(first - start, pair) for first, _, pair in inside])
+        if fused is not None:
+            return fused
+        parts, pos = [], start
+        for first, end, pair in inside:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
+            part = _low_rank(x, pair, self.scale, False)
             if first > pos:
-                out.append(part.new_zeros(*part.shape[:-1], first - pos))
-            out.append(part)
+                parts.append(part.new_zeros(*part.shape[:-1], first - pos))
+            parts.append(part)
             pos = end
         if pos < stop:
-            out.append(out[-1].new_zeros(*out[-1].shape[:-1], stop - pos))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+            parts.append(parts[-1].new_zeros(*parts[-1].shape[:-1], stop - pos))
+        return F.linear(x, w, b) + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+
+
+def _restore_forward(module: nn.Module, previous: Any) -> None:
+    if previous is None:
+        del module.forward
+    else:
+        module.forward = previous
 
 
 class LoraNetwork(nn.Module):
@@ -179,6 +315,10 @@ class LoraNetwork(nn.Module):
             if t.param == "in_proj_weight":
                 assert t.rows is not None
                 in_proj.setdefault(t.module, []).append((t.rows[0], t.rows[1], pair))
+            elif not t.conv and isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+                previous = module.__dict__.get("forward")
+                module.forward = _LoraLinearForward(module, pair, self.scale)  # type: ignore[method-assign, assignment]
+                self._attached.append(functools.partial(_restore_forward, module, previous))
             else:
                 handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv))
                 self._attached.append(handle.remove)

@@ -1,0 +1,254 @@
+"""The fused frozen-layer + LoRA function gives the plain autograd result: outputs and every gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cascade_lab.models.common import MultiheadAttention
+from cascade_lab.training import lora_train
+from cascade_lab.training.lora_train import LoraNetwork, lora_targets
+
+Tensor = torch.Tensor
+C, OUT = 24, 40  # widths; rank 4
+
+
+@pytest.fixture(autouse=True, params=["bias in the branch", "bias by addmm"])
+def fold_bias(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways the function adds the bias (in the branch's matmul from some rows on, else by addmm)."""
+    monkeypatch.setattr(lora_train, "_FOLD_BIAS_ROWS", 1 if request.param == "bias in the branch" else 10**9)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(C, OUT)
+        self.conv = nn.Conv2d(C, OUT, 1)
+        self.attn = MultiheadAttention(C, 2)
+
+
+def attached(target_filter: Callable[[str], bool] = lambda name: True, dtype: torch.dtype = torch.float32,
+             scale_alpha: float = 3.0) -> tuple[Tiny, LoraNetwork]:
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.to(dtype).requires_grad_(False)
+    targets = [t for t in lora_targets(model, "all_linear") if target_filter(t.name)]
+    network = LoraNetwork(targets, rank=4, alpha=scale_alpha, seed=1)
+    with torch.no_grad():
+        for pair in network.pairs.values():
+            pair.lora_up.normal_()  # a trained-looking pair (zero at the start would hide the up gradient)
+    network.attach(model)
+    return model, network
+
+
+def reference(x: Tensor, weight: Tensor, bias: Tensor, blocks: list[tuple[int, Tensor, Tensor]],
+              scale: float) -> Tensor:
+    """x W^T + b + scale · (x D^T) U^T on each pair's output columns, in plain autograd ops."""
+    y = F.linear(x, weight, bias)
+    extra = [torch.zeros_like(y)]
+    for start, down, up in blocks:
+        branch = scale * F.linear(F.linear(x, down), up)
+        pad = (start, y.shape[-1] - start - up.shape[0])
+        extra.append(F.pad(branch, pad))
+    return y + sum(extra)
+
+
+def check(got: Tensor, want: Tensor, tol: float = 1e-6) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff, size = (got.double() - want.double()).abs().max(), want.double().abs().max()
+    err = diff / size if size > 0 else diff  # an all-zero gradient (zero inputs) must come out zero
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def run_both(model: Tiny, network: LoraNetwork, call: Callable[[Tensor], Tensor],
+             ref: Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor], x: Tensor,
+             tol: float = 1e-6, autocast: bool = False) -> None:
+    """Forward and backward through the attached model and through `ref` on copies of the pairs."""
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    copies = {n: (network.pair(n).lora_down.detach().clone().requires_grad_(True),
+                  network.pair(n).lora_up.detach().clone().requires_grad_(True)) for n in network.targets}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = call(x1), ref(x2, copies)
+    g = torch.randn_like(want, dtype=torch.float32).to(want.dtype)
+    got.backward(g)
+    want.backward(g)
+    check(got, want, tol)
+    assert x1.grad is not None and x2.grad is not None
+    check(x1.grad, x2.grad, tol)
+    for n, (down, up) in copies.items():
+        pair = network.pair(n)
+        assert pair.lora_down.grad is not None and pair.lora_up.grad is not None and down.grad is not None
+        check(pair.lora_down.grad, down.grad, tol)
+        check(pair.lora_up.grad, up.grad, tol)  # type: ignore[arg-type]
+
+
+def linear_ref(model: Tiny, scale: float) -> Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor]:
+    def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        down, up = copies["lora_unet_proj"]
+        return reference(x, model.proj.weight, model.proj.bias, [(0, down, up)], scale)
+    return ref
+
+
+@pytest.mark.parametrize("use_checkpoint", [None, False, True])  # no checkpoint, non-reentrant, reentrant
+def test_linear_matches_autograd_2d_4d_and_strided(use_checkpoint: bool | None) -> None:
+    model, network = attached(lambda n: n == "lora_unet_proj")
+    assert "forward" in model.proj.__dict__ and not model.proj._forward_hooks  # routed through the function
+
+    def call(x: Tensor) -> Tensor:
+        if use_checkpoint is None:
+            return model.proj(x)  # type: ignore[no-any-return]
+        return checkpoint(model.proj, x, use_reentrant=use_checkpoint)  # type: ignore[no-any-return]
+
+    ref = linear_ref(model, network.scale)
+    run_both(model, network, call, ref, torch.randn(6, C))
+    for pair in network.pairs.values():
+        pair.zero_grad()
+    run_both(model, network, call, ref, torch.randn(2, 3, 5, C))
+    for pair in network.pairs.values():
+        pair.zero_grad()
+    # a non-contiguous input (NCHW permuted to NHWC) and a non-contiguous gradient (the output transposed)
+    run_both(model, network, lambda x: call(x.permute(0, 2, 3, 1)).transpose(1, 2),
+             lambda x, c: ref(x.permute(0, 2, 3, 1), c).transpose(1, 2), torch.randn(2, C, 3, 5))
+
+
+def test_conv_1x1_matches_autograd() -> None:
+    model, network = attached(lambda n: n == "lora_unet_conv")
+
+    def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        down, up = copies["lora_unet_conv"]
+        y = reference(x.permute(0, 2, 3, 1), model.conv.weight.flatten(1), model.conv.bias, [(0, down, up)],
+                      network.scale)
+        return y.permute(0, 3, 1, 2)
+
+    run_both(model, network, model.conv, ref, torch.randn(2, C, 3, 5))
+
+
+@pytest.mark.parametrize("letters", ["qkv", "qv"])  # "qv": the k rows have no pair
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_in_proj_matches_autograd(letters: str, use_checkpoint: bool) -> None:
+    model, network = attached(lambda n: n.startswith("lora_unet_attn_to_") and n[-1] in letters)
+    attn, scale = model.attn, network.scale
+
+    def both(t: Tensor) -> Tensor:  # self-attention rows q, k, v of x and the conditioning's k, v
+        return torch.cat([attn.in_proj(t, 0, 3 * C).flatten(), attn.in_proj(t[:, :2], C, 3 * C).flatten()])
+
+    def call(x: Tensor) -> Tensor:
+        return checkpoint(both, x, use_reentrant=use_checkpoint) if use_checkpoint else both(x)  # type: ignore
+
+    def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        def rows(t: Tensor, start: int, stop: int) -> Tensor:
+            blocks = [(i * C - start, *copies[f"lora_unet_attn_to_{q}"]) for i, q in enumerate("qkv")
+                      if q in letters and start <= i * C < stop]
+            return reference(t, attn.in_proj_weight[start:stop], attn.in_proj_bias[start:stop], blocks, scale)
+        return torch.cat([rows(x, 0, 3 * C).flatten(), rows(x[:, :2], C, 3 * C).flatten()])
+
+    run_both(model, network, call, ref, torch.randn(2, 7, C))
+
+
+def test_bf16_autocast_matches_the_autocast_reference_and_its_dtypes() -> None:
+    # a bf16 run: frozen base in bf16, fp32 pairs, autocast
+    model, network = attached(lambda n: n == "lora_unet_proj" or "_to_" in n, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in network.parameters())
+    scale = network.scale
+    x = torch.randn(2, 3, 5, C)
+
+    def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        down, up = copies["lora_unet_proj"]
+        y = F.linear(x, model.proj.weight, model.proj.bias) + scale * F.linear(F.linear(x, down), up)
+        blocks = [(i * C, *copies[f"lora_unet_attn_to_{q}"]) for i, q in enumerate("qkv")]
+        qkv = reference(x.flatten(1, 2), model.attn.in_proj_weight, model.attn.in_proj_bias, blocks, scale)
+        return torch.cat([y.flatten(), qkv.flatten()])
+
+    def call(x: Tensor) -> Tensor:
+        return torch.cat([model.proj(x).flatten(), model.attn.in_proj(x.flatten(1, 2), 0, 3 * C).flatten()])
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert call(x).dtype == ref(x, {n: (p.lora_down, p.lora_up) for n, p in network.pairs.items()}).dtype \
+            == torch.bfloat16
+    run_both(model, network, call, ref, x, tol=2e-2, autocast=True)  # also checks the gradients' dtypes (fp32)
+    for p in network.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32
+
+
+def test_trained_base_weight_gets_its_gradient() -> None:
+    model, network = attached(lambda n: n in ("lora_unet_proj", "lora_unet_attn_to_k"))
+    model.proj.weight.requires_grad_(True)
+    model.attn.in_proj_weight.requires_grad_(True)
+    x = torch.randn(3, 4, C)
+    y = model.proj(x).sum() + model.attn.in_proj(x, 0, 3 * C).square().sum()
+    y.backward()
+    w1, w2 = model.proj.weight.detach().clone().requires_grad_(True), \
+        model.attn.in_proj_weight.detach().clone().requires_grad_(True)
+    p1, p2 = network.pair("lora_unet_proj"), network.pair("lora_unet_attn_to_k")
+    s = network.scale
+    want = reference(x, w1, model.proj.bias, [(0, p1.lora_down, p1.lora_up)], s).sum() \
+        + reference(x, w2, model.attn.in_proj_bias, [(C, p2.lora_down, p2.lora_up)], s).square().sum()
+    want.backward()
+    assert model.proj.weight.grad is not None and model.attn.in_proj_weight.grad is not None
+    check(model.proj.weight.grad, w1.grad)  # type: ignore[arg-type]
+    check(model.attn.in_proj_weight.grad, w2.grad)  # type: ignore[arg-type]
+
+
+def test_detach_restores_the_forward() -> None:
+    torch.manual_seed(0)
+    model, network = attached()
+    x = torch.randn(2, 5, C)
+    with_lora = model.proj(x), model.attn.in_proj(x, 0, 3 * C)
+    network.detach()
+    assert "forward" not in model.proj.__dict__ and model.attn.in_proj_adapter is None
+    assert not model.proj._forward_hooks and not model.conv._forward_hooks
+    plain = model.proj(x), model.attn.in_proj(x, 0, 3 * C)
+    assert torch.equal(plain[0], F.linear(x, model.proj.weight, model.proj.bias))
+    assert torch.equal(plain[1], F.linear(x, model.attn.in_proj_weight, model.attn.in_proj_bias))
+    assert not torch.allclose(with_lora[0], plain[0]) and not torch.allclose(with_lora[1], plain[1])
+    assert set(model.state_dict()) == set(Tiny().state_dict())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_whole_stage_c_gradients_match_the_hook_path(checkpointing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny Stage C with an all_linear LoRA: every pair's gradient as with the function switched off."""
+    from training_helpers import stage_c_inputs
+
+    from cascade_lab.models.stage_c import StageCConfig
+
+    torch.manual_seed(3)
+    model = StageCConfig.tiny().build().requires_grad_(False).train()
+    with torch.no_grad():
+        model.clf[1].weight.normal_(0, 0.05)
+    model.enable_gradient_checkpointing(checkpointing)
+    network = LoraNetwork.for_model(model, rank=4, alpha=1, target="all_linear").attach(model)
+    with torch.no_grad():
+        for pair in network.pairs.values():
+            pair.lora_up.normal_(0, 0.1)
+    inputs = stage_c_inputs()
+
+    def grads() -> tuple[Tensor, dict[str, Tensor]]:
+        network.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+
+    calls = [0]
+    real = lora_train._FrozenLinearLora.apply
+
+    def counted(*args: object) -> Tensor:
+        calls[0] += 1
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    fused_out, fused = grads()
+    assert calls[0] > len(network.targets) // 2  # the Linears and the in_proj went through the function
+    monkeypatch.setattr(lora_train, "_lora_linear", lambda *a: None)  # every layer on the hook / autograd path
+    plain_out, plain = grads()
+    check(fused_out, plain_out)
+    assert set(fused) == set(plain) and len(fused) >= len(network.pairs)  # clip_img's pair: zero inputs, still a grad
+    for name, g in plain.items():
+        check(fused[name], g, 2e-6)

@@ -167,6 +167,9 @@ class _StageAEncoder:
         self.stage_a.to(device)
         return self
 
+    def parameters(self) -> Any:  # where it is: a cache puts it back there after encoding
+        return self.stage_a.parameters()
+
     def encode_image(self, img01: Tensor) -> Tensor:
         return self.stage_a.encode(img01)[0]  # type: ignore[operator,no-any-return]
 

@@ -5,6 +5,11 @@ caption text), the bucket size, crop and resize rule, the encoder's fingerprint 
 version. Changing any of them gives other names, so stale entries are never read. Files are written to a
 temporary name and renamed, so a crash or a second process never leaves a half-written entry.
 Options that would make a cache wrong are refused before anything is encoded.
+
+A cache borrows its encoders: they come to the training device for the misses of one `prepare` (or one
+on-the-fly encode) and go back where they were (the CPU, where the run loads them) right after, so a run whose
+caches were cold does not keep EfficientNet, Stage A or the text encoder on the GPU during its steps (kohya moves
+its VAE and text encoder off the GPU after caching the same way).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,30 @@ def _read(path: Path) -> dict[str, Tensor] | None:
         return None
 
 
+def placement(part: Any) -> torch.device | None:
+    """The device a model is on: its ``device`` (a TextEncoder's), else its first parameter's; None if unknown."""
+    device = getattr(part, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    parameters = getattr(part, "parameters", None)
+    if callable(parameters):
+        for p in parameters():
+            return p.device  # type: ignore[no-any-return]
+    return None
+
+
+@contextmanager
+def on_loan(parts: Iterable[Any], device: torch.device) -> Iterator[None]:
+    """Hold frozen encoders on `device` for one use, then put each back on the device it was on before."""
+    with ExitStack() as stack:
+        for part in parts:
+            home = placement(part)
+            part.to(device)
+            if home is not None:
+                stack.callback(part.to, home)
+        yield
+
+
 class ImageCache:
     """Encoder outputs per training image, one file each under `folder` (keyed by the image file's bytes, its
     bucket and the encoders' fingerprints) and in memory; subclasses say what an entry holds."""
@@ -101,6 +131,10 @@ class ImageCache:
     def _encode_group(self, indices: list[int]) -> None:
         raise NotImplementedError
 
+    def _encoders(self) -> list[Any]:
+        """The encoders a miss runs (built on first use), lent to the device while misses are encoded."""
+        raise NotImplementedError
+
     def _needs_flip(self, index: int) -> bool:
         return self.data.subsets[self.data.records[index].subset].flip_aug
 
@@ -116,12 +150,15 @@ class ImageCache:
                 self._memory[key] = stored
             else:
                 todo.append(index)
-        for start in range(0, len(todo), 8):
-            by_bucket: dict[tuple[int, int], list[int]] = {}
-            for index in todo[start:start + 8]:
-                by_bucket.setdefault(self.data.records[index].bucket, []).append(index)
-            for group in by_bucket.values():
-                self._encode_group(group)
+        if not todo:
+            return 0
+        with on_loan(self._encoders(), self.device):
+            for start in range(0, len(todo), 8):
+                by_bucket: dict[tuple[int, int], list[int]] = {}
+                for index in todo[start:start + 8]:
+                    by_bucket.setdefault(self.data.records[index].bucket, []).append(index)
+                for group in by_bucket.values():
+                    self._encode_group(group)
         return len(todo)
 
 
@@ -144,6 +181,9 @@ class LatentCache(ImageCache):
 
     def _complete(self, index: int, entry: dict[str, Tensor]) -> bool:
         return not self._needs_flip(index) or "latents_flipped" in entry
+
+    def _encoders(self) -> list[Any]:
+        return [self._effnet()]
 
     def _encode_group(self, indices: list[int]) -> None:
         images = torch.stack([self.data.image(i) for i in indices])  # [n, 3, h, w]
@@ -194,12 +234,15 @@ class TextCache:
                 self._memory[key] = stored
             else:
                 todo.append(caption)
-        for caption in todo:  # one at a time: each keeps its own number of 77-token windows
-            clip_text, pooled = encode_text(self._encoder(), [caption], self.device)
-            entry = {"clip_text": clip_text[0], "clip_text_pooled": pooled[0]}
-            if self.folder is not None:
-                _write(self._path(self.key(caption)), entry)
-            self._memory[self.key(caption)] = entry
+        if not todo:
+            return 0
+        with on_loan([self._encoder()], self.device):
+            for caption in todo:  # one at a time: each keeps its own number of 77-token windows
+                clip_text, pooled = encode_text(self._encoder(), [caption], self.device)
+                entry = {"clip_text": clip_text[0], "clip_text_pooled": pooled[0]}
+                if self.folder is not None:
+                    _write(self._path(self.key(caption)), entry)
+                self._memory[self.key(caption)] = entry
         self.encoded += len(todo)
         return len(todo)
 
@@ -208,7 +251,8 @@ class TextCache:
         self.prepare(captions)
         entries = [self._memory[self.key(c)] for c in captions]
         if len({e["clip_text"].shape[0] for e in entries}) > 1:
-            return encode_text(self._encoder(), list(captions), self.device)
+            with on_loan([self._encoder()], self.device):
+                return encode_text(self._encoder(), list(captions), self.device)
         return (torch.stack([e["clip_text"] for e in entries]), torch.stack([e["clip_text_pooled"] for e in entries]))
 
 
@@ -229,4 +273,4 @@ def encode_text(text_encoder: Any, captions: list[str], device: torch.device) ->
 
 
 __all__ = ["CACHE_VERSION", "LatentCache", "TextCache", "check_cache_options", "encode_images", "encode_text",
-           "file_digest"]
+           "file_digest", "on_loan", "placement"]

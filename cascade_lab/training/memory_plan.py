@@ -13,10 +13,15 @@ statistics. With bf16 mixed precision the count runs under autocast with CUDA's 
 masters; a LoRA's bf16 base); autocast's bf16 casts of the weights are counted under "transient", not as
 activations.
 
-Frozen helper models a run leaves on the GPU during its steps are counted whole ("frozen", in the dtype the
+Frozen helper models a run keeps on the GPU during its steps are counted whole ("frozen", in the dtype the
 run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,
-and Stage A for Stage B) when the latents are not cached, and with sample images everything the samples load
-(text encoder, previewer, and the other diffusion stage and Stage A in fp32; the pipeline keeps them there).
+and Stage A for Stage B) when the latents are not cached. Encoders that fill a cache go back to the CPU when
+it is filled, so a cached run has none. Sample images are a separate peak ("sampling"): between renders their
+models are on the CPU, and while rendering the pipeline holds one at a time on the GPU (text encoder bf16, the
+other diffusion stage, Stage A fp32; the Previewer runs on the CPU). That peak is the run's weights, optimizer
+states, DDP's gradient buckets, autocast's weight copies (FSDP: the whole model gathered in the compute dtype
+instead of its blocks in flight), the step's frozen encoders and the largest sampled model; the gradients are
+freed after each step and the samples' own activations (one image, no gradients) are not counted.
 """
 
 from __future__ import annotations
@@ -62,8 +67,27 @@ class MemoryPlan:
     activations: int
     overhead: int
     stage: str = "c"
-    frozen: int = 0  # frozen helper models left on the GPU (text encoder, encoders, the samples' stages)
+    frozen: int = 0  # frozen helper models on the GPU during the steps (uncached text encoder / image encoders)
     helpers: tuple[str, ...] = ()  # their names
+    sampling: int = 0  # the largest model sample images bring onto the GPU while they render (0: no samples)
+    sampling_model: str = ""  # its name
+
+    @property
+    def steps_total(self) -> int:
+        """What a training step needs."""
+        return self.static + self.activations
+
+    @property
+    def sampling_peak(self) -> int:
+        """What the GPU holds while sample images render (0 without samples): the weights, optimizer states and
+        step helpers stay, the gradients are freed (DDP's buckets stay), one sampled model comes over."""
+        if not self.sampling:
+            return 0
+        kept = self.weights + self.optimizer_states + self.frozen + self.overhead + self.sampling
+        if self.strategy == "fsdp":  # the whole trained model gathered in the compute dtype (fsdp.gathered)
+            return kept + self.params * (2 if self.mixed_precision == "bf16" else 4)
+        buckets = 4 * self.trainable if self.gpus > 1 else 0
+        return kept + buckets + self.transient  # autocast's bf16 weight copies are made while sampling too
 
     @property
     def static(self) -> int:
@@ -72,7 +96,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.static + self.activations
+        """The peak: a training step, or rendering the sample images when that is larger."""
+        return max(self.steps_total, self.sampling_peak)
 
     @property
     def fits(self) -> bool:
@@ -82,8 +107,10 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {getattr(self, name) / GiB:.1f}" for name in
                           ("weights", "gradients", "optimizer_states", "transient", "frozen", "activations",
                            "overhead"))
+        sampling = (f"; {self.sampling_peak / GiB:.1f} GiB while sample images render ({self.sampling_model} "
+                    f"{self.sampling / GiB:.1f} GiB on the GPU)" if self.sampling else "")
         return (f"Stage {self.stage.upper()} {self.variant} {self.mode}, {self.strategy} on {self.gpus} GPU(s): "
-                f"{self.total / GiB:.1f} GiB per GPU ({parts} GiB)")
+                f"{self.steps_total / GiB:.1f} GiB per GPU for a step ({parts} GiB){sampling}")
 
 
 def _check_stage(stage: str) -> str:
@@ -333,42 +360,42 @@ def latent_size(stage: str, resolution: int | tuple[int, int], training_scale: s
     return (max(1, round(side[0] * scale / 32)), max(1, round(side[1] * scale / 32)))
 
 
-def frozen_helpers(stage: str, variant: Any, *, text_encoder_cached: bool = True, latents_cached: bool = True,
-                   samples: bool = False, sample_full_images: bool = True) -> dict[str, int]:
-    """Bytes of each frozen model a run keeps on the GPU during its steps, in the dtype the run loads it in.
+def frozen_helpers(stage: str, variant: Any, *, text_encoder_cached: bool = True,
+                   latents_cached: bool = True) -> dict[str, int]:
+    """Bytes of each frozen model a run keeps on the GPU during its steps, in the dtype the run loads it in:
+    the encoders it runs every step (those whose outputs are not cached). Encoders that fill a cache go back to
+    the CPU once it is filled; the samples' models are `sample_helpers`. Only known for the real sizes: a tiny or
+    custom model's helpers are tiny models, not counted."""
+    from ..builtins.variants import EFFNET, STAGE_A, TEXT_ENCODER
 
-    Once used, they stay on the device (the encoders after encoding, the samples' stages after the first
-    sample image: the pipeline does not offload). Only known for the real sizes: a tiny or custom model's
-    helpers are tiny models, not counted."""
-    from ..builtins.variants import (
-        EFFNET,
-        PREVIEWER,
-        STAGE_A,
-        STAGE_B_FULL,
-        STAGE_B_LITE,
-        STAGE_C_FULL,
-        STAGE_C_LITE,
-        TEXT_ENCODER,
-    )
-
-    size = _size_name(variant)
-    if size not in VARIANTS:
+    if _size_name(variant) not in VARIANTS:
         return {}
     out: dict[str, int] = {}
-    if not text_encoder_cached or samples:
+    if not text_encoder_cached:
         out["text_encoder"] = 2 * TEXT_ENCODER  # bf16, as stored
     if not latents_cached:
         out["effnet"] = 4 * EFFNET
         if stage == "b":
             out["stage_a"] = 4 * STAGE_A  # the target: Stage A's encoder (the whole model is loaded)
-    if samples:
-        out["previewer"] = 4 * PREVIEWER
-        if stage == "b":  # C → B → A: the frozen Stage C makes the latent (fp32 in the pipeline)
-            out["stage_c"] = 4 * (STAGE_C_FULL if size == "full" else STAGE_C_LITE)
-            out["stage_a"] = 4 * STAGE_A
-        elif sample_full_images:
-            out["stage_b"] = 4 * (STAGE_B_FULL if size == "full" else STAGE_B_LITE)
-            out["stage_a"] = 4 * STAGE_A
+    return out
+
+
+def sample_helpers(stage: str, variant: Any, *, sample_full_images: bool = True) -> dict[str, int]:
+    """Bytes of each frozen model sample images bring onto the GPU, one at a time while they render (the
+    pipeline offloads each after use; the Previewer runs where it is loaded, on the CPU). Empty for a tiny or
+    custom size."""
+    from ..builtins.variants import STAGE_A, STAGE_B_FULL, STAGE_B_LITE, STAGE_C_FULL, STAGE_C_LITE, TEXT_ENCODER
+
+    size = _size_name(variant)
+    if size not in VARIANTS:
+        return {}
+    out = {"text_encoder": 2 * TEXT_ENCODER}  # bf16, as stored
+    if stage == "b":  # C → B → A: the frozen Stage C makes the latent (fp32 in the pipeline)
+        out["stage_c"] = 4 * (STAGE_C_FULL if size == "full" else STAGE_C_LITE)
+        out["stage_a"] = 4 * STAGE_A
+    elif sample_full_images:
+        out["stage_b"] = 4 * (STAGE_B_FULL if size == "full" else STAGE_B_LITE)
+        out["stage_a"] = 4 * STAGE_A
     return out
 
 
@@ -384,7 +411,8 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     StageCConfig / StageBConfig. `batch_size` is per GPU; `resolution` the bucket side in image pixels (1024 px:
     Stage C 24x24 latents at the official scale, Stage B 256x256 Stage A latents); strategy "ddp" (every GPU
     holds everything) or "fsdp" (sharded over `gpus`). `text_encoder_cached`, `latents_cached` and `samples`
-    say which frozen models stay on the GPU (`frozen_helpers`)."""
+    say which frozen models are on the GPU during the steps (`frozen_helpers`) and whether sample images add
+    their peak (`sample_helpers`, the largest one)."""
     from .optim import parse_optimizer_args
 
     _check_stage(stage)
@@ -431,15 +459,16 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
             transient += 3 * 4 * max(math.prod(s) for s in shapes)  # whole gradient, parameter, update of one tensor
     elif bf16 and mode == "full":
         transient += 2 * params  # autocast's bf16 copies of the fp32 weights, kept through backward
-    helpers = frozen_helpers(stage, variant, text_encoder_cached=text_encoder_cached, latents_cached=latents_cached,
-                             samples=samples, sample_full_images=sample_full_images)
+    helpers = frozen_helpers(stage, variant, text_encoder_cached=text_encoder_cached, latents_cached=latents_cached)
+    sampled = sample_helpers(stage, variant, sample_full_images=sample_full_images) if samples else {}
+    largest = max(sampled, key=lambda k: sampled[k], default="")
     latent = latent_size(stage, resolution, training_scale)
     per_sample = _saved_bytes(config, _precision(mixed_precision, mode), latent, gradient_checkpointing)
     activations = math.ceil(per_sample * ACTIVATION_CALIBRATION * batch_size)
     return MemoryPlan(variant if isinstance(variant, str) else "custom", mode, strategy, gpus, gpu_memory_gb,
                       optimizer.lower(), mixed_precision, gradient_checkpointing, batch_size, latent, params,
                       trainable, weights, gradients, states, transient, activations, CUDA_OVERHEAD, stage,
-                      sum(helpers.values()), tuple(helpers))
+                      sum(helpers.values()), tuple(helpers), sampled.get(largest, 0), largest)
 
 
 def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...] = GPU_COUNTS,
@@ -448,7 +477,7 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
     """A plain-text table: one row per variant × strategy × GPU count, GiB per GPU and fits on each size
     (`settings`: plan_memory's keywords, ``stage`` among them)."""
     head = ["variant", "mode", "strategy", "GPUs", "weights", "grads", "optim", "transient", "frozen", "activ.",
-            "total"]
+            "sampling", "total"]
     head += [f"{m:g} GB" for m in gpu_memory]
     rows = [head]
     for variant in variants:
@@ -460,7 +489,8 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
                     continue  # one process trains alone: the DDP row
                 plan = plan_memory(variant, gpus=n, strategy=strategy, gpu_memory_gb=gpu_memory[0], **settings)
                 gib = [f"{v / GiB:.1f}" for v in (plan.weights, plan.gradients, plan.optimizer_states,
-                                                  plan.transient, plan.frozen, plan.activations, plan.total)]
+                                                  plan.transient, plan.frozen, plan.activations)]
+                gib += [f"{plan.sampling_peak / GiB:.1f}" if plan.sampling else "-", f"{plan.total / GiB:.1f}"]
                 fits = ["yes" if plan.total <= m * GiB else "no" for m in gpu_memory]
                 rows.append([variant, plan.mode, strategy if n > 1 else "1 GPU", str(n), *gib, *fits])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -468,7 +498,11 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
     p = plan_memory(variants[0], **settings)
     what = (f"Stage C, {p.latent[0]}x{p.latent[1]} latents" if p.stage == "c" else
             f"Stage B, {p.latent[0]}x{p.latent[1]} Stage A latents ({p.latent[0] * 4}x{p.latent[1] * 4} px)")
-    frozen = f"frozen: {', '.join(p.helpers)}" if p.helpers else "no frozen model on the GPU (cached encoders)"
+    frozen = (f"frozen during the steps: {', '.join(p.helpers)}" if p.helpers else
+              "no frozen model on the GPU during the steps (cached encoders)")
+    if p.sampling:
+        frozen += (f"; sampling: the peak while sample images render ({p.sampling_model}, the largest of their "
+                   "models, on the GPU; gradients freed); total: the larger of the step and sampling")
     note = (f"GiB per GPU; {what}; {p.optimizer}, mixed_precision={p.mixed_precision}, gradient checkpointing "
             f"{'on' if p.gradient_checkpointing else 'off'}, batch {p.batch_size} per GPU; {frozen}; activations "
             f"are an estimate (x{ACTIVATION_CALIBRATION} the counted saved tensors), overhead "
@@ -503,8 +537,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache-latents", dest="latents_cached", action="store_false",
                         help="the image encoders stay on the GPU (EfficientNet; Stage A for Stage B)")
     parser.add_argument("--samples", action="store_true",
-                        help="sample images during the run: their frozen models stay on the GPU (Stage B runs: "
-                        "the Stage C of the same size in fp32)")
+                        help="sample images during the run: their frozen models come to the GPU one at a time while "
+                        "they render (Stage B runs: the Stage C of the same size in fp32)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -542,10 +576,10 @@ def run_settings(config: Any, world_size: int, strategy: str) -> dict[str, Any]:
 
 def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: str,
               gpu_memory_gb: float | None = None) -> MemoryPlan | None:
-    """At training start on CUDA: refuse when even the weights, gradients, optimizer states and frozen models
-    cannot fit the GPU (its memory, or `gpu_memory_gb`), warn when the estimate with activations does not; None
-    (no check) off CUDA or for a model that is not the full, lite or tiny size of the trained stage
-    (``config.stage``: Stage C or Stage B)."""
+    """At training start on CUDA: refuse when even the weights, gradients, optimizer states and frozen models,
+    or the sampling peak, cannot fit the GPU (its memory, or `gpu_memory_gb`), warn when the estimate with
+    activations does not; None (no check) off CUDA or for a model that is not the full, lite or tiny size of the
+    trained stage (``config.stage``: Stage C or Stage B)."""
     import warnings
 
     import torch
@@ -566,6 +600,9 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
     if plan.static > memory * GiB:
         raise ConfigError(f"this run cannot fit the GPU's {memory:.0f} GiB: {plan.describe()}; before any "
                           f"activations it needs {plan.static / GiB:.1f} GiB. {advice}")
+    if plan.sampling_peak > memory * GiB:
+        raise ConfigError(f"this run's sample images cannot fit the GPU's {memory:.0f} GiB: {plan.describe()}. "
+                          f"{advice}")
     warnings.warn(f"this run may not fit the GPU's {memory:.0f} GiB (an estimate): {plan.describe()}. {advice}",
                   RuntimeWarning, stacklevel=2)
     return plan
@@ -586,14 +623,14 @@ def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[st
         out.append("a smaller train_batch_size with gradient_accumulation_steps keeps the global batch")
     if plan.mode == "full":
         out.append("mode='lora' trains a small network on the frozen model")
-    if "stage_c" in plan.helpers or "stage_b" in plan.helpers:
-        out.append(f"the sample images keep {', '.join(plan.helpers)} on the GPU "
-                   f"({plan.frozen / GiB:.1f} GiB): sample less, or not at all")
-    elif plan.helpers:
+    if plan.sampling and plan.sampling_peak > plan.gpu_memory_gb * GiB:
+        out.append(f"the sample images bring {plan.sampling_model} ({plan.sampling / GiB:.1f} GiB) onto the GPU "
+                   "while they render: sample less, or not at all")
+    if plan.helpers:
         out.append(f"cache_latents / cache_text_encoder_outputs keep {', '.join(plan.helpers)} "
                    f"({plan.frozen / GiB:.1f} GiB) off the GPU")
     return out or ["use a larger GPU"]
 
 
 __all__ = ["ACTIVATION_CALIBRATION", "MemoryPlan", "check_fit", "frozen_helpers", "latent_size", "plan_memory",
-           "plan_table", "saved_activation_bytes", "stage_config"]
+           "plan_table", "sample_helpers", "saved_activation_bytes", "stage_config"]

@@ -8,6 +8,10 @@ hold a ``[prompt]`` table of defaults with ``[[prompt.subset]]`` entries; ``.jso
 Stage C samples with the official settings (DDPM, shift 2, CFG rescale 0.7); the Previewer image is always
 made, and the full Stage B → A image when those stages exist. In a Stage B run the run's frozen Stage C makes
 the latent and the trained Stage B decodes it (C → B → A, always the full image).
+
+The frozen models of the samples (text encoder, the other diffusion stage, Stage A) live on the CPU between
+renders: the pipeline brings each to the device only while it runs (``Pipeline(offload=True)``) and the Previewer
+runs where it was loaded, so training steps never share the GPU with them.
 """
 
 from __future__ import annotations
@@ -191,7 +195,9 @@ def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, st
         stage_c, stage_b = _Placed(trained), models.get("stage_b") if full else None
     stages = Stages(stage_c=stage_c, stage_b=stage_b, stage_a=models.get("stage_a") if full else None,
                     text_encoder=models.get("text_encoder"), previewer=models.get("previewer"), variant="training")
-    pipeline = Pipeline(stages, device=device)
+    # offload: each frozen model comes to the device only while the pipeline uses it and goes back to the CPU
+    # after (one at a time); the trained model is `_Placed`, so it stays where training holds it, never copied
+    pipeline = Pipeline(stages, device=device, offload=True)
     modes = [(m, m.training) for m in trained.modules()]
     trained.eval()
     results = []

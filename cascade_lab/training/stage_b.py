@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .cache import CACHE_VERSION, ImageCache, _key, _write
+from .cache import CACHE_VERSION, ImageCache, _key, _write, on_loan
 from .data import TrainingData, derive_seed
 
 Tensor = torch.Tensor
@@ -136,6 +136,9 @@ class StageBCache(ImageCache):
         return all(("stage_a_flipped" if f else "stage_a") in entry and all(_effnet_key(s, f) in entry
                                                                              for s in sizes) for f in flips)
 
+    def _encoders(self) -> list[Any]:
+        return [self._effnet(), self._stage_a()]
+
     def _encode_group(self, indices: list[int]) -> None:
         images = torch.stack([self.data.image(i) for i in indices])  # [n, 3, h, w], one bucket
         sizes = effnet_sizes(self.data.records[indices[0]].bucket)
@@ -175,7 +178,8 @@ class StageBCache(ImageCache):
         name = _effnet_key(size, flip)
         if name not in entry:  # a size no factor in [0.5, 1) gives (a rounding edge): encoded once, kept in memory
             image = self.data.image(index, flip=flip)[None]
-            entry[name] = encode_effnet(self._effnet(), image, size, self.device)[0]
+            with on_loan([self._effnet()], self.device):
+                entry[name] = encode_effnet(self._effnet(), image, size, self.device)[0]
         return entry[name]
 
 

@@ -139,3 +139,25 @@ def test_explicit_encoder_files_key_the_cache_without_loading_the_encoder(tmp_pa
     first = next(iter(state))
     save_file({**state, first: state[first] + 1}, str(copy))  # other weights: another key
     assert file_fingerprint(copy) != file_fingerprint(effnet_file)
+
+
+def test_an_encode_outside_prepare_returns_the_text_encoder_home() -> None:
+    """Captions of different window counts in one batch are encoded on the fly: the text encoder is lent for
+    that call and goes back where it was, as after `prepare`."""
+    import warnings
+
+    from training_helpers import Moves
+
+    from cascade_lab.training.models import _tiny_stages
+
+    text = Moves(_tiny_stages(0).text_encoder)
+    cache = TextCache(None, lambda: text, lambda: "tiny", torch.device("cpu"))
+    long = " ".join(["red circle"] * 60)  # > 75 tokens: two windows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split warning
+        cache.prepare(["a cat", long])
+        cpu, home, after = torch.device("cpu"), torch.device("meta"), len(text.moves)
+        assert set(text.moves[:-1]) == {cpu} and text.moves[-1] == home
+        clip_text, pooled = cache.get(["a cat", long])
+    assert clip_text.shape[1] % 77 == 0 < clip_text.shape[1] - 77 and pooled.shape[:2] == (2, 1)  # together
+    assert set(text.moves[after:-1]) == {cpu} and text.moves[-1] == home

@@ -100,3 +100,40 @@ def test_lora_on_a_bf16_base_under_bf16_autocast(shapes_dir, shared_cache, tmp_p
     assert run.status == "finished" and all(p.dtype == torch.float32 for p in run.network.parameters())
     assert all(p.dtype == torch.bfloat16 for p in base.parameters())
     assert run.losses[-1]["raw_loss"] == run.losses[-1]["raw_loss"]  # finite, not NaN
+
+
+def test_sample_models_come_to_the_device_only_while_they_render(shapes_dir, monkeypatch) -> None:
+    """The samples' frozen models are lent to the device one use at a time (``Pipeline(offload=True)``) and go
+    back to the CPU; the trained Stage C is used where it is, never moved or copied."""
+    from training_helpers import Moves
+
+    from cascade_lab.pipeline import Pipeline, Stages
+    from cascade_lab.training.config import TrainConfig
+    from cascade_lab.training.models import build_models
+    from cascade_lab.training.sampling import _Placed
+
+    made = []
+    init = Pipeline.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Pipeline, "__init__", record)
+    models = build_models(TrainConfig(train_data_dir=str(shapes_dir)))
+    prompt = [SamplePrompt("a red circle", width=128, height=128, steps=1)]
+    render_samples(prompt, models.stage_c, models, step=0, seed=0, device="cpu", autocast_bf16=False, full=True,
+                   out_dir=None, name="x")
+    assert [p.offload for p in made] == [True]
+    # what offload does on a GPU (the pipeline's device is only compared here, nothing runs on it)
+    cuda = torch.device("cuda")
+    pipeline = Pipeline(Stages(None, None, None, None), device=cuda, offload=True)
+    helper = Moves(torch.nn.Linear(2, 2))
+    with pipeline.use(helper):
+        assert helper.device == cuda
+    assert helper.moves == [cuda, torch.device("cpu")]
+    trained = models.stage_c
+    weight = next(trained.parameters())
+    with pipeline.use(_Placed(trained), torch.bfloat16):
+        pass
+    assert next(trained.parameters()) is weight and weight.dtype == torch.float32 and weight.device.type == "cpu"

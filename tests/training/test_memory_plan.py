@@ -18,6 +18,7 @@ from cascade_lab.training.memory_plan import (
     frozen_helpers,
     latent_size,
     plan_table,
+    sample_helpers,
     saved_activation_bytes,
 )
 from cascade_lab.training.optim import build_optimizer
@@ -150,16 +151,28 @@ def test_stage_b_sizes_latents_and_frozen_models() -> None:
     assert tiny.latent == (32, 32) and 3.5 * tiny.activations < bigger.activations < 4.5 * tiny.activations
     assert plan_memory("tiny", stage="b", batch_size=3, resolution=128).activations == pytest.approx(
         3 * tiny.activations, abs=3)
-    # what stays on the GPU: encoders when latents are not cached, the frozen Stage C (fp32) of the samples
-    assert frozen_helpers("b", "lite") == {} and frozen_helpers("b", "tiny", samples=True) == {}
+    # on the GPU during the steps: only the encoders that run every step (uncached); cached runs have none
+    assert frozen_helpers("b", "lite") == {} and frozen_helpers("b", "tiny", latents_cached=False) == {}
     assert set(frozen_helpers("b", "full", latents_cached=False)) == {"effnet", "stage_a"}
-    sampled = frozen_helpers("b", "lite", samples=True)
-    assert set(sampled) == {"text_encoder", "previewer", "stage_c", "stage_a"}
-    assert sampled["stage_c"] == 4 * 1_030_785_040
-    assert frozen_helpers("b", "full", samples=True)["stage_c"] == 4 * 3_589_103_632  # the fp32 Stage C: 13.4 GiB
+    assert set(frozen_helpers("c", "full", text_encoder_cached=False)) == {"text_encoder"}
+    # samples: one model at a time while rendering, the Previewer on the CPU; the largest is the fp32 Stage C
+    sampled = sample_helpers("b", "lite")
+    assert set(sampled) == {"text_encoder", "stage_c", "stage_a"} and sample_helpers("b", "tiny") == {}
+    assert sampled["stage_c"] == 4 * 1_030_785_040 and set(sample_helpers("c", "full")) == {
+        "text_encoder", "stage_b", "stage_a"} and set(sample_helpers("c", "full", sample_full_images=False)) == {
+        "text_encoder"}
     sampling = plan_memory("bf16", stage="b", samples=True, resolution=64)
-    assert sampling.frozen == sum(frozen_helpers("b", "full", samples=True).values()) > 14 * GiB
-    assert sampling.static - full.static == sampling.frozen and "stage_c" in sampling.helpers
+    assert sampling.frozen == 0 and sampling.helpers == () and sampling.static == full.static
+    assert sampling.sampling_model == "stage_c" and sampling.sampling == 4 * 3_589_103_632  # 13.4 GiB
+    # while rendering: the gradients are freed, the weights, AdamW states, autocast copies and Stage C are there
+    assert sampling.sampling_peak == (full.static - full.gradients + sampling.sampling) == sampling.total
+    assert sampling.total > sampling.steps_total == full.total
+    uncached = plan_memory("bf16", stage="b", samples=True, latents_cached=False, resolution=64)
+    assert uncached.frozen == sum(frozen_helpers("b", "full", latents_cached=False).values())
+    assert uncached.sampling_peak - sampling.sampling_peak == uncached.frozen  # the step encoders stay
+    sharded = plan_memory("bf16", stage="b", samples=True, gpus=2, strategy="fsdp", resolution=64)
+    assert sharded.sampling_peak == (sharded.weights + sharded.optimizer_states + sharded.overhead +
+                                     sharded.sampling + 2 * sharded.params)  # the model gathered in bf16
     with pytest.raises(ValueError, match=r"variant='huge'.*full, bf16, lite, lite_bf16, tiny"):
         plan_memory("huge", stage="b")
     with pytest.raises(ValueError, match=r"stage='a'.*'c'.*'b'"):
@@ -208,10 +221,13 @@ def test_stage_b_training_start_checks_its_plan() -> None:
         check_fit(config, lite, cuda, 1, "single", gpu_memory_gb=10)
     plan = check_fit(config, lite, cuda, 2, "fsdp", gpu_memory_gb=10)
     assert plan.fits and plan.params == 699_471_248 and plan.latent == (256, 256)  # spec manifest; 1024 px
-    sampling = TrainConfig(stage="b", mode="full", model="lite", train_data_dir="x", sample_prompts=["a cat"],
-                           sample_every_n_steps=100)
-    with pytest.raises(ConfigError, match=r"stage_c.*sample less"):  # the samples' fp32 Stage C lite: 3.8 GiB
-        check_fit(sampling, lite, cuda, 2, "fsdp", gpu_memory_gb=10)
+    sampling = TrainConfig(stage="b", mode="full", model="lite", train_data_dir="x", mixed_precision="bf16",
+                           gradient_checkpointing=True, sample_prompts=["a cat"], sample_every_n_steps=100)
+    # the samples' fp32 Stage C lite (3.8 GiB) comes over only while they render: 10.1 GiB then, a step 7.6
+    plan = check_fit(sampling, lite, cuda, 2, "fsdp", gpu_memory_gb=12)
+    assert plan.fits and plan.frozen == 0 and 10 * GiB < plan.total == plan.sampling_peak < 10.1 * GiB
+    with pytest.raises(ConfigError, match=r"sample images cannot fit .*stage_c.*sample less"):
+        check_fit(sampling, lite, cuda, 2, "fsdp", gpu_memory_gb=9)
     assert check_fit(config, lite, torch.device("cpu"), 1, "single") is None
 
 

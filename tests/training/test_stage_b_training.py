@@ -232,3 +232,32 @@ def test_a_checkpoint_from_before_the_stage_setting_resumes_as_stage_c(tmp_path:
     assert load_state(tmp_path, TrainConfig(train_data_dir="d"))["format"] == STATE_FORMAT
     with pytest.raises(ConfigError, match="stage: 'c' → 'b'"):
         load_state(tmp_path, TrainConfig(train_data_dir="d", stage="b"))
+
+
+def test_stage_b_encoders_leave_the_device_once_cached(shapes_dir, tmp_path) -> None:
+    """A cold Stage B cache lends EfficientNet and Stage A to the device and puts them back where they were."""
+    from training_helpers import Moves
+
+    from cascade_lab.pipeline import Lazy
+    from cascade_lab.training import TrainConfig
+    from cascade_lab.training import distributed as dist
+    from cascade_lab.training.data import TrainingData
+    from cascade_lab.training.loop import Trainer
+    from cascade_lab.training.metadata import scale_factor
+    from cascade_lab.training.models import _tiny_stages, build_models
+    from cascade_lab.training.toml_config import dataset_config_for
+
+    stages = _tiny_stages(0)
+    stages.effnet, stages.stage_a = (Moves(p.load() if isinstance(p, Lazy) else p) for p in (stages.effnet,
+                                                                                          stages.stage_a))
+    config = TrainConfig(**tiny_run(shapes_dir, tmp_path / "cache", tmp_path / "out", stage="b", mode="lora",
+                                    max_train_steps=1)).validate()
+    models = build_models(config, stages=stages)
+    data = TrainingData(dataset_config_for(config), scale=scale_factor(config, models), seed=0)
+    trainer = Trainer(config, models, data, dist.setup("cpu"))
+    trainer.prepare_caches(list(range(len(data.records))))
+    assert trainer.latents.encoded == len(data.records)
+    for encoder in (stages.effnet, stages.stage_a):
+        assert set(encoder.moves[:-1]) == {trainer.device} and encoder.moves[-1] == torch.device("meta")
+    trainer.train_step()  # reads the cache: neither comes back
+    assert stages.effnet.device == stages.stage_a.device == torch.device("meta")

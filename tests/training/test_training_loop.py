@@ -149,3 +149,36 @@ def test_noise_shift_moves_the_training_noise_levels(shapes_dir, shared_cache, t
         assert torch.allclose(got[inner], logsnr(t[inner]) - 2 * math.log(3.0), atol=1e-4)
     with pytest.raises(ConfigError, match="noise_shift=0"):
         train(train_data_dir="x", noise_shift=0)
+
+
+def test_encoders_leave_the_device_once_their_caches_are_filled(shapes_dir, tmp_path) -> None:
+    """A cold cache lends EfficientNet and the text encoder to the training device and puts them back where they
+    were (kohya moves its VAE / text encoder off the GPU after caching); an encoder that runs every step (its
+    outputs not cached) stays on the training device."""
+    from training_helpers import Moves
+
+    from cascade_lab.models.tiny import calibrated_random_effnet
+    from cascade_lab.training import distributed as dist
+    from cascade_lab.training.config import TrainConfig
+    from cascade_lab.training.data import TrainingData
+    from cascade_lab.training.loop import Trainer
+    from cascade_lab.training.metadata import scale_factor
+    from cascade_lab.training.models import _tiny_stages, build_models
+    from cascade_lab.training.toml_config import dataset_config_for
+
+    home = torch.device("meta")
+    for cache_text in (True, False):
+        effnet, text = Moves(calibrated_random_effnet()), Moves(_tiny_stages(0).text_encoder)
+        config = TrainConfig(**tiny_run(shapes_dir, tmp_path / f"cache{cache_text}", tmp_path / f"out{cache_text}",
+                                        max_train_steps=1, cache_text_encoder_outputs=cache_text)).validate()
+        models = build_models(config, effnet=effnet, text_encoder=text)
+        data = TrainingData(dataset_config_for(config), scale=scale_factor(config, models), seed=0)
+        trainer = Trainer(config, models, data, dist.setup("cpu"))
+        trainer.prepare_caches(list(range(len(data.records))))
+        assert trainer.latents.encoded == len(data.records)
+        assert set(effnet.moves[:-1]) == {trainer.device} and effnet.moves[-1] == home  # back once, at the end
+        if cache_text:
+            assert trainer.texts.encoded > 1 and set(text.moves[:-1]) == {trainer.device} and text.device == home
+        trainer.train_step()
+        assert effnet.device == home  # the step reads the cache
+        assert text.device == (home if cache_text else trainer.device)  # uncached: encoded every step, kept there

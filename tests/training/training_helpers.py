@@ -68,3 +68,27 @@ def comfyui_lora_names(model) -> dict[str, tuple[int, ...]]:
         elif key.endswith(".weight"):
             weights[key[:-len(".weight")]] = tuple(value.shape)
     return {"lora_unet_" + path.replace(".", "_"): shape for path, shape in weights.items()}
+
+
+class Moves:
+    """A frozen helper that records where it is sent: it starts on a pretend home device (``meta``) and reports
+    the last device it was moved to, while its tensors stay on the CPU and every other call goes to the model."""
+
+    def __init__(self, inner: object, home: str = "meta") -> None:
+        import torch
+
+        self.inner, self.moves, self.where = inner, [], torch.device(home)
+
+    @property
+    def device(self):  # what `cache.placement` reads
+        return self.where
+
+    def to(self, device=None, dtype=None):
+        import torch
+
+        self.where = torch.device(device)
+        self.moves.append(self.where)
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)

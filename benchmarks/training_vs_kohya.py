@@ -94,18 +94,24 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
 
 
 # -- the shared command line -------------------------------------------------------------------------------------
-def kohya_argv(folder: Path, mode: str, precision: str, steps: int, out: Path, checkpointing: bool) -> list[str]:
+def kohya_argv(folder: Path, mode: str, precision: str, steps: int, out: Path, checkpointing: bool,
+               optimizer: str = "adamw") -> list[str]:
     argv = ["--stage_c_checkpoint_path", str(folder / "stage_c_mid.safetensors"),
             "--effnet_checkpoint_path", str(folder / "effnet.safetensors"),
             "--text_model_checkpoint_path", str(folder / "text_model.safetensors"),
             "--tokenizer_cache_dir", str(folder / "tokenizers"), "--dataset_config", str(folder / "dataset.toml"),
             "--output_dir", str(out), "--output_name", "bench", "--save_model_as", "safetensors",
-            "--max_train_steps", str(steps), "--learning_rate", "1e-4", "--optimizer_type", "AdamW",
+            "--max_train_steps", str(steps), "--learning_rate", "1e-4",
             "--lr_scheduler", "constant", "--max_grad_norm", "1.0", "--mixed_precision", precision,
             "--cache_latents", "--cache_latents_to_disk", "--cache_text_encoder_outputs",
             "--cache_text_encoder_outputs_to_disk", "--sdpa", "--seed", "0", "--max_data_loader_n_workers", "0"]
     if checkpointing:
         argv.append("--gradient_checkpointing")
+    if optimizer == "adafactor":  # the seed command: kohya's README arguments
+        argv += ["--optimizer_type", "adafactor", "--optimizer_args", "scale_parameter=False", "relative_step=False",
+                 "warmup_init=False"]
+    else:
+        argv += ["--optimizer_type", "AdamW"]
     if mode == "lora":
         argv += ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "1",
                  "--network_train_unet_only"]
@@ -168,7 +174,7 @@ def prepare(folder: Path, wheel: str | None) -> None:
 
 # -- children ----------------------------------------------------------------------------------------------------
 def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: int, out: Path, threads: int,
-                  checkpointing: bool, profile: bool = False) -> None:
+                  checkpointing: bool, profile: bool = False, optimizer: str = "adamw") -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -179,7 +185,7 @@ def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: i
     from cascade_lab.weights import load_stage
 
     total = warmup + steps
-    fields, _, _ = parse_kohya(kohya_argv(folder, mode, precision, total, out, checkpointing))
+    fields, _, _ = parse_kohya(kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer))
     # the text model as a transformers folder (its small config), the Stage C object loaded as the trainer would
     # load a file (a LoRA's frozen base in the compute dtype, a full fine-tune in fp32): a mid size has no variant
     fields.update(text_encoder_path=str(folder / "text_encoder"), stage_c_path=None, val_every_n_steps=0,
@@ -196,7 +202,7 @@ def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: i
 
 
 def child_kohya(folder: Path, mode: str, precision: str, warmup: int, steps: int, out: Path, threads: int,
-                checkpointing: bool, src: Path, profile: bool = False) -> None:
+                checkpointing: bool, src: Path, profile: bool = False, optimizer: str = "adamw") -> None:
     import runpy
     import types
 
@@ -233,7 +239,7 @@ def child_kohya(folder: Path, mode: str, precision: str, warmup: int, steps: int
     total = warmup + steps
     script = src / ("stable_cascade_train_c_network.py" if mode == "lora" else "stable_cascade_train_stage_c.py")
     _install_probe(warmup, total, out / "result.json", profile)
-    sys.argv = [str(script), *kohya_argv(folder, mode, precision, total, out, checkpointing)]
+    sys.argv = [str(script), *kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer)]
     os.chdir(src)
     runpy.run_path(str(script), run_name="__main__")
 
@@ -253,6 +259,7 @@ def run_one(who: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
               str(args.warmup), "--steps", str(args.steps), "--out", str(out), "--threads", str(args.threads)]
     if args.checkpointing:
         common.append("--checkpointing")
+    common += ["--optimizer", args.optimizer]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if who == "cascade_lab":
         cmd = [sys.executable, __file__, "_cascade", *common]
@@ -298,7 +305,8 @@ def compare(args: argparse.Namespace) -> None:
     a, b = summary["cascade_lab"], summary["kohya"]
     loads = [float(x[key].split()[0]) for rows in records.values() for x in rows for key in ("load_before",
                                                                                               "load_after")]
-    print(f"\n{args.mode} {args.precision} (threads {args.threads}, batch {BATCH}, {RESOLUTION} px, "
+    setup = f"{args.mode} {args.precision} {args.optimizer}{' checkpointing' if args.checkpointing else ''}"
+    print(f"\n{setup} (threads {args.threads}, batch {BATCH}, {RESOLUTION} px, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, load average "
           f"{min(loads):.1f}-{max(loads):.1f})")
     print("| | cascade_lab | kohya | ratio |\n|---|---|---|---|")
@@ -331,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--steps", type=int, default=6)
         c.add_argument("--threads", type=int, default=1)
         c.add_argument("--checkpointing", action="store_true", help="--gradient_checkpointing on both sides")
+        c.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
+                       help="adafactor: kohya's README arguments (scale_parameter/relative_step/warmup_init False)")
         c.add_argument("--kohya-src", type=Path, default=Path("/tmp/kohya_sc"))
         if name == "compare":
             c.add_argument("--kohya-python", default="/tmp/kohya_venv/bin/python")
@@ -352,10 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         compare(args)
     elif args.cmd == "_cascade":
         child_cascade(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
-                      args.checkpointing, args.profile)
+                      args.checkpointing, args.profile, args.optimizer)
     else:
         child_kohya(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
-                    args.checkpointing, args.kohya_src, args.profile)
+                    args.checkpointing, args.kohya_src, args.profile, args.optimizer)
 
 
 if __name__ == "__main__":

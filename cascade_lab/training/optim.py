@@ -24,6 +24,25 @@ def _rms(x: Tensor) -> Tensor:
     return x.norm(2) / math.sqrt(x.numel())
 
 
+def _mean_squares(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Means of grad² over its last dim and over its second-to-last dim ([..., rows], [..., cols]).
+
+    On the CPU a matrix is squared in blocks of rows that stay in cache and both sums are taken from each block:
+    one pass over the gradient, no grad²-sized temporary (~3x faster for a 3072 x 768 matrix).
+    """
+    rows, cols = grad.shape[-2], grad.shape[-1]
+    block = max(1, 2**18 // max(1, cols * grad.element_size()))
+    if grad.dim() != 2 or grad.device.type != "cpu" or rows <= 2 * block:
+        sq = grad * grad
+        return sq.mean(dim=-1), sq.mean(dim=-2)
+    row_sums, col_sums = grad.new_empty(rows), grad.new_zeros(cols)
+    for start in range(0, rows, block):
+        sq = grad[start:start + block].square()
+        torch.sum(sq, dim=-1, out=row_sums[start:start + block])
+        col_sums += sq.sum(dim=0)
+    return row_sums.div_(cols), col_sums.div_(rows)
+
+
 class Adafactor(torch.optim.Optimizer):
     """Adafactor: factored second moments (row and column means) for matrices, full ones for vectors.
 
@@ -82,25 +101,34 @@ class Adafactor(torch.optim.Optimizer):
                 state["step"] += 1
                 lr = self._step_size(group, state, p)
                 beta2 = 1.0 - state["step"] ** group["decay_rate"]
-                sq_grad = grad * grad + group["eps"][0]
+                eps1 = group["eps"][0]
+                # mean(g² + eps1) = mean(g²) + eps1: the row and column means of g² in one pass (`_mean_squares`),
+                # the update g · r · c in two (no [rows, cols] outer product), the clip and learning rate riding in
+                # the final subtraction: 5 passes over a matrix instead of 10
                 if factored:
                     row, col = state["row"], state["col"]
-                    row.mul_(beta2).add_(sq_grad.mean(dim=-1), alpha=1 - beta2)  # [..., rows]
-                    col.mul_(beta2).add_(sq_grad.mean(dim=-2), alpha=1 - beta2)  # [..., cols]
-                    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)  # [..., rows, 1]
-                    update = r * col.rsqrt().unsqueeze(-2) * grad  # [..., rows, cols]
+                    row_sq, col_sq = _mean_squares(grad)
+                    row_sq.add_(eps1), col_sq.add_(eps1)
+                    row.mul_(beta2).add_(row_sq, alpha=1 - beta2)  # [..., rows]
+                    col.mul_(beta2).add_(col_sq, alpha=1 - beta2)  # [..., cols]
+                    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # [..., rows, 1]
+                    update = torch.mul(grad, r).mul_(col.rsqrt().unsqueeze(-2))  # [..., rows, cols]
                 else:
-                    state["sq"].mul_(beta2).add_(sq_grad, alpha=1 - beta2)
-                    update = state["sq"].rsqrt() * grad
-                update.div_(max(1.0, float(_rms(update)) / group["clip_threshold"])).mul_(lr)
+                    sq = state["sq"]
+                    sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).add_(eps1 * (1 - beta2))
+                    update = sq.rsqrt().mul_(grad)
+                scale = lr / max(1.0, float(_rms(update)) / group["clip_threshold"])
                 if sharded:
                     update = like(update, p)
                 if group["beta1"] is not None:
-                    state["avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-                    update = state["avg"]
+                    state["avg"].mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]) * scale)
+                    update, scale = state["avg"], 1.0
                 if group["weight_decay"]:
                     p.mul_(1 - group["weight_decay"] * lr)
-                p.sub_(update.to(p.dtype))
+                if p.dtype == update.dtype:
+                    p.sub_(update, alpha=scale)
+                else:  # a low-precision parameter: the scaled update rounded once
+                    p.sub_(update.mul(scale).to(p.dtype))
         return loss
 
 

@@ -93,6 +93,65 @@ def test_adafactor_factors_matrices_and_keeps_state_dict() -> None:
     assert torch.equal(next(iter(clone.state.values()))["row"], state["row"])
 
 
+def _adafactor_reference(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float | None, eps1: float,
+                         eps2: float, clip: float, decay: float, beta1: float | None, wd: float, scale_parameter: bool,
+                         relative_step: bool) -> list[torch.Tensor]:
+    """Shazeer & Stern's Adafactor written out plainly (grad² + eps1 materialised, the r ⊗ c outer product)."""
+    params = [p.detach().clone().double() for p in params]
+    state: list[dict] = [{} for _ in params]
+    for t, step_grads in enumerate(grads, start=1):
+        for p, g, st in zip(params, step_grads, state, strict=True):
+            g = g.double()
+            step_lr = min(1e-2, 1 / math.sqrt(t)) if relative_step else lr
+            if scale_parameter:
+                step_lr *= max(eps2, float(p.norm() / math.sqrt(p.numel())))
+            beta2 = 1 - t ** decay
+            sq = g * g + eps1
+            if g.dim() >= 2:
+                st["row"] = st.get("row", torch.zeros(g.shape[:-1], dtype=g.dtype)) * beta2 + (1 - beta2) * sq.mean(-1)
+                st["col"] = (st.get("col", torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=g.dtype)) * beta2
+                             + (1 - beta2) * sq.mean(-2))
+                r = (st["row"] / st["row"].mean(-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                u = r * st["col"].rsqrt().unsqueeze(-2) * g
+            else:
+                st["sq"] = st.get("sq", torch.zeros_like(g)) * beta2 + (1 - beta2) * sq
+                u = st["sq"].rsqrt() * g
+            u = u / max(1.0, float(u.norm() / math.sqrt(u.numel())) / clip) * step_lr
+            if beta1 is not None:
+                st["avg"] = st.get("avg", torch.zeros_like(g)) * beta1 + (1 - beta1) * u
+                u = st["avg"]
+            if wd:
+                p.mul_(1 - wd * step_lr)
+            p.sub_(u)
+    return params
+
+
+@pytest.mark.parametrize("options", [
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "warmup_init": False},  # kohya's README
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": True, "beta1": 0.9, "weight_decay": 0.1},
+    {"relative_step": True, "scale_parameter": True, "clip_threshold": 0.5},
+])
+def test_adafactor_update_is_the_textbook_one(options: dict) -> None:
+    """The optimiser's fewer-pass arithmetic gives the plain algorithm's parameters (float64 reference) over
+    several steps, for matrices, a 4-D conv weight and vectors, with clipping active."""
+    torch.manual_seed(0)
+    shapes = [(48, 32), (600, 256), (8, 4, 3, 3), (32,)]  # 600 x 256: the CPU's row-block sums
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * (1 + 4 * (t % 2)) for s in shapes] for t in range(5)]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = Adafactor(params, **options)
+    for step in grads:
+        for p, g in zip(params, step, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    expected = _adafactor_reference(start, grads, options.get("lr"), 1e-30, 1e-3, options.get("clip_threshold", 1.0),
+                                    -0.8, options.get("beta1"), options.get("weight_decay", 0.0),
+                                    options["scale_parameter"], options["relative_step"])
+    for p, ref, s in zip(params, expected, start, strict=True):
+        torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), s)
+
+
 def test_adamw_defaults_to_the_official_weight_decay() -> None:
     opt = build_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-4, [])
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.999)

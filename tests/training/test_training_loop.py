@@ -58,6 +58,40 @@ def test_bf16_autocast_checkpointing_adaptive_weights_saved(shapes_dir, shared_c
     assert (run.last_checkpoint / "trainable.safetensors").is_file()  # fp32 master weights for resuming
 
 
+def test_checkpointed_bf16_steps_on_the_cpu_cast_each_weight_once(shapes_dir, shared_cache, tmp_path,
+                                                                    monkeypatch) -> None:
+    """With gradient checkpointing under bf16 autocast on the CPU, the recomputed blocks reuse the forward's bf16
+    weight copies: the same losses and weights to the bit, one cast fewer per weight and step."""
+    import contextlib
+
+    import cascade_lab.training.loop as loop
+
+    step = loop.Trainer.train_step
+
+    def run(keep: bool, out: str) -> tuple[list, dict, int]:
+        casts = [0]
+
+        def profiled_step(self: loop.Trainer) -> dict:  # the optimizer steps only, not caching or saving
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                result = step(self)
+            casts[0] += sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+            return result
+
+        monkeypatch.setattr(loop.Trainer, "train_step", profiled_step)
+        if not keep:
+            monkeypatch.setattr(loop.Trainer, "_keep_weight_casts", lambda self: contextlib.nullcontext())
+        result = train(**tiny_run(shapes_dir, shared_cache, tmp_path / out, mode="full", max_train_steps=3,
+                                  mixed_precision="bf16", gradient_checkpointing=True))
+        return [r["loss"] for r in result.losses], result.stage_c.state_dict(), casts[0]
+
+    kept_losses, kept_weights, kept_casts = run(True, "kept")
+    plain_losses, plain_weights, plain_casts = run(False, "plain")
+    assert kept_losses == plain_losses
+    assert all(torch.equal(kept_weights[k], plain_weights[k]) for k in plain_weights)
+    weights = sum(1 for p in StageCConfig.tiny().build().parameters() if p.dim() >= 2)  # matmul/conv weights
+    assert plain_casts - kept_casts >= 3 * weights, (plain_casts, kept_casts, weights)
+
+
 def test_fp16_is_refused() -> None:
     with pytest.raises(ConfigError, match="float16"):
         train(train_data_dir="x", mixed_precision="fp16")

@@ -43,6 +43,48 @@ def _mean_squares(grad: Tensor) -> tuple[Tensor, Tensor]:
     return row_sums.div_(cols), col_sums.div_(rows)
 
 
+def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
+                    beta2: float) -> bool:
+    """Adafactor's step of a CPU matrix in two passes over cache-sized row blocks; False where it does not apply.
+
+    Pass 1 takes, per block, grad², its row sums (the new row moments), its column sums and Σ_i g_ij² / row_i,
+    which gives the clip's RMS without forming the update: with r_i = √(mean row / row_i) and c_j = 1/√col_j,
+    Σ_ij (r_i c_j g_ij)² = mean(row) · Σ_j colw_j / col_j. Pass 2 forms each block's update scaled by the learning
+    rate and clip, and applies it (first moment, weight decay) while the block is in cache.
+    """
+    rows, cols = grad.shape[-2], grad.shape[-1]
+    block = max(1, 2**19 // max(1, cols * grad.element_size()))
+    if grad.dim() != 2 or grad.device.type != "cpu" or rows <= 2 * block:
+        return False
+    eps1, beta1, wd = group["eps"][0], group["beta1"], group["weight_decay"]
+    row, col = state["row"], state["col"]
+    col_sums, colw = grad.new_zeros(cols), grad.new_zeros(cols)
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        sq = grad[start:stop].square()
+        row_now = row[start:stop]
+        row_now.mul_(beta2).add_(sq.sum(dim=-1).div_(cols).add_(eps1), alpha=1 - beta2)
+        col_sums += sq.sum(dim=0)
+        colw.addmv_(sq.t(), row_now.reciprocal())
+    col.mul_(beta2).add_(col_sums.div_(rows).add_(eps1), alpha=1 - beta2)
+    mean_row = float(row.mean())
+    rms = math.sqrt(mean_row * float(colw.div_(col).sum()) / grad.numel())
+    scale = lr / max(1.0, rms / group["clip_threshold"])
+    r = row.rsqrt().mul_(math.sqrt(mean_row) * scale)  # r_i · lr / clip
+    c = col.rsqrt()
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        update = torch.mul(grad[start:stop], r[start:stop, None]).mul_(c)
+        if beta1 is not None:
+            avg = state["avg"][start:stop]
+            update = avg.mul_(beta1).add_(update, alpha=1 - beta1)
+        target = p[start:stop]
+        if wd:
+            target.mul_(1 - wd * lr)
+        target.sub_(update if p.dtype == update.dtype else update.to(p.dtype))
+    return True
+
+
 class Adafactor(torch.optim.Optimizer):
     """Adafactor: factored second moments (row and column means) for matrices, full ones for vectors.
 
@@ -105,6 +147,8 @@ class Adafactor(torch.optim.Optimizer):
                 # mean(g² + eps1) = mean(g²) + eps1: the row and column means of g² in one pass (`_mean_squares`),
                 # the update g · r · c in two (no [rows, cols] outer product), the clip and learning rate riding in
                 # the final subtraction: 5 passes over a matrix instead of 10
+                if factored and not sharded and _blocked_update(p, grad, state, group, lr, beta2):
+                    continue
                 if factored:
                     row, col = state["row"], state["col"]
                     row_sq, col_sq = _mean_squares(grad)

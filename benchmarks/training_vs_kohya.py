@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import peak_rss_bytes  # stdlib only: the kohya child imports it in kohya's venv
+
 HERE = Path(__file__).resolve().parent
 # the mid-size Stage C of the CPU benchmarks (_twins.STAGE_C_MID: 139 M parameters), dropout off on both sides
 # (kohya's --sdpa applies its dropout value unconditionally, so 0 keeps the two computing the same thing)
@@ -46,14 +48,6 @@ IMAGES, RESOLUTION, BATCH = 4, 512, 2
 
 
 # -- measurement probe (both children; stdlib + torch only) ------------------------------------------------------
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _install_probe(warmup: int, total: int, result: Path, profile: bool = False) -> dict[str, Any]:
     """Time every optimizer step and read VmHWM: reset after the warm-up, written to `result` at the last step.
 
@@ -71,7 +65,7 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
         state["ends"].append(time.perf_counter())
         state["cpu"].append(time.process_time())
         if state["steps"] == warmup:
-            state["peak_setup"] = _vm_hwm()
+            state["peak_setup"] = peak_rss_bytes()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM: the next reading is the peak of the measured steps
             if profile:
@@ -81,7 +75,7 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
             ends = state["ends"]
             times = [b - a for a, b in zip(ends[warmup:-1], ends[warmup + 1:], strict=True)]
             cpu = [b - a for a, b in zip(state["cpu"][warmup:-1], state["cpu"][warmup + 1:], strict=True)]
-            peak_steps = _vm_hwm()
+            peak_steps = peak_rss_bytes()
             result.write_text(json.dumps({"step_times": times, "cpu_times": cpu, "peak_steps": peak_steps,
                                           "peak_process": max(peak_steps, state.get("peak_setup", 0)),
                                           "threads": torch.get_num_threads(), "torch": torch.__version__}))

@@ -68,36 +68,34 @@ class GlobalResponseNorm(nn.Module):
 
 
 def _sum_of_squares(x: Tensor) -> Tensor:
-    """Sum of x² over dim 1 of x [B, N, C] -> (B, C), in row chunks of ~256 KB where x is large.
-
-    Squaring a whole [B, N, C] map allocates and writes a copy as large as it (Stage B's widest level:
-    40 MB, ~6x the time of the reduction); chunk by chunk the squares stay in cache (CPU only).
-    """
-    B, N, C = x.shape
-    rows = max(16, 2**16 // max(C, 1))
-    if N <= 4 * rows or x.device.type != "cpu":  # on a GPU the chunks would cost a launch each
-        return x.square().sum(dim=1)
-    chunks = x.split(rows, dim=1)
-    out = chunks[0].square().sum(dim=1, dtype=torch.float32)  # partial sums in float32, as one sum keeps them
-    for chunk in chunks[1:]:
-        out += chunk.square().sum(dim=1, dtype=torch.float32)
-    return out.to(x.dtype)
+    """Sum of x² over dim 1 of x [B, N, C] -> (B, C) in x's dtype (see `_sum_of_products`)."""
+    return _sum_of_products(x, x).to(x.dtype)
 
 
 def _sum_of_products(a: Tensor, b: Tensor) -> Tensor:
-    """Sum of a * b over dim 1 of [B, N, C] tensors -> (B, C) in float32 (or float64), in row chunks that stay
-    in cache on CPU."""
+    """Sum of a * b over dim 1 of [B, N, C] tensors -> (B, C) in float32 (float64 for float64), in row chunks of
+    ~256 KB where the maps are large.
+
+    Multiplying whole [B, N, C] maps allocates and writes a copy as large as them (Stage B's widest level:
+    40 MB, ~6x the time of the reduction); chunk by chunk the products stay in cache (CPU only).
+    """
     B, N, C = a.shape
     acc = torch.promote_types(a.dtype, torch.float32)
-    if a.dtype != acc:  # bf16 / fp16: reduced in float32 inside the sum, rounded once; a float32 sum would copy
-        return torch.mul(a, b).sum(dim=1).to(acc)
     rows = max(16, 2**16 // max(C, 1))
-    if N <= 4 * rows or a.device.type != "cpu":
+    if N <= 4 * rows or a.device.type != "cpu":  # on a GPU the chunks would cost a launch each
         return torch.mul(a, b).sum(dim=1, dtype=acc)
     out = a.new_zeros(B, C, dtype=acc)
     for a_chunk, b_chunk in zip(a.split(rows, dim=1), b.split(rows, dim=1), strict=True):
         out += torch.mul(a_chunk, b_chunk).sum(dim=1, dtype=acc)
     return out
+
+
+def _map_dot(a: Tensor, b: Tensor) -> Tensor:
+    """`_sum_of_products` for training's maps; bf16 / fp16 ones are summed whole in their dtype (float32 inside
+    the sum, rounded once): a float32 sum of low-precision chunks copies each chunk first (~2 % of a bf16 step)."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mul(a, b).sum(dim=1).float()
+    return _sum_of_products(a, b)
 
 
 class _GeluGRN(torch.autograd.Function):
@@ -117,7 +115,7 @@ class _GeluGRN(torch.autograd.Function):
         B, H, W, C = u.shape
         x = F.gelu(u)
         x3 = x.reshape(B, H * W, C)
-        gx = _sum_of_products(x3, x3).sqrt()  # (B, C) float32
+        gx = _map_dot(x3, x3).sqrt()  # (B, C) float32
         m = gx.mean(dim=-1, keepdim=True) + 1e-6  # (B, 1)
         a = gamma.to(gx.dtype).view(1, C) * (gx / m) + 1  # (B, C)
         # in x's dtype: mixing a float32 scale into bf16 maps makes ATen copy them to float32 and back (3x slower)
@@ -133,7 +131,7 @@ class _GeluGRN(torch.autograd.Function):
         need_u, need_gamma, need_beta = ctx.needs_input_grad
         g = g.contiguous()
         g3, x3 = g.view(B, H * W, C), x.reshape(B, H * W, C)
-        s = _sum_of_products(g3, x3)  # (B, C) float32
+        s = _map_dot(g3, x3)  # (B, C) float32
         grad_gamma = grad_beta = grad_u = None
         if need_gamma:
             grad_gamma = (s * (gx / m)).sum(dim=0).to(gamma.dtype).view(gamma.shape)

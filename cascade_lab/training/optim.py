@@ -24,28 +24,10 @@ def _rms(x: Tensor) -> Tensor:
     return x.norm(2) / math.sqrt(x.numel())
 
 
-def _mean_squares(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Means of grad² over its last dim and over its second-to-last dim ([..., rows], [..., cols]).
-
-    On the CPU a matrix is squared in blocks of rows that stay in cache and both sums are taken from each block:
-    one pass over the gradient, no grad²-sized temporary (~3x faster for a 3072 x 768 matrix).
-    """
-    rows, cols = grad.shape[-2], grad.shape[-1]
-    block = max(1, 2**18 // max(1, cols * grad.element_size()))
-    if grad.dim() != 2 or grad.device.type != "cpu" or rows <= 2 * block:
-        sq = grad * grad
-        return sq.mean(dim=-1), sq.mean(dim=-2)
-    row_sums, col_sums = grad.new_empty(rows), grad.new_zeros(cols)
-    for start in range(0, rows, block):
-        sq = grad[start:start + block].square()
-        torch.sum(sq, dim=-1, out=row_sums[start:start + block])
-        col_sums += sq.sum(dim=0)
-    return row_sums.div_(cols), col_sums.div_(rows)
-
-
 def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
                     beta2: float) -> bool:
-    """Adafactor's step of a CPU matrix in two passes over cache-sized row blocks; False where it does not apply.
+    """Adafactor's step of a CPU matrix in two passes over cache-sized row blocks; False where it does not apply
+    (other shapes, a GPU, FSDP shards: `Adafactor.step`'s whole-tensor arithmetic).
 
     Pass 1 takes, per block, grad², its row sums (the new row moments), its column sums and Σ_i g_ij² / row_i,
     which gives the clip's RMS without forming the update: with r_i = √(mean row / row_i) and c_j = 1/√col_j,
@@ -54,7 +36,7 @@ def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[
     """
     rows, cols = grad.shape[-2], grad.shape[-1]
     block = max(1, 2**19 // max(1, cols * grad.element_size()))
-    if grad.dim() != 2 or grad.device.type != "cpu" or rows <= 2 * block:
+    if grad.dim() != 2 or grad.device.type != "cpu":
         return False
     eps1, beta1, wd = group["eps"][0], group["beta1"], group["weight_decay"]
     row, col = state["row"], state["col"]
@@ -144,15 +126,14 @@ class Adafactor(torch.optim.Optimizer):
                 lr = self._step_size(group, state, p)
                 beta2 = 1.0 - state["step"] ** group["decay_rate"]
                 eps1 = group["eps"][0]
-                # mean(g² + eps1) = mean(g²) + eps1: the row and column means of g² in one pass (`_mean_squares`),
-                # the update g · r · c in two (no [rows, cols] outer product), the clip and learning rate riding in
-                # the final subtraction: 5 passes over a matrix instead of 10
+                # mean(g² + eps1) = mean(g²) + eps1; the update g · r · c without the [rows, cols] outer product,
+                # the clip and learning rate riding in the final subtraction
                 if factored and not sharded and _blocked_update(p, grad, state, group, lr, beta2):
                     continue
                 if factored:
                     row, col = state["row"], state["col"]
-                    row_sq, col_sq = _mean_squares(grad)
-                    row_sq.add_(eps1), col_sq.add_(eps1)
+                    sq = grad * grad
+                    row_sq, col_sq = sq.mean(dim=-1).add_(eps1), sq.mean(dim=-2).add_(eps1)
                     row.mul_(beta2).add_(row_sq, alpha=1 - beta2)  # [..., rows]
                     col.mul_(beta2).add_(col_sq, alpha=1 - beta2)  # [..., cols]
                     r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # [..., rows, 1]

@@ -89,6 +89,14 @@ def sampler(seed: int, steps: int, cfg: float, name: str, scheduler: str, positi
             "positive": positive, "negative": negative}
 
 
+def add_control_advanced(graph: dict, strength: float, start: float, end: float) -> None:
+    """The 1-channel ControlNet (node 47) on both sides through ControlNetApplyAdvanced (node 49), image node 50."""
+    graph["47"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "controlnet_c1.safetensors"}}
+    graph["49"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["47", 0], "image": ["50", 0], "strength": strength,
+        "start_percent": start, "end_percent": end}}
+
+
 def traced(monkeypatch: pytest.MonkeyPatch, graph: dict[str, Any], root: Path) -> dict[str, Any]:
     """Run the graph; every node's outputs and the ControlNet hints as the runner prepared them."""
     seen: dict[str, Any] = {"hints": []}
@@ -117,10 +125,7 @@ def test_controlnet_apply_advanced_with_a_step_range(monkeypatch: pytest.MonkeyP
     """A 1-channel ControlNet (canny's kind): the image centre-cropped and resized to the latent × 32 (120×80 →
     320×256, bilinear), its channel mean; strength 0.8 on the 10 %..70 % of the steps, on both sides."""
     graph = base(sampler(5, 4, 4.0, "euler_ancestral", "simple", ["49", 0], ["49", 1]), 320, 256, 32)
-    graph["47"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "controlnet_c1.safetensors"}}
-    graph["49"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["47", 0], "image": ["50", 0], "strength": 0.8,
-        "start_percent": 0.1, "end_percent": 0.7}}
+    add_control_advanced(graph, 0.8, 0.1, 0.7)
     seen = traced(monkeypatch, graph, tree)
     torch.testing.assert_close(seen["hints"][0][..., ::3, ::3], expected["cnet1.hint"], rtol=0, atol=1e-6)
     assert_rel(seen["3"].samples, expected["cnet1.latent"], "Stage C latent")
@@ -183,10 +188,7 @@ def test_step_ranges_are_comfyuis_sigma_thresholds(monkeypatch: pytest.MonkeyPat
     ComfyUI applies a range where the step's σ lies between the model's σ at 1 − start and 1 − end, which on
     karras' σ is not the fraction of the steps."""
     graph = base(sampler(8, 6, 4.0, "euler", "karras", ["49", 0], ["49", 1]), 320, 256, 32)
-    graph["47"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "controlnet_c1.safetensors"}}
-    graph["49"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["47", 0], "image": ["50", 0], "strength": 1.0,
-        "start_percent": 0.2, "end_percent": 0.6}}
+    add_control_advanced(graph, 1.0, 0.2, 0.6)
     seen = traced(monkeypatch, graph, tree)
     assert_rel(seen["3"].samples, expected["cnet1.karras.latent"], "Stage C latent, ControlNet range")
     graph = base(sampler(9, 6, 4.0, "euler", "karras", ["72", 0], ["7", 0]), 256, 256, 42)

@@ -135,7 +135,7 @@ def test_adafactor_update_is_the_textbook_one(options: dict) -> None:
     """The optimiser's fewer-pass arithmetic gives the plain algorithm's parameters (float64 reference) over
     several steps, for matrices, a 4-D conv weight and vectors, with clipping active."""
     torch.manual_seed(0)
-    shapes = [(48, 32), (600, 256), (2100, 256), (8, 4, 3, 3), (32,)]  # larger: the CPU's row-block paths
+    shapes = [(48, 32), (600, 256), (2100, 256), (8, 4, 3, 3), (32,)]  # matrices: one or several row blocks
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) * (1 + 4 * (t % 2)) for s in shapes] for t in range(5)]
     params = [torch.nn.Parameter(t.clone()) for t in start]

@@ -117,47 +117,67 @@ class _FrozenLinearLora(torch.autograd.Function):
     transposed rather than [n, M] @ [M, r]); the scale multiplies the thin [M, r] factors only. Several pairs
     (an in_proj's q, k, v) share each thin product through the block-diagonal `_branch_factor`: one call instead
     of one per pair (the products are bound by reading the large operand, so the zero blocks cost nothing, and
-    each call has a fixed cost of ~20 µs in bf16 on CPU). Saves x, scale · h and the factor (W is the layer's own
-    tensor).
+    each call has a fixed cost of ~20 µs in bf16 on CPU). Saves x, scale · h, the stacked D and the factor (W is the
+    layer's own tensor).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
                 cols: tuple[int, ...], *pairs: Tensor) -> Tensor:
-        downs, ups = pairs[0::2], pairs[1::2]
+        n_rows, n_out = x.shape[0], weight.shape[0]
+        # the pairs arrive in their own dtype (fp32 under autocast) and are cast here: no cast nodes in the graph,
+        # and their gradients leave in that dtype. With few rows (a per-sample layer) in bf16 / fp16 on CPU the
+        # thin products run in fp32 on the fp32 pairs as they are (more precise than the bf16 path: h unrounded,
+        # one rounding into y and x's gradient): oneDNN's fixed ~20 µs per bf16 call outweighs such work, an fp32
+        # call with its casts costs ~5-15 µs
+        small = n_rows <= _FP32_THIN_ROWS and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        thin = torch.float32 if small else x.dtype  # the thin products' dtype
+        downs, ups = [p.to(thin) for p in pairs[0::2]], [p.to(thin) for p in pairs[1::2]]
         down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
-        r, n_rows, n_out = downs[0].shape[0], x.shape[0], weight.shape[0]
-        hs = torch.mm(x, down.t()).mul_(scale)  # scale · h [M, K r]
+        x_thin = x.to(thin)
+        hs = torch.mm(x_thin, down.t()).mul_(scale)  # scale · h [M, K r]
         # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
         # into the output is a pass of its own; with few rows the fewer ops win
         fold = bias is not None and n_rows >= _FOLD_BIAS_ROWS
         y = torch.mm(x, weight.t()) if fold or bias is None else torch.addmm(bias, x, weight.t())  # [M, out]
-        factor = _branch_factor(ups, cols, n_out, bias if fold else None)  # [out, K r (+ 1)]
-        y.addmm_(torch.cat([hs, x.new_ones(n_rows, 1)], dim=1) if fold else hs, factor.t())
+        factor = _branch_factor(tuple(ups), cols, n_out, bias if fold else None)  # [out, K r (+ 1)]
+        lhs = torch.cat([hs, hs.new_ones(n_rows, 1)], dim=1) if fold else hs
+        if small:
+            y.add_(torch.mm(lhs, factor.t()))  # one rounding into y, as addmm_'s
+        else:
+            y.addmm_(lhs, factor.t())
         ctx.save_for_backward(x, weight, hs, down, factor)
-        ctx.scale, ctx.cols, ctx.rank, ctx.outs = scale, cols, r, tuple(up.shape[0] for up in ups)
+        ctx.scale, ctx.cols, ctx.rank, ctx.outs = scale, cols, downs[0].shape[0], tuple(up.shape[0] for up in ups)
+        ctx.dtypes = tuple(p.dtype for p in pairs)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, hs, down, factor = ctx.saved_tensors
         scale, cols, r, outs = ctx.scale, ctx.cols, ctx.rank, ctx.outs
-        n_h = hs.shape[1]
-        g_hs = torch.mm(grad, factor[:, :n_h]).mul_(scale)  # scale · g U [M, K r], every pair at once
-        grad_us = torch.mm(hs.t(), grad)  # [K r, out]: pair k's up gradient is its diagonal block, transposed
+        thin, n_h = hs.dtype, hs.shape[1]
+        grad_thin = grad.to(thin)
+        g_hs = torch.mm(grad_thin, factor[:, :n_h]).mul_(scale)  # scale · g U [M, K r], every pair at once
+        grad_us = torch.mm(hs.t(), grad_thin)  # [K r, out]: pair k's up gradient is its diagonal block, transposed
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad, weight)  # [M, in]
-            grad_x.addmm_(g_hs, down)
-        grad_down = torch.mm(g_hs.t(), x)  # [K r, in]
+            if thin == grad_x.dtype:
+                grad_x.addmm_(g_hs, down)
+            else:
+                grad_x.add_(torch.mm(g_hs, down))
+        grad_down = torch.mm(g_hs.t(), x.to(thin))  # [K r, in]
         grads: list[Tensor | None] = [grad_x, None, None, None, None]
         for k, (start, n_k) in enumerate(zip(cols, outs, strict=True)):
             grads += [grad_down if len(outs) == 1 else grad_down[k * r:(k + 1) * r],
                       grad_us[k * r:(k + 1) * r, start:start + n_k].t()]
+        for i, dtype in enumerate(ctx.dtypes, start=5):
+            grads[i] = cast(Tensor, grads[i]).to(dtype)
         return tuple(grads)
 
 
 _FOLD_BIAS_ROWS = 128  # rows from which `_FrozenLinearLora` adds the bias inside the branch's matmul
+_FP32_THIN_ROWS = 16  # rows up to which `_FrozenLinearLora` takes a bf16 / fp16 layer's thin products in fp32 (CPU)
 
 
 def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
@@ -178,8 +198,8 @@ def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[-1] != weight.shape[1]:
         return None
     pairs: list[Tensor] = []
-    for _, pair in blocks:  # cast as autocast would (a ToCopy the gradient flows back through to the fp32 pair)
-        pairs += [cast(Tensor, _cast(pair.lora_down, dtype)), cast(Tensor, _cast(pair.lora_up, dtype))]
+    for _, pair in blocks:  # in their own dtype: the function casts them to the layer's
+        pairs += [pair.lora_down, pair.lora_up]
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = cast(Tensor, _cast(x, dtype)).reshape(-1, n_in)
     args = (x2, _cast(weight, dtype), _cast(bias, dtype), scale, tuple(start for start, _ in blocks), *pairs)

@@ -178,6 +178,41 @@ def test_bf16_autocast_matches_the_autocast_reference_and_its_dtypes() -> None:
         assert p.grad is not None and p.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("rows", [3, 40])  # thin products in fp32 (few rows) / in bf16
+def test_bf16_autocast_against_float64(rows: int) -> None:
+    """Few rows: the pairs' gradients as precise as fp32 math; more rows: within bf16's rounding. The outputs
+    and x's gradient (bf16) within bf16's rounding either way."""
+    model, network = attached(lambda n: n == "lora_unet_proj" or "_to_" in n, dtype=torch.bfloat16)
+    x = torch.randn(rows, C).to(torch.bfloat16).requires_grad_(True)
+
+    def both(t: Tensor, proj: Callable[[Tensor], Tensor], in_proj: Callable[[Tensor], Tensor]) -> Tensor:
+        return torch.cat([proj(t).flatten(), in_proj(t).flatten()])
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = both(x, model.proj, lambda t: model.attn.in_proj(t, 0, 3 * C))
+    g = torch.randn_like(got, dtype=torch.float32).to(torch.bfloat16)
+    got.backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    copies = {n: (p.lora_down.detach().double().requires_grad_(True), p.lora_up.detach().double().requires_grad_(True))
+              for n, p in network.pairs.items()}
+    blocks = [(i * C, *copies[f"lora_unet_attn_to_{q}"]) for i, q in enumerate("qkv")]
+    want = both(x64, lambda t: reference(t, model.proj.weight.double(), model.proj.bias.double(),
+                                         [(0, *copies["lora_unet_proj"])], network.scale),
+                lambda t: reference(t, model.attn.in_proj_weight.double(), model.attn.in_proj_bias.double(), blocks,
+                                    network.scale))
+    want.backward(g.double())
+    assert x.grad is not None and x64.grad is not None
+    check(got.double(), want.detach(), 1e-2)
+    check(x.grad.double(), x64.grad, 1e-2)
+    tol = 1e-5 if rows <= lora_train._FP32_THIN_ROWS else 2e-2
+    for n, (down, up) in copies.items():
+        pair = network.pair(n)
+        assert pair.lora_down.grad is not None and pair.lora_up.grad is not None and pair.lora_up.grad.dtype == \
+            torch.float32
+        check(pair.lora_down.grad.double(), down.grad, tol)  # type: ignore[arg-type]
+        check(pair.lora_up.grad.double(), up.grad, tol)  # type: ignore[arg-type]
+
+
 def test_trained_base_weight_gets_its_gradient() -> None:
     model, network = attached(lambda n: n in ("lora_unet_proj", "lora_unet_attn_to_k"))
     model.proj.weight.requires_grad_(True)

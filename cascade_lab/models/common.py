@@ -67,6 +67,32 @@ class GlobalResponseNorm(nn.Module):
         return self.gamma.view(1, C) * nx + 1  # (B, C)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (see `contiguous_grad`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """x, whose gradient reaches the layers before it contiguous (training; the identity without autograd).
+
+    A tensor that goes into a ``torch.cat`` gets a slice of the cat's gradient: rows strided by the whole
+    sequence. A Linear's weight gradient from such rows with only a few of them (a per-sample mapper: 2 rows at
+    batch 2) runs BLAS ~10-40x slower than from a copy (a 3072x1280 weight gradient: 0.75 ms contiguous, 7-55 ms
+    strided); the copy of those few rows is nothing.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return cast(Tensor, _ContiguousGrad.apply(x))
+    return x
+
+
 def _sum_of_squares(x: Tensor) -> Tensor:
     """Sum of x² over dim 1 of x [B, N, C] -> (B, C) in x's dtype (see `_sum_of_products`)."""
     return _sum_of_products(x, x).to(x.dtype)
@@ -254,6 +280,55 @@ class FeedForwardBlock(nn.Module):
         return x + h.permute(0, 3, 1, 2)
 
 
+def _stack_rows(top: Tensor, kv: Tensor, c: int, dtype: torch.dtype) -> Tensor:
+    """The packed [3c, ...] gradient in ``dtype`` from the query side's rows [0, len(top)) and the conditioning
+    side's rows [c, 3c), added where they overlap."""
+    if top.shape[0] == c:  # queries only: the sides do not overlap
+        return torch.cat([top, kv]).to(dtype)
+    out = top.to(dtype)
+    out[c:] += kv
+    return out
+
+
+class _JointInProj(torch.autograd.Function):
+    """The packed in_proj of the query tokens x [M, c] (rows [0, stop) of the [3c, c] weight) and of the
+    conditioning tokens m [S, c] (rows [c, 3c): keys and values) as one autograd node (training).
+
+    Two linears on the weight and on its slice give it two gradients: the slice's backward zero-fills a [3c, c]
+    copy and autograd adds the two out of place (~3-4 ms a block and step for the mid-size Stage C in fp32, two
+    passes over a weight-sized gradient). Here the conditioning side's weight gradient is added into the rows
+    it touches. Same values as the two linears: in fp32 the sum is the same, with low-precision inputs (autocast)
+    both products are rounded to that dtype and summed in float32 as before; the weight and bias arrive and their
+    gradients leave in float32 then (the master weights), cast once here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, m: Tensor, weight: Tensor, bias: Tensor, stop: int) -> tuple[Tensor, Tensor]:
+        c = weight.shape[1]
+        w, b = weight.to(x.dtype), bias.to(x.dtype)
+        y_x = torch.addmm(b[:stop], x, w[:stop].t())
+        y_m = torch.addmm(b[c:], m, w[c:].t())
+        ctx.save_for_backward(x, m, w)
+        ctx.stop, ctx.dtypes = stop, (weight.dtype, bias.dtype)
+        return y_x, y_m
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_x: Tensor, g_m: Tensor) -> tuple[Tensor | None, ...]:
+        x, m, w = ctx.saved_tensors
+        stop, (w_dtype, b_dtype) = ctx.stop, ctx.dtypes
+        c = w.shape[1]
+        need_x, need_m, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = torch.mm(g_x, w[:stop]) if need_x else None
+        grad_m = torch.mm(g_m, w[c:]) if need_m else None
+        grad_w = grad_b = None
+        if need_w:
+            grad_w = _stack_rows(torch.mm(g_x.t(), x), torch.mm(g_m.t(), m), c, w_dtype)
+        if need_b:
+            grad_b = _stack_rows(g_x.sum(0), g_m.sum(0), c, b_dtype)
+        return grad_x, grad_m, grad_w, grad_b, None
+
+
 class MultiheadAttention(nn.Module):
     """Packed-projection multi-head attention computed with ``F.scaled_dot_product_attention``.
 
@@ -288,6 +363,24 @@ class MultiheadAttention(nn.Module):
         k_c, v_c = self.in_proj(cond, c, 3 * c).chunk(2, dim=-1)
         return k_c, v_c
 
+    def _joint(self, x: Tensor, cond: Tensor, stop: int) -> tuple[Tensor, Tensor] | None:
+        """(x @ rows [0, stop), cond @ rows [c, 3c)) + bias through `_JointInProj` where it applies (the packed
+        weight trained, no LoRA adapter), else None."""
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        if (self.in_proj_adapter is not None or not torch.is_grad_enabled() or not weight.requires_grad
+                or not bias.requires_grad or x.dtype != cond.dtype or bias.dtype != weight.dtype):
+            return None
+        dtype = x.dtype
+        autocast = torch.is_autocast_enabled(x.device.type) and dtype != torch.float64  # it leaves float64 alone
+        if autocast:  # the linears would run in autocast's dtype, an fp32 weight cast to it
+            dtype = torch.get_autocast_dtype(x.device.type)
+        if weight.dtype != dtype and not (autocast and weight.dtype == torch.float32):
+            return None
+        (B, N, c), (_, S, _) = x.shape, cond.shape
+        y_x, y_m = _JointInProj.apply(x.reshape(B * N, c).to(dtype), cond.reshape(B * S, c).to(dtype), weight,
+                                      bias, stop)
+        return y_x.view(B, N, stop), y_m.view(B, S, 2 * c)
+
     def forward(self, x: Tensor, cond: Tensor | None, self_attn: bool = True,
                 cond_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Queries from x [B, N, c]; keys/values from cat[x, cond] (self_attn) or cond [B, S, c].
@@ -295,15 +388,21 @@ class MultiheadAttention(nn.Module):
         cond_kv: ``self.cond_kv(cond)`` computed beforehand (it depends on the conditioning only).
         """
         (B, N, c), nh = x.shape, self.num_heads
+        stop = 3 * c if self_attn else c  # the rows x is projected with
+        joint = None
         if cond_kv is None:
             assert cond is not None, "MultiheadAttention needs cond or cond_kv"
-            cond_kv = self.cond_kv(cond)
-        k_c, v_c = cond_kv  # 2 x (B, S, c)
+            joint = self._joint(x, cond, stop)  # training: both sides as one node
+        if joint is not None:
+            k_c, v_c = joint[1].chunk(2, dim=-1)
+        else:
+            k_c, v_c = cond_kv if cond_kv is not None else self.cond_kv(cast(Tensor, cond))  # 2 x (B, S, c)
+        proj = self.in_proj(x, 0, stop) if joint is None else joint[0]
         if self_attn:
-            q, k_x, v_x = self.in_proj(x, 0, 3 * c).chunk(3, dim=-1)  # 3 x (B, N, c)
+            q, k_x, v_x = proj.chunk(3, dim=-1)  # 3 x (B, N, c)
             k, v = torch.cat([k_x, k_c], dim=1), torch.cat([v_x, v_c], dim=1)  # (B, N+S, c)
         else:
-            q, k, v = self.in_proj(x, 0, c), k_c, v_c  # (B, N, c), 2 x (B, S, c)
+            q, k, v = proj, k_c, v_c  # (B, N, c), 2 x (B, S, c)
         q = q.view(B, N, nh, c // nh).transpose(1, 2)  # (B, nh, N, hs)
         k = k.reshape(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)
         v = v.reshape(B, -1, nh, c // nh).transpose(1, 2)  # (B, nh, L, hs)
@@ -343,11 +442,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor, kv: Tensor | None, cond_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """kv: conditioning tokens [B, S, c_cond]; or cond_kv = ``self.cond_kv(kv)`` computed beforehand."""
         B, c, H, W = x.shape
+        mapped = None
         if cond_kv is None:
             assert kv is not None, "AttnBlock needs kv or cond_kv"
-            cond_kv = self.cond_kv(kv)  # 2 x (B, S, c)
+            mapped = self.kv_mapper(kv)  # (B, S, c): the attention projects it (`self.cond_kv` is the same)
         tokens = self.norm(x.permute(0, 2, 3, 1)).reshape(B, H * W, c)  # (B, HW, c)
-        h = self.attention(tokens, None, self_attn=self.self_attn, cond_kv=cond_kv)  # (B, HW, c)
+        h = self.attention(tokens, mapped, self_attn=self.self_attn, cond_kv=cond_kv)  # (B, HW, c)
         return x + h.view(B, H, W, c).permute(0, 3, 1, 2)  # (B, c, H, W)
 
 

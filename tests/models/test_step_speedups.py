@@ -322,3 +322,96 @@ def test_stage_c_training_step_through_the_fused_gelu_grn_matches_the_modules(mo
     for name in grads_r:
         torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-4,
                                    atol=1e-5 * float(grads_r[name].abs().max()) + 1e-12, msg=name)
+
+
+@pytest.mark.parametrize("self_attn", [True, False])
+def test_joint_in_proj_is_the_two_linears(self_attn):
+    """Training's packed in_proj of the queries and of the conditioning tokens as one node: float64 gradcheck,
+    and fp32 outputs and weight/bias/input gradients equal to the two-linear path (weight and its slice)."""
+    from cascade_lab.models.common import MultiheadAttention, _JointInProj
+
+    c = 8
+    stop = 3 * c if self_attn else c
+    args = (torch.randn(5, c, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, c, dtype=torch.float64, requires_grad=True),
+            torch.randn(3 * c, c, dtype=torch.float64, requires_grad=True),
+            torch.randn(3 * c, dtype=torch.float64, requires_grad=True), stop)
+    assert torch.autograd.gradcheck(_JointInProj.apply, args)
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4)
+    for p in attn.parameters():  # (cascade_lab's Linear skips initialisation)
+        torch.nn.init.normal_(p, std=0.2)
+    x, cond = torch.randn(2, 6, 32, requires_grad=True), torch.randn(2, 3, 32, requires_grad=True)
+    g = torch.randn(2, 6, 32)
+    results = []
+    for joint in (True, False):
+        calls = []
+        if not joint:
+            attn._joint = lambda *a: None  # type: ignore[method-assign]
+        else:
+            original = attn._joint
+            attn._joint = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+        out = attn(x, cond, self_attn=self_attn)
+        grads = torch.autograd.grad(out, [x, cond, attn.in_proj_weight, attn.in_proj_bias], g)
+        assert len(calls) == int(joint)
+        results.append((out, grads))
+    (out_j, grads_j), (out_p, grads_p) = results
+    torch.testing.assert_close(out_j, out_p, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_j, grads_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_joint_in_proj_under_bf16_autocast_and_where_it_does_not_apply():
+    """Under bf16 autocast (fp32 master weights) the joint path gives the two linears' bf16 outputs and their
+    fp32 gradients (each product rounded to bf16, summed in fp32); a frozen or LoRA-adapted weight and no-grad
+    calls keep the plain path."""
+    from cascade_lab.models.common import MultiheadAttention
+
+    torch.manual_seed(1)
+    attn = MultiheadAttention(32, 4)
+    for p in attn.parameters():  # (cascade_lab's Linear skips initialisation)
+        torch.nn.init.normal_(p, std=0.2)
+    x, cond = torch.randn(2, 6, 32), torch.randn(2, 3, 32)
+    results = []
+    for joint in (True, False):
+        if not joint:
+            attn._joint = lambda *a: None  # type: ignore[method-assign]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, cond)
+        grads = torch.autograd.grad(out.float().square().sum(), [attn.in_proj_weight, attn.in_proj_bias])
+        results.append((out, grads))
+        attn.__dict__.pop("_joint", None)
+    (out_j, grads_j), (out_p, grads_p) = results
+    assert out_j.dtype == torch.bfloat16 and all(gr.dtype == torch.float32 for gr in grads_j)
+    torch.testing.assert_close(out_j, out_p, rtol=0, atol=0)
+    for a, b in zip(grads_j, grads_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()))
+    assert attn._joint(x, cond, 96) is not None
+    with torch.no_grad():
+        assert attn._joint(x, cond, 96) is None
+    attn.in_proj_weight.requires_grad_(False)
+    assert attn._joint(x, cond, 96) is None
+    attn.in_proj_weight.requires_grad_(True)
+    attn.in_proj_adapter = lambda *a: None
+    assert attn._joint(x, cond, 96) is None
+
+
+def test_contiguous_grad_hands_on_a_contiguous_gradient():
+    """A tensor concatenated along the sequence gets a strided slice of the cat's gradient; through
+    `contiguous_grad` its producer gets the same values contiguous (and without grad it is the identity)."""
+    from cascade_lab.models.common import contiguous_grad
+
+    seen = []
+    for wrap in (False, True):
+        a = torch.randn(2, 4, 6, requires_grad=True)
+        b = torch.randn(2, 9, 6, requires_grad=True)
+        mapped = a * 2
+        mapped.register_hook(lambda g: seen.append(g))
+        y = contiguous_grad(mapped) if wrap else mapped
+        torch.cat([b, y], dim=1).mul(torch.arange(13.0)[None, :, None]).sum().backward()
+    strided, contiguous = seen
+    assert not strided.is_contiguous() and contiguous.is_contiguous()
+    assert torch.equal(strided, contiguous)
+    t = torch.randn(3)
+    assert contiguous_grad(t) is t

@@ -67,32 +67,6 @@ class GlobalResponseNorm(nn.Module):
         return self.gamma.view(1, C) * nx + 1  # (B, C)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient (see `contiguous_grad`)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-def contiguous_grad(x: Tensor) -> Tensor:
-    """x, whose gradient reaches the layers before it contiguous (training; the identity without autograd).
-
-    A tensor that goes into a ``torch.cat`` gets a slice of the cat's gradient: rows strided by the whole
-    sequence. A Linear's weight gradient from such rows with only a few of them (a per-sample mapper: 2 rows at
-    batch 2) runs BLAS ~10-40x slower than from a copy (a 3072x1280 weight gradient: 0.75 ms contiguous, 7-55 ms
-    strided); the copy of those few rows is nothing.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return cast(Tensor, _ContiguousGrad.apply(x))
-    return x
-
-
 def _sum_of_squares(x: Tensor) -> Tensor:
     """Sum of x² over dim 1 of x [B, N, C] -> (B, C) in x's dtype (see `_sum_of_products`)."""
     return _sum_of_products(x, x).to(x.dtype)

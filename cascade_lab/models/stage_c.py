@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Conv2d, LayerNorm2d, LevelUNet, Linear, contiguous_grad
+from .common import Conv2d, LayerNorm2d, LevelUNet, Linear
 
 Tensor = torch.Tensor
 
@@ -179,8 +179,6 @@ class StageC(LevelUNet):
         pooled = pooled.view(B, S * self.c_clip_seq, -1)  # (B, S * c_clip_seq, c_cond)
         B, S = clip_img.shape[:2]
         img = self.clip_img_mapper(clip_img.to(dtype)).view(B, S * self.c_clip_seq, -1)  # (B, S * c_clip_seq, c_cond)
-        # the per-sample mappers' weight gradients from contiguous rows, not from slices of the cat's gradient
-        pooled, img = contiguous_grad(pooled), contiguous_grad(img)
         return self.clip_norm(torch.cat([txt, pooled, img], dim=1))  # type: ignore[no-any-return]
 
     def forward(

@@ -204,7 +204,7 @@ def channel_mlp(mlp: nn.Sequential, h: Tensor) -> Tensor:
         return mlp(h)  # type: ignore[no-any-return]
     grn, dropout, last = mlp[2], mlp[3], mlp[4]
     if (type(grn) is GlobalResponseNorm and type(last) is Linear and _plain(last)
-            and not grn._forward_hooks and (not dropout.training or dropout.p == 0)
+            and _plain(grn) and (not dropout.training or dropout.p == 0)
             and fused.dim() == 4 and fused.shape[1] * fused.shape[2] > 2 * last.out_features):
         return _grn_into_linear(grn, last, fused)
     for layer in list(mlp)[2:]:
@@ -337,8 +337,8 @@ class MultiheadAttention(nn.Module):
         k_c, v_c = self.in_proj(cond, c, 3 * c).chunk(2, dim=-1)
         return k_c, v_c
 
-    def _joint(self, x: Tensor, cond: Tensor, stop: int) -> tuple[Tensor, Tensor] | None:
-        """(x @ rows [0, stop), cond @ rows [c, 3c)) + bias through `_JointInProj` where it applies (the packed
+    def _joint(self, x: Tensor, cond: Tensor, stop: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
+        """(x @ rows [0, stop) + bias, cond's keys and values) through `_JointInProj` where it applies (the packed
         weight trained, no LoRA adapter), else None."""
         weight, bias = self.in_proj_weight, self.in_proj_bias
         if (self.in_proj_adapter is not None or not torch.is_grad_enabled() or not weight.requires_grad
@@ -353,7 +353,8 @@ class MultiheadAttention(nn.Module):
         (B, N, c), (_, S, _) = x.shape, cond.shape
         y_x, y_m = _JointInProj.apply(x.reshape(B * N, c).to(dtype), cond.reshape(B * S, c).to(dtype), weight,
                                       bias, stop)
-        return y_x.view(B, N, stop), y_m.view(B, S, 2 * c)
+        k_c, v_c = y_m.view(B, S, 2 * c).chunk(2, dim=-1)
+        return y_x.view(B, N, stop), (k_c, v_c)
 
     def forward(self, x: Tensor, cond: Tensor | None, self_attn: bool = True,
                 cond_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -363,15 +364,14 @@ class MultiheadAttention(nn.Module):
         """
         (B, N, c), nh = x.shape, self.num_heads
         stop = 3 * c if self_attn else c  # the rows x is projected with
-        joint = None
+        proj = None
         if cond_kv is None:
             assert cond is not None, "MultiheadAttention needs cond or cond_kv"
             joint = self._joint(x, cond, stop)  # training: both sides as one node
-        if joint is not None:
-            k_c, v_c = joint[1].chunk(2, dim=-1)
-        else:
-            k_c, v_c = cond_kv if cond_kv is not None else self.cond_kv(cast(Tensor, cond))  # 2 x (B, S, c)
-        proj = self.in_proj(x, 0, stop) if joint is None else joint[0]
+            proj, cond_kv = joint if joint is not None else (None, self.cond_kv(cond))
+        k_c, v_c = cond_kv  # 2 x (B, S, c)
+        if proj is None:
+            proj = self.in_proj(x, 0, stop)
         if self_attn:
             q, k_x, v_x = proj.chunk(3, dim=-1)  # 3 x (B, N, c)
             k, v = torch.cat([k_x, k_c], dim=1), torch.cat([v_x, v_c], dim=1)  # (B, N+S, c)

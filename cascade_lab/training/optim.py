@@ -34,10 +34,10 @@ def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[
     Σ_ij (r_i c_j g_ij)² = mean(row) · Σ_j colw_j / col_j. Pass 2 forms each block's update scaled by the learning
     rate and clip, and applies it (first moment, weight decay) while the block is in cache.
     """
-    rows, cols = grad.shape[-2], grad.shape[-1]
-    block = max(1, 2**19 // max(1, cols * grad.element_size()))
     if grad.dim() != 2 or grad.device.type != "cpu":
         return False
+    rows, cols = grad.shape
+    block = max(1, 2**19 // max(1, cols * grad.element_size()))
     eps1, beta1, wd = group["eps"][0], group["beta1"], group["weight_decay"]
     row, col = state["row"], state["col"]
     col_sums, colw = grad.new_zeros(cols), grad.new_zeros(cols)

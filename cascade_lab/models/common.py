@@ -435,12 +435,28 @@ class TimestepBlock(nn.Module):
         for name in self.conds:
             setattr(self, f"mapper_{name}", Linear(c_timestep, c * 2))
 
+    # training LoRA (cascade_lab.training.lora_train): fn(t, mappers) -> Σ_i mappers[i](chunk i of t) (B, 2c) with
+    # the LoRA's branches, all mappers in one call; not a module, so the state dict keeps the official keys
+    mapper_adapter: Any = None
+
+    def mappers(self) -> list[nn.Linear]:
+        """``mapper`` and the ``mapper_<cond>`` in the order of t's chunks."""
+        return [self.mapper] + [getattr(self, f"mapper_{name}") for name in self.conds]
+
+    def modulation(self, t: Tensor) -> Tensor:
+        """Σ_i mapper_i(t_i) over t's 1 + n chunks of c_r (B, c_r (1 + n)) -> (B, 2c): a's and b's halves."""
+        mappers = self.mappers()
+        if self.mapper_adapter is not None:
+            out: Tensor = self.mapper_adapter(t, mappers)
+            return out
+        t_chunks = t.chunk(len(mappers), dim=1)  # (1 + n) x (B, c_r)
+        out = mappers[0](t_chunks[0])
+        for mapper, chunk in zip(mappers[1:], t_chunks[1:], strict=True):
+            out = out + mapper(chunk)
+        return out
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        t_chunks = t.chunk(len(self.conds) + 1, dim=1)  # (1 + n) x (B, c_r)
-        a, b = self.mapper(t_chunks[0])[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c, 1, 1)
-        for i, name in enumerate(self.conds):
-            ac, bc = getattr(self, f"mapper_{name}")(t_chunks[i + 1])[:, :, None, None].chunk(2, dim=1)
-            a, b = a + ac, b + bc
+        a, b = self.modulation(t)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c, 1, 1)
         return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass
 
 

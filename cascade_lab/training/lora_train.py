@@ -92,6 +92,18 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _block_downs(downs: list[Tensor], in_cols: tuple[int, ...] | None, n_in: int) -> Tensor:
+    """[K r, n_in]: the pairs' D_k stacked; with `in_cols` each on its own input columns [s_k, s_k + in_k) (block
+    diagonal, zeros elsewhere: pair k reads only its part of x)."""
+    if in_cols is None:
+        return downs[0] if len(downs) == 1 else torch.cat(downs)
+    r = downs[0].shape[0]
+    down = downs[0].new_zeros(len(downs) * r, n_in)
+    for k, (start, d) in enumerate(zip(in_cols, downs, strict=True)):
+        down[k * r:(k + 1) * r, start:start + d.shape[1]] = d
+    return down
+
+
 def _branch_factor(ups: tuple[Tensor, ...], cols: tuple[int, ...], n_out: int, bias: Tensor | None) -> Tensor:
     """[n_out, K r (+ 1)]: each pair's U_k on its output rows [c_k, c_k + out_k) and columns [k r, (k + 1) r)
     (block diagonal, zeros elsewhere), the bias as one more column when given."""
@@ -108,7 +120,8 @@ def _branch_factor(ups: tuple[Tensor, ...], cols: tuple[int, ...], n_out: int, b
 
 class _FrozenLinearLora(torch.autograd.Function):
     """y = x W^T + b + scale · Σ_k (x D_k^T) U_k^T into output columns [c_k, c_k + out_k) for 2-D x [M, in]
-    (the pairs in column order).
+    (the pairs in column order); with ``in_cols`` pair k reads x's columns [s_k, s_k + in_k) only (a
+    TimestepBlock's mappers side by side: W = [W_1 W_2 W_3] on t's chunks, every pair on all output columns).
 
     The frozen layer (W [out, in], b) gets no gradient; the pairs (D_k [r, in], U_k [out_k, r]) do. Each pass
     over a large tensor is one GEMM: the branch accumulates into the layer's output in place together with the
@@ -123,7 +136,7 @@ class _FrozenLinearLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-                cols: tuple[int, ...], *pairs: Tensor) -> Tensor:
+                cols: tuple[int, ...], in_cols: tuple[int, ...] | None, *pairs: Tensor) -> Tensor:
         n_rows, n_out = x.shape[0], weight.shape[0]
         # the pairs arrive in their own dtype (fp32 under autocast) and are cast here: no cast nodes in the graph,
         # and their gradients leave in that dtype. With few rows (a per-sample layer) in bf16 / fp16 on CPU the
@@ -133,7 +146,7 @@ class _FrozenLinearLora(torch.autograd.Function):
         small = n_rows <= _FP32_THIN_ROWS and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
         thin = torch.float32 if small else x.dtype  # the thin products' dtype
         downs, ups = [p.to(thin) for p in pairs[0::2]], [p.to(thin) for p in pairs[1::2]]
-        down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
+        down = _block_downs(downs, in_cols, x.shape[1])  # [K r, in]
         x_thin = x.to(thin)
         hs = torch.mm(x_thin, down.t()).mul_(scale)  # scale · h [M, K r]
         # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
@@ -148,6 +161,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             y.addmm_(lhs, factor.t())
         ctx.save_for_backward(x, weight, hs, down, factor)
         ctx.scale, ctx.cols, ctx.rank, ctx.outs = scale, cols, downs[0].shape[0], tuple(up.shape[0] for up in ups)
+        ctx.ins = None if in_cols is None else tuple(zip(in_cols, (d.shape[1] for d in downs), strict=True))
         ctx.dtypes = tuple(p.dtype for p in pairs)
         return y
 
@@ -167,11 +181,13 @@ class _FrozenLinearLora(torch.autograd.Function):
             else:
                 grad_x.add_(torch.mm(g_hs, down))
         grad_down = torch.mm(g_hs.t(), x.to(thin))  # [K r, in]
-        grads: list[Tensor | None] = [grad_x, None, None, None, None]
+        grads: list[Tensor | None] = [grad_x, None, None, None, None, None]
         for k, (start, n_k) in enumerate(zip(cols, outs, strict=True)):
-            grads += [grad_down if len(outs) == 1 else grad_down[k * r:(k + 1) * r],
-                      grad_us[k * r:(k + 1) * r, start:start + n_k].t()]
-        for i, dtype in enumerate(ctx.dtypes, start=5):
+            g_down = grad_down if len(outs) == 1 else grad_down[k * r:(k + 1) * r]
+            if ctx.ins is not None:
+                g_down = g_down[:, ctx.ins[k][0]:ctx.ins[k][0] + ctx.ins[k][1]]
+            grads += [g_down, grad_us[k * r:(k + 1) * r, start:start + n_k].t()]
+        for i, dtype in enumerate(ctx.dtypes, start=6):
             grads[i] = cast(Tensor, grads[i]).to(dtype)
         return tuple(grads)
 
@@ -181,9 +197,10 @@ _FP32_THIN_ROWS = 16  # rows up to which `_FrozenLinearLora` takes a bf16 / fp16
 
 
 def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-                 blocks: list[tuple[int, LoraPair]]) -> Tensor | None:
-    """x [..., in] through the frozen (weight, bias) plus the pairs on their output columns, or None where the
-    fused function does not apply (the weight or bias is trained, or an unusual dtype): use the autograd path."""
+                 blocks: list[tuple[int, LoraPair]], in_cols: tuple[int, ...] | None = None) -> Tensor | None:
+    """x [..., in] through the frozen (weight, bias) plus the pairs on their output columns (and, with
+    ``in_cols``, each on its input columns), or None where the fused function does not apply (the weight or bias
+    is trained, or an unusual dtype): use the autograd path."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
     dev = x.device.type
@@ -202,7 +219,7 @@ def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
         pairs += [pair.lora_down, pair.lora_up]
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = cast(Tensor, _cast(x, dtype)).reshape(-1, n_in)
-    args = (x2, _cast(weight, dtype), _cast(bias, dtype), scale, tuple(start for start, _ in blocks), *pairs)
+    args = (x2, _cast(weight, dtype), _cast(bias, dtype), scale, tuple(start for start, _ in blocks), in_cols, *pairs)
     if torch.is_autocast_enabled(dev):
         with torch.autocast(dev, enabled=False):
             y = _FrozenLinearLora.apply(*args)
@@ -282,6 +299,36 @@ class _InProjBranch:
         return F.linear(x, w, b) + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
 
+class _MapperBranch:
+    """``TimestepBlock.mapper_adapter``: Σ_i mapper_i(t_i) over t's chunks with the pairs of the targeted mappers,
+    as one `_FrozenLinearLora` over the whole t (the frozen weights side by side, the biases summed, each pair on
+    its chunk's input columns): one call instead of one per mapper plus the sums of their outputs."""
+
+    def __init__(self, pairs: list[LoraPair | None], scale: float) -> None:
+        self.pairs, self.scale = pairs, scale  # one entry per mapper, None where it has no pair
+
+    def __call__(self, t: Tensor, mappers: list[nn.Linear]) -> Tensor:
+        widths = [m.in_features for m in mappers]
+        fused = None
+        if (len(mappers) == len(self.pairs) and t.shape[-1] == sum(widths)
+                and all(type(m).forward is nn.Linear.forward and m.bias is not None for m in mappers)):
+            starts = [sum(widths[:i]) for i in range(len(widths))]
+            weight = torch.cat([m.weight for m in mappers], dim=1)
+            bias = cast(Tensor, mappers[0].bias)
+            for m in mappers[1:]:
+                bias = bias + cast(Tensor, m.bias)
+            blocks = [(0, pair) for pair in self.pairs if pair is not None]
+            in_cols = tuple(start for start, pair in zip(starts, self.pairs, strict=True) if pair is not None)
+            fused = _lora_linear(t, weight, bias, self.scale, blocks, in_cols)
+        if fused is not None:
+            return fused
+        chunks = t.chunk(len(mappers), dim=-1)  # each mapper through its own forward (and pair), summed
+        out: Tensor = mappers[0](chunks[0])
+        for mapper, chunk in zip(mappers[1:], chunks[1:], strict=True):
+            out = out + mapper(chunk)
+        return out
+
+
 def _restore_forward(module: nn.Module, previous: Any) -> None:
     if previous is None:
         del module.forward
@@ -340,6 +387,16 @@ class LoraNetwork(nn.Module):
             else:
                 handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv))
                 self._attached.append(handle.remove)
+        by_module = {t.module: self.pair(n) for n, t in self.targets.items() if t.param == "weight" and not t.conv}
+        path_of = {id(m): path for path, m in model.named_modules()}
+        for module in model.modules():  # TimestepBlocks: their mappers' pairs in one call
+            mappers = getattr(module, "mappers", None)
+            if not callable(mappers) or not hasattr(module, "mapper_adapter"):
+                continue
+            pairs = [by_module.get(path_of.get(id(m), "")) for m in mappers()]
+            if any(p is not None for p in pairs):
+                setattr(module, "mapper_adapter", _MapperBranch(pairs, self.scale))  # noqa: B010
+                self._attached.append(functools.partial(setattr, module, "mapper_adapter", None))
         for path, blocks in in_proj.items():
             module = model.get_submodule(path)
             if not hasattr(module, "in_proj_adapter"):

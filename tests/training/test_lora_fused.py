@@ -287,3 +287,57 @@ def test_whole_stage_c_gradients_match_the_hook_path(checkpointing: bool, monkey
     assert set(fused) == set(plain) and len(fused) >= len(network.pairs)  # clip_img's pair: zero inputs, still a grad
     for name, g in plain.items():
         check(fused[name], g, 2e-6)
+
+
+@pytest.mark.parametrize("which", ["all", "some"])  # "some": mapper_sca has no pair (frozen W only)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_timestep_block_mappers_in_one_call_match_autograd(which: str, dtype: torch.dtype,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TimestepBlock's three mappers (on t's three chunks) as one fused call: the block's output and every
+    gradient as the per-mapper autograd reference; detach takes the adapter off."""
+    from cascade_lab.models.common import TimestepBlock
+
+    torch.manual_seed(0)
+    block = TimestepBlock(C, 8, conds=("sca", "crp"))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    block.to(dtype).requires_grad_(False)
+    targets = [t for t in lora_targets(block, "all_linear") if which == "all" or not t.name.endswith("mapper_sca")]
+    network = LoraNetwork(targets, rank=4, alpha=3.0, seed=1)
+    with torch.no_grad():
+        for pair in network.pairs.values():
+            pair.lora_up.normal_()
+    network.attach(block)
+    assert block.mapper_adapter is not None
+    calls = [0]
+    real = lora_train._FrozenLinearLora.apply
+
+    def counted(*args: object) -> Tensor:
+        calls[0] += 1
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    x = torch.randn(2, C, 3, 5).to(dtype)
+    scale = network.scale
+
+    def call(t: Tensor) -> Tensor:
+        return block(x, t)  # type: ignore[no-any-return]
+
+    def ref(t: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        out = None
+        for i, name in enumerate(["mapper", "mapper_sca", "mapper_crp"]):
+            layer = getattr(block, name)
+            pairs = [(0, *copies[n]) for n in copies if n == f"lora_unet_{name}"]
+            part = reference(t[:, 8 * i:8 * (i + 1)], layer.weight, layer.bias, pairs, scale)
+            out = part if out is None else out + part
+        assert out is not None
+        a, b = out[:, :, None, None].chunk(2, dim=1)
+        return torch.addcmul(b, x, 1 + a)
+
+    autocast = dtype == torch.bfloat16
+    run_both(block, network, call, ref, torch.randn(2, 24), tol=2e-2 if autocast else 1e-6,  # type: ignore[arg-type]
+             autocast=autocast)
+    assert calls[0] == 1  # forward: one call for the three mappers
+    network.detach()
+    assert block.mapper_adapter is None and not any("forward" in m.__dict__ for m in block.mappers())

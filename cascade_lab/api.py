@@ -400,7 +400,7 @@ class Cascade:
             if _is_lazy(trained):
                 return
             trained.eval().requires_grad_(False)  # no dropout in generations, no gradients kept
-            if pipeline.offload and pipeline.device.type != "cpu":
+            if pipeline.offloading:
                 trained.to("cpu")
 
         def on_event(event: Any) -> None:

@@ -4,6 +4,10 @@ Pure orchestration: samplers and schedulers come from the plugin registries, the
 `cascade_lab.diffusion`, the models from `cascade_lab.models`. Emits a `StepEvent` per step, polls a
 cancel token between steps, and moves one stage at a time onto the device when offloading; a stage
 given as `Lazy` is loaded only while it is used (stage swapping on the CPU).
+
+`Pipeline.run` is four parts, each public: `run_text` (checks, seed, text encoding) makes a `PipelineJob`, then
+`run_c`, `run_b` and `run_a` fill its output. Rendering many generations stage by stage (all texts, then all
+Stage C, …) inside `Pipeline.resident` moves each offloaded model to the device once instead of once per image.
 """
 
 from __future__ import annotations
@@ -163,6 +167,30 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class PipelineJob:
+    """One generation between the parts of `Pipeline.run`: `Pipeline.run_text` makes it (the parameters checked,
+    the seed and noise source chosen, the prompts encoded), `run_c`, `run_b` and `run_a` fill ``output`` in turn."""
+
+    params: GenerationParams
+    noise: NoiseSource
+    cond: dict[str, Tensor]  # the CLIP-G inputs, and clip_img
+    uncond: dict[str, Tensor]
+    samplers: tuple[Sampler, Sampler]  # Stage C's and Stage B's, looked up (so checked) before any model runs
+    schedulers: tuple[Scheduler, Scheduler]
+    output: PipelineOutput  # latent_c after run_c, latent_b after run_b, images after run_a; timings per part
+
+
+_RESIDENT_PARTS = ("text_encoder", "stage_c", "stage_b", "stage_a", "effnet")
+
+
+@dataclass
+class _Resident:
+    part: Any  # what `Stages` holds (a model or a `Lazy`)
+    model: Any  # the model on the device
+    dtype: torch.dtype | None
+
+
 class Pipeline:
     """Runs a `GenerationParams` on loaded `Stages` (official defaults reproduce the official images)."""
 
@@ -175,28 +203,72 @@ class Pipeline:
                              "use torch.bfloat16 or torch.float32")
         self.stages, self.device, self.offload = stages, torch.device(device), offload
         self.dtype_c, self.dtype_b, self.compile = dtype_c, dtype_b, compile
+        self._resident: dict[int, _Resident] = {}  # id of the part and of its model -> the model held on the device
 
     # -- placement -------------------------------------------------------------------------------------
+    @property
+    def offloading(self) -> bool:
+        """Whether a model goes back to the CPU after its use: ``offload`` on a device other than the CPU."""
+        return self.offload and self.device.type != "cpu"
+
     @contextmanager
     def on_device(self, module: Any, dtype: torch.dtype | None = None) -> Iterator[Any]:
-        """Hold one stage on the device; with offloading it goes back to the CPU afterwards."""
+        """Hold one stage on the device; with offloading it goes back to the CPU afterwards (a `resident` one
+        stays on the device until its `resident` context ends)."""
+        held = self._resident.get(id(module))
+        if held is not None and held.model is module:
+            if dtype is not None and dtype != held.dtype:
+                module.to(self.device, dtype)
+                held.dtype = dtype
+            yield module
+            return
         module.to(self.device, dtype) if dtype is not None else module.to(self.device)
         try:
             yield module
         finally:
-            if self.offload and self.device.type != "cpu":
+            if self.offloading:
                 module.to("cpu")
                 torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
     @contextmanager
     def use(self, part: Any, dtype: torch.dtype | None = None) -> Iterator[Any]:
-        """Hold one stage on the device; a `Lazy` one is loaded first, and dropped by the pipeline afterwards."""
+        """Hold one stage on the device; a `Lazy` one is loaded first, and dropped by the pipeline afterwards
+        (inside `resident` for it: the model loaded then, neither reloaded nor moved)."""
+        held = self._resident.get(id(part))
+        if held is not None and held.part is part:
+            with self.on_device(held.model, dtype) as model:
+                yield model
+            return
         if isinstance(part, Lazy):
             gc.collect()  # the previous lazy stage's memory, should a reference cycle still hold it
             release_freed_memory()  # and the pages of its activations, before this stage allocates its own
             part = part.load()
         with self.on_device(part, dtype):
             yield part
+
+    @contextmanager
+    def resident(self, name: str) -> Iterator[Any]:
+        """Keep one of the stages (``"text_encoder"``, ``"stage_c"``, ``"stage_b"``, ``"stage_a"``, ``"effnet"``)
+        on the device, in its pipeline dtype, across every use inside the context: moved there once (a `Lazy`
+        one loaded once) and, with offloading, back to the CPU once when the context ends, exception or not.
+        Yields the model (None where the variant has no such stage). Nested for the same stage it does nothing;
+        for several stages at once, nest contexts of different names (each holds its device memory)."""
+        if name not in _RESIDENT_PARTS:
+            raise ValueError(f"resident({name!r}): the stages a pipeline moves are {list(_RESIDENT_PARTS)}")
+        part = getattr(self.stages, name)
+        held = self._resident.get(id(part))
+        if part is None or (held is not None and held.part is part):
+            yield None if part is None else held.model  # type: ignore[union-attr]
+            return
+        dtype = {"stage_c": self.dtype_c, "stage_b": self.dtype_b}.get(name)
+        with self.use(part, dtype) as model:
+            entry = _Resident(part, model, dtype)
+            self._resident[id(part)] = self._resident[id(model)] = entry
+            try:
+                yield model
+            finally:  # forgotten first, so that leaving `use` moves it back (offloading) and drops a Lazy's model
+                del self._resident[id(part)]
+                self._resident.pop(id(model), None)
 
     def _clip_img_features(self) -> int:
         stage_c = self.stages.stage_c
@@ -368,7 +440,21 @@ class Pipeline:
         ComfyUI's under ``compat="comfyui"``). ``init_latent`` [B or 1, 16, h, w] starts Stage C from a given
         Stage C latent instead of encoding ``init_images`` (ComfyUI's LATENT input), with strength / denoise.
         ``controls``: ControlNets for Stage C, each run once, scaled, summed while active (`ControlInput`).
+
+        The same as `run_text`, `run_c`, `run_b`, `run_a` in turn (``output.timings``: text, stage_c, stage_b,
+        stage_a).
         """
+        job = self.run_text(params, clip_img=clip_img, noise=noise)
+        self.run_c(job, init_images=init_images, init_latent=init_latent, controls=controls, callback=callback,
+                   cancel=cancel, keep_trajectory=keep_trajectory)
+        self.run_b(job, callback=callback, cancel=cancel, keep_trajectory=keep_trajectory)
+        return self.run_a(job)
+
+    def run_text(self, params: GenerationParams, *, clip_img: Tensor | None = None,
+                 noise: NoiseSource | None = None) -> PipelineJob:
+        """The first part of `run`: check `params` (sampler and scheduler names too), choose the seed (a random
+        one when None) and the noise source, encode the prompts; ``clip_img`` [B, 1, C] (default zeros, as the
+        official code) conditions Stage C with an image embedding, the unconditional half gets zeros."""
         params.validate()
         compat = params.compat
         samplers = get_sampler(params.sampler_c, compat), get_sampler(params.sampler_b, compat)  # names checked
@@ -376,16 +462,23 @@ class Pipeline:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         if noise is None:
             noise = self.noise_source(params, seed)
-        B, timings = params.batch_size, {}
         out = PipelineOutput(torch.empty(0), torch.empty(0), torch.empty(0), seed)
 
         t0 = time.perf_counter()
         cond, uncond = self.encode_text(params.prompts, params.negative_prompts)
         if clip_img is None:
-            clip_img = torch.zeros(B, 1, self._clip_img_features())  # official: zeros
+            clip_img = torch.zeros(params.batch_size, 1, self._clip_img_features())  # official: zeros
         cond["clip_img"], uncond["clip_img"] = clip_img, torch.zeros_like(clip_img)
-        timings["text"] = time.perf_counter() - t0
+        out.timings["text"] = time.perf_counter() - t0
+        return PipelineJob(params, noise, cond, uncond, samplers, schedulers, out)
 
+    def run_c(self, job: PipelineJob, *, init_images: Tensor | None = None, init_latent: Tensor | None = None,
+              controls: Sequence[ControlInput] = (), callback: Callable[[PipelineEvent], Any] | None = None,
+              cancel: Callable[[], bool] | None = None, keep_trajectory: bool = False) -> Tensor:
+        """The Stage C part of `run`: sample Stage C from noise, or from ``init_images`` / ``init_latent`` (img2img,
+        see `run`), with ``controls``; sets and returns ``job.output.latent_c`` [B, 16, h, w] (CPU float32)."""
+        params, out = job.params, job.output
+        compat, B = params.compat, params.batch_size
         # Stage C: from noise, or img2img from the encoded image (official: noised to `strength` at shift 1)
         t0 = time.perf_counter()
         h, w = params.latent_size_c
@@ -399,8 +492,8 @@ class Pipeline:
             latent = self.encode_image_latent(init_images, (h, w), compat=compat)
         if latent is not None:
             latent = latent.expand(B, -1, -1, -1) if latent.size(0) == 1 else latent
-        plan_c = plan_stage(samplers[0], schedulers[0], params.steps_c, params.shift_c, params.denoise,
-                            params.strength if latent is not None else 1.0, noise, "c", (B, 16, h, w), latent,
+        plan_c = plan_stage(job.samplers[0], job.schedulers[0], params.steps_c, params.shift_c, params.denoise,
+                            params.strength if latent is not None else 1.0, job.noise, "c", (B, 16, h, w), latent,
                             compat)
         step_t = None
         if compat == "comfyui" and controls:  # ComfyUI's step ranges: σ thresholds, not the fraction of the steps
@@ -412,31 +505,44 @@ class Pipeline:
                                           shift=params.shift_c) for c in controls]
             step_t = level_to_sigma(plan_c.sampler.space)
         features = self.control_features(controls, B) if controls else []
-        latent_c = self.sample_stage(
-            "c", self.stages.stage_c, self.dtype_c, plan_c, cond, uncond, cfg=params.cfg_c,
+        out.latent_c = self.sample_stage(
+            "c", self.stages.stage_c, self.dtype_c, plan_c, job.cond, job.uncond, cfg=params.cfg_c,
             cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_c if keep_trajectory else None,
             extra_inputs=self.control_inputs(controls, features), step_t=step_t)
         del features
-        timings["stage_c"] = time.perf_counter() - t0
+        out.timings["stage_c"] = time.perf_counter() - t0
+        return out.latent_c
 
+    def run_b(self, job: PipelineJob, *, callback: Callable[[PipelineEvent], Any] | None = None,
+              cancel: Callable[[], bool] | None = None, keep_trajectory: bool = False) -> Tensor:
+        """The Stage B part of `run` (after `run_c`): sets and returns ``job.output.latent_b`` [B, 4, H/4, W/4]."""
+        params, out = job.params, job.output
+        if out.latent_c.numel() == 0:
+            raise ValueError("run_b(job) needs the job's Stage C latent: call run_c(job) first")
         # Stage B: conditioned on the Stage C result and the pooled text; uncond gets zeros and the negative
         t0 = time.perf_counter()
+        latent_c, B = out.latent_c, params.batch_size
         hb, wb = params.latent_size_b
-        cond_b = {"effnet": latent_c, "clip": cond["clip_text_pooled"]}
-        uncond_b = {"effnet": torch.zeros_like(latent_c), "clip": uncond["clip_text_pooled"]}
-        plan_b = plan_stage(samplers[1], schedulers[1], params.steps_b, params.shift_b, 1.0, 1.0, noise, "b",
-                            (B, 4, hb, wb), None, compat)
-        latent_b = self.sample_stage(
+        cond_b = {"effnet": latent_c, "clip": job.cond["clip_text_pooled"]}
+        uncond_b = {"effnet": torch.zeros_like(latent_c), "clip": job.uncond["clip_text_pooled"]}
+        plan_b = plan_stage(job.samplers[1], job.schedulers[1], params.steps_b, params.shift_b, 1.0, 1.0, job.noise,
+                            "b", (B, 4, hb, wb), None, params.compat)
+        out.latent_b = self.sample_stage(
             "b", self.stages.stage_b, self.dtype_b, plan_b, cond_b, uncond_b, cfg=params.cfg_b,
             cfg_rho=params.cfg_rho, callback=callback, cancel=cancel,
             trajectory=out.trajectory_b if keep_trajectory else None)
-        timings["stage_b"] = time.perf_counter() - t0
+        out.timings["stage_b"] = time.perf_counter() - t0
+        return out.latent_b
 
+    def run_a(self, job: PipelineJob) -> PipelineOutput:
+        """The last part of `run` (after `run_b`): Stage A decodes the Stage B latent; returns ``job.output``."""
+        out = job.output
+        if out.latent_b.numel() == 0:
+            raise ValueError("run_a(job) needs the job's Stage B latent: call run_b(job) first")
         t0 = time.perf_counter()
-        out.images = self.decode_b(latent_b, clamp=compat != "comfyui")
-        timings["stage_a"] = time.perf_counter() - t0
-        out.latent_c, out.latent_b, out.timings = latent_c, latent_b, timings
+        out.images = self.decode_b(out.latent_b, clamp=job.params.compat != "comfyui")
+        out.timings["stage_a"] = time.perf_counter() - t0
         return out
 
 
@@ -545,5 +651,5 @@ def plan_stage(sampler: Sampler, scheduler: Scheduler, steps: int, shift: float,
     return StagePlan(sampler, levels, sigmas, ts, source.steps(stage), z.float(), latent, start, t_start, shift)
 
 
-__all__ = ["CancelToken", "Cancelled", "ControlInput", "Lazy", "Pipeline", "PipelineEvent", "PipelineOutput",
-           "SigmaRangeControl", "StagePlan", "Stages", "plan_stage", "release_freed_memory"]
+__all__ = ["CancelToken", "Cancelled", "ControlInput", "Lazy", "Pipeline", "PipelineEvent", "PipelineJob",
+           "PipelineOutput", "SigmaRangeControl", "StagePlan", "Stages", "plan_stage", "release_freed_memory"]

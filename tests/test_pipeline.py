@@ -304,3 +304,61 @@ def test_tiny_effnet_is_built_on_first_use_and_kept() -> None:
     assert isinstance(stages.effnet, Lazy)
     first = stages.effnet.load()
     assert stages.effnet.load() is first and build_tiny().effnet.load() is not first  # kept, per build
+
+
+def test_resident_keeps_a_stage_on_the_device_across_uses(monkeypatch, cascade) -> None:  # type: ignore[no-untyped-def]
+    """`Pipeline.resident`: one trip to the device and back for many uses, a `Lazy` stage loaded once, back on
+    the CPU after an exception too; the parts of `run` give run's images when called stage by stage."""
+    from cascade_lab.pipeline import Lazy, Stages
+
+    monkeypatch.setattr(Pipeline, "offloading", property(lambda self: self.offload))  # offload as on a GPU
+    fake, cpu = torch.device("cpu", 0), torch.device("cpu")  # a pretend accelerator: the CPU under another name
+    moves, loads = [], []
+
+    class Recorded(torch.nn.Linear):
+        def to(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            moves.append(torch.device(args[0]))
+            return self
+
+    def load() -> Recorded:
+        loads.append(1)
+        return Recorded(2, 2)
+
+    pipeline = Pipeline(Stages(None, Lazy(load), None, None), device=fake, offload=True)
+    with pipeline.resident("stage_b") as held:
+        for _ in range(3):
+            with pipeline.use(pipeline.stages.stage_b, torch.float32) as model:
+                assert model is held
+        with pipeline.resident("stage_b") as again:  # nested: the same model, no move
+            assert again is held
+        assert moves == [fake] and loads == [1]
+    assert moves == [fake, cpu] and loads == [1]
+    with pipeline.use(pipeline.stages.stage_b):  # outside: loaded and moved per use again
+        pass
+    assert moves == [fake, cpu, fake, cpu] and len(loads) == 2
+    with pytest.raises(KeyError), pipeline.resident("stage_b"):
+        raise KeyError("midway")
+    assert moves[-2:] == [fake, cpu]
+    with pipeline.resident("stage_a") as missing:
+        assert missing is None
+    with pytest.raises(ValueError, match="previewer"), pipeline.resident("previewer"):
+        pass
+
+    # the parts of `run`, stage by stage for two prompts, inside `resident`: run's pixels
+    real = cascade.pipeline
+    params = [GenerationParams(p, seed=s, **SMALL) for p, s in (("a cat", 1), ("a dog", 2))]
+    jobs = [real.run_text(p) for p in params]
+    with pytest.raises(ValueError, match="run_c"):
+        real.run_b(jobs[0])
+    with real.resident("stage_c"):
+        for job in jobs:
+            real.run_c(job)
+    with real.resident("stage_b"):
+        for job in jobs:
+            real.run_b(job)
+    with real.resident("stage_a"):
+        outputs = [real.run_a(job) for job in jobs]
+    for p, out in zip(params, outputs, strict=True):
+        whole = real.run(p)
+        assert torch.equal(out.images, whole.images) and torch.equal(out.latent_b, whole.latent_b)
+        assert list(out.timings) == list(whole.timings) == ["text", "stage_c", "stage_b", "stage_a"]

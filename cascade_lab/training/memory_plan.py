@@ -18,7 +18,8 @@ run loads them in): the text encoder (bf16) when its outputs are not cached, the
 and Stage A for Stage B) when the latents are not cached. Encoders that fill a cache go back to the CPU when
 it is filled, so a cached run has none. Sample images are a separate peak ("sampling"): between renders their
 models are on the CPU, and while rendering the pipeline holds one at a time on the GPU (text encoder bf16, the
-other diffusion stage, Stage A fp32; the Previewer runs on the CPU). That peak is the run's weights, optimizer
+other diffusion stage, Stage A fp32; the Previewer runs on the CPU), each for all the prompts of the event and then
+back to the CPU (`training.sampling` renders stage by stage). That peak is the run's weights, optimizer
 states, DDP's gradient buckets, autocast's weight copies (FSDP: the whole model gathered in the compute dtype
 instead of its blocks in flight), the step's frozen encoders and the largest sampled model; the gradients are
 freed after each step and the samples' own activations (one image, no gradients) are not counted.
@@ -382,8 +383,8 @@ def frozen_helpers(stage: str, variant: Any, *, text_encoder_cached: bool = True
 
 def sample_helpers(stage: str, variant: Any, *, sample_full_images: bool = True) -> dict[str, int]:
     """Bytes of each frozen model sample images bring onto the GPU, one at a time while they render (the
-    pipeline offloads each after use; the Previewer runs where it is loaded, on the CPU). Empty for a tiny or
-    custom size."""
+    pipeline holds each for every prompt of a sampling event, then offloads it; the Previewer runs where it is
+    loaded, on the CPU). Empty for a tiny or custom size."""
     from ..builtins.variants import STAGE_A, STAGE_B_FULL, STAGE_B_LITE, STAGE_C_FULL, STAGE_C_LITE, TEXT_ENCODER
 
     size = _size_name(variant)

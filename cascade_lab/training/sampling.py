@@ -10,8 +10,12 @@ made, and the full Stage B → A image when those stages exist. In a Stage B run
 the latent and the trained Stage B decodes it (C → B → A, always the full image).
 
 The frozen models of the samples (text encoder, the other diffusion stage, Stage A) live on the CPU between
-renders: the pipeline brings each to the device only while it runs (``Pipeline(offload=True)``) and the Previewer
-runs where it was loaded, so training steps never share the GPU with them.
+sampling events, so training steps never share the GPU with them. An event renders stage by stage: the text of
+every prompt with the text encoder held on the device, then Stage C for every prompt, then Stage B, then Stage A,
+each frozen model moved to the device once and back to the CPU once (``Pipeline(offload=True)`` and
+`Pipeline.resident`), one at a time, also when a render fails; the trained model stays where training holds it
+and the Previewer runs where it was loaded. Each prompt keeps its own seed and noise stream, so the images are
+those `Pipeline.run` makes prompt by prompt.
 """
 
 from __future__ import annotations
@@ -195,32 +199,40 @@ def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, st
         stage_c, stage_b = _Placed(trained), models.get("stage_b") if full else None
     stages = Stages(stage_c=stage_c, stage_b=stage_b, stage_a=models.get("stage_a") if full else None,
                     text_encoder=models.get("text_encoder"), previewer=models.get("previewer"), variant="training")
-    # offload: each frozen model comes to the device only while the pipeline uses it and goes back to the CPU
-    # after (one at a time); the trained model is `_Placed`, so it stays where training holds it, never copied
+    # offload: a frozen model comes to the device only while the pipeline uses it and goes back to the CPU after;
+    # `resident` holds each one there for all the prompts of this event (one at a time), the trained model is
+    # `_Placed`, so it stays where training holds it, never copied
     pipeline = Pipeline(stages, device=device, offload=True)
     modes = [(m, m.training) for m in trained.modules()]
     trained.eval()
-    results = []
+    seeds = [p.seed if p.seed is not None else derive_seed(seed, "preview", i) % 2**32 for i, p in enumerate(prompts)]
+    jobs = []
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16)
     try:
         cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), autocast:
-            for index, prompt in enumerate(prompts):
-                sample_seed = prompt.seed if prompt.seed is not None else derive_seed(seed, "preview", index) % 2**32
-                params = GenerationParams(prompt.prompt, prompt.negative_prompt, width=prompt.width,
-                                          height=prompt.height, seed=sample_seed, steps_c=prompt.steps,
-                                          cfg_c=prompt.scale, variant="training")
-                image = None
-                if full:
-                    out = pipeline.run(params)
-                    latent_c, image = out.latent_c, to_pil(out.images)[0]
-                else:
-                    latent_c = _stage_c_only(pipeline, params, trained)
-                preview = to_pil(pipeline.preview_c(latent_c))[0]
-                results.append(SampleImage(step, index, prompt, sample_seed, preview, image))
+            # stage by stage: each prompt keeps its own job (its own noise stream), so the images are the ones
+            # `pipeline.run(params)` makes prompt by prompt
+            with pipeline.resident("text_encoder"):
+                for prompt, sample_seed in zip(prompts, seeds, strict=True):
+                    params = GenerationParams(prompt.prompt, prompt.negative_prompt, width=prompt.width,
+                                              height=prompt.height, seed=sample_seed, steps_c=prompt.steps,
+                                              cfg_c=prompt.scale, variant="training")
+                    jobs.append(pipeline.run_text(params))
+            with pipeline.resident("stage_c"):
+                previews = [to_pil(pipeline.preview_c(pipeline.run_c(job)))[0] for job in jobs]
+            images: list[Any] = [None] * len(jobs)
+            if full:
+                with pipeline.resident("stage_b"):
+                    for job in jobs:
+                        pipeline.run_b(job)
+                with pipeline.resident("stage_a"):
+                    images = [to_pil(pipeline.run_a(job).images)[0] for job in jobs]
     finally:
         for module, mode in modes:
             module.training = mode
+    results = [SampleImage(step, index, prompt, sample_seed, preview, image) for index, (prompt, sample_seed,
+               preview, image) in enumerate(zip(prompts, seeds, previews, images, strict=True))]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample in results:
@@ -233,23 +245,5 @@ def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, st
                 sample.paths.append(stem.with_name(stem.name + ".png"))
     return results
 
-
-def _stage_c_only(pipeline: Any, params: Any, stage_c: Any) -> Any:
-    """Stage C from noise with the pipeline's pieces (no Stage B/A): the latent [1, 16, h, w]."""
-    import torch
-
-    from ..diffusion.noise import OfficialNoise
-    from ..pipeline import plan_stage
-    from ..plugins import get_sampler, get_scheduler
-
-    cond, uncond = pipeline.encode_text(params.prompts, params.negative_prompts)
-    clip_img = torch.zeros(1, 1, stage_c.clip_img_mapper.in_features)
-    cond["clip_img"], uncond["clip_img"] = clip_img, clip_img
-    h, w = params.latent_size_c
-    plan = plan_stage(get_sampler(params.sampler_c, params.compat), get_scheduler(params.scheduler_c, params.compat),
-                      params.steps_c, params.shift_c, params.denoise, 1.0, OfficialNoise(params.seed), "c",
-                      (1, 16, h, w), None, params.compat)
-    return pipeline.sample_stage("c", pipeline.stages.stage_c, torch.float32, plan, cond, uncond, cfg=params.cfg_c,
-                                 cfg_rho=params.cfg_rho, callback=None, cancel=None, trajectory=None)
 
 __all__ = ["SampleImage", "SamplePrompt", "load_prompts", "parse_prompt_line", "render_samples"]

@@ -103,8 +103,9 @@ def test_lora_on_a_bf16_base_under_bf16_autocast(shapes_dir, shared_cache, tmp_p
 
 
 def test_sample_models_come_to_the_device_only_while_they_render(shapes_dir, monkeypatch) -> None:
-    """The samples' frozen models are lent to the device one use at a time (``Pipeline(offload=True)``) and go
-    back to the CPU; the trained Stage C is used where it is, never moved or copied."""
+    """The samples' frozen models are lent to the device one at a time (``Pipeline(offload=True)``; once per
+    sampling event: test_stagewise_sampling.py) and go back to the CPU; the trained Stage C is used where it is,
+    never moved or copied."""
     from training_helpers import Moves
 
     from cascade_lab.pipeline import Pipeline, Stages

@@ -72,12 +72,14 @@ def comfyui_lora_names(model) -> dict[str, tuple[int, ...]]:
 
 class Moves:
     """A frozen helper that records where it is sent: it starts on a pretend home device (``meta``) and reports
-    the last device it was moved to, while its tensors stay on the CPU and every other call goes to the model."""
+    the last device it was moved to, while its tensors stay on the CPU and every other call goes to the model.
+    ``log``: a list shared by several helpers, each move appended as ``(name, device)``."""
 
-    def __init__(self, inner: object, home: str = "meta") -> None:
+    def __init__(self, inner: object, home: str = "meta", log: list | None = None, name: str = "") -> None:
         import torch
 
         self.inner, self.moves, self.where = inner, [], torch.device(home)
+        self.log, self.name = log, name
 
     @property
     def device(self):  # what `cache.placement` reads
@@ -88,7 +90,12 @@ class Moves:
 
         self.where = torch.device(device)
         self.moves.append(self.where)
+        if self.log is not None:
+            self.log.append((self.name, self.where))
         return self
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["inner"], name)

@@ -90,6 +90,19 @@ def run_both(model: Tiny, network: LoraNetwork, call: Callable[[Tensor], Tensor]
         check(pair.lora_up.grad, up.grad, tol)  # type: ignore[arg-type]
 
 
+def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[n]: how many times `_FrozenLinearLora` has run a forward since (it keeps running as before)."""
+    calls = [0]
+    real = lora_train._FrozenLinearLora.apply
+
+    def counted(*args: object) -> Tensor:
+        calls[0] += 1
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    return calls
+
+
 def linear_ref(model: Tiny, scale: float) -> Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor]:
     def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         down, up = copies["lora_unet_proj"]
@@ -271,14 +284,7 @@ def test_whole_stage_c_gradients_match_the_hook_path(checkpointing: bool, monkey
         out.square().mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
 
-    calls = [0]
-    real = lora_train._FrozenLinearLora.apply
-
-    def counted(*args: object) -> Tensor:
-        calls[0] += 1
-        return real(*args)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    calls = count_fused_calls(monkeypatch)
     fused_out, fused = grads()
     assert calls[0] > len(network.targets) // 2  # the Linears and the in_proj went through the function
     monkeypatch.setattr(lora_train, "_lora_linear", lambda *a: None)  # every layer on the hook / autograd path
@@ -310,14 +316,7 @@ def test_timestep_block_mappers_in_one_call_match_autograd(which: str, dtype: to
             pair.lora_up.normal_()
     network.attach(block)
     assert block.mapper_adapter is not None
-    calls = [0]
-    real = lora_train._FrozenLinearLora.apply
-
-    def counted(*args: object) -> Tensor:
-        calls[0] += 1
-        return real(*args)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(lora_train._FrozenLinearLora, "apply", counted)
+    calls = count_fused_calls(monkeypatch)
     x = torch.randn(2, C, 3, 5).to(dtype)
     scale = network.scale
 

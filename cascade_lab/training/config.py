@@ -115,6 +115,11 @@ class TrainConfig:
     bucket_no_upscale: bool = False
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    keep_tokens_separator: str = ""  # tokens before it are never shuffled (kohya)
+    caption_separator: str = ","  # what splits a caption into tokens for shuffle_caption / keep_tokens
+    caption_prefix: str = ""  # put before / after every caption
+    caption_suffix: str = ""
+    caption_dropout_every_n_epochs: int = 0  # every Nth epoch trains with empty captions (0: never)
     caption_dropout_rate: float = 0.05  # the official 5 % empty captions (kohya: 0)
     flip_aug: bool = False
     random_crop: bool = False

@@ -206,7 +206,8 @@ class TrainingData:
 
 
 def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random) -> str:
-    """kohya's caption handling: prefix + caption + suffix, dropout to "", then shuffle after keep_tokens."""
+    """kohya's caption handling: prefix + caption + suffix, dropout to "", then shuffle after keep_tokens (tokens
+    split at `caption_separator`, joined with ", " as kohya joins them)."""
     text = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
     draw = rng.random()  # always drawn, so the stream does not depend on the settings below
     every = subset.caption_dropout_every_n_epochs
@@ -216,10 +217,10 @@ def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Rando
         return text
     if subset.keep_tokens_separator and subset.keep_tokens_separator in text:
         fixed_text, rest_text = text.split(subset.keep_tokens_separator, 1)
-        fixed = [t.strip() for t in fixed_text.split(",") if t.strip()]
-        rest = [t.strip() for t in rest_text.split(",") if t.strip()]
+        fixed = [t.strip() for t in fixed_text.split(subset.caption_separator) if t.strip()]
+        rest = [t.strip() for t in rest_text.split(subset.caption_separator) if t.strip()]
     else:
-        tokens = [t.strip() for t in text.split(",") if t.strip()]
+        tokens = [t.strip() for t in text.split(subset.caption_separator) if t.strip()]
         fixed, rest = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
     rng.shuffle(rest)
     return ", ".join(fixed + rest)

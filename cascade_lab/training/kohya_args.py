@@ -167,6 +167,24 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if not args.text_model_checkpoint_path:
         notices.append("no --text_model_checkpoint_path: kohya downloads the laion CLIP-G on every run; "
                        "cascade_lab uses the text encoder of the model's variant (found locally, no download)")
+    if args.lr_scheduler_type:
+        raise ConfigError(f"--lr_scheduler_type {args.lr_scheduler_type}: custom scheduler classes are not supported; "
+                          "use --lr_scheduler constant|linear|cosine (with --lr_warmup_steps)")
+    caption_extension = args.caption_extension
+    if args.caption_extention is not None:  # kohya: the misspelt flag wins when given
+        caption_extension = args.caption_extention
+        if "caption_extension" in given and args.caption_extension != args.caption_extention:
+            notices.append(f"--caption_extention {args.caption_extention} and --caption_extension "
+                           f"{args.caption_extension}: kohya uses the misspelt one; so does cascade_lab")
+    keep = None
+    if args.save_last_n_steps is not None:
+        if args.save_every_n_steps:
+            keep = max(1, args.save_last_n_steps // args.save_every_n_steps + 1)  # kohya's saves within N steps
+            notices.append(f"--save_last_n_steps {args.save_last_n_steps}: the step checkpoints of the last "
+                           f"{args.save_last_n_steps} steps are kept ({keep}, every {args.save_every_n_steps} steps)")
+        else:
+            notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
+                           "prune, as in kohya)")
     optimizer = (args.optimizer_type or "AdamW").lower()
     if optimizer not in ("adamw", "adafactor"):
         raise ConfigError(f"--optimizer_type {args.optimizer_type}: cascade_lab has AdamW and Adafactor")
@@ -179,7 +197,11 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
             notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear)")
     resolution: Any = None
     if args.resolution:
-        parts = [int(p) for p in str(args.resolution).split(",")]
+        try:
+            parts = [int(p) for p in str(args.resolution).split(",")]
+        except ValueError:
+            raise ConfigError(f"--resolution {args.resolution}: use a size in pixels, e.g. 1024 or 1024,768 "
+                              "(width,height)") from None
         resolution = parts[0] if len(parts) == 1 else parts[:2]
     dataset_flags = _peek_dataset(args.dataset_config)
     random_crop = args.random_crop or "random_crop" in dataset_flags or "color_aug" in dataset_flags
@@ -191,8 +213,11 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "text_encoder_path": args.text_model_checkpoint_path, "seed": seed, "device": args.device,
         "strategy": args.strategy,
         "train_data_dir": None if args.dataset_config else args.train_data_dir, "dataset_config": args.dataset_config,
-        "caption_extension": args.caption_extension, "num_repeats": args.dataset_repeats,
+        "caption_extension": caption_extension, "num_repeats": args.dataset_repeats,
         "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
+        "keep_tokens_separator": args.keep_tokens_separator, "caption_separator": args.caption_separator,
+        "caption_prefix": args.caption_prefix or "", "caption_suffix": args.caption_suffix or "",
+        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
         "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug, "random_crop": args.random_crop,
         "enable_bucket": args.enable_bucket, "min_bucket_reso": args.min_bucket_reso,
         "max_bucket_reso": args.max_bucket_reso, "bucket_reso_steps": args.bucket_reso_steps,
@@ -213,6 +238,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     }  # fmt: skip
     if resolution is not None:
         fields["resolution"] = resolution
+    if keep is not None:
+        fields["keep_checkpoints"] = keep
     if args.model:
         fields["model"] = args.model
     elif args.stage_c_checkpoint_path or args.stage_b_checkpoint_path:

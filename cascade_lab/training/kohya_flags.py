@@ -59,6 +59,27 @@ NO_EFFECT = {
     "use_safetensors": "always safetensors", "caption_tag_dropout_rate": "tag dropout is not implemented",
     "token_warmup_min": "token warm-up is not implemented", "token_warmup_step": "token warm-up is not implemented",
     "face_crop_aug_range": "face crops are not implemented",
+    "huggingface_repo_id": "nothing is uploaded to the Hugging Face Hub; the files are in --output_dir",
+    "huggingface_repo_type": "nothing is uploaded to the Hugging Face Hub",
+    "huggingface_path_in_repo": "nothing is uploaded to the Hugging Face Hub",
+    "huggingface_token": "nothing is uploaded to the Hugging Face Hub",
+    "huggingface_repo_visibility": "nothing is uploaded to the Hugging Face Hub",
+    "save_state_to_huggingface": "nothing is uploaded to the Hugging Face Hub; checkpoints stay in --output_dir",
+    "async_upload": "nothing is uploaded to the Hugging Face Hub",
+    "save_last_n_steps_state": "resumable checkpoints are pruned to the last keep_checkpoints (default 2) anyway",
+    "torch_compile": "training runs eagerly (kohya hands the model to accelerate's dynamo); generation compiles "
+                     "with compile=True",
+    "dynamo_backend": "only used with --torch_compile, which trains eagerly here",
+    "ddp_gradient_as_bucket_view": "DistributedDataParallel runs with PyTorch's defaults",
+    "ddp_static_graph": "DistributedDataParallel runs with PyTorch's defaults",
+    "log_tracker_config": "no trackers are used; losses go to <output_dir>/run.json",
+    "prior_loss_weight": "regularisation images are refused, so there is no prior loss to weight",
+    "scale_v_pred_loss_like_noise_pred": "Stage C predicts noise; kohya's Stable Cascade scripts ignore it too",
+    "v_pred_like_loss": "Stage C predicts noise; kohya's Stable Cascade scripts ignore it too",
+    "debiased_estimation_loss": "kohya's Stable Cascade scripts ignore it too (the loss is weighted by P2 or "
+                                "--adaptive_loss_weight)",
+    "weighted_captions": "kohya's Stable Cascade scripts ignore it too: captions are encoded as written",
+    "lr_scheduler_args": "kohya passes them to a --lr_scheduler_type class only, which is refused here",
 }  # fmt: skip
 REFUSED = {
     "in_json": "fine-tune style metadata JSON datasets are not supported; use --dataset_config or --train_data_dir "
@@ -73,6 +94,13 @@ REFUSED = {
     "reg_data_dir": "regularisation images are not supported",
     "config_file": "give the flags, or a cascade_lab training TOML as `cascade-lab train CONFIG.toml`",
     "output_config": "the settings of a run are stored in its checkpoints (state.pt) and run.json",
+    "resume_from_huggingface": "resuming from the Hugging Face Hub is not supported; download the state and give "
+                               "--resume DIR",
+    "use_8bit_adam": "kohya's old spelling of --optimizer_type AdamW8bit (bitsandbytes); cascade_lab has AdamW and "
+                     "Adafactor: use --optimizer_type AdamW",
+    "use_lion_optimizer": "kohya's old spelling of --optimizer_type Lion; cascade_lab has AdamW and Adafactor",
+    "debug_dataset": "kohya shows the dataset's images and stops without training; cascade_lab has no such mode "
+                     "(leave the flag out to train)",
 }  # fmt: skip
 
 
@@ -119,6 +147,13 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "reg_data_dir", metavar="DIR", help="refused: regularisation images")
     flag(g, "resolution", metavar="W[,H]", help="bucket area side in pixels (kohya: required without a TOML)")
     flag(g, "caption_extension", default=".caption", help="caption file extension (kohya default .caption)")
+    flag(g, "caption_extention", help="kohya's old misspelling of --caption_extension (wins when given, as in kohya)")
+    flag(g, "caption_separator", default=",", help="separator of caption tokens for shuffle_caption / keep_tokens")
+    flag(g, "keep_tokens_separator", default="", help="tokens before it are never shuffled")
+    flag(g, "caption_prefix", help="text put before every caption")
+    flag(g, "caption_suffix", help="text put after every caption")
+    flag(g, "caption_dropout_every_n_epochs", type=int, default=0, help="every Nth epoch trains with empty captions")
+    flag(g, "debug_dataset", action="store_true", help="refused: kohya shows the dataset instead of training")
     flag(g, "dataset_repeats", type=int, default=1, help="repeats of every image per epoch")
     flag(g, "shuffle_caption", action="store_true")
     flag(g, "keep_tokens", type=int, default=0)
@@ -163,6 +198,19 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "full_bf16", action="store_true", help="fp32 master weights under bf16 autocast instead")
     flag(g, "full_fp16", action="store_true", help="refused")
     flag(g, "fp8_base", action="store_true", help="no effect")
+    flag(g, "no_half_vae", action="store_true", help="no effect: EfficientNet runs in float32")
+    flag(g, "save_last_n_steps", type=int, metavar="N",
+         help="with --save_every_n_steps: keep the step checkpoints of the last N steps")
+    flag(g, "torch_compile", action="store_true", help="no effect: training runs eagerly")
+    flag(g, "dynamo_backend", default="inductor", help="no effect (only with --torch_compile)")
+    flag(g, "prior_loss_weight", type=float, default=1.0, help="no effect: no regularisation images")
+    for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                 "huggingface_repo_visibility", "log_tracker_config"):
+        flag(g, name, help=argparse.SUPPRESS)
+    for name in ("save_state_to_huggingface", "resume_from_huggingface", "async_upload", "ddp_gradient_as_bucket_view",
+                 "ddp_static_graph"):
+        flag(g, name, action="store_true", help=argparse.SUPPRESS)
+    flag(g, "save_last_n_steps_state", type=int, help=argparse.SUPPRESS)
     for name in ("xformers", "sdpa", "mem_eff_attn", "lowram", "highvram", "v_parameterization", "zero_terminal_snr"):
         flag(g, name, action="store_true", help="no effect")
     for name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key",
@@ -194,6 +242,10 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "lr_scheduler", default="constant")
     flag(g, "lr_warmup_steps", type=int_or_float, default=0,
          help="optimizer steps, or a fraction of the run below 1 (e.g. 0.05)")
+    flag(g, "lr_scheduler_type", default="", help="refused: custom scheduler classes (use --lr_scheduler)")
+    flag(g, "lr_scheduler_args", nargs="*", metavar="KEY=VALUE", help="no effect (only with --lr_scheduler_type)")
+    flag(g, "use_8bit_adam", action="store_true", help="refused (kohya: --optimizer_type AdamW8bit)")
+    flag(g, "use_lion_optimizer", action="store_true", help="refused (kohya: --optimizer_type Lion)")
     flag(g, "lr_scheduler_num_cycles", type=int, help=argparse.SUPPRESS)
     flag(g, "lr_scheduler_power", type=float, help=argparse.SUPPRESS)
 
@@ -209,6 +261,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "unet_lr", type=float, help="LoRA learning rate (wins over --learning_rate)")
     flag(g, "text_encoder_lr", type=float, help="no effect: no text-encoder LoRA")
     flag(g, "save_model_as", choices=["safetensors", "ckpt", "pt"], help="always safetensors")
+    for name in ("scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss", "weighted_captions"):
+        flag(g, name, action="store_true", help="no effect (kohya's Stable Cascade scripts ignore it too)")
+    flag(g, "v_pred_like_loss", type=float, help="no effect (kohya's Stable Cascade scripts ignore it too)")
     flag(g, "training_comment", help=argparse.SUPPRESS)
     flag(g, "no_metadata", action="store_true", help=argparse.SUPPRESS)
     flag(g, "scale_weight_norms", type=float, help=argparse.SUPPRESS)

@@ -58,6 +58,7 @@ class SubsetSpec:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
+    caption_separator: str = ","  # splits a caption into the tokens shuffle_caption / keep_tokens move (kohya flag)
     caption_prefix: str = ""
     caption_suffix: str = ""
     caption_dropout_rate: float = 0.05
@@ -115,6 +116,9 @@ def _defaults(config: TrainConfig) -> dict[str, Any]:
         "bucket_no_upscale": config.bucket_no_upscale, "caption_extension": config.caption_extension,
         "class_tokens": config.class_tokens, "num_repeats": config.num_repeats,
         "shuffle_caption": config.shuffle_caption, "keep_tokens": config.keep_tokens,
+        "keep_tokens_separator": config.keep_tokens_separator, "caption_separator": config.caption_separator,
+        "caption_prefix": config.caption_prefix, "caption_suffix": config.caption_suffix,
+        "caption_dropout_every_n_epochs": config.caption_dropout_every_n_epochs,
         "caption_dropout_rate": config.caption_dropout_rate, "flip_aug": config.flip_aug,
         "random_crop": config.random_crop,
     }  # fmt: skip
@@ -178,6 +182,11 @@ def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec
                           "[0, 1]")
     if subset.keep_tokens < 0:
         raise ConfigError(f"{where}: keep_tokens={subset.keep_tokens!r}: use 0 or more")
+    every = subset.caption_dropout_every_n_epochs
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"{where}: caption_dropout_every_n_epochs={every!r}: use 0 (never) or a number of epochs")
+    if not isinstance(subset.caption_separator, str) or not subset.caption_separator:
+        raise ConfigError(f"{where}: caption_separator={subset.caption_separator!r}: use a non-empty text (kohya: ',')")
     return subset
 
 

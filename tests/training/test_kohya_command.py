@@ -195,3 +195,109 @@ def test_python_m_entry_shows_kohyas_groups() -> None:
     assert done.returncode == 0
     for group in ("Stable Cascade models", "dataset (kohya", "training (kohya", "optimizer (kohya", "LoRA (kohya"):
         assert group in done.stdout
+
+
+# every option of kohya's two Stable Cascade scripts (their setup_parser(), `stable-cascade` branch, 235a1ea)
+KOHYA_FLAGS = (
+    "adaptive_loss_weight", "adaptive_noise_scale", "async_upload", "base_weights", "base_weights_multiplier",
+    "bucket_no_upscale", "bucket_reso_steps", "cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs",
+    "cache_text_encoder_outputs_to_disk", "caption_dropout_every_n_epochs", "caption_dropout_rate",
+    "caption_extension", "caption_extention", "caption_prefix", "caption_separator", "caption_suffix",
+    "caption_tag_dropout_rate", "clip_skip", "color_aug", "config_file", "console_log_file", "console_log_level",
+    "console_log_simple", "dataset_class", "dataset_config", "dataset_repeats", "ddp_gradient_as_bucket_view",
+    "ddp_static_graph", "ddp_timeout", "debiased_estimation_loss", "debug_dataset", "dim_from_weights",
+    "dynamo_backend", "effnet_checkpoint_path", "enable_bucket", "face_crop_aug_range", "flip_aug", "fp8_base",
+    "full_bf16", "full_fp16", "gradient_accumulation_steps", "gradient_checkpointing", "highvram",
+    "huggingface_path_in_repo", "huggingface_repo_id", "huggingface_repo_type", "huggingface_repo_visibility",
+    "huggingface_token", "in_json", "ip_noise_gamma", "keep_tokens", "keep_tokens_separator", "learning_rate",
+    "learning_rate_te1", "log_prefix", "log_tracker_config", "log_tracker_name", "log_with", "logging_dir", "lowram",
+    "lr_scheduler", "lr_scheduler_args", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_type",
+    "lr_warmup_steps", "max_bucket_reso", "max_data_loader_n_workers", "max_grad_norm", "max_timestep",
+    "max_token_length", "max_train_epochs", "max_train_steps", "mem_eff_attn", "metadata_author",
+    "metadata_description", "metadata_license", "metadata_tags", "metadata_title", "min_bucket_reso",
+    "min_snr_gamma", "min_timestep", "mixed_precision", "multires_noise_discount", "multires_noise_iterations",
+    "network_alpha", "network_args", "network_dim", "network_dropout", "network_module",
+    "network_train_text_encoder_only", "network_train_unet_only", "network_weights", "no_half_vae", "no_metadata",
+    "noise_offset", "optimizer_args", "optimizer_type", "output_config", "output_dir", "output_name",
+    "persistent_data_loader_workers", "previewer_checkpoint_path", "prior_loss_weight", "random_crop",
+    "reg_data_dir", "resolution", "resume", "resume_from_huggingface", "sample_at_first", "sample_every_n_epochs",
+    "sample_every_n_steps", "sample_prompts", "sample_sampler", "save_every_n_epochs", "save_every_n_steps",
+    "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
+    "save_model_as", "save_n_epoch_ratio", "save_precision", "save_state", "save_state_to_huggingface",
+    "save_text_model", "scale_v_pred_loss_like_noise_pred", "scale_weight_norms", "sdpa", "seed", "shuffle_caption",
+    "stage_c_checkpoint_path", "text_encoder_lr", "text_model_checkpoint_path", "token_warmup_min",
+    "token_warmup_step", "tokenizer_cache_dir", "torch_compile", "train_batch_size", "train_data_dir",
+    "train_text_encoder", "training_comment", "unet_lr", "use_8bit_adam", "use_lion_optimizer", "use_safetensors",
+    "v_pred_like_loss", "vae", "vae_batch_size", "wandb_api_key", "wandb_run_name", "weighted_captions", "xformers",
+    "zero_terminal_snr",
+)
+
+
+def _value_for(action: object) -> list[str]:
+    """A value argparse accepts for one of our parser's actions (none for a switch)."""
+    import argparse
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return []
+    choices = getattr(action, "choices", None)
+    if choices:
+        return [str(next(iter(choices)))]
+    return ["1"] if getattr(action, "type", None) in (int, float) or getattr(action, "nargs", None) != "*" else ["k=1"]
+
+
+@pytest.mark.parametrize("name", [n for n in KOHYA_FLAGS if n != "help"])
+def test_every_flag_of_kohyas_scripts_is_known(name: str) -> None:
+    """Each of kohya's flags is honoured, gets a notice or is refused naming itself, never "unknown"."""
+    from cascade_lab.training.config import ConfigError
+    from cascade_lab.training.kohya_flags import build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert name in actions, f"--{name} is missing from cascade_lab's kohya parser"
+    base = ["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
+            "--train_data_dir", "d", "--seed", "0"]
+    try:
+        parse_kohya([*base, f"--{name}", *_value_for(actions[name])], environ={})
+    except ConfigError as err:
+        assert "unknown argument" not in str(err) and f"--{name}" in str(err), str(err)
+
+
+def test_newer_kohya_flags_are_honoured_or_explained(tmp_path: Path) -> None:
+    import random
+
+    from cascade_lab.training.config import ConfigError, TrainConfig
+    from cascade_lab.training.data import make_caption
+    from cascade_lab.training.toml_config import folder_dataset
+
+    base = ["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
+            "--train_data_dir", str(tmp_path), "--seed", "0"]
+    fields, notices, _ = parse_kohya([
+        *base, "--caption_extention", ".cap", "--caption_prefix", "pre; ", "--caption_suffix", "; suf",
+        "--caption_separator", ";", "--keep_tokens", "1", "--shuffle_caption", "--caption_dropout_every_n_epochs", "3",
+        "--save_every_n_steps", "100", "--save_last_n_steps", "250", "--torch_compile", "--no_half_vae",
+        "--weighted_captions"], environ={})
+    assert fields["caption_extension"] == ".cap" and fields["keep_checkpoints"] == 3  # steps 300, 400, 500 at 500
+    text = "\n".join(notices)
+    assert "--torch_compile: training runs eagerly" in text and "--no_half_vae: EfficientNet" in text
+    assert "--weighted_captions: kohya's Stable Cascade scripts ignore it too" in text
+    assert "the step checkpoints of the last 250 steps are kept (3" in text
+    (tmp_path / "a.png").write_bytes(b"")  # folder_dataset lists files; it does not open them
+    subset = folder_dataset(tmp_path, TrainConfig.from_dict(fields)).datasets[0].subsets[0]
+    assert (subset.caption_extension, subset.caption_separator, subset.caption_dropout_every_n_epochs) == \
+        (".cap", ";", 3)
+    rng = random.Random(0)
+    shuffled = {make_caption("a; b; c; d", subset, 1, rng) for _ in range(40)}
+    assert all(c.startswith("pre, ") and c.count(", ") == 5 for c in shuffled) and len(shuffled) > 1
+    assert make_caption("a; b", subset, 3, rng) == ""  # every 3rd epoch: empty captions
+    for argv, message in (([*base, "--use_8bit_adam"], "--use_8bit_adam: kohya's old spelling of --optimizer_type "
+                                                       "AdamW8bit"),
+                          ([*base, "--lr_scheduler_type", "CosineAnnealingLR"], "custom scheduler classes"),
+                          ([*base, "--debug_dataset"], "--debug_dataset: kohya shows the dataset"),
+                          ([*base, "--resolution", "1024,wide"], "--resolution 1024,wide: use a size in pixels"),
+                          ([*base, "--caption_separator", ""], None)):
+        if message is None:
+            fields, _, _ = parse_kohya(argv, environ={})
+            with pytest.raises(ConfigError, match="caption_separator=''"):
+                folder_dataset(tmp_path, TrainConfig.from_dict(fields))
+        else:
+            with pytest.raises(ConfigError, match=message):
+                parse_kohya(argv, environ={})

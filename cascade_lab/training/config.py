@@ -170,6 +170,7 @@ class TrainConfig:
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None  # also writes <name>-000001.safetensors per epoch (kohya naming)
     save_last_n_epochs: int | None = None  # keep only this run's last N per-epoch files
+    save_last_n_steps: int | None = None  # keep only this run's step files of the last N steps (kohya)
     save_precision: str = "fp32"  # of the exported model file: "fp32" or "bf16"
     keep_checkpoints: int = 2  # resumable checkpoints kept under <output_dir>/checkpoints
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint folder
@@ -231,7 +232,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: use 1 or more")
         for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_epochs",
-                     "sample_every_n_steps", "sample_every_n_epochs"):
+                     "save_last_n_steps", "sample_every_n_steps", "sample_every_n_epochs"):
             value = getattr(self, name)
             if value is not None and int(value) < 0:
                 raise ConfigError(f"{name}={value}: use 1 or more (or leave it out)")

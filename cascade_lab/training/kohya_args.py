@@ -176,15 +176,9 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         if "caption_extension" in given and args.caption_extension != args.caption_extention:
             notices.append(f"--caption_extention {args.caption_extention} and --caption_extension "
                            f"{args.caption_extension}: kohya uses the misspelt one; so does cascade_lab")
-    keep = None
-    if args.save_last_n_steps is not None:
-        if args.save_every_n_steps:
-            keep = max(1, args.save_last_n_steps // args.save_every_n_steps + 1)  # kohya's saves within N steps
-            notices.append(f"--save_last_n_steps {args.save_last_n_steps}: the step checkpoints of the last "
-                           f"{args.save_last_n_steps} steps are kept ({keep}, every {args.save_every_n_steps} steps)")
-        else:
-            notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
-                           "prune, as in kohya)")
+    if args.save_last_n_steps is not None and not args.save_every_n_steps:
+        notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
+                       "prune, as in kohya)")
     optimizer = (args.optimizer_type or "AdamW").lower()
     if optimizer not in ("adamw", "adafactor"):
         raise ConfigError(f"--optimizer_type {args.optimizer_type}: cascade_lab has AdamW and Adafactor")
@@ -232,14 +226,13 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "network_dim": args.network_dim or 4, "network_alpha": args.network_alpha, "network_target": target,
         "output_dir": args.output_dir, "output_name": args.output_name, "save_every_n_steps": args.save_every_n_steps,
         "save_every_n_epochs": args.save_every_n_epochs, "save_last_n_epochs": args.save_last_n_epochs,
+        "save_last_n_steps": args.save_last_n_steps,
         "save_precision": save_precision, "resume": args.resume, "overwrite": args.overwrite,
         "sample_prompts": args.sample_prompts, "sample_every_n_steps": args.sample_every_n_steps,
         "sample_every_n_epochs": args.sample_every_n_epochs, "sample_at_first": args.sample_at_first,
     }  # fmt: skip
     if resolution is not None:
         fields["resolution"] = resolution
-    if keep is not None:
-        fields["keep_checkpoints"] = keep
     if args.model:
         fields["model"] = args.model
     elif args.stage_c_checkpoint_path or args.stage_b_checkpoint_path:

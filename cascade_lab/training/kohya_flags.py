@@ -200,7 +200,7 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "fp8_base", action="store_true", help="no effect")
     flag(g, "no_half_vae", action="store_true", help="no effect: EfficientNet runs in float32")
     flag(g, "save_last_n_steps", type=int, metavar="N",
-         help="with --save_every_n_steps: keep the step checkpoints of the last N steps")
+         help="with --save_every_n_steps: keep only this run's step files of the last N steps")
     flag(g, "torch_compile", action="store_true", help="no effect: training runs eagerly")
     flag(g, "dynamo_backend", default="inductor", help="no effect (only with --torch_compile)")
     flag(g, "prior_loss_weight", type=float, default=1.0, help="no effect: no regularisation images")

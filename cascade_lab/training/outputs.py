@@ -1,8 +1,9 @@
 """One output folder holds one run: a folder with a previous run is refused unless the user resumes or overwrites.
 
-kohya names the exported model ``<name>-000001.safetensors`` after epoch 1 and ``<name>.safetensors`` at the
-end; `save_last_n_epochs` deletes only per-epoch files this run (or the run it resumes) wrote, which the
-checkpoints list, so files of another run in the same folder are never touched.
+kohya names the exported model ``<name>-000001.safetensors`` after epoch 1, ``<name>-step00000500.safetensors``
+at a step save and ``<name>.safetensors`` at the end; `save_last_n_epochs` / `save_last_n_steps` delete only
+per-epoch / per-step files this run (or the run it resumes) wrote, which the checkpoints list, so files of
+another run in the same folder are never touched.
 """
 
 from __future__ import annotations
@@ -61,4 +62,27 @@ def prune_epoch_files(config: TrainConfig, written: list[str]) -> list[str]:
     return written[-keep:]
 
 
-__all__ = ["claim_output_dir", "epoch_file", "previous_run", "prune_epoch_files"]
+def step_file(config: TrainConfig, step: int) -> Path:
+    """kohya's step-save model name: ``<output_dir>/<name>-step00000500.safetensors``."""
+    return Path(config.output_dir) / f"{config.name}-step{step:08d}.safetensors"
+
+
+def prune_step_files(config: TrainConfig, written: list[str], step: int) -> list[str]:
+    """kohya's `save_last_n_steps`: at a step save, this run's step files of `save_last_n_steps` + 1 or more steps
+    ago (their step rounded down to a save) are deleted; returns the ones kept."""
+    n, every = config.save_last_n_steps, config.save_every_n_steps
+    if not n or not every:
+        return written
+    oldest = step - n - 1
+    oldest -= oldest % every  # kohya's get_remove_step_no: files up to this step go
+    kept = []
+    for name in written:
+        saved = int(name.rsplit("-step", 1)[1].split(".", 1)[0])
+        if saved <= oldest:
+            (Path(config.output_dir) / name).unlink(missing_ok=True)
+        else:
+            kept.append(name)
+    return kept
+
+
+__all__ = ["claim_output_dir", "epoch_file", "previous_run", "prune_epoch_files", "prune_step_files", "step_file"]

@@ -36,7 +36,7 @@ from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
 from .memory_plan import check_fit
 from .metadata import describe, export_metadata, scale_factor, scale_statement
-from .outputs import claim_output_dir, epoch_file, prune_epoch_files
+from .outputs import claim_output_dir, epoch_file, prune_epoch_files, prune_step_files, step_file
 
 
 @dataclass
@@ -67,6 +67,7 @@ class TrainingRun:
     steps_per_epoch: int = 0  # optimizer steps per pass over the data (repeats included)
     epoch: int = 0  # epochs completed
     epoch_files: list[str] = field(default_factory=list)  # this run's <name>-000001.safetensors files, oldest first
+    step_files: list[str] = field(default_factory=list)  # this run's <name>-step00000500.safetensors files
     network: Any = None  # the LoRA network (detached from the trained model when the run ends)
     model: Any = None  # the trained network (Stage C, or Stage B with stage="b")
     stage_c: Any = None  # the trained Stage C (Stage C runs)
@@ -200,8 +201,9 @@ def _execute(run: TrainingRun, callback: Any, stop: Any, objects: dict[str, Any]
             if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0 and not last:
                 _validate(run, trainer, emit)
             save_epoch = bool(epoch_end and cfg.save_every_n_epochs and run.epoch % cfg.save_every_n_epochs == 0)
-            if not last and (save_epoch or cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0):
-                _checkpoint(run, trainer, emit, epoch=run.epoch if save_epoch else None)
+            save_step = bool(cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)
+            if not last and (save_epoch or save_step):
+                _checkpoint(run, trainer, emit, epoch=run.epoch if save_epoch else None, step_save=save_step)
             if prompts and cfg.sample_every_n_epochs:  # epochs win over steps (kohya)
                 if epoch_end and run.epoch % cfg.sample_every_n_epochs == 0:
                     _sample(run, trainer, models, prompts, emit, epoch=run.epoch)
@@ -281,10 +283,12 @@ def export_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     return official_state_dict(trainer.model, dtype)
 
 
-def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None) -> None:
+def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None = None,
+                step_save: bool = False) -> None:
     """Every process hands in its RNG state; the main one writes the checkpoint and the exported file.
 
-    At an epoch save the model also goes to kohya's ``<name>-<epoch:06d>.safetensors``."""
+    The model goes to kohya's ``<name>-<epoch:06d>.safetensors`` at an epoch save, ``<name>-step<step:08d>.
+    safetensors`` at a step save (both when one step is both), else (the end, a stop) ``<name>.safetensors``."""
     cfg, info = trainer.config, trainer.info
     if trainer.nan_streak:  # the weights are those of the last good step; its checkpoint already holds them
         if info.is_main:
@@ -305,6 +309,9 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
         epoch_files = list(run.epoch_files)
         if epoch is not None:
             epoch_files.append(epoch_file(cfg, epoch).name)
+        step_files = list(run.step_files)
+        if step_save:
+            step_files.append(step_file(cfg, trainer.step).name)
 
         def write(folder: Path) -> None:
             if not trainer.sharded:  # a sharded checkpoint holds shards/; `cascade-lab train export` makes the file
@@ -320,6 +327,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
                 "world_size": info.world_size, "strategy": info.strategy, "config": cfg.to_json(),
                 "trainable_file": None if trainer.sharded else trainable_file, "export_name": name,
                 "losses": run.losses, "val_losses": run.val_losses, "epoch_files": epoch_files,
+                "step_files": step_files,
             }  # fmt: skip
             write_torch(state, folder / "state.pt")
             info_json = {"step": trainer.step, "metadata": meta, "val_losses": run.val_losses[-5:],
@@ -328,10 +336,13 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
 
         try:
             run.last_checkpoint = store.save(trainer.step, write, staged=staged)
+            if step_save:
+                run.output_file = write_safetensors(tensors, step_file(cfg, trainer.step), meta)
+                run.step_files = prune_step_files(cfg, step_files, trainer.step)
             if epoch is not None:
                 run.output_file = write_safetensors(tensors, epoch_file(cfg, epoch), meta)
                 run.epoch_files = prune_epoch_files(cfg, epoch_files)
-            else:
+            if epoch is None and not step_save:
                 run.output_file = write_safetensors(tensors, Path(cfg.output_dir) / name, meta)
         except OSError as exc:  # disk full, permissions: the previous files stay whole; training goes on
             kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else ""
@@ -404,6 +415,7 @@ def _resume(run: TrainingRun, trainer: Trainer, folder: Path) -> None:
                       "dropout randomness starts fresh (data order and noise continue exactly)", stacklevel=3)
     run.losses, run.val_losses = list(state["losses"]), list(state["val_losses"])
     run.epoch_files = list(state.get("epoch_files", []))
+    run.step_files = list(state.get("step_files", []))
     run.step, run.last_checkpoint = trainer.step, folder
 
 

@@ -87,6 +87,28 @@ def test_epochs_kohya_names_and_save_last_n_epochs_prune_only_this_run(shapes_di
     assert meta["ss_resolution"] == "(128, 128)" and meta["ss_network_module"] == "networks.lora"
 
 
+def test_step_saves_take_kohyas_step_names_and_save_last_n_steps_prunes_them(shapes_dir, shared_cache,
+                                                                            tmp_path) -> None:
+    """kohya's `<name>-step00000002.safetensors` at each step save, `<name>.safetensors` at the end; with
+    --save_last_n_steps 3 a save at step s deletes this run's step files of step s - 4 (rounded to a save) or older:
+    at step 6 the step-2 file goes (kohya's get_remove_step_no), another run's step file stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / "other-step00000002.safetensors"
+    other.write_text("another run's file")
+    run = train(**tiny_run(shapes_dir, shared_cache, out, mode="lora", max_train_steps=7, save_every_n_steps=2,
+                           save_last_n_steps=3, output_name="testv1", keep_checkpoints=5))
+    assert sorted(p.name for p in out.glob("testv1*.safetensors")) == [
+        "testv1-step00000004.safetensors", "testv1-step00000006.safetensors", "testv1.safetensors"]
+    assert other.exists() and run.output_file == out / "testv1.safetensors"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-00000002", "step-00000004", "step-00000006", "step-00000007"]  # resumable ones: keep_checkpoints
+    from safetensors import safe_open
+
+    with safe_open(str(out / "testv1-step00000006.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "networks.lora"
+
+
 def test_an_explicit_stage_c_file_wins_over_model(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file

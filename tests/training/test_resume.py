@@ -71,7 +71,7 @@ def test_resume_refuses_other_settings(shapes_dir, shared_cache, tmp_path) -> No
 def test_crash_while_saving_keeps_the_previous_checkpoint(shapes_dir, shared_cache, tmp_path, monkeypatch,
                                                           fail_at) -> None:
     """Each save writes the checkpoint's model file, then the exported copy: call 3 dies inside the
-    step-4 checkpoint, call 4 while replacing the exported file after step 4 was published. The process dies
+    step-4 checkpoint, call 4 while writing the step-4 export after step 4 was published. The process dies
     (`Crash`); a mere OSError is survived, see test_training_run_errors."""
     real = checkpoint_module._save_safetensors
     calls = []
@@ -92,8 +92,9 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shapes_dir, shared_cac
     assert sorted(p.name for p in root.iterdir()) == sorted(["latest.json", "step-00000002"] + (
         ["step-00000004"] if fail_at == 4 else []))  # no temporary leftovers
     step2 = load_file(str(root / "step-00000002" / "stage_c_finetune.safetensors"))
-    exported = load_file(str(tmp_path / "stage_c_finetune.safetensors"))  # the previous complete export
+    exported = load_file(str(tmp_path / "stage_c_finetune-step00000002.safetensors"))  # step 2's export, whole
     assert all(torch.equal(exported[k], v) for k, v in step2.items())
+    assert not (tmp_path / "stage_c_finetune-step00000004.safetensors").exists()  # the one it died writing
     assert not list(tmp_path.glob(".*tmp*"))
     monkeypatch.setattr(checkpoint_module, "_save_safetensors", real)
     resumed = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=6,

@@ -132,7 +132,7 @@ def test_repeated_nans_stop_without_touching_the_last_good_checkpoint(shapes_dir
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert folders == ["step-00000002", "step-00000004"]  # nothing saved during the NaN streak (step 6)
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["folder"] == "step-00000004"
-    saved = load_file(str(tmp_path / "stage_c_finetune.safetensors"))
+    saved = load_file(str(tmp_path / "stage_c_finetune-step00000004.safetensors"))  # kohya's step-save name
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # no update after step 4
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "nan"

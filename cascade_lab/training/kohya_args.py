@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .kohya_flags import NO_EFFECT, REFUSED, SCRIPTS, build_parser
 
 
@@ -176,6 +176,11 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         if "caption_extension" in given and args.caption_extension != args.caption_extention:
             notices.append(f"--caption_extention {args.caption_extention} and --caption_extension "
                            f"{args.caption_extension}: kohya uses the misspelt one; so does cascade_lab")
+    if not args.output_name:
+        default = TrainConfig(stage=stage, mode="lora" if network else "full").name
+        notices.append(f"no --output_name: kohya names its files last.safetensors, epoch-000001.safetensors and "
+                       f"at-step00000500.safetensors; cascade_lab uses {default} for all three (give --output_name "
+                       "to choose)")
     if args.save_last_n_steps is not None and not args.save_every_n_steps:
         notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
                        "prune, as in kohya)")

@@ -141,6 +141,7 @@ def test_kohya_defaults_and_meanings() -> None:
     text = "\n".join(notices)
     assert "lone '-'" in text and "no --save_model_as" in text and "drew seed" in text
     assert "no --network_train_unet_only" in text
+    assert "no --output_name: kohya names its files last.safetensors" in text and "uses cascade_lora for" in text
     full, _, _ = parse_kohya(["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
                               "--train_data_dir", "d", "--seed", "3"], environ={})
     assert full["mode"] == "full" and full["seed"] == 3

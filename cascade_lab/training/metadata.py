@@ -39,6 +39,77 @@ def scale_factor(config: TrainConfig, models: Any) -> float:
     return float(models.downscale / models.compression)
 
 
+def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str, str]:
+    """kohya's dataset keys, as its training scripts write them (values as strings, nested ones as JSON).
+
+    ``ss_tag_frequency`` (per image folder: each comma-separated tag of the captions, lower-cased, counted once
+    per image; what A1111 / Forge show as a LoRA's training tags), ``ss_dataset_dirs`` (folder: repeats and image
+    count) and ``ss_bucket_info`` (per bucket: its size and images with repeats; the mean |aspect-ratio error|);
+    with a dataset TOML ``ss_datasets`` (one entry per dataset with its subsets), else kohya's flat keys."""
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    counts = [0] * len(data.subsets)
+    for rec in data.records:
+        counts[rec.subset] += 1
+    names = []
+    for i, subset in enumerate(data.subsets):
+        name = base = Path(subset.image_dir).name
+        n = 2
+        while name in dirs:  # one folder in several subsets (kohya: "name (2)")
+            name, n = f"{base} ({n})", n + 1
+        names.append(name)
+        dirs[name] = {"n_repeats": subset.num_repeats, "img_count": counts[i]}
+    for rec in data.records:
+        freq = tags.setdefault(names[rec.subset], {})
+        for tag in rec.caption.split(","):
+            if tag.strip():
+                freq[tag.strip().lower()] = freq.get(tag.strip().lower(), 0) + 1
+
+    def bucket_info(dataset: int) -> dict[str, Any] | None:
+        if not data.config.datasets[dataset].enable_bucket:
+            return None  # kohya: null without buckets
+        sizes: dict[tuple[int, int], int] = {}
+        errors = []
+        for rec in data.records:
+            if rec.dataset == dataset:
+                key = (rec.bucket[0], rec.bucket[1])
+                sizes[key] = sizes.get(key, 0) + data.subsets[rec.subset].num_repeats
+                errors.append(abs(rec.bucket[0] / rec.bucket[1] - rec.size[0] / rec.size[1]))
+        buckets = {str(i): {"resolution": list(size), "count": count}
+                   for i, (size, count) in enumerate(sorted(sizes.items()))}
+        return {"buckets": buckets, "mean_img_ar_error": sum(errors) / max(1, len(errors))}
+
+    meta = {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs), "ss_num_reg_images": "0",
+            "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs)}
+    if config.dataset_config or config.dataset:  # kohya: a user config is described per dataset
+        owner = [d for d, spec in enumerate(data.config.datasets) for _ in spec.subsets]  # TrainingData's order
+        datasets = []
+        for d, spec in enumerate(data.config.datasets):
+            mine = [i for i in range(len(data.subsets)) if owner[i] == d]
+            subsets = [{"img_count": counts[i], "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
+                        "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
+                        "shuffle_caption": bool(s.shuffle_caption), "keep_tokens": s.keep_tokens,
+                        "image_dir": Path(s.image_dir).name, "class_tokens": s.class_tokens, "is_reg": False}
+                       for s, i in ((data.subsets[i], i) for i in mine)]
+            datasets.append({"is_dreambooth": True, "batch_size_per_device": spec.batch_size,
+                             "num_train_images": sum(counts[i] * data.subsets[i].num_repeats for i in mine),
+                             "num_reg_images": 0, "resolution": list(spec.resolution),
+                             "enable_bucket": bool(spec.enable_bucket), "min_bucket_reso": spec.min_bucket_reso,
+                             "max_bucket_reso": spec.max_bucket_reso,
+                             "tag_frequency": {names[i]: tags.get(names[i], {}) for i in mine},
+                             "bucket_info": bucket_info(d), "subsets": subsets})
+        meta["ss_datasets"] = json.dumps(datasets)
+        return meta
+    spec, first = data.config.datasets[0], data.subsets[0]
+    return meta | {
+        "ss_color_aug": str(bool(first.color_aug)), "ss_flip_aug": str(bool(first.flip_aug)),
+        "ss_random_crop": str(bool(first.random_crop)), "ss_shuffle_caption": str(bool(first.shuffle_caption)),
+        "ss_keep_tokens": str(first.keep_tokens), "ss_bucket_no_upscale": str(bool(spec.bucket_no_upscale)),
+        "ss_min_bucket_reso": str(spec.min_bucket_reso), "ss_max_bucket_reso": str(spec.max_bucket_reso),
+        "ss_reg_dataset_dirs": "{}", "ss_bucket_info": json.dumps(bucket_info(0)),
+    }  # fmt: skip
+
+
 def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, trainer: Trainer,
              downscale: int = 32) -> dict[str, str]:
     from .. import __version__
@@ -55,7 +126,8 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "cascade_lab.noise_shift": str(config.noise_shift),
         "cascade_lab.world_size": str(info.world_size), "cascade_lab.strategy": info.strategy,
         "cascade_lab.model": config.model,
-        "cascade_lab.dataset_notes": json.dumps(data.config.notes), "ss_num_train_images": str(len(data.records)),
+        "cascade_lab.dataset_notes": json.dumps(data.config.notes),
+        "ss_num_train_images": str(sum(data.subsets[rec.subset].num_repeats for rec in data.records)),  # kohya's
         "ss_resolution": f"({res[0]}, {res[1]})", "modelspec.resolution": f"{res[0]}x{res[1]}",
         "ss_num_batches_per_epoch": str(data.batches_per_epoch()), "ss_max_train_steps": str(trainer.total_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
@@ -68,7 +140,9 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.config.datasets[0].enable_bucket),
         "ss_sd_model_name": Path(config.stage_c_path).name if config.stage_c_path else config.model,
+        "ss_full_fp16": "False", "ss_v2": "False",
     }  # fmt: skip
+    meta.update(kohya_dataset_metadata(config, data))
     if config.stage == "b":
         from .stage_b import EFFNET_FACTOR, EFFNET_KEEP
 
@@ -106,4 +180,4 @@ def export_metadata(metadata: dict[str, str], trainer: Trainer) -> dict[str, str
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
 
 
-__all__ = ["describe", "export_metadata", "scale_factor", "scale_statement"]
+__all__ = ["describe", "export_metadata", "kohya_dataset_metadata", "scale_factor", "scale_statement"]

@@ -192,3 +192,42 @@ def test_importing_the_training_package_does_not_import_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_kohya_dataset_metadata_counts_tags_folders_and_buckets(tmp_path: Path) -> None:
+    """kohya's keys from a dataset TOML (ss_datasets) and from a folder (flat keys): tags split at commas, lower-cased,
+    counted once per image; images counted with repeats; one folder in two subsets named "name (2)"."""
+    import json
+
+    from PIL import Image
+
+    from cascade_lab.training.metadata import kohya_dataset_metadata
+
+    imgs = tmp_path / "5_things"
+    imgs.mkdir()
+    for name, size, caption in (("a", (128, 128), "Red, circle"), ("b", (192, 128), "red, square"),
+                                ("c", (128, 128), "blue,  circle ,")):
+        Image.new("RGB", size).save(imgs / f"{name}.png")
+        (imgs / f"{name}.txt").write_text(caption)
+    config = TrainConfig(train_data_dir=str(tmp_path), resolution=128, min_bucket_reso=64, max_bucket_reso=256)
+    data = TrainingData(folder_dataset(tmp_path, config), scale=1.0, seed=0)
+    meta = kohya_dataset_metadata(config, data)
+    assert json.loads(meta["ss_tag_frequency"]) == {"5_things": {"red": 2, "circle": 2, "square": 1, "blue": 1}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_things": {"n_repeats": 5, "img_count": 3}}
+    info = json.loads(meta["ss_bucket_info"])
+    assert sorted(b["count"] for b in info["buckets"].values()) == [5, 10]  # with repeats: one wide, two square
+    assert info["mean_img_ar_error"] >= 0 and "ss_datasets" not in meta and meta["ss_keep_tokens"] == "0"
+
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\nresolution = 64\nenable_bucket = false\n[[datasets.subsets]]\n'
+                    'image_dir = "5_things"\nnum_repeats = 2\n[[datasets.subsets]]\nimage_dir = "5_things"\n'
+                    'shuffle_caption = true\n')
+    config = TrainConfig(dataset_config=str(toml))
+    data = TrainingData(load_dataset_config(toml, config), scale=1.0, seed=0)
+    meta = kohya_dataset_metadata(config, data)
+    (dataset,) = json.loads(meta["ss_datasets"])
+    assert dataset["num_train_images"] == 9 and dataset["bucket_info"] is None and dataset["resolution"] == [64, 64]
+    assert [(s["image_dir"], s["num_repeats"], s["shuffle_caption"]) for s in dataset["subsets"]] == [
+        ("5_things", 2, False), ("5_things", 1, True)]
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_things": {"n_repeats": 2, "img_count": 3},
+                                                   "5_things (2)": {"n_repeats": 1, "img_count": 3}}

@@ -85,6 +85,13 @@ def test_epochs_kohya_names_and_save_last_n_epochs_prune_only_this_run(shapes_di
         meta = f.metadata()
     assert meta["ss_epoch"] == "3" and meta["ss_num_batches_per_epoch"] == "3" and meta["ss_num_epochs"] == "4"
     assert meta["ss_resolution"] == "(128, 128)" and meta["ss_network_module"] == "networks.lora"
+    import json  # kohya's dataset keys (A1111 / Forge show ss_tag_frequency as the LoRA's training tags)
+
+    (folder, tags), = json.loads(meta["ss_tag_frequency"]).items()
+    assert folder == shapes_dir.name and len(tags) == 12 and tags["a red circle"] == 1
+    assert json.loads(meta["ss_dataset_dirs"]) == {shapes_dir.name: {"n_repeats": 1, "img_count": 12}}
+    assert sum(b["count"] for b in json.loads(meta["ss_bucket_info"])["buckets"].values()) == 12
+    assert meta["ss_num_train_images"] == "12" and meta["ss_shuffle_caption"] == "False"
 
 
 def test_step_saves_take_kohyas_step_names_and_save_last_n_steps_prunes_them(shapes_dir, shared_cache,

@@ -449,6 +449,7 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
         "ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}", "ss_base_model_version": "stable_cascade",
         "ss_network_args": f'{{"target": "{config.network_target}"}}', "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate), "ss_text_encoder_lr": "None",  # kohya: no text-encoder LoRA
         "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler, "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision, "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_resolution": f"({res[0]}, {res[1]})", "ss_output_name": config.name,

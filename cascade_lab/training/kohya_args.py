@@ -20,6 +20,11 @@ from typing import Any
 from .config import ConfigError, TrainConfig
 from .kohya_flags import NO_EFFECT, REFUSED, SCRIPTS, build_parser
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 
 def _given(argv: Sequence[str]) -> list[str]:
     """The long flags written on the command line, in order (``--a=b`` counted as ``--a``)."""
@@ -45,6 +50,35 @@ def _unknown_error(parser: argparse.ArgumentParser, unknown: list[str]) -> Confi
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hints.append(f"{item!r}" + (f" (did you mean --{close[0]}?)" if close else ""))
     return ConfigError(f"unknown argument(s) {', '.join(hints)}; `cascade-lab train --help` lists the flags")
+
+
+def _config_file(argv: Sequence[str], parser: argparse.ArgumentParser, notices: list[str]) -> dict[str, Any]:
+    """kohya's ``--config_file``: a TOML of flag values (``.toml`` added when missing), its sections flattened, as
+    kohya reads it; its values stand where the defaults would (the command line wins). Keys that are no flag are
+    named in a notice (kohya keeps them silently)."""
+    values = _values(argv, "config_file")
+    if not values:
+        return {}
+    path = values[-1] if values[-1].endswith(".toml") else values[-1] + ".toml"
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config_file {values[-1]}: {path} is not a file (kohya adds .toml to a name without it)")
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config_file {path}: not a readable TOML ({exc})") from None
+    flat: dict[str, Any] = {}
+    for key, value in tables.items():  # kohya: every section's keys at one level, section names dropped
+        flat.update(value if isinstance(value, dict) else {key: value})
+    known = {a.dest for a in parser._actions}
+    unknown = [k for k in flat if k not in known]
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        notices.append(f"--config_file {path}: {key!r} is no kohya flag" + (f" (did you mean {close[0]}?)" if close
+                                                                          else "") + "; kohya keeps it unused, so "
+                       "does cascade_lab")
+    flat.pop("config_file", None)
+    return {k: v for k, v in flat.items() if k in known}
 
 
 def _peek_dataset(path: str | None) -> set[str]:
@@ -88,7 +122,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         notices.append("a lone '-' (kohya's README command has one): kohya stops with \"unrecognized arguments: -\"; "
                        "cascade_lab ignores it")
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    from_file = _config_file(argv, parser, notices)
+    args, unknown = parser.parse_known_args(argv, namespace=argparse.Namespace(**from_file))
     if any(u.endswith(".toml") and not u.startswith("-") for u in unknown):
         raise ConfigError("a training TOML goes alone: `cascade-lab train CONFIG.toml --set key=value` (e.g. --set "
                           "overwrite=true); kohya's flags go without a TOML (the dataset TOML is --dataset_config)")
@@ -102,6 +137,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
             shown = ", ".join(values) if values else f"{count} times"
             notices.append(f"--{name} given {count} times ({shown}): kohya's argparse keeps the last; so does "
                            "cascade_lab")
+    given += [name for name in from_file if name not in given]  # a value from --config_file is given too
     for name in dict.fromkeys(given):
         if name in REFUSED:
             raise ConfigError(f"--{name}: {REFUSED[name]}")

@@ -92,7 +92,6 @@ REFUSED = {
     "base_weights": "merging base LoRAs is not supported", "base_weights_multiplier": "merging is not supported",
     "full_fp16": "Stage C overflows in float16 (official readme); use --mixed_precision bf16",
     "reg_data_dir": "regularisation images are not supported",
-    "config_file": "give the flags, or a cascade_lab training TOML as `cascade-lab train CONFIG.toml`",
     "output_config": "the settings of a run are stored in its checkpoints (state.pt) and run.json",
     "resume_from_huggingface": "resuming from the Hugging Face Hub is not supported; download the state and give "
                                "--resume DIR",
@@ -179,6 +178,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("training (kohya train_util.add_training_arguments)")
     flag(g, "output_dir", metavar="DIR", help="where models, checkpoints and samples go")
+    flag(g, "config_file", metavar="TOML", help="kohya's TOML of these flags (sections ignored); the command line "
+         "wins over it")
     flag(g, "output_name", metavar="NAME", help="model file name: NAME-000001.safetensors per epoch, NAME.safetensors")
     flag(g, "save_precision", choices=["float", "fp16", "bf16"], help="dtype of the saved model (default: float)")
     flag(g, "save_every_n_epochs", type=int, metavar="N")
@@ -215,7 +216,7 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
         flag(g, name, action="store_true", help="no effect")
     for name in ("logging_dir", "log_with", "log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key",
                  "vae", "console_log_level", "console_log_file", "metadata_title", "metadata_author",
-                 "metadata_description", "metadata_license", "metadata_tags", "tokenizer_cache_dir", "config_file"):
+                 "metadata_description", "metadata_license", "metadata_tags", "tokenizer_cache_dir"):
         flag(g, name, help=argparse.SUPPRESS)
     for name in ("ddp_timeout", "clip_skip", "min_timestep", "max_timestep", "multires_noise_iterations",
                  "save_n_epoch_ratio", "save_last_n_epochs_state"):

@@ -301,3 +301,36 @@ def test_newer_kohya_flags_are_honoured_or_explained(tmp_path: Path) -> None:
         else:
             with pytest.raises(ConfigError, match=message):
                 parse_kohya(argv, environ={})
+
+
+def test_kohyas_config_file_is_read_as_kohya_reads_it(tmp_path: Path) -> None:
+    """--config_file: a TOML of flag values, sections flattened, ".toml" added when missing; its values stand for
+    the defaults (the command line wins), its no-effect and refused keys act as given flags, unknown keys get a
+    notice naming the closest flag."""
+    from cascade_lab.training.config import ConfigError
+
+    cfg = tmp_path / "lora_config.toml"
+    cfg.write_text(
+        '[model_arguments]\nstage_c_checkpoint_path = "c.safetensors"\neffnet_checkpoint_path = "e.safetensors"\n'
+        '[dataset_arguments]\ntrain_data_dir = "d"\ncaption_extension = ".txt"\nmax_data_loader_n_workers = 0\n'
+        '[training_arguments]\noutput_dir = "o"\nlearning_rate = 1e-4\nmax_train_epochs = 3\nseed = 7\n'
+        'mixed_precision = "bf16"\noptimizer_args = ["scale_parameter=False", "relative_step=False"]\n'
+        'optimizer_type = "adafactor"\nlearning_rat = 5e-5\n')
+    fields, notices, _ = parse_kohya(["--config_file", str(tmp_path / "lora_config"), "--learning_rate", "2e-4"],
+                                     environ={})
+    assert fields["stage_c_path"] == "c.safetensors" and fields["caption_extension"] == ".txt"
+    assert fields["learning_rate"] == 2e-4 and fields["max_train_epochs"] == 3 and fields["seed"] == 7  # cli wins
+    assert fields["mixed_precision"] == "bf16" and fields["optimizer_type"] == "adafactor"
+    assert fields["optimizer_args"] == ["scale_parameter=False", "relative_step=False"]
+    text = "\n".join(notices)
+    assert "--max_data_loader_n_workers: cascade_lab reads cached latents" in text
+    assert "'learning_rat' is no kohya flag (did you mean learning_rate?)" in text
+    cfg.write_text('[training_arguments]\ntrain_text_encoder = true\n')
+    with pytest.raises(ConfigError, match="--train_text_encoder: text-encoder training is not supported"):
+        parse_kohya(["--config_file", str(cfg), "--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e",
+                     "--output_dir", "o", "--train_data_dir", "d"], environ={})
+    with pytest.raises(ConfigError, match="missing.toml is not a file"):
+        parse_kohya(["--config_file", str(tmp_path / "missing")], environ={})
+    cfg.write_text("not = [toml")
+    with pytest.raises(ConfigError, match="not a readable TOML"):
+        parse_kohya(["--config_file", str(cfg)], environ={})

@@ -436,7 +436,8 @@ class TimestepBlock(nn.Module):
             setattr(self, f"mapper_{name}", Linear(c_timestep, c * 2))
 
     # training LoRA (cascade_lab.training.lora_train): fn(t, mappers) -> Σ_i mappers[i](chunk i of t) (B, 2c) with
-    # the LoRA's branches, all mappers in one call; not a module, so the state dict keeps the official keys
+    # the LoRA's branches, all mappers in one call, or None where it does not apply (each mapper then runs its own
+    # forward); not a module, so the state dict keeps the official keys
     mapper_adapter: Any = None
 
     def mappers(self) -> list[nn.Linear]:
@@ -446,11 +447,11 @@ class TimestepBlock(nn.Module):
     def modulation(self, t: Tensor) -> Tensor:
         """Σ_i mapper_i(t_i) over t's 1 + n chunks of c_r (B, c_r (1 + n)) -> (B, 2c): a's and b's halves."""
         mappers = self.mappers()
-        if self.mapper_adapter is not None:
-            out: Tensor = self.mapper_adapter(t, mappers)
-            return out
+        fused: Tensor | None = None if self.mapper_adapter is None else self.mapper_adapter(t, mappers)
+        if fused is not None:
+            return fused
         t_chunks = t.chunk(len(mappers), dim=1)  # (1 + n) x (B, c_r)
-        out = mappers[0](t_chunks[0])
+        out: Tensor = mappers[0](t_chunks[0])
         for mapper, chunk in zip(mappers[1:], t_chunks[1:], strict=True):
             out = out + mapper(chunk)
         return out

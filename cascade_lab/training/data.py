@@ -215,12 +215,15 @@ def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Rando
         return ""
     if not subset.shuffle_caption:
         return text
+
+    def split(part: str) -> list[str]:
+        return [t.strip() for t in part.split(subset.caption_separator) if t.strip()]
+
     if subset.keep_tokens_separator and subset.keep_tokens_separator in text:
         fixed_text, rest_text = text.split(subset.keep_tokens_separator, 1)
-        fixed = [t.strip() for t in fixed_text.split(subset.caption_separator) if t.strip()]
-        rest = [t.strip() for t in rest_text.split(subset.caption_separator) if t.strip()]
+        fixed, rest = split(fixed_text), split(rest_text)
     else:
-        tokens = [t.strip() for t in text.split(subset.caption_separator) if t.strip()]
+        tokens = split(text)
         fixed, rest = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
     rng.shuffle(rest)
     return ", ".join(fixed + rest)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.common import TimestepBlock
+
 Tensor = torch.Tensor
 
 
@@ -92,18 +94,6 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _block_downs(downs: list[Tensor], in_cols: tuple[int, ...] | None, n_in: int) -> Tensor:
-    """[K r, n_in]: the pairs' D_k stacked; with `in_cols` each on its own input columns [s_k, s_k + in_k) (block
-    diagonal, zeros elsewhere: pair k reads only its part of x)."""
-    if in_cols is None:
-        return downs[0] if len(downs) == 1 else torch.cat(downs)
-    r = downs[0].shape[0]
-    down = downs[0].new_zeros(len(downs) * r, n_in)
-    for k, (start, d) in enumerate(zip(in_cols, downs, strict=True)):
-        down[k * r:(k + 1) * r, start:start + d.shape[1]] = d
-    return down
-
-
 def _branch_factor(ups: tuple[Tensor, ...], cols: tuple[int, ...], n_out: int, bias: Tensor | None) -> Tensor:
     """[n_out, K r (+ 1)]: each pair's U_k on its output rows [c_k, c_k + out_k) and columns [k r, (k + 1) r)
     (block diagonal, zeros elsewhere), the bias as one more column when given."""
@@ -146,7 +136,10 @@ class _FrozenLinearLora(torch.autograd.Function):
         small = n_rows <= _FP32_THIN_ROWS and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
         thin = torch.float32 if small else x.dtype  # the thin products' dtype
         downs, ups = [p.to(thin) for p in pairs[0::2]], [p.to(thin) for p in pairs[1::2]]
-        down = _block_downs(downs, in_cols, x.shape[1])  # [K r, in]
+        if in_cols is None:
+            down = downs[0] if len(downs) == 1 else torch.cat(downs)  # [K r, in]
+        else:  # each D_k on its input columns: the transpose of a factor with the D_k^T on those rows
+            down = _branch_factor(tuple(d.t() for d in downs), in_cols, x.shape[1], None).t()
         x_thin = x.to(thin)
         hs = torch.mm(x_thin, down.t()).mul_(scale)  # scale · h [M, K r]
         # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
@@ -307,26 +300,19 @@ class _MapperBranch:
     def __init__(self, pairs: list[LoraPair | None], scale: float) -> None:
         self.pairs, self.scale = pairs, scale  # one entry per mapper, None where it has no pair
 
-    def __call__(self, t: Tensor, mappers: list[nn.Linear]) -> Tensor:
+    def __call__(self, t: Tensor, mappers: list[nn.Linear]) -> Tensor | None:
+        """The fused sum, or None where it does not apply (the block then runs each mapper's own forward)."""
         widths = [m.in_features for m in mappers]
-        fused = None
-        if (len(mappers) == len(self.pairs) and t.shape[-1] == sum(widths)
-                and all(type(m).forward is nn.Linear.forward and m.bias is not None for m in mappers)):
-            starts = [sum(widths[:i]) for i in range(len(widths))]
-            weight = torch.cat([m.weight for m in mappers], dim=1)
-            bias = cast(Tensor, mappers[0].bias)
-            for m in mappers[1:]:
-                bias = bias + cast(Tensor, m.bias)
-            blocks = [(0, pair) for pair in self.pairs if pair is not None]
-            in_cols = tuple(start for start, pair in zip(starts, self.pairs, strict=True) if pair is not None)
-            fused = _lora_linear(t, weight, bias, self.scale, blocks, in_cols)
-        if fused is not None:
-            return fused
-        chunks = t.chunk(len(mappers), dim=-1)  # each mapper through its own forward (and pair), summed
-        out: Tensor = mappers[0](chunks[0])
-        for mapper, chunk in zip(mappers[1:], chunks[1:], strict=True):
-            out = out + mapper(chunk)
-        return out
+        if (len(mappers) != len(self.pairs) or t.shape[-1] != sum(widths)
+                or not all(type(m).forward is nn.Linear.forward and m.bias is not None for m in mappers)):
+            return None
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        bias = cast(Tensor, mappers[0].bias)
+        for m in mappers[1:]:
+            bias = bias + cast(Tensor, m.bias)
+        blocks = [(0, pair) for pair in self.pairs if pair is not None]
+        in_cols = tuple(start for start, pair in zip(starts, self.pairs, strict=True) if pair is not None)
+        return _lora_linear(t, torch.cat([m.weight for m in mappers], dim=1), bias, self.scale, blocks, in_cols)
 
 
 def _restore_forward(module: nn.Module, previous: Any) -> None:
@@ -390,12 +376,11 @@ class LoraNetwork(nn.Module):
         by_module = {t.module: self.pair(n) for n, t in self.targets.items() if t.param == "weight" and not t.conv}
         path_of = {id(m): path for path, m in model.named_modules()}
         for module in model.modules():  # TimestepBlocks: their mappers' pairs in one call
-            mappers = getattr(module, "mappers", None)
-            if not callable(mappers) or not hasattr(module, "mapper_adapter"):
+            if not isinstance(module, TimestepBlock):
                 continue
-            pairs = [by_module.get(path_of.get(id(m), "")) for m in mappers()]
+            pairs = [by_module.get(path_of[id(m)]) for m in module.mappers()]
             if any(p is not None for p in pairs):
-                setattr(module, "mapper_adapter", _MapperBranch(pairs, self.scale))  # noqa: B010
+                module.mapper_adapter = _MapperBranch(pairs, self.scale)
                 self._attached.append(functools.partial(setattr, module, "mapper_adapter", None))
         for path, blocks in in_proj.items():
             module = model.get_submodule(path)

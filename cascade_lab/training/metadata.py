@@ -61,9 +61,9 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
         dirs[name] = {"n_repeats": subset.num_repeats, "img_count": counts[i]}
     for rec in data.records:
         freq = tags.setdefault(names[rec.subset], {})
-        for tag in rec.caption.split(","):
-            if tag.strip():
-                freq[tag.strip().lower()] = freq.get(tag.strip().lower(), 0) + 1
+        for tag in (t.strip().lower() for t in rec.caption.split(",")):
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
 
     def bucket_info(dataset: int) -> dict[str, Any] | None:
         if not data.config.datasets[dataset].enable_bucket:
@@ -79,25 +79,31 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
                    for i, (size, count) in enumerate(sorted(sizes.items()))}
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / max(1, len(errors))}
 
+    def with_repeats(subsets: list[int]) -> int:  # kohya counts each image num_repeats times
+        return sum(counts[i] * data.subsets[i].num_repeats for i in subsets)
+
+    def subset_entry(i: int) -> dict[str, Any]:
+        s = data.subsets[i]
+        return {"img_count": counts[i], "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
+                "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
+                "shuffle_caption": bool(s.shuffle_caption), "keep_tokens": s.keep_tokens,
+                "image_dir": Path(s.image_dir).name, "class_tokens": s.class_tokens, "is_reg": False}
+
     meta = {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs), "ss_num_reg_images": "0",
+            "ss_num_train_images": str(with_repeats(list(range(len(data.subsets))))),
             "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs)}
     if config.dataset_config or config.dataset:  # kohya: a user config is described per dataset
-        owner = [d for d, spec in enumerate(data.config.datasets) for _ in spec.subsets]  # TrainingData's order
+        owner = {rec.subset: rec.dataset for rec in data.records}  # every subset has images
         datasets = []
         for d, spec in enumerate(data.config.datasets):
             mine = [i for i in range(len(data.subsets)) if owner[i] == d]
-            subsets = [{"img_count": counts[i], "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
-                        "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
-                        "shuffle_caption": bool(s.shuffle_caption), "keep_tokens": s.keep_tokens,
-                        "image_dir": Path(s.image_dir).name, "class_tokens": s.class_tokens, "is_reg": False}
-                       for s, i in ((data.subsets[i], i) for i in mine)]
             datasets.append({"is_dreambooth": True, "batch_size_per_device": spec.batch_size,
-                             "num_train_images": sum(counts[i] * data.subsets[i].num_repeats for i in mine),
+                             "num_train_images": with_repeats(mine),
                              "num_reg_images": 0, "resolution": list(spec.resolution),
                              "enable_bucket": bool(spec.enable_bucket), "min_bucket_reso": spec.min_bucket_reso,
                              "max_bucket_reso": spec.max_bucket_reso,
                              "tag_frequency": {names[i]: tags.get(names[i], {}) for i in mine},
-                             "bucket_info": bucket_info(d), "subsets": subsets})
+                             "bucket_info": bucket_info(d), "subsets": [subset_entry(i) for i in mine]})
         meta["ss_datasets"] = json.dumps(datasets)
         return meta
     spec, first = data.config.datasets[0], data.subsets[0]
@@ -127,7 +133,6 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "cascade_lab.world_size": str(info.world_size), "cascade_lab.strategy": info.strategy,
         "cascade_lab.model": config.model,
         "cascade_lab.dataset_notes": json.dumps(data.config.notes),
-        "ss_num_train_images": str(sum(data.subsets[rec.subset].num_repeats for rec in data.records)),  # kohya's
         "ss_resolution": f"({res[0]}, {res[1]})", "modelspec.resolution": f"{res[0]}x{res[1]}",
         "ss_num_batches_per_epoch": str(data.batches_per_epoch()), "ss_max_train_steps": str(trainer.total_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),

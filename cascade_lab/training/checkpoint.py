@@ -171,15 +171,25 @@ def load_state(folder: Path, config: TrainConfig) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(str(folder / "state.pt"), map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{folder}: unknown checkpoint format {state.get('format')!r}")
-    saved = json.loads(state["config"])
+    saved_all = json.loads(state["config"])
     current = config.to_dict()
     # a setting added after the checkpoint was written had its default then (e.g. stage = "c")
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    saved = {k: saved_all.get(k, defaults.get(k)) for k in (*RESUME_KEYS, "output_name", "kohya_file_names")}
     differ = [f"{k}: {saved[k]!r} → {current.get(k)!r}" for k in RESUME_KEYS if saved[k] != current.get(k)]
     if differ:
         raise ConfigError(f"{folder} was made with other settings, so it cannot be resumed: {'; '.join(differ)}. "
                           "Use the original settings or start a new output_dir.")
+    if not saved["output_name"] and not config.output_name and bool(saved["kohya_file_names"]) != \
+            config.kohya_file_names:  # both runs left the names to the default, but not the same default
+        if saved["kohya_file_names"]:
+            raise ConfigError(f"{folder} names its files as kohya does without --output_name (epoch-000001, "
+                              f"at-step00000500, last.safetensors); this run would name them {config.name}: resume "
+                              "it with the kohya command line, or set kohya_file_names = true")
+        old = TrainConfig(stage=saved["stage"], mode=saved["mode"]).name
+        raise ConfigError(f"{folder} names its files {old}-000001, {old}-step00000500, {old}.safetensors; this run "
+                          "(kohya's names, no --output_name) would name them epoch-000001, at-step00000500, "
+                          f"last.safetensors: resume it with --output_name {old} (TOML: output_name = \"{old}\")")
     return state
 
 

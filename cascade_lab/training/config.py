@@ -42,6 +42,11 @@ RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "networ
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
 
 
+# kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
+# DEFAULT_LAST_OUTPUT_NAME)
+KOHYA_DEFAULT_STEMS = {"epoch": "epoch", "step": "at", "last": "last"}
+
+
 # kohya's names for the same settings (a TOML may use either)
 KOHYA_NAMES = {"stage_c_checkpoint_path": "stage_c_path", "effnet_checkpoint_path": "effnet_path",
                "previewer_checkpoint_path": "previewer_path", "text_model_checkpoint_path": "text_encoder_path",
@@ -167,6 +172,9 @@ class TrainConfig:
     # -- outputs ---------------------------------------------------------------------------------------
     output_dir: str = "output"
     output_name: str | None = None  # default "cascade_lora" / "stage_c_finetune"
+    # no output_name: name the files as kohya's scripts do (epoch-000001, at-step00000500, last.safetensors) instead
+    # of <name>-000001, <name>-step00000500, <name>.safetensors; a kohya command line sets it
+    kohya_file_names: bool = False
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None  # also writes <name>-000001.safetensors per epoch (kohya naming)
     save_last_n_epochs: int | None = None  # keep only this run's last N per-epoch files
@@ -196,6 +204,18 @@ class TrainConfig:
         if self.stage == "b":
             return "stage_b_lora" if self.mode == "lora" else "stage_b_finetune"
         return "cascade_lora" if self.mode == "lora" else "stage_c_finetune"
+
+    @property
+    def kohya_default_names(self) -> bool:
+        """True when the files take kohya's names for a run without --output_name (epoch-, at-step, last)."""
+        return self.kohya_file_names and not self.output_name
+
+    def file_stem(self, kind: str) -> str:
+        """The stem of the model files of `kind`: "epoch" (``<stem>-000001``), "step" (``<stem>-step00000500``) or
+        "last" (the final ``<stem>.safetensors``); `name`, or kohya's epoch / at / last (`kohya_default_names`)."""
+        if kind not in KOHYA_DEFAULT_STEMS:
+            raise ValueError(f"kind={kind!r}: use one of {', '.join(KOHYA_DEFAULT_STEMS)}")
+        return KOHYA_DEFAULT_STEMS[kind] if self.kohya_default_names else self.name
 
     @property
     def scale_factor(self) -> float:

@@ -40,7 +40,7 @@ def export_checkpoint(path: str | Path, output: str | Path | None = None, save_p
     folder = checkpoint_folder(path)
     state = torch.load(str(folder / "state.pt"), map_location="cpu", weights_only=True)
     config = json.loads(state["config"])
-    default = f"stage_{config.get('stage', 'c')}_finetune"
+    default = "last" if config.get("kohya_file_names") else f"stage_{config.get('stage', 'c')}_finetune"
     name = state.get("export_name") or f"{config.get('output_name') or default}.safetensors"
     if state.get("strategy") != "fsdp":
         raise ConfigError(f"{folder}: not a sharded checkpoint (saved by {state.get('world_size', 1)} process(es) "

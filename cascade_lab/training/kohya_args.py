@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 from .kohya_flags import NO_EFFECT, REFUSED, SCRIPTS, build_parser
 
 if sys.version_info >= (3, 11):
@@ -213,10 +213,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
             notices.append(f"--caption_extention {args.caption_extention} and --caption_extension "
                            f"{args.caption_extension}: kohya uses the misspelt one; so does cascade_lab")
     if not args.output_name:
-        default = TrainConfig(stage=stage, mode="lora" if network else "full").name
-        notices.append(f"no --output_name: kohya names its files last.safetensors, epoch-000001.safetensors and "
-                       f"at-step00000500.safetensors; cascade_lab uses {default} for all three (give --output_name "
-                       "to choose)")
+        notices.append("no --output_name: files are named as kohya names them (epoch-000001, at-step00000500, "
+                       "last.safetensors)")
     if args.save_last_n_steps is not None and not args.save_every_n_steps:
         notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
                        "prune, as in kohya)")
@@ -265,7 +263,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "max_grad_norm": args.max_grad_norm, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing, "adaptive_loss_weight": args.adaptive_loss_weight,
         "network_dim": args.network_dim or 4, "network_alpha": args.network_alpha, "network_target": target,
-        "output_dir": args.output_dir, "output_name": args.output_name, "save_every_n_steps": args.save_every_n_steps,
+        "output_dir": args.output_dir, "output_name": args.output_name, "kohya_file_names": True,
+        "save_every_n_steps": args.save_every_n_steps,
         "save_every_n_epochs": args.save_every_n_epochs, "save_last_n_epochs": args.save_last_n_epochs,
         "save_last_n_steps": args.save_last_n_steps,
         "save_precision": save_precision, "resume": args.resume, "overwrite": args.overwrite,

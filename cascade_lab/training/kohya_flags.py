@@ -53,7 +53,8 @@ NO_EFFECT = {
     "fp8_base": "the frozen base stays in the --mixed_precision dtype",
     "dataset_class": "datasets are kohya dataset TOMLs or folders",
     "console_log_level": "Python's warnings are used", "console_log_file": "Python's warnings are used",
-    "console_log_simple": "Python's warnings are used", "metadata_title": "modelspec.title is --output_name",
+    "console_log_simple": "Python's warnings are used",
+    "metadata_title": "modelspec.title is --output_name (without it kohya's LoRA@<time> / Checkpoint@<time>)",
     "metadata_author": "not stored", "metadata_description": "not stored", "metadata_license": "not stored",
     "metadata_tags": "not stored", "tokenizer_cache_dir": "the tokenizer comes with the text encoder",
     "use_safetensors": "always safetensors", "caption_tag_dropout_rate": "tag dropout is not implemented",
@@ -180,7 +181,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "output_dir", metavar="DIR", help="where models, checkpoints and samples go")
     flag(g, "config_file", metavar="TOML", help="kohya's TOML of these flags (sections ignored); the command line "
          "wins over it")
-    flag(g, "output_name", metavar="NAME", help="model file name: NAME-000001.safetensors per epoch, NAME.safetensors")
+    flag(g, "output_name", metavar="NAME", help="model file name: NAME-000001.safetensors per epoch, NAME.safetensors "
+         "(none: kohya's epoch-000001, at-step00000500, last.safetensors)")
     flag(g, "save_precision", choices=["float", "fp16", "bf16"], help="dtype of the saved model (default: float)")
     flag(g, "save_every_n_epochs", type=int, metavar="N")
     flag(g, "save_every_n_steps", type=int, metavar="N")

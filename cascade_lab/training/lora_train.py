@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -430,6 +431,9 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
     from datetime import datetime, timezone
 
     res = config.resolution if isinstance(config.resolution, list) else [config.resolution] * 2
+    output_name, title = config.name, config.name
+    if config.kohya_default_names:  # kohya without --output_name: str(None), sai_model_spec's LoRA@<time>
+        output_name, title = "None", f"LoRA@{time.time()}"
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}", "ss_base_model_version": "stable_cascade",
@@ -437,10 +441,10 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
         "ss_unet_lr": str(config.learning_rate), "ss_text_encoder_lr": "None",  # kohya: no text-encoder LoRA
         "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler, "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision, "ss_caption_dropout_rate": str(config.caption_dropout_rate),
-        "ss_resolution": f"({res[0]}, {res[1]})", "ss_output_name": config.name,
+        "ss_resolution": f"({res[0]}, {res[1]})", "ss_output_name": output_name,
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/StableCascade",
-        "modelspec.title": config.name, "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.title": title, "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.prediction_type": "epsilon",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip

@@ -178,9 +178,11 @@ def export_metadata(metadata: dict[str, str], trainer: Trainer) -> dict[str, str
     if trainer.network is not None:
         return lora_metadata(trainer.config, trainer.network, extra)
     res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
+    # kohya without --output_name: sai_model_spec's Checkpoint@<time>
+    title = f"Checkpoint@{time.time()}" if trainer.config.kohya_default_names else trainer.config.name
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade",
             "modelspec.implementation": "https://github.com/Stability-AI/StableCascade",
-            "modelspec.title": trainer.config.name, "modelspec.resolution": f"{res}x{res}",
+            "modelspec.title": title, "modelspec.resolution": f"{res}x{res}",
             "modelspec.prediction_type": "epsilon",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
 

@@ -1,13 +1,16 @@
 """One output folder holds one run: a folder with a previous run is refused unless the user resumes or overwrites.
 
 kohya names the exported model ``<name>-000001.safetensors`` after epoch 1, ``<name>-step00000500.safetensors``
-at a step save and ``<name>.safetensors`` at the end; `save_last_n_epochs` / `save_last_n_steps` delete only
-per-epoch / per-step files this run (or the run it resumes) wrote, which the checkpoints list, so files of
-another run in the same folder are never touched.
+at a step save and ``<name>.safetensors`` at the end; without ``--output_name`` its names are
+``epoch-000001.safetensors``, ``at-step00000500.safetensors`` and ``last.safetensors`` (a kohya command line:
+`TrainConfig.kohya_file_names`). `save_last_n_epochs` / `save_last_n_steps` delete only per-epoch / per-step files
+this run (or the run it resumes) wrote, which the checkpoints list, so files of another run in the same folder are
+never touched.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -25,9 +28,24 @@ def previous_run(config: TrainConfig) -> list[str]:
         found.append(str(checkpoints))
     if (out / "run.json").is_file():
         found.append(str(out / "run.json"))
-    if (out / f"{config.name}.safetensors").is_file():
-        found.append(str(out / f"{config.name}.safetensors"))
+    models = model_files(config)
+    found += [str(p) for p in models[:3]] + ([f"{len(models) - 3} more model files"] if len(models) > 3 else [])
     return found
+
+
+def model_files(config: TrainConfig) -> list[Path]:
+    """The files in `config.output_dir` that this run's saves would overwrite: its final file, per-epoch and step
+    files under the same names (``<name>.safetensors``, ``<name>-000001...``; kohya's ``last``, ``epoch-000001``,
+    ``at-step00000500`` without an output name)."""
+    out = Path(config.output_dir)
+    if not out.is_dir():
+        return []
+    epoch = re.compile(re.escape(config.file_stem("epoch")) + r"-\d{6,}\.safetensors")
+    step = re.compile(re.escape(config.file_stem("step")) + r"-step\d{8,}\.safetensors")
+    final = final_file(config).name
+    return sorted((p for p in out.iterdir()
+                   if p.is_file() and (p.name == final or epoch.fullmatch(p.name) or step.fullmatch(p.name))),
+                  key=lambda p: (p.name != final, p.name))  # the final file first
 
 
 def claim_output_dir(config: TrainConfig) -> None:
@@ -47,9 +65,14 @@ def claim_output_dir(config: TrainConfig) -> None:
     (out / "run.json").unlink(missing_ok=True)
 
 
+def final_file(config: TrainConfig) -> Path:
+    """The model at the end of the run (or a stop): ``<output_dir>/<name>.safetensors`` (kohya: ``last``)."""
+    return Path(config.output_dir) / f"{config.file_stem('last')}.safetensors"
+
+
 def epoch_file(config: TrainConfig, epoch: int) -> Path:
-    """kohya's per-epoch model name: ``<output_dir>/<name>-000001.safetensors``."""
-    return Path(config.output_dir) / f"{config.name}-{epoch:06d}.safetensors"
+    """kohya's per-epoch model name: ``<output_dir>/<name>-000001.safetensors`` (kohya: ``epoch-000001``)."""
+    return Path(config.output_dir) / f"{config.file_stem('epoch')}-{epoch:06d}.safetensors"
 
 
 def prune_epoch_files(config: TrainConfig, written: list[str]) -> list[str]:
@@ -63,8 +86,8 @@ def prune_epoch_files(config: TrainConfig, written: list[str]) -> list[str]:
 
 
 def step_file(config: TrainConfig, step: int) -> Path:
-    """kohya's step-save model name: ``<output_dir>/<name>-step00000500.safetensors``."""
-    return Path(config.output_dir) / f"{config.name}-step{step:08d}.safetensors"
+    """kohya's step-save model name: ``<output_dir>/<name>-step00000500.safetensors`` (kohya: ``at-step...``)."""
+    return Path(config.output_dir) / f"{config.file_stem('step')}-step{step:08d}.safetensors"
 
 
 def prune_step_files(config: TrainConfig, written: list[str], step: int) -> list[str]:
@@ -85,4 +108,5 @@ def prune_step_files(config: TrainConfig, written: list[str], step: int) -> list
     return kept
 
 
-__all__ = ["claim_output_dir", "epoch_file", "previous_run", "prune_epoch_files", "prune_step_files", "step_file"]
+__all__ = ["claim_output_dir", "epoch_file", "final_file", "model_files", "previous_run", "prune_epoch_files",
+           "prune_step_files", "step_file"]

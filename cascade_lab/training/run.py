@@ -36,7 +36,7 @@ from .data import TrainingData
 from .loop import NonFiniteLoss, Trainer
 from .memory_plan import check_fit
 from .metadata import describe, export_metadata, scale_factor, scale_statement
-from .outputs import claim_output_dir, epoch_file, prune_epoch_files, prune_step_files, step_file
+from .outputs import claim_output_dir, epoch_file, final_file, prune_epoch_files, prune_step_files, step_file
 
 
 @dataclass
@@ -68,6 +68,7 @@ class TrainingRun:
     epoch: int = 0  # epochs completed
     epoch_files: list[str] = field(default_factory=list)  # this run's <name>-000001.safetensors files, oldest first
     step_files: list[str] = field(default_factory=list)  # this run's <name>-step00000500.safetensors files
+    # (without an output name a kohya command line's are epoch-000001 / at-step00000500, the final file last)
     network: Any = None  # the LoRA network (detached from the trained model when the run ends)
     model: Any = None  # the trained network (Stage C, or Stage B with stage="b")
     stage_c: Any = None  # the trained Stage C (Stage C runs)
@@ -262,7 +263,7 @@ def _sample(run: TrainingRun, trainer: Trainer, models: Any, prompts: list[Any],
         images = render_samples(prompts, trainer.model, models, stage=cfg.stage, step=trainer.step, seed=cfg.seed,
                                 device=trainer.device, autocast_bf16=cfg.mixed_precision == "bf16",
                                 full=cfg.sample_full_images, out_dir=Path(cfg.output_dir) / "sample" if main else None,
-                                name=cfg.name, epoch=epoch)
+                                name="" if cfg.kohya_default_names else cfg.name, epoch=epoch)
     if main:
         run.samples.extend(images)
         emit("sample", {"images": images})
@@ -288,7 +289,8 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
     """Every process hands in its RNG state; the main one writes the checkpoint and the exported file.
 
     The model goes to kohya's ``<name>-<epoch:06d>.safetensors`` at an epoch save, ``<name>-step<step:08d>.
-    safetensors`` at a step save (both when one step is both), else (the end, a stop) ``<name>.safetensors``."""
+    safetensors`` at a step save (both when one step is both), else (the end, a stop) ``<name>.safetensors``
+    (kohya without an output name: ``epoch-``, ``at-step``, ``last``; outputs.py)."""
     cfg, info = trainer.config, trainer.info
     if trainer.nan_streak:  # the weights are those of the last good step; its checkpoint already holds them
         if info.is_main:
@@ -302,7 +304,7 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
     if trainer.sharded and staged is None:
         return
     if info.is_main:
-        name = f"{cfg.name}.safetensors"
+        name = final_file(cfg).name
         full_fp32 = trainer.network is None and cfg.save_precision == "fp32" and not trainer.sharded
         trainable_file = name if full_fp32 else "trainable.safetensors"
         meta = export_metadata(run.metadata, trainer) | {"ss_epoch": str(run.epoch)}

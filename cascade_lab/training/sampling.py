@@ -181,7 +181,8 @@ def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, st
 
     ``stage="c"``: `trained` is Stage C; ``"b"``: `trained` is Stage B, after the run's frozen Stage C.
 
-    Files are named as kohya names them: ``<name>_<e000001 at an epoch end | 000123>_<index:02d>_<seed>.png``."""
+    Files are named as kohya names them: ``<name>_<e000001 at an epoch end | 000123>_<index:02d>_<seed>.png``
+    (kohya without an output name: `name` "", no ``<name>_``)."""
     import torch
 
     from ..params import GenerationParams
@@ -237,7 +238,7 @@ def render_samples(prompts: list[SamplePrompt], trained: Any, models: Any, *, st
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample in results:
             when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-            stem = out_dir / f"{name}_{when}_{sample.index:02d}_{sample.seed}"
+            stem = out_dir / f"{name + '_' if name else ''}{when}_{sample.index:02d}_{sample.seed}"
             sample.preview.save(stem.with_name(stem.name + "_preview.png"))
             sample.paths.append(stem.with_name(stem.name + "_preview.png"))
             if sample.image is not None:

@@ -141,7 +141,8 @@ def test_kohya_defaults_and_meanings() -> None:
     text = "\n".join(notices)
     assert "lone '-'" in text and "no --save_model_as" in text and "drew seed" in text
     assert "no --network_train_unet_only" in text
-    assert "no --output_name: kohya names its files last.safetensors" in text and "uses cascade_lora for" in text
+    assert "no --output_name: files are named as kohya names them (epoch-000001, at-step00000500, last" in text
+    assert fields["output_name"] is None and fields["kohya_file_names"]
     full, _, _ = parse_kohya(["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
                               "--train_data_dir", "d", "--seed", "3"], environ={})
     assert full["mode"] == "full" and full["seed"] == 3
@@ -334,3 +335,46 @@ def test_kohyas_config_file_is_read_as_kohya_reads_it(tmp_path: Path) -> None:
     cfg.write_text("not = [toml")
     with pytest.raises(ConfigError, match="not a readable TOML"):
         parse_kohya(["--config_file", str(cfg)], environ={})
+
+
+def test_without_output_name_files_take_kohyas_default_names(ckpts, kohya_files, tmp_path, one_thread) -> None:
+    """kohya without --output_name: epoch-000001 / at-step00000002 / last.safetensors (train_util's default names),
+    pruned under those names, ss_output_name "None"; the folder is then refused to a new run, resume keeps them."""
+    from cascade_lab.training import ConfigError, TrainConfig, train
+
+    out = tmp_path / "out"
+    argv = ["stable_cascade_train_c_network.py", "--network_module", "networks.lora", "--network_dim", "2",
+            "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1",
+            "--save_every_n_steps", "2", "--save_last_n_steps", "2", "--output_dir", str(out), "--seed", "0",
+            "--stage_c_checkpoint_path", str(ckpts / "stage_c_bf16.safetensors"),
+            "--effnet_checkpoint_path", str(ckpts / "effnet_encoder.safetensors"),
+            "--dataset_config", str(kohya_files[0]), "--sample_prompts", str(kohya_files[1]), "--sample_at_first"]
+
+    def config(*extra: str) -> TrainConfig:
+        return TrainConfig.from_dict(parse_kohya([*argv, *extra], environ={})[0])
+
+    # 12 images, batch 4: 3 steps per epoch, 9 steps; stopped after step 5, then resumed to the end
+    steps = [0]
+    first = train(config(), stop=lambda: steps[0] >= 5, callback=lambda e: steps.__setitem__(0, e.step))
+    assert first.status == "stopped" and first.step == 5 and first.epoch_files == ["epoch-000001.safetensors"]
+    assert first.step_files == ["at-step00000002.safetensors", "at-step00000004.safetensors"]
+    with pytest.raises(ConfigError, match=r"holds a previous run .*last\.safetensors"):
+        train(config())
+    run = train(config("--resume", "auto"))
+    assert run.status == "finished" and run.step == 9 and run.output_file == out / "last.safetensors"
+    # epoch 3 is the last (no epoch file); --save_last_n_epochs 1 left epoch 2, --save_last_n_steps 2 steps 6, 8
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "at-step00000006.safetensors", "at-step00000008.safetensors", "epoch-000002.safetensors", "last.safetensors"]
+    samples = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert samples == ["000000_00_3.png", "000000_00_3_preview.png"]  # kohya: no "<name>_" without an output name
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_output_name"] == "None" and meta["modelspec.title"].startswith("LoRA@")  # kohya: str(None)
+    with pytest.raises(ConfigError, match=r"names its files as kohya does without --output_name .*kohya_file_names"):
+        train(config("--resume", "auto", "--max_train_steps", "10"), kohya_file_names=False)  # would be cascade_lora
+    # kohya's own files (no checkpoints, no run.json) are recognised by their names too
+    shutil.rmtree(out / "checkpoints")
+    (out / "run.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds a previous run \(.*last\.safetensors, .*at-step00000006\."
+                                          r"safetensors, .*at-step00000008\.safetensors, 1 more model files\)"):
+        train(config())

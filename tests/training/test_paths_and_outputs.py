@@ -116,6 +116,49 @@ def test_step_saves_take_kohyas_step_names_and_save_last_n_steps_prunes_them(sha
         assert f.metadata()["ss_network_module"] == "networks.lora"
 
 
+def test_without_output_name_the_api_keeps_cascade_lab_names(shapes_dir, shared_cache, tmp_path) -> None:
+    """kohya's epoch- / at-step / last names belong to a kohya command line (kohya_file_names); a TOML or API run
+    without output_name keeps cascade_lora, and a kohya-named resume of it is told to give --output_name."""
+    out = tmp_path / "out"
+    run = train(**tiny_run(shapes_dir, shared_cache, out, mode="lora", max_train_steps=3, save_every_n_steps=2))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "cascade_lora-step00000002.safetensors", "cascade_lora.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(run.output_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_output_name"] == "cascade_lora" and meta["modelspec.title"] == "cascade_lora"
+    with pytest.raises(ConfigError, match=r"names its files cascade_lora-000001.*--output_name cascade_lora"):
+        train(**tiny_run(shapes_dir, shared_cache, out, mode="lora", max_train_steps=4, resume="auto",
+                         kohya_file_names=True))
+    resumed = train(**tiny_run(shapes_dir, shared_cache, out, mode="lora", max_train_steps=4, resume="auto",
+                               kohya_file_names=True, output_name="cascade_lora"))
+    assert resumed.step == 4 and resumed.output_file == out / "cascade_lora.safetensors"
+
+
+def test_a_previous_runs_model_files_are_found_by_this_runs_names(tmp_path) -> None:
+    """Files a run would overwrite mark the folder as taken: its final, per-epoch and step files, by its names."""
+    from cascade_lab.training.outputs import claim_output_dir, previous_run
+
+    own = TrainConfig(train_data_dir="d", output_dir=str(tmp_path))
+    kohya = TrainConfig(train_data_dir="d", output_dir=str(tmp_path), kohya_file_names=True)
+    named = TrainConfig(train_data_dir="d", output_dir=str(tmp_path), kohya_file_names=True, output_name="x")
+    assert own.file_stem("epoch") == "cascade_lora" and named.file_stem("step") == "x"
+    assert [kohya.file_stem(k) for k in ("epoch", "step", "last")] == ["epoch", "at", "last"]
+    for name in ("epoch-1.safetensors", "at-step00000002.safetensors.bak", "cascade_lora-step2.safetensors",
+                 "x-00001.safetensors", "last.ckpt"):
+        (tmp_path / name).write_text("not this run's")
+    assert previous_run(own) == previous_run(kohya) == previous_run(named) == []
+    (tmp_path / "epoch-000003.safetensors").write_text("kohya's")
+    (tmp_path / "cascade_lora-step00000010.safetensors").write_text("cascade_lab's")
+    assert previous_run(kohya) == [str(tmp_path / "epoch-000003.safetensors")]
+    assert previous_run(own) == [str(tmp_path / "cascade_lora-step00000010.safetensors")]
+    assert previous_run(named) == []
+    (tmp_path / "x.safetensors").write_text("the final file")
+    with pytest.raises(ConfigError, match=r"holds a previous run \(.*x\.safetensors\)"):
+        claim_output_dir(named)
+
+
 def test_an_explicit_stage_c_file_wins_over_model(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cascade_lab.models import gemm
+
 Tensor = torch.Tensor
 
 
@@ -25,6 +27,15 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = gemm.linear(x, self.weight, self.bias)  # oneDNN for large float32 CPU products where it is faster
+        return F.linear(x, self.weight, self.bias) if y is None else y
+
+
+def linear_forward(module: nn.Module) -> bool:
+    """The module computes a plain linear: ``nn.Linear``'s own forward or `Linear`'s (the same values)."""
+    return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward)
 
 
 class Conv2d(nn.Conv2d):
@@ -280,8 +291,8 @@ class _JointInProj(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, m: Tensor, weight: Tensor, bias: Tensor, stop: int) -> tuple[Tensor, Tensor]:
         c = weight.shape[1]
         w, b = weight.to(x.dtype), bias.to(x.dtype)
-        y_x = torch.addmm(b[:stop], x, w[:stop].t())
-        y_m = torch.addmm(b[c:], m, w[c:].t())
+        y_x = gemm.linear_nt(x, w[:stop], b[:stop])
+        y_m = gemm.linear_nt(m, w[c:], b[c:])
         ctx.save_for_backward(x, m, w)
         ctx.stop, ctx.dtypes = stop, (weight.dtype, bias.dtype)
         return y_x, y_m
@@ -293,8 +304,8 @@ class _JointInProj(torch.autograd.Function):
         stop, (w_dtype, b_dtype) = ctx.stop, ctx.dtypes
         c = w.shape[1]
         need_x, need_m, need_w, need_b = ctx.needs_input_grad[:4]
-        grad_x = torch.mm(g_x, w[:stop]) if need_x else None
-        grad_m = torch.mm(g_m, w[c:]) if need_m else None
+        grad_x = gemm.mm_nn(g_x, w[:stop]) if need_x else None
+        grad_m = gemm.mm_nn(g_m, w[c:]) if need_m else None
         grad_w = grad_b = None
         if need_w:
             grad_w = _stack_rows(torch.mm(g_x.t(), x), torch.mm(g_m.t(), m), c, w_dtype)
@@ -327,9 +338,11 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_adapter is not None:
             out: Tensor = self.in_proj_adapter(x, self.in_proj_weight, self.in_proj_bias, start, stop)
             return out
-        if start == 0 and stop == self.in_proj_weight.shape[0]:  # whole: a slice's backward zero-fills a copy
-            return F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        return F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        if not (start == 0 and stop == weight.shape[0]):  # whole: a slice's backward zero-fills a copy
+            weight, bias = weight[start:stop], bias[start:stop]
+        y = gemm.linear(x, weight, bias)
+        return F.linear(x, weight, bias) if y is None else y
 
     def cond_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the conditioning tokens cond [B, S, c]: 2 x (B, S, c)."""

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.common import TimestepBlock
+from ..models import gemm
+from ..models.common import TimestepBlock, linear_forward
 
 Tensor = torch.Tensor
 
@@ -142,11 +143,11 @@ class _FrozenLinearLora(torch.autograd.Function):
         else:  # each D_k on its input columns: the transpose of a factor with the D_k^T on those rows
             down = _branch_factor(tuple(d.t() for d in downs), in_cols, x.shape[1], None).t()
         x_thin = x.to(thin)
-        hs = torch.mm(x_thin, down.t()).mul_(scale)  # scale · h [M, K r]
+        hs = gemm.thin_nt(x_thin, down).mul_(scale)  # scale · h [M, K r]
         # with many rows the bias rides with the branch ([scale h, 1] @ [U, b]^T): addmm's broadcast of the bias
         # into the output is a pass of its own; with few rows the fewer ops win
         fold = bias is not None and n_rows >= _FOLD_BIAS_ROWS
-        y = torch.mm(x, weight.t()) if fold or bias is None else torch.addmm(bias, x, weight.t())  # [M, out]
+        y = gemm.linear_nt(x, weight, None if fold else bias)  # [M, out]
         factor = _branch_factor(tuple(ups), cols, n_out, bias if fold else None)  # [out, K r (+ 1)]
         lhs = torch.cat([hs, hs.new_ones(n_rows, 1)], dim=1) if fold else hs
         if small:
@@ -165,16 +166,16 @@ class _FrozenLinearLora(torch.autograd.Function):
         scale, cols, r, outs = ctx.scale, ctx.cols, ctx.rank, ctx.outs
         thin, n_h = hs.dtype, hs.shape[1]
         grad_thin = grad.to(thin)
-        g_hs = torch.mm(grad_thin, factor[:, :n_h]).mul_(scale)  # scale · g U [M, K r], every pair at once
-        grad_us = torch.mm(hs.t(), grad_thin)  # [K r, out]: pair k's up gradient is its diagonal block, transposed
+        g_hs = gemm.thin_nn(grad_thin, factor[:, :n_h]).mul_(scale)  # scale · g U [M, K r], every pair at once
+        grad_us = gemm.thin_tn(hs, grad_thin)  # [K r, out]: pair k's up gradient is its diagonal block, transposed
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, weight)  # [M, in]
+            grad_x = gemm.mm_nn(grad, weight)  # [M, in]
             if thin == grad_x.dtype:
                 grad_x.addmm_(g_hs, down)
             else:
                 grad_x.add_(torch.mm(g_hs, down))
-        grad_down = torch.mm(g_hs.t(), x.to(thin))  # [K r, in]
+        grad_down = gemm.thin_tn(g_hs, x.to(thin))  # [K r, in]
         grads: list[Tensor | None] = [grad_x, None, None, None, None, None]
         for k, (start, n_k) in enumerate(zip(cols, outs, strict=True)):
             g_down = grad_down if len(outs) == 1 else grad_down[k * r:(k + 1) * r]
@@ -305,7 +306,7 @@ class _MapperBranch:
         """The fused sum, or None where it does not apply (the block then runs each mapper's own forward)."""
         widths = [m.in_features for m in mappers]
         if (len(mappers) != len(self.pairs) or t.shape[-1] != sum(widths)
-                or not all(type(m).forward is nn.Linear.forward and m.bias is not None for m in mappers)):
+                or not all(linear_forward(m) and m.bias is not None for m in mappers)):
             return None
         starts = [sum(widths[:i]) for i in range(len(widths))]
         bias = cast(Tensor, mappers[0].bias)
@@ -367,7 +368,7 @@ class LoraNetwork(nn.Module):
             if t.param == "in_proj_weight":
                 assert t.rows is not None
                 in_proj.setdefault(t.module, []).append((t.rows[0], t.rows[1], pair))
-            elif not t.conv and isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+            elif not t.conv and linear_forward(module):
                 previous = module.__dict__.get("forward")
                 module.forward = _LoraLinearForward(module, pair, self.scale)  # type: ignore[method-assign, assignment]
                 self._attached.append(functools.partial(_restore_forward, module, previous))

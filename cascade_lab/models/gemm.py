@@ -1,0 +1,167 @@
+"""float32 matrix products on the CPU through oneDNN where it runs them faster than torch's default, MKL.
+
+torch computes a float32 ``x @ W^T`` on the CPU with MKL's sgemm. On x86 CPUs that are not Intel's, MKL does not
+run its best code: on an AMD EPYC (Zen 4), one thread, it reaches 74-93 GFLOP/s on the transposed-weight
+products every Linear computes and 93-99 on a backward's ``g @ W``, where oneDNN (also in torch's CPU build) reaches
+101-108 on the same shapes (benchmarks/RESULTS.md, "CPU GEMM kernel"). Both are IEEE float32 with float32
+accumulation; only the order of the sums differs, as between any two BLAS libraries.
+
+The kernel is chosen once per process from the CPU's vendor, never from a timing (a timing can flip between two
+runs and give one seed two results): oneDNN on x86 CPUs other than Intel's, MKL elsewhere. The environment
+variable ``CASCADE_LAB_CPU_GEMM`` (``mkl``, ``onednn`` or ``auto``) overrides it. Small products stay on MKL in any
+case: oneDNN's fixed cost per call (~15 µs) outweighs its speed below ~16 M multiply-adds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, cast
+
+import torch
+
+Tensor = torch.Tensor
+
+ENV = "CASCADE_LAB_CPU_GEMM"
+MIN_MACS = 1 << 24  # multiply-adds from which a product goes to oneDNN (its fixed cost per call is ~15 µs)
+
+_choice: bool | None = None  # oneDNN for large float32 CPU products; None: not decided yet
+
+
+def _cpu_vendor() -> str:
+    """x86 vendor string ("GenuineIntel", "AuthenticAMD", ...) or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _available() -> bool:
+    """oneDNN's linear op is in this torch build and runs here."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def cpu_gemm() -> str:
+    """The float32 CPU kernel this process uses for large products: "onednn" or "mkl" (see the module's doc)."""
+    global _choice
+    if _choice is None:
+        wanted = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        if wanted not in ("auto", "mkl", "onednn"):
+            raise ValueError(f"{ENV}={os.environ[ENV]!r}: use mkl, onednn or auto (the default: oneDNN on x86 CPUs "
+                             "other than Intel's)")
+        if wanted == "auto":
+            x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+            vendor = _cpu_vendor()
+            _choice = x86 and vendor not in ("", "GenuineIntel") and _available()
+        else:
+            _choice = wanted == "onednn" and _available()
+    return "onednn" if _choice else "mkl"
+
+
+def set_cpu_gemm(kernel: str | None) -> None:
+    """Choose the kernel for this process ("mkl", "onednn"), or None to decide again from the environment."""
+    global _choice
+    if kernel not in (None, "mkl", "onednn"):
+        raise ValueError(f"cpu gemm kernel {kernel!r}: use 'mkl' or 'onednn' (or None for the default)")
+    _choice = None if kernel is None else (kernel == "onednn" and _available())
+
+
+def _large(x: Tensor, weight: Tensor) -> bool:
+    """A float32 CPU product x [..., in] @ weight^T big enough for oneDNN, with oneDNN chosen."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= MIN_MACS and cpu_gemm() == "onednn"
+            and not torch.compiler.is_compiling())
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return cast(Tensor, torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+
+
+def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, in] @ weight[out, in]^T (+ bias) without autograd: oneDNN for large float32 CPU products."""
+    if _large(x, weight):
+        return _onednn(x, weight, bias)
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def mm_nn(g: Tensor, weight: Tensor) -> Tensor:
+    """g [M, out] @ weight [out, in] without autograd (a linear's input gradient); oneDNN reads the transposed
+    view as it is, no copy."""
+    if _large(g, weight.t()):
+        return _onednn(g, weight.t(), None)
+    return torch.mm(g, weight)
+
+
+# -- a LoRA's thin products (one side r ≤ ~16 wide) -------------------------------------------------------------
+# Measured on the AMD EPYC (one thread, caches cold as inside a step): MKL takes x [512, 3072] @ D^T (r = 4) in
+# 0.94 ms against oneDNN's 0.63, h^T @ x in 0.74 against 0.52, and g [512, 3072] @ U [3072, 4] in 2.0 ms against
+# 0.72 (oneDNN with U^T as the weight); with a 768-wide big operand or ~170 rows MKL is the faster for the first two.
+THIN_MIN_ROWS, THIN_MIN_DEPTH = 256, 2048
+
+
+def _thin(big: Tensor, depth: int) -> bool:
+    return (big.device.type == "cpu" and big.dtype == torch.float32 and big.shape[0] >= THIN_MIN_ROWS
+            and depth >= THIN_MIN_DEPTH and cpu_gemm() == "onednn" and not torch.compiler.is_compiling())
+
+
+def thin_nt(x: Tensor, down: Tensor) -> Tensor:
+    """x [M, K] @ down [r, K]^T -> [M, r] without autograd."""
+    return _onednn(x, down, None) if _thin(x, x.shape[1]) else torch.mm(x, down.t())
+
+
+def thin_tn(h: Tensor, x: Tensor) -> Tensor:
+    """h [M, r]^T @ x [M, K] -> [r, K] without autograd."""
+    return _onednn(h.t(), x.t(), None) if _thin(x, x.shape[1]) else torch.mm(h.t(), x)
+
+
+def thin_nn(g: Tensor, up: Tensor) -> Tensor:
+    """g [M, N] @ up [N, r] -> [M, r] without autograd (oneDNN with up^T copied contiguous: r × N floats)."""
+    if _thin(g, THIN_MIN_DEPTH) and g.numel() >= 1 << 16:
+        return _onednn(g, up.t().contiguous(), None)
+    return torch.mm(g, up)
+
+
+class _Linear(torch.autograd.Function):
+    """x [M, in] @ W^T + b with oneDNN products forward (y) and backward (x's gradient); the weight's gradient
+    g^T x stays on MKL (oneDNN is no faster there)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = mm_nn(grad, weight) if need_x else None
+        grad_w = torch.mm(grad.t(), x) if need_w else None
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor | None:
+    """``F.linear(x, weight, bias)`` through oneDNN where it applies (a large float32 CPU product, oneDNN chosen,
+    no autocast), else None: use ``F.linear``. Differentiable."""
+    if (not _large(x, weight) or (bias is not None and bias.dtype != torch.float32)
+            or torch.is_autocast_enabled("cpu") or x.shape[-1] != weight.shape[1]):
+        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    if not grad:
+        return _onednn(x, weight, bias)
+    lead = x.shape[:-1]
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return cast(Tensor, y).view(*lead, weight.shape[0])

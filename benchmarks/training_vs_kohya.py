@@ -69,7 +69,8 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM: the next reading is the peak of the measured steps
             if profile:
-                state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                           record_shapes=True)
                 state["profiler"].__enter__()
         if state["steps"] == total:
             ends = state["ends"]
@@ -81,7 +82,11 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
                                           "threads": torch.get_num_threads(), "torch": torch.__version__}))
             if "profiler" in state:
                 state["profiler"].__exit__(None, None, None)
-                print(state["profiler"].key_averages().table(sort_by="self_cpu_time_total", row_limit=45), flush=True)
+                averages = state["profiler"].key_averages()
+                print(averages.table(sort_by="self_cpu_time_total", row_limit=45), flush=True)
+                by_shape = state["profiler"].key_averages(group_by_input_shape=True)
+                print(by_shape.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=40,
+                                     max_shapes_column_width=70), flush=True)
 
     register_optimizer_step_post_hook(hook)
     return state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias) if y is None else y
 
 
-def linear_forward(module: nn.Module) -> bool:
+def linear_forward(module: nn.Module) -> TypeGuard[nn.Linear]:
     """The module computes a plain linear: ``nn.Linear``'s own forward or `Linear`'s (the same values)."""
     return isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, Linear.forward)
 
@@ -338,7 +338,8 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_adapter is not None:
             out: Tensor = self.in_proj_adapter(x, self.in_proj_weight, self.in_proj_bias, start, stop)
             return out
-        weight, bias = self.in_proj_weight, self.in_proj_bias
+        weight: Tensor = self.in_proj_weight
+        bias: Tensor = self.in_proj_bias
         if not (start == 0 and stop == weight.shape[0]):  # whole: a slice's backward zero-fills a copy
             weight, bias = weight[start:stop], bias[start:stop]
         y = gemm.linear(x, weight, bias)

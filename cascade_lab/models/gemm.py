@@ -160,8 +160,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor | No
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
-    if not grad:
-        return _onednn(x, weight, bias)
-    lead = x.shape[:-1]
-    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # 2-D as the LoRA layer's: the same kernel, the same bits
+    y = _Linear.apply(x2, weight, bias) if grad else _onednn(x2, weight, bias)
     return cast(Tensor, y).view(*lead, weight.shape[0])

@@ -257,7 +257,7 @@ class _LoraLinearForward:
         m = self.module
         y = _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
         if y is None:
-            y = self.branch(m, (x,), nn.Linear.forward(m, x))
+            y = self.branch(m, (x,), type(m).forward(m, x))  # the class forward (`Linear`: oneDNN where it applies)
         return y
 
 

@@ -198,3 +198,31 @@ def test_a_lora_on_stage_c_uses_the_fused_layer_and_onednn(onednn, monkeypatch):
     for name, grad in grads_m.items():
         torch.testing.assert_close(grads_o[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12,
                                    msg=name)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_new_lora_is_still_the_identity_with_onednn(onednn, frozen):
+    """A LoRA whose ups are zero leaves the tiny Stage C's output bit for bit (as with MKL, tests/training/
+    test_lora_training.py), through the fused layer (frozen base) or the hook path (trained base): both compute
+    the frozen product as the plain Linear does."""
+    from cascade_lab.models.stage_c import StageCConfig
+    from cascade_lab.training.lora_train import LoraNetwork
+
+    torch.manual_seed(3)
+    model = StageCConfig.tiny().build()
+    with torch.no_grad():
+        model.clf[1].weight.normal_(0, 0.05)  # the official zero init would hide every difference upstream
+    model.requires_grad_(not frozen)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(2, 16, 4, 4, generator=g), "r": torch.rand(2, generator=g),
+              "clip_text": torch.randn(2, 77, 24, generator=g), "clip_text_pooled": torch.randn(2, 1, 24, generator=g),
+              "clip_img": torch.zeros(2, 1, 12)}
+    network = LoraNetwork.for_model(model, rank=2, alpha=1.0, target="all_linear")
+    with torch.no_grad():
+        plain = model(**inputs)
+        network.attach(model)
+        try:
+            assert torch.equal(model(**inputs), plain)
+        finally:
+            network.detach()
+    assert onednn

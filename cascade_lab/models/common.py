@@ -232,7 +232,7 @@ def _grn_into_linear(grn: GlobalResponseNorm, last: nn.Linear, y: Tensor) -> Ten
     """
     B, H, W, c4 = y.shape
     weight = last.weight * grn.channel_scale(y)[:, None, :]  # (B, c, 4c)
-    bias = torch.addmv(last.bias, last.weight, grn.beta.view(c4))  # (c,)
+    bias = gemm.matvec(last.weight, grn.beta.view(c4), last.bias)  # (c,), the same bits for a mapped weight
     return torch.baddbmm(bias, y.view(B, H * W, c4), weight.transpose(1, 2)).view(B, H, W, -1)  # (B, H, W, c)
 
 

@@ -14,6 +14,7 @@ case: oneDNN's fixed cost per call (~15 µs) outweighs its speed below ~16 M mul
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Any, cast
@@ -40,6 +41,7 @@ def _cpu_vendor() -> str:
     return ""
 
 
+@functools.cache
 def _available() -> bool:
     """oneDNN's linear op is in this torch build and runs here."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
@@ -129,6 +131,21 @@ def thin_nn(g: Tensor, up: Tensor) -> Tensor:
     if _thin(g, THIN_MIN_DEPTH) and g.numel() >= 1 << 16:
         return _onednn(g, up.t().contiguous(), None)
     return torch.mm(g, up)
+
+
+def matvec(weight: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """bias + weight [n, k] @ v [k] without autograd, the same bits wherever the operands lie in memory.
+
+    MKL's gemv (``addmv``, and any one-row product) sums in an order that depends on the weight's 16-byte
+    alignment: weights mapped from a safetensors file sit at 8-byte offsets, so a lean-loaded model gave other
+    bits than a copied one (measured on the AMD EPYC). oneDNN's product does not; MKL's gemm with more rows neither.
+    """
+    if (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and v.dtype == weight.dtype
+            and bias.dtype == weight.dtype and _available()
+            and not (torch.is_grad_enabled() and (weight.requires_grad or v.requires_grad or bias.requires_grad))
+            and not torch.compiler.is_compiling()):
+        return _onednn(v.view(1, -1), weight, bias).view(-1)
+    return torch.addmv(bias, weight, v)
 
 
 class _Linear(torch.autograd.Function):

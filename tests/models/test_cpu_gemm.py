@@ -226,3 +226,17 @@ def test_a_new_lora_is_still_the_identity_with_onednn(onednn, frozen):
         finally:
             network.detach()
     assert onednn
+
+
+def test_matvec_gives_the_same_bits_wherever_the_weight_lies():
+    """A weight mapped from a safetensors file sits at an 8-byte offset; MKL's gemv sums in an order that depends
+    on that, so `_grn_into_linear`'s bias differed between a lean-loaded and a copied Stage B (AMD EPYC)."""
+    torch.manual_seed(0)
+    w, v, b = torch.randn(64, 256), torch.randn(256), torch.randn(64)
+    expected = gemm.matvec(w, v, b)
+    torch.testing.assert_close(expected, torch.addmv(b, w, v), rtol=1e-5, atol=1e-5)
+    for offset in range(1, 16):
+        buffer = torch.empty(w.numel() + offset)
+        moved = buffer[offset:].view_as(w)
+        moved.copy_(w)
+        assert torch.equal(gemm.matvec(moved, v, b), expected), offset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,9 @@ def ip():
     shell = InteractiveShell.instance(config=config)
     yield shell
     InteractiveShell.clear_instance()
+    # IPython registers every shell's atexit_operations (a namespace reset with a full gc.collect()): kept, the
+    # session's hundreds of shells stayed alive to the end and their resets took ~70 s at interpreter exit
+    atexit.unregister(shell.atexit_operations)
 
 
 @pytest.fixture(autouse=True)

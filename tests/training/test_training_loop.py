@@ -41,16 +41,11 @@ def test_full_finetune_learns_and_reloads_with_the_official_keys(shapes_dir, sha
     assert json.loads(run.metadata["cascade_lab.latent_buckets"]) == {"4x4": 12}
 
 
-def test_bf16_autocast_checkpointing_adaptive_weights_saved(shapes_dir, shared_cache, tmp_path, monkeypatch) -> None:
-    import cascade_lab.training.loop as loop
-
-    trims: list[int] = []  # on the CPU each micro-step hands the forward's freed memory back before backward
-    monkeypatch.setattr(loop, "release_freed_memory", lambda: trims.append(1) or True)
+def test_bf16_autocast_checkpointing_adaptive_weights_saved(shapes_dir, shared_cache, tmp_path) -> None:
     run = train(**tiny_run(shapes_dir, shared_cache, tmp_path, mode="full", max_train_steps=6,
                            mixed_precision="bf16", gradient_checkpointing=True, adaptive_loss_weight=True,
                            save_precision="bf16", gradient_accumulation_steps=2))
     assert run.status == "finished" and all(torch.isfinite(torch.tensor(r["loss"])) for r in run.losses)
-    assert len(trims) == 12
     info = json.loads((run.last_checkpoint / "info.json").read_text())
     buckets = info["adaptive_loss"]["bucket_losses"]
     assert len(buckets) == 300 and sum(b != 1.0 for b in buckets) >= 6

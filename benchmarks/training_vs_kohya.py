@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,14 +55,42 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
     profile: torch.profiler over the measured steps, its table printed at the last step.
     """
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-    state: dict[str, Any] = {"ends": [time.perf_counter()], "cpu": [time.process_time()], "steps": 0}
+    state: dict[str, Any] = {"ends": [time.perf_counter()], "cpu": [time.process_time()], "steps": 0,
+                             "marks": [], "phases": [], "faults": [resource.getrusage(resource.RUSAGE_SELF).ru_minflt]}
+    # phases of each step, from process CPU time (both sides call torch.autograd.backward once per step): up to the
+    # backward (data, forward, loss), the backward, from there to the optimizer (clipping), the optimizer step
+    real_backward = torch.autograd.backward
+
+    depth = [0]  # a reentrant checkpoint runs backward inside the backward: only the outer one is a phase
+
+    def timed_backward(*args: Any, **kwargs: Any) -> Any:
+        depth[0] += 1
+        if depth[0] == 1:
+            state["marks"].append(time.process_time())
+        try:
+            return real_backward(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                state["marks"].append(time.process_time())
+
+    torch.autograd.backward = timed_backward
+
+    def pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if type(optimizer).__name__ != "AcceleratedOptimizer":
+            state["marks"].append(time.process_time())
 
     def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
         if type(optimizer).__name__ == "AcceleratedOptimizer":  # accelerate's wrapper; the inner one counts
             return
+        marks, state["marks"] = state["marks"], []
+        if len(marks) == 3:
+            state["phases"].append([marks[0] - state["cpu"][-1], marks[1] - marks[0], marks[2] - marks[1],
+                                    time.process_time() - marks[2]])
         state["steps"] += 1
+        state["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         state["ends"].append(time.perf_counter())
         state["cpu"].append(time.process_time())
         if state["steps"] == warmup:
@@ -78,6 +107,10 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
             cpu = [b - a for a, b in zip(state["cpu"][warmup:-1], state["cpu"][warmup + 1:], strict=True)]
             peak_steps = peak_rss_bytes()
             result.write_text(json.dumps({"step_times": times, "cpu_times": cpu, "peak_steps": peak_steps,
+                                          "phases": state["phases"][warmup:],
+                                          "faults": [b - a for a, b in zip(state["faults"][warmup:-1],
+                                                                           state["faults"][warmup + 1:],
+                                                                           strict=True)],
                                           "peak_process": max(peak_steps, state.get("peak_setup", 0)),
                                           "threads": torch.get_num_threads(), "torch": torch.__version__}))
             if "profiler" in state:
@@ -88,6 +121,7 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
                 print(by_shape.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=40,
                                      max_shapes_column_width=70), flush=True)
 
+    register_optimizer_step_pre_hook(pre_hook)
     register_optimizer_step_post_hook(hook)
     return state
 
@@ -315,6 +349,17 @@ def compare(args: argparse.Namespace) -> None:
                   for x, y in zip(records["cascade_lab"], records["kohya"], strict=True)]
         print(f"| {label} (median) | {a[key]:.3f} | {b[key]:.3f} | **{med(rounds):.2f}** (median of the rounds' "
               f"ratios: {', '.join(f'{r:.2f}' for r in rounds)}) |")
+    names = ("to backward", "backward", "to optimizer", "optimizer")
+    if all(x.get("phases") for rows in records.values() for x in rows):
+        phase = {who: [med(med(p[i] for p in x["phases"]) for x in rows) for i in range(4)]
+                 for who, rows in records.items()}
+        for i, name in enumerate(names):
+            print(f"| {name} CPU s (median) | {phase['cascade_lab'][i]:.3f} | {phase['kohya'][i]:.3f} | "
+                  f"{phase['cascade_lab'][i] / max(phase['kohya'][i], 1e-9):.2f} |")
+    if all(x.get("faults") for rows in records.values() for x in rows):
+        faults = {who: med(med(x["faults"]) for x in rows) for who, rows in records.items()}
+        print(f"| minor page faults a step (median) | {faults['cascade_lab']:.0f} | {faults['kohya']:.0f} | "
+              f"{faults['cascade_lab'] / max(faults['kohya'], 1):.2f} |")
     for key, label in (("peak_steps", "peak RSS, steps"), ("peak_process", "peak RSS, process")):
         print(f"| {label} MiB | {a[key] / 2**20:.0f} | {b[key] / 2**20:.0f} | **{a[key] / b[key]:.2f}** |")
     if args.json:

@@ -433,7 +433,10 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
 
     res = config.resolution if isinstance(config.resolution, list) else [config.resolution] * 2
     output_name, title = config.name, config.name
-    if config.kohya_default_names:  # kohya without --output_name: str(None), sai_model_spec's LoRA@<time>
+    # kohya without --output_name: ss_output_name str(None), title <kind>@<time>. kohya's Stable Cascade LoRA script
+    # builds its modelspec without the LoRA flag (architecture "stable-cascade", "Checkpoint@<time>"), so its
+    # LoRAs claim to be whole models; ours say what they are (docs/training.md)
+    if config.kohya_default_names:
         output_name, title = "None", f"LoRA@{time.time()}"
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),

@@ -37,6 +37,16 @@ from .registry import Sampler, Scheduler
 Tensor = torch.Tensor
 
 
+def _glibc(name: str) -> Any:
+    """The C library's function `name` on Linux (glibc's malloc_trim, mallopt), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)  # the process's own C library; musl has neither
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> bool:
     """Give the memory the process has freed back to the OS (glibc's ``malloc_trim``); False where unsupported.
 
@@ -44,13 +54,8 @@ def release_freed_memory() -> bool:
     (Stage B's, ~290 MiB at 512² for the mid-size benchmark model) stayed in the resident set while Stage A
     allocated its own: trimmed in between, the peak of `benchmarks/memory.py` drops by ~150 MiB.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the process's own C library; musl has no malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = _glibc("malloc_trim")
+    return False if trim is None else bool(trim(0))
 
 
 # glibc's mallopt parameters. Its mmap threshold is capped at 32 MiB on 64-bit systems (and setting either one
@@ -63,13 +68,8 @@ _heap_holders = [0]
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    return all(bool(mallopt(param, value)) for param, value in settings)
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and all(bool(mallopt(param, value)) for param, value in settings)
 
 
 @contextmanager
@@ -94,7 +94,7 @@ def steady_heap() -> Iterator[bool]:
         with _heap_lock:
             _heap_holders[0] -= 1
             if _heap_holders[0] == 0 and taken:
-                _mallopt((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, _SETTLED_TRIM))
+                _mallopt((_M_TRIM_THRESHOLD, _SETTLED_TRIM))  # the mmap threshold stays at the settled cap
                 release_freed_memory()
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cascade_lab.models import gemm
+from . import gemm
 
 Tensor = torch.Tensor
 

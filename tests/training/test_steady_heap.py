@@ -72,7 +72,7 @@ def test_a_training_run_holds_it_in_the_main_thread_and_trims_in_a_background_on
                         gradient_accumulation_steps=2)
     run = train(**settings, callback=on_event)
     assert run.status == "finished"
-    assert holders == [1 if GLIBC else 0] * 3 and pipeline._heap_holders == [0]
+    assert holders == [1] * 3 and pipeline._heap_holders == [0]  # held wherever glibc takes it or not
     assert trims == ([] if GLIBC else [1] * 6)  # no trim before each backward where the heap is held
 
     holders.clear()

@@ -44,9 +44,10 @@ def _inputs(config: dict, batch: int, side: int) -> tuple:
             torch.randn(batch, 1, 1280), torch.zeros(batch, 1, 768))
 
 
-def measure(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool = False) -> float:
+def measure(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False) -> float:
     """Peak bytes above the resident set of one forward+backward (runs in this process); `bf16`: the forward under
-    CPU autocast with the planner's CUDA rule for the norms, as the trainer runs it (fp32 weights)."""
+    CPU autocast with the planner's CUDA rule for the norms, as the trainer runs it (fp32 weights);
+    `checkpointing` "selective": the blocks' product outputs kept."""
     import ctypes
     import gc
     import re
@@ -77,7 +78,7 @@ def measure(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool
 
     model = _build(config).build()  # type: ignore[attr-defined]
     model.train()
-    model.enable_gradient_checkpointing(checkpointing)
+    model.enable_gradient_checkpointing(bool(checkpointing), keep_products=checkpointing == "selective")
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     args = _inputs(config, batch, side)
@@ -91,7 +92,7 @@ def measure(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool
     return float(status("VmHWM") - before)
 
 
-def counted(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool = False) -> float:
+def counted(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False) -> float:
     """The planner's count; with `bf16` plus autocast's bf16 weight copies (2 bytes a parameter: the planner's
     "transient" of a bf16 DDP run), which the measured peak holds too."""
     from cascade_lab.training.memory_plan import saved_activation_bytes
@@ -99,8 +100,10 @@ def counted(config: dict, batch: int, checkpointing: bool, side: int, bf16: bool
     stage = "b" if "block_repeat" in config else "c"
     model = _build(config)
     copies = 2 * sum(p.numel() for p in model.build().parameters()) if bf16 else 0  # type: ignore[attr-defined]
+    mode = "selective" if checkpointing == "selective" else "full"
     return copies + batch * saved_activation_bytes(model, stage=stage, mixed_precision="bf16" if bf16 else "no",
-                                                   latent=(side, side), gradient_checkpointing=checkpointing)
+                                                   latent=(side, side), gradient_checkpointing=bool(checkpointing),
+                                                   gradient_checkpointing_mode=mode)
 
 
 def main() -> None:
@@ -115,9 +118,10 @@ def main() -> None:
         case = json.loads(args.child)
         print(measure(case["config"], case["batch"], case["ckpt"], case["side"], case.get("bf16", False)))
         return
-    cases = [("mid", MID, b, c, 24) for c in (False, True) for b in (1, 2)]
+    modes: list[bool | str] = [False, True, "selective"]
+    cases = [("mid", MID, b, c, 24) for c in modes for b in (1, 2)]
     if args.stage_b:
-        cases = [("mid B", MID_B, b, c, 128) for c in (False, True) for b in (1, 2)]
+        cases = [("mid B", MID_B, b, c, 128) for c in modes for b in (1, 2)]
     if args.lite:
         lite = {"c_cond": 1536, "c_hidden": [1536, 1536], "nhead": [24, 24], "blocks": [[4, 12], [12, 4]],
                 "dropout": [0.0, 0.0]}
@@ -130,7 +134,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env, check=True,
                              capture_output=True, text=True).stdout
         peak, count = float(out.strip().splitlines()[-1]), counted(config, batch, ckpt, side, args.bf16)
-        print(f"| {name} | {side}x{side} | {'on' if ckpt else 'off'} | {batch} | {count / 2**30:.3f} | "
+        label = {False: "off", True: "on"}.get(ckpt, ckpt)  # type: ignore[call-overload]
+        print(f"| {name} | {side}x{side} | {label} | {batch} | {count / 2**30:.3f} | "
               f"{peak / 2**30:.3f} | {peak / count:.2f} |", flush=True)
 
 

@@ -105,3 +105,24 @@ def widget_of(output: Any) -> Any:
     import ipywidgets
 
     return ipywidgets.widgets.widget._instances[output.data["application/vnd.jupyter.widget-view+json"]["model_id"]]
+
+
+PRODUCT_OPS = ("mm", "addmm", "_linear_pointwise", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def count_products(fn: Any) -> int:
+    """How many matrix products and forward attention kernels `fn()` runs (a dispatch mode below autograd: products
+    that selective checkpointing serves from its cache are not run, so not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.overloadpacket.__name__ in PRODUCT_OPS:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return count[0]

@@ -46,8 +46,13 @@ def _available() -> bool:
     """oneDNN's linear op is in this torch build and runs here."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
+    # the probe runs on real tensors outside any dispatch mode the first caller may be under (fake tensors, or
+    # selective checkpointing, which would take it for one of the model's products)
+    from torch.utils._python_dispatch import _disable_current_modes
+
     try:
-        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
+        with _disable_current_modes():
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
     except (RuntimeError, NotImplementedError):
         return False
     return True

@@ -31,6 +31,7 @@ NETWORK_TARGETS = ("attention", "all_linear")
 PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp")
+CHECKPOINTING_MODES = ("auto", "full", "selective")
 LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: a LoRA's low-rank branches sit beside frozen "
              "layers that cascade_lab does not shard, and its gradients and optimizer states are a few MB (the "
              "frozen base is held in the compute dtype), so DDP costs little more memory; use strategy='ddp' (or "
@@ -75,6 +76,16 @@ def kohya_names(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 class ConfigError(ValueError):
     """A setting that cannot work, named with its value and what to use instead."""
+
+
+def checkpointing_mode(config: TrainConfig, device_type: str) -> str:
+    """"full" or "selective": what `config.gradient_checkpointing_mode` means on a device of this type ("auto":
+    selective on a CPU, where a run is bound by compute and memory is ample, full elsewhere, where checkpointing
+    is there to make the run fit)."""
+    mode = config.gradient_checkpointing_mode
+    if mode == "auto":
+        return "selective" if device_type == "cpu" else "full"
+    return mode
 
 
 @dataclass
@@ -146,6 +157,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no" (fp32) or "bf16" autocast; fp16 is refused for Stage C
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: "full" recomputes each block's whole forward in the backward (kohya, the official
+    # trainer); "selective" keeps the outputs of its matrix products and attention and recomputes the rest (less
+    # time, more memory than full: those outputs); "auto": selective on a CPU, full on a GPU
+    gradient_checkpointing_mode: str = "auto"
     adaptive_loss_weight: bool = False  # else P2
     # GDF's diffuse(shift=): training noise levels at logSNR − 2·ln(noise_shift). 1 is the official trainer;
     # 2–4 spend more steps at high noise, where a larger latent (more pixels per image) still shows the layout
@@ -235,6 +250,7 @@ class TrainConfig:
         choice("network_target", NETWORK_TARGETS)
         choice("save_precision", SAVE_PRECISIONS)
         choice("strategy", STRATEGIES)
+        choice("gradient_checkpointing_mode", CHECKPOINTING_MODES)
         if self.strategy == "fsdp" and self.mode == "lora":
             raise ConfigError(LORA_FSDP)
         if self.mixed_precision in ("fp16", "float16"):

@@ -288,6 +288,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "device", help="default: cuda of this process's local rank, else cpu")
     flag(g, "strategy", choices=["auto", "ddp", "fsdp"], default="auto",
          help="several processes: ddp, or fsdp (sharded, full fine-tunes); auto: fsdp under accelerate --use_fsdp")
+    flag(g, "gradient_checkpointing_mode", choices=["auto", "full", "selective"], default="auto",
+         help="with --gradient_checkpointing: full recomputes whole blocks (kohya); selective keeps their matrix "
+              "products' and attention's outputs (faster, more memory); auto: selective on a CPU, full on a GPU")
     flag(g, "quiet", action="store_true", help="no progress lines")
     return parser
 

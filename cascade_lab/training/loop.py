@@ -25,7 +25,7 @@ from ..diffusion import AdaptiveLossWeight, P2LossWeight, diffuse, train_t
 from ..pipeline import release_freed_memory
 from . import distributed as dist
 from .cache import LatentCache, TextCache, check_cache_options, encode_images, encode_text
-from .config import TrainConfig
+from .config import TrainConfig, checkpointing_mode
 from .data import TrainingData, derive_seed
 from .models import TrainingModels
 from .optim import clip_grad_norm, optimizer_step
@@ -96,7 +96,8 @@ class Trainer:
             self.network.attach(model)
             params = list(self.network.parameters())
         if config.gradient_checkpointing:
-            model.enable_gradient_checkpointing(True)  # type: ignore[operator]
+            model.enable_gradient_checkpointing(  # type: ignore[operator]
+                True, keep_products=checkpointing_mode(config, self.device.type) == "selective")
         dropout = config.dropout if config.dropout is not None else config.mode == "full"
         set_dropout(model, dropout)
         if self.sharded:  # FSDP2: the parameters become DTensor shards, so collect them after sharding

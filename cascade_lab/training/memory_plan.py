@@ -72,6 +72,7 @@ class MemoryPlan:
     helpers: tuple[str, ...] = ()  # their names
     sampling: int = 0  # the largest model sample images bring onto the GPU while they render (0: no samples)
     sampling_model: str = ""  # its name
+    gradient_checkpointing_mode: str = "full"  # "selective": the blocks' product outputs are kept as well
 
     @property
     def steps_total(self) -> int:
@@ -179,9 +180,11 @@ def _shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
                  lambda: _count_shapes(config, lora_rank, lora_target))
 
 
-def _saved_bytes(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool) -> int:
-    return int(_memo(("saved", repr(config), precision, latent, checkpointing),
-                     lambda: _count_saved(config, precision, latent, checkpointing)))
+def _saved_bytes(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool,
+                 keep_products: bool = False) -> int:
+    keep_products = checkpointing and keep_products
+    return int(_memo(("saved", repr(config), precision, latent, checkpointing, keep_products),
+                     lambda: _count_saved(config, precision, latent, checkpointing, keep_products)))
 
 
 def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, Any]:
@@ -215,11 +218,20 @@ def _precision(mixed_precision: str, mode: str) -> str:
 
 
 def saved_activation_bytes(variant: Any, *, stage: str = "c", mixed_precision: str = "bf16", mode: str = "full",
-                           latent: tuple[int, int] = (24, 24), gradient_checkpointing: bool = True) -> int:
+                           latent: tuple[int, int] = (24, 24), gradient_checkpointing: bool = True,
+                           gradient_checkpointing_mode: str = "full") -> int:
     """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION); `latent` is the
-    (w, h) of the stage's input (Stage B: the Stage A latent, image / 4)."""
+    (w, h) of the stage's input (Stage B: the Stage A latent, image / 4); `gradient_checkpointing_mode` "full" or
+    "selective" (the blocks' product outputs kept too)."""
     return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode), (latent[0], latent[1]),
-                        gradient_checkpointing)
+                        gradient_checkpointing, _selective(gradient_checkpointing_mode))
+
+
+def _selective(mode: str) -> bool:
+    """Whether a planned gradient_checkpointing_mode keeps the products ("auto" plans a GPU run: full)."""
+    if mode not in ("auto", "full", "selective"):
+        raise ValueError(f"gradient_checkpointing_mode={mode!r}: use 'full', 'selective' or 'auto' (full on a GPU)")
+    return mode == "selective"
 
 
 def _cuda_autocast_norms() -> Any:
@@ -262,12 +274,36 @@ def _weight_copy(t: Any) -> bool:
     return node is not None and type(node).__name__ == "AccumulateGrad"
 
 
-def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool) -> int:
+def _product_outputs(current: list[Any], kept: dict[int, tuple[Any, int]], alive: list[Any], is_map: Any) -> Any:
+    """A dispatch mode recording the outputs of the products (`models.common.products`) run inside block calls:
+    what selective checkpointing keeps (attention probability maps excepted, as in the count)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ..models.common import products
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if current[0] is not None and func.overloadpacket in products():
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if isinstance(t, torch.Tensor) and not is_map(t):
+                        alive.append(t)
+                        kept[id(t)] = (current[0], t.numel() * t.element_size())
+            return out
+
+    return Record()
+
+
+def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpointing: bool,
+                 keep_products: bool = False) -> int:
     """Bytes saved for backward by one sample's forward (attention maps left out, see the module doc).
 
     With checkpointing: what is saved outside the blocks, every block call's inputs, and the largest block
     call's own activations (recomputed one block at a time in backward; Stage B runs some blocks several
-    times, each call is its own unit)."""
+    times, each call is its own unit). Selective checkpointing (`keep_products`) keeps the outputs of every
+    block call's products and attention besides: those are counted for every call, and the recomputed block's
+    activations less its kept outputs."""
     import contextlib
 
     import torch
@@ -282,11 +318,14 @@ def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpoin
     current: list[Any] = [None]
     calls = [0]
     maps: set[tuple[int, int]] = set()  # (queries, keys) of every attention call: its probability map's last dims
+    kept: dict[int, tuple[Any, int]] = {}  # selective checkpointing: id → (block call, bytes) of a product's output
+
+    def is_map(t: Any) -> bool:
+        return t.dim() == 4 and tuple(t.shape[-2:]) in maps
 
     def pack(t: Any) -> Any:
         base = t._base if t._base is not None else t
-        attention_map = base.dim() == 4 and tuple(base.shape[-2:]) in maps
-        if (not isinstance(base, torch.nn.Parameter) and not attention_map and not _weight_copy(base)
+        if (not isinstance(base, torch.nn.Parameter) and not is_map(base) and not _weight_copy(base)
                 and id(base) not in saved):
             alive.append(base)
             saved[id(base)] = (current[0], base.numel() * base.element_size())
@@ -326,6 +365,8 @@ def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpoin
         if autocast:
             mixed.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
             mixed.enter_context(_cuda_autocast_norms())
+        if keep_products:
+            mixed.enter_context(_product_outputs(current, kept, alive, is_map))
         with mixed, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.rand(1), *conditioning)
     per_call: dict[Any, int] = {}
@@ -333,8 +374,14 @@ def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpoin
         per_call[call] = per_call.get(call, 0) + size
     if not checkpointing:
         return sum(per_call.values())
+    if keep_products:  # the recomputed block's activations other than its kept outputs
+        per_call = {}
+        for key, (call, size) in saved.items():
+            if key not in kept:
+                per_call[call] = per_call.get(call, 0) + size
     largest = max((v for k, v in per_call.items() if k is not None), default=0)
-    return per_call.get(None, 0) + sum(inputs.values()) + largest
+    outside = sum(size for call, size in saved.values() if call is None)
+    return outside + sum(inputs.values()) + sum(size for _, size in kept.values()) + largest
 
 
 def _adafactor_bytes(shapes: list[tuple[int, ...]], beta1: bool) -> tuple[int, int]:
@@ -402,7 +449,8 @@ def sample_helpers(stage: str, variant: Any, *, sample_full_images: bool = True)
 
 def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", gpus: int = 1,
                 gpu_memory_gb: float = 24, strategy: str = "ddp", optimizer: str = "adamw", optimizer_args: Any = (),
-                mixed_precision: str = "bf16", gradient_checkpointing: bool = True, batch_size: int = 1,
+                mixed_precision: str = "bf16", gradient_checkpointing: bool = True,
+                gradient_checkpointing_mode: str = "full", batch_size: int = 1,
                 resolution: int | tuple[int, int] = 1024, training_scale: str = "official", network_dim: int = 4,
                 network_target: str = "attention", text_encoder_cached: bool = True, latents_cached: bool = True,
                 samples: bool = False, sample_full_images: bool = True) -> MemoryPlan:
@@ -464,12 +512,14 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     sampled = sample_helpers(stage, variant, sample_full_images=sample_full_images) if samples else {}
     largest = max(sampled, key=lambda k: sampled[k], default="")
     latent = latent_size(stage, resolution, training_scale)
-    per_sample = _saved_bytes(config, _precision(mixed_precision, mode), latent, gradient_checkpointing)
+    selective = gradient_checkpointing and _selective(gradient_checkpointing_mode)
+    per_sample = _saved_bytes(config, _precision(mixed_precision, mode), latent, gradient_checkpointing, selective)
     activations = math.ceil(per_sample * ACTIVATION_CALIBRATION * batch_size)
     return MemoryPlan(variant if isinstance(variant, str) else "custom", mode, strategy, gpus, gpu_memory_gb,
                       optimizer.lower(), mixed_precision, gradient_checkpointing, batch_size, latent, params,
                       trainable, weights, gradients, states, transient, activations, CUDA_OVERHEAD, stage,
-                      sum(helpers.values()), tuple(helpers), sampled.get(largest, 0), largest)
+                      sum(helpers.values()), tuple(helpers), sampled.get(largest, 0), largest,
+                      "selective" if selective else "full")
 
 
 def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...] = GPU_COUNTS,
@@ -505,10 +555,16 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
         frozen += (f"; sampling: the peak while sample images render ({p.sampling_model}, the largest of their "
                    "models, on the GPU; gradients freed); total: the larger of the step and sampling")
     note = (f"GiB per GPU; {what}; {p.optimizer}, mixed_precision={p.mixed_precision}, gradient checkpointing "
-            f"{'on' if p.gradient_checkpointing else 'off'}, batch {p.batch_size} per GPU; {frozen}; activations "
+            f"{_checkpointing(p)}, batch {p.batch_size} per GPU; {frozen}; activations "
             f"are an estimate (x{ACTIVATION_CALIBRATION} the counted saved tensors), overhead "
             f"{CUDA_OVERHEAD / GiB:.0f} GiB included in total")
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], note])
+
+
+def _checkpointing(plan: MemoryPlan) -> str:
+    if not plan.gradient_checkpointing:
+        return "off"
+    return "on (selective)" if plan.gradient_checkpointing_mode == "selective" else "on"
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -525,6 +581,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer-args", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--gradient-checkpointing-mode", default="full", choices=["full", "selective"],
+                        help="selective: the blocks' matrix products' and attention's outputs are kept (more memory, "
+                        "less recomputation)")
     parser.add_argument("--batch-size", type=int, default=1, help="per GPU")
     parser.add_argument("--resolution", type=int, default=1024,
                         help="bucket side in image pixels (Stage C: 1024 -> 24x24 latents at the official scale; "
@@ -544,7 +603,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     settings = {f: getattr(args, f) for f in ("stage", "mode", "optimizer", "optimizer_args", "mixed_precision",
-                                              "gradient_checkpointing", "batch_size", "resolution",
+                                              "gradient_checkpointing", "gradient_checkpointing_mode",
+                                              "batch_size", "resolution",
                                               "training_scale", "network_dim", "network_target",
                                               "text_encoder_cached", "latents_cached", "samples")}
     print(plan_table(tuple(args.variant), tuple(args.gpus), tuple(args.gpu_memory), tuple(args.strategy),
@@ -562,12 +622,15 @@ def known_variant(model: Any, stage: str) -> str | None:
 
 def run_settings(config: Any, world_size: int, strategy: str) -> dict[str, Any]:
     """plan_memory's keywords for a TrainConfig on `world_size` processes (all but the variant and GPU size)."""
+    from .config import checkpointing_mode
+
     sampling = bool(config.sample_prompts) and bool(config.sample_every_n_steps or config.sample_every_n_epochs
                                                     or config.sample_at_first)
     return {"stage": config.stage, "mode": config.mode, "gpus": world_size,
             "strategy": "fsdp" if strategy == "fsdp" else "ddp", "optimizer": config.optimizer_type,
             "optimizer_args": config.optimizer_args, "mixed_precision": config.mixed_precision,
-            "gradient_checkpointing": config.gradient_checkpointing, "batch_size": config.train_batch_size,
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "gradient_checkpointing_mode": checkpointing_mode(config, "cuda"), "batch_size": config.train_batch_size,
             "resolution": config.resolution if isinstance(config.resolution, int) else tuple(config.resolution),
             "training_scale": config.training_scale, "network_dim": config.network_dim,
             "network_target": config.network_target, "text_encoder_cached": config.cache_text_encoder_outputs,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_matches_manifest, call_kwargs, load_fixture, read_manifest, reference_dir
+from conftest import assert_matches_manifest, call_kwargs, count_products, load_fixture, read_manifest, reference_dir
 
 from cascade_lab.models.common import AttnBlock, ResBlock
 from cascade_lab.models.stage_c import StageC, StageCConfig
@@ -156,21 +156,27 @@ def test_float16_autocast_is_refused():
 
 
 @pytest.mark.reference
-def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, autocast):
     _, reference, io = tiny
     inputs = forward_inputs(io)
-    grads, resblock_calls = [], []
-    for enabled in (False, True):
+    grads, resblock_calls, backward_products = [], [], []
+    for enabled, keep in ((False, False), (True, False), (True, True)):
         model = copy.deepcopy(reference).train()  # dropout is 0 in the tiny config
-        model.enable_gradient_checkpointing(enabled)
+        model.enable_gradient_checkpointing(enabled, keep_products=keep)
         count = count_forward_calls(next(m for m in model.modules() if isinstance(m, ResBlock)))
-        model(**inputs).square().mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).float().square().mean()
+        backward_products.append(count_products(loss.backward))
         grads.append({n: p.grad for n, p in model.named_parameters()})
         resblock_calls.append(len(count))
-    assert resblock_calls == [1, 2], "checkpointing reruns each block once in the backward pass"
-    assert grads[0].keys() == grads[1].keys()
+    assert resblock_calls == [1, 2, 2], "checkpointing reruns each block once in the backward pass"
+    off, full, keep = backward_products
+    assert keep == off < full, "selective checkpointing recomputes no product of the forward pass"
     for name in grads[0]:
+        assert grads[0][name] is not None, name
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+        assert torch.equal(grads[2][name], grads[1][name]), name  # kept outputs: the bits a recompute gives
 
 
 def test_gradient_checkpointing_is_inactive_in_eval():

@@ -146,6 +146,11 @@ def test_kohya_defaults_and_meanings() -> None:
     full, _, _ = parse_kohya(["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o",
                               "--train_data_dir", "d", "--seed", "3"], environ={})
     assert full["mode"] == "full" and full["seed"] == 3
+    assert full["gradient_checkpointing_mode"] == "auto"  # selective on a CPU, kohya's full recomputation on a GPU
+    chosen, _, _ = parse_kohya(["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir",
+                                "o", "--train_data_dir", "d", "--gradient_checkpointing",
+                                "--gradient_checkpointing_mode", "full"], environ={})
+    assert chosen["gradient_checkpointing"] and chosen["gradient_checkpointing_mode"] == "full"
 
 
 def test_the_caching_flags_of_kohyas_sdxl_group_are_accepted() -> None:

@@ -87,6 +87,56 @@ def test_checkpointed_bf16_steps_on_the_cpu_cast_each_weight_once(shapes_dir, sh
     assert plain_casts - kept_casts >= 3 * weights, (plain_casts, kept_casts, weights)
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_selective_checkpointing_on_the_cpu(shapes_dir, shared_cache, tmp_path, monkeypatch, precision) -> None:
+    """gradient_checkpointing_mode "auto" is selective on the CPU: the same losses and weights to the bit as
+    "full", without recomputing a single product of the forward pass in the backward."""
+    from conftest import count_products
+
+    import cascade_lab.training.loop as loop
+
+    step = loop.Trainer.train_step
+
+    def run(mode: str) -> tuple[list, dict, list[int], bool]:
+        products: list[int] = []
+        keeps = []
+
+        def counted_step(self: loop.Trainer) -> dict:
+            keeps.append(self.model.checkpoint_keeps_products)
+            result: list[dict] = []
+            products.append(count_products(lambda: result.append(step(self))))
+            return result[0]
+
+        monkeypatch.setattr(loop.Trainer, "train_step", counted_step)
+        result = train(**tiny_run(shapes_dir, shared_cache, tmp_path / mode, mode="full", max_train_steps=3,
+                                  mixed_precision=precision, gradient_checkpointing=True,
+                                  gradient_checkpointing_mode=mode))
+        return [r["loss"] for r in result.losses], result.stage_c.state_dict(), products, all(keeps)
+
+    auto_losses, auto_weights, auto_products, auto_keeps = run("auto")
+    full_losses, full_weights, full_products, full_keeps = run("full")
+    assert auto_keeps and not full_keeps
+    assert auto_losses == full_losses
+    assert all(torch.equal(auto_weights[k], full_weights[k]) for k in full_weights)
+    linears = sum(1 for m in StageCConfig.tiny().build().modules() if isinstance(m, torch.nn.Linear))
+    # the blocks' products run once a step instead of twice; most of the model's linears are in the blocks
+    pairs = list(zip(auto_products, full_products, strict=True))
+    assert len(pairs) == 3 and all(f - a >= linears // 2 for a, f in pairs), pairs
+
+
+def test_checkpointing_mode_is_resolved_per_device() -> None:
+    from cascade_lab.training.config import TrainConfig, checkpointing_mode
+
+    config = TrainConfig(train_data_dir="x", gradient_checkpointing=True)
+    assert config.gradient_checkpointing_mode == "auto"
+    assert checkpointing_mode(config, "cpu") == "selective" and checkpointing_mode(config, "cuda") == "full"
+    for mode in ("full", "selective"):
+        explicit = TrainConfig(train_data_dir="x", gradient_checkpointing_mode=mode)
+        assert checkpointing_mode(explicit, "cpu") == checkpointing_mode(explicit, "cuda") == mode
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing_mode='partial': use one of auto, full, selective"):
+        TrainConfig(train_data_dir="x", gradient_checkpointing_mode="partial").validate()
+
+
 def test_fp16_is_refused() -> None:
     with pytest.raises(ConfigError, match="float16"):
         train(train_data_dir="x", mixed_precision="fp16")

@@ -207,7 +207,8 @@ def prepare(folder: Path, wheel: str | None) -> None:
 
 # -- children ----------------------------------------------------------------------------------------------------
 def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: int, out: Path, threads: int,
-                  checkpointing: bool, profile: bool = False, optimizer: str = "adamw") -> None:
+                  checkpointing: bool, profile: bool = False, optimizer: str = "adamw",
+                  checkpointing_mode: str = "auto") -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -223,7 +224,8 @@ def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: i
     # load a file (a LoRA's frozen base in the compute dtype, a full fine-tune in fp32): a mid size has no variant
     fields.update(text_encoder_path=str(folder / "text_encoder"), stage_c_path=None, val_every_n_steps=0,
                   caption_dropout_rate=0.0, overwrite=True, cache_dir=str(folder / "cascade_cache"),
-                  val_items=2, val_timesteps=[0.5])  # its validation (before step 1, after the last) kept short
+                  val_items=2, val_timesteps=[0.5],  # its validation (before step 1, after the last) kept short
+                  gradient_checkpointing_mode=checkpointing_mode)
     config = TrainConfig.from_dict(fields, source="benchmark")
     dtype = torch.bfloat16 if mode == "lora" and precision == "bf16" else torch.float32
     stage_c = load_stage("stage_c", str(folder / "stage_c_mid.safetensors"), dtype=dtype, mmap=False,
@@ -295,7 +297,7 @@ def run_one(who: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     common += ["--optimizer", args.optimizer]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if who == "cascade_lab":
-        cmd = [sys.executable, __file__, "_cascade", *common]
+        cmd = [sys.executable, __file__, "_cascade", *common, "--checkpointing-mode", args.checkpointing_mode]
     else:
         cmd = [args.kohya_python, __file__, "_kohya", *common, "--kohya-src", str(args.kohya_src)]
         env.pop("PYTHONPATH", None)
@@ -338,7 +340,9 @@ def compare(args: argparse.Namespace) -> None:
     a, b = summary["cascade_lab"], summary["kohya"]
     loads = [float(x[key].split()[0]) for rows in records.values() for x in rows for key in ("load_before",
                                                                                               "load_after")]
-    setup = f"{args.mode} {args.precision} {args.optimizer}{' checkpointing' if args.checkpointing else ''}"
+    setup = f"{args.mode} {args.precision} {args.optimizer}"
+    if args.checkpointing:
+        setup += f" checkpointing (cascade_lab's mode: {args.checkpointing_mode}; auto is selective on a CPU)"
     print(f"\n{setup} (threads {args.threads}, batch {BATCH}, {RESOLUTION} px, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, load average "
           f"{min(loads):.1f}-{max(loads):.1f})")
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
                        help="adafactor: kohya's README arguments (scale_parameter/relative_step/warmup_init False)")
         c.add_argument("--kohya-src", type=Path, default=Path("/tmp/kohya_sc"))
+        c.add_argument("--checkpointing-mode", choices=["auto", "full", "selective"], default="auto",
+                       help="cascade_lab's gradient_checkpointing_mode (kohya recomputes whole blocks: full)")
         if name == "compare":
             c.add_argument("--kohya-python", default="/tmp/kohya_venv/bin/python")
             c.add_argument("--rounds", type=int, default=2)
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         compare(args)
     elif args.cmd == "_cascade":
         child_cascade(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
-                      args.checkpointing, args.profile, args.optimizer)
+                      args.checkpointing, args.profile, args.optimizer, args.checkpointing_mode)
     else:
         child_kohya(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
                     args.checkpointing, args.kohya_src, args.profile, args.optimizer)

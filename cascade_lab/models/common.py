@@ -44,17 +44,41 @@ def products() -> frozenset[Any]:
     return frozenset(ops)
 
 
+class KeepBudget:
+    """The bytes of product outputs selective checkpointing may keep over one forward pass (`limit`; None: no
+    limit), and what the last pass kept and left to recompute. Products past the limit are recomputed in the
+    backward, as with full checkpointing."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.kept = self.recomputed = 0
+
+    def reset(self) -> None:
+        self.kept = self.recomputed = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.limit is not None and self.kept + nbytes > self.limit:
+            self.recomputed += nbytes
+            return False
+        self.kept += nbytes
+        return True
+
+
+# (op, its tensor inputs' shapes, its outputs or None: recomputed, their versions)
+_Kept = deque[tuple[Any, list[torch.Size], Any, list[int]]]
+
+
 class _ProductCache(TorchDispatchMode):
     """One side of selective checkpointing, below autograd: in the forward pass (``replay`` False) it keeps the
-    outputs of the product ops; in the recomputation (True) it hands them back in the same order instead of
-    running the products, and runs every other op. Only the products are matched one to one: the other ops may
-    differ between the two runs (autocast's cache of its weight casts, for one, lives for one autocast region,
-    so a block called twice casts again in its recomputation), which torch's own selective checkpointing
+    outputs of the product ops (within `budget`); in the recomputation (True) it hands them back in the same order
+    instead of running the products, and runs every other op. Only the products are matched one to one: the other
+    ops may differ between the two runs (autocast's cache of its weight casts, for one, lives for one autocast
+    region, so a block called twice casts again in its recomputation), which torch's own selective checkpointing
     refuses."""
 
-    def __init__(self, kept: deque[tuple[Any, list[torch.Size], Any, list[int]]], replay: bool) -> None:
+    def __init__(self, kept: _Kept, replay: bool, budget: KeepBudget) -> None:
         super().__init__()
-        self.kept, self.replay = kept, replay
+        self.kept, self.replay, self.budget = kept, replay, budget
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -64,7 +88,11 @@ class _ProductCache(TorchDispatchMode):
         if not self.replay:
             out = func(*args, **kwargs)
             kept = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
-            self.kept.append((func, shapes, kept, [t._version for t in tree_leaves(kept) if isinstance(t, Tensor)]))
+            tensors = [t for t in tree_leaves(kept) if isinstance(t, Tensor)]
+            if self.budget.take(sum(t.numel() * t.element_size() for t in tensors)):
+                self.kept.append((func, shapes, kept, [t._version for t in tensors]))
+            else:
+                self.kept.append((func, shapes, None, []))
             return out
         if not self.kept:
             raise RuntimeError(f"selective checkpointing: the recomputed block ran {func} beyond the products its "
@@ -74,16 +102,19 @@ class _ProductCache(TorchDispatchMode):
             raise RuntimeError(f"selective checkpointing: the recomputed block ran {func} on {shapes} where its "
                                f"forward pass ran {op} on {op_shapes}; the block must run the same products in the "
                                "same order")
+        if kept is None:  # past the budget: recomputed
+            return func(*args, **kwargs)
         if versions != [t._version for t in tree_leaves(kept) if isinstance(t, Tensor)]:
             raise RuntimeError(f"selective checkpointing: the kept output of {func} was changed in place after the "
                                "forward pass; a block must leave its products' outputs as they are")
         return kept
 
 
-def keep_products_context() -> tuple[_ProductCache, _ProductCache]:
+def keep_products_context(budget: KeepBudget | None = None) -> tuple[_ProductCache, _ProductCache]:
     """``context_fn`` of ``torch.utils.checkpoint.checkpoint`` for selective checkpointing (see `products`)."""
-    kept: deque[tuple[Any, list[torch.Size], Any, list[int]]] = deque()
-    return _ProductCache(kept, False), _ProductCache(kept, True)
+    kept: _Kept = deque()
+    budget = budget or KeepBudget()
+    return _ProductCache(kept, False, budget), _ProductCache(kept, True, budget)
 
 
 class Linear(nn.Linear):
@@ -602,6 +633,7 @@ class LevelUNet(nn.Module):
 
     gradient_checkpointing: bool = False
     checkpoint_keeps_products: bool = False
+    checkpoint_budget: KeepBudget | None = None
     _cond_cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]] | None = None
     _compiled_denoise: Callable[..., Tensor] | None = None
     _compile_options: dict[str, Any] | None = None
@@ -681,16 +713,20 @@ class LevelUNet(nn.Module):
     def _repeat_mappers(c: int, repeat: int) -> nn.ModuleList:
         return nn.ModuleList([Conv2d(c, c, kernel_size=1) for _ in range(repeat - 1)])
 
-    def enable_gradient_checkpointing(self, enabled: bool = True, *, keep_products: bool = False) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, *, keep_products: bool = False,
+                                      keep_bytes: int | None = None) -> None:
         """Recompute each block in the backward pass (non-reentrant); only used in training mode.
 
         keep_products: selective checkpointing. The outputs of each block's matrix products and attention kernel
         are kept from the forward pass and only the rest of the block is recomputed: the backward's extra work
         drops from a whole forward pass to its elementwise part (the mid-size Stage C's bf16 step on a CPU:
         -12 %), for more memory than plain checkpointing (those outputs: about a third of what the block saves
-        without checkpointing). Gradients are the same bits either way."""
+        without checkpointing). Gradients are the same bits either way. keep_bytes: the most bytes of those outputs
+        one forward pass keeps (None: all); the products past it are recomputed (`checkpoint_budget` says how many
+        bytes the last pass kept and left)."""
         self.gradient_checkpointing = enabled
         self.checkpoint_keeps_products = enabled and keep_products
+        self.checkpoint_budget = KeepBudget(keep_bytes) if self.checkpoint_keeps_products else None
 
     @contextmanager
     def conditioning_cache(self) -> Iterator[None]:
@@ -743,6 +779,8 @@ class LevelUNet(nn.Module):
             self._compiled_denoise, self._compile_options = torch.compile(self._denoise, **options), options
 
     def _run_denoise(self, *args: Any) -> Tensor:
+        if self.checkpoint_budget is not None and self.training and torch.is_grad_enabled():
+            self.checkpoint_budget.reset()  # a budget per checkpointed forward pass
         return (self._compiled_denoise or self._denoise)(*args)
 
     def _run(self, block: nn.Module, x: Tensor, r_embed: Tensor, clip: Tensor, skip: Tensor | None,
@@ -758,7 +796,7 @@ class LevelUNet(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.checkpoint_keeps_products:
                 return checkpoint(block, *args, use_reentrant=False,  # type: ignore[no-any-return]
-                                  context_fn=keep_products_context)
+                                  context_fn=functools.partial(keep_products_context, self.checkpoint_budget))
             return checkpoint(block, *args, use_reentrant=False)  # type: ignore[no-any-return]
         return block(*args)  # type: ignore[no-any-return]
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..diffusion import AdaptiveLossWeight, P2LossWeight, diffuse, train_t
 from ..pipeline import release_freed_memory
+from ..weights.memory import available_memory
 from . import distributed as dist
 from .cache import LatentCache, TextCache, check_cache_options, encode_images, encode_text
 from .config import TrainConfig, checkpointing_mode
@@ -96,8 +97,12 @@ class Trainer:
             self.network.attach(model)
             params = list(self.network.parameters())
         if config.gradient_checkpointing:
-            model.enable_gradient_checkpointing(  # type: ignore[operator]
-                True, keep_products=checkpointing_mode(config, self.device.type) == "selective")
+            selective = checkpointing_mode(config, self.device.type) == "selective"
+            keep_bytes = None  # "selective" asked for: every product output kept
+            if selective and config.gradient_checkpointing_mode == "auto":  # the CPU's default: within a quarter
+                keep_bytes = available_memory(self.device) // 4  # of the memory available now
+            model.enable_gradient_checkpointing(True, keep_products=selective,  # type: ignore[operator]
+                                                keep_bytes=keep_bytes)
         dropout = config.dropout if config.dropout is not None else config.mode == "full"
         set_dropout(model, dropout)
         if self.sharded:  # FSDP2: the parameters become DTensor shards, so collect them after sharding
@@ -298,6 +303,8 @@ class Trainer:
                               RuntimeWarning, stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.step == 1:
+            self._report_checkpoint_budget()
         if self.nan_streak >= self.config.max_nan_steps:
             raise NonFiniteLoss(f"{self.nan_streak} steps in a row had a non-finite loss or gradient (last at step "
                                 f"{self.step}); the run stopped without saving, the last good checkpoint is kept. "
@@ -307,6 +314,18 @@ class Trainer:
                 "skipped": not finite, "time": time.time()}
 
     # -- validation ------------------------------------------------------------------------------------
+    def _report_checkpoint_budget(self) -> None:
+        """After the first step: say so when "auto" selective checkpointing could not keep every product output."""
+        budget = getattr(self.model, "checkpoint_budget", None)
+        if budget is None or not budget.recomputed or budget.limit is None:
+            return
+        mib = 2**20
+        warnings.warn(f"selective gradient checkpointing keeps {budget.kept / mib:.0f} MiB of the blocks' product "
+                      f"outputs, its limit here (a quarter of the {4 * budget.limit / mib:.0f} MiB of memory available "
+                      f"at the start); the other {budget.recomputed / mib:.0f} MiB are recomputed in the backward as "
+                      "with full checkpointing. gradient_checkpointing_mode='selective' keeps them all, 'full' none",
+                      RuntimeWarning, stacklevel=3)
+
     def val_indices(self) -> list[int]:
         return list(range(min(self.config.val_items, len(self.data.records))))
 

@@ -179,6 +179,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, autocast):
         assert torch.equal(grads[2][name], grads[1][name]), name  # kept outputs: the bits a recompute gives
 
 
+@pytest.mark.reference
+def test_selective_checkpointing_keeps_products_within_its_budget(tiny):
+    """keep_bytes bounds what one forward pass keeps; the products past it are recomputed, with the same gradients.
+    The budget is per forward pass: a second step keeps as much as the first."""
+    _, reference, io = tiny
+    inputs = forward_inputs(io)
+
+    def step(model: torch.nn.Module) -> tuple[int, dict]:
+        loss = model(**inputs).square().mean()
+        products = count_products(loss.backward)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return products, grads
+
+    runs = {}
+    for name, keep_bytes in (("all", None), ("none", 0), ("half", None)):
+        model = copy.deepcopy(reference).train()
+        model.enable_gradient_checkpointing(True, keep_products=True, keep_bytes=keep_bytes)
+        if name == "half":
+            model.checkpoint_budget.limit = runs["all"][2] // 2
+        first, grads = step(model)
+        second, _ = step(model)
+        runs[name] = (first, grads, model.checkpoint_budget.kept, model.checkpoint_budget.recomputed, second)
+    full = copy.deepcopy(reference).train()
+    full.enable_gradient_checkpointing(True)
+    full_products, full_grads = step(full)
+    assert runs["all"][3] == 0 and runs["none"][2] == 0 and runs["none"][3] == runs["all"][2]
+    assert runs["none"][0] == full_products > runs["half"][0] > runs["all"][0]
+    assert 0 < runs["half"][2] <= runs["all"][2] // 2 and runs["half"][2] + runs["half"][3] == runs["all"][2]
+    for name, (first, grads, _, _, second) in runs.items():
+        assert second == first, name
+        for key in full_grads:
+            assert torch.equal(grads[key], full_grads[key]), (name, key)
+
+
 def test_gradient_checkpointing_is_inactive_in_eval():
     model = StageC(**StageCConfig.tiny().kwargs()).eval()
     model.gradient_checkpointing = True

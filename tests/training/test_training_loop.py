@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -122,6 +123,31 @@ def test_selective_checkpointing_on_the_cpu(shapes_dir, shared_cache, tmp_path, 
     # the blocks' products run once a step instead of twice; most of the model's linears are in the blocks
     pairs = list(zip(auto_products, full_products, strict=True))
     assert len(pairs) == 3 and all(f - a >= linears // 2 for a, f in pairs), pairs
+
+
+def test_selective_checkpointing_on_a_small_machine_says_what_it_recomputes(shapes_dir, shared_cache, tmp_path,
+                                                                            monkeypatch) -> None:
+    """"auto" keeps the product outputs within a quarter of the memory available at the start; past it they are
+    recomputed, and the first step says so. The losses do not change."""
+    import cascade_lab.training.loop as loop
+
+    losses = {}
+    for mode in ("full", "auto"):
+        monkeypatch.setattr(loop, "available_memory", lambda device: 4 * 100_000)  # 100 kB to keep
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = train(**tiny_run(shapes_dir, shared_cache, tmp_path / mode, mode="full", max_train_steps=2,
+                                   gradient_checkpointing=True, gradient_checkpointing_mode=mode))
+        notices = [str(w.message) for w in caught if "selective gradient checkpointing" in str(w.message)]
+        losses[mode] = [r["loss"] for r in run.losses]
+        if mode == "full":
+            assert notices == [] and run.stage_c.checkpoint_budget is None
+            continue
+        budget = run.stage_c.checkpoint_budget
+        assert budget.limit == 100_000 and 0 < budget.kept <= 100_000 < budget.kept + budget.recomputed
+        assert len(notices) == 1 and "a quarter of the 0 MiB of memory available" in notices[0]
+        assert "'selective' keeps them all" in notices[0]
+    assert losses["auto"] == losses["full"]
 
 
 def test_checkpointing_mode_is_resolved_per_device() -> None:

@@ -721,9 +721,9 @@ class LevelUNet(nn.Module):
         are kept from the forward pass and only the rest of the block is recomputed: the backward's extra work
         drops from a whole forward pass to its elementwise part (the mid-size Stage C's bf16 step on a CPU:
         -12 %), for more memory than plain checkpointing (those outputs: 40-60 % of what the blocks save without
-        checkpointing, benchmarks/RESULTS.md). Gradients are the same bits either way. keep_bytes: the most bytes of those outputs
-        one forward pass keeps (None: all); the products past it are recomputed (`checkpoint_budget` says how many
-        bytes the last pass kept and left)."""
+        checkpointing, benchmarks/RESULTS.md). Gradients are the same bits either way. keep_bytes: the most bytes
+        of those outputs one forward pass keeps (None: all); the products past it are recomputed
+        (`checkpoint_budget` says how many bytes the last pass kept and left)."""
         self.gradient_checkpointing = enabled
         self.checkpoint_keeps_products = enabled and keep_products
         self.checkpoint_budget = KeepBudget(keep_bytes) if self.checkpoint_keeps_products else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -100,7 +101,8 @@ class Trainer:
             selective = checkpointing_mode(config, self.device.type) == "selective"
             keep_bytes = None  # "selective" asked for: every product output kept
             if selective and config.gradient_checkpointing_mode == "auto":  # the CPU's default: within a quarter
-                keep_bytes = available_memory(self.device) // 4  # of the memory available now
+                # of the memory available now, shared by the training processes on this machine (torchrun's count)
+                keep_bytes = available_memory(self.device) // (4 * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
             model.enable_gradient_checkpointing(True, keep_products=selective,  # type: ignore[operator]
                                                 keep_bytes=keep_bytes)
         dropout = config.dropout if config.dropout is not None else config.mode == "full"
@@ -321,10 +323,11 @@ class Trainer:
             return
         mib = 2**20
         warnings.warn(f"selective gradient checkpointing keeps {budget.kept / mib:.0f} MiB of the blocks' product "
-                      f"outputs, its limit here (a quarter of the {4 * budget.limit / mib:.0f} MiB of memory available "
-                      f"at the start); the other {budget.recomputed / mib:.0f} MiB are recomputed in the backward as "
-                      "with full checkpointing. gradient_checkpointing_mode='selective' keeps them all, 'full' none",
-                      RuntimeWarning, stacklevel=3)
+                      f"outputs, within its limit here ({budget.limit / mib:.0f} MiB: a quarter of the memory "
+                      f"available at the start, shared by this machine's training processes); the other "
+                      f"{budget.recomputed / mib:.0f} MiB are recomputed in the backward as with full checkpointing. "
+                      "gradient_checkpointing_mode='selective' keeps them all, 'full' none", RuntimeWarning,
+                      stacklevel=3)
 
     def val_indices(self) -> list[int]:
         return list(range(min(self.config.val_items, len(self.data.records))))

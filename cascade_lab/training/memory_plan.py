@@ -683,6 +683,11 @@ def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[st
                 break
     if not plan.gradient_checkpointing:
         out.append("gradient_checkpointing=true cuts the activations")
+    elif plan.gradient_checkpointing_mode == "selective":
+        full = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb,
+                           **{**settings, "gradient_checkpointing_mode": "full"})
+        out.append(f"gradient_checkpointing_mode='full' recomputes the products selective checkpointing keeps "
+                   f"(activations {plan.activations / GiB:.1f} -> {full.activations / GiB:.1f} GiB)")
     if plan.batch_size > 1:
         out.append("a smaller train_batch_size with gradient_accumulation_steps keeps the global batch")
     if plan.mode == "full":

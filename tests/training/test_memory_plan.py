@@ -182,6 +182,22 @@ def test_stage_b_sizes_latents_and_frozen_models() -> None:
         plan_memory(StageCConfig.tiny(), stage="b")
 
 
+def test_selective_checkpointing_that_may_not_fit_advises_full() -> None:
+    with torch.device("meta"):
+        lite = StageCConfig.lite().build()
+    settings = {"mode": "full", "model": "lite", "train_data_dir": "x", "mixed_precision": "bf16",
+                "gradient_checkpointing": True}
+    selective = TrainConfig(**settings, gradient_checkpointing_mode="selective")
+    cuda = torch.device("cuda")
+    full_plan = check_fit(TrainConfig(**settings), lite, cuda, 1, "single", gpu_memory_gb=80)
+    selective_plan = check_fit(selective, lite, cuda, 1, "single", gpu_memory_gb=80)
+    between = (full_plan.total + selective_plan.total) / 2 / GiB  # full fits, selective does not
+    assert check_fit(TrainConfig(**settings), lite, cuda, 1, "single", gpu_memory_gb=between).fits
+    with pytest.warns(RuntimeWarning, match=r"may not fit.*gradient_checkpointing_mode='full' recomputes the "
+                      r"products selective checkpointing keeps \(activations 0\.\d -> 0\.\d GiB\)"):
+        check_fit(selective, lite, cuda, 1, "single", gpu_memory_gb=between)
+
+
 def test_selective_checkpointing_is_planned_between_full_and_none() -> None:
     off = plan_memory("full", gradient_checkpointing=False)
     full = plan_memory("full")

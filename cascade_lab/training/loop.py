@@ -319,7 +319,7 @@ class Trainer:
     def _report_checkpoint_budget(self) -> None:
         """After the first step: say so when "auto" selective checkpointing could not keep every product output."""
         budget = getattr(self.model, "checkpoint_budget", None)
-        if budget is None or not budget.recomputed or budget.limit is None:
+        if budget is None or not budget.recomputed:  # recomputed only past a limit
             return
         mib = 2**20
         warnings.warn(f"selective gradient checkpointing keeps {budget.kept / mib:.0f} MiB of the blocks' product "

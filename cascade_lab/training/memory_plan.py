@@ -229,7 +229,9 @@ def saved_activation_bytes(variant: Any, *, stage: str = "c", mixed_precision: s
 
 def _selective(mode: str) -> bool:
     """Whether a planned gradient_checkpointing_mode keeps the products ("auto" plans a GPU run: full)."""
-    if mode not in ("auto", "full", "selective"):
+    from .config import CHECKPOINTING_MODES
+
+    if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"gradient_checkpointing_mode={mode!r}: use 'full', 'selective' or 'auto' (full on a GPU)")
     return mode == "selective"
 
@@ -369,19 +371,14 @@ def _count_saved(config: Any, precision: str, latent: tuple[int, int], checkpoin
             mixed.enter_context(_product_outputs(current, kept, alive, is_map))
         with mixed, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.rand(1), *conditioning)
-    per_call: dict[Any, int] = {}
-    for call, size in saved.values():
-        per_call[call] = per_call.get(call, 0) + size
+    per_call: dict[Any, int] = {}  # kept outputs (selective checkpointing) are not recomputed: counted apart
+    for key, (call, size) in saved.items():
+        if key not in kept:
+            per_call[call] = per_call.get(call, 0) + size
     if not checkpointing:
         return sum(per_call.values())
-    if keep_products:  # the recomputed block's activations other than its kept outputs
-        per_call = {}
-        for key, (call, size) in saved.items():
-            if key not in kept:
-                per_call[call] = per_call.get(call, 0) + size
     largest = max((v for k, v in per_call.items() if k is not None), default=0)
-    outside = sum(size for call, size in saved.values() if call is None)
-    return outside + sum(inputs.values()) + sum(size for _, size in kept.values()) + largest
+    return per_call.get(None, 0) + sum(inputs.values()) + sum(size for _, size in kept.values()) + largest
 
 
 def _adafactor_bytes(shapes: list[tuple[int, ...]], beta1: bool) -> tuple[int, int]:

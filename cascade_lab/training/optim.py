@@ -235,10 +235,12 @@ def optimizer_step(optimizer: Any) -> None:
 
 
 def lr_lambda(name: str, warmup: int, total: int) -> Any:
-    """Multiplier of the base learning rate at optimizer step s (0-based): warm-up, then the named shape."""
+    """Multiplier of the base learning rate at optimizer step s (0-based): warm-up s / warmup from 0, so the first
+    step runs at learning rate 0 (kohya's diffusers schedules; the official trainer's GradualWarmupScheduler too),
+    then the named shape."""
     def factor(step: int) -> float:
         if warmup and step < warmup and name != "constant":
-            return (step + 1) / (warmup + 1)
+            return step / warmup
         if name in ("constant", "constant_with_warmup"):
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))

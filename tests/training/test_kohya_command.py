@@ -294,10 +294,7 @@ def test_newer_kohya_flags_are_honoured_or_explained(tmp_path: Path) -> None:
     shuffled = {make_caption("a; b; c; d", subset, 1, rng) for _ in range(40)}
     assert all(c.startswith("pre, ") and c.count(", ") == 5 for c in shuffled) and len(shuffled) > 1
     assert make_caption("a; b", subset, 3, rng) == ""  # every 3rd epoch: empty captions
-    for argv, message in (([*base, "--use_8bit_adam"], "--use_8bit_adam: kohya's old spelling of --optimizer_type "
-                                                       "AdamW8bit"),
-                          ([*base, "--lr_scheduler_type", "CosineAnnealingLR"], "custom scheduler classes"),
-                          ([*base, "--debug_dataset"], "--debug_dataset: kohya shows the dataset"),
+    for argv, message in (([*base, "--debug_dataset"], "--debug_dataset: kohya shows the dataset"),
                           ([*base, "--resolution", "1024,wide"], "--resolution 1024,wide: use a size in pixels"),
                           ([*base, "--caption_separator", ""], None)):
         if message is None:

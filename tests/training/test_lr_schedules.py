@@ -75,6 +75,9 @@ def test_lr_scheduler_args_of_diffusers_schedules() -> None:
     theirs = _optimizer()
     assert got == _lrs(theirs, get_scheduler("piecewise_constant", theirs, step_rules=rules))
     assert got[4] == 1e-3 and got[5] == 5e-4 and got[10] == pytest.approx(1e-4)
+    unquoted = _optimizer()  # kohya's literal_eval stops at 1:5,...; read as text here
+    assert _lrs(unquoted, build_scheduler(unquoted, "piecewise_constant", 0, TOTAL,
+                                          scheduler_args=[f"step_rules={rules}"])) == got
     with pytest.raises(ConfigError, match="'cosine_with_restarts' takes none"):
         build_scheduler(_optimizer(), "cosine_with_restarts", 0, TOTAL, scheduler_args=["num_cycles=2"])
     with pytest.raises(ConfigError, match="piecewise_constant' needs its rules"):

@@ -85,7 +85,8 @@ class Trainer:
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         from .lora_train import LoraNetwork
-        from .optim import build_optimizer, build_scheduler
+        from .optim import build_optimizer
+        from .schedules import build_scheduler
 
         config, model = self.config, self.model
         if config.mode == "full":

@@ -11,7 +11,8 @@ import torch
 
 from cascade_lab.training.config import ConfigError, TrainConfig
 from cascade_lab.training.kohya_args import parse_kohya
-from cascade_lab.training.optim import build_optimizer, build_scheduler
+from cascade_lab.training.optim import build_optimizer
+from cascade_lab.training.schedules import build_scheduler
 
 optimization = pytest.importorskip("diffusers.optimization")  # what kohya builds (the test extra installs it)
 get_scheduler = optimization.get_scheduler

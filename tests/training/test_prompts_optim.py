@@ -14,11 +14,11 @@ from cascade_lab.training.optim import (
     Adafactor,
     build_optimizer,
     clip_grad_norm,
-    lr_lambda,
     optimizer_step,
     parse_optimizer_args,
 )
 from cascade_lab.training.sampling import SamplePrompt, load_prompts, parse_prompt_line
+from cascade_lab.training.schedules import lr_lambda
 
 
 def test_prompt_line_grammar() -> None:
@@ -230,7 +230,7 @@ def test_warmup_as_a_fraction_of_the_run() -> None:
     """Newer kohya takes `--lr_warmup_steps 0.05` as 5 % of the optimizer steps; whole numbers stay steps."""
     from cascade_lab.training.config import TrainConfig
     from cascade_lab.training.kohya_args import parse_kohya
-    from cascade_lab.training.optim import build_scheduler, warmup_steps
+    from cascade_lab.training.schedules import build_scheduler, warmup_steps
 
     settings, _, _ = parse_kohya(["--model", "tiny", "--train_data_dir", "d", "--output_dir", "o",
                                   "--lr_warmup_steps", "0.05", "--lr_scheduler", "constant_with_warmup"])

@@ -282,6 +282,9 @@ class TrainConfig:
         from .optimizers import check_name
 
         check_name(self.optimizer_type)
+        if self.lr_scheduler.split(":")[0] == "adafactor" and self.optimizer_type.lower() != "adafactor":
+            raise ConfigError(f"lr_scheduler={self.lr_scheduler!r} goes with optimizer_type='Adafactor' (kohya "
+                              f"asserts it), not {self.optimizer_type!r}: choose another lr_scheduler")
         if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 32:
             raise ConfigError(f"bucket_reso_steps={self.bucket_reso_steps}: use a multiple of 32 (EfficientNet "
                               "reduces by 32, so other steps cannot give whole latents)")

@@ -129,7 +129,9 @@ def test_adafactor_schedule() -> None:
         build_scheduler(relative, "adafactor", 5, TOTAL)
     with pytest.raises(ConfigError, match="'adafactor' goes with optimizer_type='Adafactor' and relative_step=True"):
         build_scheduler(_optimizer(), "adafactor", 0, TOTAL)
-    TrainConfig(train_data_dir="d", lr_scheduler="adafactor:1e-3").validate()
+    TrainConfig(train_data_dir="d", lr_scheduler="adafactor:1e-3", optimizer_type="Adafactor").validate()
+    with pytest.raises(ConfigError, match="lr_scheduler='adafactor' goes with optimizer_type='Adafactor'"):
+        TrainConfig(train_data_dir="d", lr_scheduler="adafactor", optimizer_type="Lion").validate()
     for bad in ("adafactor:x", "adafactor:1:2", "cosine_restarts"):
         with pytest.raises(ConfigError, match=f"lr_scheduler='{bad}'"):
             TrainConfig(train_data_dir="d", lr_scheduler=bad).validate()

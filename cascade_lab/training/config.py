@@ -41,7 +41,8 @@ DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside 
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
 RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
-               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
+               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
+               "lr_scheduler_type")  # another scheduler class cannot read the saved one's state
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,

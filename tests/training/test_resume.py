@@ -104,6 +104,9 @@ def test_resume_refuses_other_settings(shapes_dir, shared_cache, tmp_path) -> No
     with pytest.raises(ValueError, match="adaptive_loss_weight"):
         train(**settings(shapes_dir, shared_cache, tmp_path, max_train_steps=4, adaptive_loss_weight=False,
                          resume="auto"))
+    with pytest.raises(ValueError, match="lr_scheduler_type: '' → 'StepLR'"):
+        train(**settings(shapes_dir, shared_cache, tmp_path, max_train_steps=4, lr_warmup_steps=0,
+                         lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=2"], resume="auto"))
 
 
 @pytest.mark.parametrize("fail_at", [3, 4])

@@ -25,8 +25,9 @@ else:  # pragma: no cover - Python 3.10
 MODES = ("lora", "full")
 STAGES = ("c", "b")
 SCALES = ("official", "kohya")
-OPTIMIZERS = ("adamw", "adafactor")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear")
+OPTIMIZERS = ("adamw", "adafactor")  # built by optim.py; kohya's other names: optimizers.KINDS, or a class path
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear", "cosine_with_restarts",
+                 "polynomial", "piecewise_constant", "adafactor")  # "adafactor:LR" too (kohya)
 NETWORK_TARGETS = ("attention", "all_linear")
 PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
@@ -40,7 +41,8 @@ DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside 
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
 RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
-               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
+               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
+               "lr_scheduler_type")  # another scheduler class cannot read the saved one's state
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
@@ -149,9 +151,15 @@ class TrainConfig:
     max_train_steps: int = 1000  # optimizer steps
     max_train_epochs: int | None = None  # when set, overrides max_train_steps
     learning_rate: float = 1e-4  # official and kohya README
-    optimizer_type: str = "adamw"  # "adamw" (official: wd 0.01) or "adafactor" (kohya README)
+    # "adamw" (official: wd 0.01), "adafactor" (kohya README), or kohya's others: Lion, SGDNesterov, Prodigy,
+    # DAdapt*, AdamW8bit..., a torch.optim class ("RAdam") or "package.module.Class"
+    optimizer_type: str = "adamw"
     optimizer_args: list[str] = field(default_factory=list)  # kohya "key=value", e.g. "relative_step=False"
     lr_scheduler: str = "constant"
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts' cycles (kohya)
+    lr_scheduler_power: float = 1.0  # polynomial's exponent (kohya)
+    lr_scheduler_type: str = ""  # a torch.optim.lr_scheduler class or "package.module.Class"; wins over lr_scheduler
+    lr_scheduler_args: list[str] = field(default_factory=list)  # "key=value" for lr_scheduler_type (or step_rules)
     lr_warmup_steps: int | float = 0  # steps, or a fraction in [0, 1) of the run's steps (newer kohya)
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -246,7 +254,21 @@ class TrainConfig:
         choice("stage", STAGES)
         choice("mode", MODES)
         choice("training_scale", SCALES)
-        choice("lr_scheduler", LR_SCHEDULERS)
+        if self.lr_scheduler.split(":")[0] != "adafactor" or self.lr_scheduler.count(":") > 1:
+            choice("lr_scheduler", LR_SCHEDULERS)
+        elif ":" in self.lr_scheduler:
+            try:
+                float(self.lr_scheduler.split(":")[1])
+            except ValueError:
+                raise ConfigError(f"lr_scheduler={self.lr_scheduler!r}: write 'adafactor' or 'adafactor:<initial "
+                                  "learning rate>' (kohya), e.g. 'adafactor:1e-3'") from None
+        if self.lr_scheduler_type and not all(part.isidentifier() for part in self.lr_scheduler_type.split(".")):
+            raise ConfigError(f"lr_scheduler_type={self.lr_scheduler_type!r}: give a torch.optim.lr_scheduler class "
+                              "(e.g. 'CosineAnnealingLR') or 'package.module.Class'")
+        if isinstance(self.lr_scheduler_num_cycles, bool) or int(self.lr_scheduler_num_cycles) < 1:
+            raise ConfigError(f"lr_scheduler_num_cycles={self.lr_scheduler_num_cycles}: use 1 or more cosine cycles")
+        if not (self.lr_scheduler_power > 0 and math.isfinite(self.lr_scheduler_power)):
+            raise ConfigError(f"lr_scheduler_power={self.lr_scheduler_power}: use a positive exponent (1: linear)")
         choice("network_target", NETWORK_TARGETS)
         choice("save_precision", SAVE_PRECISIONS)
         choice("strategy", STRATEGIES)
@@ -258,8 +280,12 @@ class TrainConfig:
                               "overflows: black/NaN images, official readme; the official Stage B trainer uses "
                               "bf16); use 'bf16' or 'no' (fp32)")
         choice("mixed_precision", PRECISIONS)
-        if self.optimizer_type.lower() not in OPTIMIZERS:
-            raise ConfigError(f"optimizer_type={self.optimizer_type!r}: use 'AdamW' or 'Adafactor'")
+        from .optimizers import check_name
+
+        check_name(self.optimizer_type)
+        if self.lr_scheduler.split(":")[0] == "adafactor" and self.optimizer_type.lower() != "adafactor":
+            raise ConfigError(f"lr_scheduler={self.lr_scheduler!r} goes with optimizer_type='Adafactor' (kohya "
+                              f"asserts it), not {self.optimizer_type!r}: choose another lr_scheduler")
         if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 32:
             raise ConfigError(f"bucket_reso_steps={self.bucket_reso_steps}: use a multiple of 32 (EfficientNet "
                               "reduces by 32, so other steps cannot give whole latents)")
@@ -322,8 +348,9 @@ class TrainConfig:
                 raise ConfigError(f"{source}: give the dataset either as [general]/[[datasets]] tables or as "
                                   "'dataset', not both")
             data["dataset"] = inline
-        if isinstance(data.get("optimizer_args"), str):
-            data["optimizer_args"] = data["optimizer_args"].split()
+        for key in ("optimizer_args", "lr_scheduler_args"):
+            if isinstance(data.get(key), str):
+                data[key] = data[key].split()
         return cls(**data)
 
     @classmethod

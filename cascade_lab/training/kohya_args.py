@@ -203,9 +203,6 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if not args.text_model_checkpoint_path:
         notices.append("no --text_model_checkpoint_path: kohya downloads the laion CLIP-G on every run; "
                        "cascade_lab uses the text encoder of the model's variant (found locally, no download)")
-    if args.lr_scheduler_type:
-        raise ConfigError(f"--lr_scheduler_type {args.lr_scheduler_type}: custom scheduler classes are not supported; "
-                          "use --lr_scheduler constant|linear|cosine (with --lr_warmup_steps)")
     caption_extension = args.caption_extension
     if args.caption_extention is not None:  # kohya: the misspelt flag wins when given
         caption_extension = args.caption_extention
@@ -218,9 +215,13 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if args.save_last_n_steps is not None and not args.save_every_n_steps:
         notices.append("--save_last_n_steps without --save_every_n_steps: no effect (there are no step saves to "
                        "prune, as in kohya)")
-    optimizer = (args.optimizer_type or "AdamW").lower()
-    if optimizer not in ("adamw", "adafactor"):
-        raise ConfigError(f"--optimizer_type {args.optimizer_type}: cascade_lab has AdamW and Adafactor")
+    optimizer = _optimizer_type(args)
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and (args.lr_warmup_steps or args.lr_scheduler_type or args.lr_scheduler == "piecewise_constant"):
+        notices.append(f"{world} processes: kohya's schedule is stepped {world} times per optimizer step (accelerate) "
+                       f"over max_train_steps x {world}, so its warm-up and any step counts of --lr_scheduler_args "
+                       f"take 1/{world} of the optimizer steps they name; cascade_lab steps it once per optimizer "
+                       "step, as the numbers say")
     target = "all_linear"
     for item in args.network_args:
         key, sep, value = item.partition("=")
@@ -259,6 +260,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "train_batch_size": args.train_batch_size, "max_train_steps": args.max_train_steps,
         "max_train_epochs": args.max_train_epochs, "learning_rate": args.unet_lr or args.learning_rate,
         "optimizer_type": optimizer, "optimizer_args": list(args.optimizer_args), "lr_scheduler": args.lr_scheduler,
+        "lr_scheduler_num_cycles": args.lr_scheduler_num_cycles, "lr_scheduler_power": args.lr_scheduler_power,
+        "lr_scheduler_type": args.lr_scheduler_type, "lr_scheduler_args": list(args.lr_scheduler_args or []),
         "lr_warmup_steps": args.lr_warmup_steps, "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "max_grad_norm": args.max_grad_norm, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -282,6 +285,25 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if (args.sample_every_n_epochs or args.sample_every_n_steps or args.sample_at_first) and not args.sample_prompts:
         notices.append("a --sample_every_* flag without --sample_prompts: no samples (as in kohya)")
     return fields, notices, bool(args.quiet)
+
+
+def _optimizer_type(args: argparse.Namespace) -> str:
+    """--optimizer_type with kohya's old aliases --use_8bit_adam (AdamW8bit) and --use_lion_optimizer (Lion)."""
+    given = args.optimizer_type or ""
+    if args.use_8bit_adam and args.use_lion_optimizer:
+        raise ConfigError("--use_8bit_adam and --use_lion_optimizer both given (kohya stops too): keep one, or write "
+                          "--optimizer_type AdamW8bit / Lion")
+    for flag, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if getattr(args, flag):
+            if given:
+                raise ConfigError(f"--{flag} and --optimizer_type {given} both given (kohya stops too): --{flag} is "
+                                  f"kohya's old spelling of --optimizer_type {name}; keep one")
+            return name.lower()
+    if not given:
+        return "adamw"
+    from .optimizers import KINDS, OWN
+
+    return given.lower() if given.lower() in OWN or given.lower() in KINDS else given  # a class path keeps its case
 
 
 def is_kohya_command(argv: Sequence[str]) -> bool:

@@ -47,7 +47,6 @@ NO_EFFECT = {
     "vae": "Stable Cascade has no VAE; the EfficientNet file is --effnet_checkpoint_path",
     "training_comment": "not stored", "no_metadata": "metadata is always written (kohya ss_* and modelspec keys)",
     "network_dropout": "LoRA dropout is not implemented", "scale_weight_norms": "not implemented; no max-norm",
-    "lr_scheduler_num_cycles": "cosine schedules run one cycle", "lr_scheduler_power": "linear decay is used",
     "full_bf16": "Stage C keeps float32 master weights under bf16 autocast (more memory than kohya's --full_bf16, "
                  "no bf16 rounding of the updates)",
     "fp8_base": "the frozen base stays in the --mixed_precision dtype",
@@ -80,7 +79,6 @@ NO_EFFECT = {
     "debiased_estimation_loss": "kohya's Stable Cascade scripts ignore it too (the loss is weighted by P2 or "
                                 "--adaptive_loss_weight)",
     "weighted_captions": "kohya's Stable Cascade scripts ignore it too: captions are encoded as written",
-    "lr_scheduler_args": "kohya passes them to a --lr_scheduler_type class only, which is refused here",
 }  # fmt: skip
 REFUSED = {
     "in_json": "fine-tune style metadata JSON datasets are not supported; use --dataset_config or --train_data_dir "
@@ -96,9 +94,6 @@ REFUSED = {
     "output_config": "the settings of a run are stored in its checkpoints (state.pt) and run.json",
     "resume_from_huggingface": "resuming from the Hugging Face Hub is not supported; download the state and give "
                                "--resume DIR",
-    "use_8bit_adam": "kohya's old spelling of --optimizer_type AdamW8bit (bitsandbytes); cascade_lab has AdamW and "
-                     "Adafactor: use --optimizer_type AdamW",
-    "use_lion_optimizer": "kohya's old spelling of --optimizer_type Lion; cascade_lab has AdamW and Adafactor",
     "debug_dataset": "kohya shows the dataset's images and stops without training; cascade_lab has no such mode "
                      "(leave the flag out to train)",
 }  # fmt: skip
@@ -238,19 +233,25 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "sample_sampler", help="no effect: Stable Cascade's DDPM sampler")
 
     g = parser.add_argument_group("optimizer (kohya train_util.add_optimizer_arguments)")
-    flag(g, "optimizer_type", default="", help="AdamW (default) or Adafactor")
+    flag(g, "optimizer_type", default="", help="AdamW (default), Adafactor, Lion, SGDNesterov, Prodigy, DAdaptation, "
+         "DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, AdamW8bit, PagedAdamW, "
+         "PagedAdamW8bit, PagedAdamW32bit, Lion8bit, PagedLion8bit, SGDNesterov8bit (bitsandbytes), a torch.optim "
+         "class (RAdam) or package.module.Class")
     flag(g, "optimizer_args", nargs="*", default=[], metavar="KEY=VALUE")
     flag(g, "learning_rate", type=float, default=2e-6, help="kohya default 2e-6 (its README uses 1e-4)")
     flag(g, "max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    flag(g, "lr_scheduler", default="constant")
+    flag(g, "lr_scheduler", default="constant", help="constant, constant_with_warmup, linear, cosine, "
+         "cosine_with_restarts, polynomial, piecewise_constant (step_rules in --lr_scheduler_args), adafactor")
     flag(g, "lr_warmup_steps", type=int_or_float, default=0,
          help="optimizer steps, or a fraction of the run below 1 (e.g. 0.05)")
-    flag(g, "lr_scheduler_type", default="", help="refused: custom scheduler classes (use --lr_scheduler)")
-    flag(g, "lr_scheduler_args", nargs="*", metavar="KEY=VALUE", help="no effect (only with --lr_scheduler_type)")
-    flag(g, "use_8bit_adam", action="store_true", help="refused (kohya: --optimizer_type AdamW8bit)")
-    flag(g, "use_lion_optimizer", action="store_true", help="refused (kohya: --optimizer_type Lion)")
-    flag(g, "lr_scheduler_num_cycles", type=int, help=argparse.SUPPRESS)
-    flag(g, "lr_scheduler_power", type=float, help=argparse.SUPPRESS)
+    flag(g, "lr_scheduler_type", default="", help="a torch.optim.lr_scheduler class (CosineAnnealingLR) or "
+         "package.module.Class, built with --lr_scheduler_args; wins over --lr_scheduler")
+    flag(g, "lr_scheduler_args", nargs="*", default=[], metavar="KEY=VALUE", help="for --lr_scheduler_type (e.g. "
+         "T_max=100), or piecewise_constant's step_rules")
+    flag(g, "use_8bit_adam", action="store_true", help="kohya's old spelling of --optimizer_type AdamW8bit")
+    flag(g, "use_lion_optimizer", action="store_true", help="kohya's old spelling of --optimizer_type Lion")
+    flag(g, "lr_scheduler_num_cycles", type=int, default=1, help="cosine_with_restarts' cycles")
+    flag(g, "lr_scheduler_power", type=float, default=1.0, help="polynomial's exponent")
 
     g = parser.add_argument_group("LoRA (kohya stable_cascade_train_c_network.py)")
     flag(g, "network_module", help="networks.lora: train a LoRA (else a full fine-tune)")

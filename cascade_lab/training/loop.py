@@ -85,7 +85,8 @@ class Trainer:
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         from .lora_train import LoraNetwork
-        from .optim import build_optimizer, build_scheduler
+        from .optim import build_optimizer
+        from .schedules import build_scheduler
 
         config, model = self.config, self.model
         if config.mode == "full":
@@ -117,7 +118,9 @@ class Trainer:
         self.params = params
         self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
-                                         self._total_steps())
+                                         self._total_steps(), num_cycles=config.lr_scheduler_num_cycles,
+                                         power=config.lr_scheduler_power, scheduler_type=config.lr_scheduler_type,
+                                         scheduler_args=config.lr_scheduler_args)
 
     @property
     def sharded(self) -> bool:

@@ -639,16 +639,16 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
               gpu_memory_gb: float | None = None) -> MemoryPlan | None:
     """At training start on CUDA: refuse when even the weights, gradients, optimizer states and frozen models,
     or the sampling peak, cannot fit the GPU (its memory, or `gpu_memory_gb`), warn when the estimate with
-    activations does not; None (no check) off CUDA or for a model that is not the full, lite or tiny size of the
-    trained stage (``config.stage``: Stage C or Stage B)."""
+    activations does not; None (no check) off CUDA, for an optimizer other than AdamW and Adafactor, or for a model
+    that is not the full, lite or tiny size of the trained stage (``config.stage``: Stage C or Stage B)."""
     import warnings
 
     import torch
 
     from .config import ConfigError
 
-    if device.type != "cuda":
-        return None
+    if device.type != "cuda" or config.optimizer_type.lower() not in ("adamw", "adafactor"):
+        return None  # other optimizers' states are not estimated
     variant = known_variant(model, config.stage)
     if variant is None:
         return None

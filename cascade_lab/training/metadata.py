@@ -176,6 +176,14 @@ def export_metadata(metadata: dict[str, str], trainer: Trainer) -> dict[str, str
     extra = dict(metadata, **{"ss_steps": str(trainer.step), "cascade_lab.step": str(trainer.step),
                                   "ss_training_finished_at": str(time.time())})
     if trainer.network is not None:
+        from .optim import parse_optimizer_args
+        from .optimizers import label
+
+        config = trainer.config  # kohya's ss_optimizer names the class built, e.g. torch.optim.adamw.AdamW
+        extra["ss_optimizer"] = label(trainer.optimizer, config.optimizer_type, parse_optimizer_args(
+            config.optimizer_args))
+        if config.lr_scheduler_type:  # kohya writes the unused --lr_scheduler name here; the class ran
+            extra["ss_lr_scheduler"] = f"{config.lr_scheduler_type}({','.join(config.lr_scheduler_args)})"
         return lora_metadata(trainer.config, trainer.network, extra)
     res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
     # kohya without --output_name: sai_model_spec's Checkpoint@<time>

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules, configured with kohya's names and ``key=value`` arguments.
+"""Optimizers, configured with kohya's names and ``key=value`` arguments (schedules: schedules.py).
 
 `Adafactor` follows Shazeer & Stern (2018) with the switches kohya passes through (``scale_parameter``,
 ``relative_step``, ``warmup_init``); ``torch.optim.Adafactor`` always scales by the parameter RMS and uses
@@ -8,6 +8,7 @@ warmup_init=False`` configuration.
 
 from __future__ import annotations
 
+import ast
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -157,20 +158,25 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
 
-def parse_optimizer_args(args: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
-    """kohya's ``--optimizer_args key=value ...`` (values in TOML/Python syntax) → keyword arguments."""
+def parse_optimizer_args(args: Sequence[str] | dict[str, Any], flag: str = "optimizer_args") -> dict[str, Any]:
+    """kohya's ``--optimizer_args key=value ...`` → keyword arguments: each value read as a Python literal as kohya
+    reads it (``betas=0.9,0.99`` is a tuple, ``True``, ``None``, ``'text'``), else in TOML syntax (``true``), else
+    as text (kohya stops there); lists become tuples."""
     if isinstance(args, dict):
         return dict(args)
     out: dict[str, Any] = {}
     for item in args:
         if "=" not in item:
-            raise ConfigError(f"optimizer_args entry {item!r}: write key=value, e.g. weight_decay=0.01")
+            raise ConfigError(f"{flag} entry {item!r}: write key=value, e.g. weight_decay=0.01")
         key, value = item.split("=", 1)
         text = value.strip()
-        lowered = {"true": "true", "false": "false", "none": None}.get(text.lower(), text)
-        parsed = None if lowered is None else parse_value(lowered)
-        if isinstance(parsed, str) and parsed.startswith("(") and parsed.endswith(")"):
-            parsed = [parse_value(v.strip()) for v in parsed[1:-1].split(",") if v.strip()]
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            lowered = {"true": "true", "false": "false", "none": None}.get(text.lower(), text)
+            parsed = None if lowered is None else parse_value(lowered)
+            if isinstance(parsed, str) and parsed.startswith("(") and parsed.endswith(")"):
+                parsed = [parse_value(v.strip()) for v in parsed[1:-1].split(",") if v.strip()]
         out[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
 
@@ -182,9 +188,15 @@ def _all_on_cpu(params: Sequence[Any]) -> bool:
 
 
 def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[str] | dict[str, Any]) -> Any:
-    """AdamW (official: torch defaults, weight decay 0.01) or Adafactor with kohya's arguments."""
+    """AdamW (official: torch defaults, weight decay 0.01), Adafactor, or any other of kohya's optimizer names
+    (`optimizers`: Lion, SGDNesterov, Prodigy, DAdapt*, bitsandbytes' 8-bit and paged ones, a torch.optim class or
+    'package.module.Class'), with kohya's arguments."""
+    from . import optimizers
+
     kwargs = parse_optimizer_args(args)
     kind = name.lower()
+    if kind not in optimizers.OWN:
+        return optimizers.build(name, params, lr, kwargs)
     try:
         if kind == "adamw":
             kwargs.setdefault("weight_decay", 0.01)
@@ -202,7 +214,7 @@ def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[
             return Adafactor(params, lr=None if relative else lr, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"optimizer_args {args!r} do not fit {name}: {exc}") from None
-    raise ConfigError(f"optimizer_type={name!r}: use 'AdamW' or 'Adafactor'")
+    raise AssertionError(kind)  # optimizers.OWN
 
 
 def clip_grad_norm(optimizer: Any, params: Sequence[Tensor], max_norm: float) -> Tensor:
@@ -234,44 +246,4 @@ def optimizer_step(optimizer: Any) -> None:
             optimizer.grad_scale = None
 
 
-def lr_lambda(name: str, warmup: int, total: int) -> Any:
-    """Multiplier of the base learning rate at optimizer step s (0-based): warm-up, then the named shape."""
-    def factor(step: int) -> float:
-        if warmup and step < warmup and name != "constant":
-            return (step + 1) / (warmup + 1)
-        if name in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if name in ("cosine", "cosine_with_warmup"):
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)  # linear decay to 0
-    return factor
-
-
-class _OptimizerOwnSteps:
-    """The schedule of an optimizer that sets its own step size (Adafactor relative_step): nothing to do."""
-
-    def step(self) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-
-def warmup_steps(warmup: int | float, total: int) -> int:
-    """Warm-up in optimizer steps: a whole number as is, a fraction in [0, 1) of the run's steps (newer kohya)."""
-    if isinstance(warmup, float) and not warmup.is_integer():
-        return int(warmup * total)  # kohya: int(ratio * max_train_steps)
-    return int(warmup)
-
-
-def build_scheduler(optimizer: Any, name: str, warmup: int | float, total: int) -> Any:
-    if any(group["lr"] is None for group in optimizer.param_groups):
-        return _OptimizerOwnSteps()
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps(warmup, total), total))
-
-
-__all__ = ["Adafactor", "build_optimizer", "build_scheduler", "lr_lambda", "parse_optimizer_args", "warmup_steps"]
+__all__ = ["Adafactor", "build_optimizer", "clip_grad_norm", "optimizer_step", "parse_optimizer_args"]

@@ -73,6 +73,13 @@ def adamw_settings(shapes_dir, cache, out, **changes):
                     lr_scheduler="linear", max_grad_norm=0.05) | changes
 
 
+def lion_settings(shapes_dir, cache, out, **changes):
+    """kohya's Lion (a momentum per parameter, sharded like it) with cosine restarts and a warm-up."""
+    return tiny_run(shapes_dir, cache, out, mode="full", max_train_steps=3, optimizer_type="Lion",
+                    learning_rate=1e-4, optimizer_args=["weight_decay=0.1"], lr_scheduler="cosine_with_restarts",
+                    lr_scheduler_num_cycles=2, lr_warmup_steps=1, max_grad_norm=0.05) | changes
+
+
 def stage_b_settings(shapes_dir, cache, out, **changes):
     """A full fine-tune of Stage B (its down/up blocks sharded the same way), AdamW."""
     return tiny_run(shapes_dir, cache, out, mode="full", stage="b", max_train_steps=3, max_grad_norm=0.05) | changes
@@ -93,10 +100,11 @@ def fsdp_runs(shapes_dir, shared_cache, tmp_path_factory) -> Path:
                                   train_batch_size=4), root / "blocked.toml")
     stage_b = write_toml(stage_b_settings(shapes_dir, shared_cache, root / "stage_b", train_batch_size=4),
                          root / "stage_b.toml")
+    lion = write_toml(lion_settings(shapes_dir, shared_cache, root / "lion", train_batch_size=4), root / "lion.toml")
     (root / "blocked").mkdir()
     (root / "blocked" / "checkpoints").write_text("a file where the checkpoints folder goes")
     elapsed = torchrun(two, "--copy", str(root / "two" / STEP2), str(root / "resumed" / STEP2), resumed, bf16,
-                       adamw, blocked, stage_b)
+                       adamw, blocked, stage_b, lion)
     print(f"torchrun, 2 processes: FSDP 4 steps, resumed 2 steps, bf16 2 steps with samples, AdamW 3 steps, "
           f"1 step that cannot save, Stage B 3 steps: {elapsed:.1f} s")
     return root
@@ -129,6 +137,20 @@ def test_fsdp_with_adamw_and_checkpointing_matches_one_process(fsdp_runs, shapes
     expected = load_file(str(one.output_file))
     for key, value in load_file(str(fsdp_runs / "adamw" / EXPORT)).items():
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_with_lion_matches_one_process(fsdp_runs, shapes_dir, shared_cache, tmp_path) -> None:
+    one = train(**lion_settings(shapes_dir, shared_cache, tmp_path, train_batch_size=8))
+    two = json.loads((fsdp_runs / "lion" / "run.json").read_text())
+    for a, b in zip(one.losses, two["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+    expected, got = load_file(str(one.output_file)), load_file(str(fsdp_runs / "lion" / EXPORT))
+    assert got.keys() == expected.keys()
+    # a signed step: an element whose gradient is 0 up to rounding (the key projection's bias) may step the other
+    # way in one of the two runs (at most 2 lr per step); all the others agree
+    apart = sum(int((~torch.isclose(got[k], expected[k], rtol=1e-5, atol=1e-6)).sum()) for k in got)
+    assert apart < 0.01 * sum(v.numel() for v in got.values())
+    assert max(float((got[k] - expected[k]).abs().max()) for k in got) <= 2 * 1e-4 * 3 + 1e-6
 
 
 def test_fsdp_trains_stage_b_as_one_process_with_the_doubled_batch(fsdp_runs, shapes_dir, shared_cache,

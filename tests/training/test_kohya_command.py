@@ -196,6 +196,32 @@ def test_the_lora_script_flags_train_a_kohya_lora(ckpts, kohya_files, tmp_path, 
     assert keys and all(k.startswith("lora_unet_") for k in keys) and any("_attn_to_q." in k for k in keys)
 
 
+def test_kohyas_lion_and_restarts_train_from_the_command_line(ckpts, kohya_files, tmp_path, one_thread) -> None:
+    """--use_lion_optimizer (kohya's old spelling of Lion) with cosine restarts and a warm-up: the learning rates
+    of diffusers' schedule, step by step from 0, and the class in the LoRA's ss_optimizer."""
+    import json
+    import math
+
+    from cascade_lab.cli import main
+
+    out = tmp_path / "lion"
+    argv = ["stable_cascade_train_c_network.py", "--network_module", "networks.lora", "--network_dim", "2",
+            "--use_lion_optimizer", "--optimizer_args", "weight_decay=0.01", "--learning_rate", "1e-4",
+            "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2", "--lr_warmup_steps", "2",
+            "--max_train_steps", "6", "--output_dir", str(out), "--output_name", "lion", "--seed", "0",
+            "--save_model_as", "safetensors", "--stage_c_checkpoint_path", str(ckpts / "stage_c_bf16.safetensors"),
+            "--effnet_checkpoint_path", str(ckpts / "effnet_encoder.safetensors"),
+            "--dataset_config", str(kohya_files[0]), "--quiet"]
+    assert main(["train", *argv]) == 0
+    lrs = [r["lr"] for r in json.loads((out / "run.json").read_text())["losses"]]
+    restarts = [0.5 * (1 + math.cos(math.pi * ((2 * (s - 2) / 4) % 1))) for s in range(2, 6)]
+    assert lrs == pytest.approx([0.0, 0.5e-4, *(1e-4 * f for f in restarts)], abs=1e-12)
+    with safe_open(str(out / "lion.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_optimizer"].endswith(".Lion(weight_decay=0.01)") and meta["ss_lr_scheduler"] == \
+        "cosine_with_restarts"
+
+
 def test_python_m_entry_shows_kohyas_groups() -> None:
     done = subprocess.run([sys.executable, "-m", "cascade_lab.training", "--help"], capture_output=True, text=True,
                           timeout=60)
@@ -294,10 +320,7 @@ def test_newer_kohya_flags_are_honoured_or_explained(tmp_path: Path) -> None:
     shuffled = {make_caption("a; b; c; d", subset, 1, rng) for _ in range(40)}
     assert all(c.startswith("pre, ") and c.count(", ") == 5 for c in shuffled) and len(shuffled) > 1
     assert make_caption("a; b", subset, 3, rng) == ""  # every 3rd epoch: empty captions
-    for argv, message in (([*base, "--use_8bit_adam"], "--use_8bit_adam: kohya's old spelling of --optimizer_type "
-                                                       "AdamW8bit"),
-                          ([*base, "--lr_scheduler_type", "CosineAnnealingLR"], "custom scheduler classes"),
-                          ([*base, "--debug_dataset"], "--debug_dataset: kohya shows the dataset"),
+    for argv, message in (([*base, "--debug_dataset"], "--debug_dataset: kohya shows the dataset"),
                           ([*base, "--resolution", "1024,wide"], "--resolution 1024,wide: use a size in pixels"),
                           ([*base, "--caption_separator", ""], None)):
         if message is None:

@@ -14,11 +14,11 @@ from cascade_lab.training.optim import (
     Adafactor,
     build_optimizer,
     clip_grad_norm,
-    lr_lambda,
     optimizer_step,
     parse_optimizer_args,
 )
 from cascade_lab.training.sampling import SamplePrompt, load_prompts, parse_prompt_line
+from cascade_lab.training.schedules import lr_lambda
 
 
 def test_prompt_line_grammar() -> None:
@@ -220,7 +220,7 @@ def test_clipping_folded_into_the_fused_step_gives_torchs_clip_and_norm(max_norm
 def test_schedules() -> None:
     assert [lr_lambda("constant", 10, 100)(s) for s in (0, 50)] == [1.0, 1.0]
     warm = lr_lambda("constant_with_warmup", 4, 100)
-    assert [warm(s) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert [warm(s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # kohya's and the official warm-up
     cosine = lr_lambda("cosine_with_warmup", 10, 110)
     assert cosine(10) == 1.0 and math.isclose(cosine(60), 0.5) and cosine(110) < 1e-9
     assert lr_lambda("linear", 0, 100)(50) == 0.5
@@ -230,7 +230,7 @@ def test_warmup_as_a_fraction_of_the_run() -> None:
     """Newer kohya takes `--lr_warmup_steps 0.05` as 5 % of the optimizer steps; whole numbers stay steps."""
     from cascade_lab.training.config import TrainConfig
     from cascade_lab.training.kohya_args import parse_kohya
-    from cascade_lab.training.optim import build_scheduler, warmup_steps
+    from cascade_lab.training.schedules import build_scheduler, warmup_steps
 
     settings, _, _ = parse_kohya(["--model", "tiny", "--train_data_dir", "d", "--output_dir", "o",
                                   "--lr_warmup_steps", "0.05", "--lr_scheduler", "constant_with_warmup"])
@@ -243,7 +243,7 @@ def test_warmup_as_a_fraction_of_the_run() -> None:
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[9] == pytest.approx(10 / 11) and lrs[10] == lrs[11] == 1.0
+    assert lrs[0] == 0.0 and lrs[9] == pytest.approx(9 / 10) and lrs[10] == lrs[11] == 1.0
     TrainConfig(train_data_dir="d", lr_warmup_steps=0.05).validate()
     for bad in (-1, 1.5, float("nan"), "10"):
         with pytest.raises(ConfigError, match="lr_warmup_steps="):

@@ -60,11 +60,53 @@ def test_stopped_and_resumed_run_is_bit_identical(shapes_dir, shared_cache, tmp_
     assert not torch.equal(expected["clf.1.weight"], halfway["clf.1.weight"])
 
 
+@pytest.mark.parametrize("changes, optimizer", [
+    ({"optimizer_type": "Lion", "learning_rate": 1e-4, "optimizer_args": ["weight_decay=0.1"],
+      "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2, "lr_warmup_steps": 2}, "Lion"),
+    ({"optimizer_type": "RAdam", "optimizer_args": ["betas=0.8,0.99"], "lr_scheduler_type": "StepLR",
+      "lr_scheduler_args": ["step_size=2", "gamma=0.5"]}, "torch.optim.radam.RAdam(betas=(0.8, 0.99))"),
+    ({"optimizer_type": "SGDNesterov", "learning_rate": 0.05, "lr_scheduler": "polynomial",
+      "lr_scheduler_power": 2.0, "lr_warmup_steps": 3}, "torch.optim.sgd.SGD(momentum=0.9)")])
+def test_other_optimizers_and_schedules_resume_bit_identical(shapes_dir, shared_cache, tmp_path, changes,
+                                                             optimizer) -> None:
+    """kohya's other optimizers (a momentum the checkpoint must carry) and schedules (their step count) resume as if
+    the run had never stopped; the LoRA's ss_optimizer names the class that trained it, as kohya's does."""
+    def run(out, **more):
+        return train(**tiny_run(shapes_dir, shared_cache, out, max_train_steps=8, network_dim=2, **changes, **more))
+
+    def stop_at_3(event):
+        if event.kind == "step" and event.step == 3:
+            event.run.stop()
+
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "split", callback=stop_at_3)
+    assert first.status == "stopped" and first.last_checkpoint_step == 3
+    second = run(tmp_path / "split", resume="auto")
+    assert [r["loss"] for r in second.losses] == [r["loss"] for r in whole.losses]
+    assert [r["lr"] for r in second.losses] == [r["lr"] for r in whole.losses]
+    expected, got = load_file(str(whole.output_file)), load_file(str(second.output_file))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    from safetensors import safe_open
+
+    with safe_open(str(second.output_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_lr_scheduler"] == ("StepLR(step_size=2,gamma=0.5)" if "lr_scheduler_type" in changes
+                                       else changes["lr_scheduler"])
+    if optimizer == "Lion":  # lion-pytorch's class when it is installed, else cascade_lab's
+        assert meta["ss_optimizer"] in ("lion_pytorch.lion_pytorch.Lion(weight_decay=0.1)",
+                                        "cascade_lab.training.lion.Lion(weight_decay=0.1)")
+    else:
+        assert meta["ss_optimizer"] == optimizer
+
+
 def test_resume_refuses_other_settings(shapes_dir, shared_cache, tmp_path) -> None:
     train(**settings(shapes_dir, shared_cache, tmp_path, max_train_steps=2))
     with pytest.raises(ValueError, match="adaptive_loss_weight"):
         train(**settings(shapes_dir, shared_cache, tmp_path, max_train_steps=4, adaptive_loss_weight=False,
                          resume="auto"))
+    with pytest.raises(ValueError, match="lr_scheduler_type: '' → 'StepLR'"):
+        train(**settings(shapes_dir, shared_cache, tmp_path, max_train_steps=4, lr_warmup_steps=0,
+                         lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=2"], resume="auto"))
 
 
 @pytest.mark.parametrize("fail_at", [3, 4])

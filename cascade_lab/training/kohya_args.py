@@ -222,12 +222,20 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if optimizer not in ("adamw", "adafactor"):
         raise ConfigError(f"--optimizer_type {args.optimizer_type}: cascade_lab has AdamW and Adafactor")
     target = "all_linear"
+    network_args: dict[str, float] = {}
     for item in args.network_args:
         key, sep, value = item.partition("=")
         if key.strip() == "target" and value.strip() in ("attention", "all_linear"):
             target = value.strip()
+        elif key.strip() in ("rank_dropout", "module_dropout"):
+            try:
+                network_args[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"--network_args {item}: {key.strip()} takes a probability, e.g. "
+                                  f"{key.strip()}=0.1") from None
         else:
-            notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear)")
+            notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear, "
+                           "rank_dropout, module_dropout)")
     resolution: Any = None
     if args.resolution:
         try:
@@ -265,6 +273,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "gradient_checkpointing_mode": args.gradient_checkpointing_mode,
         "adaptive_loss_weight": args.adaptive_loss_weight,
         "network_dim": args.network_dim or 4, "network_alpha": args.network_alpha, "network_target": target,
+        "network_dropout": args.network_dropout, **network_args, "scale_weight_norms": args.scale_weight_norms,
+        "network_weights": args.network_weights, "dim_from_weights": args.dim_from_weights,
         "output_dir": args.output_dir, "output_name": args.output_name, "kohya_file_names": True,
         "save_every_n_steps": args.save_every_n_steps,
         "save_every_n_epochs": args.save_every_n_epochs, "save_last_n_epochs": args.save_last_n_epochs,

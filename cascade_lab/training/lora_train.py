@@ -104,21 +104,16 @@ class LoraDropout:
 Draws = tuple[bool, Tensor | None]  # one call's module dropout (run the branch?) and rank mask [B, rank]
 
 
-def _draw(drop: LoraDropout, batch: int, rank: int, device: torch.device) -> Draws:
-    """The per-call draws of one branch from the global RNG (the run's seeded, checkpointed stream; gradient
-    checkpointing restores it for the recomputation): module dropout on the CPU generator as kohya's
-    ``torch.rand(1)``, the rank mask on x's device."""
-    if drop.module and float(torch.rand(1)) < drop.module:
-        return False, None
-    return True, torch.rand(batch, rank, device=device) > drop.rank if drop.rank else None
-
-
 def _dropped_low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool, drop: LoraDropout,
-                      draws: Draws) -> Tensor | None:
-    """scale · up(dropout(down(x))) with kohya's dropouts, or None where module dropout skips the branch."""
-    keep, mask = draws
+                      draws: Draws | None = None) -> tuple[Tensor | None, Draws]:
+    """(scale · up(dropout(down(x))) with kohya's dropouts, or None where module dropout skips the branch; the
+    module and rank draws it used). Draws come from the global RNG (the run's seeded, checkpointed stream, which
+    gradient checkpointing restores for the recomputation) in kohya's order: module dropout on the CPU generator
+    (kohya's ``torch.rand(1)``), neuron dropout, then the rank mask on x's device; `draws` given: those module and
+    rank draws instead (a second call of the same module in one forward)."""
+    keep = draws[0] if draws is not None else not (drop.module and float(torch.rand(1)) < drop.module)
     if not keep:
-        return None
+        return None, (False, None)
     down: Tensor = pair.lora_down
     up: Tensor = pair.lora_up
     if not torch.is_autocast_enabled(x.device.type) and down.dtype != x.dtype:
@@ -126,6 +121,9 @@ def _dropped_low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool, drop:
     h = F.conv2d(x, down[:, :, None, None]) if conv else F.linear(x, down)  # [B, r, H, W] or [B, ..., r]
     if drop.neuron:
         h = F.dropout(h, drop.neuron)
+    mask = draws[1] if draws is not None else None
+    if drop.rank and mask is None:
+        mask = torch.rand(h.shape[0], down.shape[0], device=h.device) > drop.rank
     if mask is not None:
         # per sample over the rank: kohya's [B, r] mask unsqueezed for 3-D and conv inputs. A Linear on NHWC
         # [B, H, W, c] (Stage C's channelwise layers) gets [B, 1, 1, r], where kohya's [B, r, 1, 1] fails to
@@ -133,9 +131,8 @@ def _dropped_low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool, drop:
         shape = (h.shape[0], -1, 1, 1) if conv else (h.shape[0], *[1] * (h.dim() - 2), -1)
         h = h * mask.view(shape).to(h.dtype)
         scale = scale / (1 - drop.rank)
-    if conv:
-        return F.conv2d(h, up[:, :, None, None] * scale)
-    return F.linear(h, up * scale)
+    out = F.conv2d(h, up[:, :, None, None] * scale) if conv else F.linear(h, up * scale)
+    return out, (True, mask)
 
 
 def _low_rank(x: Tensor, pair: LoraPair, scale: float, conv: bool) -> Tensor:
@@ -291,8 +288,7 @@ class _LayerBranch:
         x = inputs[0]
         drop = None if self.network is None else self.network.dropping()
         if drop is not None:
-            draws = _draw(drop, x.shape[0], self.pair.lora_down.shape[0], x.device)
-            branch = _dropped_low_rank(x, self.pair, self.scale, self.conv, drop, draws)
+            branch, _ = _dropped_low_rank(x, self.pair, self.scale, self.conv, drop)
             return output if branch is None else output + branch
         if self.conv or not output.is_contiguous():
             return output + _low_rank(x, self.pair, self.scale, self.conv)
@@ -360,11 +356,11 @@ class _InProjBranch:
                 part: Tensor | None = _low_rank(x, pair, self.scale, False)
             else:
                 draws = self.pending.pop(id(pair), None) if start == 0 else None
-                if draws is None or (draws[1] is not None and draws[1].shape[0] != x.shape[0]):
-                    draws = _draw(drop, x.shape[0], pair.lora_down.shape[0], x.device)
+                if draws is not None and draws[1] is not None and draws[1].shape[0] != x.shape[0]:
+                    draws = None  # not this forward's
+                part, draws = _dropped_low_rank(x, pair, self.scale, False, drop, draws)
                 if start > 0:
                     self.pending[id(pair)] = draws
-                part = _dropped_low_rank(x, pair, self.scale, False, drop, draws)
             if part is None:  # skipped by module dropout
                 continue
             if first > pos:

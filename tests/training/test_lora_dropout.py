@@ -48,14 +48,15 @@ def attached(dropout: LoraDropout | None, alpha: float = 2.0) -> tuple[Tiny, Lor
 
 def kohya_branch(x: Tensor, down: Tensor, up: Tensor, scale: float, drop: LoraDropout, conv: bool = False) -> Tensor:
     """kohya's LoRAModule.forward minus the frozen layer, written out: its draws in its order from the global RNG
-    (module dropout, then the rank mask, then neuron dropout of down's output)."""
+    (module dropout, neuron dropout of down's output, the rank mask). Its rank mask [B, r] goes over the rank for
+    every layer here (kohya's unsqueeze for 4-D inputs fits only convs)."""
     if drop.module and torch.rand(1) < drop.module:
         return torch.zeros(())
-    mask = torch.rand(x.shape[0], down.shape[0]) > drop.rank if drop.rank else None
     h = F.conv2d(x, down[:, :, None, None]) if conv else x @ down.t()
     if drop.neuron:
         h = F.dropout(h, p=drop.neuron)
-    if mask is not None:
+    if drop.rank:
+        mask = torch.rand(x.shape[0], down.shape[0]) > drop.rank
         h = h * (mask[:, :, None, None] if conv else mask.view(x.shape[0], *[1] * (h.dim() - 2), -1))
         scale = scale / (1 - drop.rank)
     return F.conv2d(h, up[:, :, None, None]) * scale if conv else (h @ up.t()) * scale

@@ -236,6 +236,11 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         else:
             notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear, "
                            "rank_dropout, module_dropout)")
+    dropouts = [f"--network_dropout {args.network_dropout}"] if args.network_dropout else []
+    dropouts += [f"{k}={v:g}" for k, v in network_args.items() if v]
+    if args.dim_from_weights and dropouts:
+        notices.append(f"--dim_from_weights with {', '.join(dropouts)}: kohya builds the network from the file "
+                       "without its dropouts (they are silently off); cascade_lab applies them")
     resolution: Any = None
     if args.resolution:
         try:

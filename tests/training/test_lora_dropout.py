@@ -295,8 +295,13 @@ def test_kohyas_flags_set_the_options(tmp_path, capsys) -> None:
     assert fields["scale_weight_norms"] == 1.0 and fields["network_target"] == "attention"
     assert fields["network_weights"] == str(weights) and fields["dim_from_weights"] is True
     text = "\n".join(notices)
-    assert not any(f in text for f in ("dropout", "scale_weight_norms", "network_weights", "dim_from_weights"))
+    assert "--dim_from_weights with --network_dropout 0.1, rank_dropout=0.2, module_dropout=0.3: kohya builds the " \
+           "network from the file without its dropouts" in text
+    assert not any(f in text.replace("--dim_from_weights with", "") for f in ("scale_weight_norms", "network_weights",
+                                                                            "dim_from_weights"))
     TrainConfig.from_dict(fields).validate()
+    _, notices, _ = parse_kohya([*base, "--network_dropout", "0.1", "--network_weights", str(weights)], environ={})
+    assert not any("dropout" in n or "network_weights" in n for n in notices)
     with pytest.raises(ConfigError, match="--network_args rank_dropout=lots: rank_dropout takes a probability"):
         parse_kohya([*base, "--network_args", "rank_dropout=lots"], environ={})
     fields, _, _ = parse_kohya([*base, "--network_dropout", "1"], environ={})

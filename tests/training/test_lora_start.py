@@ -137,6 +137,10 @@ def test_files_that_do_not_fit_are_refused_before_training(trained, shapes_dir, 
     path = written(tmp_path / "uneven.safetensors", uneven)
     refused(path, "one rank and alpha per network", dim_from_weights=True)
     refused(str(tmp_path / "missing.safetensors"), "no such file")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert "empty.safetensors" in refused(str(tmp_path / "empty.safetensors"), "^network_weights: ")
+    plain = written(tmp_path / "checkpoint.safetensors", {"clf.1.weight": torch.zeros(16, 32, 1, 1)})
+    refused(plain, "look like plain model weights")
     with pytest.raises(ConfigError, match="dim_from_weights=true needs network_weights"):
         train(**starting(shapes_dir, shared_cache, tmp_path / "out", None, dim_from_weights=True))
 

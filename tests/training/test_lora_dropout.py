@@ -334,3 +334,39 @@ def test_module_dropout_under_ddp(shapes_dir, shared_cache, tmp_path) -> None:
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "finished"
+
+
+def test_attention_projections_with_dropout_match_kohyas_formula() -> None:
+    """The packed in_proj with every dropout, against kohya's forward written out for to_q / to_k / to_v: the
+    conditioning's call draws k's and v's module and rank draws, x's call reuses them and draws q's; neuron
+    dropout draws anew on each input."""
+    drop = LoraDropout(0.3, 0.4, 0.3)
+    model, network = attached(drop)
+    attn, c = model.attn, C
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    pairs = {letter: network.pair(f"lora_unet_attn_to_{letter}") for letter in "qkv"}
+    Draws = tuple[bool, Tensor | None]
+
+    def branch(t: Tensor, letter: str, draws: Draws | None, kept: dict[str, Draws]) -> Tensor:
+        keep = draws[0] if draws else not torch.rand(1) < drop.module
+        pair = pairs[letter]
+        if not keep:
+            kept[letter] = (False, None)
+            return torch.zeros(*t.shape[:-1], c)
+        h = F.dropout(t @ pair.lora_down.t(), p=drop.neuron)
+        mask = draws[1] if draws else torch.rand(t.shape[0], RANK) > drop.rank
+        kept[letter] = (True, mask)
+        return (h * mask[:, None, :]) @ pair.lora_up.t() * (network.scale / (1 - drop.rank))
+
+    for trial in range(8):
+        x, cond = torch.randn(2, 5, C), torch.randn(2, 3, C)
+        torch.manual_seed(trial)
+        got_c, got_x = attn.in_proj(cond, c, 3 * c), attn.in_proj(x, 0, 3 * c)
+        torch.manual_seed(trial)
+        kept: dict[str, Draws] = {}
+        want_c = F.linear(cond, weight[c:], bias[c:]) + torch.cat([branch(cond, "k", None, kept),
+                                                                   branch(cond, "v", None, kept)], dim=-1)
+        want_x = F.linear(x, weight, bias) + torch.cat([branch(x, "q", None, {}), branch(x, "k", kept["k"], {}),
+                                                        branch(x, "v", kept["v"], {})], dim=-1)
+        torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)

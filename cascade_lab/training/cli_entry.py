@@ -22,8 +22,10 @@ def print_progress(event: Any) -> None:
         every = event.run.config.log_every_n_steps
         if every and (event.step % every == 0 or event.step == event.total_steps):
             d = event.data
+            norms = (f"  keys scaled {d['keys_scaled']}  key norm avg {d['average_key_norm']:.3g} max "
+                     f"{d['max_key_norm']:.3g}" if "keys_scaled" in d else "")  # --scale_weight_norms (kohya)
             print(f"step {event.step}/{event.total_steps}  loss {d['loss']:.4f}  raw {d['raw_loss']:.4f}  "
-                  f"lr {d['lr']:.3g}", flush=True)
+                  f"lr {d['lr']:.3g}{norms}", flush=True)
     elif event.kind == "val":
         print(f"step {event.step}: validation loss {event.data['val_loss']:.4f}", flush=True)
     elif event.kind == "checkpoint":

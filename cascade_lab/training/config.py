@@ -42,7 +42,9 @@ DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside 
 # Settings whose change makes an old checkpoint meaningless for resuming.
 RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
-               "lr_scheduler_type")  # another scheduler class cannot read the saved one's state
+               "lr_scheduler_type",  # another scheduler class cannot read the saved one's state
+               "network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms", "network_weights",
+               "dim_from_weights")
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
@@ -191,6 +193,14 @@ class TrainConfig:
     network_dim: int = 4
     network_alpha: float = 1.0  # 0 means alpha = rank (kohya)
     network_target: str = "attention"  # "attention" (to_q/k/v, out_proj) or "all_linear" (kohya's Stage C set)
+    # kohya's LoRA dropouts, while training only (None: off): --network_dropout on down's outputs, network_args
+    # rank_dropout (a mask over the rank per sample) and module_dropout (the whole branch skipped per call)
+    network_dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    scale_weight_norms: float | None = None  # kohya's max-norm of each module's scale · up @ down after every step
+    network_weights: str | None = None  # start the LoRA from this file (kohya, cascade_lab, OneTrainer, official)
+    dim_from_weights: bool = False  # rank, alpha and the layers trained from network_weights (kohya)
 
     # -- outputs ---------------------------------------------------------------------------------------
     output_dir: str = "output"
@@ -310,6 +320,7 @@ class TrainConfig:
                               "fraction of the run in [0, 1) (e.g. 0.05 for the first 5 %)")
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
+        self._validate_lora_options()
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
@@ -321,6 +332,27 @@ class TrainConfig:
         if any(not 0 <= t <= 1 for t in self.val_timesteps):
             raise ConfigError(f"val_timesteps={self.val_timesteps}: every t must be in [0, 1]")
         return self
+
+    def _validate_lora_options(self) -> None:
+        for name in ("network_dropout", "rank_dropout", "module_dropout"):
+            p = getattr(self, name)
+            if p is not None and not (isinstance(p, int | float) and 0 <= p < 1):
+                raise ConfigError(f"{name}={p!r}: use a probability in [0, 1) (kohya uses 0.1-0.3), or leave it out")
+        norm = self.scale_weight_norms
+        if norm is not None and not (isinstance(norm, int | float) and 0 <= norm < math.inf):
+            raise ConfigError(f"scale_weight_norms={norm!r}: use a positive norm (kohya suggests 1), or leave it out")
+        if self.network_weights and not Path(self.network_weights).is_file():
+            raise ConfigError(f"network_weights={self.network_weights!r}: no such file; give the .safetensors LoRA "
+                              "to start from (kohya --network_weights FILE), or leave it out to start afresh")
+        if self.dim_from_weights and not self.network_weights:
+            raise ConfigError("dim_from_weights=true needs network_weights, the LoRA file to take the rank, alpha "
+                              "and layers from (kohya --network_weights FILE)")
+        if self.mode != "lora":
+            given = [n for n in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms",
+                                 "network_weights") if getattr(self, n)]
+            if given or self.dim_from_weights:
+                raise ConfigError(f"{', '.join(given or ['dim_from_weights'])}: LoRA options, but mode="
+                                  f"{self.mode!r}; use mode='lora' (kohya: --network_module networks.lora)")
 
     # -- (de)serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -368,7 +400,8 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         data = kohya_names(data, str(path))
         for key in ("train_data_dir", "dataset_config", "output_dir", "cache_dir", "stage_c_path", "effnet_path",
-                    "previewer_path", "text_encoder_path", "stage_b_path", "stage_a_path", "sample_prompts"):
+                    "previewer_path", "text_encoder_path", "stage_b_path", "stage_a_path", "sample_prompts",
+                    "network_weights"):
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute() and value != "auto":
                 data[key] = str((path.parent / value).resolve())

@@ -129,8 +129,9 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     return box[0]
 
 
-def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel around the trained module when several processes run."""
+def wrap(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around the trained module when several processes run (`find_unused_parameters`:
+    some parameters may get no gradient in a step, e.g. LoRA pairs skipped by module dropout)."""
     if not info.active:
         return model
     import warnings
@@ -141,7 +142,7 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     # view's: the same memory layout, so the reducer's warning about it is noise here.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

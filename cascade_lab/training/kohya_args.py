@@ -223,12 +223,25 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
                        f"take 1/{world} of the optimizer steps they name; cascade_lab steps it once per optimizer "
                        "step, as the numbers say")
     target = "all_linear"
+    network_args: dict[str, float] = {}
     for item in args.network_args:
         key, sep, value = item.partition("=")
         if key.strip() == "target" and value.strip() in ("attention", "all_linear"):
             target = value.strip()
+        elif key.strip() in ("rank_dropout", "module_dropout"):
+            try:
+                network_args[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"--network_args {item}: {key.strip()} takes a probability, e.g. "
+                                  f"{key.strip()}=0.1") from None
         else:
-            notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear)")
+            notices.append(f"--network_args {item}: not implemented (keys: target=attention|all_linear, "
+                           "rank_dropout, module_dropout)")
+    dropouts = [f"--network_dropout {args.network_dropout}"] if args.network_dropout else []
+    dropouts += [f"{k}={v:g}" for k, v in network_args.items() if v]
+    if args.dim_from_weights and dropouts:
+        notices.append(f"--dim_from_weights with {', '.join(dropouts)}: kohya builds the network from the file "
+                       "without its dropouts (they are silently off); cascade_lab applies them")
     resolution: Any = None
     if args.resolution:
         try:
@@ -268,6 +281,8 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "gradient_checkpointing_mode": args.gradient_checkpointing_mode,
         "adaptive_loss_weight": args.adaptive_loss_weight,
         "network_dim": args.network_dim or 4, "network_alpha": args.network_alpha, "network_target": target,
+        "network_dropout": args.network_dropout, **network_args, "scale_weight_norms": args.scale_weight_norms,
+        "network_weights": args.network_weights, "dim_from_weights": args.dim_from_weights,
         "output_dir": args.output_dir, "output_name": args.output_name, "kohya_file_names": True,
         "save_every_n_steps": args.save_every_n_steps,
         "save_every_n_epochs": args.save_every_n_epochs, "save_last_n_epochs": args.save_last_n_epochs,

@@ -46,7 +46,6 @@ NO_EFFECT = {
     "save_n_epoch_ratio": "use --save_every_n_epochs", "save_last_n_epochs_state": "use --save_last_n_epochs",
     "vae": "Stable Cascade has no VAE; the EfficientNet file is --effnet_checkpoint_path",
     "training_comment": "not stored", "no_metadata": "metadata is always written (kohya ss_* and modelspec keys)",
-    "network_dropout": "LoRA dropout is not implemented", "scale_weight_norms": "not implemented; no max-norm",
     "full_bf16": "Stage C keeps float32 master weights under bf16 autocast (more memory than kohya's --full_bf16, "
                  "no bf16 rounding of the updates)",
     "fp8_base": "the frozen base stays in the --mixed_precision dtype",
@@ -86,8 +85,6 @@ REFUSED = {
     "train_text_encoder": "text-encoder training is not supported (kohya's README calls it untested)",
     "learning_rate_te1": "text-encoder training is not supported",
     "network_train_text_encoder_only": "text-encoder LoRA is not supported; cascade_lab trains Stage C",
-    "network_weights": "starting from a LoRA file is not supported; resume a cascade_lab checkpoint with --resume",
-    "dim_from_weights": "starting from a LoRA file is not supported",
     "base_weights": "merging base LoRAs is not supported", "base_weights_multiplier": "merging is not supported",
     "full_fp16": "Stage C overflows in float16 (official readme); use --mixed_precision bf16",
     "reg_data_dir": "regularisation images are not supported",
@@ -257,11 +254,16 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "network_module", help="networks.lora: train a LoRA (else a full fine-tune)")
     flag(g, "network_dim", type=int, help="rank (default 4)")
     flag(g, "network_alpha", type=float, default=1.0, help="alpha (default 1; 0 means alpha = rank)")
-    flag(g, "network_args", nargs="*", default=[], metavar="KEY=VALUE", help="target=attention|all_linear")
+    flag(g, "network_args", nargs="*", default=[], metavar="KEY=VALUE",
+         help="target=attention|all_linear, rank_dropout=P, module_dropout=P")
     flag(g, "network_train_unet_only", action="store_true", help="always: only Stage C gets a LoRA")
     flag(g, "network_train_text_encoder_only", action="store_true", help="refused")
-    flag(g, "network_weights", help="refused")
-    flag(g, "network_dropout", type=float, help="no effect")
+    flag(g, "network_weights", metavar="FILE", help="start the LoRA from this file (kohya, cascade_lab, OneTrainer, "
+         "ComfyUI or official)")
+    flag(g, "dim_from_weights", action="store_true", help="rank, alpha and layers from --network_weights")
+    flag(g, "network_dropout", type=float, metavar="P", help="dropout of each LoRA's down output while training")
+    flag(g, "scale_weight_norms", type=float, metavar="NORM",
+         help="after every step, scale each LoRA module whose alpha/rank * up @ down norm exceeds NORM down to it")
     flag(g, "unet_lr", type=float, help="LoRA learning rate (wins over --learning_rate)")
     flag(g, "text_encoder_lr", type=float, help="no effect: no text-encoder LoRA")
     flag(g, "save_model_as", choices=["safetensors", "ckpt", "pt"], help="always safetensors")
@@ -270,8 +272,6 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "v_pred_like_loss", type=float, help="no effect (kohya's Stable Cascade scripts ignore it too)")
     flag(g, "training_comment", help=argparse.SUPPRESS)
     flag(g, "no_metadata", action="store_true", help=argparse.SUPPRESS)
-    flag(g, "scale_weight_norms", type=float, help=argparse.SUPPRESS)
-    flag(g, "dim_from_weights", action="store_true", help=argparse.SUPPRESS)
     flag(g, "base_weights", nargs="*", help=argparse.SUPPRESS)
     flag(g, "base_weights_multiplier", nargs="*", help=argparse.SUPPRESS)
 

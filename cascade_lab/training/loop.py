@@ -84,7 +84,7 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
-        from .lora_train import LoraNetwork
+        from .lora_train import LoraDropout, LoraNetwork
         from .optim import build_optimizer
         from .schedules import build_scheduler
 
@@ -94,8 +94,17 @@ class Trainer:
             params = list(model.parameters())
         else:
             model.to(self.device).requires_grad_(False)
-            self.network = LoraNetwork.for_model(model, rank=config.network_dim, alpha=config.network_alpha,
-                                                 target=config.network_target, seed=config.seed)
+            lora_dropout = LoraDropout(config.network_dropout or 0.0, config.rank_dropout or 0.0,
+                                       config.module_dropout or 0.0)
+            if config.network_weights:  # kohya --network_weights (--dim_from_weights): checked before training
+                from .lora_start import network_from_file
+
+                self.network = network_from_file(model, config, dropout=lora_dropout, seed=config.seed,
+                                                 warn=self.info.is_main)
+            else:
+                self.network = LoraNetwork.for_model(model, rank=config.network_dim, alpha=config.network_alpha,
+                                                     target=config.network_target, seed=config.seed,
+                                                     dropout=lora_dropout)
             self.network.attach(model)
             params = list(self.network.parameters())
         if config.gradient_checkpointing:
@@ -114,7 +123,9 @@ class Trainer:
             shard(model, self.device, self.info.world_size, config.mixed_precision)
             params, self.ddp_model = list(model.parameters()), model
         else:
-            self.ddp_model = dist.wrap(model, self.info)
+            # module dropout leaves a skipped pair without a gradient in that step, which DDP must be told
+            unused = self.network is not None and bool(config.module_dropout)
+            self.ddp_model = dist.wrap(model, self.info, find_unused_parameters=unused)
         self.params = params
         self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
@@ -307,6 +318,10 @@ class Trainer:
                               f"({self.nan_streak} in a row; the run stops at {self.config.max_nan_steps})",
                               RuntimeWarning, stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
+        norms = {}
+        if self.network is not None and self.config.scale_weight_norms:  # kohya: after every step, with its figures
+            keys, mean, top = self.network.apply_max_norm(self.config.scale_weight_norms)
+            norms = {"keys_scaled": keys, "average_key_norm": mean, "max_key_norm": top}
         self.step += 1
         if self.step == 1:
             self._report_checkpoint_budget()
@@ -316,7 +331,7 @@ class Trainer:
                                 "Lower the learning rate, keep max_grad_norm > 0, or use mixed_precision='no'.")
         return {"step": self.step, "loss": loss_sum / accum if finite else float("nan"),
                 "raw_loss": raw_sum / accum if finite else float("nan"), "lr": lr, "grad_norm": grad_norm,
-                "skipped": not finite, "time": time.time()}
+                "skipped": not finite, "time": time.time(), **norms}
 
     # -- validation ------------------------------------------------------------------------------------
     def _report_checkpoint_budget(self) -> None:

@@ -16,6 +16,7 @@ Linear and every non-grouped 1x1 Conv2d, kohya's Stage C set).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..models import gemm
 from ..models.common import TimestepBlock, linear_forward
+from .lora_dropout import Draws, LoraDropout, dropped_low_rank
 
 Tensor = torch.Tensor
 
@@ -225,13 +227,17 @@ def _lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
 
 class _LayerBranch:
     """Forward hook: the layer's output plus the low-rank branch of its input (1x1 convs, and the fallback of
-    `_LoraLinearForward`)."""
+    `_LoraLinearForward`); with the network's dropouts while it trains."""
 
-    def __init__(self, pair: LoraPair, scale: float, conv: bool) -> None:
-        self.pair, self.scale, self.conv = pair, scale, conv
+    def __init__(self, pair: LoraPair, scale: float, conv: bool, network: LoraNetwork | None = None) -> None:
+        self.pair, self.scale, self.conv, self.network = pair, scale, conv, network
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = inputs[0]
+        drop = None if self.network is None else self.network.dropping()
+        if drop is not None:
+            branch, _ = dropped_low_rank(x, self.pair, self.scale, self.conv, drop)
+            return output if branch is None else output + branch
         if self.conv or not output.is_contiguous():
             return output + _low_rank(x, self.pair, self.scale, self.conv)
         down: Tensor = self.pair.lora_down
@@ -249,13 +255,15 @@ class _LoraLinearForward:
     """An ``nn.Linear``'s forward while attached (set on the instance; `detach` deletes it): the frozen layer and
     its pair as one `_FrozenLinearLora`, or the layer plus `_LayerBranch` where that does not apply."""
 
-    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float) -> None:
+    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float, network: LoraNetwork | None = None) -> None:
         self.module, self.pair, self.scale = module, pair, scale
-        self.branch = _LayerBranch(pair, scale, False)
+        self.branch = _LayerBranch(pair, scale, False, network)
 
     def __call__(self, x: Tensor) -> Tensor:
         m = self.module
-        y = _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
+        network = self.branch.network
+        dropping = network is not None and network.dropping() is not None  # masks: the plain path
+        y = None if dropping else _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
         if y is None:
             y = self.branch(m, (x,), type(m).forward(m, x))  # the class forward (`Linear`: oneDNN where it applies)
         return y
@@ -264,8 +272,14 @@ class _LoraLinearForward:
 class _InProjBranch:
     """``MultiheadAttention.in_proj_adapter``: rows [start, stop) of the packed in_proj with their pairs' branches."""
 
-    def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float) -> None:
+    def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float, network: LoraNetwork | None = None
+                 ) -> None:
         self.blocks, self.scale = sorted(blocks, key=lambda b: b[0]), scale  # (first row, last row + 1, pair)
+        self.network = network
+        # dropout draws of the keys' and values' pairs made for the conditioning tokens (rows from c on), which the
+        # same attention's projection of x (rows from 0) takes next: one draw per pair and forward, as kohya's
+        # to_k / to_v see the tokens of x and the conditioning as one input
+        self.pending: dict[int, Draws] = {}
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
         inside = []
@@ -278,20 +292,35 @@ class _InProjBranch:
         w, b = weight[start:stop], None if bias is None else bias[start:stop]
         if not inside:
             return F.linear(x, w, b)
-        # one fused function: h of all pairs in one matmul, each branch accumulated into its rows' columns
-        fused = _lora_linear(x, w, b, self.scale, [(first - start, pair) for first, _, pair in inside])
-        if fused is not None:
-            return fused
-        parts, pos = [], start
+        drop = None if self.network is None else self.network.dropping()
+        if drop is None:  # one fused function: h of all pairs in one matmul, each branch into its rows' columns
+            fused = _lora_linear(x, w, b, self.scale, [(first - start, pair) for first, _, pair in inside])
+            if fused is not None:
+                return fused
+        parts: list[Tensor] = []
+        pos = start
         for first, end, pair in inside:  # rows without a pair get zeros (an in_proj with only some of q, k, v)
-            part = _low_rank(x, pair, self.scale, False)
+            if drop is None:
+                part: Tensor | None = _low_rank(x, pair, self.scale, False)
+            else:
+                draws = self.pending.pop(id(pair), None) if start == 0 else None
+                if draws is not None and draws[1] is not None and draws[1].shape[0] != x.shape[0]:
+                    draws = None  # not this forward's
+                part, draws = dropped_low_rank(x, pair, self.scale, False, drop, draws)
+                if start > 0:
+                    self.pending[id(pair)] = draws
+            if part is None:  # skipped by module dropout
+                continue
             if first > pos:
                 parts.append(part.new_zeros(*part.shape[:-1], first - pos))
             parts.append(part)
             pos = end
+        y = F.linear(x, w, b)
+        if not parts:
+            return y
         if pos < stop:
             parts.append(parts[-1].new_zeros(*parts[-1].shape[:-1], stop - pos))
-        return F.linear(x, w, b) + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
 
 
 class _MapperBranch:
@@ -299,13 +328,16 @@ class _MapperBranch:
     as one `_FrozenLinearLora` over the whole t (the frozen weights side by side, the biases summed, each pair on
     its chunk's input columns): one call instead of one per mapper plus the sums of their outputs."""
 
-    def __init__(self, pairs: list[LoraPair | None], scale: float) -> None:
+    def __init__(self, pairs: list[LoraPair | None], scale: float, network: LoraNetwork | None = None) -> None:
         self.pairs, self.scale = pairs, scale  # one entry per mapper, None where it has no pair
+        self.network = network
 
     def __call__(self, t: Tensor, mappers: list[nn.Linear]) -> Tensor | None:
-        """The fused sum, or None where it does not apply (the block then runs each mapper's own forward)."""
+        """The fused sum, or None where it does not apply (the block then runs each mapper's own forward; with
+        dropouts, each mapper's pair draws its own as kohya's modules do)."""
         widths = [m.in_features for m in mappers]
-        if (len(mappers) != len(self.pairs) or t.shape[-1] != sum(widths)
+        if (self.network is not None and self.network.dropping() is not None) or (
+                len(mappers) != len(self.pairs) or t.shape[-1] != sum(widths)
                 or not all(linear_forward(m) and m.bias is not None for m in mappers)):
             return None
         starts = [sum(widths[:i]) for i in range(len(widths))]
@@ -327,23 +359,53 @@ def _restore_forward(module: nn.Module, previous: Any) -> None:
 class LoraNetwork(nn.Module):
     """The LoRA pairs of one run, by kohya name; `attach` puts them on a Stage C or B, `detach` takes them off."""
 
-    def __init__(self, targets: list[LoraTarget], rank: int, alpha: float | None, *, seed: int = 0) -> None:
+    def __init__(self, targets: list[LoraTarget], rank: int, alpha: float | None, *, seed: int = 0,
+                 dropout: LoraDropout | None = None) -> None:
         super().__init__()
         self.targets = {t.name: t for t in targets}
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha else float(rank)  # kohya: 0 or None means alpha = rank
+        self.dropout = dropout or LoraDropout()
         generator = torch.Generator().manual_seed(seed)
         self.pairs = nn.ModuleDict({t.name: LoraPair(t.n_in, t.n_out, rank, generator) for t in targets})
         self._attached: list[Callable[[], Any]] = []
 
     @classmethod
     def for_model(cls, model: nn.Module, *, rank: int = 4, alpha: float | None = 1.0, target: str = "attention",
-                  seed: int = 0) -> LoraNetwork:
-        return cls(lora_targets(model, target), rank, alpha, seed=seed)
+                  seed: int = 0, dropout: LoraDropout | None = None) -> LoraNetwork:
+        return cls(lora_targets(model, target), rank, alpha, seed=seed, dropout=dropout)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def dropping(self) -> LoraDropout | None:
+        """The dropouts to apply now: set, and the network training with gradients on (never at validation,
+        sampling or export; kohya's ``LoRAModule`` checks ``self.training`` only)."""
+        return self.dropout if self.dropout and self.training and torch.is_grad_enabled() else None
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's ``apply_max_norm_regularization`` (``--scale_weight_norms``), after an optimizer step: a module
+        whose delta scale · up @ down has a Frobenius norm above `max_norm` gets both factors multiplied by
+        sqrt(max_norm / norm), which brings that norm to max_norm. Returns kohya's logged figures: the modules
+        scaled, the mean and the largest norm after scaling.
+
+        The norm comes from the r x r Gram matrices, ||U D||² = Σ (UᵀU) ∘ (D Dᵀ), in float64: no [out, in]
+        product per module and step (kohya forms one in float32), and no rounding of it to speak of.
+        """
+        pairs = [self.pair(name) for name in self.targets]
+        norms = torch.stack([((p.lora_up.double().t() @ p.lora_up.double())
+                              * (p.lora_down.double() @ p.lora_down.double().t())).sum() for p in pairs])
+        norms = norms.clamp_min(0).sqrt() * self.scale  # [modules]
+        over = norms > max_norm
+        ratios = torch.where(over, max_norm / norms, torch.ones_like(norms))
+        roots = ratios.sqrt().float()
+        for pair, root in zip(pairs, roots, strict=True):  # 1 where nothing is scaled: the same bits
+            pair.lora_up.mul_(root)
+            pair.lora_down.mul_(root)
+        scaled = (norms * ratios).tolist()
+        return int(over.sum()), sum(scaled) / len(scaled), max(scaled)
 
     def pair(self, name: str) -> LoraPair:
         return cast(LoraPair, self.pairs[name])
@@ -370,10 +432,10 @@ class LoraNetwork(nn.Module):
                 in_proj.setdefault(t.module, []).append((t.rows[0], t.rows[1], pair))
             elif not t.conv and linear_forward(module):
                 previous = module.__dict__.get("forward")
-                module.forward = _LoraLinearForward(module, pair, self.scale)  # type: ignore[method-assign, assignment]
+                module.forward = _LoraLinearForward(module, pair, self.scale, self)  # type: ignore[method-assign, assignment]
                 self._attached.append(functools.partial(_restore_forward, module, previous))
             else:
-                handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv))
+                handle = module.register_forward_hook(_LayerBranch(pair, self.scale, t.conv, self))
                 self._attached.append(handle.remove)
         by_module = {t.module: self.pair(n) for n, t in self.targets.items() if t.param == "weight" and not t.conv}
         path_of = {id(m): path for path, m in model.named_modules()}
@@ -382,14 +444,14 @@ class LoraNetwork(nn.Module):
                 continue
             pairs = [by_module.get(path_of[id(m)]) for m in module.mappers()]
             if any(p is not None for p in pairs):
-                module.mapper_adapter = _MapperBranch(pairs, self.scale)
+                module.mapper_adapter = _MapperBranch(pairs, self.scale, self)
                 self._attached.append(functools.partial(setattr, module, "mapper_adapter", None))
         for path, blocks in in_proj.items():
             module = model.get_submodule(path)
             if not hasattr(module, "in_proj_adapter"):
                 raise TypeError(f"{path}: {type(module).__name__} has no in_proj_adapter; LoRA on a packed "
                                 "in_proj needs cascade_lab's MultiheadAttention")
-            setattr(module, "in_proj_adapter", _InProjBranch(blocks, self.scale))  # noqa: B010 (not a module attr)
+            setattr(module, "in_proj_adapter", _InProjBranch(blocks, self.scale, self))  # noqa: B010 (not a module attr)
             self._attached.append(functools.partial(setattr, module, "in_proj_adapter", None))
         return self
 
@@ -438,10 +500,15 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
     # LoRAs claim to be whole models; ours say what they are (docs/training.md)
     if config.kohya_default_names:
         output_name, title = "None", f"LoRA@{time.time()}"
+    # kohya: the --network_args as given (values as text), json.dumps'd; its --network_dropout and
+    # --scale_weight_norms as str() of the flag (None when not given)
+    network_args = {"target": config.network_target}
+    network_args |= {k: str(getattr(config, k)) for k in ("rank_dropout", "module_dropout") if getattr(config, k)}
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}", "ss_base_model_version": "stable_cascade",
-        "ss_network_args": f'{{"target": "{config.network_target}"}}', "ss_learning_rate": str(config.learning_rate),
+        "ss_network_args": json.dumps(network_args), "ss_learning_rate": str(config.learning_rate),
+        "ss_network_dropout": str(config.network_dropout), "ss_scale_weight_norms": str(config.scale_weight_norms),
         "ss_unet_lr": str(config.learning_rate), "ss_text_encoder_lr": "None",  # kohya: no text-encoder LoRA
         "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler, "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision, "ss_caption_dropout_rate": str(config.caption_dropout_rate),
@@ -456,4 +523,4 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
     return meta
 
 
-__all__ = ["NETWORK_ATTR", "LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]
+__all__ = ["NETWORK_ATTR", "LoraDropout", "LoraNetwork", "LoraPair", "LoraTarget", "lora_metadata", "lora_targets"]

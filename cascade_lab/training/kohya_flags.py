@@ -48,8 +48,6 @@ NO_EFFECT = {
     "training_comment": "not stored", "no_metadata": "metadata is always written (kohya ss_* and modelspec keys)",
     "network_dropout": "LoRA dropout is not implemented", "scale_weight_norms": "not implemented; no max-norm",
     "lr_scheduler_num_cycles": "cosine schedules run one cycle", "lr_scheduler_power": "linear decay is used",
-    "full_bf16": "Stage C keeps float32 master weights under bf16 autocast (more memory than kohya's --full_bf16, "
-                 "no bf16 rounding of the updates)",
     "fp8_base": "the frozen base stays in the --mixed_precision dtype",
     "dataset_class": "datasets are kohya dataset TOMLs or folders",
     "console_log_level": "Python's warnings are used", "console_log_file": "Python's warnings are used",
@@ -198,7 +196,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "gradient_checkpointing", action="store_true")
     flag(g, "gradient_accumulation_steps", type=int, default=1)
     flag(g, "mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="fp16 is refused for Stage C")
-    flag(g, "full_bf16", action="store_true", help="fp32 master weights under bf16 autocast instead")
+    flag(g, "full_bf16", action="store_true", help="trained weights and gradients in bf16 (needs --mixed_precision "
+         "bf16); updates rounded stochastically (--bf16_rounding)")
     flag(g, "full_fp16", action="store_true", help="refused")
     flag(g, "fp8_base", action="store_true", help="no effect")
     flag(g, "no_half_vae", action="store_true", help="no effect: EfficientNet runs in float32")
@@ -291,6 +290,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "gradient_checkpointing_mode", choices=["auto", "full", "selective"], default="auto",
          help="with --gradient_checkpointing: full recomputes whole blocks (kohya); selective keeps their matrix "
               "products' and attention's outputs (faster, more memory); auto: selective on a CPU, full on a GPU")
+    flag(g, "bf16_rounding", choices=["stochastic", "nearest"], default="stochastic",
+         help="with --full_bf16: how updated weights are rounded to bf16; stochastic (unbiased, default) or nearest "
+              "(kohya: updates below half a bf16 step are lost)")
     flag(g, "quiet", action="store_true", help="no progress lines")
     return parser
 

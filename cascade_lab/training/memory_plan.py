@@ -707,8 +707,8 @@ def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[st
                 out.append(f"strategy='fsdp' on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
                 break
     if plan.mode == "full" and not plan.full_bf16 and plan.strategy == "ddp":
-        tries = [{}, {"gradient_checkpointing": True}, {"optimizer": "adafactor"},
-                 {"optimizer": "adafactor", "gradient_checkpointing": True}]
+        tries: list[dict[str, Any]] = [{}, {"gradient_checkpointing": True}, {"optimizer": "adafactor"},
+                                       {"optimizer": "adafactor", "gradient_checkpointing": True}]
         for extra in tries:
             changed = {**settings, "full_bf16": True, "mixed_precision": "bf16", **extra}
             bf16 = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb, **changed)

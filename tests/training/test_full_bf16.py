@@ -176,3 +176,18 @@ def test_kohyas_full_bf16_flag() -> None:
     assert fields["bf16_rounding"] == "nearest" and not any(n.startswith("--full_bf16") for n in notices)
     fields, _, _ = parse_kohya(base[:-1], environ={})
     assert fields["full_bf16"] is False
+
+
+def test_full_bf16_stage_b_learns_with_bf16_weights(shapes_dir, shared_cache, tmp_path) -> None:
+    dtypes: set[torch.dtype] = set()
+
+    def watch(event):
+        if event.kind == "step":
+            dtypes.update(p.dtype for p in event.run.stage_b.parameters())
+
+    run = train(**bf16_run(shapes_dir, shared_cache, tmp_path, stage="b", learning_rate=3e-3, max_train_steps=30,
+                           save_precision="bf16"), callback=watch)
+    before, after = run.val_losses[0]["val_loss"], run.val_losses[-1]["val_loss"]
+    assert run.status == "finished" and dtypes == {torch.bfloat16} and after < 0.85 * before, (before, after)
+    exported = load_file(str(run.output_file))
+    assert all(torch.equal(exported[k], v) for k, v in run.stage_b.state_dict().items())  # bf16 file, exact

@@ -10,8 +10,8 @@ small Stage C and Stage B models, with and without checkpointing, fp32 and bf16 
 the count). The attention probability maps are left out: CUDA's fused attention kernels keep only per-row
 statistics. With bf16 mixed precision the count runs under autocast with CUDA's float32 rule for the norms
 (their outputs, so the residual stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32
-masters; a LoRA's bf16 base); autocast's bf16 casts of the weights are counted under "transient", not as
-activations.
+masters; bf16 weights with full_bf16; a LoRA's bf16 base); autocast's bf16 casts of fp32 weights are counted under
+"transient", not as activations.
 
 Frozen helper models a run keeps on the GPU during its steps are counted whole ("frozen", in the dtype the
 run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,
@@ -220,12 +220,12 @@ def _precision(mixed_precision: str, mode: str, full_bf16: bool = False) -> str:
 
 def saved_activation_bytes(variant: Any, *, stage: str = "c", mixed_precision: str = "bf16", mode: str = "full",
                            latent: tuple[int, int] = (24, 24), gradient_checkpointing: bool = True,
-                           gradient_checkpointing_mode: str = "full") -> int:
+                           gradient_checkpointing_mode: str = "full", full_bf16: bool = False) -> int:
     """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION); `latent` is the
     (w, h) of the stage's input (Stage B: the Stage A latent, image / 4); `gradient_checkpointing_mode` "full" or
-    "selective" (the blocks' product outputs kept too)."""
-    return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode), (latent[0], latent[1]),
-                        gradient_checkpointing, _selective(gradient_checkpointing_mode))
+    "selective" (the blocks' product outputs kept too); `full_bf16`: the weights in bf16 under autocast."""
+    return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode, full_bf16),
+                        (latent[0], latent[1]), gradient_checkpointing, _selective(gradient_checkpointing_mode))
 
 
 def _selective(mode: str) -> bool:

@@ -191,3 +191,12 @@ def test_full_bf16_stage_b_learns_with_bf16_weights(shapes_dir, shared_cache, tm
     assert run.status == "finished" and dtypes == {torch.bfloat16} and after < 0.85 * before, (before, after)
     exported = load_file(str(run.output_file))
     assert all(torch.equal(exported[k], v) for k, v in run.stage_b.state_dict().items())  # bf16 file, exact
+
+
+def test_resume_refuses_another_full_bf16_setting(shapes_dir, shared_cache, tmp_path) -> None:
+    train(**bf16_run(shapes_dir, shared_cache, tmp_path, max_train_steps=1))
+    with pytest.raises(ValueError, match="full_bf16: True → False"):
+        train(**bf16_run(shapes_dir, shared_cache, tmp_path, max_train_steps=2, full_bf16=False, resume="auto"))
+    with pytest.raises(ValueError, match="bf16_rounding: 'stochastic' → 'nearest'"):
+        train(**bf16_run(shapes_dir, shared_cache, tmp_path, max_train_steps=2, bf16_rounding="nearest",
+                         resume="auto"))

@@ -28,7 +28,7 @@ def stochastic_round(value: Tensor, generator: torch.Generator) -> Tensor:
     kept bits with exactly that probability (for either sign, as the bits are the magnitude's)."""
     bits = value.float().contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
-    rounded = (bits + noise).bitwise_and_(-65536)  # 0xFFFF0000: the bf16 part
+    rounded = noise.add_(bits).bitwise_and_(-65536)  # 0xFFFF0000: the bf16 part
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
 
 
@@ -89,6 +89,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
                 value = p.float().mul_(1 - lr * wd)
                 value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+                del grad, denom  # before the rounding's random bits are drawn
                 self.rounding.write(p, value)
         return loss
 

@@ -515,8 +515,9 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
             transient += 3 * 4 * max(math.prod(s) for s in shapes)  # whole gradient, parameter, update of one tensor
     elif bf16 and mode == "full" and not full_bf16:
         transient += 2 * params  # autocast's bf16 copies of the fp32 weights, kept through backward
-    if full_bf16:  # one tensor's update in fp32: its gradient, the update, the new value and the rounding's bits
-        transient += 4 * 4 * max(math.prod(s) for s in trained)
+    if full_bf16:  # one tensor's update in fp32: its gradient, the update or Adam's denominator, Adafactor's
+        # squared gradient, the new value and the rounding's random bits
+        transient += 5 * 4 * max(math.prod(s) for s in trained)
     helpers = frozen_helpers(stage, variant, text_encoder_cached=text_encoder_cached, latents_cached=latents_cached)
     sampled = sample_helpers(stage, variant, sample_full_images=sample_full_images) if samples else {}
     largest = max(sampled, key=lambda k: sampled[k], default="")
@@ -702,9 +703,10 @@ def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[st
     if plan.mode == "full":
         for n in (2, 4, 8, 16):
             fsdp = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb, **{**settings, "gpus": n,
-                                                                               "strategy": "fsdp"})
+                                                                               "strategy": "fsdp", "full_bf16": False})
             if fsdp.fits:
-                out.append(f"strategy='fsdp' on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
+                unlike = " (fp32 weights sharded: without full_bf16)" if plan.full_bf16 else ""
+                out.append(f"strategy='fsdp'{unlike} on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
                 break
     if plan.mode == "full" and not plan.full_bf16 and plan.strategy == "ddp":
         tries: list[dict[str, Any]] = [{}, {"gradient_checkpointing": True}, {"optimizer": "adafactor"},

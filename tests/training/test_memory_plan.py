@@ -359,6 +359,9 @@ def test_kohyas_full_bf16_run_fits_one_24_gb_card() -> None:
     config.full_bf16, config.optimizer_type, config.optimizer_args = False, "adamw", []  # AdamW: 8 bytes of moments
     with pytest.raises(ConfigError, match="full_bf16=true .*optimizer='adafactor'\\) needs"):
         check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24)
+    config.full_bf16 = True  # 42 GiB: FSDP is advised with fp32 weights (full_bf16 is refused there)
+    with pytest.raises(ConfigError, match="strategy='fsdp' \\(fp32 weights sharded: without full_bf16\\) on 4 GPUs"):
+        check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24)
 
 
 def test_plan_command_with_full_bf16(capsys) -> None:

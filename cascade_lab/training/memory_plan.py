@@ -626,6 +626,9 @@ def run_plan(args: argparse.Namespace) -> int:
                                               "text_encoder_cached", "latents_cached", "samples", "full_bf16",
                                               "bf16_rounding")}
     if args.full_bf16:
+        if args.mixed_precision != "bf16":
+            raise SystemExit("cascade-lab train plan: --full-bf16 with --mixed-precision no: bf16 weights compute in "
+                             "bf16; leave --mixed-precision at bf16")
         strategies = [s for s in args.strategy if s != "fsdp"]  # full_bf16 is refused with FSDP
         if not strategies:
             from .config import FULL_BF16_FSDP

@@ -374,6 +374,10 @@ def test_plan_command_with_full_bf16(capsys) -> None:
     assert [r[:4] for r in rows] == [["full", "full", "1", "GPU"]] and rows[0][-1] == "yes"
     assert rows[0][5] == rows[0][6] == "6.7"  # GiB of bf16 weights and of gradients ("1 GPU" is two words)
     assert "full_bf16 (bf16 weights and gradients)" in out
+    with pytest.raises(SystemExit, match="--full-bf16 with --mixed-precision no"):
+        main(["train", "plan", "--full-bf16", "--mixed-precision", "no"])
+    with pytest.raises(SystemExit, match="full_bf16=true with strategy='fsdp'"):
+        main(["train", "plan", "--full-bf16", "--strategy", "fsdp"])
 
 
 @pytest.mark.parametrize(("checkpointing", "side"), [(False, 64), (True, 96)])

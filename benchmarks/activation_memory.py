@@ -44,10 +44,11 @@ def _inputs(config: dict, batch: int, side: int) -> tuple:
             torch.randn(batch, 1, 1280), torch.zeros(batch, 1, 768))
 
 
-def measure(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False) -> float:
+def measure(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False,
+            full_bf16: bool = False) -> float:
     """Peak bytes above the resident set of one forward+backward (runs in this process); `bf16`: the forward under
-    CPU autocast with the planner's CUDA rule for the norms, as the trainer runs it (fp32 weights);
-    `checkpointing` "selective": the blocks' product outputs kept."""
+    CPU autocast with the planner's CUDA rule for the norms, as the trainer runs it (fp32 weights; bf16 weights and
+    gradients with `full_bf16`); `checkpointing` "selective": the blocks' product outputs kept."""
     import ctypes
     import gc
     import re
@@ -77,6 +78,8 @@ def measure(config: dict, batch: int, checkpointing: bool | str, side: int, bf16
         return int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
 
     model = _build(config).build()  # type: ignore[attr-defined]
+    if full_bf16:
+        model.to(torch.bfloat16)
     model.train()
     model.enable_gradient_checkpointing(bool(checkpointing), keep_products=checkpointing == "selective")
     for p in model.parameters():
@@ -92,18 +95,19 @@ def measure(config: dict, batch: int, checkpointing: bool | str, side: int, bf16
     return float(status("VmHWM") - before)
 
 
-def counted(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False) -> float:
+def counted(config: dict, batch: int, checkpointing: bool | str, side: int, bf16: bool = False,
+            full_bf16: bool = False) -> float:
     """The planner's count; with `bf16` plus autocast's bf16 weight copies (2 bytes a parameter: the planner's
-    "transient" of a bf16 DDP run), which the measured peak holds too."""
+    "transient" of a bf16 DDP run), which the measured peak holds too (none with `full_bf16`: bf16 weights)."""
     from cascade_lab.training.memory_plan import saved_activation_bytes
 
     stage = "b" if "block_repeat" in config else "c"
     model = _build(config)
-    copies = 2 * sum(p.numel() for p in model.build().parameters()) if bf16 else 0  # type: ignore[attr-defined]
+    copies = 2 * sum(p.numel() for p in model.build().parameters()) if bf16 and not full_bf16 else 0  # type: ignore
     mode = "selective" if checkpointing == "selective" else "full"
     return copies + batch * saved_activation_bytes(model, stage=stage, mixed_precision="bf16" if bf16 else "no",
                                                    latent=(side, side), gradient_checkpointing=bool(checkpointing),
-                                                   gradient_checkpointing_mode=mode)
+                                                   gradient_checkpointing_mode=mode, full_bf16=full_bf16)
 
 
 def main() -> None:
@@ -116,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         case = json.loads(args.child)
-        print(measure(case["config"], case["batch"], case["ckpt"], case["side"], case.get("bf16", False)))
+        print(measure(case["config"], case["batch"], case["ckpt"], case["side"], case.get("bf16", False),
+                      case.get("full_bf16", False)))
         return
     modes: list[bool | str] = [False, True, "selective"]
     cases = [("mid", MID, b, c, 24) for c in modes for b in (1, 2)]

@@ -33,10 +33,14 @@ PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp")
 CHECKPOINTING_MODES = ("auto", "full", "selective")
+BF16_ROUNDINGS = ("stochastic", "nearest")  # bf16_weights.ROUNDINGS (no torch import here)
 LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: a LoRA's low-rank branches sit beside frozen "
              "layers that cascade_lab does not shard, and its gradients and optimizer states are a few MB (the "
              "frozen base is held in the compute dtype), so DDP costs little more memory; use strategy='ddp' (or "
              "'auto') for a LoRA, 'fsdp' for mode='full'")
+FULL_BF16_FSDP = ("full_bf16=true with strategy='fsdp': not supported; FSDP shards fp32 weights over the "
+                  "processes and computes in bf16 with mixed_precision='bf16' (its own mixed precision), so each "
+                  "process holds 1/N of them: use strategy='fsdp' without full_bf16, or full_bf16 with strategy='ddp'")
 DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside the training TOML
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
@@ -44,7 +48,7 @@ RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "networ
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
                "lr_scheduler_type",  # another scheduler class cannot read the saved one's state
                "network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms", "network_weights",
-               "dim_from_weights")
+               "dim_from_weights", "full_bf16", "bf16_rounding")
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
@@ -166,6 +170,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # "no" (fp32) or "bf16" autocast; fp16 is refused for Stage C
+    # the trained weights and their gradients held in bf16 (kohya --full_bf16; needs mixed_precision="bf16"): half
+    # the memory of fp32 masters (full Stage C: 7.2 + 7.2 GB instead of 14.4 + 14.4); with LoRA, the LoRA in bf16
+    full_bf16: bool = False
+    # how full_bf16 writes updated weights: "stochastic" (unbiased: updates below half a bf16 step still count on
+    # average) or "nearest" (kohya: such updates are lost; AdamW then keeps its moments in bf16, as kohya's does)
+    bf16_rounding: str = "stochastic"
     gradient_checkpointing: bool = False
     # with gradient_checkpointing: "full" recomputes each block's whole forward in the backward (kohya, the official
     # trainer); "selective" keeps the outputs of its matrix products and attention and recomputes the rest (less
@@ -290,6 +300,13 @@ class TrainConfig:
                               "overflows: black/NaN images, official readme; the official Stage B trainer uses "
                               "bf16); use 'bf16' or 'no' (fp32)")
         choice("mixed_precision", PRECISIONS)
+        choice("bf16_rounding", BF16_ROUNDINGS)
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise ConfigError(f"full_bf16=true with mixed_precision={self.mixed_precision!r}: bf16 weights need bf16 "
+                              "compute (kohya asserts the same); set mixed_precision='bf16', or full_bf16=false for "
+                              "fp32 weights")
+        if self.full_bf16 and self.strategy == "fsdp":
+            raise ConfigError(FULL_BF16_FSDP)
         from .optimizers import check_name
 
         check_name(self.optimizer_type)

@@ -200,6 +200,13 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
     if args.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision fp16: Stage C overflows in float16 (official readme; kohya's README "
                           "warns it may be unstable); use --mixed_precision bf16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise ConfigError(f"--full_bf16 with --mixed_precision {args.mixed_precision}: bf16 weights need bf16 compute "
+                          "(kohya asserts \"full_bf16 requires mixed precision='bf16'\"); add --mixed_precision bf16")
+    if args.full_bf16 and args.bf16_rounding == "stochastic":
+        notices.append("--full_bf16: weights and gradients in bf16 as in kohya, but the updated weights are rounded "
+                       "stochastically (kohya rounds to the nearest, so updates below half a bf16 step are lost); "
+                       "--bf16_rounding nearest for kohya's")
     if not args.text_model_checkpoint_path:
         notices.append("no --text_model_checkpoint_path: kohya downloads the laion CLIP-G on every run; "
                        "cascade_lab uses the text encoder of the model's variant (found locally, no download)")
@@ -277,6 +284,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "lr_scheduler_type": args.lr_scheduler_type, "lr_scheduler_args": list(args.lr_scheduler_args or []),
         "lr_warmup_steps": args.lr_warmup_steps, "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "max_grad_norm": args.max_grad_norm, "mixed_precision": args.mixed_precision,
+        "full_bf16": bool(args.full_bf16), "bf16_rounding": args.bf16_rounding,
         "gradient_checkpointing": args.gradient_checkpointing,
         "gradient_checkpointing_mode": args.gradient_checkpointing_mode,
         "adaptive_loss_weight": args.adaptive_loss_weight,

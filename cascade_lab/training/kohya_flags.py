@@ -46,8 +46,6 @@ NO_EFFECT = {
     "save_n_epoch_ratio": "use --save_every_n_epochs", "save_last_n_epochs_state": "use --save_last_n_epochs",
     "vae": "Stable Cascade has no VAE; the EfficientNet file is --effnet_checkpoint_path",
     "training_comment": "not stored", "no_metadata": "metadata is always written (kohya ss_* and modelspec keys)",
-    "full_bf16": "Stage C keeps float32 master weights under bf16 autocast (more memory than kohya's --full_bf16, "
-                 "no bf16 rounding of the updates)",
     "fp8_base": "the frozen base stays in the --mixed_precision dtype",
     "dataset_class": "datasets are kohya dataset TOMLs or folders",
     "console_log_level": "Python's warnings are used", "console_log_file": "Python's warnings are used",
@@ -190,7 +188,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "gradient_checkpointing", action="store_true")
     flag(g, "gradient_accumulation_steps", type=int, default=1)
     flag(g, "mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="fp16 is refused for Stage C")
-    flag(g, "full_bf16", action="store_true", help="fp32 master weights under bf16 autocast instead")
+    flag(g, "full_bf16", action="store_true", help="trained weights and gradients in bf16 (needs --mixed_precision "
+         "bf16); updates rounded stochastically (--bf16_rounding)")
     flag(g, "full_fp16", action="store_true", help="refused")
     flag(g, "fp8_base", action="store_true", help="no effect")
     flag(g, "no_half_vae", action="store_true", help="no effect: EfficientNet runs in float32")
@@ -292,6 +291,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "gradient_checkpointing_mode", choices=["auto", "full", "selective"], default="auto",
          help="with --gradient_checkpointing: full recomputes whole blocks (kohya); selective keeps their matrix "
               "products' and attention's outputs (faster, more memory); auto: selective on a CPU, full on a GPU")
+    flag(g, "bf16_rounding", choices=["stochastic", "nearest"], default="stochastic",
+         help="with --full_bf16: how updated weights are rounded to bf16; stochastic (unbiased, default) or nearest "
+              "(kohya: updates below half a bf16 step are lost)")
     flag(g, "quiet", action="store_true", help="no progress lines")
     return parser
 

@@ -27,7 +27,7 @@ from ..pipeline import release_freed_memory
 from ..weights.memory import available_memory
 from . import distributed as dist
 from .cache import LatentCache, TextCache, check_cache_options, encode_images, encode_text
-from .config import TrainConfig, checkpointing_mode
+from .config import FULL_BF16_FSDP, ConfigError, TrainConfig, checkpointing_mode
 from .data import TrainingData, derive_seed
 from .models import TrainingModels
 from .optim import clip_grad_norm, optimizer_step
@@ -89,8 +89,16 @@ class Trainer:
         from .schedules import build_scheduler
 
         config, model = self.config, self.model
+        rounding = None
+        if config.full_bf16:  # kohya --full_bf16: the trained weights (and so their gradients) in bf16
+            from .bf16_weights import Rounding
+
+            if self.sharded:
+                raise ConfigError(FULL_BF16_FSDP)
+            rounding = Rounding(config.bf16_rounding, derive_seed(config.seed, "bf16_rounding"), self.device)
+        trained_dtype = torch.bfloat16 if config.full_bf16 else torch.float32
         if config.mode == "full":
-            model.to(self.device, torch.float32).requires_grad_(True)  # fp32 master weights
+            model.to(self.device, trained_dtype).requires_grad_(True)  # fp32 master weights unless full_bf16
             params = list(model.parameters())
         else:
             model.to(self.device).requires_grad_(False)
@@ -105,6 +113,7 @@ class Trainer:
                 self.network = LoraNetwork.for_model(model, rank=config.network_dim, alpha=config.network_alpha,
                                                      target=config.network_target, seed=config.seed,
                                                      dropout=lora_dropout)
+            self.network.to(dtype=trained_dtype)  # kohya: network.to(weight_dtype) with --full_bf16
             self.network.attach(model)
             params = list(self.network.parameters())
         if config.gradient_checkpointing:
@@ -127,7 +136,8 @@ class Trainer:
             unused = self.network is not None and bool(config.module_dropout)
             self.ddp_model = dist.wrap(model, self.info, find_unused_parameters=unused)
         self.params = params
-        self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args)
+        self.optimizer = build_optimizer(config.optimizer_type, params, config.learning_rate, config.optimizer_args,
+                                         rounding)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
                                          self._total_steps(), num_cycles=config.lr_scheduler_num_cycles,
                                          power=config.lr_scheduler_power, scheduler_type=config.lr_scheduler_type,

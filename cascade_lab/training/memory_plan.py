@@ -10,8 +10,8 @@ small Stage C and Stage B models, with and without checkpointing, fp32 and bf16 
 the count). The attention probability maps are left out: CUDA's fused attention kernels keep only per-row
 statistics. With bf16 mixed precision the count runs under autocast with CUDA's float32 rule for the norms
 (their outputs, so the residual stream, are float32 on a GPU), on the dtype the run holds the weights in (fp32
-masters; a LoRA's bf16 base); autocast's bf16 casts of the weights are counted under "transient", not as
-activations.
+masters; bf16 weights with full_bf16; a LoRA's bf16 base); autocast's bf16 casts of fp32 weights are counted under
+"transient", not as activations.
 
 Frozen helper models a run keeps on the GPU during its steps are counted whole ("frozen", in the dtype the
 run loads them in): the text encoder (bf16) when its outputs are not cached, the image encoders (EfficientNet,
@@ -73,6 +73,7 @@ class MemoryPlan:
     sampling: int = 0  # the largest model sample images bring onto the GPU while they render (0: no samples)
     sampling_model: str = ""  # its name
     gradient_checkpointing_mode: str = "full"  # "selective": the blocks' product outputs are kept as well
+    full_bf16: bool = False  # the trained weights and their gradients in bf16 (kohya --full_bf16)
 
     @property
     def steps_total(self) -> int:
@@ -88,7 +89,7 @@ class MemoryPlan:
         kept = self.weights + self.optimizer_states + self.frozen + self.overhead + self.sampling
         if self.strategy == "fsdp":  # the whole trained model gathered in the compute dtype (fsdp.gathered)
             return kept + self.params * (2 if self.mixed_precision == "bf16" else 4)
-        buckets = 4 * self.trainable if self.gpus > 1 else 0
+        buckets = (2 if self.full_bf16 else 4) * self.trainable if self.gpus > 1 else 0
         return kept + buckets + self.transient  # autocast's bf16 weight copies are made while sampling too
 
     @property
@@ -209,22 +210,22 @@ def _count_shapes(config: Any, lora_rank: int, lora_target: str) -> dict[str, An
     return {"shapes": shapes, "lora": lora, "max_group": max(groups), "root": total - sum(groups)}
 
 
-def _precision(mixed_precision: str, mode: str) -> str:
+def _precision(mixed_precision: str, mode: str, full_bf16: bool = False) -> str:
     """How the run holds and computes the stage: "no" (fp32), "bf16" (fp32 masters under autocast) or
-    "bf16_base" (a LoRA's frozen base in bf16, under autocast)."""
+    "bf16_base" (bf16 weights under autocast: a LoRA's frozen base, or full_bf16's trained ones)."""
     if mixed_precision != "bf16":
         return "no"
-    return "bf16_base" if mode == "lora" else "bf16"
+    return "bf16_base" if mode == "lora" or full_bf16 else "bf16"
 
 
 def saved_activation_bytes(variant: Any, *, stage: str = "c", mixed_precision: str = "bf16", mode: str = "full",
                            latent: tuple[int, int] = (24, 24), gradient_checkpointing: bool = True,
-                           gradient_checkpointing_mode: str = "full") -> int:
+                           gradient_checkpointing_mode: str = "full", full_bf16: bool = False) -> int:
     """The counted bytes one sample's forward saves for backward (before ACTIVATION_CALIBRATION); `latent` is the
     (w, h) of the stage's input (Stage B: the Stage A latent, image / 4); `gradient_checkpointing_mode` "full" or
-    "selective" (the blocks' product outputs kept too)."""
-    return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode), (latent[0], latent[1]),
-                        gradient_checkpointing, _selective(gradient_checkpointing_mode))
+    "selective" (the blocks' product outputs kept too); `full_bf16`: the weights in bf16 under autocast."""
+    return _saved_bytes(stage_config(variant, stage), _precision(mixed_precision, mode, full_bf16),
+                        (latent[0], latent[1]), gradient_checkpointing, _selective(gradient_checkpointing_mode))
 
 
 def _selective(mode: str) -> bool:
@@ -450,7 +451,8 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
                 gradient_checkpointing_mode: str = "full", batch_size: int = 1,
                 resolution: int | tuple[int, int] = 1024, training_scale: str = "official", network_dim: int = 4,
                 network_target: str = "attention", text_encoder_cached: bool = True, latents_cached: bool = True,
-                samples: bool = False, sample_full_images: bool = True) -> MemoryPlan:
+                samples: bool = False, sample_full_images: bool = True, full_bf16: bool = False,
+                bf16_rounding: str = "stochastic") -> MemoryPlan:
     """The per-GPU memory of a Stage C (``stage="c"``) or Stage B (``stage="b"``) fine-tune.
 
     `variant`: "full"/"bf16" (Stage C 3.6 B, Stage B 1.56 B), "lite"/"lite_bf16" (1.03 B, 700 M), "tiny", or a
@@ -458,7 +460,8 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     Stage C 24x24 latents at the official scale, Stage B 256x256 Stage A latents); strategy "ddp" (every GPU
     holds everything) or "fsdp" (sharded over `gpus`). `text_encoder_cached`, `latents_cached` and `samples`
     say which frozen models are on the GPU during the steps (`frozen_helpers`) and whether sample images add
-    their peak (`sample_helpers`, the largest one)."""
+    their peak (`sample_helpers`, the largest one). `full_bf16`: the trained weights and gradients in bf16 (2 bytes
+    each); AdamW's moments stay fp32 unless `bf16_rounding` is "nearest" (kohya's torch AdamW: bf16 moments)."""
     from .optim import parse_optimizer_args
 
     _check_stage(stage)
@@ -476,6 +479,11 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
         from .config import LORA_FSDP
 
         raise ValueError(LORA_FSDP)
+    if full_bf16 and (mixed_precision != "bf16" or strategy == "fsdp"):
+        from .config import FULL_BF16_FSDP
+
+        raise ValueError(FULL_BF16_FSDP if mixed_precision == "bf16" else "full_bf16=True needs mixed_precision="
+                         "'bf16' (bf16 weights compute in bf16)")
     config = stage_config(variant, stage)
     info = _shapes(config, network_dim, network_target)
     shapes: list[tuple[int, ...]] = info["shapes"]
@@ -484,15 +492,17 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     shard = gpus if strategy == "fsdp" else 1
     trained = shapes if mode == "full" else info["lora"]
     trainable = sum(math.prod(s) for s in trained)
+    per_trained = 2 if full_bf16 else 4  # bytes of a trained weight and of its gradient
     if mode == "full":
-        weights = math.ceil(4 * params / shard)  # fp32 masters
+        weights = math.ceil(per_trained * params / shard)  # fp32 masters, or bf16 weights (full_bf16)
     else:
-        weights = (2 if bf16 else 4) * params + 4 * trainable  # the frozen base in the training dtype
-    gradients = math.ceil(4 * trainable / shard)
+        weights = (2 if bf16 else 4) * params + per_trained * trainable  # the frozen base in the training dtype
+    gradients = math.ceil(per_trained * trainable / shard)
     if strategy == "ddp" and gpus > 1:
-        gradients += 4 * trainable  # DDP's gradient buckets
+        gradients += per_trained * trainable  # DDP's gradient buckets
     if optimizer.lower() == "adamw":
-        states = math.ceil(8 * trainable / shard) + 4 * len(trained)  # exp_avg, exp_avg_sq; a float step each
+        moments = 4 if full_bf16 and bf16_rounding == "nearest" else 8  # kohya's AdamW on bf16: bf16 moments
+        states = math.ceil(moments * trainable / shard) + 4 * len(trained)  # exp_avg, exp_avg_sq; a step each
     else:
         factored, first = _adafactor_bytes(trained, parse_optimizer_args(optimizer_args).get("beta1") is not None)
         states = factored + math.ceil(first / shard)  # factored moments stay whole on every FSDP process
@@ -503,20 +513,24 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
         transient += info["max_group"] * (4 + bytes_per)  # a block's unsharded gradients before reduce-scatter
         if optimizer.lower() == "adafactor":
             transient += 3 * 4 * max(math.prod(s) for s in shapes)  # whole gradient, parameter, update of one tensor
-    elif bf16 and mode == "full":
+    elif bf16 and mode == "full" and not full_bf16:
         transient += 2 * params  # autocast's bf16 copies of the fp32 weights, kept through backward
+    if full_bf16:  # one tensor's update in fp32: its gradient, the update or Adam's denominator, Adafactor's
+        # squared gradient, the new value and the rounding's random bits
+        transient += 5 * 4 * max(math.prod(s) for s in trained)
     helpers = frozen_helpers(stage, variant, text_encoder_cached=text_encoder_cached, latents_cached=latents_cached)
     sampled = sample_helpers(stage, variant, sample_full_images=sample_full_images) if samples else {}
     largest = max(sampled, key=lambda k: sampled[k], default="")
     latent = latent_size(stage, resolution, training_scale)
     selective = gradient_checkpointing and _selective(gradient_checkpointing_mode)
-    per_sample = _saved_bytes(config, _precision(mixed_precision, mode), latent, gradient_checkpointing, selective)
+    per_sample = _saved_bytes(config, _precision(mixed_precision, mode, full_bf16), latent, gradient_checkpointing,
+                              selective)
     activations = math.ceil(per_sample * ACTIVATION_CALIBRATION * batch_size)
     return MemoryPlan(variant if isinstance(variant, str) else "custom", mode, strategy, gpus, gpu_memory_gb,
                       optimizer.lower(), mixed_precision, gradient_checkpointing, batch_size, latent, params,
                       trainable, weights, gradients, states, transient, activations, CUDA_OVERHEAD, stage,
                       sum(helpers.values()), tuple(helpers), sampled.get(largest, 0), largest,
-                      "selective" if selective else "full")
+                      "selective" if selective else "full", full_bf16)
 
 
 def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...] = GPU_COUNTS,
@@ -551,7 +565,8 @@ def plan_table(variants: tuple[str, ...] = VARIANTS, gpu_counts: tuple[int, ...]
     if p.sampling:
         frozen += (f"; sampling: the peak while sample images render ({p.sampling_model}, the largest of their "
                    "models, on the GPU; gradients freed); total: the larger of the step and sampling")
-    note = (f"GiB per GPU; {what}; {p.optimizer}, mixed_precision={p.mixed_precision}, gradient checkpointing "
+    weights = ", full_bf16 (bf16 weights and gradients)" if p.full_bf16 else ""
+    note = (f"GiB per GPU; {what}; {p.optimizer}, mixed_precision={p.mixed_precision}{weights}, gradient checkpointing "
             f"{_checkpointing(p)}, batch {p.batch_size} per GPU; {frozen}; activations "
             f"are an estimate (x{ACTIVATION_CALIBRATION} the counted saved tensors), overhead "
             f"{CUDA_OVERHEAD / GiB:.0f} GiB included in total")
@@ -577,6 +592,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
     parser.add_argument("--optimizer-args", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
+    parser.add_argument("--full-bf16", action="store_true",
+                        help="the trained weights and gradients in bf16 (kohya --full_bf16; needs bf16 mixed "
+                        "precision)")
+    parser.add_argument("--bf16-rounding", default="stochastic", choices=["stochastic", "nearest"],
+                        help="with --full-bf16: nearest is kohya's AdamW with bf16 moments (stochastic: fp32 moments)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--gradient-checkpointing-mode", default="full", choices=["full", "selective"],
                         help="selective: the blocks' matrix products' and attention's outputs are kept (more memory, "
@@ -603,7 +623,18 @@ def run_plan(args: argparse.Namespace) -> int:
                                               "gradient_checkpointing", "gradient_checkpointing_mode",
                                               "batch_size", "resolution",
                                               "training_scale", "network_dim", "network_target",
-                                              "text_encoder_cached", "latents_cached", "samples")}
+                                              "text_encoder_cached", "latents_cached", "samples", "full_bf16",
+                                              "bf16_rounding")}
+    if args.full_bf16:
+        if args.mixed_precision != "bf16":
+            raise SystemExit("cascade-lab train plan: --full-bf16 with --mixed-precision no: bf16 weights compute in "
+                             "bf16; leave --mixed-precision at bf16")
+        strategies = [s for s in args.strategy if s != "fsdp"]  # full_bf16 is refused with FSDP
+        if not strategies:
+            from .config import FULL_BF16_FSDP
+
+            raise SystemExit(f"cascade-lab train plan: {FULL_BF16_FSDP}")
+        args.strategy = strategies
     print(plan_table(tuple(args.variant), tuple(args.gpus), tuple(args.gpu_memory), tuple(args.strategy),
                      **settings), flush=True)
     return 0
@@ -632,7 +663,8 @@ def run_settings(config: Any, world_size: int, strategy: str) -> dict[str, Any]:
             "training_scale": config.training_scale, "network_dim": config.network_dim,
             "network_target": config.network_target, "text_encoder_cached": config.cache_text_encoder_outputs,
             "latents_cached": config.cache_latents, "samples": sampling,
-            "sample_full_images": config.sample_full_images}
+            "sample_full_images": config.sample_full_images, "full_bf16": config.full_bf16,
+            "bf16_rounding": config.bf16_rounding}
 
 
 def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: str,
@@ -674,9 +706,23 @@ def _advice(plan: MemoryPlan, variant: str, settings: dict[str, Any]) -> list[st
     if plan.mode == "full":
         for n in (2, 4, 8, 16):
             fsdp = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb, **{**settings, "gpus": n,
-                                                                               "strategy": "fsdp"})
+                                                                               "strategy": "fsdp", "full_bf16": False})
             if fsdp.fits:
-                out.append(f"strategy='fsdp' on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
+                unlike = " (fp32 weights sharded: without full_bf16)" if plan.full_bf16 else ""
+                out.append(f"strategy='fsdp'{unlike} on {n} GPUs of this size needs {fsdp.total / GiB:.1f} GiB each")
+                break
+    if plan.mode == "full" and not plan.full_bf16 and plan.strategy == "ddp":
+        tries: list[dict[str, Any]] = [{}, {"gradient_checkpointing": True}, {"optimizer": "adafactor"},
+                                       {"optimizer": "adafactor", "gradient_checkpointing": True}]
+        for extra in tries:
+            changed = {**settings, "full_bf16": True, "mixed_precision": "bf16", **extra}
+            bf16 = plan_memory(variant, gpu_memory_gb=plan.gpu_memory_gb, **changed)
+            if bf16.fits:
+                also = "".join(f", {k}={v!r}".replace("True", "true") for k, v in extra.items()
+                               if settings.get(k) != v)
+                precision = ", mixed_precision='bf16'" if settings.get("mixed_precision", "bf16") != "bf16" else ""
+                out.append(f"full_bf16=true (kohya --full_bf16: weights and gradients in bf16{precision}{also}) "
+                           f"needs {bf16.total / GiB:.1f} GiB")
                 break
     if not plan.gradient_checkpointing:
         out.append("gradient_checkpointing=true cuts the activations")

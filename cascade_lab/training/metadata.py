@@ -130,6 +130,7 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "cascade_lab.training_scale": scale_statement(config), "cascade_lab.latent_buckets": json.dumps(buckets),
         "cascade_lab.loss_weight": "adaptive" if config.adaptive_loss_weight else "p2",
         "cascade_lab.noise_shift": str(config.noise_shift),
+        "cascade_lab.full_bf16": f"True ({config.bf16_rounding} rounding)" if config.full_bf16 else "False",
         "cascade_lab.world_size": str(info.world_size), "cascade_lab.strategy": info.strategy,
         "cascade_lab.model": config.model,
         "cascade_lab.dataset_notes": json.dumps(data.config.notes),

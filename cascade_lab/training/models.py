@@ -327,11 +327,12 @@ def _file_factories(config: TrainConfig, model: str) -> dict[str, Callable[[], A
 
 
 def _load_trained(config: TrainConfig, device: torch.device | None) -> nn.Module:
-    """The trained stage from its file or the variant. Full fine-tunes keep fp32 master weights; a LoRA's frozen
-    base is held in the compute dtype."""
+    """The trained stage from its file or the variant. Full fine-tunes keep fp32 master weights (bf16 weights with
+    full_bf16); a LoRA's frozen base is held in the compute dtype."""
     from ..weights import load_stage
 
-    dtype = torch.bfloat16 if config.mode == "lora" and config.mixed_precision == "bf16" else torch.float32
+    bf16 = config.mixed_precision == "bf16" and (config.mode == "lora" or config.full_bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     name = f"stage_{config.stage}"
     path = config.stage_b_path if config.stage == "b" else config.stage_c_path
     if path:

@@ -26,14 +26,15 @@ def _rms(x: Tensor) -> Tensor:
 
 
 def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
-                    beta2: float) -> bool:
+                    beta2: float, write: Any) -> bool:
     """Adafactor's step of a CPU matrix in two passes over cache-sized row blocks; False where it does not apply
     (other shapes, a GPU, FSDP shards: `Adafactor.step`'s whole-tensor arithmetic).
 
     Pass 1 takes, per block, grad², its row sums (the new row moments), its column sums and Σ_i g_ij² / row_i,
     which gives the clip's RMS without forming the update: with r_i = √(mean row / row_i) and c_j = 1/√col_j,
     Σ_ij (r_i c_j g_ij)² = mean(row) · Σ_j colw_j / col_j. Pass 2 forms each block's update scaled by the learning
-    rate and clip, and applies it (first moment, weight decay) while the block is in cache.
+    rate and clip, and applies it (first moment, weight decay) while the block is in cache; a bf16 block's new
+    value is computed in fp32 and stored by `write` (`Rounding.write`).
     """
     if grad.dim() != 2 or grad.device.type != "cpu":
         return False
@@ -62,9 +63,13 @@ def _blocked_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[
             avg = state["avg"][start:stop]
             update = avg.mul_(beta1).add_(update, alpha=1 - beta1)
         target = p[start:stop]
+        if p.dtype != update.dtype:
+            value = target.float()
+            write(target, value.mul_(1 - wd * lr).sub_(update) if wd else value.sub_(update))
+            continue
         if wd:
             target.mul_(1 - wd * lr)
-        target.sub_(update if p.dtype == update.dtype else update.to(p.dtype))
+        target.sub_(update)
     return True
 
 
@@ -77,12 +82,14 @@ class Adafactor(torch.optim.Optimizer):
     FSDP shards (DTensor parameters): each update is computed from the whole gradient (all-gathered, one
     parameter at a time), so the factored moments are those of the whole matrix; they are small and kept
     whole on every process, while the first moment is sharded like the parameter.
+    bf16 parameters (``full_bf16``): moments in fp32, each new weight computed in fp32 and rounded once by
+    ``rounding`` (`bf16_weights.Rounding`; none: to the nearest, as transformers' Adafactor that kohya uses).
     """
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False) -> None:
+                 warmup_init: bool = False, *, rounding: Any = None) -> None:
         if lr is not None and relative_step:
             raise ValueError("Adafactor: lr is ignored with relative_step=True; pass relative_step=False to use it")
         if lr is None and not relative_step:
@@ -93,6 +100,22 @@ class Adafactor(torch.optim.Optimizer):
                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init)
         super().__init__(params, defaults)
+        self.rounding = rounding
+
+    def _write(self, p: Tensor, value: Tensor) -> None:
+        if self.rounding is None:
+            p.copy_(value)
+        else:
+            self.rounding.write(p, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return state if self.rounding is None else {**state, "rounding": self.rounding.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from .bf16_weights import load_state_in_saved_dtypes
+
+        load_state_in_saved_dtypes(self, state_dict)
 
     def _step_size(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
         step = state["step"]
@@ -129,7 +152,7 @@ class Adafactor(torch.optim.Optimizer):
                 eps1 = group["eps"][0]
                 # mean(g² + eps1) = mean(g²) + eps1; the update g · r · c without the [rows, cols] outer product,
                 # the clip and learning rate riding in the final subtraction
-                if factored and not sharded and _blocked_update(p, grad, state, group, lr, beta2):
+                if factored and not sharded and _blocked_update(p, grad, state, group, lr, beta2, self._write):
                     continue
                 if factored:
                     row, col = state["row"], state["col"]
@@ -149,6 +172,10 @@ class Adafactor(torch.optim.Optimizer):
                 if group["beta1"] is not None:
                     state["avg"].mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]) * scale)
                     update, scale = state["avg"], 1.0
+                if p.dtype != update.dtype and not sharded:  # bf16 weights: the new value in fp32, rounded once
+                    value = p.float().mul_(1 - group["weight_decay"] * lr)
+                    self._write(p, value.sub_(update, alpha=scale))
+                    continue
                 if group["weight_decay"]:
                     p.mul_(1 - group["weight_decay"] * lr)
                 if p.dtype == update.dtype:
@@ -187,19 +214,33 @@ def _all_on_cpu(params: Sequence[Any]) -> bool:
                                  for t in tensors)
 
 
-def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[str] | dict[str, Any]) -> Any:
+def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[str] | dict[str, Any],
+                    rounding: Any = None) -> Any:
     """AdamW (official: torch defaults, weight decay 0.01), Adafactor, or any other of kohya's optimizer names
     (`optimizers`: Lion, SGDNesterov, Prodigy, DAdapt*, bitsandbytes' 8-bit and paged ones, a torch.optim class or
-    'package.module.Class'), with kohya's arguments."""
+    'package.module.Class'), with kohya's arguments.
+
+    `rounding` (`bf16_weights.Rounding`, with bf16 parameters): how the new weights are written. "nearest" with
+    AdamW is kohya's torch AdamW as it is (moments in bf16, every operation rounded to the nearest); "stochastic"
+    is `BF16AdamW` (fp32 moments). Adafactor computes in fp32 either way. Other optimizers update the bf16 weights
+    themselves, rounding to the nearest as in kohya."""
     from . import optimizers
 
     kwargs = parse_optimizer_args(args)
     kind = name.lower()
     if kind not in optimizers.OWN:
+        if rounding is not None and rounding.mode == "stochastic":
+            warnings.warn(f"full_bf16 with optimizer_type={name!r}: that optimizer writes the bf16 weights itself, "
+                          "rounding to the nearest as in kohya; bf16_rounding='stochastic' applies to AdamW and "
+                          "Adafactor only (set bf16_rounding='nearest' to silence this)", stacklevel=2)
         return optimizers.build(name, params, lr, kwargs)
     try:
         if kind == "adamw":
             kwargs.setdefault("weight_decay", 0.01)
+            if rounding is not None and rounding.mode == "stochastic":
+                from .bf16_weights import BF16AdamW
+
+                return BF16AdamW(params, lr=lr, rounding=rounding, **kwargs)
             if "fused" not in kwargs and "foreach" not in kwargs and _all_on_cpu(params):
                 # torch's CPU default is one parameter at a time through ~10 ops with temporaries; the fused
                 # kernel does the same update in one pass (the step took ~15 % of a full fine-tune step)
@@ -211,7 +252,7 @@ def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[
                 warnings.warn("Adafactor with relative_step=True ignores learning_rate (kohya does the same); "
                               "pass optimizer_args=['scale_parameter=False', 'relative_step=False', "
                               "'warmup_init=False'] to use it", stacklevel=2)
-            return Adafactor(params, lr=None if relative else lr, **kwargs)
+            return Adafactor(params, lr=None if relative else lr, rounding=rounding, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"optimizer_args {args!r} do not fit {name}: {exc}") from None
     raise AssertionError(kind)  # optimizers.OWN

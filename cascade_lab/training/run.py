@@ -314,7 +314,9 @@ def _checkpoint(run: TrainingRun, trainer: Trainer, emit: Any, epoch: int | None
         return
     if info.is_main:
         name = final_file(cfg).name
-        full_fp32 = trainer.network is None and cfg.save_precision == "fp32" and not trainer.sharded
+        # the exported file holds the trained weights exactly (fp32, or bf16 weights in either precision): it is the
+        # checkpoint's trainable file too
+        full_fp32 = trainer.network is None and (cfg.save_precision == "fp32" or cfg.full_bf16) and not trainer.sharded
         trainable_file = name if full_fp32 else "trainable.safetensors"
         meta = export_metadata(run.metadata, trainer) | {"ss_epoch": str(run.epoch)}
         epoch_files = list(run.epoch_files)

@@ -406,3 +406,20 @@ def test_without_output_name_files_take_kohyas_default_names(ckpts, kohya_files,
     with pytest.raises(ConfigError, match=r"holds a previous run \(.*last\.safetensors, .*at-step00000006\."
                                           r"safetensors, .*at-step00000008\.safetensors, 1 more model files\)"):
         train(config())
+
+
+def test_the_issue_command_with_full_bf16_trains_bf16_weights(ckpts, kohya_files, tmp_path, capsys,
+                                                               one_thread) -> None:
+    """kohya's command plus --full_bf16: bf16 weights and gradients, stochastically rounded updates (a notice says
+    how this differs from kohya's rounding), the files as without it."""
+    from cascade_lab.cli import main
+
+    out = tmp_path / "output"
+    assert main(["train", *kohya_example(ckpts, out, *kohya_files), "--full_bf16"]) == 0
+    assert "--full_bf16: weights and gradients in bf16 as in kohya, but the updated weights are rounded " \
+           "stochastically" in capsys.readouterr().err
+    check_outputs(out)
+    with safe_open(str(out / "testv1.safetensors"), "pt") as f:
+        assert f.metadata()["cascade_lab.full_bf16"] == "True (stochastic rounding)"
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert not (last / "trainable.safetensors").exists()  # the bf16 file holds the bf16 weights exactly

@@ -312,3 +312,84 @@ def test_stage_b_latent_size_is_the_trainers(shapes_dir, tmp_path, one_thread) -
     latents = Trainer(config, models, data, dist.setup("cpu")).inputs(0)["latents"]
     w, h = plan_memory("tiny", stage="b", mode="lora", resolution=(96, 128)).latent
     assert tuple(latents.shape[1:]) == (4, h, w) == (4, 32, 24)
+
+
+# -- full_bf16 ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("optimizer", "args", "rounding"), [("adamw", [], "stochastic"), ("adamw", [], "nearest"),
+                                                             ("adafactor", ["relative_step=False"], "stochastic")])
+def test_full_bf16_bytes_are_the_real_tensors(optimizer, args, rounding) -> None:
+    """Weights and gradients at 2 bytes; AdamW's moments fp32 (stochastic) or bf16 (nearest, kohya's AdamW)."""
+    from cascade_lab.training.bf16_weights import Rounding
+
+    model = StageCConfig.tiny().build().to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = build_optimizer(optimizer, params, 1e-3, args, Rounding(rounding))
+    one_step(params, opt)
+    plan = plan_memory("tiny", optimizer=optimizer, optimizer_args=args, full_bf16=True, bf16_rounding=rounding)
+    assert plan.weights == nbytes(params) == 2 * plan.params and plan.gradients == nbytes(p.grad for p in params)
+    assert plan.optimizer_states == state_bytes(opt) > 0
+    assert plan_memory("tiny", optimizer=optimizer, optimizer_args=args, full_bf16=True, bf16_rounding=rounding,
+                       gpus=2).gradients == 2 * plan.gradients  # DDP's buckets in bf16 too
+    with pytest.raises(ValueError, match="strategy='ddp'"):
+        plan_memory("tiny", full_bf16=True, strategy="fsdp", gpus=2)
+
+
+def test_kohyas_full_bf16_run_fits_one_24_gb_card() -> None:
+    """kohya's `--full_bf16 --optimizer_type adafactor --gradient_checkpointing` on the 3.6 B Stage C: 7.2 GB of
+    weights and 7.2 GB of gradients fit 24 GB; fp32 masters do not, and the advice says which setting fits."""
+    kohya = {"optimizer": "adafactor", "optimizer_args": ["scale_parameter=False", "relative_step=False",
+                                                          "warmup_init=False"], "mixed_precision": "bf16"}
+    masters = plan_memory("full", gpu_memory_gb=24, **kohya)
+    bf16 = plan_memory("full", gpu_memory_gb=24, full_bf16=True, **kohya)
+    assert not masters.fits and bf16.fits and bf16.weights == bf16.gradients == 2 * bf16.params
+    assert bf16.transient < 0.1 * masters.transient  # no autocast copies of fp32 weights, one tensor's fp32 update
+    with torch.device("meta"):
+        big = StageCConfig.full().build()
+    config = TrainConfig(mode="full", model="full", train_data_dir="x", mixed_precision="bf16",
+                         gradient_checkpointing=True, optimizer_type="adafactor",
+                         optimizer_args=kohya["optimizer_args"])
+    cuda = torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"full_bf16=true \(kohya --full_bf16: weights and gradients in bf16\) "
+                                          r"needs 15\.\d GiB"):
+        check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24)
+    config.full_bf16 = True
+    assert check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24).fits
+    config.full_bf16, config.optimizer_type, config.optimizer_args = False, "adamw", []  # AdamW: 8 bytes of moments
+    with pytest.raises(ConfigError, match="full_bf16=true .*optimizer='adafactor'\\) needs"):
+        check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24)
+    config.full_bf16 = True  # 42 GiB: FSDP is advised with fp32 weights (full_bf16 is refused there)
+    with pytest.raises(ConfigError, match="strategy='fsdp' \\(fp32 weights sharded: without full_bf16\\) on 4 GPUs"):
+        check_fit(config, big, cuda, 1, "single", gpu_memory_gb=24)
+
+
+def test_plan_command_with_full_bf16(capsys) -> None:
+    from cascade_lab.cli import main
+
+    assert main(["train", "plan", "--variant", "full", "--gpus", "1", "--gpu-memory", "24", "--optimizer",
+                 "adafactor", "--full-bf16"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert [r[:4] for r in rows] == [["full", "full", "1", "GPU"]] and rows[0][-1] == "yes"
+    assert rows[0][5] == rows[0][6] == "6.7"  # GiB of bf16 weights and of gradients ("1 GPU" is two words)
+    assert "full_bf16 (bf16 weights and gradients)" in out
+    with pytest.raises(SystemExit, match="--full-bf16 with --mixed-precision no"):
+        main(["train", "plan", "--full-bf16", "--mixed-precision", "no"])
+    with pytest.raises(SystemExit, match="full_bf16=true with strategy='fsdp'"):
+        main(["train", "plan", "--full-bf16", "--strategy", "fsdp"])
+
+
+@pytest.mark.parametrize(("checkpointing", "side"), [(False, 64), (True, 96)])
+def test_full_bf16_activation_count_matches_a_real_cpu_peak(checkpointing, side) -> None:
+    """The 15 M Stage B with bf16 weights and gradients under bf16 autocast (full_bf16), one forward+backward in a
+    fresh process: the measured peak is 1.07x (64x64, no checkpointing) and 1.09x (96x96, checkpointing) the count,
+    within the calibration; there are no autocast weight copies to add."""
+    config = {"c_cond": 256, "c_hidden": [64, 128, 256, 256], "nhead": [-1, -1, 4, 4],
+              "blocks": [[1, 2, 4, 2], [2, 4, 2, 1]], "block_repeat": [[1, 1, 1, 1], [3, 3, 2, 2]], "c_clip": 1280,
+              "dropout": [0.0, 0.0, 0.0, 0.0]}
+    peak = _measured_peak({"config": config, "batch": 1, "ckpt": checkpointing, "side": side, "bf16": True,
+                           "full_bf16": True})
+    counted = saved_activation_bytes(StageBConfig(**config), stage="b", mixed_precision="bf16", latent=(side, side),
+                                     gradient_checkpointing=checkpointing, full_bf16=True)
+    assert 1.0 <= peak / counted <= ACTIVATION_CALIBRATION, (peak / 2**20, counted / 2**20)

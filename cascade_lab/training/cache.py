@@ -45,6 +45,12 @@ def check_cache_options(config: TrainConfig, data: TrainingData) -> None:
             raise ConfigError(f"{where}: shuffle_caption=true with cache_text_encoder_outputs=true: every shuffled "
                               "caption is a different text; set cache_text_encoder_outputs=false or "
                               "shuffle_caption=false. (Caption dropout is fine: the empty caption is cached too.)")
+        for option in ("caption_tag_dropout_rate", "token_warmup_step"):
+            value = getattr(subset, option)
+            if config.cache_text_encoder_outputs and value > 0:
+                raise ConfigError(f"{where}: {option}={value!r} with cache_text_encoder_outputs=true: the captions "
+                                  "change from step to step, so their text embeddings cannot be cached; set "
+                                  f"cache_text_encoder_outputs=false (encoded every step) or {option}=0")
 
 
 def file_digest(path: Path) -> str:

@@ -88,6 +88,19 @@ def checkpointing_mode(config: TrainConfig, device_type: str) -> str:
     return mode
 
 
+def check_caption_options(tag_dropout: Any, warmup_min: Any, warmup_step: Any, where: str) -> None:
+    """Raise ConfigError for a tag dropout rate, token_warmup_min or token_warmup_step kohya could not use."""
+    if isinstance(tag_dropout, bool) or not isinstance(tag_dropout, int | float) or not 0 <= tag_dropout <= 1:
+        raise ConfigError(f"{where}: caption_tag_dropout_rate={tag_dropout!r}: use a probability in [0, 1]")
+    if isinstance(warmup_min, bool) or not isinstance(warmup_min, int) or warmup_min < 0:
+        raise ConfigError(f"{where}: token_warmup_min={warmup_min!r}: use a whole number of tags, 0 or more "
+                          "(kohya's default 1)")
+    if isinstance(warmup_step, bool) or not isinstance(warmup_step, int | float) or not math.isfinite(warmup_step) \
+            or warmup_step < 0:
+        raise ConfigError(f"{where}: token_warmup_step={warmup_step!r}: use 0 (off), a number of optimizer steps "
+                          "(e.g. 500) or a fraction of the run below 1 (e.g. 0.1)")
+
+
 @dataclass
 class TrainConfig:
     """One training run. Every field has a working default except the data source.
@@ -137,6 +150,12 @@ class TrainConfig:
     caption_suffix: str = ""
     caption_dropout_every_n_epochs: int = 0  # every Nth epoch trains with empty captions (0: never)
     caption_dropout_rate: float = 0.05  # the official 5 % empty captions (kohya: 0)
+    caption_tag_dropout_rate: float = 0.0  # kohya: each tag after the kept ones is dropped with this probability
+    # kohya's token warm-up: a caption keeps token_warmup_min tags (after the kept ones) at step 0, one more every
+    # token_warmup_step / (tags - min) optimizer steps, all of them from step token_warmup_step on (below 1: that
+    # fraction of the run's steps, rounded down); 0: off
+    token_warmup_min: int = 1
+    token_warmup_step: int | float = 0
     flip_aug: bool = False
     random_crop: bool = False
 
@@ -284,6 +303,7 @@ class TrainConfig:
                               "fraction of the run in [0, 1) (e.g. 0.05 for the first 5 %)")
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
+        check_caption_options(self.caption_tag_dropout_rate, self.token_warmup_min, self.token_warmup_step, "config")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
@@ -370,4 +390,4 @@ def parse_value(text: str) -> Any:
         return text
 
 
-__all__ = ["ConfigError", "TrainConfig", "parse_value"]
+__all__ = ["ConfigError", "TrainConfig", "check_caption_options", "parse_value"]

@@ -153,9 +153,10 @@ class Trainer:
         """Latents (the targets' x0), conditions, t and ε of this process's slice of global batch `counter`."""
         indices, positions, epoch = self.local_batch(counter)
         captions, flips, rngs = [], [], []
+        step = counter // self.config.gradient_accumulation_steps  # the optimizer step this batch trains in
         for index, pos in zip(indices, positions, strict=True):
             rng = self.data.sample_rng(counter, pos)
-            captions.append(self.data.caption(index, epoch, rng))
+            captions.append(self.data.caption(index, epoch, rng, step, self.total_steps))
             flips.append(self.data.flip(index, rng))
             rngs.append(rng)
         batch = self._images(indices, flips, rngs, counter, positions)

@@ -91,7 +91,8 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
 
     meta = {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs), "ss_num_reg_images": "0",
             "ss_num_train_images": str(with_repeats(list(range(len(data.subsets))))),
-            "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs)}
+            "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs),
+            "ss_caption_tag_dropout_rate": str(config.caption_tag_dropout_rate)}
     if config.dataset_config or config.dataset:  # kohya: a user config is described per dataset
         owner = {rec.subset: rec.dataset for rec in data.records}  # every subset has images
         datasets = []

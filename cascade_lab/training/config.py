@@ -25,6 +25,8 @@ else:  # pragma: no cover - Python 3.10
 MODES = ("lora", "full")
 STAGES = ("c", "b")
 SCALES = ("official", "kohya")
+LONG_CAPTIONS = ("windows", "truncate", "kohya")
+KOHYA_TOKEN_LENGTHS = (150, 225)  # kohya's --max_token_length choices (75 content tokens per CLIP window)
 OPTIMIZERS = ("adamw", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear")
 NETWORK_TARGETS = ("attention", "all_linear")
@@ -40,7 +42,8 @@ DATASET_TABLES = ("general", "datasets")  # a kohya dataset TOML may sit inside 
 
 # Settings whose change makes an old checkpoint meaningless for resuming.
 RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "network_target", "optimizer_type",
-               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed")
+               "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
+               "long_captions", "max_token_length")
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
@@ -158,6 +161,14 @@ class TrainConfig:
     token_warmup_step: int | float = 0
     flip_aug: bool = False
     random_crop: bool = False
+
+    # -- text ------------------------------------------------------------------------------------------
+    # captions over 75 CLIP tokens: "windows" (as cascade_lab and ComfyUI generate: one 77-token window per 75
+    # tokens, side by side, nothing dropped), "truncate" (the official trainer: the first 75 tokens), "kohya"
+    # (kohya's scripts: the first 75 tokens, or with max_token_length 150/225 that many tokens in 2/3 windows whose
+    # states are joined into max_token_length + 2 rows, short captions padded to the same length)
+    long_captions: str = "windows"
+    max_token_length: int | None = None  # kohya's --max_token_length (150 or 225), with long_captions = "kohya"
 
     # -- caching ---------------------------------------------------------------------------------------
     cache_latents: bool = True
@@ -304,6 +315,12 @@ class TrainConfig:
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
         check_caption_options(self.caption_tag_dropout_rate, self.token_warmup_min, self.token_warmup_step, "config")
+        choice("long_captions", LONG_CAPTIONS)
+        if self.max_token_length is not None and (self.long_captions != "kohya"
+                                                  or self.max_token_length not in KOHYA_TOKEN_LENGTHS):
+            raise ConfigError(f"max_token_length={self.max_token_length!r} with long_captions={self.long_captions!r}: "
+                              "max_token_length is kohya's layout of 150 or 225 tokens; set long_captions='kohya' "
+                              "and max_token_length to 150 or 225, or leave max_token_length out")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):

@@ -30,7 +30,6 @@ NO_EFFECT = {
     "save_state": "every checkpoint under <output_dir>/checkpoints is resumable (optimizer, scheduler, RNG, adaptive "
                   "loss buckets)",
     "save_text_model": "kohya's training scripts ignore it too; no text model is written",
-    "max_token_length": "long prompts are encoded in 77-token windows",
     "sample_sampler": "previews use Stable Cascade's own sampler (DDPM, shift 2, CFG rescale 0.7), as kohya's do",
     "logging_dir": "losses are written to <output_dir>/run.json and every checkpoint's info.json",
     "log_with": "losses are written to <output_dir>/run.json", "log_prefix": "no trackers are used",
@@ -173,7 +172,9 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
          help="always on (unless shuffle_caption, tag dropout or token warm-up)")
     flag(g, "cache_text_encoder_outputs_to_disk", action="store_true", help="always on")
     flag(g, "vae_batch_size", type=int, default=1)
-    flag(g, "max_token_length", type=int, help="no effect: 77-token windows")
+    flag(g, "max_token_length", type=int, choices=[150, 225],
+         help="captions up to 150 or 225 CLIP tokens in 2 or 3 windows, joined as kohya joins them (default: the "
+              "first 75)")
     flag(g, "caption_tag_dropout_rate", type=float, default=0.0,
          help="drop each tag after the kept ones with this probability")
     flag(g, "token_warmup_min", type=int, default=1, help="tags kept at step 0 (with --token_warmup_step)")

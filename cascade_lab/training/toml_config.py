@@ -34,7 +34,8 @@ IGNORED_KEYS = {  # kohya options with no effect here, and why
     "secondary_separator": "wildcard captions are not implemented",
     "enable_wildcard": "wildcard captions are not implemented",
     "alpha_mask": "alpha-mask losses are not implemented",
-    "max_token_length": "Stable Cascade prompts are split into 77-token windows by the text encoder",
+    "max_token_length": "kohya's dataset schema has no such key (its --max_token_length is a training flag); the "
+                        "caption length is the training settings long_captions / max_token_length",
 }
 REFUSED_KEYS = {
     "metadata_file": "fine-tune style subsets (metadata JSON) are not supported; use image_dir with caption files",

@@ -1,9 +1,10 @@
-"""kohya's caption options that change training: tag dropout and token warm-up."""
+"""kohya's caption options that change training: tag dropout, token warm-up, and captions over 75 CLIP tokens."""
 
 from __future__ import annotations
 
 import random
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import draw_shape, tiny_run
 
+from cascade_lab.models.clip import PromptTruncatedWarning
 from cascade_lab.training import train
+from cascade_lab.training.cache import TextCache, TextLayout, encode_text
 from cascade_lab.training.config import ConfigError, TrainConfig
 from cascade_lab.training.data import TrainingData, make_caption, warmup_steps, warmup_tags
 from cascade_lab.training.kohya_args import parse_kohya
@@ -19,6 +22,7 @@ from cascade_lab.training.toml_config import SubsetSpec, load_dataset_config
 
 pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, one_thread
 
+CPU = torch.device("cpu")
 KOHYA_BASE = ["--stage_c_checkpoint_path", "c", "--effnet_checkpoint_path", "e", "--output_dir", "o", "--seed", "0"]
 
 
@@ -117,6 +121,7 @@ def test_kohya_flags_set_the_options_and_turn_text_caching_off(tmp_path: Path) -
     assert fields["cache_text_encoder_outputs"] is False  # the dataset's warm-up varies the captions too
     fields, _, _ = parse_kohya([*KOHYA_BASE, "--train_data_dir", "d"], environ={})
     assert fields["cache_text_encoder_outputs"] is True
+    assert (fields["long_captions"], fields["max_token_length"]) == ("kohya", None)
 
 
 # ---------------------------------------------------------------------------------- per-step captions, resume
@@ -172,3 +177,97 @@ def test_captions_vary_per_step_and_a_resumed_run_is_bit_identical(tmp_path: Pat
     expected, got = load_file(str(whole.output_file)), load_file(str(second.output_file))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert [r["loss"] for r in second.losses] == [r["loss"] for r in whole.losses]
+
+
+# ------------------------------------------------------------------------------------------- long captions
+
+
+def _long_caption(tokens: int) -> str:
+    """A caption of exactly `tokens` tokens for the tiny text model's byte tokenizer (one per character)."""
+    words = "a red fox in tall grass at golden hour, "
+    return (words * (tokens // len(words) + 1))[:tokens]
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    from cascade_lab.models.tiny import tiny_text_encoder
+
+    return tiny_text_encoder()
+
+
+def _encode(encoder, captions: list[str], **config) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = TextLayout.of(TrainConfig(train_data_dir="x", **config).validate())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return encode_text(encoder, captions, CPU, layout)
+
+
+def test_long_captions_windows_truncate_and_kohyas_layout(text_encoder) -> None:
+    caption = _long_caption(100)  # 100 tokens: two windows
+    windows, pooled = _encode(text_encoder, [caption])
+    assert windows.shape[1] == 154  # cascade_lab's generation and ComfyUI: 2 × 77 rows
+    with pytest.warns(PromptTruncatedWarning, match="100 tokens"):
+        cut, cut_pooled = encode_text(text_encoder, [caption], CPU, TextLayout.of(TrainConfig(
+            train_data_dir="x", long_captions="truncate")))
+    first75, _ = _encode(text_encoder, [caption[:75]])
+    assert cut.shape[1] == 77 and torch.equal(cut, first75)  # the official trainer: the first 75 tokens only
+    kohya_default, _ = _encode(text_encoder, [caption], long_captions="kohya")
+    assert torch.equal(kohya_default, cut)  # kohya without --max_token_length truncates too
+    kohya150, kohya_pooled = _encode(text_encoder, [caption], long_captions="kohya", max_token_length=150)
+    # kohya's join: window 1's start row, rows 1-75 of both windows, window 2's last row → 152 rows
+    rows = [0, *range(1, 76), *range(78, 153), 153]
+    assert kohya150.shape[1] == 152 and torch.equal(kohya150, windows[:, rows])
+    assert torch.equal(kohya_pooled, pooled) and torch.equal(cut_pooled, pooled)  # pooled: the first window's
+
+
+def test_kohyas_225_pads_short_captions_and_truncates_past_225(text_encoder) -> None:
+    short, _ = _encode(text_encoder, ["a red fox"], long_captions="kohya", max_token_length=225)
+    alone, _ = _encode(text_encoder, ["a red fox"])
+    assert short.shape[1] == 227 and torch.equal(short[:, :76], alone[:, :76])  # the same caption rows, padded
+    longest, _ = _encode(text_encoder, [_long_caption(260)], long_captions="kohya", max_token_length=225)
+    exactly, _ = _encode(text_encoder, [_long_caption(225)], long_captions="kohya", max_token_length=225)
+    assert longest.shape[1] == 227 and torch.equal(longest, exactly)  # tokens past 225 are dropped
+
+
+def test_text_cache_keys_the_layout(text_encoder, tmp_path: Path) -> None:
+    caption = _long_caption(100)
+    shapes = []
+    for config in ({}, {"long_captions": "truncate"}, {"long_captions": "kohya", "max_token_length": 150}):
+        layout = TextLayout.of(TrainConfig(train_data_dir="x", **config))
+        cache = TextCache(tmp_path, lambda: text_encoder, lambda: "tiny", CPU, layout)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert cache.prepare([caption]) == 1  # another layout is another entry, never a stale one
+            shapes.append(cache.get([caption])[0].shape[1])
+    assert shapes == [154, 77, 152]
+
+
+def test_long_caption_settings_are_checked_and_kohya_commands_use_kohyas() -> None:
+    with pytest.raises(ConfigError, match="long_captions='bogus'"):
+        TrainConfig(train_data_dir="x", long_captions="bogus").validate()
+    with pytest.raises(ConfigError, match="max_token_length=225 with long_captions='windows'.*long_captions='kohya'"):
+        TrainConfig(train_data_dir="x", max_token_length=225).validate()
+    with pytest.raises(ConfigError, match="max_token_length=100"):
+        TrainConfig(train_data_dir="x", long_captions="kohya", max_token_length=100).validate()
+    fields, notices, _ = parse_kohya([*KOHYA_BASE, "--train_data_dir", "d", "--max_token_length", "225"],
+                                     environ={})
+    assert (fields["long_captions"], fields["max_token_length"]) == ("kohya", 225)
+    assert not any("max_token_length" in n for n in notices)
+    with pytest.raises(SystemExit):  # argparse: kohya's choices are 150 and 225
+        parse_kohya([*KOHYA_BASE, "--train_data_dir", "d", "--max_token_length", "300"], environ={})
+
+
+def test_a_training_batch_carries_kohyas_rows(tmp_path: Path, shapes_dir: Path) -> None:
+    """The loop feeds Stage C the layout's rows, cached or encoded per step: 227 with kohya's --max_token_length 225,
+    77 per window else."""
+    from cascade_lab.training import distributed as dist
+    from cascade_lab.training.loop import Trainer
+    from cascade_lab.training.models import build_models
+    from cascade_lab.training.toml_config import dataset_config_for
+
+    kohya = {"long_captions": "kohya", "max_token_length": 225}
+    for changes, rows in ((kohya, 227), (kohya | {"cache_text_encoder_outputs": False}, 227), ({}, 77)):
+        config = TrainConfig(**tiny_run(shapes_dir, tmp_path / "cache", tmp_path / "out", **changes)).validate()
+        data = TrainingData(dataset_config_for(config), scale=config.scale_factor, seed=0)
+        trainer = Trainer(config, build_models(config), data, dist.setup("cpu"))
+        assert trainer.inputs(0)["clip_text"].shape[1] == rows

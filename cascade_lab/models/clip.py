@@ -53,6 +53,10 @@ class PromptSplitWarning(UserWarning):
     """A prompt was longer than one CLIP window and was split into several (never truncated)."""
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the fixed number of CLIP windows asked for; its end was dropped."""
+
+
 class _Encoder:
     """Holds a `transformers` model; shared device/dtype moves and memory release."""
 
@@ -200,23 +204,37 @@ class TextEncoder(_Encoder):
             return cls.from_file(path, comfyui=comfyui, device=device, dtype=dtype)
         return cls.from_folder(folder, device=device, dtype=dtype)
 
-    def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, prompts: str | Sequence[str], *, windows: int | None = None) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
         """(input_ids, attention_mask), both [B, n_windows, 77] int64.
 
         A prompt longer than 75 tokens is split into consecutive windows (with a `PromptSplitWarning`);
         batch entries with fewer windows get extra windows of the empty prompt "", the official
-        unconditional caption, so they add "no content" tokens rather than repeating text.
+        unconditional caption, so they add "no content" tokens rather than repeating text. `windows`: exactly
+        that many windows, the tokens past them dropped (`PromptTruncatedWarning`; 1 is the official trainer's
+        truncation to 75 tokens).
         """
-        return self._tokenize(prompts)
+        return self._tokenize(prompts, windows=windows)
 
-    def _tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, prompts: str | Sequence[str], *, windows: int | None = None) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         span = self.max_length - 2  # content tokens per window: 75
         ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         chunks = [[toks[i : i + span] for i in range(0, len(toks), span)] or [[]] for toks in ids]
-        n_windows = max(len(c) for c in chunks)
+        if windows is not None:
+            if windows < 1:
+                raise ValueError(f"windows={windows}: use 1 or more (75 tokens each), or None for as many as needed")
+            cut = {i: len(ids[i]) for i, c in enumerate(chunks) if len(c) > windows}
+            if cut:
+                parts = ", ".join(f"prompt {i}: {n} tokens" for i, n in cut.items())
+                warnings.warn(f"CLIP prompt longer than {windows * span} tokens truncated to {windows} window(s) "
+                              f"({parts}); the tokens after the first {windows * span} are not seen",
+                              PromptTruncatedWarning, stacklevel=3)
+            chunks = [c[:windows] for c in chunks]
+        n_windows = windows or max(len(c) for c in chunks)
         split = {i: (len(ids[i]), len(c)) for i, c in enumerate(chunks) if len(c) > 1}
-        if split:
+        if split and windows is None:
             parts = ", ".join(f"prompt {i}: {n} tokens -> {k} windows" for i, (n, k) in split.items())
             warnings.warn(
                 f"CLIP prompt longer than {span} tokens split into {self.max_length}-token windows ({parts}); "
@@ -226,17 +244,19 @@ class TextEncoder(_Encoder):
             )
         input_ids = torch.full((len(prompts), n_windows, self.max_length), self.eos_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
-        for b, windows in enumerate(chunks):
-            windows = windows + [[]] * (n_windows - len(windows))  # pad the batch with "" windows
-            for w, toks in enumerate(windows):
+        for b, chunk in enumerate(chunks):
+            chunk = chunk + [[]] * (n_windows - len(chunk))  # pad the batch with "" windows
+            for w, toks in enumerate(chunk):
                 row = [self.bos_id, *toks, self.eos_id]  # pads after it are already eos_id
                 input_ids[b, w, : len(row)] = torch.tensor(row)
                 mask[b, w, : len(row)] = 1
         return input_ids, mask
 
-    def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clip_text [B, 77·n_windows, C], clip_text_pooled [B, 1, C]) in the model's dtype and device."""
-        input_ids, mask = self._tokenize(prompts)  # warns from here, so the notice points at our caller
+    def encode(self, prompts: str | Sequence[str], *, windows: int | None = None) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+        """(clip_text [B, 77·n_windows, C], clip_text_pooled [B, 1, C]) in the model's dtype and device;
+        `windows` as in `tokenize`."""
+        input_ids, mask = self._tokenize(prompts, windows=windows)  # warns from here: the notice names our caller
         B, n, L = input_ids.shape
         model = self.model
         with torch.no_grad():

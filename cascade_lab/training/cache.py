@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,12 @@ def check_cache_options(config: TrainConfig, data: TrainingData) -> None:
             raise ConfigError(f"{where}: shuffle_caption=true with cache_text_encoder_outputs=true: every shuffled "
                               "caption is a different text; set cache_text_encoder_outputs=false or "
                               "shuffle_caption=false. (Caption dropout is fine: the empty caption is cached too.)")
+        for option in ("caption_tag_dropout_rate", "token_warmup_step"):
+            value = getattr(subset, option)
+            if config.cache_text_encoder_outputs and value > 0:
+                raise ConfigError(f"{where}: {option}={value!r} with cache_text_encoder_outputs=true: the captions "
+                                  "change from step to step, so their text embeddings cannot be cached; set "
+                                  f"cache_text_encoder_outputs=false (encoded every step) or {option}=0")
 
 
 def file_digest(path: Path) -> str:
@@ -207,17 +214,48 @@ class LatentCache(ImageCache):
         return self._memory[key]["latents_flipped" if flip else "latents"]
 
 
+@dataclass(frozen=True)
+class TextLayout:
+    """How a caption becomes Stage C's ``clip_text`` rows (TrainConfig.long_captions / max_token_length)."""
+
+    windows: int | None = None  # CLIP windows of 75 tokens per caption; None: as many as the caption needs
+    kohya_rows: bool = False  # kohya's --max_token_length join: 75·windows + 2 rows instead of 77·windows
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> TextLayout:
+        if config.long_captions == "windows":
+            return cls()
+        if config.long_captions == "kohya" and config.max_token_length:
+            return cls(config.max_token_length // 75, True)
+        return cls(1)  # the official trainer and kohya without --max_token_length: the first 75 tokens
+
+
+def kohya_rows(clip_text: Tensor, windows: int) -> Tensor:
+    """kohya's ``get_hidden_states_stable_cascade`` join of `windows` CLIP windows [B, 77·n, C] → [B, 75·n + 2, C]:
+    the first window's start-token row, the 75 rows after the start token of every window, the last window's
+    last row (so a window's end-token row is kept only where it falls inside those 75)."""
+    B, T, C = clip_text.shape
+    per = clip_text.view(B, windows, T // windows, C)  # [B, n, 77, C]
+    inner = per[:, :, 1:-1].reshape(B, windows * (T // windows - 2), C)  # [B, 75·n, C]
+    return torch.cat([per[:, 0, :1], inner, per[:, -1, -1:]], dim=1)
+
+
 class TextCache:
     """CLIP-G ``clip_text`` [T, C] and ``clip_text_pooled`` [1, C] per caption text (the empty caption included)."""
 
     def __init__(self, folder: Path | None, text_encoder: Callable[[], Any], fingerprint: Callable[[], str],
-                 device: torch.device) -> None:
+                 device: torch.device, layout: TextLayout = TextLayout()) -> None:
         self.folder, self._encoder, self._fingerprint, self.device = folder, text_encoder, fingerprint, device
+        self.layout = layout
         self._memory: dict[str, dict[str, Tensor]] = {}
         self.encoded = 0
 
     def key(self, caption: str) -> str:
-        return _key({"v": CACHE_VERSION, "kind": "text", "caption": caption, "encoder": self._fingerprint()})
+        parts: dict[str, Any] = {"v": CACHE_VERSION, "kind": "text", "caption": caption,
+                                 "encoder": self._fingerprint()}
+        if self.layout != TextLayout():  # the default's keys stay those of earlier caches
+            parts["layout"] = [self.layout.windows, self.layout.kohya_rows]
+        return _key(parts)
 
     def _path(self, key: str) -> Path:
         assert self.folder is not None
@@ -238,7 +276,7 @@ class TextCache:
             return 0
         with on_loan([self._encoder()], self.device):
             for caption in todo:  # one at a time: each keeps its own number of 77-token windows
-                clip_text, pooled = encode_text(self._encoder(), [caption], self.device)
+                clip_text, pooled = encode_text(self._encoder(), [caption], self.device, self.layout)
                 entry = {"clip_text": clip_text[0], "clip_text_pooled": pooled[0]}
                 if self.folder is not None:
                     _write(self._path(self.key(caption)), entry)
@@ -252,7 +290,7 @@ class TextCache:
         entries = [self._memory[self.key(c)] for c in captions]
         if len({e["clip_text"].shape[0] for e in entries}) > 1:
             with on_loan([self._encoder()], self.device):
-                return encode_text(self._encoder(), list(captions), self.device)
+                return encode_text(self._encoder(), list(captions), self.device, self.layout)
         return (torch.stack([e["clip_text"] for e in entries]), torch.stack([e["clip_text_pooled"] for e in entries]))
 
 
@@ -265,12 +303,18 @@ def encode_images(effnet: Any, images: Tensor, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def encode_text(text_encoder: Any, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Captions → (clip_text [B, T, C], clip_text_pooled [B, 1, C]) in float32 on the CPU."""
+def encode_text(text_encoder: Any, captions: list[str], device: torch.device,
+                layout: TextLayout = TextLayout()) -> tuple[Tensor, Tensor]:
+    """Captions → (clip_text [B, T, C], clip_text_pooled [B, 1, C]) in float32 on the CPU, T as `layout` says."""
     text_encoder.to(device)
-    clip_text, pooled = text_encoder.encode(captions)
+    if layout.windows is None:
+        clip_text, pooled = text_encoder.encode(captions)
+    else:
+        clip_text, pooled = text_encoder.encode(captions, windows=layout.windows)
+    if layout.kohya_rows:
+        clip_text = kohya_rows(clip_text, layout.windows or 1)
     return clip_text.float().cpu(), pooled.float().cpu()
 
 
-__all__ = ["CACHE_VERSION", "LatentCache", "TextCache", "check_cache_options", "encode_images", "encode_text",
-           "file_digest", "on_loan", "placement"]
+__all__ = ["CACHE_VERSION", "LatentCache", "TextCache", "TextLayout", "check_cache_options", "encode_images",
+           "encode_text", "file_digest", "kohya_rows", "on_loan", "placement"]

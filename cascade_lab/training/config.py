@@ -25,6 +25,8 @@ else:  # pragma: no cover - Python 3.10
 MODES = ("lora", "full")
 STAGES = ("c", "b")
 SCALES = ("official", "kohya")
+LONG_CAPTIONS = ("windows", "truncate", "kohya")
+KOHYA_TOKEN_LENGTHS = (150, 225)  # kohya's --max_token_length choices (75 content tokens per CLIP window)
 OPTIMIZERS = ("adamw", "adafactor")  # built by optim.py; kohya's other names: optimizers.KINDS, or a class path
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_warmup", "linear", "cosine_with_restarts",
                  "polynomial", "piecewise_constant", "adafactor")  # "adafactor:LR" too (kohya)
@@ -48,7 +50,8 @@ RESUME_KEYS = ("stage", "mode", "model", "network_dim", "network_alpha", "networ
                "gradient_accumulation_steps", "adaptive_loss_weight", "noise_shift", "seed",
                "lr_scheduler_type",  # another scheduler class cannot read the saved one's state
                "network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms", "network_weights",
-               "dim_from_weights", "full_bf16", "bf16_rounding")
+               "dim_from_weights", "full_bf16", "bf16_rounding",
+               "long_captions", "max_token_length")
 
 
 # kohya's file stems when --output_name is not given (train_util: DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME,
@@ -94,6 +97,19 @@ def checkpointing_mode(config: TrainConfig, device_type: str) -> str:
     if mode == "auto":
         return "selective" if device_type == "cpu" else "full"
     return mode
+
+
+def check_caption_options(tag_dropout: Any, warmup_min: Any, warmup_step: Any, where: str) -> None:
+    """Raise ConfigError for a tag dropout rate, token_warmup_min or token_warmup_step kohya could not use."""
+    if isinstance(tag_dropout, bool) or not isinstance(tag_dropout, int | float) or not 0 <= tag_dropout <= 1:
+        raise ConfigError(f"{where}: caption_tag_dropout_rate={tag_dropout!r}: use a probability in [0, 1]")
+    if isinstance(warmup_min, bool) or not isinstance(warmup_min, int) or warmup_min < 0:
+        raise ConfigError(f"{where}: token_warmup_min={warmup_min!r}: use a whole number of tags, 0 or more "
+                          "(kohya's default 1)")
+    if isinstance(warmup_step, bool) or not isinstance(warmup_step, int | float) or not math.isfinite(warmup_step) \
+            or warmup_step < 0:
+        raise ConfigError(f"{where}: token_warmup_step={warmup_step!r}: use 0 (off), a number of optimizer steps "
+                          "(e.g. 500) or a fraction of the run below 1 (e.g. 0.1)")
 
 
 @dataclass
@@ -145,8 +161,22 @@ class TrainConfig:
     caption_suffix: str = ""
     caption_dropout_every_n_epochs: int = 0  # every Nth epoch trains with empty captions (0: never)
     caption_dropout_rate: float = 0.05  # the official 5 % empty captions (kohya: 0)
+    caption_tag_dropout_rate: float = 0.0  # kohya: each tag after the kept ones is dropped with this probability
+    # kohya's token warm-up: a caption keeps token_warmup_min tags (after the kept ones) at step 0, one more every
+    # token_warmup_step / (tags - min) optimizer steps, all of them from step token_warmup_step on (below 1: that
+    # fraction of the run's steps, rounded down); 0: off
+    token_warmup_min: int = 1
+    token_warmup_step: int | float = 0
     flip_aug: bool = False
     random_crop: bool = False
+
+    # -- text ------------------------------------------------------------------------------------------
+    # captions over 75 CLIP tokens: "windows" (as cascade_lab and ComfyUI generate: one 77-token window per 75
+    # tokens, side by side, nothing dropped), "truncate" (the official trainer: the first 75 tokens), "kohya"
+    # (kohya's scripts: the first 75 tokens, or with max_token_length 150/225 that many tokens in 2/3 windows whose
+    # states are joined into max_token_length + 2 rows, short captions padded to the same length)
+    long_captions: str = "windows"
+    max_token_length: int | None = None  # kohya's --max_token_length (150 or 225), with long_captions = "kohya"
 
     # -- caching ---------------------------------------------------------------------------------------
     cache_latents: bool = True
@@ -338,6 +368,13 @@ class TrainConfig:
         if not 0 <= self.caption_dropout_rate <= 1:
             raise ConfigError(f"caption_dropout_rate={self.caption_dropout_rate}: use a probability in [0, 1]")
         self._validate_lora_options()
+        check_caption_options(self.caption_tag_dropout_rate, self.token_warmup_min, self.token_warmup_step, "config")
+        choice("long_captions", LONG_CAPTIONS)
+        if self.max_token_length is not None and (self.long_captions != "kohya"
+                                                  or self.max_token_length not in KOHYA_TOKEN_LENGTHS):
+            raise ConfigError(f"max_token_length={self.max_token_length!r} with long_captions={self.long_captions!r}: "
+                              "max_token_length is kohya's layout of 150 or 225 tokens; set long_captions='kohya' "
+                              "and max_token_length to 150 or 225, or leave max_token_length out")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate={self.learning_rate}: use a positive number (official 1e-4)")
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
@@ -447,4 +484,4 @@ def parse_value(text: str) -> Any:
         return text
 
 
-__all__ = ["ConfigError", "TrainConfig", "parse_value"]
+__all__ = ["ConfigError", "TrainConfig", "check_caption_options", "parse_value"]

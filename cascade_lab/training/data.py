@@ -190,10 +190,11 @@ class TrainingData:
         rec, subset = self.records[index], self.subsets[self.records[index].subset]
         return f"{subset.caption_prefix}{rec.caption}{subset.caption_suffix}"
 
-    def caption(self, index: int, epoch: int, rng: random.Random) -> str:
-        """The caption of record `index` as trained this time: prefix/suffix, dropout, shuffling."""
+    def caption(self, index: int, epoch: int, rng: random.Random, step: int = 0, total_steps: int = 0) -> str:
+        """The caption of record `index` as trained this time (in optimizer step `step` of `total_steps`):
+        prefix/suffix, dropout, token warm-up, shuffling, tag dropout."""
         rec, subset = self.records[index], self.subsets[self.records[index].subset]
-        return make_caption(rec.caption, subset, epoch, rng)
+        return make_caption(rec.caption, subset, epoch, rng, step=step, total_steps=total_steps)
 
     def flip(self, index: int, rng: random.Random) -> bool:
         return self.subsets[self.records[index].subset].flip_aug and rng.random() < 0.5
@@ -205,15 +206,33 @@ class TrainingData:
         return load_image(rec.path, rec.bucket, flip=flip, rng=crop_rng)
 
 
-def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random) -> str:
-    """kohya's caption handling: prefix + caption + suffix, dropout to "", then shuffle after keep_tokens (tokens
-    split at `caption_separator`, joined with ", " as kohya joins them)."""
+def warmup_steps(token_warmup_step: float, total_steps: int) -> float:
+    """The optimizer step from which a caption keeps all its tags: `token_warmup_step`, or below 1 that fraction
+    of the run's `total_steps` rounded down (kohya); 0: no warm-up."""
+    return math.floor(token_warmup_step * total_steps) if token_warmup_step < 1 else token_warmup_step
+
+
+def warmup_tags(tags: int, minimum: int, step: int, until: float) -> int:
+    """How many of a caption's `tags` (those after the kept ones) token warm-up keeps at optimizer `step`: kohya's
+    line from `minimum` at step 0 to all of them at step `until`, rounded down (its float expression, kept)."""
+    if not until or step >= until:
+        return tags
+    return math.floor(step * ((tags - minimum) / until)) + minimum
+
+
+def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random, *, step: int = 0,
+                 total_steps: int = 0) -> str:
+    """kohya's caption handling, in its order: prefix + caption + suffix, dropout to "", then the tags (split at
+    `caption_separator`; those before keep_tokens / keep_tokens_separator are kept in place) cut to the token
+    warm-up's count at optimizer `step` of `total_steps`, shuffled, and each dropped with caption_tag_dropout_rate;
+    joined with ", " as kohya joins them."""
     text = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
     draw = rng.random()  # always drawn, so the stream does not depend on the settings below
     every = subset.caption_dropout_every_n_epochs
     if (every and epoch % every == 0) or draw < subset.caption_dropout_rate:
         return ""
-    if not subset.shuffle_caption:
+    tag_dropout = subset.caption_tag_dropout_rate
+    if not (subset.shuffle_caption or subset.token_warmup_step > 0 or tag_dropout > 0):
         return text
 
     def split(part: str) -> list[str]:
@@ -225,7 +244,12 @@ def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Rando
     else:
         tokens = split(text)
         fixed, rest = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
-    rng.shuffle(rest)
+    until = warmup_steps(subset.token_warmup_step, total_steps)
+    rest = rest[:warmup_tags(len(rest), subset.token_warmup_min, step, until)]  # the first tags, before shuffling
+    if subset.shuffle_caption:
+        rng.shuffle(rest)
+    if tag_dropout > 0:
+        rest = [t for t in rest if rng.random() >= tag_dropout]  # one draw per tag, in the shuffled order
     return ", ".join(fixed + rest)
 
 
@@ -253,4 +277,4 @@ def load_image(path: Path, bucket: Size, *, flip: bool = False, rng: random.Rand
 
 
 __all__ = ["BucketRule", "ImageRecord", "TrainingData", "derive_seed", "load_image", "make_buckets",
-           "make_caption"]
+           "make_caption", "warmup_steps", "warmup_tags"]

@@ -82,7 +82,7 @@ def _config_file(argv: Sequence[str], parser: argparse.ArgumentParser, notices: 
 
 
 def _peek_dataset(path: str | None) -> set[str]:
-    """Keys set to true anywhere in a dataset TOML (to know whether caching can hold)."""
+    """Keys set to true or to a positive number anywhere in a dataset TOML (to know whether caching can hold)."""
     if not path or not os.path.isfile(path):
         return set()
     if sys.version_info >= (3, 11):
@@ -98,7 +98,7 @@ def _peek_dataset(path: str | None) -> set[str]:
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if v is True:
+                if v is True or (type(v) in (int, float) and v > 0):
                     found.add(k)
                 walk(v)
         elif isinstance(node, list):
@@ -259,7 +259,9 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         resolution = parts[0] if len(parts) == 1 else parts[:2]
     dataset_flags = _peek_dataset(args.dataset_config)
     random_crop = args.random_crop or "random_crop" in dataset_flags or "color_aug" in dataset_flags
-    shuffle = args.shuffle_caption or "shuffle_caption" in dataset_flags
+    shuffle = args.shuffle_caption or "shuffle_caption" in dataset_flags  # captions that vary: no text cache
+    varies = (shuffle or args.caption_tag_dropout_rate > 0 or args.token_warmup_step > 0
+              or bool({"caption_tag_dropout_rate", "token_warmup_step"} & dataset_flags))
     fields: dict[str, Any] = {
         "stage": stage, "stage_b_path": args.stage_b_checkpoint_path, "stage_a_path": args.stage_a_checkpoint_path,
         "mode": "lora" if network else "full", "stage_c_path": args.stage_c_checkpoint_path,
@@ -273,10 +275,13 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "caption_prefix": args.caption_prefix or "", "caption_suffix": args.caption_suffix or "",
         "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
         "caption_dropout_rate": args.caption_dropout_rate, "flip_aug": args.flip_aug, "random_crop": args.random_crop,
+        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "token_warmup_min": args.token_warmup_min,
+        "token_warmup_step": args.token_warmup_step, "long_captions": "kohya",
+        "max_token_length": args.max_token_length,
         "enable_bucket": args.enable_bucket, "min_bucket_reso": args.min_bucket_reso,
         "max_bucket_reso": args.max_bucket_reso, "bucket_reso_steps": args.bucket_reso_steps,
         "bucket_no_upscale": args.bucket_no_upscale, "training_scale": args.training_scale,
-        "cache_latents": not random_crop, "cache_text_encoder_outputs": not shuffle,
+        "cache_latents": not random_crop, "cache_text_encoder_outputs": not varies,
         "train_batch_size": args.train_batch_size, "max_train_steps": args.max_train_steps,
         "max_train_epochs": args.max_train_epochs, "learning_rate": args.unet_lr or args.learning_rate,
         "optimizer_type": optimizer, "optimizer_args": list(args.optimizer_args), "lr_scheduler": args.lr_scheduler,

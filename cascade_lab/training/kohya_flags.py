@@ -23,13 +23,13 @@ NO_EFFECT = {
     "highvram": "latents are cached on disk and in memory anyway",
     "cache_latents": "latents are always cached (to <output_dir>/cache) unless random_crop/color_aug need otherwise",
     "cache_latents_to_disk": "latents are always cached to disk (<output_dir>/cache)",
-    "cache_text_encoder_outputs": "text embeddings are always cached unless shuffle_caption needs otherwise",
+    "cache_text_encoder_outputs": "text embeddings are always cached unless shuffle_caption, caption_tag_dropout_rate "
+                                  "or token_warmup_step need otherwise",
     "cache_text_encoder_outputs_to_disk": "text embeddings are always cached to disk (<output_dir>/cache)",
     "vae_batch_size": "EfficientNet encodes 8 images at a time while caching",
     "save_state": "every checkpoint under <output_dir>/checkpoints is resumable (optimizer, scheduler, RNG, adaptive "
                   "loss buckets)",
     "save_text_model": "kohya's training scripts ignore it too; no text model is written",
-    "max_token_length": "long prompts are encoded in 77-token windows",
     "sample_sampler": "previews use Stable Cascade's own sampler (DDPM, shift 2, CFG rescale 0.7), as kohya's do",
     "logging_dir": "losses are written to <output_dir>/run.json and every checkpoint's info.json",
     "log_with": "losses are written to <output_dir>/run.json", "log_prefix": "no trackers are used",
@@ -53,8 +53,7 @@ NO_EFFECT = {
     "metadata_title": "modelspec.title is --output_name (without it kohya's LoRA@<time> / Checkpoint@<time>)",
     "metadata_author": "not stored", "metadata_description": "not stored", "metadata_license": "not stored",
     "metadata_tags": "not stored", "tokenizer_cache_dir": "the tokenizer comes with the text encoder",
-    "use_safetensors": "always safetensors", "caption_tag_dropout_rate": "tag dropout is not implemented",
-    "token_warmup_min": "token warm-up is not implemented", "token_warmup_step": "token warm-up is not implemented",
+    "use_safetensors": "always safetensors",
     "face_crop_aug_range": "face crops are not implemented",
     "huggingface_repo_id": "nothing is uploaded to the Hugging Face Hub; the files are in --output_dir",
     "huggingface_repo_type": "nothing is uploaded to the Hugging Face Hub",
@@ -159,12 +158,19 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "cache_latents", action="store_true", help="always on (to <output_dir>/cache)")
     flag(g, "cache_latents_to_disk", action="store_true", help="always on")
     # kohya's Stable Cascade scripts add these through sdxl_train_util.add_sdxl_training_arguments
-    flag(g, "cache_text_encoder_outputs", action="store_true", help="always on (unless shuffle_caption)")
+    flag(g, "cache_text_encoder_outputs", action="store_true",
+         help="always on (unless shuffle_caption, tag dropout or token warm-up)")
     flag(g, "cache_text_encoder_outputs_to_disk", action="store_true", help="always on")
     flag(g, "vae_batch_size", type=int, default=1)
-    flag(g, "max_token_length", type=int, help="no effect: 77-token windows")
-    for name in ("caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
-                 "dataset_class"):
+    flag(g, "max_token_length", type=int, choices=[150, 225],
+         help="captions up to 150 or 225 CLIP tokens in 2 or 3 windows, joined as kohya joins them (default: the "
+              "first 75)")
+    flag(g, "caption_tag_dropout_rate", type=float, default=0.0,
+         help="drop each tag after the kept ones with this probability")
+    flag(g, "token_warmup_min", type=int, default=1, help="tags kept at step 0 (with --token_warmup_step)")
+    flag(g, "token_warmup_step", type=int_or_float, default=0,
+         help="all tags from this optimizer step on (below 1: a fraction of the run); 0: no warm-up")
+    for name in ("face_crop_aug_range", "dataset_class"):
         flag(g, name, help=argparse.SUPPRESS)
 
     g = parser.add_argument_group("training (kohya train_util.add_training_arguments)")

@@ -26,7 +26,7 @@ from ..diffusion import AdaptiveLossWeight, P2LossWeight, diffuse, train_t
 from ..pipeline import release_freed_memory
 from ..weights.memory import available_memory
 from . import distributed as dist
-from .cache import LatentCache, TextCache, check_cache_options, encode_images, encode_text
+from .cache import LatentCache, TextCache, TextLayout, check_cache_options, encode_images, encode_text
 from .config import FULL_BF16_FSDP, ConfigError, TrainConfig, checkpointing_mode
 from .data import TrainingData, derive_seed
 from .models import TrainingModels
@@ -70,9 +70,10 @@ class Trainer:
         elif config.cache_latents:
             self.latents = LatentCache(cache_dir, data, lambda: models.get("effnet"),
                                        lambda: models.fingerprint("effnet"), self.device)
+        self.text_layout = TextLayout.of(config)  # how long captions are encoded
         self.texts = TextCache(cache_dir, lambda: models.get("text_encoder"),
-                               lambda: models.fingerprint("text_encoder"),
-                               self.device) if config.cache_text_encoder_outputs else None
+                               lambda: models.fingerprint("text_encoder"), self.device,
+                               self.text_layout) if config.cache_text_encoder_outputs else None
         self.step = 0  # optimizer steps done
         self.counter = 0  # global batches consumed
         self.nan_streak = 0
@@ -177,9 +178,10 @@ class Trainer:
         """Latents (the targets' x0), conditions, t and ε of this process's slice of global batch `counter`."""
         indices, positions, epoch = self.local_batch(counter)
         captions, flips, rngs = [], [], []
+        step = counter // self.config.gradient_accumulation_steps  # the optimizer step this batch trains in
         for index, pos in zip(indices, positions, strict=True):
             rng = self.data.sample_rng(counter, pos)
-            captions.append(self.data.caption(index, epoch, rng))
+            captions.append(self.data.caption(index, epoch, rng, step, self.total_steps))
             flips.append(self.data.flip(index, rng))
             rngs.append(rng)
         batch = self._images(indices, flips, rngs, counter, positions)
@@ -201,7 +203,7 @@ class Trainer:
     def _text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         if self.texts is not None:
             return self.texts.get(captions)  # type: ignore[no-any-return]
-        return encode_text(self.models.get("text_encoder"), captions, self.device)
+        return encode_text(self.models.get("text_encoder"), captions, self.device, self.text_layout)
 
     def _images(self, indices: list[int], flips: list[bool], rngs: list[Any], counter: int | None,
                 positions: list[int]) -> dict[str, Tensor]:

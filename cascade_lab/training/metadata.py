@@ -91,7 +91,9 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
 
     meta = {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs), "ss_num_reg_images": "0",
             "ss_num_train_images": str(with_repeats(list(range(len(data.subsets))))),
-            "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs)}
+            "ss_caption_dropout_every_n_epochs": str(config.caption_dropout_every_n_epochs),
+            "ss_caption_tag_dropout_rate": str(config.caption_tag_dropout_rate),
+            "ss_max_token_length": str(config.max_token_length)}
     if config.dataset_config or config.dataset:  # kohya: a user config is described per dataset
         owner = {rec.subset: rec.dataset for rec in data.records}  # every subset has images
         datasets = []
@@ -131,6 +133,7 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "cascade_lab.loss_weight": "adaptive" if config.adaptive_loss_weight else "p2",
         "cascade_lab.noise_shift": str(config.noise_shift),
         "cascade_lab.full_bf16": f"True ({config.bf16_rounding} rounding)" if config.full_bf16 else "False",
+        "cascade_lab.long_captions": config.long_captions,
         "cascade_lab.world_size": str(info.world_size), "cascade_lab.strategy": info.strategy,
         "cascade_lab.model": config.model,
         "cascade_lab.dataset_notes": json.dumps(data.config.notes),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_caption_options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,17 +26,16 @@ DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", 
                 "bucket_reso_steps", "bucket_no_upscale")
 SUBSET_KEYS = ("image_dir", "caption_extension", "class_tokens", "num_repeats", "shuffle_caption", "keep_tokens",
                "keep_tokens_separator", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-               "caption_dropout_every_n_epochs", "flip_aug", "random_crop", "color_aug", "is_reg")
+               "caption_dropout_every_n_epochs", "flip_aug", "random_crop", "color_aug", "is_reg",
+               "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step")
 IGNORED_KEYS = {  # kohya options with no effect here, and why
     "network_multiplier": "cascade_lab trains one network per run",
     "face_crop_aug_range": "face crops are not implemented",
-    "token_warmup_min": "token warm-up is not implemented",
-    "token_warmup_step": "token warm-up is not implemented",
-    "caption_tag_dropout_rate": "tag dropout is not implemented",
     "secondary_separator": "wildcard captions are not implemented",
     "enable_wildcard": "wildcard captions are not implemented",
     "alpha_mask": "alpha-mask losses are not implemented",
-    "max_token_length": "Stable Cascade prompts are split into 77-token windows by the text encoder",
+    "max_token_length": "kohya's dataset schema has no such key (its --max_token_length is a training flag); the "
+                        "caption length is the training settings long_captions / max_token_length",
 }
 REFUSED_KEYS = {
     "metadata_file": "fine-tune style subsets (metadata JSON) are not supported; use image_dir with caption files",
@@ -63,6 +62,9 @@ class SubsetSpec:
     caption_suffix: str = ""
     caption_dropout_rate: float = 0.05
     caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0  # each tag after the kept ones dropped with this probability (kohya)
+    token_warmup_min: int = 1  # kohya's token warm-up: tags kept at step 0 ...
+    token_warmup_step: int | float = 0  # ... all from this optimizer step on (< 1: a fraction of the run); 0: off
     flip_aug: bool = False
     random_crop: bool = False
     color_aug: bool = False
@@ -120,6 +122,8 @@ def _defaults(config: TrainConfig) -> dict[str, Any]:
         "caption_prefix": config.caption_prefix, "caption_suffix": config.caption_suffix,
         "caption_dropout_every_n_epochs": config.caption_dropout_every_n_epochs,
         "caption_dropout_rate": config.caption_dropout_rate, "flip_aug": config.flip_aug,
+        "caption_tag_dropout_rate": config.caption_tag_dropout_rate, "token_warmup_min": config.token_warmup_min,
+        "token_warmup_step": config.token_warmup_step,
         "random_crop": config.random_crop,
     }  # fmt: skip
 
@@ -185,6 +189,7 @@ def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec
     every = subset.caption_dropout_every_n_epochs
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"{where}: caption_dropout_every_n_epochs={every!r}: use 0 (never) or a number of epochs")
+    check_caption_options(subset.caption_tag_dropout_rate, subset.token_warmup_min, subset.token_warmup_step, where)
     if not isinstance(subset.caption_separator, str) or not subset.caption_separator:
         raise ConfigError(f"{where}: caption_separator={subset.caption_separator!r}: use a non-empty text (kohya: ',')")
     return subset

@@ -97,6 +97,8 @@ def test_text_cache_includes_the_empty_caption(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("changes", "words"), [
     ({"random_crop": True}, "random_crop=true with cache_latents=true"),
     ({"shuffle_caption": True}, "shuffle_caption=true with cache_text_encoder_outputs=true"),
+    ({"caption_tag_dropout_rate": 0.1}, "caption_tag_dropout_rate=0.1 with cache_text_encoder_outputs=true"),
+    ({"token_warmup_step": 0.5}, "token_warmup_step=0.5 with cache_text_encoder_outputs=true"),
 ])  # fmt: skip
 def test_options_a_cache_cannot_honour_are_refused(tmp_path: Path, changes: dict, words: str) -> None:
     config, data = _data(make_shapes_dataset(tmp_path / "imgs"), **changes)

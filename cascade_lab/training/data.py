@@ -149,8 +149,14 @@ class TrainingData:
         kohya_caches: list[Path] = []
         for d, spec in enumerate(config.datasets):
             found: list[tuple[Path, str, int, Size | None]] = []  # path, caption, subset, train_resolution
+            seen_files: set[str] = set()
             for subset in spec.subsets:
                 if subset.metadata_file:
+                    if subset.metadata_file in seen_files:  # kohya keeps the first subset of one metadata file
+                        warnings.warn(f"dataset #{d + 1}: metadata file {subset.metadata_file} is in two subsets; "
+                                      "the first one is used (as in kohya)", stacklevel=2)
+                        continue
+                    seen_files.add(subset.metadata_file)
                     entries, caches = read_subset(subset)
                     kohya_caches += caches
                     if not entries:  # kohya skips such a subset too

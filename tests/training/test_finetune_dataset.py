@@ -122,6 +122,10 @@ min_bucket_reso = 32
   num_repeats = 2
   [[datasets.subsets]]
   image_dir = "db"
+  [[datasets.subsets]]
+  metadata_file = "ft.json"
+  image_dir = "ft"
+  num_repeats = 5
 [[datasets]]
 resolution = 64
   [[datasets.subsets]]
@@ -129,7 +133,8 @@ resolution = 64
   image_dir = "ft"
 """)
     cfg = TrainConfig(dataset_config=str(toml), training_scale="kohya").validate()
-    data = TrainingData(load_dataset_config(toml, cfg), scale=1.0, seed=0)
+    with pytest.warns(UserWarning, match="ft.json is in two subsets; the first one is used"):
+        data = TrainingData(load_dataset_config(toml, cfg), scale=1.0, seed=0)
     assert [(r.path.name, r.caption, r.dataset) for r in data.records] == [
         ("x.png", "from the json", 0), ("y.png", "from a caption file", 0), ("x.png", "from the json", 1)]
     assert data.subsets[0].num_repeats == 2 and data.subsets[0].metadata_file == str(tmp_path / "ft.json")

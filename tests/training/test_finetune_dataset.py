@@ -67,6 +67,7 @@ def test_in_json_dataset_reads_captions_repeats_and_caption_options(tmp_path: Pa
     for name in ("a", "b", "c"):
         _image(images / f"{name}.png")
     (images / "a.txt").write_text("a caption file is not read for a metadata subset")
+    _image(images / "unlisted.png")  # only the JSON's entries are trained (kohya)
     meta = _json(tmp_path / "meta_cap.json", {"a": {"caption": "first, red, big"}, "b": {"tags": "second, blue"},
                                               "c": {"caption": "third", "tags": "green, small"}})
     data = _data(tmp_path, train_data_dir=str(images), in_json=str(meta), num_repeats=3, caption_prefix="p, ")

@@ -140,6 +140,9 @@ class TrainConfig:
     train_data_dir: str | None = None
     dataset_config: str | None = None
     dataset: dict[str, Any] | None = None  # inline [general] / [[datasets]] tables
+    # kohya's fine-tuning dataset: a metadata JSON (image key -> caption, tags, train_resolution) whose images are
+    # in train_data_dir (finetune/merge_captions_to_metadata.py, prepare_buckets_latents.py write it)
+    in_json: str | None = None
     caption_extension: str = ".txt"  # kohya's own default is ".caption"
     class_tokens: str | None = None  # caption for images without a caption file
     num_repeats: int = 1
@@ -380,6 +383,9 @@ class TrainConfig:
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
             raise ConfigError(f"noise_shift={self.noise_shift}: use a positive number (1 is the official "
                               "trainer; 2-4 to train more at high noise)")
+        if self.in_json and not (self.train_data_dir or self.dataset_config or self.dataset):
+            raise ConfigError(f"in_json={self.in_json!r} without train_data_dir: set train_data_dir to the folder "
+                              "of the images its keys name (kohya stops there too)")
         if not (self.train_data_dir or self.dataset_config or self.dataset):
             raise ConfigError("no data: set train_data_dir (a folder of images with caption files) or "
                               "dataset_config (a kohya dataset TOML)")
@@ -454,7 +460,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         data = kohya_names(data, str(path))
         for key in ("train_data_dir", "dataset_config", "output_dir", "cache_dir", "stage_c_path", "effnet_path",
-                    "previewer_path", "text_encoder_path", "stage_b_path", "stage_a_path", "sample_prompts",
+                    "in_json", "previewer_path", "text_encoder_path", "stage_b_path", "stage_a_path", "sample_prompts",
                     "network_weights"):
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute() and value != "auto":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .finetune_data import read_subset
 from .toml_config import IMAGE_EXTENSIONS, DatasetConfig, DatasetSpec, SubsetSpec
 
 Size = tuple[int, int]  # (width, height)
@@ -65,6 +66,10 @@ class BucketRule:
         fixed = (max(32, int(w * scale) // 32 * 32), max(32, int(h * scale) // 32 * 32))
         return cls(area, step, tuple(buckets), spec.bucket_no_upscale, scale, spec.enable_bucket, fixed)
 
+    def preset(self, reso: Size) -> Size:
+        """kohya's ``train_resolution`` (a bucket in image pixels) in EfficientNet pixels, multiples of 32."""
+        return max(32, int(reso[0] * self.scale) // 32 * 32), max(32, int(reso[1] * self.scale) // 32 * 32)
+
     def bucket_for(self, size: Size) -> Size:
         """The bucket of an image of `size` (image pixels): nearest aspect ratio, or its own size (no upscale)."""
         if not self.enabled:
@@ -93,6 +98,18 @@ class ImageRecord:
     bucket: Size  # EfficientNet input (w, h), multiples of 32
     dataset: int
     subset: int
+
+
+def _use_preset_buckets(spec: DatasetSpec, dataset: int) -> None:
+    """Buckets on, as kohya turns them on, when a metadata JSON's train_resolution gives them; what it says."""
+    if not spec.enable_bucket:
+        warnings.warn(f"dataset #{dataset + 1}: its metadata gives every image a train_resolution: those are the "
+                      "buckets, enable_bucket=false has no effect (as in kohya)", stacklevel=3)
+        spec.enable_bucket = True
+    if spec.bucket_no_upscale:
+        warnings.warn(f"dataset #{dataset + 1}: bucket_no_upscale has no effect: the metadata's train_resolution "
+                      "gives the buckets (kohya stops here; prepare_buckets_latents.py has its own "
+                      "--bucket_no_upscale)", stacklevel=3)
 
 
 def _read_caption(image: Path, subset: SubsetSpec) -> str | None:
@@ -129,8 +146,26 @@ class TrainingData:
         self.subsets: list[SubsetSpec] = []
         self.records: list[ImageRecord] = []
         missing: list[str] = []
+        kohya_caches: list[Path] = []
         for d, spec in enumerate(config.datasets):
+            found: list[tuple[Path, str, int, Size | None]] = []  # path, caption, subset, train_resolution
+            seen_files: set[str] = set()
             for subset in spec.subsets:
+                if subset.metadata_file:
+                    if subset.metadata_file in seen_files:  # kohya keeps the first subset of one metadata file
+                        warnings.warn(f"dataset #{d + 1}: metadata file {subset.metadata_file} is in two subsets; "
+                                      "the first one is used (as in kohya)", stacklevel=2)
+                        continue
+                    seen_files.add(subset.metadata_file)
+                    entries, caches = read_subset(subset)
+                    kohya_caches += caches
+                    if not entries:  # kohya skips such a subset too
+                        warnings.warn(f"metadata file {subset.metadata_file}: no entries; the subset is skipped",
+                                      stacklevel=2)
+                        continue
+                    self.subsets.append(subset)
+                    found += [(e.path, e.caption, len(self.subsets) - 1, e.train_resolution) for e in entries]
+                    continue
                 self.subsets.append(subset)
                 images = find_images(Path(subset.image_dir))
                 if not images:
@@ -140,12 +175,26 @@ class TrainingData:
                     if caption is None:
                         missing.append(path.name)
                         caption = subset.class_tokens or ""
-                    size = _image_size(path)
-                    self.records.append(ImageRecord(path, caption, size, self.rules[d].bucket_for(size), d,
-                                                    len(self.subsets) - 1))
+                    found.append((path, caption, len(self.subsets) - 1, None))
+            # kohya: when every image of a dataset has a train_resolution, those are its buckets
+            preset = bool(found) and all(reso is not None for *_, reso in found)
+            if preset:
+                _use_preset_buckets(spec, d)
+            for path, caption, s, reso in found:
+                size = _image_size(path)
+                bucket = self.rules[d].preset(reso) if preset and reso else self.rules[d].bucket_for(size)
+                self.records.append(ImageRecord(path, caption, size, bucket, d, s))
+        if not self.records:
+            raise ConfigError("no training images: every metadata file of the dataset config is empty")
         if missing:
             warnings.warn(f"{len(missing)} image(s) have no caption file (e.g. {missing[:3]}); they train with the "
                           "subset's class_tokens (or an empty caption)", stacklevel=2)
+        if kohya_caches:
+            warnings.warn(f"{len(kohya_caches)} kohya latent cache(s) beside the metadata's images (e.g. "
+                          f"{kohya_caches[0]}) are not read: kohya's prepare_buckets_latents.py resizes with OpenCV's "
+                          "INTER_AREA, cascade_lab with Lanczos, so the same image and bucket give other latents "
+                          "(about 4 % apart; equal only for an image already at its bucket's size); cascade_lab "
+                          "encodes the images itself", stacklevel=2)
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     # -- plan ------------------------------------------------------------------------------------------

@@ -175,10 +175,16 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         raise ConfigError("--effnet_checkpoint_path is required (kohya), or name a cascade_lab variant with --model")
     if not args.output_dir:
         raise ConfigError("--output_dir is required: where the model, checkpoints and samples go")
+    if args.in_json and not args.dataset_config and not args.train_data_dir:
+        raise ConfigError(f"--in_json {args.in_json} without --train_data_dir: give --train_data_dir, the folder of "
+                          "the images its keys name (kohya stops with \"expected str ... image_dir\")")
     if not args.dataset_config and not args.train_data_dir:
         raise ConfigError("no data: give --dataset_config (a kohya dataset TOML) or --train_data_dir")
     if args.dataset_config and args.train_data_dir:
         notices.append("--train_data_dir with --dataset_config: kohya ignores --train_data_dir; so does cascade_lab")
+    if args.dataset_config and args.in_json:
+        notices.append("--in_json with --dataset_config: kohya ignores --in_json; so does cascade_lab (a subset's "
+                       "metadata_file names the JSON there)")
     seed = args.seed
     if seed is None:
         seed = random.randrange(2**31)
@@ -269,6 +275,7 @@ def parse_kohya(argv: Sequence[str], environ: dict[str, str] | None = None) -> t
         "text_encoder_path": args.text_model_checkpoint_path, "seed": seed, "device": args.device,
         "strategy": args.strategy,
         "train_data_dir": None if args.dataset_config else args.train_data_dir, "dataset_config": args.dataset_config,
+        "in_json": None if args.dataset_config else args.in_json,
         "caption_extension": caption_extension, "num_repeats": args.dataset_repeats,
         "shuffle_caption": args.shuffle_caption, "keep_tokens": args.keep_tokens,
         "keep_tokens_separator": args.keep_tokens_separator, "caption_separator": args.caption_separator,

@@ -77,8 +77,6 @@ NO_EFFECT = {
     "weighted_captions": "kohya's Stable Cascade scripts ignore it too: captions are encoded as written",
 }  # fmt: skip
 REFUSED = {
-    "in_json": "fine-tune style metadata JSON datasets are not supported; use --dataset_config or --train_data_dir "
-               "with caption files",
     "train_text_encoder": "text-encoder training is not supported (kohya's README calls it untested)",
     "learning_rate_te1": "text-encoder training is not supported",
     "network_train_text_encoder_only": "text-encoder LoRA is not supported; cascade_lab trains Stage C",
@@ -132,7 +130,8 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     g = parser.add_argument_group("dataset (kohya train_util.add_dataset_arguments)")
     flag(g, "train_data_dir", metavar="DIR", help="folder of images with caption files (or <repeats>_<name> folders)")
     flag(g, "dataset_config", metavar="TOML", help="kohya dataset TOML ([general], [[datasets]], subsets)")
-    flag(g, "in_json", metavar="JSON", help="refused: metadata JSON datasets")
+    flag(g, "in_json", metavar="JSON", help="kohya's metadata JSON (captions, tags, train_resolution) of the images "
+         "in --train_data_dir")
     flag(g, "reg_data_dir", metavar="DIR", help="refused: regularisation images")
     flag(g, "resolution", metavar="W[,H]", help="bucket area side in pixels (kohya: required without a TOML)")
     flag(g, "caption_extension", default=".caption", help="caption file extension (kohya default .caption)")

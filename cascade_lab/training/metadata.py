@@ -53,7 +53,7 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
         counts[rec.subset] += 1
     names = []
     for i, subset in enumerate(data.subsets):
-        name = base = Path(subset.image_dir).name
+        name = base = Path(subset.metadata_file or subset.image_dir).name  # kohya: a metadata JSON's file name
         n = 2
         while name in dirs:  # one folder in several subsets (kohya: "name (2)")
             name, n = f"{base} ({n})", n + 1
@@ -87,7 +87,8 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
         return {"img_count": counts[i], "num_repeats": s.num_repeats, "color_aug": bool(s.color_aug),
                 "flip_aug": bool(s.flip_aug), "random_crop": bool(s.random_crop),
                 "shuffle_caption": bool(s.shuffle_caption), "keep_tokens": s.keep_tokens,
-                "image_dir": Path(s.image_dir).name, "class_tokens": s.class_tokens, "is_reg": False}
+                "image_dir": Path(s.image_dir).name, "class_tokens": s.class_tokens, "is_reg": False} | (
+                    {"metadata_file": Path(s.metadata_file).name} if s.metadata_file else {})
 
     meta = {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs), "ss_num_reg_images": "0",
             "ss_num_train_images": str(with_repeats(list(range(len(data.subsets))))),
@@ -99,7 +100,8 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
         datasets = []
         for d, spec in enumerate(data.config.datasets):
             mine = [i for i in range(len(data.subsets)) if owner[i] == d]
-            datasets.append({"is_dreambooth": True, "batch_size_per_device": spec.batch_size,
+            dreambooth = not any(data.subsets[i].metadata_file for i in mine)
+            datasets.append({"is_dreambooth": dreambooth, "batch_size_per_device": spec.batch_size,
                              "num_train_images": with_repeats(mine),
                              "num_reg_images": 0, "resolution": list(spec.resolution),
                              "enable_bucket": bool(spec.enable_bucket), "min_bucket_reso": spec.min_bucket_reso,

@@ -37,8 +37,8 @@ IGNORED_KEYS = {  # kohya options with no effect here, and why
     "max_token_length": "kohya's dataset schema has no such key (its --max_token_length is a training flag); the "
                         "caption length is the training settings long_captions / max_token_length",
 }
+FINETUNE_KEYS = ("metadata_file",)  # kohya's fine-tuning subsets: captions from a metadata JSON (finetune_data)
 REFUSED_KEYS = {
-    "metadata_file": "fine-tune style subsets (metadata JSON) are not supported; use image_dir with caption files",
     "conditioning_data_dir": "ControlNet datasets are not supported by the Stage C trainer",
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -69,6 +69,7 @@ class SubsetSpec:
     random_crop: bool = False
     color_aug: bool = False
     is_reg: bool = False
+    metadata_file: str | None = None  # kohya's fine-tuning subset: image keys, captions and tags in a JSON
 
 
 @dataclass
@@ -167,8 +168,11 @@ def _positive(value: Any, name: str, where: str) -> None:
 
 
 def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec:
+    if values.get("metadata_file") is not None:
+        return _finetune_subset(values, base, where)
     if "image_dir" not in values:
-        raise ConfigError(f"{where}: a subset needs image_dir (the folder of images and caption files)")
+        raise ConfigError(f"{where}: a subset needs image_dir (the folder of images and caption files) or "
+                          "metadata_file (kohya's metadata JSON)")
     image_dir = str(values["image_dir"])
     check_path(image_dir, where)
     path = Path(image_dir).expanduser()
@@ -180,6 +184,32 @@ def _subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec
             setattr(subset, f.name, values[f.name])
     if not path.is_dir():
         raise ConfigError(f"{where}: image_dir {str(path)!r} is not a folder")
+    return _checked(subset, where)
+
+
+def _finetune_subset(values: dict[str, Any], base: Path | None, where: str) -> SubsetSpec:
+    """kohya's fine-tuning subset: `metadata_file` (required) and `image_dir` (where keys without a path are
+    looked up; optional when the keys are full paths)."""
+    def resolved(key: str) -> Path:
+        check_path(str(values[key]), where)
+        path = Path(str(values[key])).expanduser()
+        return base / path if not path.is_absolute() and base is not None else path
+
+    metadata = resolved("metadata_file")
+    if not metadata.is_file():
+        raise ConfigError(f"{where}: metadata_file {str(metadata)!r} does not exist; give the JSON that kohya's "
+                          "finetune/merge_captions_to_metadata.py (or prepare_buckets_latents.py) wrote")
+    image_dir = resolved("image_dir") if values.get("image_dir") else None
+    if image_dir is not None and not image_dir.is_dir():
+        raise ConfigError(f"{where}: image_dir {str(image_dir)!r} is not a folder")
+    subset = SubsetSpec(image_dir=str(image_dir) if image_dir else "", metadata_file=str(metadata))
+    for f in fields(SubsetSpec):
+        if f.name in values and f.name not in ("image_dir", "metadata_file", "caption_extension", "class_tokens"):
+            setattr(subset, f.name, values[f.name])
+    return _checked(subset, where)
+
+
+def _checked(subset: SubsetSpec, where: str) -> SubsetSpec:
     _positive(subset.num_repeats, "num_repeats", where)
     if not 0 <= subset.caption_dropout_rate <= 1:
         raise ConfigError(f"{where}: caption_dropout_rate={subset.caption_dropout_rate!r}: use a probability in "
@@ -227,9 +257,10 @@ def load_dataset_config(source: str | Path | dict[str, Any], config: TrainConfig
         spec, values = _build(values, where)
         for j, sub in enumerate(table.get("subsets", [])):
             sub_where = f"{where} subset #{j + 1}"
-            spec.subsets.append(_subset(values | _sort_keys(sub, sub_where, notes, SUBSET_KEYS), base, sub_where))
+            kept = _sort_keys(sub, sub_where, notes, SUBSET_KEYS + FINETUNE_KEYS)
+            spec.subsets.append(_subset(values | kept, base, sub_where))
         if not spec.subsets:
-            raise ConfigError(f"{where}: no [[datasets.subsets]] with an image_dir")
+            raise ConfigError(f"{where}: no [[datasets.subsets]] with an image_dir or a metadata_file")
         datasets.append(spec)
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -257,15 +288,26 @@ def folder_dataset(folder: str | Path, config: TrainConfig) -> DatasetConfig:
     return DatasetConfig([spec], [])
 
 
+def in_json_dataset(config: TrainConfig) -> DatasetConfig:
+    """kohya's ``--in_json`` with ``--train_data_dir``: one fine-tuning subset, as kohya's scripts build it."""
+    values = _defaults(config)
+    spec, _ = _build(values, "in_json")
+    spec.subsets.append(_subset(values | {"metadata_file": config.in_json, "image_dir": config.train_data_dir},
+                                None, f"in_json {config.in_json}"))
+    return DatasetConfig([spec], [])
+
+
 def dataset_config_for(config: TrainConfig) -> DatasetConfig:
-    """The datasets a TrainConfig names: inline tables, a TOML file, or a folder."""
+    """The datasets a TrainConfig names: inline tables, a TOML file, a metadata JSON, or a folder."""
     if config.dataset:
         return load_dataset_config(config.dataset, config)
     if config.dataset_config:
         return load_dataset_config(config.dataset_config, config)
+    if config.in_json:
+        return in_json_dataset(config)
     assert config.train_data_dir is not None
     return folder_dataset(config.train_data_dir, config)
 
 
 __all__ = ["DatasetConfig", "DatasetSpec", "SubsetSpec", "check_path", "dataset_config_for", "folder_dataset",
-           "load_dataset_config"]
+           "in_json_dataset", "load_dataset_config"]

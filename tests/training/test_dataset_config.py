@@ -107,8 +107,8 @@ def test_windows_paths_fail_with_a_clear_message(tmp_path: Path) -> None:
     assert "Windows path" in str(info.value) and "d:\\kohya_ss" in str(info.value)
 
 
-def test_fine_tune_metadata_subsets_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="metadata_file"):
+def test_a_fine_tune_subsets_missing_metadata_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="metadata_file 'meta.json' does not exist; give the JSON"):
         load_dataset_config({"datasets": [{"subsets": [{"metadata_file": "meta.json"}]}]}, TrainConfig())
 
 

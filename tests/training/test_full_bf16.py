@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +73,20 @@ def test_bf16_adamw_keeps_fp32_moments_and_nearest_is_kohyas_adamw() -> None:
         opt.step()
         assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == moments
         assert (type(opt) is torch.optim.AdamW) == (rounding == "nearest")
+
+
+def test_other_optimizers_under_full_bf16_say_they_round_to_the_nearest() -> None:
+    """Lion, SGD, ... update the bf16 weights themselves: stochastic rounding cannot reach them, so the run says so
+    (and with bf16_rounding='nearest', which is what they do, it says nothing)."""
+    for name in ("Lion", "SGDNesterov", "RAdam"):
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        with pytest.warns(UserWarning, match=f"optimizer_type='{name}'.*nearest"):
+            build_optimizer(name, [p], 1e-3, [], Rounding("stochastic"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = build_optimizer("Lion", [torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))], 1e-3, [],
+                              Rounding("nearest"))
+    assert type(opt).__name__ == "Lion"
 
 
 def bf16_run(shapes_dir, cache, out, **changes):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -66,9 +68,10 @@ def test_a_run_starts_from_cascade_labs_kohyas_and_onetrainers_file(trained, sha
     with pytest.warns(UserWarning, match="6 text-encoder modules .all zero"):
         runs = [train(**starting(shapes_dir, shared_cache, tmp_path / f"run{i}", f))
                 for i, f in enumerate((own, kohya, onetrainer))]
-    # where the first run stopped: its last validation (after its last step) is the new runs' first
-    assert runs[0].val_losses[0]["val_loss"] == first.val_losses[-1]["val_loss"]
-    assert len({r.losses[0]["loss"] for r in runs}) == 1
+    # where the first run stopped: its last validation (after its last step) is the new runs' first. Equal to
+    # float32 rounding only: with 2 threads MKL's products may round differently for differently aligned tensors
+    assert math.isclose(runs[0].val_losses[0]["val_loss"], first.val_losses[-1]["val_loss"], rel_tol=1e-6)
+    assert all(math.isclose(r.losses[0]["loss"], runs[0].losses[0]["loss"], rel_tol=1e-6) for r in runs)
 
     # the first step's loss is that of the file's weights on the run's first batch: a Trainer set to them by hand
     from cascade_lab.training import distributed as dist
@@ -87,18 +90,19 @@ def test_a_run_starts_from_cascade_labs_kohyas_and_onetrainers_file(trained, sha
     fresh = trainer.train_step()["loss"]
     trainer = Trainer(config, build_models(config), data, dist.setup("cpu"))
     trainer.network.load_kohya_state_dict(tensors)
-    assert trainer.train_step()["loss"] == runs[0].losses[0]["loss"] != fresh
+    by_hand = trainer.train_step()["loss"]
+    assert math.isclose(by_hand, runs[0].losses[0]["loss"], rel_tol=1e-6) and abs(by_hand - fresh) > 1e-6 * fresh
 
     # dim_from_weights: rank and alpha from the file, whatever network_dim / network_alpha say
     from_dims = train(**starting(shapes_dir, shared_cache, tmp_path / "dims", own, dim_from_weights=True,
                                  network_dim=16, network_alpha=1))
-    assert from_dims.losses[0]["loss"] == runs[0].losses[0]["loss"]
+    assert math.isclose(from_dims.losses[0]["loss"], runs[0].losses[0]["loss"], rel_tol=1e-6)
     assert (from_dims.network.rank, from_dims.network.alpha) == (4, 2.0)
 
     # another alpha: the file's scale is folded into lora_up, so the run starts from the file's LoRA
     with pytest.warns(UserWarning, match="rescaled so the run starts from the file's LoRA"):
         other_alpha = train(**starting(shapes_dir, shared_cache, tmp_path / "alpha", own, network_alpha=1))
-    assert other_alpha.losses[0]["loss"] == runs[0].losses[0]["loss"]
+    assert math.isclose(other_alpha.losses[0]["loss"], runs[0].losses[0]["loss"], rel_tol=1e-6)
     with safe_open(str(other_alpha.output_file), "pt") as f:
         assert float(f.get_tensor("lora_unet_clf_1.alpha")) == 1.0 and f.metadata()["ss_network_alpha"] == "1"
 

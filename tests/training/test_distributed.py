@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import tiny_run
+from training_helpers import tiny_run, torchrun_cli
 
 from cascade_lab.training import train
 
@@ -24,22 +20,12 @@ def test_two_processes_match_one_with_the_doubled_batch(shapes_dir, shared_cache
     common = {"mode": mode, "max_train_steps": 6, "adaptive_loss_weight": True, "gradient_accumulation_steps": 2}
     one = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "one", train_batch_size=8, **common))
 
-    config = tmp_path / "train.toml"
-    lines = [f"{k} = {json.dumps(v)}" for k, v in tiny_run(shapes_dir, shared_cache, tmp_path / "two",
-                                                           train_batch_size=4, **common).items()]
-    config.write_text("\n".join(lines) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "cascade_lab.cli", "train", str(config), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env)
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    print(f"torchrun, 2 processes x batch 4, 6 steps: {elapsed:.1f} s")
-    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    two, stdout = torchrun_cli(tiny_run(shapes_dir, shared_cache, tmp_path / "two", train_batch_size=4, **common),
+                               tmp_path / "train.toml")
+    print(f"torchrun, 2 processes x batch 4, 6 steps: {time.perf_counter() - start:.1f} s")
     assert two["status"] == "finished" and two["metadata"]["cascade_lab.world_size"] == "2"
-    assert proc.stdout.count("finished: step 6/6") == 1  # only rank 0 reports
+    assert stdout.count("finished: step 6/6") == 1  # only rank 0 reports
     for a, b in zip(one.losses, two["losses"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["raw_loss"] == pytest.approx(b["raw_loss"],
                                                                                                    rel=1e-5)
@@ -54,17 +40,8 @@ def test_two_processes_train_full_bf16(shapes_dir, shared_cache, tmp_path) -> No
     common = {"mode": "full", "max_train_steps": 6, "mixed_precision": "bf16", "full_bf16": True,
               "optimizer_type": "adamw"}
     one = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "one", train_batch_size=8, **common))
-    config = tmp_path / "train.toml"
-    lines = [f"{k} = {json.dumps(v)}" for k, v in tiny_run(shapes_dir, shared_cache, tmp_path / "two",
-                                                           train_batch_size=4, **common).items()]
-    config.write_text("\n".join(lines) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "cascade_lab.cli", "train", str(config), "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    two, _ = torchrun_cli(tiny_run(shapes_dir, shared_cache, tmp_path / "two", train_batch_size=4, **common),
+                          tmp_path / "train.toml")
     assert two["status"] == "finished" and two["metadata"]["cascade_lab.full_bf16"] == "True (stochastic rounding)"
     for a, b in zip(one.losses, two["losses"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)

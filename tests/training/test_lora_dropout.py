@@ -8,10 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch import nn
-from training_helpers import stage_c_inputs, tiny_run
+from training_helpers import LORA_C, LORA_OUT, TinyLoraModel, stage_c_inputs, tiny_run, torchrun_cli
 
-from cascade_lab.models.common import MultiheadAttention
 from cascade_lab.models.stage_c import StageCConfig
 from cascade_lab.training import train
 from cascade_lab.training.lora_train import LoraDropout, LoraNetwork, lora_targets
@@ -20,20 +18,12 @@ pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache, on
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 Tensor = torch.Tensor
-C, OUT, RANK = 24, 40, 4
+C, OUT, RANK = LORA_C, LORA_OUT, 4
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(C, OUT)
-        self.conv = nn.Conv2d(C, OUT, 1)
-        self.attn = MultiheadAttention(C, 2)
-
-
-def attached(dropout: LoraDropout | None, alpha: float = 2.0) -> tuple[Tiny, LoraNetwork]:
+def attached(dropout: LoraDropout | None, alpha: float = 2.0) -> tuple[TinyLoraModel, LoraNetwork]:
     torch.manual_seed(0)
-    model = Tiny()
+    model = TinyLoraModel()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -320,20 +310,9 @@ def test_kohyas_flags_set_the_options(tmp_path, capsys) -> None:
 def test_module_dropout_under_ddp(shapes_dir, shared_cache, tmp_path) -> None:
     """Two processes skip different pairs in a step: DDP is told some parameters may get no gradient (without it,
     its reducer stops at the next step waiting for the skipped pairs)."""
-    import os
-    import subprocess
-    import sys
-
-    config = tmp_path / "train.toml"
     settings = tiny_run(shapes_dir, shared_cache, tmp_path / "two", mode="lora", network_target="all_linear",
                         module_dropout=0.5, max_train_steps=3, train_batch_size=4)
-    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "cascade_lab.cli", "train", str(config), "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "finished"
+    assert torchrun_cli(settings, tmp_path / "train.toml")[0]["status"] == "finished"
 
 
 def test_attention_projections_with_dropout_match_kohyas_formula() -> None:

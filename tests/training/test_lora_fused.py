@@ -7,15 +7,14 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
+from training_helpers import LORA_C, LORA_OUT, TinyLoraModel
 
-from cascade_lab.models.common import MultiheadAttention
 from cascade_lab.training import lora_train
 from cascade_lab.training.lora_train import LoraNetwork, lora_targets
 
 Tensor = torch.Tensor
-C, OUT = 24, 40  # widths; rank 4
+C, OUT = LORA_C, LORA_OUT  # widths; rank 4
 
 
 @pytest.fixture(autouse=True, params=["bias in the branch", "bias by addmm"])
@@ -24,18 +23,10 @@ def fold_bias(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(lora_train, "_FOLD_BIAS_ROWS", 1 if request.param == "bias in the branch" else 10**9)
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(C, OUT)
-        self.conv = nn.Conv2d(C, OUT, 1)
-        self.attn = MultiheadAttention(C, 2)
-
-
 def attached(target_filter: Callable[[str], bool] = lambda name: True, dtype: torch.dtype = torch.float32,
-             scale_alpha: float = 3.0) -> tuple[Tiny, LoraNetwork]:
+             scale_alpha: float = 3.0) -> tuple[TinyLoraModel, LoraNetwork]:
     torch.manual_seed(0)
-    model = Tiny()
+    model = TinyLoraModel()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -68,7 +59,7 @@ def check(got: Tensor, want: Tensor, tol: float = 1e-6) -> None:
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
-def run_both(model: Tiny, network: LoraNetwork, call: Callable[[Tensor], Tensor],
+def run_both(model: TinyLoraModel, network: LoraNetwork, call: Callable[[Tensor], Tensor],
              ref: Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor], x: Tensor,
              tol: float = 1e-6, autocast: bool = False) -> None:
     """Forward and backward through the attached model and through `ref` on copies of the pairs."""
@@ -103,7 +94,7 @@ def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def linear_ref(model: Tiny, scale: float) -> Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor]:
+def linear_ref(model: TinyLoraModel, scale: float) -> Callable[[Tensor, dict[str, tuple[Tensor, Tensor]]], Tensor]:
     def ref(x: Tensor, copies: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         down, up = copies["lora_unet_proj"]
         return reference(x, model.proj.weight, model.proj.bias, [(0, down, up)], scale)
@@ -257,7 +248,7 @@ def test_detach_restores_the_forward() -> None:
     assert torch.equal(plain[0], F.linear(x, model.proj.weight, model.proj.bias))
     assert torch.equal(plain[1], F.linear(x, model.attn.in_proj_weight, model.attn.in_proj_bias))
     assert not torch.allclose(with_lora[0], plain[0]) and not torch.allclose(with_lora[1], plain[1])
-    assert set(model.state_dict()) == set(Tiny().state_dict())
+    assert set(model.state_dict()) == set(TinyLoraModel().state_dict())
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

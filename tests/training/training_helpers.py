@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -99,3 +101,35 @@ class Moves:
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["inner"], name)
+
+
+def torchrun_cli(settings: dict, config: Path) -> tuple[dict, str]:
+    """`cascade-lab train CONFIG --quiet` under torchrun with 2 CPU processes (gloo, 1 thread each): the run's
+    run.json and its stdout. `settings` are written to `config` as TOML first."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cascade_lab.cli", "train", str(config), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((Path(settings["output_dir"]) / "run.json").read_text()), proc.stdout
+
+
+LORA_C, LORA_OUT = 24, 40  # TinyLoraModel's widths
+
+
+class TinyLoraModel(nn.Module):
+    """A Linear, a 1x1 conv and an attention (LORA_C in, LORA_OUT out): one of each layer kind a LoRA pairs with."""
+
+    def __init__(self) -> None:
+        from cascade_lab.models.common import MultiheadAttention
+
+        super().__init__()
+        self.proj = nn.Linear(LORA_C, LORA_OUT)
+        self.conv = nn.Conv2d(LORA_C, LORA_OUT, 1)
+        self.attn = MultiheadAttention(LORA_C, 2)

@@ -237,7 +237,7 @@ class TrainingData:
     def caption_text(self, index: int) -> str:
         """The caption of record `index` with its subset's prefix and suffix, no dropout or shuffling."""
         rec, subset = self.records[index], self.subsets[self.records[index].subset]
-        return f"{subset.caption_prefix}{rec.caption}{subset.caption_suffix}"
+        return with_prefix_suffix(rec.caption, subset)
 
     def caption(self, index: int, epoch: int, rng: random.Random, step: int = 0, total_steps: int = 0) -> str:
         """The caption of record `index` as trained this time (in optimizer step `step` of `total_steps`):
@@ -253,6 +253,16 @@ class TrainingData:
         rec = self.records[index]
         crop_rng = rng if self.subsets[rec.subset].random_crop else None
         return load_image(rec.path, rec.bucket, flip=flip, rng=crop_rng)
+
+
+def with_prefix_suffix(caption: str, subset: SubsetSpec) -> str:
+    """The caption with its subset's `caption_prefix` and `caption_suffix`, each joined by a space as kohya joins
+    them ("sks" + "a dog" is "sks a dog", not "sksa dog")."""
+    if subset.caption_prefix:
+        caption = f"{subset.caption_prefix} {caption}"
+    if subset.caption_suffix:
+        caption = f"{caption} {subset.caption_suffix}"
+    return caption
 
 
 def warmup_steps(token_warmup_step: float, total_steps: int) -> float:
@@ -275,7 +285,7 @@ def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Rando
     `caption_separator`; those before keep_tokens / keep_tokens_separator are kept in place) cut to the token
     warm-up's count at optimizer `step` of `total_steps`, shuffled, and each dropped with caption_tag_dropout_rate;
     joined with ", " as kohya joins them."""
-    text = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
+    text = with_prefix_suffix(caption, subset)
     draw = rng.random()  # always drawn, so the stream does not depend on the settings below
     every = subset.caption_dropout_every_n_epochs
     if (every and epoch % every == 0) or draw < subset.caption_dropout_rate:

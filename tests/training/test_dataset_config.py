@@ -156,6 +156,18 @@ def test_captions_keep_tokens_shuffle_dropout_prefix() -> None:
     assert make_caption(text, every, 4, random.Random(0)) == "" and make_caption(text, every, 3, random.Random(0))
 
 
+def test_prefix_and_suffix_are_joined_with_a_space_as_kohya_joins_them() -> None:
+    """kohya's process_caption: prefix + " " + caption, caption + " " + suffix, before dropout and shuffling."""
+    plain = SubsetSpec(image_dir=".", caption_prefix="sks", caption_suffix="photo", caption_dropout_rate=0.0)
+    assert make_caption("a dog", plain, 0, random.Random(0)) == "sks a dog photo"
+    assert make_caption("a dog", SubsetSpec(image_dir=".", caption_dropout_rate=0.0), 0, random.Random(0)) == "a dog"
+    shuffled = SubsetSpec(image_dir=".", caption_prefix="sks", caption_suffix="photo", shuffle_caption=True,
+                          keep_tokens=1, caption_dropout_rate=0.0)
+    seen = {make_caption("a dog, grass", shuffled, 0, random.Random(i)) for i in range(20)}
+    # the prefix rides on the first tag and the suffix on the last, as in kohya
+    assert seen == {"sks a dog, grass photo"}
+
+
 def test_missing_captions_use_class_tokens(tmp_path: Path) -> None:
     folder = _images(tmp_path / "imgs", n=2, captions=False)
     (folder / "img0.txt").write_text("a red circle\n")

@@ -463,14 +463,17 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     their peak (`sample_helpers`, the largest one). `full_bf16`: the trained weights and gradients in bf16 (2 bytes
     each); AdamW's moments stay fp32 unless `bf16_rounding` is "nearest" (kohya's torch AdamW: bf16 moments)."""
     from .optim import parse_optimizer_args
+    from .optimizers import state_bytes
 
     _check_stage(stage)
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy={strategy!r}: use 'ddp' or 'fsdp'")
     if mode not in ("full", "lora"):
         raise ValueError(f"mode={mode!r}: use 'full' or 'lora'")
-    if optimizer.lower() not in ("adamw", "adafactor"):
-        raise ValueError(f"optimizer={optimizer!r}: use 'adamw' or 'adafactor'")
+    if not estimated(optimizer, optimizer_args):
+        raise ValueError(f"optimizer={optimizer!r}: its states are not estimated; use AdamW, Adafactor or another of "
+                         "kohya's names (Lion, SGDNesterov, Prodigy, DAdapt*, *8bit) or a torch.optim Adam, AdamW, "
+                         "RAdam, NAdam, Adamax, Adagrad, RMSprop or SGD")
     if mixed_precision not in ("bf16", "no"):
         raise ValueError(f"mixed_precision={mixed_precision!r}: use 'bf16' or 'no'")
     if gpus < 1 or batch_size < 1:
@@ -503,9 +506,12 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     if optimizer.lower() == "adamw":
         moments = 4 if full_bf16 and bf16_rounding == "nearest" else 8  # kohya's AdamW on bf16: bf16 moments
         states = math.ceil(moments * trainable / shard) + 4 * len(trained)  # exp_avg, exp_avg_sq; a step each
-    else:
+    elif optimizer.lower() == "adafactor":
         factored, first = _adafactor_bytes(trained, parse_optimizer_args(optimizer_args).get("beta1") is not None)
         states = factored + math.ceil(first / shard)  # factored moments stay whole on every FSDP process
+    else:  # kohya's other optimizers: parameter-sized states in the trained weights' dtype
+        per_param, per_tensor = state_bytes(optimizer, parse_optimizer_args(optimizer_args), per_trained) or (0, 0)
+        states = math.ceil(per_param * trainable / shard) + per_tensor * len(trained)
     transient = 0
     if strategy == "fsdp":
         bytes_per = 2 if bf16 else 4
@@ -589,7 +595,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", nargs="+", type=int, default=list(GPU_COUNTS))
     parser.add_argument("--gpu-memory", nargs="+", type=float, default=list(GPU_MEMORY), metavar="GB")
     parser.add_argument("--strategy", nargs="+", default=["ddp", "fsdp"], choices=["ddp", "fsdp"])
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
+    parser.add_argument("--optimizer", default="adamw",
+                        help="adamw, adafactor, or another of kohya's names (lion, sgdnesterov, prodigy, dadaptadam, "
+                        "adamw8bit, ...) or a torch.optim class (radam, ...)")
     parser.add_argument("--optimizer-args", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     parser.add_argument("--full-bf16", action="store_true",
@@ -619,6 +627,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    if not estimated(args.optimizer, args.optimizer_args):
+        raise SystemExit(f"cascade-lab train plan: --optimizer {args.optimizer}: its states are not estimated; use "
+                         "adamw, adafactor, or another of kohya's names (lion, sgdnesterov, prodigy, dadaptadam, "
+                         "adamw8bit, ...)")
     settings = {f: getattr(args, f) for f in ("stage", "mode", "optimizer", "optimizer_args", "mixed_precision",
                                               "gradient_checkpointing", "gradient_checkpointing_mode",
                                               "batch_size", "resolution",
@@ -638,6 +650,15 @@ def run_plan(args: argparse.Namespace) -> int:
     print(plan_table(tuple(args.variant), tuple(args.gpus), tuple(args.gpu_memory), tuple(args.strategy),
                      **settings), flush=True)
     return 0
+
+
+def estimated(optimizer: str, optimizer_args: Any = ()) -> bool:
+    """Whether the planner knows `optimizer`'s states (AdamW, Adafactor, kohya's other names, torch's common ones)."""
+    from .optim import parse_optimizer_args
+    from .optimizers import state_bytes
+
+    return optimizer.lower() in ("adamw", "adafactor") or \
+        state_bytes(optimizer, parse_optimizer_args(optimizer_args), 4) is not None
 
 
 def known_variant(model: Any, stage: str) -> str | None:
@@ -671,7 +692,7 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
               gpu_memory_gb: float | None = None) -> MemoryPlan | None:
     """At training start on CUDA: refuse when even the weights, gradients, optimizer states and frozen models,
     or the sampling peak, cannot fit the GPU (its memory, or `gpu_memory_gb`), warn when the estimate with
-    activations does not; None (no check) off CUDA, for an optimizer other than AdamW and Adafactor, or for a model
+    activations does not; None (no check) off CUDA, for an optimizer whose states are not known, or for a model
     that is not the full, lite or tiny size of the trained stage (``config.stage``: Stage C or Stage B)."""
     import warnings
 
@@ -679,8 +700,8 @@ def check_fit(config: Any, model: Any, device: Any, world_size: int, strategy: s
 
     from .config import ConfigError
 
-    if device.type != "cuda" or config.optimizer_type.lower() not in ("adamw", "adafactor"):
-        return None  # other optimizers' states are not estimated
+    if device.type != "cuda" or not estimated(config.optimizer_type, config.optimizer_args):
+        return None  # a custom class's states are not estimated
     variant = known_variant(model, config.stage)
     if variant is None:
         return None

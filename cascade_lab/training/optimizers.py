@@ -61,6 +61,43 @@ OWN = OPTIMIZERS  # optim.build_optimizer's own: AdamW, Adafactor
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+# Parameter-sized state tensors of each optimizer, in the parameter's dtype (measured on the installed packages:
+# tests/training/test_kohya_optimizers.py); bitsandbytes' 8-bit states are 1 byte a parameter each plus an fp32
+# absmax per block of 256 (its blockwise layout; not measured here, it needs CUDA). Prodigy copies a tensor's start
+# (p0) only when it is not all zero (a LoRA's up weights are): counted for every tensor, an upper bound
+_COPIES = {"sgdnesterov": 1, "lion": 1, "prodigy": 4, "dadaptation": 3, "dadaptadampreprint": 3,
+           "dadaptadagrad": 3, "dadaptadam": 3, "dadaptadan": 5, "dadaptadanip": 5, "dadaptlion": 2, "dadaptsgd": 3,
+           "pagedadamw": 2, "pagedadamw32bit": 2,
+           "adam": 2, "adamw": 2, "radam": 2, "nadam": 2, "adamax": 2, "adagrad": 1, "rmsprop": 1, "sgd": 0}
+_EIGHT_BIT = {"adamw8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1, "pagedlion8bit": 1, "sgdnesterov8bit": 1}
+
+
+_STEP_SCALARS = {"adam": 1, "adamw": 1, "radam": 1, "nadam": 2, "adamax": 1, "adagrad": 1, "rmsprop": 1}
+
+
+def state_bytes(name: str, kwargs: dict[str, Any], param_bytes: int) -> tuple[float, int] | None:
+    """(bytes a trained parameter, bytes a trained tensor) of optimizer state under kohya's `name` with `kwargs`
+    (optimizer_args), for parameters of `param_bytes` bytes; None for a class whose states are not known. The
+    per-tensor part is torch's step counters (a float32 scalar each; NAdam adds its mu product)."""
+    kind = name.lower()
+    if kind.startswith("torch.optim."):
+        kind = kind.rpartition(".")[2]
+    if kind in _EIGHT_BIT:
+        return _EIGHT_BIT[kind] * (1 + 4 / 256), 0
+    copies = _COPIES.get(kind)
+    if copies is None:
+        return None
+    if kind in ("adam", "adamw", "pagedadamw", "pagedadamw32bit") and kwargs.get("amsgrad"):
+        copies += 1  # max_exp_avg_sq
+    if kind == "sgd" and kwargs.get("momentum"):
+        copies += 1  # momentum_buffer
+    if kind == "rmsprop":
+        copies += bool(kwargs.get("momentum")) + bool(kwargs.get("centered"))  # momentum_buffer, grad_avg
+    if kind in ("pagedadamw", "pagedadamw32bit"):
+        return copies * 4.0, 0  # 32-bit states whatever the parameters
+    return float(copies * param_bytes), 4 * _STEP_SCALARS.get(kind, 0)
+
+
 def check_name(name: str) -> None:
     """Raise ConfigError for an optimizer name that cannot work (checked without importing torch or the class)."""
     kind = name.lower()
@@ -171,4 +208,4 @@ def label(optimizer: Any, name: str, kwargs: dict[str, Any]) -> str:
     return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
-__all__ = ["KINDS", "OWN", "build", "check_name", "label", "resolve"]
+__all__ = ["KINDS", "OWN", "build", "check_name", "label", "resolve", "state_bytes"]

@@ -393,3 +393,57 @@ def test_full_bf16_activation_count_matches_a_real_cpu_peak(checkpointing, side)
     counted = saved_activation_bytes(StageBConfig(**config), stage="b", mixed_precision="bf16", latent=(side, side),
                                      gradient_checkpointing=checkpointing, full_bf16=True)
     assert 1.0 <= peak / counted <= ACTIVATION_CALIBRATION, (peak / 2**20, counted / 2**20)
+
+
+# -- kohya's other optimizers ---------------------------------------------------------------------------------
+
+OTHER_OPTIMIZERS = [("Lion", []), ("SGDNesterov", []), ("Prodigy", []), ("DAdaptAdam", []), ("DAdaptAdan", []),
+                    ("DAdaptLion", []), ("DAdaptSGD", []), ("DAdaptAdaGrad", []), ("DAdaptation", []),
+                    ("RAdam", []), ("NAdam", []), ("torch.optim.SGD", []), ("torch.optim.SGD", ["momentum=0.9"]),
+                    ("RMSprop", ["momentum=0.5", "centered=True"]), ("Adam", ["amsgrad=True"]), ("Adagrad", [])]
+
+
+@pytest.mark.parametrize("full_bf16", [False, True])
+@pytest.mark.parametrize(("optimizer", "args"), OTHER_OPTIMIZERS)
+def test_other_optimizers_states_are_the_real_tensors(optimizer, args, full_bf16) -> None:
+    """The planner's states for kohya's other names and torch's classes: the tensors the optimizer really holds
+    after a step (in the trained weights' dtype: fp32, or bf16 under full_bf16)."""
+    import importlib.util
+    import warnings
+
+    from cascade_lab.training.optimizers import KINDS
+
+    spec = KINDS.get(optimizer.lower())
+    if spec is not None and spec.package in ("prodigyopt", "dadaptation") and \
+            importlib.util.find_spec(spec.module.split(".")[0]) is None:
+        pytest.fail(f"{spec.package} is in the test extra: pip install -e '.[test]'")
+    model = StageCConfig.tiny().build().to(torch.bfloat16 if full_bf16 else torch.float32)
+    params = list(model.parameters())
+    with torch.no_grad():  # a loaded checkpoint: no all-zero tensor (Prodigy copies only the others: its p0)
+        for p in params:
+            p.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # D-Adaptation / Prodigy: kohya's learning-rate advice
+        opt = build_optimizer(optimizer, params, 1.0, args)
+    one_step(params, opt)
+    plan = plan_memory("tiny", optimizer=optimizer, optimizer_args=args, full_bf16=full_bf16,
+                       mixed_precision="bf16" if full_bf16 else "no")
+    assert plan.optimizer_states == state_bytes(opt)
+
+
+def test_other_optimizers_in_the_plan_and_its_command(capsys) -> None:
+    """Prodigy's four parameter-sized states make the full Stage C's 8 GPUs' DDP plan larger than AdamW's; a class
+    whose states are unknown is refused by name."""
+    adamw, prodigy = (plan_memory("full", gpus=8, optimizer=o) for o in ("adamw", "prodigy"))
+    assert prodigy.optimizer_states == 16 * prodigy.params > 2 * adamw.optimizer_states - 1e6  # fp32 masters
+    assert prodigy.total > adamw.total
+    eight_bit = plan_memory("full", optimizer="AdamW8bit")
+    assert eight_bit.optimizer_states < adamw.optimizer_states / 3
+    with pytest.raises(ValueError, match="'mypackage.Custom': its states are not estimated"):
+        plan_memory("tiny", optimizer="mypackage.Custom")
+    from cascade_lab.cli import main
+
+    with pytest.raises(SystemExit, match="--optimizer mypackage.Custom: its states are not estimated"):
+        main(["train", "plan", "--variant", "tiny", "--gpus", "1", "--optimizer", "mypackage.Custom"])
+    assert main(["train", "plan", "--variant", "tiny", "--gpus", "1", "--optimizer", "lion"]) == 0
+    assert "lion" in capsys.readouterr().out

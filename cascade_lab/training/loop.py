@@ -330,7 +330,10 @@ class Trainer:
                               f"({self.nan_streak} in a row; the run stops at {self.config.max_nan_steps})",
                               RuntimeWarning, stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
-        norms = {}
+        norms: dict[str, Any] = {}
+        group = self.optimizer.param_groups[0]
+        if "d" in group and finite:  # D-Adaptation / Prodigy: the step size they found times lr (kohya's lr/d*lr)
+            norms["d_lr"] = float(group["d"]) * lr
         if self.network is not None and self.config.scale_weight_norms:  # kohya: after every step, with its figures
             keys, mean, top = self.network.apply_max_norm(self.config.scale_weight_norms)
             norms = {"keys_scaled": keys, "average_key_norm": mean, "max_key_norm": top}

@@ -15,6 +15,8 @@ from cascade_lab.training.lion import Lion
 from cascade_lab.training.optim import build_optimizer, clip_grad_norm, optimizer_step, parse_optimizer_args
 from cascade_lab.training.optimizers import label
 
+pytest_plugins = ["training_fixtures"]  # fixtures: shapes_dir, shared_cache
+
 BASE = ["--model", "tiny", "--train_data_dir", "d", "--output_dir", "o", "--seed", "1"]
 
 
@@ -185,3 +187,26 @@ def test_old_alias_flags() -> None:
     for flag in ("--use_8bit_adam", "--use_lion_optimizer"):
         with pytest.raises(ConfigError, match=f"{flag} and --optimizer_type AdamW both given"):
             parse_kohya([*BASE, flag, "--optimizer_type", "AdamW"])
+
+
+def test_learning_rate_free_runs_log_d_times_lr(shapes_dir, shared_cache, tmp_path) -> None:
+    """kohya logs lr/d*lr for D-Adaptation and Prodigy: the step size they found times the learning rate; each
+    step's log has it as d_lr (and AdamW's has none)."""
+    import warnings
+
+    from training_helpers import tiny_run
+
+    from cascade_lab.training import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "prodigy", mode="lora", optimizer_type="Prodigy",
+                               learning_rate=0.5, max_train_steps=3, save_every_n_steps=3))
+    d_lr = [r["d_lr"] for r in run.losses]
+    folder = max((tmp_path / "prodigy" / "checkpoints").glob("step-*"))  # after step 3: the optimizer's own d
+    state = torch.load(str(folder / "state.pt"), map_location="cpu", weights_only=True)
+    assert d_lr[-1] == pytest.approx(float(state["optimizer"]["param_groups"][0]["d"]) * 0.5, rel=1e-12)
+    assert d_lr[0] >= 1e-6 * 0.5  # Prodigy's d starts at d0 = 1e-6 and never shrinks
+    assert d_lr == sorted(d_lr) and d_lr[-1] > d_lr[0]  # it grows as Prodigy estimates it
+    plain = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "adamw", mode="lora", max_train_steps=1))
+    assert "d_lr" not in plain.losses[0]

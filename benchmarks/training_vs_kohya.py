@@ -128,7 +128,7 @@ def _install_probe(warmup: int, total: int, result: Path, profile: bool = False)
 
 # -- the shared command line -------------------------------------------------------------------------------------
 def kohya_argv(folder: Path, mode: str, precision: str, steps: int, out: Path, checkpointing: bool,
-               optimizer: str = "adamw") -> list[str]:
+               optimizer: str = "adamw", network_dropout: float = 0.0) -> list[str]:
     argv = ["--stage_c_checkpoint_path", str(folder / "stage_c_mid.safetensors"),
             "--effnet_checkpoint_path", str(folder / "effnet.safetensors"),
             "--text_model_checkpoint_path", str(folder / "text_model.safetensors"),
@@ -148,6 +148,8 @@ def kohya_argv(folder: Path, mode: str, precision: str, steps: int, out: Path, c
     if mode == "lora":
         argv += ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "1",
                  "--network_train_unet_only"]
+        if network_dropout:
+            argv += ["--network_dropout", str(network_dropout)]
     return argv
 
 
@@ -208,7 +210,7 @@ def prepare(folder: Path, wheel: str | None) -> None:
 # -- children ----------------------------------------------------------------------------------------------------
 def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: int, out: Path, threads: int,
                   checkpointing: bool, profile: bool = False, optimizer: str = "adamw",
-                  checkpointing_mode: str = "auto") -> None:
+                  checkpointing_mode: str = "auto", network_dropout: float = 0.0) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -219,7 +221,8 @@ def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: i
     from cascade_lab.weights import load_stage
 
     total = warmup + steps
-    fields, _, _ = parse_kohya(kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer))
+    fields, _, _ = parse_kohya(kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer,
+                                          network_dropout))
     # the text model as a transformers folder (its small config), the Stage C object loaded as the trainer would
     # load a file (a LoRA's frozen base in the compute dtype, a full fine-tune in fp32): a mid size has no variant
     fields.update(text_encoder_path=str(folder / "text_encoder"), stage_c_path=None, val_every_n_steps=0,
@@ -237,7 +240,8 @@ def child_cascade(folder: Path, mode: str, precision: str, warmup: int, steps: i
 
 
 def child_kohya(folder: Path, mode: str, precision: str, warmup: int, steps: int, out: Path, threads: int,
-                checkpointing: bool, src: Path, profile: bool = False, optimizer: str = "adamw") -> None:
+                checkpointing: bool, src: Path, profile: bool = False, optimizer: str = "adamw",
+                network_dropout: float = 0.0) -> None:
     import runpy
     import types
 
@@ -274,7 +278,8 @@ def child_kohya(folder: Path, mode: str, precision: str, warmup: int, steps: int
     total = warmup + steps
     script = src / ("stable_cascade_train_c_network.py" if mode == "lora" else "stable_cascade_train_stage_c.py")
     _install_probe(warmup, total, out / "result.json", profile)
-    sys.argv = [str(script), *kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer)]
+    sys.argv = [str(script), *kohya_argv(folder, mode, precision, total, out, checkpointing, optimizer,
+                                         network_dropout)]
     os.chdir(src)
     runpy.run_path(str(script), run_name="__main__")
 
@@ -294,7 +299,7 @@ def run_one(who: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
               str(args.warmup), "--steps", str(args.steps), "--out", str(out), "--threads", str(args.threads)]
     if args.checkpointing:
         common.append("--checkpointing")
-    common += ["--optimizer", args.optimizer]
+    common += ["--optimizer", args.optimizer, "--network-dropout", str(args.network_dropout)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if who == "cascade_lab":
         cmd = [sys.executable, __file__, "_cascade", *common, "--checkpointing-mode", args.checkpointing_mode]
@@ -341,6 +346,8 @@ def compare(args: argparse.Namespace) -> None:
     loads = [float(x[key].split()[0]) for rows in records.values() for x in rows for key in ("load_before",
                                                                                               "load_after")]
     setup = f"{args.mode} {args.precision} {args.optimizer}"
+    if args.network_dropout:
+        setup += f" network_dropout {args.network_dropout}"
     if args.checkpointing:
         setup += f" checkpointing (cascade_lab's mode: {args.checkpointing_mode}; auto is selective on a CPU)"
     print(f"\n{setup} (threads {args.threads}, batch {BATCH}, {RESOLUTION} px, "
@@ -390,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
                        help="adafactor: kohya's README arguments (scale_parameter/relative_step/warmup_init False)")
         c.add_argument("--kohya-src", type=Path, default=Path("/tmp/kohya_sc"))
+        c.add_argument("--network-dropout", type=float, default=0.0,
+                       help="LoRA: --network_dropout on both sides (cascade_lab's unfused path)")
         c.add_argument("--checkpointing-mode", choices=["auto", "full", "selective"], default="auto",
                        help="cascade_lab's gradient_checkpointing_mode (kohya recomputes whole blocks: full)")
         if name == "compare":
@@ -412,10 +421,10 @@ def main(argv: list[str] | None = None) -> None:
         compare(args)
     elif args.cmd == "_cascade":
         child_cascade(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
-                      args.checkpointing, args.profile, args.optimizer, args.checkpointing_mode)
+                      args.checkpointing, args.profile, args.optimizer, args.checkpointing_mode, args.network_dropout)
     else:
         child_kohya(args.dir, args.mode, args.precision, args.warmup, args.steps, args.out, args.threads,
-                    args.checkpointing, args.kohya_src, args.profile, args.optimizer)
+                    args.checkpointing, args.kohya_src, args.profile, args.optimizer, args.network_dropout)
 
 
 if __name__ == "__main__":

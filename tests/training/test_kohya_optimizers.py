@@ -210,3 +210,17 @@ def test_learning_rate_free_runs_log_d_times_lr(shapes_dir, shared_cache, tmp_pa
     assert d_lr == sorted(d_lr) and d_lr[-1] > d_lr[0]  # it grows as Prodigy estimates it
     plain = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "adamw", mode="lora", max_train_steps=1))
     assert "d_lr" not in plain.losses[0]
+
+
+@pytest.mark.filterwarnings("ignore:Adafactor with relative_step=True ignores learning_rate")
+def test_adafactor_warmup_init_turns_the_relative_step_on_as_kohya_does() -> None:
+    """kohya: "set relative_step to True because warmup_init is True"; the learning rate is then ignored and the
+    step size is 1e-6 * t at first (warm-up init)."""
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    with pytest.warns(UserWarning, match="relative_step is turned on, as kohya does"):
+        opt = build_optimizer("Adafactor", [p], 1e-2, ["relative_step=False", "warmup_init=True",
+                                                         "scale_parameter=False"])
+    assert opt.param_groups[0]["lr"] is None and opt.param_groups[0]["relative_step"]
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((4, 4), 1 - 1e-6), atol=1e-9)  # step 1: 1e-6 * 1, unit update

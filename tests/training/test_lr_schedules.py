@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from diffusers import optimization  # what kohya builds (the test extra installs it)
 
 from cascade_lab.training.config import ConfigError, TrainConfig
 from cascade_lab.training.kohya_args import parse_kohya
 from cascade_lab.training.optim import build_optimizer
 from cascade_lab.training.schedules import build_scheduler
 
-optimization = pytest.importorskip("diffusers.optimization")  # what kohya builds (the test extra installs it)
 get_scheduler = optimization.get_scheduler
 get_cosine_schedule_with_warmup = optimization.get_cosine_schedule_with_warmup
 get_polynomial_decay_schedule_with_warmup = optimization.get_polynomial_decay_schedule_with_warmup

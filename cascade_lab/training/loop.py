@@ -336,7 +336,7 @@ class Trainer:
             norms["d_lr"] = float(group["d"]) * lr
         if self.network is not None and self.config.scale_weight_norms:  # kohya: after every step, with its figures
             keys, mean, top = self.network.apply_max_norm(self.config.scale_weight_norms)
-            norms = {"keys_scaled": keys, "average_key_norm": mean, "max_key_norm": top}
+            norms.update(keys_scaled=keys, average_key_norm=mean, max_key_norm=top)
         self.step += 1
         if self.step == 1:
             self._report_checkpoint_budget()

@@ -201,8 +201,9 @@ def test_learning_rate_free_runs_log_d_times_lr(shapes_dir, shared_cache, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "prodigy", mode="lora", optimizer_type="Prodigy",
-                               learning_rate=0.5, max_train_steps=3, save_every_n_steps=3))
+                               learning_rate=0.5, max_train_steps=3, save_every_n_steps=3, scale_weight_norms=1.0))
     d_lr = [r["d_lr"] for r in run.losses]
+    assert all("keys_scaled" in r for r in run.losses)  # the max-norm's figures sit beside it
     folder = max((tmp_path / "prodigy" / "checkpoints").glob("step-*"))  # after step 3: the optimizer's own d
     state = torch.load(str(folder / "state.pt"), map_location="cpu", weights_only=True)
     assert d_lr[-1] == pytest.approx(float(state["optimizer"]["param_groups"][0]["d"]) * 0.5, rel=1e-12)

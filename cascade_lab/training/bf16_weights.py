@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-ROUNDINGS = ("stochastic", "nearest")
+from .config import BF16_ROUNDINGS as ROUNDINGS
 
 
 def stochastic_round(value: Tensor, generator: torch.Generator) -> Tensor:

@@ -35,7 +35,7 @@ PRECISIONS = ("no", "bf16")
 SAVE_PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp")
 CHECKPOINTING_MODES = ("auto", "full", "selective")
-BF16_ROUNDINGS = ("stochastic", "nearest")  # bf16_weights.ROUNDINGS (no torch import here)
+BF16_ROUNDINGS = ("stochastic", "nearest")  # how full_bf16 writes updated weights (bf16_weights.Rounding)
 LORA_FSDP = ("strategy='fsdp' with mode='lora' is not supported: a LoRA's low-rank branches sit beside frozen "
              "layers that cascade_lab does not shard, and its gradients and optimizer states are a few MB (the "
              "frozen base is held in the compute dtype), so DDP costs little more memory; use strategy='ddp' (or "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .config import BF16_ROUNDINGS, KOHYA_TOKEN_LENGTHS
+
 SCRIPTS = {"stable_cascade_train_stage_c.py": "full", "stable_cascade_train_c_network.py": "lora"}
 
 # flags kohya accepts that change nothing here: flag -> what cascade_lab does instead
@@ -161,7 +163,7 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
          help="always on (unless shuffle_caption, tag dropout or token warm-up)")
     flag(g, "cache_text_encoder_outputs_to_disk", action="store_true", help="always on")
     flag(g, "vae_batch_size", type=int, default=1)
-    flag(g, "max_token_length", type=int, choices=[150, 225],
+    flag(g, "max_token_length", type=int, choices=KOHYA_TOKEN_LENGTHS,
          help="captions up to 150 or 225 CLIP tokens in 2 or 3 windows, joined as kohya joins them (default: the "
               "first 75)")
     flag(g, "caption_tag_dropout_rate", type=float, default=0.0,
@@ -296,7 +298,7 @@ def build_parser(prog: str = "cascade-lab train") -> argparse.ArgumentParser:
     flag(g, "gradient_checkpointing_mode", choices=["auto", "full", "selective"], default="auto",
          help="with --gradient_checkpointing: full recomputes whole blocks (kohya); selective keeps their matrix "
               "products' and attention's outputs (faster, more memory); auto: selective on a CPU, full on a GPU")
-    flag(g, "bf16_rounding", choices=["stochastic", "nearest"], default="stochastic",
+    flag(g, "bf16_rounding", choices=BF16_ROUNDINGS, default="stochastic",
          help="with --full_bf16: how updated weights are rounded to bf16; stochastic (unbiased, default) or nearest "
               "(kohya: updates below half a bf16 step are lost)")
     flag(g, "quiet", action="store_true", help="no progress lines")

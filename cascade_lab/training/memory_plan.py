@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .config import BF16_ROUNDINGS
+
 GiB = 1024**3
 # measured CPU peak / counted saved bytes: fp32 1.01-1.05 without checkpointing, 1.10-1.13 with; bf16 autocast
 # 1.13-1.15 without, 0.99-1.03 with (benchmarks/RESULTS.md)
@@ -503,15 +505,14 @@ def plan_memory(variant: Any = "full", *, stage: str = "c", mode: str = "full", 
     gradients = math.ceil(per_trained * trainable / shard)
     if strategy == "ddp" and gpus > 1:
         gradients += per_trained * trainable  # DDP's gradient buckets
-    if optimizer.lower() == "adamw":
-        moments = 4 if full_bf16 and bf16_rounding == "nearest" else 8  # kohya's AdamW on bf16: bf16 moments
-        states = math.ceil(moments * trainable / shard) + 4 * len(trained)  # exp_avg, exp_avg_sq; a step each
-    elif optimizer.lower() == "adafactor":
+    if optimizer.lower() == "adafactor":
         factored, first = _adafactor_bytes(trained, parse_optimizer_args(optimizer_args).get("beta1") is not None)
         states = factored + math.ceil(first / shard)  # factored moments stay whole on every FSDP process
-    else:  # kohya's other optimizers: parameter-sized states in the trained weights' dtype
-        per_param, per_tensor = state_bytes(optimizer, parse_optimizer_args(optimizer_args), per_trained) or (0, 0)
-        states = math.ceil(per_param * trainable / shard) + per_tensor * len(trained)
+    else:  # parameter-sized states in the trained weights' dtype; BF16AdamW (full_bf16, stochastic) keeps fp32 ones
+        state_dtype = 4 if optimizer.lower() == "adamw" and full_bf16 and bf16_rounding == "stochastic" else per_trained
+        sizes = state_bytes(optimizer, parse_optimizer_args(optimizer_args), state_dtype)
+        assert sizes is not None  # estimated() refused the others above
+        states = math.ceil(sizes[0] * trainable / shard) + sizes[1] * len(trained)
     transient = 0
     if strategy == "fsdp":
         bytes_per = 2 if bf16 else 4
@@ -603,7 +604,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-bf16", action="store_true",
                         help="the trained weights and gradients in bf16 (kohya --full_bf16; needs bf16 mixed "
                         "precision)")
-    parser.add_argument("--bf16-rounding", default="stochastic", choices=["stochastic", "nearest"],
+    parser.add_argument("--bf16-rounding", default="stochastic", choices=BF16_ROUNDINGS,
                         help="with --full-bf16: nearest is kohya's AdamW with bf16 moments (stochastic: fp32 moments)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--gradient-checkpointing-mode", default="full", choices=["full", "selective"],

@@ -250,8 +250,8 @@ def build_optimizer(name: str, params: Sequence[Any], lr: float, args: Sequence[
             if kwargs.get("warmup_init") and kwargs.get("relative_step") is False:
                 warnings.warn("Adafactor with warmup_init=True and relative_step=False: warm-up init only exists for "
                               "the relative step, so relative_step is turned on, as kohya does", stacklevel=2)
-                kwargs["relative_step"] = True
-            relative = kwargs.get("relative_step", True)
+            kwargs = optimizers.with_kohya_defaults(name, kwargs)  # what ss_optimizer records (optimizers.label)
+            relative = kwargs["relative_step"]
             if relative:
                 warnings.warn("Adafactor with relative_step=True ignores learning_rate (kohya does the same); "
                               "pass optimizer_args=['scale_parameter=False', 'relative_step=False', "

@@ -166,7 +166,7 @@ def resolve(name: str) -> tuple[Any, dict[str, Any], Kind | None]:
 
 def with_kohya_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs` with what kohya adds for `name`: momentum 0.9 for the Nesterov SGDs, relative_step=True for
-    Adafactor (its default)."""
+    Adafactor (its default, and kohya's correction when warmup_init=True comes with relative_step=False)."""
     kind = name.lower()
     spec = KINDS.get(kind)
     out = dict(kwargs)
@@ -174,6 +174,8 @@ def with_kohya_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         out["momentum"] = 0.9  # kohya: "SGD with Nesterov must be with momentum, set momentum to 0.9"
     if kind == "adafactor":
         out.setdefault("relative_step", True)
+        if out.get("warmup_init"):
+            out["relative_step"] = True  # warm-up init only exists for the relative step
     return out
 
 

@@ -318,7 +318,9 @@ class Trainer:
             norm = clip_grad_norm(self.optimizer, self.params, max_norm)
             grad_norm = float(norm.full_tensor() if self.sharded else norm)  # type: ignore[attr-defined]
             finite = math.isfinite(grad_norm)
-        lr = float(self.optimizer.param_groups[0]["lr"] or 0.0)
+        group = self.optimizer.param_groups[0]
+        lr = float(group["lr"] or 0.0)
+        d = group.get("d")  # D-Adaptation / Prodigy: the step size they found; this step's update uses it
         if finite:
             optimizer_step(self.optimizer)
             self.scheduler.step()
@@ -331,9 +333,8 @@ class Trainer:
                               RuntimeWarning, stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
         norms: dict[str, Any] = {}
-        group = self.optimizer.param_groups[0]
-        if "d" in group and finite:  # D-Adaptation / Prodigy: the step size they found times lr (kohya's lr/d*lr)
-            norms["d_lr"] = float(group["d"]) * lr
+        if d is not None and finite:  # kohya's lr/d*lr, of the d and lr this step used (kohya logs the next step's)
+            norms["d_lr"] = float(d) * lr
         if self.network is not None and self.config.scale_weight_norms:  # kohya: after every step, with its figures
             keys, mean, top = self.network.apply_max_norm(self.config.scale_weight_norms)
             norms.update(keys_scaled=keys, average_key_norm=mean, max_key_norm=top)

@@ -198,15 +198,20 @@ def test_learning_rate_free_runs_log_d_times_lr(shapes_dir, shared_cache, tmp_pa
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "prodigy", mode="lora", optimizer_type="Prodigy",
-                               learning_rate=0.5, max_train_steps=3, save_every_n_steps=3, scale_weight_norms=1.0))
-    d_lr = [r["d_lr"] for r in run.losses]
-    assert all("keys_scaled" in r for r in run.losses)  # the max-norm's figures sit beside it
-    folder = max((tmp_path / "prodigy" / "checkpoints").glob("step-*"))  # after step 3: the optimizer's own d
-    state = torch.load(str(folder / "state.pt"), map_location="cpu", weights_only=True)
-    assert d_lr[-1] == pytest.approx(float(state["optimizer"]["param_groups"][0]["d"]) * 0.5, rel=1e-12)
-    assert d_lr[0] >= 1e-6 * 0.5  # Prodigy's d starts at d0 = 1e-6 and never shrinks
-    assert d_lr == sorted(d_lr) and d_lr[-1] > d_lr[0]  # it grows as Prodigy estimates it
+        run = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "prodigy", mode="full", optimizer_type="Prodigy",
+                               learning_rate=0.5, max_train_steps=5, save_every_n_steps=1, lr_scheduler="linear"))
+    folder = tmp_path / "prodigy" / "checkpoints"
+    held = [float(torch.load(str(folder / f"step-0000000{s}" / "state.pt"), map_location="cpu",
+                             weights_only=True)["optimizer"]["param_groups"][0]["d"]) for s in (4, 5)]
+    assert held[1] > held[0]  # d grew in step 5 (so the figure tells which d it took)
+    # step 5 used the d Prodigy held after step 4 and step 5's decayed learning rate
+    lr = run.losses[4]["lr"]
+    assert lr < 0.5 and run.losses[4]["d_lr"] == pytest.approx(held[0] * lr, rel=1e-12)
+    d = [r["d_lr"] / r["lr"] for r in run.losses]
+    assert d[0] == pytest.approx(1e-6) and d == sorted(d)  # the first step uses d0 = 1e-6; d never shrinks
+    lora = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "lora", mode="lora", optimizer_type="Prodigy",
+                            learning_rate=0.5, max_train_steps=1, scale_weight_norms=1.0))
+    assert {"d_lr", "keys_scaled"} <= set(lora.losses[0])  # beside the max-norm's figures
     plain = train(**tiny_run(shapes_dir, shared_cache, tmp_path / "adamw", mode="lora", max_train_steps=1))
     assert "d_lr" not in plain.losses[0]
 

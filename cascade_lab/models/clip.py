@@ -225,11 +225,10 @@ class TextEncoder(_Encoder):
         if windows is not None:
             if windows < 1:
                 raise ValueError(f"windows={windows}: use 1 or more (75 tokens each), or None for as many as needed")
-            cut = {i: len(ids[i]) for i, c in enumerate(chunks) if len(c) > windows}
-            if cut:
-                parts = ", ".join(f"prompt {i}: {n} tokens" for i, n in cut.items())
-                warnings.warn(f"CLIP prompt longer than {windows * span} tokens truncated to {windows} window(s) "
-                              f"({parts}); the tokens after the first {windows * span} are not seen",
+            if any(len(c) > windows for c in chunks):  # one text for every length: Python shows it once, not
+                # once per caption length (training encodes caption by caption)
+                warnings.warn(f"CLIP prompt longer than {windows * span} tokens truncated to {windows} window(s): "
+                              f"the tokens after the first {windows * span} are not seen",
                               PromptTruncatedWarning, stacklevel=3)
             chunks = [c[:windows] for c in chunks]
         n_windows = windows or max(len(c) for c in chunks)

@@ -206,9 +206,14 @@ def test_long_captions_windows_truncate_and_kohyas_layout(text_encoder) -> None:
     caption = _long_caption(100)  # 100 tokens: two windows
     windows, pooled = _encode(text_encoder, [caption])
     assert windows.shape[1] == 154  # cascade_lab's generation and ComfyUI: 2 × 77 rows
-    with pytest.warns(PromptTruncatedWarning, match="100 tokens"):
-        cut, cut_pooled = encode_text(text_encoder, [caption], CPU, TextLayout.of(TrainConfig(
-            train_data_dir="x", long_captions="truncate")))
+    truncate = TextLayout.of(TrainConfig(train_data_dir="x", long_captions="truncate"))
+    with pytest.warns(PromptTruncatedWarning, match="longer than 75 tokens truncated to 1 window"):
+        cut, cut_pooled = encode_text(text_encoder, [caption], CPU, truncate)
+    with warnings.catch_warnings(record=True) as seen:  # Python's default: a text once, whatever the lengths
+        warnings.simplefilter("default")
+        for n in (90, 100, 110):
+            encode_text(text_encoder, [_long_caption(n)], CPU, truncate)
+    assert len([w for w in seen if w.category is PromptTruncatedWarning]) == 1
     first75, _ = _encode(text_encoder, [caption[:75]])
     assert cut.shape[1] == 77 and torch.equal(cut, first75)  # the official trainer: the first 75 tokens only
     kohya_default, _ = _encode(text_encoder, [caption], long_captions="kohya")

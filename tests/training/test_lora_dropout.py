@@ -52,8 +52,14 @@ def kohya_branch(x: Tensor, down: Tensor, up: Tensor, scale: float, drop: LoraDr
     return F.conv2d(h, up[:, :, None, None]) * scale if conv else (h @ up.t()) * scale
 
 
-def test_zero_dropout_is_the_plain_network_bit_for_bit() -> None:
+def test_zero_dropout_is_the_plain_network_bit_for_bit(monkeypatch) -> None:
     """p = 0 everywhere: the fused paths, no random draw, the same bits and gradients as no dropout at all."""
+    from cascade_lab.training import lora_train
+
+    def dropout_path(*args: object, **kwargs: object) -> None:
+        raise AssertionError("p = 0 took the dropout path")
+
+    monkeypatch.setattr(lora_train, "dropped_low_rank", dropout_path)  # zero dropout must stay on the fused paths
     model = StageCConfig.tiny().build().requires_grad_(False).train()
     results = []
     for dropout in (None, LoraDropout(0.0, 0.0, 0.0)):

@@ -12,7 +12,7 @@ import hashlib
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +101,10 @@ class ImageRecord:
 
 
 def _use_preset_buckets(spec: DatasetSpec, dataset: int) -> None:
-    """Buckets on, as kohya turns them on, when a metadata JSON's train_resolution gives them; what it says."""
+    """What kohya says when a metadata JSON's train_resolution gives the buckets (TrainingData turns them on)."""
     if not spec.enable_bucket:
         warnings.warn(f"dataset #{dataset + 1}: its metadata gives every image a train_resolution: those are the "
                       "buckets, enable_bucket=false has no effect (as in kohya)", stacklevel=3)
-        spec.enable_bucket = True
     if spec.bucket_no_upscale:
         warnings.warn(f"dataset #{dataset + 1}: bucket_no_upscale has no effect: the metadata's train_resolution "
                       "gives the buckets (kohya stops here; prepare_buckets_latents.py has its own "
@@ -180,6 +179,7 @@ class TrainingData:
             preset = bool(found) and all(reso is not None for *_, reso in found)
             if preset:
                 _use_preset_buckets(spec, d)
+                self.rules[d] = replace(self.rules[d], enabled=True)  # the dataset's spec stays as given
             for path, caption, s, reso in found:
                 size = _image_size(path)
                 bucket = self.rules[d].preset(reso) if preset and reso else self.rules[d].bucket_for(size)

@@ -66,7 +66,7 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
                 freq[tag] = freq.get(tag, 0) + 1
 
     def bucket_info(dataset: int) -> dict[str, Any] | None:
-        if not data.config.datasets[dataset].enable_bucket:
+        if not data.rules[dataset].enabled:
             return None  # kohya: null without buckets
         sizes: dict[tuple[int, int], int] = {}
         errors = []
@@ -104,7 +104,7 @@ def kohya_dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str,
             datasets.append({"is_dreambooth": dreambooth, "batch_size_per_device": spec.batch_size,
                              "num_train_images": with_repeats(mine),
                              "num_reg_images": 0, "resolution": list(spec.resolution),
-                             "enable_bucket": bool(spec.enable_bucket), "min_bucket_reso": spec.min_bucket_reso,
+                             "enable_bucket": data.rules[d].enabled, "min_bucket_reso": spec.min_bucket_reso,
                              "max_bucket_reso": spec.max_bucket_reso,
                              "tag_frequency": {names[i]: tags.get(names[i], {}) for i in mine},
                              "bucket_info": bucket_info(d), "subsets": [subset_entry(i) for i in mine]})
@@ -149,7 +149,7 @@ def describe(config: TrainConfig, data: TrainingData, info: dist.DistInfo, train
         "ss_total_batch_size": str(data.global_batch_size(0) * config.gradient_accumulation_steps),
         "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.config.datasets[0].enable_bucket),
+        "ss_cache_latents": str(config.cache_latents), "ss_enable_bucket": str(data.rules[0].enabled),
         "ss_sd_model_name": Path(config.stage_c_path).name if config.stage_c_path else config.model,
         "ss_full_fp16": "False", "ss_v2": "False",
     }  # fmt: skip

@@ -94,6 +94,7 @@ def test_train_resolution_gives_the_buckets_unless_an_entry_lacks_it(tmp_path: P
     with pytest.warns(UserWarning, match="enable_bucket=false has no effect"):
         data = _data(tmp_path, train_data_dir=str(images), in_json=str(meta), enable_bucket=False)
     assert [r.bucket for r in data.records] == [(192, 128), (128, 192)]  # not the 64 px area of --resolution
+    assert data.rules[0].enabled and not data.config.datasets[0].enable_bucket  # the given spec is left as it was
     official = _data(tmp_path, train_data_dir=str(images), in_json=str(meta), training_scale="official")
     assert [r.bucket for r in official.records] == [(128, 96), (96, 128)]  # 0.75x, floored to 32
     # one entry without it: kohya buckets every image of the dataset from its size and --resolution

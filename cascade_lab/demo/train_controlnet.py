@@ -66,7 +66,8 @@ def training_data(config: Any, misleading: float) -> Any:
     from ..training.toml_config import dataset_config_for
 
     class MisleadingCaptions(TrainingData):
-        def caption(self, index: int, epoch: int, rng: random.Random, step: int = 0, total_steps: int = 0) -> str:
+        def caption(self, index: int, epoch: int, rng: random.Random, step: int | None = None,
+                    total_steps: int | None = None) -> str:
             text = super().caption(index, epoch, rng, step, total_steps)
             draw, pick = rng.random(), rng.randrange(len(POSITIONS) - 1)  # always drawn: a fixed stream
             return mislead(text, draw, pick, misleading)

@@ -239,7 +239,8 @@ class TrainingData:
         rec, subset = self.records[index], self.subsets[self.records[index].subset]
         return with_prefix_suffix(rec.caption, subset)
 
-    def caption(self, index: int, epoch: int, rng: random.Random, step: int = 0, total_steps: int = 0) -> str:
+    def caption(self, index: int, epoch: int, rng: random.Random, step: int | None = None,
+                total_steps: int | None = None) -> str:
         """The caption of record `index` as trained this time (in optimizer step `step` of `total_steps`):
         prefix/suffix, dropout, token warm-up, shuffling, tag dropout."""
         rec, subset = self.records[index], self.subsets[self.records[index].subset]
@@ -279,8 +280,8 @@ def warmup_tags(tags: int, minimum: int, step: int, until: float) -> int:
     return math.floor(step * ((tags - minimum) / until)) + minimum
 
 
-def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random, *, step: int = 0,
-                 total_steps: int = 0) -> str:
+def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random, *, step: int | None = None,
+                 total_steps: int | None = None) -> str:
     """kohya's caption handling, in its order: prefix + caption + suffix, dropout to "", then the tags (split at
     `caption_separator`; those before keep_tokens / keep_tokens_separator are kept in place) cut to the token
     warm-up's count at optimizer `step` of `total_steps`, shuffled, and each dropped with caption_tag_dropout_rate;
@@ -303,8 +304,11 @@ def make_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Rando
     else:
         tokens = split(text)
         fixed, rest = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
-    until = warmup_steps(subset.token_warmup_step, total_steps)
-    rest = rest[:warmup_tags(len(rest), subset.token_warmup_min, step, until)]  # the first tags, before shuffling
+    if subset.token_warmup_step > 0:  # the first tags, before shuffling
+        if step is None or total_steps is None:
+            raise ValueError("token warm-up cuts a caption by the optimizer step: pass step and total_steps")
+        rest = rest[:warmup_tags(len(rest), subset.token_warmup_min, step,
+                                 warmup_steps(subset.token_warmup_step, total_steps))]
     if subset.shuffle_caption:
         rng.shuffle(rest)
     if tag_dropout > 0:

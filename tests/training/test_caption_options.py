@@ -67,7 +67,9 @@ def test_tag_options_rejoin_with_kohyas_separator_and_leave_other_captions_alone
     """With only warm-up or tag dropout on, kohya still splits at caption_separator and joins with ", "; with
     none of the tag options the caption is the file's text."""
     warm = _subset(caption_separator=";", token_warmup_step=100)
-    assert make_caption("x;y;z", warm, 1, ScriptedRng([0.9]), step=100) == "x, y, z"
+    assert make_caption("x;y;z", warm, 1, ScriptedRng([0.9]), step=100, total_steps=1000) == "x, y, z"
+    with pytest.raises(ValueError, match="pass step and total_steps"):  # never silently frozen at step 0
+        make_caption("x;y;z", warm, 1, ScriptedRng([0.9]))
     assert make_caption("x;y;z", _subset(caption_separator=";"), 1, ScriptedRng([0.9])) == "x;y;z"
     dropped = _subset(caption_dropout_rate=0.5, caption_tag_dropout_rate=0.5)  # a dropped caption draws no more
     assert make_caption("x, y", dropped, 1, ScriptedRng([0.4])) == ""
@@ -85,7 +87,8 @@ def test_token_warm_up_schedule(step: int, tags: int) -> None:
 def test_warm_up_helpers() -> None:
     assert warmup_steps(0.25, 40) == 10 and warmup_steps(5, 40) == 5 and warmup_steps(0.01, 40) == 0
     assert warmup_tags(7, 1, 3, 0) == 7  # no warm-up
-    assert warmup_tags(2, 5, 3, 10) >= 2  # a minimum above the caption's tags keeps them all
+    few = _subset(token_warmup_min=5, token_warmup_step=10)  # a minimum above the caption's tags keeps them all
+    assert make_caption("a, b", few, 1, random.Random(0), step=3, total_steps=100) == "a, b"
     assert warmup_tags(7, 0, 0, 10) == 0  # token_warmup_min 0: the first steps train on the kept tags only
 
 

@@ -35,7 +35,7 @@ Tensor = torch.Tensor
 def check_cache_options(config: TrainConfig, data: TrainingData) -> None:
     """Refuse settings that cached values cannot honour (kohya refuses the same ones)."""
     for subset in data.subsets:
-        where = f"subset {subset.image_dir}"
+        where = f"subset {subset.metadata_file or subset.image_dir}"
         if config.cache_latents and (subset.random_crop or subset.color_aug):
             option = "random_crop" if subset.random_crop else "color_aug"
             raise ConfigError(f"{where}: {option}=true with cache_latents=true: a cached latent freezes one crop "

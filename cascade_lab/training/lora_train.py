@@ -510,7 +510,7 @@ def lora_metadata(config: Any, network: LoraNetwork, extra: dict[str, str]) -> d
         "ss_network_args": json.dumps(network_args), "ss_learning_rate": str(config.learning_rate),
         "ss_network_dropout": str(config.network_dropout), "ss_scale_weight_norms": str(config.scale_weight_norms),
         "ss_unet_lr": str(config.learning_rate), "ss_text_encoder_lr": "None",  # kohya: no text-encoder LoRA
-        "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler, "ss_seed": str(config.seed),
+        "ss_seed": str(config.seed),  # ss_optimizer, ss_lr_scheduler: metadata.export_metadata (the built ones)
         "ss_mixed_precision": config.mixed_precision, "ss_caption_dropout_rate": str(config.caption_dropout_rate),
         "ss_resolution": f"({res[0]}, {res[1]})", "ss_output_name": output_name,
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-cascade/lora",

@@ -188,8 +188,9 @@ def export_metadata(metadata: dict[str, str], trainer: Trainer) -> dict[str, str
         config = trainer.config  # kohya's ss_optimizer names the class built, e.g. torch.optim.adamw.AdamW
         extra["ss_optimizer"] = label(trainer.optimizer, config.optimizer_type, parse_optimizer_args(
             config.optimizer_args))
-        if config.lr_scheduler_type:  # kohya writes the unused --lr_scheduler name here; the class ran
-            extra["ss_lr_scheduler"] = f"{config.lr_scheduler_type}({','.join(config.lr_scheduler_args)})"
+        # kohya writes the --lr_scheduler name even when a --lr_scheduler_type class ran; here the class
+        extra["ss_lr_scheduler"] = (f"{config.lr_scheduler_type}({','.join(config.lr_scheduler_args)})"
+                                    if config.lr_scheduler_type else config.lr_scheduler)
         return lora_metadata(trainer.config, trainer.network, extra)
     res = trainer.config.resolution if isinstance(trainer.config.resolution, int) else trainer.config.resolution[0]
     # kohya without --output_name: sai_model_spec's Checkpoint@<time>

@@ -229,12 +229,12 @@ class _LayerBranch:
     """Forward hook: the layer's output plus the low-rank branch of its input (1x1 convs, and the fallback of
     `_LoraLinearForward`); with the network's dropouts while it trains."""
 
-    def __init__(self, pair: LoraPair, scale: float, conv: bool, network: LoraNetwork | None = None) -> None:
+    def __init__(self, pair: LoraPair, scale: float, conv: bool, network: LoraNetwork) -> None:
         self.pair, self.scale, self.conv, self.network = pair, scale, conv, network
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = inputs[0]
-        drop = None if self.network is None else self.network.dropping()
+        drop = self.network.dropping()
         if drop is not None:
             branch, _ = dropped_low_rank(x, self.pair, self.scale, self.conv, drop)
             return output if branch is None else output + branch
@@ -255,14 +255,13 @@ class _LoraLinearForward:
     """An ``nn.Linear``'s forward while attached (set on the instance; `detach` deletes it): the frozen layer and
     its pair as one `_FrozenLinearLora`, or the layer plus `_LayerBranch` where that does not apply."""
 
-    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float, network: LoraNetwork | None = None) -> None:
+    def __init__(self, module: nn.Linear, pair: LoraPair, scale: float, network: LoraNetwork) -> None:
         self.module, self.pair, self.scale = module, pair, scale
         self.branch = _LayerBranch(pair, scale, False, network)
 
     def __call__(self, x: Tensor) -> Tensor:
         m = self.module
-        network = self.branch.network
-        dropping = network is not None and network.dropping() is not None  # masks: the plain path
+        dropping = self.branch.network.dropping() is not None  # masks: the plain path
         y = None if dropping else _lora_linear(x, m.weight, m.bias, self.scale, [(0, self.pair)])
         if y is None:
             y = self.branch(m, (x,), type(m).forward(m, x))  # the class forward (`Linear`: oneDNN where it applies)
@@ -272,8 +271,7 @@ class _LoraLinearForward:
 class _InProjBranch:
     """``MultiheadAttention.in_proj_adapter``: rows [start, stop) of the packed in_proj with their pairs' branches."""
 
-    def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float, network: LoraNetwork | None = None
-                 ) -> None:
+    def __init__(self, blocks: list[tuple[int, int, LoraPair]], scale: float, network: LoraNetwork) -> None:
         self.blocks, self.scale = sorted(blocks, key=lambda b: b[0]), scale  # (first row, last row + 1, pair)
         self.network = network
         # dropout draws of the keys' and values' pairs made for the conditioning tokens (rows from c on), which the
@@ -292,7 +290,7 @@ class _InProjBranch:
         w, b = weight[start:stop], None if bias is None else bias[start:stop]
         if not inside:
             return F.linear(x, w, b)
-        drop = None if self.network is None else self.network.dropping()
+        drop = self.network.dropping()
         if drop is None:  # one fused function: h of all pairs in one matmul, each branch into its rows' columns
             fused = _lora_linear(x, w, b, self.scale, [(first - start, pair) for first, _, pair in inside])
             if fused is not None:
@@ -304,8 +302,6 @@ class _InProjBranch:
                 part: Tensor | None = _low_rank(x, pair, self.scale, False)
             else:
                 draws = self.pending.pop(id(pair), None) if start == 0 else None
-                if draws is not None and draws[1] is not None and draws[1].shape[0] != x.shape[0]:
-                    draws = None  # not this forward's
                 part, draws = dropped_low_rank(x, pair, self.scale, False, drop, draws)
                 if start > 0:
                     self.pending[id(pair)] = draws
@@ -328,7 +324,7 @@ class _MapperBranch:
     as one `_FrozenLinearLora` over the whole t (the frozen weights side by side, the biases summed, each pair on
     its chunk's input columns): one call instead of one per mapper plus the sums of their outputs."""
 
-    def __init__(self, pairs: list[LoraPair | None], scale: float, network: LoraNetwork | None = None) -> None:
+    def __init__(self, pairs: list[LoraPair | None], scale: float, network: LoraNetwork) -> None:
         self.pairs, self.scale = pairs, scale  # one entry per mapper, None where it has no pair
         self.network = network
 
@@ -336,7 +332,7 @@ class _MapperBranch:
         """The fused sum, or None where it does not apply (the block then runs each mapper's own forward; with
         dropouts, each mapper's pair draws its own as kohya's modules do)."""
         widths = [m.in_features for m in mappers]
-        if (self.network is not None and self.network.dropping() is not None) or (
+        if self.network.dropping() is not None or (
                 len(mappers) != len(self.pairs) or t.shape[-1] != sum(widths)
                 or not all(linear_forward(m) and m.bias is not None for m in mappers)):
             return None

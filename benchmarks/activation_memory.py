@@ -116,8 +116,11 @@ def main() -> None:
     parser.add_argument("--stage-b", action="store_true", help="the Stage B cases only")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights; the counted side adds "
                         "autocast's weight copies)")
+    parser.add_argument("--full-bf16", action="store_true", help="the weights and gradients in bf16 (full_bf16; "
+                        "implies --bf16)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.bf16 = args.bf16 or args.full_bf16
     if args.child:
         case = json.loads(args.child)
         print(measure(case["config"], case["batch"], case["ckpt"], case["side"], case.get("bf16", False),
@@ -135,10 +138,12 @@ def main() -> None:
     print("| model | latent | checkpointing | batch | counted GiB | measured peak GiB | measured / counted |")
     print("|---|---|---|---|---|---|---|")
     for name, config, batch, ckpt, side in cases:
-        case = {"config": config, "batch": batch, "ckpt": ckpt, "side": side, "bf16": args.bf16}
+        case = {"config": config, "batch": batch, "ckpt": ckpt, "side": side, "bf16": args.bf16,
+                "full_bf16": args.full_bf16}
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env, check=True,
                              capture_output=True, text=True).stdout
-        peak, count = float(out.strip().splitlines()[-1]), counted(config, batch, ckpt, side, args.bf16)
+        peak, count = float(out.strip().splitlines()[-1]), counted(config, batch, ckpt, side, args.bf16,
+                                                                              args.full_bf16)
         label = {False: "off", True: "on"}.get(ckpt, ckpt)  # type: ignore[call-overload]
         print(f"| {name} | {side}x{side} | {label} | {batch} | {count / 2**30:.3f} | "
               f"{peak / 2**30:.3f} | {peak / count:.2f} |", flush=True)

@@ -346,7 +346,7 @@ def compare(args: argparse.Namespace) -> None:
     loads = [float(x[key].split()[0]) for rows in records.values() for x in rows for key in ("load_before",
                                                                                               "load_after")]
     setup = f"{args.mode} {args.precision} {args.optimizer}"
-    if args.network_dropout:
+    if args.network_dropout and args.mode == "lora":  # kohya_argv passes it to LoRA runs only
         setup += f" network_dropout {args.network_dropout}"
     if args.checkpointing:
         setup += f" checkpointing (cascade_lab's mode: {args.checkpointing_mode}; auto is selective on a CPU)"
